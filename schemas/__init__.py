@@ -1,0 +1,24 @@
+"""Pydantic models of every event and record that crosses a process boundary."""
+
+from schemas.events import (
+    DeadLetter,
+    FileRef,
+    ImportRequested,
+    LifecycleEvent,
+    LifecycleEventType,
+    RowBatch,
+)
+from schemas.runs import DuplicatePolicy, Run, RunCounters, RunStatus
+
+__all__ = [
+    "DeadLetter",
+    "DuplicatePolicy",
+    "FileRef",
+    "ImportRequested",
+    "LifecycleEvent",
+    "LifecycleEventType",
+    "RowBatch",
+    "Run",
+    "RunCounters",
+    "RunStatus",
+]

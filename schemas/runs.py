@@ -1,0 +1,75 @@
+"""Runs: one import of one source by one importer, and the counters it keeps."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict
+
+
+class RunStatus(StrEnum):
+    QUEUED = "queued"
+    """Requested; no worker has picked it up yet."""
+    RUNNING = "running"
+    """A worker is splitting the file or batches are being applied."""
+    COMPLETED = "completed"
+    """Every row was applied."""
+    COMPLETED_WITH_ERRORS = "completed_with_errors"
+    """Finished; some rows were rejected and are in the row log."""
+    FAILED = "failed"
+    """The source as a whole could not be imported; ``error`` says why."""
+    CANCELLED = "cancelled"
+    """Stopped on request; batches applied before the cancel stay."""
+
+    @property
+    def terminal(self) -> bool:
+        return self not in (RunStatus.QUEUED, RunStatus.RUNNING)
+
+
+class DuplicatePolicy(StrEnum):
+    UPSERT = "upsert"
+    """Insert new keys, overwrite existing ones (default)."""
+    SKIP = "skip"
+    """Insert new keys, keep existing rows as they are."""
+    UPDATE_IF_NEWER = "update_if_newer"
+    """Overwrite an existing row only when the incoming version column is greater."""
+    FAIL = "fail"
+    """Reject a row whose key already exists (in the table or earlier in the file)."""
+
+
+class RunCounters(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    total_rows: int | None = None
+    processed_rows: int = 0
+    created_rows: int = 0
+    updated_rows: int = 0
+    unchanged_rows: int = 0
+    skipped_rows: int = 0
+    failed_rows: int = 0
+    progress_percent: float = 0.0
+
+
+class Run(RunCounters):
+    id: UUID
+    importer: str
+    source: str
+    status: RunStatus
+    dry_run: bool = False
+    queued_at: datetime
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    error: str | None = None
+    parent_run_id: UUID | None = None
+    requested_by: str | None = None
+    file_id: UUID | None = None
+    file_name: str | None = None
+    total_batches: int | None = None
+    applied_batches: int = 0
+    options: dict[str, Any] = {}
+
+    def counters(self) -> RunCounters:
+        return RunCounters.model_validate(self.model_dump(include=set(RunCounters.model_fields)))

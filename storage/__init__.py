@@ -1,0 +1,1 @@
+"""PostgreSQL: migrations, the file store, the run repository and the upsert writer."""

@@ -1,0 +1,201 @@
+"""Claim check. A file is stored once, in PostgreSQL by default so any worker on any machine can
+read it, and events carry only its id, size and sha256."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+import zlib
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from pathlib import Path
+from typing import Protocol
+
+import asyncpg
+
+from schemas.events import FileRef
+from sluice.errors import FileTooLarge
+from sluice.formats import EncodingSniffer, FileFormatError
+
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+class FileStore(Protocol):
+    async def put(
+        self,
+        chunks: AsyncIterable[bytes],
+        *,
+        name: str,
+        content_type: str | None = None,
+        max_bytes: int | None = None,
+    ) -> FileRef: ...
+
+    def read(self, file_id: uuid.UUID) -> AsyncIterator[bytes]: ...
+
+    async def delete(self, file_id: uuid.UUID) -> None: ...
+
+
+class _Inspector:
+    """Hashes the stored bytes and decides compression and text encoding in the same single pass."""
+
+    def __init__(self, max_decompressed: int) -> None:
+        self.sha = hashlib.sha256()
+        self.size = 0
+        self.compression: str | None = None
+        self._gunzip: zlib._Decompress | None = None
+        self._sniffer = EncodingSniffer()
+        self._decompressed = 0
+        self._max_decompressed = max_decompressed
+        self.error: str | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        self.sha.update(chunk)
+        self.size += len(chunk)
+        if self.compression is None:
+            self.compression = "gzip" if chunk[:2] == GZIP_MAGIC else "none"
+            if self.compression == "gzip":
+                self._gunzip = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        if self.error is not None:
+            return
+        try:
+            if self._gunzip is not None:
+                data = self._gunzip.decompress(chunk, 1 << 20)
+                while data:
+                    self._sniff(data)
+                    data = self._gunzip.decompress(self._gunzip.unconsumed_tail, 1 << 20)
+            else:
+                self._sniff(chunk)
+        except (FileFormatError, zlib.error) as exc:
+            self.error = f"{exc}" if isinstance(exc, FileFormatError) else f"broken gzip data: {exc}"
+
+    def _sniff(self, data: bytes) -> None:
+        self._decompressed += len(data)
+        if self._decompressed > self._max_decompressed:
+            raise FileFormatError(
+                f"the file decompresses to more than {self._max_decompressed} bytes; "
+                "split it or raise the decompression limit"
+            )
+        self._sniffer.feed(data)
+
+    def encoding(self) -> str | None:
+        if self.error is not None:
+            return None
+        try:
+            return self._sniffer.result()
+        except FileFormatError as exc:
+            self.error = str(exc)
+            return None
+
+
+class PgFileStore:
+    """Files as 1 MiB ``bytea`` chunks in ``sluice.file_chunks``."""
+
+    def __init__(
+        self, pool: asyncpg.Pool, *, chunk_bytes: int = 1 << 20, max_decompressed: int = 20 << 30
+    ) -> None:
+        self._pool = pool
+        self._chunk_bytes = chunk_bytes
+        self._max_decompressed = max_decompressed
+
+    async def put(
+        self,
+        chunks: AsyncIterable[bytes],
+        *,
+        name: str,
+        content_type: str | None = None,
+        max_bytes: int | None = None,
+    ) -> FileRef:
+        file_id = uuid.uuid4()
+        inspector = _Inspector(self._max_decompressed)
+        buf = bytearray()
+        seq = 0
+        async with self._pool.acquire() as conn:
+            await conn.execute(
+                "INSERT INTO sluice.files (id, name, content_type) VALUES ($1, $2, $3)",
+                file_id,
+                name,
+                content_type,
+            )
+            try:
+                async for chunk in chunks:
+                    if not chunk:
+                        continue
+                    inspector.feed(chunk)
+                    if max_bytes is not None and inspector.size > max_bytes:
+                        raise FileTooLarge(
+                            f"the file is larger than the limit of {max_bytes} bytes; "
+                            "split it or raise SLUICE_API_MAX_UPLOAD_BYTES"
+                        )
+                    buf += chunk
+                    while len(buf) >= self._chunk_bytes:
+                        await self._write_chunk(conn, file_id, seq, bytes(buf[: self._chunk_bytes]))
+                        del buf[: self._chunk_bytes]
+                        seq += 1
+                if buf:
+                    await self._write_chunk(conn, file_id, seq, bytes(buf))
+                encoding = inspector.encoding()
+                await conn.execute(
+                    "UPDATE sluice.files SET size = $2, sha256 = $3, compression = $4,"
+                    " encoding = $5, encoding_error = $6, complete = true WHERE id = $1",
+                    file_id,
+                    inspector.size,
+                    inspector.sha.hexdigest(),
+                    inspector.compression or "none",
+                    encoding,
+                    inspector.error,
+                )
+            except BaseException:
+                await conn.execute("DELETE FROM sluice.files WHERE id = $1", file_id)
+                raise
+        return FileRef(
+            id=file_id,
+            name=name,
+            size=inspector.size,
+            sha256=inspector.sha.hexdigest(),
+            compression=inspector.compression or "none",
+            encoding=encoding,
+            encoding_error=inspector.error,
+        )
+
+    @staticmethod
+    async def _write_chunk(conn: asyncpg.Connection, file_id: uuid.UUID, seq: int, data: bytes) -> None:
+        await conn.execute(
+            "INSERT INTO sluice.file_chunks (file_id, seq, data) VALUES ($1, $2, $3)",
+            file_id,
+            seq,
+            data,
+        )
+
+    async def read(self, file_id: uuid.UUID) -> AsyncIterator[bytes]:
+        # One chunk per query keeps memory flat whatever the file's size.
+        async with self._pool.acquire() as conn:
+            count = await conn.fetchval(
+                "SELECT count(*) FROM sluice.file_chunks WHERE file_id = $1", file_id
+            )
+            for seq in range(count):
+                data = await conn.fetchval(
+                    "SELECT data FROM sluice.file_chunks WHERE file_id = $1 AND seq = $2",
+                    file_id,
+                    seq,
+                )
+                yield data
+
+    async def download(self, file_id: uuid.UUID, dest: Path) -> None:
+        with dest.open("wb") as out:
+            async for chunk in self.read(file_id):
+                out.write(chunk)
+
+    async def delete(self, file_id: uuid.UUID) -> None:
+        async with self._pool.acquire() as conn:
+            await conn.execute("DELETE FROM sluice.files WHERE id = $1", file_id)
+
+
+async def iter_path(path: Path, chunk_bytes: int = 1 << 20) -> AsyncIterator[bytes]:
+    """A local file as an async stream of chunks, for ``FileStore.put``."""
+    with path.open("rb") as f:
+        while chunk := f.read(chunk_bytes):
+            yield chunk
+
+
+async def iter_bytes(parts: Iterable[bytes]) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part

@@ -1,0 +1,258 @@
+"""The run repository: runs, their counters, rejected rows and the lifecycle outbox.
+
+Every state change of a run writes its lifecycle event to ``sluice.events`` in the same
+transaction, so the runs table and the event stream never disagree.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import orjson
+
+from schemas.events import LifecycleEvent, LifecycleEventType
+from schemas.runs import Run, RunCounters, RunStatus
+from streams.topics import LIFECYCLE
+
+RUN_COLUMNS = (
+    "id, importer, source, status, dry_run, total_rows, processed_rows, created_rows, updated_rows,"
+    " unchanged_rows, skipped_rows, failed_rows, progress_percent::float8 AS progress_percent,"
+    " queued_at, started_at, completed_at, error, parent_run_id, requested_by, file_id, file_name,"
+    " total_batches, applied_batches, options"
+)
+
+
+def run_from_record(record: asyncpg.Record) -> Run:
+    return Run.model_validate(dict(record))
+
+
+class RowFailure:
+    """A rejected record: where it came from, what it held and why it was refused."""
+
+    __slots__ = ("raw", "reason", "row_number", "sub")
+
+    def __init__(self, row_number: int, sub: int, raw: Any, reason: str) -> None:
+        self.row_number = row_number
+        self.sub = sub
+        self.raw = raw
+        self.reason = reason
+
+
+async def emit_event(
+    conn: asyncpg.Connection, run: Run, event_type: LifecycleEventType | str
+) -> LifecycleEvent:
+    """Write a lifecycle event for ``run`` (as it is now) to the outbox, in the caller's transaction."""
+    event = LifecycleEvent(
+        event_id=uuid.uuid4(),
+        type=str(event_type),
+        run_id=run.id,
+        importer=run.importer,
+        status=run.status,
+        time=datetime.now(UTC),
+        counters=run.counters(),
+        error=run.error,
+    )
+    await conn.execute(
+        "INSERT INTO sluice.events (event_id, run_id, type, topic, key, payload)"
+        " VALUES ($1, $2, $3, $4, $5, $6::jsonb)",
+        event.event_id,
+        run.id,
+        event.type,
+        LIFECYCLE,
+        str(run.id),
+        orjson.loads(event.model_dump_json()),
+    )
+    return event
+
+
+class RunRepository:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def create(
+        self,
+        *,
+        importer: str,
+        source: str,
+        dry_run: bool = False,
+        file_id: uuid.UUID | None = None,
+        file_name: str | None = None,
+        options: dict[str, Any] | None = None,
+        parent_run_id: uuid.UUID | None = None,
+        requested_by: str | None = None,
+        run_id: uuid.UUID | None = None,
+    ) -> Run:
+        record = await self.pool.fetchrow(
+            "INSERT INTO sluice.runs (id, importer, source, dry_run, file_id, file_name, options,"
+            " parent_run_id, requested_by) VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9)"
+            f" RETURNING {RUN_COLUMNS}",
+            run_id or uuid.uuid4(),
+            importer,
+            source,
+            dry_run,
+            file_id,
+            file_name,
+            options or {},
+            parent_run_id,
+            requested_by,
+        )
+        return run_from_record(record)
+
+    async def get(self, run_id: uuid.UUID, conn: asyncpg.Connection | None = None) -> Run | None:
+        record = await (conn or self.pool).fetchrow(
+            f"SELECT {RUN_COLUMNS} FROM sluice.runs WHERE id = $1", run_id
+        )
+        return run_from_record(record) if record else None
+
+    async def list(
+        self,
+        *,
+        status: str | None = None,
+        importer: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[Run]:
+        records = await self.pool.fetch(
+            f"SELECT {RUN_COLUMNS} FROM sluice.runs"
+            " WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR importer = $2)"
+            " ORDER BY queued_at DESC, id LIMIT $3 OFFSET $4",
+            status,
+            importer,
+            limit,
+            offset,
+        )
+        return [run_from_record(r) for r in records]
+
+    async def start(self, run_id: uuid.UUID) -> Run | None:
+        """Queued -> running. Returns None when the run is finished or unknown (a redelivered
+        request); a run that is already running is returned as it is, to be split again."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            record = await conn.fetchrow(
+                "UPDATE sluice.runs SET status = 'running', started_at = now()"
+                f" WHERE id = $1 AND status = 'queued' RETURNING {RUN_COLUMNS}",
+                run_id,
+            )
+            if record is not None:
+                run = run_from_record(record)
+                await emit_event(conn, run, LifecycleEventType.STARTED)
+                return run
+            run = await self.get(run_id, conn)
+            if run is None or run.status is not RunStatus.RUNNING:
+                return None
+            return run
+
+    async def save_plan(self, run_id: uuid.UUID, plan: dict[str, Any], mapping: dict[str, str]) -> None:
+        """Fix what the batches are applied to, and how the file's columns were mapped."""
+        await self.pool.execute(
+            "UPDATE sluice.runs SET plan = $2::jsonb WHERE id = $1", run_id, {**plan, "mapping": mapping}
+        )
+
+    async def plan(self, run_id: uuid.UUID) -> tuple[RunStatus, bool, dict[str, Any] | None]:
+        record = await self.pool.fetchrow(
+            "SELECT status, dry_run, plan FROM sluice.runs WHERE id = $1", run_id
+        )
+        if record is None:
+            return RunStatus.FAILED, False, None
+        return RunStatus(record["status"]), record["dry_run"], record["plan"]
+
+    async def fail(self, run_id: uuid.UUID, error: str) -> Run | None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            record = await conn.fetchrow(
+                "UPDATE sluice.runs SET status = 'failed', error = $2, completed_at = now()"
+                f" WHERE id = $1 AND status IN ('queued', 'running') RETURNING {RUN_COLUMNS}",
+                run_id,
+                error,
+            )
+            if record is None:
+                return None
+            run = run_from_record(record)
+            await emit_event(conn, run, LifecycleEventType.FAILED)
+            return run
+
+    async def record_split_progress(
+        self, run_id: uuid.UUID, rows_read: int, read_fraction: float
+    ) -> None:
+        await self.pool.execute(
+            "UPDATE sluice.runs SET rows_read = greatest(rows_read, $2),"
+            " read_fraction = greatest(read_fraction, $3) WHERE id = $1",
+            run_id,
+            rows_read,
+            read_fraction,
+        )
+
+    async def record_rejections(self, run_id: uuid.UUID, failures: Sequence[RowFailure]) -> int:
+        """Store rows rejected before any batch (parse and validation errors). Idempotent: a row
+        already logged (a re-split after a crash) is neither stored nor counted again."""
+        if not failures:
+            return 0
+        async with self.pool.acquire() as conn, conn.transaction():
+            return await insert_row_failures(conn, run_id, failures, count_processed=True)
+
+    async def finish_split(self, run_id: uuid.UUID, total_rows: int, total_batches: int) -> Run | None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "UPDATE sluice.runs SET split_done = true, total_rows = $2, total_batches = $3,"
+                " rows_read = $2, read_fraction = 1 WHERE id = $1 AND status = 'running'",
+                run_id,
+                total_rows,
+                total_batches,
+            )
+            return await finalize_if_done(conn, run_id)
+
+
+async def insert_row_failures(
+    conn: asyncpg.Connection,
+    run_id: uuid.UUID,
+    failures: Sequence[RowFailure],
+    *,
+    count_processed: bool,
+) -> int:
+    records = [
+        (run_id, f.row_number, f.sub, orjson.dumps(f.raw, default=str).decode(), f.reason[:2000])
+        for f in failures
+    ]
+    inserted = await conn.fetchval(
+        "WITH ins AS (INSERT INTO sluice.row_log (run_id, row_number, sub, raw, reason)"
+        " SELECT r.run_id, r.row_number, r.sub, r.raw::jsonb, r.reason"
+        " FROM unnest($1::uuid[], $2::bigint[], $3::int[], $4::text[], $5::text[])"
+        "   AS r(run_id, row_number, sub, raw, reason)"
+        " ON CONFLICT DO NOTHING RETURNING 1) SELECT count(*) FROM ins",
+        [r[0] for r in records],
+        [r[1] for r in records],
+        [r[2] for r in records],
+        [r[3] for r in records],
+        [r[4] for r in records],
+    )
+    if inserted and count_processed:
+        await conn.execute(
+            "UPDATE sluice.runs SET failed_rows = failed_rows + $2, processed_rows = processed_rows + $2"
+            " WHERE id = $1",
+            run_id,
+            inserted,
+        )
+    return int(inserted)
+
+
+async def finalize_if_done(conn: asyncpg.Connection, run_id: uuid.UUID) -> Run | None:
+    """Complete the run when the split is done and every batch is applied. Safe to call from the
+    split and from every batch: the row lock makes exactly one caller see the transition."""
+    record = await conn.fetchrow(
+        "UPDATE sluice.runs SET completed_at = now(), status = CASE WHEN failed_rows > 0"
+        " THEN 'completed_with_errors' ELSE 'completed' END"
+        " WHERE id = $1 AND status = 'running' AND split_done"
+        f" AND applied_batches >= total_batches RETURNING {RUN_COLUMNS}",
+        run_id,
+    )
+    if record is None:
+        return None
+    run = run_from_record(record)
+    await emit_event(conn, run, LifecycleEventType.COMPLETED)
+    return run
+
+
+def counters_of(run: Run) -> RunCounters:
+    return run.counters()

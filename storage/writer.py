@@ -1,0 +1,362 @@
+"""The upsert writer: applies one row batch in one transaction, exactly once in effect.
+
+A batch is sent to PostgreSQL as one JSON document and applied by one set-based statement:
+``json_to_recordset`` types the rows, ``DISTINCT ON`` collapses duplicate keys inside the batch,
+``INSERT ... ON CONFLICT DO UPDATE ... WHERE <row differs>`` writes only what changed. A batch
+whose statement fails on bad data is bisected to isolate the bad rows, which go to the row log.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import orjson
+
+from schemas.events import LifecycleEventType, RowBatch
+from schemas.runs import DuplicatePolicy
+from storage.runs import (
+    RUN_COLUMNS,
+    RowFailure,
+    emit_event,
+    finalize_if_done,
+    insert_row_failures,
+    run_from_record,
+)
+
+log = logging.getLogger(__name__)
+
+ROW = "_sluice_row"
+SUB = "_sluice_sub"
+
+# SQLSTATE classes 22 (data exception) and 23 (integrity constraint violation) are the row's
+# fault; everything else (connection, serialization, deadlock) is transient.
+ROW_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.DataError,
+    asyncpg.exceptions.IntegrityConstraintViolationError,
+)
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+@dataclass(frozen=True)
+class TargetPlan:
+    """What a run's batches are applied to. Stored with the run as JSON."""
+
+    table: str
+    columns: tuple[tuple[str, str], ...]
+    key: tuple[str, ...]
+    policy: DuplicatePolicy = DuplicatePolicy.UPSERT
+    version_column: str | None = None
+    schema: str = "public"
+
+    @property
+    def qualified(self) -> str:
+        return f"{quote_ident(self.schema)}.{quote_ident(self.table)}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "table": self.table,
+            "schema": self.schema,
+            "columns": [list(c) for c in self.columns],
+            "key": list(self.key),
+            "policy": str(self.policy),
+            "version_column": self.version_column,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TargetPlan:
+        return cls(
+            table=data["table"],
+            schema=data.get("schema", "public"),
+            columns=tuple((c[0], c[1]) for c in data["columns"]),
+            key=tuple(data["key"]),
+            policy=DuplicatePolicy(data.get("policy", "upsert")),
+            version_column=data.get("version_column"),
+        )
+
+    def create_table_sql(self) -> str:
+        cols = [
+            f"{quote_ident(c)} {t}{' NOT NULL' if c in self.key else ''}" for c, t in self.columns
+        ]
+        cols.append(f"PRIMARY KEY ({', '.join(quote_ident(k) for k in self.key)})")
+        return f"CREATE TABLE IF NOT EXISTS {self.qualified} (\n  " + ",\n  ".join(cols) + "\n)"
+
+
+@dataclass
+class Counts:
+    rows: int = 0
+    created: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    skipped: int = 0
+    failed: int = 0
+    failures: list[RowFailure] = field(default_factory=list)
+
+    def add(self, other: Counts) -> None:
+        self.rows += other.rows
+        self.created += other.created
+        self.updated += other.updated
+        self.unchanged += other.unchanged
+        self.skipped += other.skipped
+        self.failures.extend(other.failures)
+
+
+class Statements:
+    """The SQL for one plan, built once and reused for every batch of the run."""
+
+    def __init__(self, plan: TargetPlan) -> None:
+        self.plan = plan
+        q = quote_ident
+        key = plan.key
+        names = [c for c, _ in plan.columns]
+        nonkey = [c for c in names if c not in key]
+        recordset = ", ".join(f"{q(c)} {t}" for c, t in plan.columns)
+        keys = ", ".join(q(k) for k in key)
+        cols = ", ".join(q(c) for c in names)
+        keep_first = plan.policy in (DuplicatePolicy.SKIP, DuplicatePolicy.FAIL)
+        order = "ASC" if keep_first else "DESC"
+        version = plan.version_column
+        newest = f"{q(version)} DESC NULLS LAST, " if version and not keep_first else ""
+        join = " AND ".join(f"t.{q(k)} = d.{q(k)}" for k in key)
+        t_row = "ROW(" + ", ".join(f"t.{q(c)}" for c in nonkey) + ")"
+        d_row = "ROW(" + ", ".join(f"d.{q(c)}" for c in nonkey) + ")"
+        x_row = "ROW(" + ", ".join(f"EXCLUDED.{q(c)}" for c in nonkey) + ")"
+        newer = ""
+        if plan.policy is DuplicatePolicy.UPDATE_IF_NEWER and version:
+            newer = f" AND (t.{q(version)} IS NULL OR EXCLUDED.{q(version)} > t.{q(version)})"
+        prefix = (
+            f"WITH src AS (SELECT * FROM json_to_recordset($1::json)"
+            f" AS x({ROW} bigint, {SUB} integer, {recordset})),"
+            f" d AS (SELECT DISTINCT ON ({keys}) * FROM src"
+            f" ORDER BY {keys}, {newest}{ROW} {order}, {SUB} {order}),"
+        )
+        dups = (
+            f" (SELECT coalesce(json_agg(json_build_array({ROW}, {SUB})), '[]') FROM"
+            f" (SELECT {ROW}, {SUB} FROM src EXCEPT SELECT {ROW}, {SUB} FROM d) z) AS dups"
+        )
+        existing = (
+            f" (SELECT coalesce(json_agg(json_build_array(d.{ROW}, d.{SUB})), '[]')"
+            f" FROM d JOIN {plan.qualified} t ON {join}) AS existing"
+        )
+        if nonkey:
+            same_cond = f"{t_row} IS NOT DISTINCT FROM {d_row}"
+        else:
+            same_cond = "true"
+        same = (
+            f" (SELECT count(*) FROM d JOIN {plan.qualified} t ON {join} WHERE {same_cond}) AS same"
+        )
+        # Ask only what the policy needs: each extra question is another index lookup per row.
+        if plan.policy is not DuplicatePolicy.UPDATE_IF_NEWER:
+            same = " NULL::bigint AS same"
+        if plan.policy is not DuplicatePolicy.FAIL:
+            existing = " '[]'::json AS existing"
+            dups = " '[]'::json AS dups"
+        insert = f"INSERT INTO {plan.qualified} AS t ({cols}) SELECT {cols} FROM d"
+        if plan.policy in (DuplicatePolicy.UPSERT, DuplicatePolicy.UPDATE_IF_NEWER) and nonkey:
+            sets = ", ".join(f"{q(c)} = EXCLUDED.{q(c)}" for c in nonkey)
+            conflict = (
+                f" ON CONFLICT ({keys}) DO UPDATE SET {sets}"
+                f" WHERE {t_row} IS DISTINCT FROM {x_row}{newer}"
+            )
+        elif plan.policy is DuplicatePolicy.FAIL:
+            insert += f" WHERE NOT EXISTS (SELECT 1 FROM {plan.qualified} t WHERE {join})"
+            conflict = f" ON CONFLICT ({keys}) DO NOTHING"
+        else:
+            conflict = f" ON CONFLICT ({keys}) DO NOTHING"
+        self.apply = (
+            f"{prefix} ins AS ({insert}{conflict} RETURNING (xmax = 0) AS inserted)"
+            f" SELECT (SELECT count(*) FROM src) AS n, (SELECT count(*) FROM d) AS distinct_n,"
+            f" (SELECT count(*) FROM ins WHERE inserted) AS created,"
+            f" (SELECT count(*) FROM ins WHERE NOT inserted) AS updated,"
+            f"{same},{existing},{dups}"
+        )
+        k0 = q(key[0])
+        upd_cond = f"{t_row} IS DISTINCT FROM {d_row}" if nonkey else "false"
+        if plan.policy is DuplicatePolicy.UPDATE_IF_NEWER and version:
+            upd_cond += f" AND (t.{q(version)} IS NULL OR d.{q(version)} > t.{q(version)})"
+        # A dry run asks the same questions without the INSERT: what would be created, changed,
+        # left as it is. Keys repeated across batches of one dry run count as new each time.
+        self.dry = (
+            f"{prefix} plan AS (SELECT d.{ROW}, (t.{k0} IS NULL) AS is_new,"
+            f" (t.{k0} IS NOT NULL AND {upd_cond}) AS is_update"
+            f" FROM d LEFT JOIN {plan.qualified} t ON {join})"
+            f" SELECT (SELECT count(*) FROM src) AS n, (SELECT count(*) FROM d) AS distinct_n,"
+            f" (SELECT count(*) FROM plan WHERE is_new) AS created,"
+            f" (SELECT count(*) FROM plan WHERE is_update) AS updated,"
+            f"{same},{existing},{dups}"
+        )
+        self.probe = {
+            c: f"SELECT * FROM json_to_recordset($1::json) AS x({q(c)} {t})"
+            for c, t in plan.columns
+        }
+
+    def counts(self, record: asyncpg.Record, rows: list[dict[str, Any]]) -> Counts:
+        """Turn the statement's answer into counters that add up to the batch's rows."""
+        n, distinct_n = record["n"], record["distinct_n"]
+        created, updated, same = record["created"], record["updated"], record["same"]
+        superseded = n - distinct_n
+        c = Counts(rows=n, created=created)
+        policy = self.plan.policy
+        if policy is DuplicatePolicy.UPSERT:
+            # A key repeated in the batch was written, then overwritten by its later row.
+            c.updated = updated + superseded
+            c.unchanged = distinct_n - created - updated
+        elif policy is DuplicatePolicy.UPDATE_IF_NEWER:
+            c.updated = updated
+            c.unchanged = same
+            c.skipped = distinct_n - created - updated - same + superseded
+        elif policy is DuplicatePolicy.SKIP:
+            c.skipped = n - created
+        else:  # FAIL: existing keys and repeats inside the file are rejected rows
+            by_pos = {(r[ROW], r[SUB]): r for r in rows}
+            for row_no, sub in record["existing"]:
+                c.failures.append(
+                    RowFailure(
+                        row_no,
+                        sub,
+                        by_pos.get((row_no, sub)),
+                        "key already exists and the importer's duplicate policy is 'fail'",
+                    )
+                )
+            for row_no, sub in record["dups"]:
+                c.failures.append(
+                    RowFailure(
+                        row_no,
+                        sub,
+                        by_pos.get((row_no, sub)),
+                        "key repeats a row earlier in the file and the duplicate policy is 'fail'",
+                    )
+                )
+            c.created = created
+        return c
+
+
+class BatchApplier:
+    """Applies batches of any run; keeps one ``Statements`` per plan."""
+
+    def __init__(self, pool: asyncpg.Pool, *, progress_interval: float = 1.0) -> None:
+        self.pool = pool
+        self.progress_interval = progress_interval
+        self._statements: dict[str, Statements] = {}
+
+    def statements(self, plan: TargetPlan) -> Statements:
+        cache_key = orjson.dumps(plan.to_json()).decode()
+        found = self._statements.get(cache_key)
+        if found is None:
+            found = self._statements[cache_key] = Statements(plan)
+        return found
+
+    async def apply(self, batch: RowBatch, plan: TargetPlan, *, dry_run: bool) -> str:
+        """Apply ``batch``. Returns ``applied``, ``duplicate`` (already applied) or ``inactive``
+        (the run was cancelled or failed: nothing is written)."""
+        stmts = self.statements(plan)
+        async with self.pool.acquire() as conn:
+            try:
+                async with conn.transaction():
+                    fresh = await conn.fetchval(
+                        "INSERT INTO sluice.batches (run_id, seq, rows) VALUES ($1, $2, $3)"
+                        " ON CONFLICT DO NOTHING RETURNING true",
+                        batch.run_id,
+                        batch.seq,
+                        len(batch.rows),
+                    )
+                    if not fresh:
+                        return "duplicate"
+                    counts = await self._apply_rows(conn, stmts, batch.rows, dry_run)
+                    failed = 0
+                    if counts.failures:
+                        failed = await insert_row_failures(
+                            conn, batch.run_id, counts.failures, count_processed=False
+                        )
+                    await self._count(conn, batch, counts, failed)
+            except _Inactive:
+                return "inactive"
+        return "applied"
+
+    async def _apply_rows(
+        self,
+        conn: asyncpg.Connection,
+        stmts: Statements,
+        rows: list[dict[str, Any]],
+        dry_run: bool,
+    ) -> Counts:
+        sql = stmts.dry if dry_run else stmts.apply
+        try:
+            async with conn.transaction():  # a savepoint: a failure here spares the marker
+                record = await conn.fetchrow(sql, rows)
+            return stmts.counts(record, rows)
+        except ROW_ERRORS as exc:
+            if len(rows) == 1:
+                reason = await self._explain(conn, stmts, rows[0], exc)
+                return Counts(rows=1, failures=[RowFailure(rows[0][ROW], rows[0][SUB], rows[0], reason)])
+            half = len(rows) // 2
+            counts = await self._apply_rows(conn, stmts, rows[:half], dry_run)
+            counts.add(await self._apply_rows(conn, stmts, rows[half:], dry_run))
+            return counts
+
+    @staticmethod
+    async def _explain(
+        conn: asyncpg.Connection, stmts: Statements, row: dict[str, Any], exc: BaseException
+    ) -> str:
+        """Name the column at fault: the database's message alone does not say which one."""
+        for column, sql in stmts.probe.items():
+            try:
+                async with conn.transaction():
+                    await conn.fetch(sql, [row])
+            except ROW_ERRORS as col_exc:
+                return f"column {column!r}: {getattr(col_exc, 'message', col_exc)}"
+        return str(getattr(exc, "message", exc))
+
+    async def _count(
+        self, conn: asyncpg.Connection, batch: RowBatch, counts: Counts, failed: int
+    ) -> None:
+        await conn.execute(
+            "UPDATE sluice.batches SET created = $3, updated = $4, unchanged = $5, skipped = $6,"
+            " failed = $7 WHERE run_id = $1 AND seq = $2",
+            batch.run_id,
+            batch.seq,
+            counts.created,
+            counts.updated,
+            counts.unchanged,
+            counts.skipped,
+            failed,
+        )
+        processed = counts.created + counts.updated + counts.unchanged + counts.skipped + failed
+        cols = ", ".join(f"r.{c.strip()}" for c in RUN_COLUMNS.split(",") if " AS " not in c)
+        record = await conn.fetchrow(
+            "UPDATE sluice.runs r SET processed_rows = r.processed_rows + $2,"
+            " created_rows = r.created_rows + $3, updated_rows = r.updated_rows + $4,"
+            " unchanged_rows = r.unchanged_rows + $5, skipped_rows = r.skipped_rows + $6,"
+            " failed_rows = r.failed_rows + $7, applied_batches = r.applied_batches + 1,"
+            " last_progress_at = CASE WHEN clock_timestamp() - old.prev >= $8 * interval '1 second'"
+            " THEN clock_timestamp() ELSE old.prev END"
+            " FROM (SELECT last_progress_at AS prev FROM sluice.runs WHERE id = $1 FOR UPDATE) old"
+            " WHERE r.id = $1 AND r.status = 'running'"
+            f" RETURNING {cols}, r.progress_percent::float8 AS progress_percent,"
+            " r.last_progress_at <> old.prev AS progress_due",
+            batch.run_id,
+            processed,
+            counts.created,
+            counts.updated,
+            counts.unchanged,
+            counts.skipped,
+            failed,
+            self.progress_interval,
+        )
+        if record is None:
+            raise _Inactive
+        done = await finalize_if_done(conn, batch.run_id)
+        if done is None and record["progress_due"]:
+            fields = dict(record)
+            fields.pop("progress_due")
+            await emit_event(conn, run_from_record(fields), LifecycleEventType.PROGRESS)
+
+
+class _Inactive(Exception):
+    """The run is no longer running: roll the batch back."""
+

@@ -1,0 +1,1 @@
+"""The Kafka contract: topic names, partitioning and codecs."""

@@ -1,0 +1,35 @@
+"""Every topic Sluice uses. Keys and partitioning rules live here, next to the names."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+REQUESTS = "sluice.requests"
+"""Import requests (claim checks), keyed by run id."""
+BATCHES = "sluice.batches"
+"""Row batches, explicitly partitioned by record key so a key's rows stay in order."""
+LIFECYCLE = "sluice.lifecycle"
+"""Run lifecycle events relayed from the outbox, keyed by run id."""
+DEADLETTER = "sluice.deadletter"
+"""Messages that could not be processed, with topic, partition, offset and reason."""
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+
+
+def all_topics(partitions: int) -> list[TopicSpec]:
+    return [
+        TopicSpec(REQUESTS, partitions),
+        TopicSpec(BATCHES, partitions),
+        TopicSpec(LIFECYCLE, partitions),
+        TopicSpec(DEADLETTER, 1),
+    ]
+
+
+def partition_for_key(key: str, partitions: int) -> int:
+    """Stable across processes and machines (Python's ``hash`` is salted per process)."""
+    return zlib.crc32(key.encode()) % partitions
