@@ -1,0 +1,937 @@
+"""Streaming parsers for uploaded files: delimited text, JSON Lines and JSON arrays, plain or gzip.
+
+Memory stays flat whatever the size of the file: the file is read in chunks, and one record
+(a line, a CSV record, a JSON array element) may not exceed ``FormatOptions.max_record_bytes``.
+A problem with one record is reported as a :class:`RowProblem` and the file goes on; a problem
+with the file as a whole raises :class:`FileFormatError`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import gzip
+import io
+import re
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, Literal
+
+import orjson
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
+
+__all__ = [
+    "EncodingSniffer",
+    "FileFormatError",
+    "FormatOptions",
+    "ParsedFile",
+    "ParsedRow",
+    "RowProblem",
+    "Sniffed",
+    "UndecodableFile",
+    "open_decompressed",
+    "parse_file",
+]
+
+_BOM = codecs.BOM_UTF8
+_GZIP_MAGIC = b"\x1f\x8b"
+_SPACE_BYTES = b" \t\r\n\x0b\x0c"
+_DELIMITERS = (",", "\t", ";", "|")
+_DELIMITER_NAMES = {",": "comma", "\t": "tab", ";": "semicolon", "|": "pipe"}
+# Enough for format and delimiter detection; small next to any sane max_record_bytes.
+_HEAD_BYTES = 64 * 1024
+_READ_BYTES = 256 * 1024
+_TEXT_CHUNK_CHARS = 64 * 1024  # measured best for csv over a TextIOWrapper
+_JSON_CHUNK_BYTES = 256 * 1024
+_RAW_TEXT_CHARS = 1000
+_UTF8_FAMILY = ("utf-8", "utf-8-sig")
+_FIX_ENCODING = (
+    "Re-save the file as UTF-8 (in Excel: 'CSV UTF-8 (Comma delimited)') and upload it again."
+)
+
+# Bytes that no Windows-1252 text file contains: C0 controls other than tab/LF/CR (NUL
+# included), and the five code points cp1252 leaves undefined.
+_NOT_CP1252 = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x81\x8d\x8f\x90\x9d]")
+_JSON_SPACE = re.compile(r"[ \t\r\n]*")
+_JSON_SEPARATOR = re.compile(r"[ \t\r\n]*([,\]])")
+# Tokens for delimiter detection: a quoted field is skipped whole (a doubled quote inside it
+# reads as two adjacent quoted runs, which counts the same), a line break ends a record.
+_SNIFF_TOKEN = re.compile(r'"[^"]*"|[,\t;|]|\r\n|\r|\n')
+_LINE_BREAK = re.compile(rb"[\r\n]")
+
+
+class FileFormatError(Exception):
+    """The file as a whole cannot be read; the message says what is wrong and what to do."""
+
+
+class UndecodableFile(FileFormatError):
+    """The file's bytes are not text in a supported encoding."""
+
+
+@dataclass(frozen=True)
+class FormatOptions:
+    """How to read an uploaded file; every ``None`` or ``"auto"`` is detected from the bytes."""
+
+    format: Literal["auto", "csv", "jsonl", "json"] = "auto"
+    delimiter: str | None = None
+    encoding: str | None = None
+    compression: Literal["auto", "gzip", "none"] = "auto"
+    max_record_bytes: int = 16 * 2**20
+    max_decompressed_bytes: int = 20 * 2**30
+
+    def __post_init__(self) -> None:
+        if self.format not in ("auto", "csv", "jsonl", "json"):
+            raise ValueError(
+                f"unknown format {self.format!r}: use 'auto', 'csv', 'jsonl' or 'json'"
+            )
+        if self.compression not in ("auto", "gzip", "none"):
+            raise ValueError(
+                f"unknown compression {self.compression!r}: use 'auto', 'gzip' or 'none'"
+            )
+        if self.delimiter is not None and (len(self.delimiter) != 1 or self.delimiter in '"\r\n'):
+            raise ValueError(
+                f"delimiter must be a single character other than a quote or a line break, "
+                f"got {self.delimiter!r}"
+            )
+        if self.encoding is not None:
+            _normalize_encoding(self.encoding)
+        if self.max_record_bytes < 1 or self.max_decompressed_bytes < 1:
+            raise ValueError("max_record_bytes and max_decompressed_bytes must be positive")
+
+
+@dataclass(frozen=True)
+class Sniffed:
+    """What a file turned out to be."""
+
+    format: Literal["csv", "jsonl", "json"]
+    delimiter: str | None
+    encoding: str
+    compression: Literal["gzip", "none"]
+
+
+@dataclass(slots=True)
+class ParsedRow:
+    """One record: ``number`` is 1-based and counts data records (blank lines excluded)."""
+
+    number: int
+    values: list[str] | dict[str, Any]
+
+
+@dataclass(slots=True)
+class RowProblem:
+    """One record that cannot be used; the rest of the file is still read."""
+
+    number: int
+    raw: Any
+    reason: str
+
+
+def _normalize_encoding(name: str) -> str:
+    try:
+        return codecs.lookup(name).name
+    except LookupError:
+        raise ValueError(
+            f"unknown encoding {name!r}: use a Python codec name such as 'utf-8' or 'cp1252'"
+        ) from None
+
+
+def _human(size: int) -> str:
+    for unit, factor in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= factor:
+            return f"{size / factor:g} {unit}"
+    return f"{size} bytes"
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding
+
+
+class EncodingSniffer:
+    """Decides the encoding of a whole file from its decompressed bytes, fed chunk by chunk.
+
+    The answer is ``"utf-8-sig"`` (UTF-8 with a byte-order mark), ``"utf-8"``, or ``"cp1252"``
+    only when the bytes prove it: they are not UTF-8, decode as Windows-1252 and contain no
+    control byte other than tab, CR and LF. Anything else raises :class:`UndecodableFile`. A NUL
+    byte is refused in UTF-8 too: it means UTF-16 or binary data, and PostgreSQL cannot store it.
+    """
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")("strict")
+        self._size = 0
+        self._start = b""
+        self._utf8_error: tuple[int, int] | None = None
+        self._cp1252_error: tuple[int, int] | None = None
+        self._nul_at: int | None = None
+        self._answer: str | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        """Add the next chunk of the file."""
+        if self._answer is not None:
+            raise RuntimeError("EncodingSniffer.feed() called after result()")
+        if len(self._start) < len(_BOM):
+            self._start += chunk[: len(_BOM) - len(self._start)]
+        if self._utf8_error is None:
+            try:
+                # The decoded text is thrown away: only validity matters, and the incremental
+                # decoder carries a character split between two chunks over to the next one.
+                self._decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                self._utf8_error = self._locate(exc, self._size + len(chunk))
+        if self._cp1252_error is None:
+            match = _NOT_CP1252.search(chunk)
+            if match is not None:
+                self._cp1252_error = (self._size + match.start(), chunk[match.start()])
+        if self._nul_at is None and self._cp1252_error is not None:
+            nul = chunk.find(b"\x00")
+            if nul >= 0:
+                self._nul_at = self._size + nul
+        self._size += len(chunk)
+
+    def result(self) -> str:
+        """The encoding of everything fed; raises :class:`UndecodableFile` if there is none."""
+        if self._answer is None:
+            self._answer = self._decide(final=True)
+        return self._answer
+
+    @staticmethod
+    def _locate(exc: UnicodeDecodeError, end: int) -> tuple[int, int]:
+        # The decoder reports positions inside its own input, which may start with bytes kept
+        # back from the previous chunk; `end` is the file offset where that input ends.
+        return end - len(exc.object) + exc.start, exc.object[exc.start]
+
+    def _decide(self, *, final: bool) -> str:
+        if final and self._utf8_error is None:
+            try:
+                self._decoder.decode(b"", final=True)
+            except UnicodeDecodeError as exc:
+                self._utf8_error = self._locate(exc, self._size)
+        has_bom = self._start == _BOM
+        if self._utf8_error is None:
+            if self._nul_at is not None:
+                raise UndecodableFile(
+                    f"the file contains a NUL byte (0x00) at byte offset {self._nul_at}: it is "
+                    f"binary data or UTF-16 text, not a text file in UTF-8. {_FIX_ENCODING}"
+                )
+            return "utf-8-sig" if has_bom else "utf-8"
+        offset, byte = self._utf8_error
+        if has_bom:
+            raise UndecodableFile(
+                f"the file starts with a UTF-8 byte-order mark but byte 0x{byte:02X} at byte "
+                f"offset {offset} is not valid UTF-8: the file is damaged or mixes encodings. "
+                f"{_FIX_ENCODING}"
+            )
+        if self._cp1252_error is None:
+            return "cp1252"
+        bad_offset, bad_byte = self._cp1252_error
+        raise UndecodableFile(
+            f"the file is not text in a supported encoding: byte 0x{byte:02X} at byte offset "
+            f"{offset} is not valid UTF-8, and byte 0x{bad_byte:02X} at byte offset {bad_offset} "
+            f"rules out Windows-1252. It may be a binary file (a spreadsheet, PDF or image) or "
+            f"use another encoding. {_FIX_ENCODING}"
+        )
+
+
+def _decode_error(exc: UnicodeDecodeError, end: int, encoding: str) -> UndecodableFile:
+    """Turn a decoder error into a user-facing one; `end` is where the decoder input ends."""
+    offset, byte = EncodingSniffer._locate(exc, end)
+    return UndecodableFile(
+        f"byte 0x{byte:02X} at byte offset {offset} is not valid {encoding} text. {_FIX_ENCODING}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Byte streams
+
+
+class _CountingReader:
+    """The upload as stored (maybe compressed): counts bytes consumed, for progress."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self._raw = raw
+        self._pushback = b""
+        self.count = 0
+
+    def peek(self, size: int) -> bytes:
+        """Up to `size` first bytes, left in place for the next read."""
+        while len(self._pushback) < size:
+            data = self._raw.read(size - len(self._pushback))
+            if not data:
+                break
+            self.count += len(data)
+            self._pushback += data
+        return self._pushback[:size]
+
+    def read(self, size: int = -1) -> bytes:
+        if self._pushback:
+            if size < 0 or size >= len(self._pushback):
+                data, self._pushback = self._pushback, b""
+            else:
+                data, self._pushback = self._pushback[:size], self._pushback[size:]
+            return data
+        data = self._raw.read(size) or b""
+        self.count += len(data)
+        return data
+
+    def seek(self, offset: int, /) -> int:
+        # GzipFile only seeks to rewind, which parsing never does.
+        raise io.UnsupportedOperation("an upload is read once, from start to end")
+
+
+class _Source(io.RawIOBase):
+    """Decompressed bytes of an upload, with the size guards and a put-back head.
+
+    Guards: the total decompressed size (gzip bombs), and, once `limit_lines` is called, the
+    length of a physical line, so a huge line fails before it is assembled in memory.
+    """
+
+    def __init__(
+        self,
+        raw: IO[bytes],
+        compression: Literal["auto", "gzip", "none"],
+        max_decompressed_bytes: int,
+    ) -> None:
+        super().__init__()
+        self._counter = _CountingReader(raw)
+        magic = self._counter.peek(len(_GZIP_MAGIC))
+        if compression == "auto":
+            compression = "gzip" if magic == _GZIP_MAGIC else "none"
+        elif compression == "gzip" and magic != _GZIP_MAGIC:
+            raise FileFormatError(
+                "compression is set to gzip but the file does not start with the gzip "
+                "signature (1f 8b): upload the .gz file as it is, or set compression to 'none'"
+            )
+        self.compression: Literal["gzip", "none"] = compression
+        self._inner: _CountingReader | gzip.GzipFile = (
+            gzip.GzipFile(fileobj=self._counter, mode="rb")
+            if compression == "gzip"
+            else self._counter
+        )
+        self._max_total = max_decompressed_bytes
+        self._total = 0  # decompressed bytes read from _inner
+        self._pending = b""  # read ahead, to be delivered again
+        self.position = 0  # decompressed bytes delivered to the consumer
+        self._line_limit: int | None = None
+        self._run = 0  # bytes since the last line break read from _inner
+        self._eof = False
+
+    @property
+    def compressed_bytes_read(self) -> int:
+        return self._counter.count
+
+    @property
+    def name(self) -> str:
+        return "<upload>"
+
+    def readable(self) -> bool:
+        return True
+
+    def peek_head(self, size: int) -> tuple[bytes, bool]:
+        """Up to `size` next bytes (left in place) and whether they reach the end of the file."""
+        while len(self._pending) < size and not self._eof:
+            self._pending += self._read_inner(size - len(self._pending))
+        return self._pending[:size], self._eof and len(self._pending) <= size
+
+    def skip(self, size: int) -> None:
+        """Drop `size` bytes that `peek_head` returned."""
+        self._pending = self._pending[size:]
+        self.position += size
+
+    def limit_lines(self, limit: int) -> None:
+        """From now on, fail on a physical line (CR or LF ended) longer than `limit` bytes."""
+        self._line_limit = limit
+        # Lines that were read ahead for detection are checked here, once.
+        start = self.position
+        for line in _LINE_BREAK.split(self._pending):
+            if len(line) > limit:
+                self._line_too_long(start)
+            start += len(line) + 1
+        if self._run > limit:
+            self._line_too_long(self._total - self._run)
+
+    def _line_too_long(self, near: int) -> None:
+        limit = self._line_limit or 0
+        raise FileFormatError(
+            f"a line near byte offset {near} is longer than the {_human(limit)} allowed for one "
+            f"record: the file may have no line breaks, or a field holds a whole document. "
+            f"Split the record, or raise max_record_bytes"
+        )
+
+    def _read_inner(self, size: int) -> bytes:
+        if self._line_limit is not None:
+            # A line wholly inside one read would escape the run check below: keep reads shorter
+            # than the limit.
+            size = min(size, self._line_limit)
+        try:
+            data = self._inner.read(size)
+        except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+            raise FileFormatError(
+                f"the gzip data is damaged or cut short (after {self._counter.count} compressed "
+                f"bytes, {self._total} bytes of content): {exc}. Compress the file again, or "
+                f"upload it uncompressed"
+            ) from exc
+        if not data:
+            self._eof = True
+            return data
+        self._total += len(data)
+        if self._total > self._max_total:
+            raise FileFormatError(
+                f"the file decompresses to more than {_human(self._max_total)}: it is either "
+                f"far larger than expected or a compression bomb. Split it into smaller files, "
+                f"or raise max_decompressed_bytes"
+            )
+        # Line breaks are LF, CRLF or a lone CR. Each search for CR stops at the nearest LF, so
+        # a chunk is scanned about once, not four times.
+        lf = data.rfind(b"\n")
+        last = max(lf, data.rfind(b"\r", lf + 1))
+        if last < 0:
+            self._run += len(data)
+        else:
+            lf = data.find(b"\n")
+            cr = data.find(b"\r", 0, lf if lf >= 0 else len(data))
+            first = lf if cr < 0 else cr
+            if self._line_limit is not None and self._run + first > self._line_limit:
+                self._line_too_long(self._total - len(data) - self._run)
+            self._run = len(data) - last - 1
+        if self._line_limit is not None and self._run > self._line_limit:
+            self._line_too_long(self._total - self._run)
+        return data
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            return b"".join(iter(lambda: self.read(_READ_BYTES), b""))
+        if self._pending:
+            data = self._pending[:size]
+            self._pending = self._pending[size:]
+        else:
+            data = b"" if self._eof else self._read_inner(size)
+        self.position += len(data)
+        return data
+
+    read1 = read
+
+    def close(self) -> None:
+        # getattr: IOBase also closes on garbage collection, even after a failed __init__.
+        inner = getattr(self, "_inner", None)
+        if isinstance(inner, gzip.GzipFile):
+            inner.close()  # leaves the caller's file open
+        super().close()
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+
+def open_decompressed(
+    raw: BinaryIO,
+    compression: Literal["auto", "gzip", "none"] = "auto",
+    *,
+    max_decompressed_bytes: int = FormatOptions.max_decompressed_bytes,
+) -> BinaryIO:
+    """The decompressed content of `raw`, read lazily.
+
+    With ``"auto"``, gzip is recognized by its signature (1f 8b). Reading past
+    `max_decompressed_bytes` raises :class:`FileFormatError`, and so does damaged gzip data.
+    """
+    return io.BufferedReader(_Source(raw, compression, max_decompressed_bytes), _READ_BYTES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing
+
+
+class ParsedFile:
+    """An uploaded file being read: what it is, its header, and its records (iterate once)."""
+
+    def __init__(
+        self,
+        sniffed: Sniffed,
+        header: list[str] | None,
+        rows: Iterator[ParsedRow | RowProblem],
+        source: _Source,
+    ) -> None:
+        self.sniffed = sniffed
+        self.header = header
+        self._rows: Iterator[ParsedRow | RowProblem] | None = rows
+        self._source = source
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes of the upload as stored (compressed, if it is) consumed so far."""
+        return self._source.compressed_bytes_read
+
+    def __iter__(self) -> Iterator[ParsedRow | RowProblem]:
+        rows, self._rows = self._rows, None
+        if rows is None:
+            raise RuntimeError("a ParsedFile can be iterated only once: call parse_file again")
+        return rows
+
+
+def parse_file(
+    raw: BinaryIO,
+    options: FormatOptions = FormatOptions(),
+    *,
+    encoding: str | None = None,
+) -> ParsedFile:
+    """Start reading an uploaded file from its current position.
+
+    `encoding` (else ``options.encoding``) is the encoding found when the file was stored. If
+    neither is given, a seekable `raw` is read once through :class:`EncodingSniffer` and rewound;
+    a stream that cannot seek is judged on its first 64 KiB. The header of a delimited file is
+    read here, so header problems and an empty file raise at once; record problems come out of
+    the iteration as :class:`RowProblem`.
+    """
+    chosen = encoding if encoding is not None else options.encoding
+    if chosen is not None:
+        chosen = _normalize_encoding(chosen)
+    elif raw.seekable():
+        start = raw.tell()
+        sniffer = EncodingSniffer()
+        sniff_source = _Source(raw, options.compression, options.max_decompressed_bytes)
+        for chunk in iter(lambda: sniff_source.read(_READ_BYTES), b""):
+            sniffer.feed(chunk)
+        sniff_source.close()
+        chosen = sniffer.result()
+        raw.seek(start)
+
+    source = _Source(raw, options.compression, options.max_decompressed_bytes)
+    head, at_end = source.peek_head(_HEAD_BYTES)
+    content = head.removeprefix(_BOM).lstrip(_SPACE_BYTES)
+    while not content and not at_end:
+        # Leading whitespace carries nothing in any format: drop it, and keep only a bounded
+        # head in memory.
+        source.skip(len(head))
+        head, at_end = source.peek_head(_HEAD_BYTES)
+        content = head.lstrip(_SPACE_BYTES)
+    if not content:
+        raise FileFormatError(
+            "the file is empty: it holds no data, only whitespace or nothing at all. "
+            "Check that the right file was chosen and that it was saved before uploading"
+        )
+
+    if chosen is None:
+        sniffer = EncodingSniffer()
+        sniffer.feed(head)
+        # The head may end inside a character: judge what it holds, not how it ends.
+        chosen = sniffer._decide(final=at_end)
+    if head.startswith(_BOM) and chosen in _UTF8_FAMILY:
+        source.skip(len(_BOM))
+        head = head[len(_BOM) :]
+    # The BOM is gone from the stream: decoding as plain UTF-8 is exact from here on.
+    decode_as = "utf-8" if chosen == "utf-8-sig" else chosen
+
+    fmt: Literal["csv", "jsonl", "json"]
+    if options.format != "auto":
+        fmt = options.format
+    elif content.startswith(b"["):
+        fmt = "json"
+    elif content.startswith(b"{"):
+        fmt = "jsonl"
+    else:
+        fmt = "csv"
+
+    if fmt == "json":
+        sniffed = Sniffed("json", None, chosen, source.compression)
+        reader = _JsonArrayReader(source, decode_as, options.max_record_bytes)
+        return ParsedFile(sniffed, None, reader.rows(), source)
+    source.limit_lines(options.max_record_bytes)
+    if fmt == "jsonl":
+        sniffed = Sniffed("jsonl", None, chosen, source.compression)
+        return ParsedFile(sniffed, None, _jsonl_rows(source, decode_as), source)
+
+    delimiter = options.delimiter
+    if delimiter is None:
+        delimiter = _detect_delimiter(head.decode(decode_as, errors="replace"), complete=at_end)
+    sniffed = Sniffed("csv", delimiter, chosen, source.compression)
+    text = io.TextIOWrapper(source, encoding=decode_as, errors="strict", newline="")
+    # Fewer, larger reads from the Python-level source: the default is 8 KiB.
+    text._CHUNK_SIZE = _TEXT_CHUNK_CHARS  # type: ignore[attr-defined]
+    # The limit is global to the csv module; every parser sets its own before reading.
+    csv.field_size_limit(options.max_record_bytes)
+    # strict: a quote left open until the end of the file is an error, not a silent merge of
+    # every line after it into one field.
+    records = csv.reader(text, delimiter=delimiter, strict=True)
+    header = _read_header(records, source, decode_as, delimiter)
+    return ParsedFile(
+        sniffed, header, _delimited_rows(records, len(header), source, decode_as), source
+    )
+
+
+def _detect_delimiter(sample: str, *, complete: bool) -> str:
+    """The likeliest delimiter: the one found the same non-zero number of times on every line."""
+    records: list[dict[str, int]] = []
+    current: dict[str, int] = {}
+    line_start = 0
+    for match in _SNIFF_TOKEN.finditer(sample):
+        token = match.group()
+        if token in _DELIMITER_NAMES:
+            current[token] = current.get(token, 0) + 1
+        elif token[0] in "\r\n":
+            if match.start() > line_start:  # blank lines say nothing
+                records.append(current)
+            current = {}
+            line_start = match.end()
+            if len(records) >= 100:
+                break
+    else:
+        # The last line counts only if the sample is the whole file: otherwise it is cut short.
+        if (complete or not records) and sample[line_start:].strip():
+            records.append(current)
+    if not records:
+        return ","
+    best, best_score = ",", (0, 0.0, 0, 0)
+    for order, delimiter in enumerate(reversed(_DELIMITERS)):
+        per_line = [record.get(delimiter, 0) for record in records]
+        in_header = per_line[0]
+        if in_header == 0:
+            continue
+        agreeing = sum(1 for count in per_line if count == in_header) / len(per_line)
+        score = (int(agreeing == 1.0), agreeing, in_header, order)
+        if score > best_score:
+            best, best_score = delimiter, score
+    return best
+
+
+def _read_header(
+    records: Iterator[list[str]], source: _Source, encoding: str, delimiter: str
+) -> list[str]:
+    try:
+        first = next((record for record in records if record), None)
+    except UnicodeDecodeError as exc:
+        raise _decode_error(exc, source.position, encoding) from exc
+    except csv.Error as exc:
+        raise _csv_file_error(exc, 0, getattr(records, "line_num", 0)) from exc
+    if first is None:
+        raise FileFormatError(
+            "the file is empty: it has no header row. The first line must name the columns"
+        )
+    header = [name.strip() for name in first]
+    header[0] = header[0].lstrip("\ufeff").strip()
+    empty = [str(index) for index, name in enumerate(header, 1) if not name]
+    if empty:
+        separator = _DELIMITER_NAMES.get(delimiter, repr(delimiter))
+        raise FileFormatError(
+            f"the header row (the first line) has columns without a name: column "
+            f"{', '.join(empty)} of {len(header)} ({separator}-separated). Name every column "
+            f"or delete the empty ones; a {separator} at the end of the line also makes one"
+        )
+    positions: dict[str, list[int]] = {}
+    for index, name in enumerate(header, 1):
+        positions.setdefault(name, []).append(index)
+    duplicates = [
+        f"{name!r} (columns {', '.join(map(str, where))})"
+        for name, where in positions.items()
+        if len(where) > 1
+    ]
+    if duplicates:
+        raise FileFormatError(
+            f"the header row (the first line) names a column more than once: "
+            f"{'; '.join(duplicates)}. Rename the columns so each name is unique"
+        )
+    return header
+
+
+def _delimited_rows(
+    records: Iterator[list[str]], width: int, source: _Source, encoding: str
+) -> Iterator[ParsedRow | RowProblem]:
+    number = 0
+    while True:
+        try:
+            # The hot loop of the whole importer: one length check per record, nothing more.
+            for record in records:
+                if len(record) == width:
+                    number += 1
+                    yield ParsedRow(number, record)
+                elif record:  # a blank line reads as [] and is not a record
+                    number += 1
+                    line = getattr(records, "line_num", 0)
+                    yield RowProblem(
+                        number,
+                        record,
+                        f"expected {width} fields as in the header, found {len(record)} "
+                        f"(record ending on line {line})",
+                    )
+            return
+        except UnicodeDecodeError as exc:
+            raise _decode_error(exc, source.position, encoding) from exc
+        except csv.Error as exc:
+            line = getattr(records, "line_num", 0)
+            if "expected after" not in str(exc):
+                raise _csv_file_error(exc, number + 1, line) from exc
+            # A closing quote followed by more text: the reader drops the rest of that line
+            # and goes on with the next one.
+            number += 1
+            yield RowProblem(
+                number,
+                None,
+                f"a quoted field is followed by other text before the next delimiter on line "
+                f"{line}: {exc}. Quote the whole field, and double any quote inside it",
+            )
+
+
+def _csv_file_error(exc: csv.Error, number: int, line: int) -> FileFormatError:
+    """`number` is the data record being read, 0 for the header."""
+    record = f"data record {number}" if number else "the header row"
+    if "end of data" in str(exc):
+        what = (
+            f"a quote opened in {record} is never closed, so everything up to the end of the "
+            f"file (line {line}) would be one field"
+        )
+    elif "field limit" in str(exc):
+        what = (
+            f"a field of {record} (at line {line}) is longer than max_record_bytes; usually a "
+            f"quote is opened and never closed, so the field runs on"
+        )
+    else:
+        what = f"{record} (at line {line}) cannot be read: {exc}"
+    return FileFormatError(
+        f"the file cannot be read as delimited text: {what}. Fix the quoting there and upload "
+        f"the file again"
+    )
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "a boolean"
+    if value is None:
+        return "null"
+    return "a number"
+
+
+def _line_text(line: bytes, encoding: str) -> str:
+    return line.decode(encoding, errors="replace").rstrip("\r\n")[:_RAW_TEXT_CHARS]
+
+
+def _jsonl_rows(source: _Source, encoding: str) -> Iterator[ParsedRow | RowProblem]:
+    lines = io.BufferedReader(source, _READ_BYTES)
+    offset = source.position
+    number = 0
+    utf8 = encoding == "utf-8"
+    loads = orjson.loads
+    for line in lines:
+        start = offset
+        offset += len(line)
+        try:
+            # orjson reads UTF-8 bytes directly and checks them; other encodings go through str.
+            value = loads(line if utf8 else line.decode(encoding))
+        except UnicodeDecodeError as exc:
+            raise _decode_error(exc, start + len(line), encoding) from exc
+        except orjson.JSONDecodeError as exc:
+            if not line.strip():
+                continue
+            if utf8:
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as decode_exc:
+                    raise _decode_error(decode_exc, start + len(line), encoding) from decode_exc
+            number += 1
+            yield RowProblem(number, _line_text(line, encoding), f"not valid JSON: {exc}")
+            continue
+        number += 1
+        if isinstance(value, dict):
+            yield ParsedRow(number, value)
+        else:
+            yield RowProblem(
+                number,
+                _line_text(line, encoding),
+                f"expected a JSON object ({{...}}) on each line, found {_kind(value)}",
+            )
+
+
+class _JsonArrayReader:
+    """Streams the elements of a top-level JSON array through a bounded text buffer.
+
+    Parsing is orjson's: elements are cut out in batches at a '}' followed by ',' or ']', and
+    ``[`` + batch + ``]`` is parsed as one array. That parse succeeds only if the cut falls
+    between two top-level elements (a cut inside a string or a nested value leaves it
+    unbalanced), so a failed batch simply falls back to one element at a time, which also finds
+    the exact place of a syntax error.
+    """
+
+    def __init__(self, source: _Source, encoding: str, max_record_bytes: int) -> None:
+        self._source = source
+        self._encoding = encoding
+        self._decoder = codecs.getincrementaldecoder(encoding)("strict")
+        self._max_record = max_record_bytes
+        self._buf = ""
+        self._pos = 0
+        self._base = source.position  # byte offset of _buf[0] in the file
+        self._eof = False
+        self._number = 0
+        # Elements before this index of _buf are read one by one, after a batch failed there.
+        self._batch_from = 0
+
+    def _fill(self) -> None:
+        data = self._source.read(_JSON_CHUNK_BYTES)
+        try:
+            text = self._decoder.decode(data, final=not data)
+        except UnicodeDecodeError as exc:
+            raise _decode_error(exc, self._source.position, self._encoding) from exc
+        self._eof = not data
+        self._base += self._byte_length(self._buf[: self._pos])
+        self._buf = self._buf[self._pos :] + text
+        self._batch_from -= self._pos
+        self._pos = 0
+
+    def _byte_length(self, text: str) -> int:
+        if self._encoding == "utf-8":
+            # isascii() is O(1) on str: the common case costs nothing.
+            return len(text) if text.isascii() else len(text.encode("utf-8"))
+        return len(text.encode(self._encoding, errors="replace"))
+
+    def _error(self, what: str, index: int) -> FileFormatError:
+        offset = self._base + self._byte_length(self._buf[:index])
+        return FileFormatError(
+            f"the JSON file is invalid at byte offset {offset}: {what}. A .json upload must be "
+            f"one array of objects ([{{...}}, {{...}}]); fix the file there and upload it again"
+        )
+
+    def _skip_space(self) -> bool:
+        """Move to the next non-space character; False at the end of the file."""
+        while True:
+            match = _JSON_SPACE.match(self._buf, self._pos)
+            self._pos = match.end() if match else self._pos
+            if self._pos < len(self._buf):
+                return True
+            if self._eof:
+                return False
+            self._fill()
+
+    def _emit(self, value: Any) -> ParsedRow | RowProblem:
+        self._number += 1
+        if isinstance(value, dict):
+            return ParsedRow(self._number, value)
+        return RowProblem(
+            self._number,
+            value,
+            f"expected each element of the array to be an object, found {_kind(value)}",
+        )
+
+    def rows(self) -> Iterator[ParsedRow | RowProblem]:
+        if not self._skip_space():
+            raise self._error("the file has no content", self._pos)
+        if self._buf[self._pos] != "[":
+            hint = (
+                " (for one object per line, use the JSON Lines format)"
+                if self._buf[self._pos] == "{"
+                else ""
+            )
+            raise self._error(
+                f"expected '[' to open the array, found {self._buf[self._pos]!r}{hint}", self._pos
+            )
+        self._pos += 1
+        if not self._skip_space():
+            raise self._error("the file ends before the array is closed with ']'", self._pos)
+        closed = self._buf[self._pos] == "]"
+        if closed:
+            self._pos += 1
+        while not closed:
+            if not self._eof and len(self._buf) - self._pos < _JSON_CHUNK_BYTES:
+                self._fill()
+            if not self._skip_space():
+                raise self._error("the file ends before the array is closed with ']'", self._pos)
+            if self._pos >= self._batch_from:
+                batch = self._batch()
+                if batch is not None:
+                    values, closed = batch
+                    for value in values:
+                        yield self._emit(value)
+                    continue
+            value, closed = self._one()
+            yield self._emit(value)
+        if self._skip_space():
+            raise self._error(
+                f"unexpected {self._buf[self._pos]!r} after the closing ']' of the array",
+                self._pos,
+            )
+
+    def _batch(self) -> tuple[list[Any], bool] | None:
+        """Parse the buffered elements from _pos in one go; None if no cut point works."""
+        buf, start = self._buf, self._pos
+        # Within max_record_bytes of the start, every element of a batch is small enough.
+        end = min(len(buf), start + self._max_record)
+        first_failure = -1
+        for _ in range(8):
+            cut = buf.rfind("}", start, end)
+            if cut >= 0:
+                separator = _JSON_SEPARATOR.match(buf, cut + 1)
+                if separator is None:  # the end of a nested object
+                    end = cut
+                    continue
+                stop, resume, closed = cut + 1, separator.end(), separator.group(1) == "]"
+                end = cut
+            else:
+                # No object ahead (the array holds scalars or arrays): cut at a comma.
+                comma = buf.rfind(",", start, end)
+                if comma < 0:
+                    self._batch_from = max(end, start + 1)
+                    return None
+                stop, resume, closed = comma, comma + 1, False
+                end = comma
+            try:
+                values = orjson.loads("[" + buf[start:stop] + "]")
+            except orjson.JSONDecodeError:
+                # The cut fell inside a string or a nested value (or the data is invalid): try
+                # one cut further back, then go element by element up to the first failure.
+                if first_failure >= 0:
+                    self._batch_from = first_failure
+                    return None
+                first_failure = stop
+                continue
+            self._pos = resume
+            return values, closed
+        self._batch_from = first_failure if first_failure >= 0 else start + 1
+        return None
+
+    def _one(self) -> tuple[Any, bool]:
+        """Read one element at _pos, and the ',' or ']' after it."""
+        window = 1024
+        while True:
+            available = len(self._buf) - self._pos
+            text = self._buf[self._pos : self._pos + min(window, available)]
+            more_in_buffer = window < available
+            try:
+                orjson.loads(text)
+                # A whole value with nothing after it: the separator is further on.
+                stop = len(text)
+            except orjson.JSONDecodeError as exc:
+                stop = exc.pos
+                if stop < len(text):
+                    try:
+                        value = orjson.loads(text[:stop])
+                    except orjson.JSONDecodeError:
+                        raise self._error(exc.msg, self._pos + stop) from None
+                    separator = text[stop]
+                    if separator not in ",]":
+                        raise self._error(
+                            f"expected ',' or ']' after an element, found {separator!r}",
+                            self._pos + stop,
+                        ) from None
+                    self._pos += stop + 1
+                    return value, separator == "]"
+            # The element goes on past what was parsed.
+            if len(text) > self._max_record:
+                raise self._error(
+                    f"one element of the array is larger than the {_human(self._max_record)} "
+                    f"allowed for a record; split it, or raise max_record_bytes",
+                    self._pos,
+                )
+            if more_in_buffer:
+                window *= 2
+            elif not self._eof:
+                self._fill()
+                window = max(window, 2 * len(text))
+            else:
+                raise self._error(
+                    "the file ends before the array is closed with ']'", self._pos + stop
+                )
