@@ -1,0 +1,246 @@
+"""The embedded stack: real Tansu broker and real PostgreSQL processes, no mocks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import asyncpg
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from sluice.stack import (
+    EmbeddedBroker,
+    EmbeddedPostgres,
+    StackState,
+    find_process_alive,
+    free_port,
+    read_state,
+    wait_for_port,
+    write_state,
+)
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+# ------------------------------------------------------------------------------ ports
+
+
+def test_free_port_prefers_the_given_port_when_free() -> None:
+    port = free_port()
+    assert free_port(port) == port
+
+
+def test_free_port_falls_back_when_taken() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        taken = listener.getsockname()[1]
+        other = free_port(taken)
+        assert other != taken
+        wait_for_port("127.0.0.1", taken, timeout=1)
+
+
+def test_wait_for_port_times_out() -> None:
+    port = free_port()
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match=str(port)):
+        wait_for_port("127.0.0.1", port, timeout=0.3)
+    assert time.monotonic() - started < 2
+
+
+# ------------------------------------------------------------------------------ broker
+
+
+async def _roundtrip(bootstrap: str) -> bytes:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        # Tansu does not create topics on first use.
+        await admin.create_topics([NewTopic("stack-test", num_partitions=1, replication_factor=1)])
+    finally:
+        await admin.close()
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait("stack-test", b"hello", key=b"k")
+    finally:
+        await producer.stop()
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        tp = TopicPartition("stack-test", 0)
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        record = await asyncio.wait_for(consumer.getone(), timeout=10)
+        assert record.key == b"k"
+        return bytes(record.value or b"")
+    finally:
+        await consumer.stop()
+
+
+@pytest.mark.stack
+def test_broker_produce_consume_stop(tmp_path: Path) -> None:
+    broker = EmbeddedBroker(free_port(), tmp_path / "broker.log")
+    broker.start()
+    try:
+        assert broker.running
+        assert broker.pid is not None and find_process_alive(broker.pid)
+        assert broker.bootstrap == f"127.0.0.1:{broker.port}"
+        assert asyncio.run(_roundtrip(broker.bootstrap)) == b"hello"
+    finally:
+        broker.stop()
+    assert not broker.running
+    assert not _port_open(broker.port)
+    assert (tmp_path / "broker.log").read_text().strip()
+
+
+@pytest.mark.stack
+def test_broker_kill_and_busy_port(tmp_path: Path) -> None:
+    broker = EmbeddedBroker(free_port(), tmp_path / "broker.log")
+    broker.start()
+    pid = broker.pid
+    assert pid is not None
+    broker.kill()
+    assert not broker.running
+    assert not find_process_alive(pid)
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        busy = EmbeddedBroker(listener.getsockname()[1], tmp_path / "busy.log")
+        with pytest.raises(RuntimeError, match="already in use"):
+            busy.start()
+        assert not busy.running
+
+
+# ------------------------------------------------------------------------------ postgres
+
+
+async def _query(url: str, sql: str) -> object:
+    conn = await asyncpg.connect(url)
+    try:
+        if sql.lstrip().upper().startswith("SELECT"):
+            return await conn.fetchval(sql)
+        # Simple-query protocol: several statements at once.
+        return await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def _sql(pg: EmbeddedPostgres, sql: str) -> object:
+    return asyncio.run(_query(pg.url, sql))
+
+
+@pytest.mark.stack
+def test_postgres_restart_keeps_data_and_survives_kill(tmp_path: Path) -> None:
+    data = tmp_path / "pgdata"
+    pg = EmbeddedPostgres(data, free_port(), tmp_path / "pg.log")
+    pg.start()
+    try:
+        assert pg.url == f"postgresql://postgres@127.0.0.1:{pg.port}/sluice"
+        assert (data / "PG_VERSION").exists()
+        assert _sql(pg, "SELECT 1") == 1
+        _sql(pg, "CREATE TABLE kept (id int); INSERT INTO kept VALUES (42)")
+
+        # Clean stop, restart on the same directory: data is still there.
+        pg.stop()
+        assert not pg.running
+        assert not _port_open(pg.port)
+        pg.start()
+        assert _sql(pg, "SELECT id FROM kept") == 42
+
+        # Crash: the pid file stays behind with a dead pid; the next start recovers.
+        _sql(pg, "INSERT INTO kept VALUES (43)")
+        killed = pg.pid
+        assert killed is not None
+        pg.kill()
+        assert not pg.running and not find_process_alive(killed)
+        assert (data / "postmaster.pid").exists()
+        pg.start()
+        assert pg.pid != killed
+        assert _sql(pg, "SELECT count(*) FROM kept") == 2
+        pg.stop()
+
+        # A pid file naming a live process that is not a postmaster (pid reuse after a reboot).
+        with subprocess.Popen(["sleep", "30"]) as other:
+            try:
+                (data / "postmaster.pid").write_text(f"{other.pid}\n{data}\n")
+                pg.start()
+                assert _sql(pg, "SELECT count(*) FROM kept") == 2
+            finally:
+                other.kill()
+    finally:
+        pg.stop()
+    assert not pg.running
+
+
+@pytest.mark.stack
+async def test_postgres_start_from_inside_an_event_loop(tmp_path: Path) -> None:
+    # start() is sync; called from async code it must not trip over the running loop.
+    pg = EmbeddedPostgres(tmp_path / "pgdata", free_port(), tmp_path / "pg.log")
+    pg.start()
+    try:
+        assert await _query(pg.url, "SELECT current_database()") == "sluice"
+    finally:
+        pg.stop()
+
+
+# ------------------------------------------------------------------------------ state file
+
+
+def _state(supervisor: int) -> StackState:
+    return StackState(
+        kafka_bootstrap="127.0.0.1:19092",
+        database_url="postgresql://postgres@127.0.0.1:15432/sluice",
+        api_url="http://127.0.0.1:8000",
+        pids={"broker": 11, "postgres": 12, "worker": 13, "api": 14, "supervisor": supervisor},
+        started_at=time.time(),
+    )
+
+
+def test_state_round_trip(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    assert read_state(home) is None
+    state = _state(os.getpid())
+    write_state(home, state)
+    assert (home / "stack.json").exists()
+    assert read_state(home) == state
+
+
+def test_state_with_dead_supervisor_is_removed(tmp_path: Path) -> None:
+    write_state(tmp_path, _state(_dead_pid()))
+    assert read_state(tmp_path) is None
+    assert not (tmp_path / "stack.json").exists()
+
+
+def test_unreadable_state_is_removed(tmp_path: Path) -> None:
+    (tmp_path / "stack.json").write_text("{not json")
+    assert read_state(tmp_path) is None
+    assert not (tmp_path / "stack.json").exists()
+
+
+def test_find_process_alive() -> None:
+    assert find_process_alive(os.getpid())
+    assert not find_process_alive(_dead_pid())
+    assert not find_process_alive(0)
