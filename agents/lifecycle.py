@@ -1,0 +1,44 @@
+"""Lifecycle: relay the outbox (``sluice.events``) to the lifecycle topic.
+
+One relay at a time across the cluster (an advisory lock), so events leave in the order they
+were written. A crash between sending and marking sends an event twice: consumers key on
+``event_id``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import orjson
+
+from sluice.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+RELAY_LOCK = 0x511CF
+Send = Callable[[str, str | None, bytes], Awaitable[None]]
+Flush = Callable[[], Awaitable[None]]
+
+
+async def relay_outbox(rt: Runtime, send: Send, flush: Flush, limit: int = 500) -> int:
+    """Send pending events; returns how many were relayed (0 when another worker holds the lock)."""
+    pool = await rt.pool()
+    async with pool.acquire() as conn, conn.transaction():
+        if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", RELAY_LOCK):
+            return 0
+        rows = await conn.fetch(
+            "SELECT id, topic, key, payload FROM sluice.events WHERE relayed_at IS NULL"
+            " ORDER BY id LIMIT $1",
+            limit,
+        )
+        if not rows:
+            return 0
+        for row in rows:
+            await send(row["topic"], row["key"], orjson.dumps(row["payload"]))
+        await flush()
+        await conn.execute(
+            "UPDATE sluice.events SET relayed_at = now() WHERE id = ANY($1::bigint[])",
+            [r["id"] for r in rows],
+        )
+    return len(rows)

@@ -1,0 +1,255 @@
+"""Split: stream a stored file, map and validate its rows, and send row batches routed by key.
+
+The request's offset is committed only after the split returns, so a worker that dies mid-file
+splits it again from the start: batch identities (run id + sequence) are deterministic, and the
+batches already applied are skipped by their markers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from schemas.events import ImportRequested
+from sluice.errors import MappingError, TerminalError
+from sluice.formats import FileFormatError, ParsedRow, RowProblem, parse_file
+from sluice.importers.adhoc import ADHOC, adhoc_importer, infer_fields
+from sluice.importers.dsl import Field, Importer
+from sluice.mapping import Record, RecordMapper
+from sluice.runtime import Runtime
+from storage.runs import RunRepository
+from storage.tables import describe_table, ensure_table, has_unique_key
+from storage.writer import TargetPlan
+from streams.topics import partition_for_key
+
+log = logging.getLogger(__name__)
+
+SendBatch = Callable[[int, bytes], Awaitable[None]]
+Flush = Callable[[], Awaitable[None]]
+
+SAMPLE_ROWS = 1000
+
+
+def plan_for(importer: Importer) -> TargetPlan:
+    return TargetPlan(
+        table=importer.table,
+        schema=importer.schema,
+        columns=tuple((f.name, f.pg_type) for f in importer.output_fields()),
+        key=importer.key_columns,
+        policy=importer.policy,
+        version_column=importer.version_column,
+    )
+
+
+def _json_default(value: Any) -> Any:
+    return str(value)  # Decimal and anything else pydantic produced: its text form
+
+
+class BatchRouter:
+    """Buffers records per partition of their key and hands out full batches in file order."""
+
+    def __init__(self, key: tuple[str, ...], partitions: int, batch_size: int, max_bytes: int):
+        self.key = key
+        self.partitions = partitions
+        self.batch_size = batch_size
+        self.max_bytes = max_bytes
+        self.buffers: list[list[Record]] = [[] for _ in range(partitions)]
+        self.seq = 0
+
+    def add(self, record: Record) -> list[Record] | None:
+        k = "\x1f".join(str(record[c]) for c in self.key)
+        p = partition_for_key(k, self.partitions)
+        buf = self.buffers[p]
+        buf.append(record)
+        if len(buf) >= self.batch_size:
+            self.buffers[p] = []
+            return buf
+        return None
+
+    def partition_of(self, record: Record) -> int:
+        k = "\x1f".join(str(record[c]) for c in self.key)
+        return partition_for_key(k, self.partitions)
+
+    def encode(self, run_id: str, rows: list[Record]) -> Iterator[bytes]:
+        """One or more messages for ``rows``, each under the size limit."""
+        value = orjson.dumps(
+            {"run_id": run_id, "seq": self.seq, "rows": rows}, default=_json_default
+        )
+        if len(value) > self.max_bytes and len(rows) > 1:
+            half = len(rows) // 2
+            yield from self.encode(run_id, rows[:half])
+            yield from self.encode(run_id, rows[half:])
+            return
+        if len(value) > self.max_bytes:
+            raise FileFormatError(
+                f"row {rows[0].get('_sluice_row')} is larger than the {self.max_bytes}-byte "
+                "message limit; shorten it or raise SLUICE_KAFKA_MAX_MESSAGE_BYTES"
+            )
+        self.seq += 1
+        yield value
+
+
+async def resolve_importer(
+    rt: Runtime, request: ImportRequested, parsed_header: list[str] | None, sample: list[ParsedRow]
+) -> Importer:
+    if request.importer != ADHOC:
+        return rt.registry.get(request.importer)
+    table = request.options.get("table")
+    key = request.options.get("key") or []
+    schema = request.options.get("schema", "public")
+    if not table or not key:
+        raise MappingError("an ad-hoc import needs a table and at least one key column")
+    if parsed_header is None:
+        keys = {k for r in sample if isinstance(r.values, dict) for k in r.values}
+        header = sorted(keys)
+        rows = [[_text(r.values.get(h)) for h in header] for r in sample if isinstance(r.values, dict)]
+    else:
+        header = parsed_header
+        rows = [list(r.values) for r in sample if isinstance(r.values, list)]
+    fields = infer_fields(header, rows)
+    pool = await rt.pool()
+    async with pool.acquire() as conn:
+        existing = await describe_table(conn, schema, table)
+    if existing is not None:
+        types = dict(existing)
+        fields = [Field(f.name, "text", aliases=f.aliases) for f in fields if f.name in types]
+        importer = adhoc_importer(table, key, fields, schema=schema)
+        async with pool.acquire() as conn:
+            if not await has_unique_key(conn, schema, table, importer.key_columns):
+                cols = ", ".join(importer.key_columns)
+                raise MappingError(
+                    f"table {schema}.{table} has no primary key or unique index on ({cols}); "
+                    f"add one (ALTER TABLE {schema}.{table} ADD PRIMARY KEY ({cols})) or pick a "
+                    "--key that has one"
+                )
+        return importer
+    return adhoc_importer(table, key, fields, schema=schema)
+
+
+def _text(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return orjson.dumps(value).decode() if isinstance(value, (dict, list)) else str(value)
+
+
+async def _table_plan(rt: Runtime, importer: Importer, request: ImportRequested) -> TargetPlan:
+    plan = plan_for(importer)
+    if importer.slug == ADHOC:
+        pool = await rt.pool()
+        async with pool.acquire() as conn:
+            existing = await describe_table(conn, importer.schema, importer.table)
+            if existing is None:
+                await ensure_table(conn, plan)
+                existing = await describe_table(conn, importer.schema, importer.table)
+        types = dict(existing or [])
+        plan = TargetPlan(
+            table=plan.table,
+            schema=plan.schema,
+            columns=tuple((c, types[c]) for c, _ in plan.columns),
+            key=plan.key,
+        )
+    else:
+        pool = await rt.pool()
+        async with pool.acquire() as conn:
+            await ensure_table(conn, plan)
+    return plan
+
+
+async def split_file(
+    rt: Runtime, request: ImportRequested, send: SendBatch, flush: Flush
+) -> None:
+    """Split one requested import into batches. Terminal problems fail the run with a message
+    that says what to fix; anything else propagates (and is retried by the caller)."""
+    runs = await rt.runs()
+    run = await runs.start(request.run_id)
+    if run is None:
+        log.info("run %s is finished or unknown; request ignored", request.run_id)
+        return
+    try:
+        if request.file.encoding_error:
+            raise FileFormatError(request.file.encoding_error)
+        with tempfile.TemporaryDirectory(prefix="sluice-split-") as tmp:
+            path = Path(tmp) / "file"
+            await (await rt.files()).download(request.file.id, path)
+            with path.open("rb") as raw:
+                await _split(rt, runs, request, raw, send, flush)
+    except (FileFormatError, TerminalError) as exc:
+        log.warning("run %s failed: %s", request.run_id, exc)
+        await runs.fail(request.run_id, str(exc))
+
+
+async def _split(
+    rt: Runtime,
+    runs: RunRepository,
+    request: ImportRequested,
+    raw: Any,
+    send: SendBatch,
+    flush: Flush,
+) -> None:
+    settings = rt.settings
+    run_id = request.run_id
+    options = rt.registry.get(request.importer).format if request.importer != ADHOC else None
+    parsed = parse_file(raw, options or _adhoc_format(), encoding=request.file.encoding)
+    items = iter(parsed)
+    head = list(itertools.islice(items, SAMPLE_ROWS))
+    sample = [r for r in head if isinstance(r, ParsedRow)]
+    importer = await resolve_importer(rt, request, parsed.header, sample)
+    mapper = RecordMapper(importer, parsed.header)
+    plan = await _table_plan(rt, importer, request)
+    await runs.save_plan(run_id, plan.to_json(), mapper.mapping)
+    router = BatchRouter(
+        plan.key,
+        settings.kafka.partitions,
+        importer.batch_size or settings.pipeline.batch_size,
+        settings.kafka.max_message_bytes,
+    )
+    run_key = str(run_id)
+    total = 0
+    last_report = time.monotonic()
+    chunk_size = 500
+    all_items = itertools.chain(head, items)
+    while True:
+        chunk = list(itertools.islice(all_items, chunk_size))
+        if not chunk:
+            break
+        records, failures = mapper.map_rows(chunk)
+        total += len(records) + len(failures)
+        if failures:
+            await runs.record_rejections(run_id, failures)
+        for record in records:
+            full = router.add(record)
+            if full is not None:
+                partition = router.partition_of(full[0])
+                for value in router.encode(run_key, full):
+                    await send(partition, value)
+        now = time.monotonic()
+        if now - last_report >= settings.pipeline.progress_interval:
+            last_report = now
+            fraction = parsed.bytes_read / request.file.size if request.file.size else 0.0
+            await runs.record_split_progress(run_id, total, min(fraction, 1.0))
+        await asyncio.sleep(0)  # let heartbeats and the producer run
+    for partition, rows in enumerate(router.buffers):
+        if rows:
+            for value in router.encode(run_key, rows):
+                await send(partition, value)
+    if total == 0:
+        raise FileFormatError(
+            "the file has a header but no data rows" if parsed.header else "the file has no rows"
+        )
+    await flush()  # batches must be on the broker before the totals say they exist
+    await runs.finish_split(run_id, total, router.seq)
+    log.info("run %s split: %d rows in %d batches", run_id, total, router.seq)
+
+
+def _adhoc_format() -> Any:
+    from sluice.formats import FormatOptions
+
+    return FormatOptions()

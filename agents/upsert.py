@@ -1,0 +1,96 @@
+"""Upsert: apply each row batch in one PostgreSQL transaction, exactly once in effect.
+
+Faust acks an event even when the agent raises, so nothing may escape this loop: transient
+failures are retried with backoff, and what still fails goes to the dead-letter topic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pydantic import ValidationError
+
+from schemas.events import RowBatch
+from schemas.runs import RunStatus
+from sluice.runtime import Runtime
+from storage.writer import TargetPlan
+
+log = logging.getLogger(__name__)
+
+DeadLetterFn = Callable[[str], Awaitable[None]]
+
+
+class PlanCache:
+    """A run's plan does not change once batches flow; read it once per run and process."""
+
+    def __init__(self) -> None:
+        self._plans: dict[uuid.UUID, tuple[TargetPlan, bool]] = {}
+
+    async def get(self, rt: Runtime, run_id: uuid.UUID) -> tuple[RunStatus, TargetPlan | None, bool]:
+        cached = self._plans.get(run_id)
+        if cached is not None:
+            return RunStatus.RUNNING, cached[0], cached[1]
+        status, dry_run, plan = await (await rt.runs()).plan(run_id)
+        if plan is None:
+            return status, None, dry_run
+        target = TargetPlan.from_json(plan)
+        if len(self._plans) > 1000:
+            self._plans.clear()
+        self._plans[run_id] = (target, dry_run)
+        return status, target, dry_run
+
+
+async def upsert_batch(
+    rt: Runtime, value: bytes, plans: PlanCache, dead_letter: DeadLetterFn
+) -> str:
+    """Apply one batch message. Returns what happened: applied, duplicate, inactive, dead."""
+    try:
+        batch = RowBatch.model_validate_json(value)
+    except ValidationError as exc:
+        await dead_letter(f"not a valid row batch: {exc.errors(include_url=False)[:3]}")
+        return "dead"
+    attempts = rt.settings.pipeline.apply_attempts
+    delay = 0.2
+    for attempt in range(1, attempts + 1):
+        try:
+            status, plan, dry_run = await plans.get(rt, batch.run_id)
+            if plan is None:
+                if status.terminal:
+                    return "inactive"
+                raise RuntimeError(f"run {batch.run_id} has no plan yet")
+            applier = await rt.applier()
+            return await applier.apply(batch, plan, dry_run=dry_run)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if attempt == attempts:
+                log.exception(
+                    "batch %s/%d failed %d times; sending it to the dead-letter topic",
+                    batch.run_id,
+                    batch.seq,
+                    attempts,
+                )
+                await dead_letter(
+                    f"run {batch.run_id} batch {batch.seq}: {type(exc).__name__}: {exc}"
+                )
+                return "dead"
+            log.warning(
+                "batch %s/%d attempt %d failed (%s: %s); retrying in %.1fs",
+                batch.run_id,
+                batch.seq,
+                attempt,
+                type(exc).__name__,
+                exc,
+                delay,
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+    return "dead"
+
+
+def describe(value: Any) -> str:
+    return repr(value)[:200]

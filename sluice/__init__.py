@@ -1,0 +1,3 @@
+"""Sluice: an event-driven ingestion engine into PostgreSQL over Kafka."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,154 @@
+"""The Faust application: topics, agents and the outbox relay, bound to one ``Runtime``."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import faust
+from pydantic import ValidationError
+
+from agents.lifecycle import relay_outbox
+from agents.split import split_file
+from agents.upsert import PlanCache, upsert_batch
+from schemas.events import DeadLetter, ImportRequested
+from sluice.runtime import Runtime
+from streams import topics
+
+log = logging.getLogger(__name__)
+
+
+def create_app(rt: Runtime, *, app_id: str = "sluice") -> faust.App:
+    kafka = rt.settings.kafka
+    app = faust.App(
+        app_id,
+        broker=f"kafka://{kafka.bootstrap}",
+        store="memory://",
+        autodiscover=False,
+        value_serializer="raw",
+        key_serializer="raw",
+        topic_partitions=kafka.partitions,
+        topic_replication_factor=kafka.replication,
+        topic_disable_leader=True,
+        processing_guarantee="at_least_once",
+        table_standby_replicas=0,
+        consumer_auto_offset_reset="earliest",
+        producer_request_timeout=30,
+        producer_max_request_size=max(1_048_576, kafka.max_message_bytes + 65536),
+        broker_session_timeout=kafka.session_timeout,
+        broker_heartbeat_interval=min(3.0, kafka.session_timeout / 3),
+        broker_commit_every=1000,
+        broker_commit_interval=1.0,
+        web_enabled=False,
+    )
+
+    def topic(name: str, partitions: int) -> Any:
+        return app.topic(
+            name,
+            value_type=bytes,
+            key_type=bytes,
+            value_serializer="raw",
+            key_serializer="raw",
+            partitions=partitions,
+        )
+
+    requests = topic(topics.REQUESTS, kafka.partitions)
+    batches = topic(topics.BATCHES, kafka.partitions)
+    dead = topic(topics.DEADLETTER, 1)
+    out_topics = {
+        topics.LIFECYCLE: topic(topics.LIFECYCLE, kafka.partitions),
+        topics.DEADLETTER: dead,
+    }
+    plans = PlanCache()
+
+    async def dead_letter(event: Any, reason: str) -> None:
+        msg = event.message
+        value: bytes = event.value or b""
+        try:
+            payload = value.decode()
+        except UnicodeDecodeError:
+            payload = base64.b64encode(value).decode()
+        letter = DeadLetter(
+            topic=msg.topic,
+            partition=msg.partition,
+            offset=msg.offset,
+            reason=reason,
+            payload=payload,
+            time=datetime.now(UTC),
+        )
+        log.error(
+            "dead letter from %s[%d]@%d: %s", msg.topic, msg.partition, msg.offset, reason
+        )
+        await dead.send(key=msg.key, value=letter.model_dump_json().encode())
+
+    async def flush() -> None:
+        await app.producer.flush()
+
+    async def split_with_retry(request: ImportRequested, send: Any, event: Any) -> None:
+        """A split that fails for a reason other than the file (database or broker trouble) is
+        tried again: splitting is idempotent. After the last try the run fails with the cause
+        and the request goes to the dead-letter topic, to be replayed once the cause is fixed."""
+        attempts = rt.settings.pipeline.apply_attempts
+        delay = 0.5
+        for attempt in range(1, attempts + 1):
+            try:
+                await split_file(rt, request, send, flush)
+                return
+            except Exception as exc:
+                if attempt < attempts:
+                    log.warning(
+                        "split of run %s attempt %d failed (%s); retrying in %.1fs",
+                        request.run_id, attempt, exc, delay,
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 10.0)
+                    continue
+                log.exception("split of run %s failed %d times", request.run_id, attempts)
+                reason = f"split failed: {type(exc).__name__}: {exc}"
+                await dead_letter(event, reason)
+                try:
+                    await (await rt.runs()).fail(
+                        request.run_id,
+                        f"internal error while splitting the file ({type(exc).__name__}: {exc}); "
+                        "the request is on the dead-letter topic",
+                    )
+                except Exception:
+                    log.exception("could not mark run %s failed", request.run_id)
+
+    @app.agent(requests, name="split")
+    async def split_agent(stream: Any) -> None:
+        async for event in stream.events():
+            try:
+                request = ImportRequested.model_validate_json(event.value)
+            except ValidationError as exc:
+                await dead_letter(event, f"not a valid import request: {exc.errors()[:3]}")
+                continue
+
+            async def send(partition: int, value: bytes) -> None:
+                await batches.send(value=value, partition=partition)
+
+            await split_with_retry(request, send, event)
+
+    @app.agent(batches, name="upsert")
+    async def upsert_agent(stream: Any) -> None:
+        async for event in stream.events():
+
+            async def to_dead(reason: str, event: Any = event) -> None:
+                await dead_letter(event, reason)
+
+            await upsert_batch(rt, event.value, plans, to_dead)
+
+    @app.timer(rt.settings.pipeline.relay_interval)
+    async def relay() -> None:
+        async def send(topic_name: str, key: str | None, value: bytes) -> None:
+            await out_topics[topic_name].send(key=key.encode() if key else None, value=value)
+
+        try:
+            await relay_outbox(rt, send, flush)
+        except Exception:
+            log.exception("outbox relay failed; will retry")
+
+    return app

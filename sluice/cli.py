@@ -1,0 +1,292 @@
+"""The ``sluice`` command line.
+
+Exit codes scripts can rely on: 0 success (a waited-for run completed), 1 an error (message on
+stderr), 2 wrong usage, 3 the run completed with rejected rows, 4 the run failed, 5 cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+import orjson
+from pydantic import SecretStr
+
+from schemas.runs import Run, RunStatus
+from sluice.config import ApiSettings, DatabaseSettings, KafkaSettings, PipelineSettings, Settings
+from sluice.errors import SluiceError
+from sluice.formats import FileFormatError
+
+EXIT_ERROR = 1
+EXIT_STATUS = {
+    RunStatus.COMPLETED: 0,
+    RunStatus.COMPLETED_WITH_ERRORS: 3,
+    RunStatus.FAILED: 4,
+    RunStatus.CANCELLED: 5,
+}
+
+
+def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def load_settings(*, require_stack: bool = True) -> Settings:
+    """Environment first; what it leaves empty comes from the stack running under SLUICE_HOME."""
+    from sluice.stack import read_state
+
+    pipeline = PipelineSettings()
+    kafka = KafkaSettings()
+    database = DatabaseSettings()
+    api = ApiSettings()
+    if not kafka.bootstrap or not database.url.get_secret_value():
+        state = read_state(pipeline.home)
+        if state is None:
+            if require_stack:
+                fail(
+                    f"no Sluice stack is running under {pipeline.home.resolve()}: start one with "
+                    "`sluice up --detach`, or set SLUICE_KAFKA_BOOTSTRAP and SLUICE_DATABASE_URL"
+                )
+        else:
+            if not kafka.bootstrap:
+                kafka = kafka.model_copy(update={"bootstrap": state.kafka_bootstrap})
+            if not database.url.get_secret_value():
+                database = database.model_copy(update={"url": SecretStr(state.database_url)})
+            if not api.url and state.api_url:
+                api = api.model_copy(update={"url": state.api_url})
+    return Settings(kafka=kafka, database=database, api=api, pipeline=pipeline)
+
+
+def run_async(coro: Any) -> Any:
+    try:
+        return asyncio.run(coro)
+    except (SluiceError, FileFormatError) as exc:
+        fail(str(exc))
+    except (OSError, ConnectionError) as exc:
+        fail(f"cannot reach the broker or database ({exc}); is the stack running? try `sluice env`")
+
+
+def run_json(run: Run) -> str:
+    return orjson.dumps(
+        run.model_dump(mode="json", exclude={"options"}), option=orjson.OPT_INDENT_2
+    ).decode()
+
+
+def summary(run: Run) -> str:
+    lines = [
+        f"run {run.id}  {run.importer}  {run.status.value}",
+        f"  rows: {run.processed_rows:,} of {run.total_rows if run.total_rows is not None else '?'}"
+        f"  created {run.created_rows:,}  updated {run.updated_rows:,}"
+        f"  unchanged {run.unchanged_rows:,}  skipped {run.skipped_rows:,}"
+        f"  failed {run.failed_rows:,}",
+    ]
+    if run.started_at and run.completed_at:
+        secs = (run.completed_at - run.started_at).total_seconds()
+        rate = run.processed_rows / secs if secs > 0 else 0
+        lines.append(f"  took {secs:.1f}s ({rate:,.0f} rows/s)")
+    if run.dry_run:
+        lines.append("  dry run: nothing was written to the target table")
+    if run.error:
+        lines.append(f"  error: {run.error}")
+    if run.failed_rows:
+        lines.append(f"  rejected rows: `sluice failed-rows {run.id}`")
+    return "\n".join(lines)
+
+
+class ProgressBar:
+    """One line on a terminal, redrawn in place: percent, rows and rate."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.start = time.monotonic()
+
+    def __call__(self, run: Run) -> None:
+        if not self.enabled:
+            return
+        width = 30
+        pct = float(run.progress_percent)
+        filled = int(width * pct / 100)
+        elapsed = max(time.monotonic() - self.start, 1e-6)
+        rate = run.processed_rows / elapsed
+        total = f"{run.total_rows:,}" if run.total_rows is not None else "?"
+        line = (
+            f"\r[{'#' * filled}{'.' * (width - filled)}] {pct:5.1f}%  "
+            f"{run.processed_rows:,}/{total} rows  {rate:,.0f} rows/s  {run.status.value}"
+        )
+        click.echo(line, nl=False, err=True)
+        if run.status.terminal:
+            click.echo("", err=True)
+
+
+async def _submit_and_maybe_wait(
+    importer: str,
+    path: Path,
+    *,
+    dry_run: bool,
+    wait: bool,
+    as_json: bool,
+    options: dict[str, Any] | None = None,
+) -> int:
+    from sluice.client import Client
+
+    settings = load_settings()
+    async with Client(settings) as client:
+        run = await client.submit_file(
+            importer, path, dry_run=dry_run, options=options, requested_by=_user()
+        )
+        if wait:
+            bar = ProgressBar(sys.stderr.isatty() and not as_json)
+            run = await client.wait(run.id, on_update=bar)
+        click.echo(run_json(run) if as_json else summary(run))
+        return EXIT_STATUS.get(run.status, 0) if wait else 0
+
+
+def _user() -> str:
+    return os.environ.get("USER") or "cli"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="log at debug level")
+def cli(verbose: bool) -> None:
+    """Sluice: import files, triggers and firehoses into PostgreSQL, through Kafka.
+
+    Commands find the running stack through SLUICE_HOME (default ./.sluice), or use
+    SLUICE_KAFKA_BOOTSTRAP and SLUICE_DATABASE_URL when they are set.
+    """
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@cli.command()
+@click.option("--detach", is_flag=True, help="run in the background; stop it with `sluice down`")
+def up(detach: bool) -> None:
+    """Start the embedded stack: broker, PostgreSQL, a worker and the HTTP API.
+
+    Runs in the foreground until Ctrl-C unless --detach is given.
+    """
+    from sluice.supervisor import start_detached, supervise
+
+    pipeline = PipelineSettings()
+    if detach:
+        sys.exit(start_detached(pipeline.home))
+    sys.exit(supervise(pipeline.home, PipelineSettings(), KafkaSettings(), ApiSettings()))
+
+
+@cli.command()
+def down() -> None:
+    """Stop the embedded stack started with `sluice up --detach`."""
+    from sluice.supervisor import stop_detached
+
+    sys.exit(stop_detached(PipelineSettings().home))
+
+
+@cli.command()
+def env() -> None:
+    """Print the connection settings of the running stack, as shell assignments."""
+    settings = load_settings()
+    click.echo(f"SLUICE_KAFKA_BOOTSTRAP={settings.kafka.bootstrap}")
+    click.echo(f"SLUICE_DATABASE_URL={settings.database_url}")
+    if settings.api.url:
+        click.echo(f"SLUICE_API_URL={settings.api.url}")
+
+
+@cli.command()
+@click.option("--loglevel", default="info", show_default=True)
+def worker(loglevel: str) -> None:
+    """Run one worker (split, upsert, outbox relay) against the configured broker and database."""
+    from sluice.worker import run_worker
+
+    logging.getLogger().setLevel(loglevel.upper())
+    run_worker(load_settings(), loglevel=loglevel)
+
+
+@cli.command()
+@click.option("--host", default=None, help="bind address (default SLUICE_API_HOST)")
+@click.option("--port", type=int, default=None, help="port (default SLUICE_API_PORT)")
+def api(host: str | None, port: int | None) -> None:
+    """Serve the HTTP API."""
+    import uvicorn
+
+    from sluice.api import create_api
+
+    settings = load_settings()
+    uvicorn.run(
+        create_api(settings),
+        host=host or settings.api.host,
+        port=port or settings.api.port,
+        log_level="warning",
+    )
+
+
+@cli.command("run")
+@click.argument("slug")
+@click.option("--file", "path", required=True, type=click.Path(path_type=Path), help="file to import")
+@click.option("--dry-run", is_flag=True, help="validate and count; write nothing to the table")
+@click.option("--wait", is_flag=True, help="wait for the run to finish, with a progress bar")
+@click.option("--json", "as_json", is_flag=True, help="print the run object as JSON")
+def run_cmd(slug: str, path: Path, dry_run: bool, wait: bool, as_json: bool) -> None:
+    """Import PATH with the importer SLUG."""
+    sys.exit(
+        run_async(_submit_and_maybe_wait(slug, path, dry_run=dry_run, wait=wait, as_json=as_json))
+    )
+
+
+@cli.command("import")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--into", "table", required=True, help="target table (created when missing)")
+@click.option("--key", required=True, help="key column(s), comma-separated")
+@click.option("--schema", default="public", show_default=True, help="schema of the table")
+@click.option("--dry-run", is_flag=True, help="validate and count; write nothing to the table")
+@click.option("--wait", is_flag=True, help="wait for the run to finish, with a progress bar")
+@click.option("--json", "as_json", is_flag=True, help="print the run object as JSON")
+def import_cmd(
+    path: Path, table: str, key: str, schema: str, dry_run: bool, wait: bool, as_json: bool
+) -> None:
+    """Import PATH into TABLE without an importer: columns and types come from the file."""
+    from sluice.importers.adhoc import ADHOC
+
+    keys = [k.strip() for k in key.split(",") if k.strip()]
+    if not keys:
+        fail("--key needs at least one column name", 2)
+    options = {"table": table, "key": keys, "schema": schema}
+    sys.exit(
+        run_async(
+            _submit_and_maybe_wait(
+                ADHOC, path, dry_run=dry_run, wait=wait, as_json=as_json, options=options
+            )
+        )
+    )
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="print the run object as JSON")
+def status(run_id: str, as_json: bool) -> None:
+    """Show a run's status and counters."""
+    from sluice.client import Client
+
+    try:
+        rid = uuid.UUID(run_id)
+    except ValueError:
+        fail(f"{run_id!r} is not a run id (a UUID as printed by `sluice run`)", 2)
+
+    async def show() -> int:
+        async with Client(load_settings()) as client:
+            run = await client.get_run(rid)
+        click.echo(run_json(run) if as_json else summary(run))
+        return 0
+
+    sys.exit(run_async(show()))
+
+
+def main() -> None:
+    cli(prog_name="sluice")

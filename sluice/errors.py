@@ -1,0 +1,47 @@
+"""Sluice's exceptions. One root; retryable and terminal failures are different types.
+
+    SluiceError
+    ├── TerminalError            the input or request is wrong: retrying cannot help
+    │   ├── ImporterNotFound     no importer with that slug
+    │   ├── RunNotFound          no run with that id
+    │   ├── InvalidRequest       a request that cannot be carried out as given
+    │   ├── FileTooLarge         a file over the configured size limit
+    │   └── MappingError         the file's columns do not fit the importer
+    └── TransientError           the database or broker failed; retry with backoff
+
+File-level format problems are ``sluice.formats.FileFormatError`` (terminal too).
+"""
+
+from __future__ import annotations
+
+
+class SluiceError(Exception):
+    """Root of Sluice's own exceptions."""
+
+
+class TerminalError(SluiceError):
+    """Retrying cannot help; the message says what to fix."""
+
+
+class TransientError(SluiceError):
+    """A dependency failed; the operation may succeed when retried."""
+
+
+class ImporterNotFound(TerminalError):
+    pass
+
+
+class RunNotFound(TerminalError):
+    pass
+
+
+class InvalidRequest(TerminalError):
+    pass
+
+
+class FileTooLarge(TerminalError):
+    pass
+
+
+class MappingError(TerminalError):
+    pass

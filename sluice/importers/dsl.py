@@ -1,0 +1,166 @@
+"""Declarative importer definitions.
+
+An importer says where rows come from, how their columns map to a target table, how values are
+typed and validated, what the key is, and what to do when a key already exists::
+
+    products = Importer(
+        slug="products",
+        table="products",
+        key=("sku",),
+        fields=(
+            Field("sku", "text", aliases=("SKU code", "item")),
+            Field("price", "numeric", required=True),
+        ),
+    )
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+
+from schemas.runs import DuplicatePolicy
+from sluice.formats import FormatOptions
+
+# Column types an importer can declare: the Python type pydantic validates into, and the
+# PostgreSQL type of the target column.
+TYPES: dict[str, tuple[Any, str]] = {
+    "text": (str, "text"),
+    "integer": (int, "integer"),
+    "bigint": (int, "bigint"),
+    "numeric": (Decimal, "numeric"),
+    "double": (float, "double precision"),
+    "boolean": (bool, "boolean"),
+    "date": (date, "date"),
+    "timestamptz": (datetime, "timestamptz"),
+    "jsonb": (Any, "jsonb"),
+}
+
+Transform = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def normalize_header(name: str) -> str:
+    """How header names are compared: case- and space-insensitively."""
+    return re.sub(r"[\s_\-]+", "", name).casefold()
+
+
+@dataclass(frozen=True)
+class Field:
+    """One target column.
+
+    ``aliases`` are other header names that mean this field; ``annotation`` replaces the type's
+    default pydantic annotation (for constraints such as ``Annotated[Decimal, Field(ge=0)]``).
+    """
+
+    name: str
+    type: str = "text"
+    aliases: tuple[str, ...] = ()
+    required: bool = False
+    annotation: Any = None
+    default: Any = None
+
+    def __post_init__(self) -> None:
+        if self.type not in TYPES:
+            raise ValueError(
+                f"field {self.name!r}: unknown type {self.type!r}; use one of {', '.join(TYPES)}"
+            )
+
+    @property
+    def pg_type(self) -> str:
+        return TYPES[self.type][1]
+
+    @property
+    def python_type(self) -> Any:
+        return self.annotation if self.annotation is not None else TYPES[self.type][0]
+
+
+@dataclass(frozen=True)
+class Unpivot:
+    """Turn one wide row into one record per matching column.
+
+    ``columns`` is a regular expression over header names with one group, the period: with
+    ``r"HH(\\d+)"`` the column ``HH07`` becomes a record with ``index_field`` = 7 and
+    ``value_field`` = the cell's value. Columns not matching stay common to every record.
+    """
+
+    columns: str
+    index_field: str
+    value_field: str
+    index_type: str = "integer"
+    value_type: str = "numeric"
+    skip_empty: bool = True
+
+
+@dataclass(frozen=True)
+class UriKey:
+    """A key computed from fields with a template, e.g. ``at://{did}/{collection}/{rkey}``."""
+
+    column: str
+    template: str
+
+
+@dataclass(frozen=True)
+class Importer:
+    slug: str
+    table: str
+    fields: tuple[Field, ...]
+    key: tuple[str, ...] | UriKey
+    description: str = ""
+    sources: tuple[str, ...] = ("upload", "file")
+    format: FormatOptions = field(default_factory=FormatOptions)
+    policy: DuplicatePolicy = DuplicatePolicy.UPSERT
+    version_column: str | None = None
+    batch_size: int | None = None
+    transforms: tuple[Transform, ...] = ()
+    unpivot: Unpivot | None = None
+    schema: str = "public"
+    # Ad-hoc imports leave typing to PostgreSQL's casts: values travel as text.
+    validate_in_database: bool = False
+
+    def __post_init__(self) -> None:
+        names = [f.name for f in self.output_fields()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"importer {self.slug!r}: a field name appears twice in {names}")
+        for k in self.key_columns:
+            if k not in names:
+                raise ValueError(f"importer {self.slug!r}: key column {k!r} is not a field")
+        if self.version_column and self.version_column not in names:
+            raise ValueError(f"importer {self.slug!r}: version column is not a field")
+        if self.policy is DuplicatePolicy.UPDATE_IF_NEWER and not self.version_column:
+            raise ValueError(
+                f"importer {self.slug!r}: policy update_if_newer needs version_column"
+            )
+
+    @property
+    def key_columns(self) -> tuple[str, ...]:
+        return (self.key.column,) if isinstance(self.key, UriKey) else self.key
+
+    def output_fields(self) -> list[Field]:
+        """The target table's columns, in order."""
+        out = list(self.fields)
+        if self.unpivot is not None:
+            out.append(Field(self.unpivot.index_field, self.unpivot.index_type))
+            out.append(Field(self.unpivot.value_field, self.unpivot.value_type))
+        if isinstance(self.key, UriKey):
+            out.insert(0, Field(self.key.column, "text"))
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "slug": self.slug,
+            "description": self.description,
+            "table": f"{self.schema}.{self.table}",
+            "sources": list(self.sources),
+            "key": list(self.key_columns),
+            "key_template": self.key.template if isinstance(self.key, UriKey) else None,
+            "policy": str(self.policy),
+            "version_column": self.version_column,
+            "fields": [
+                {"name": f.name, "type": f.type, "aliases": list(f.aliases), "required": f.required}
+                for f in self.output_fields()
+            ],
+        }

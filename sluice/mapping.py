@@ -1,0 +1,209 @@
+"""Map parsed rows to records of an importer's target table, and validate them.
+
+``RecordMapper.map_rows(rows)`` takes parsed rows (or row problems) and returns records ready for
+a batch plus the failures, each with its row number and a reason that says what is wrong.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any, Optional
+
+from typing_extensions import TypedDict
+
+from pydantic import TypeAdapter, ValidationError
+
+from sluice.errors import MappingError
+from sluice.formats import ParsedRow, RowProblem
+from sluice.importers.dsl import Field, Importer, UriKey, normalize_header
+from storage.runs import RowFailure
+from storage.writer import ROW, SUB
+
+Record = dict[str, Any]
+
+
+def _blank(value: Any) -> Any:
+    if isinstance(value, str):
+        value = value.strip()
+        return value if value else None
+    return value
+
+
+class RecordMapper:
+    """Built once per file, from the importer and the file's header."""
+
+    def __init__(self, importer: Importer, header: list[str] | None) -> None:
+        self.importer = importer
+        self.header = header
+        self.fields = list(importer.fields)
+        self.aliases: dict[str, str] = {}
+        for f in self.fields:
+            for name in (f.name, *f.aliases):
+                self.aliases.setdefault(normalize_header(name), f.name)
+        self.unpivot_cols: list[tuple[int | str, Any]] = []
+        self.mapping: dict[str, str] = {}
+        if header is not None:
+            self._index = self._resolve_header(header)
+        else:
+            self._index = {}
+        self._json_keys: dict[str, str | None] = {}
+        self._adapter: TypeAdapter[list[Any]] | None = None
+        self._one: TypeAdapter[Any] | None = None
+        if not importer.validate_in_database:
+            typed = TypedDict(  # type: ignore[operator]
+                f"{importer.slug}_record",
+                {f.name: Optional[f.python_type] for f in self._validated_fields()},  # noqa: UP045
+                total=False,
+            )
+            self._adapter = TypeAdapter(list[typed])  # type: ignore[valid-type]
+            self._one = TypeAdapter(typed)
+        self._uri = importer.key if isinstance(importer.key, UriKey) else None
+
+    def _validated_fields(self) -> list[Field]:
+        out = list(self.fields)
+        if self.importer.unpivot is not None:
+            up = self.importer.unpivot
+            out += [Field(up.index_field, up.index_type), Field(up.value_field, up.value_type)]
+        return out
+
+    def _resolve_header(self, header: list[str]) -> dict[str, int]:
+        index: dict[str, int] = {}
+        pattern = re.compile(self.importer.unpivot.columns) if self.importer.unpivot else None
+        for i, name in enumerate(header):
+            target = self.aliases.get(normalize_header(name))
+            if target is not None and target not in index:
+                index[target] = i
+                self.mapping[name] = target
+            elif pattern is not None and (m := pattern.fullmatch(name.strip())):
+                self.unpivot_cols.append((i, m.group(1)))
+                self.mapping[name] = f"{self.importer.unpivot.value_field}[{m.group(1)}]"  # type: ignore[union-attr]
+        needed = [f for f in self.fields if f.required or f.name in self._key_sources()]
+        missing = [f for f in needed if f.name not in index]
+        if missing:
+            described = "; ".join(
+                f"{f.name!r} (accepted headers: {', '.join(repr(a) for a in (f.name, *f.aliases))})"
+                for f in missing
+            )
+            raise MappingError(
+                f"the file has no column for {described}. The header found was: "
+                f"{', '.join(repr(h) for h in header)}. Rename the column or add an alias."
+            )
+        if pattern is not None and not self.unpivot_cols:
+            raise MappingError(
+                f"no header matches the unpivot pattern {self.importer.unpivot.columns!r}"  # type: ignore[union-attr]
+            )
+        return index
+
+    def _key_sources(self) -> set[str]:
+        key = self.importer.key
+        if isinstance(key, UriKey):
+            return set(re.findall(r"{(\w+)}", key.template))
+        return set(key) - (
+            {self.importer.unpivot.index_field} if self.importer.unpivot else set()
+        )
+
+    def _from_json(self, obj: dict[str, Any]) -> Record:
+        out: Record = {}
+        for k, v in obj.items():
+            target = self._json_keys.get(k, "")
+            if target == "":
+                target = self._json_keys[k] = self.aliases.get(normalize_header(k))
+            if target is not None and target not in out:
+                out[target] = _blank(v)
+        return out
+
+    def _expand(self, row: ParsedRow) -> list[Record]:
+        values = row.values
+        if isinstance(values, dict):
+            base = self._from_json(values)
+        else:
+            base = {name: _blank(values[i]) for name, i in self._index.items()}
+        for transform in self.importer.transforms:
+            base = transform(base)
+        up = self.importer.unpivot
+        if up is None or isinstance(values, dict):
+            return [base]
+        out = []
+        for i, period in self.unpivot_cols:
+            cell = _blank(values[i])  # type: ignore[index]
+            if cell is None and up.skip_empty:
+                continue
+            out.append({**base, up.index_field: period, up.value_field: cell})
+        return out
+
+    def map_rows(
+        self, rows: Iterable[ParsedRow | RowProblem]
+    ) -> tuple[list[Record], list[RowFailure]]:
+        candidates: list[tuple[int, int, Record]] = []
+        failures: list[RowFailure] = []
+        for row in rows:
+            if isinstance(row, RowProblem):
+                failures.append(RowFailure(row.number, 0, row.raw, row.reason))
+                continue
+            try:
+                expanded = self._expand(row)
+            except Exception as exc:  # a user transform that raised rejects its row only
+                failures.append(RowFailure(row.number, 0, row.values, f"transform failed: {exc}"))
+                continue
+            for sub, record in enumerate(expanded):
+                candidates.append((row.number, sub, record))
+        records = self._validate(candidates, failures)
+        return records, failures
+
+    def _validate(
+        self, candidates: list[tuple[int, int, Record]], failures: list[RowFailure]
+    ) -> list[Record]:
+        keyed = []
+        for number, sub, record in candidates:
+            missing = [k for k in self._key_sources() if record.get(k) is None]
+            if missing:
+                failures.append(
+                    RowFailure(number, sub, record, f"empty key: {', '.join(missing)} has no value")
+                )
+                continue
+            required = [f.name for f in self.fields if f.required and record.get(f.name) is None]
+            if required:
+                failures.append(
+                    RowFailure(number, sub, record, f"required field empty: {', '.join(required)}")
+                )
+                continue
+            keyed.append((number, sub, record))
+        if self._adapter is None:
+            valid = keyed
+        else:
+            valid = self._typed(keyed, failures)
+        out = []
+        for number, sub, record in valid:
+            if self._uri is not None:
+                record[self._uri.column] = self._uri.template.format(**record)
+            record[ROW] = number
+            record[SUB] = sub
+            out.append(record)
+        return out
+
+    def _typed(
+        self, keyed: list[tuple[int, int, Record]], failures: list[RowFailure]
+    ) -> list[tuple[int, int, Record]]:
+        assert self._adapter is not None and self._one is not None
+        try:
+            typed = self._adapter.validate_python([r for _, _, r in keyed])
+            return [(n, s, t) for (n, s, _), t in zip(keyed, typed, strict=True)]
+        except ValidationError:
+            pass  # rare: find the bad rows one by one
+        out = []
+        for number, sub, record in keyed:
+            try:
+                out.append((number, sub, self._one.validate_python(record)))
+            except ValidationError as exc:
+                failures.append(RowFailure(number, sub, record, describe_validation(exc)))
+        return out
+
+
+def describe_validation(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False):
+        where = ".".join(str(p) for p in err["loc"])
+        got = err.get("input")
+        parts.append(f"{where}: {err['msg']} (got {got!r})")
+    return "; ".join(parts)

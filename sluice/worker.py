@@ -1,0 +1,42 @@
+"""``sluice worker``: one Faust worker process (split, upsert, outbox relay)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import faust
+
+from sluice.app import create_app
+from sluice.runtime import Runtime
+from sluice.config import Settings
+from storage.db import connect, migrate
+from storage.tables import ensure_table
+from streams.admin import ensure_topics
+
+log = logging.getLogger(__name__)
+
+
+async def prepare(rt: Runtime) -> None:
+    """What must exist before any agent runs: topics, Sluice's tables, importers' tables."""
+    from agents.split import plan_for
+
+    settings = rt.settings
+    await ensure_topics(settings.kafka.bootstrap, settings.kafka.partitions, settings.kafka.replication)
+    conn = await connect(settings.database_url)
+    try:
+        await migrate(conn)
+        for importer in rt.registry.all():
+            await ensure_table(conn, plan_for(importer))
+    finally:
+        await conn.close()
+
+
+def run_worker(settings: Settings, *, loglevel: str = "info") -> None:
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    rt = Runtime(settings)
+    loop.run_until_complete(prepare(rt))
+    app = create_app(rt)
+    worker = faust.Worker(app, loglevel=loglevel, loop=loop)
+    worker.execute_from_commandline()
