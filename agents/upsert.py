@@ -74,9 +74,18 @@ async def upsert_batch(
                     batch.seq,
                     attempts,
                 )
-                await dead_letter(
-                    f"run {batch.run_id} batch {batch.seq}: {type(exc).__name__}: {exc}"
-                )
+                reason = f"run {batch.run_id} batch {batch.seq}: {type(exc).__name__}: {exc}"
+                await dead_letter(reason)
+                # A run with a missing batch can never complete: say so instead of hanging.
+                try:
+                    await (await rt.runs()).fail(
+                        batch.run_id,
+                        f"batch {batch.seq} could not be applied after {attempts} attempts "
+                        f"({type(exc).__name__}: {exc}); it is on the dead-letter topic, and the "
+                        "rows applied before it stay",
+                    )
+                except Exception:
+                    log.exception("could not mark run %s failed", batch.run_id)
                 return "dead"
             log.warning(
                 "batch %s/%d attempt %d failed (%s: %s); retrying in %.1fs",

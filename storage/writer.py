@@ -333,12 +333,13 @@ class BatchApplier:
             " created_rows = r.created_rows + $3, updated_rows = r.updated_rows + $4,"
             " unchanged_rows = r.unchanged_rows + $5, skipped_rows = r.skipped_rows + $6,"
             " failed_rows = r.failed_rows + $7, applied_batches = r.applied_batches + 1,"
-            " last_progress_at = CASE WHEN clock_timestamp() - old.prev >= $8 * interval '1 second'"
-            " THEN clock_timestamp() ELSE old.prev END"
-            " FROM (SELECT last_progress_at AS prev FROM sluice.runs WHERE id = $1 FOR UPDATE) old"
+            # now() is this transaction's start: a progress event is due when the last one is
+            # older than the interval. One plain UPDATE: a self-join with FOR UPDATE deadlocks.
+            " last_progress_at = CASE WHEN now() - r.last_progress_at >= $8 * interval '1 second'"
+            " THEN now() ELSE r.last_progress_at END"
             " WHERE r.id = $1 AND r.status = 'running'"
             f" RETURNING {cols}, r.progress_percent::float8 AS progress_percent,"
-            " r.last_progress_at <> old.prev AS progress_due",
+            " r.last_progress_at = now() AS progress_due",
             batch.run_id,
             processed,
             counts.created,

@@ -1,0 +1,168 @@
+"""A real embedded stack for the pipeline tests: the Tansu broker, PostgreSQL and two Faust
+workers as separate processes, started once per test session. Nothing is mocked."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from schemas.runs import Run
+from sluice.client import Client
+from sluice.config import DatabaseSettings, KafkaSettings, PipelineSettings, Settings
+from sluice.runtime import Runtime
+from sluice.stack import EmbeddedBroker, EmbeddedPostgres, free_port
+from sluice.worker import prepare
+
+ROOT = Path(__file__).resolve().parent.parent
+PARTITIONS = 4
+
+
+class Worker:
+    """One ``sluice worker`` process, its output in a log file the tests can show."""
+
+    def __init__(self, name: str, env: dict[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.env = env
+        self.log_path = log_dir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        log.write(f"\n===== start {time.strftime('%H:%M:%S')}\n".encode())
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sluice", "worker", "--loglevel", "info"],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.close()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no commit, no goodbye to the group."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def tail(self, lines: int = 40) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+class Stack:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.broker = EmbeddedBroker(free_port(), root / "broker.log")
+        self.postgres = EmbeddedPostgres(root / "pg", free_port(), root / "pg.log")
+        self.workers: list[Worker] = []
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
+        env.update(
+            SLUICE_KAFKA_BOOTSTRAP=self.broker.bootstrap,
+            SLUICE_DATABASE_URL=self.postgres.url,
+            SLUICE_KAFKA_PARTITIONS=str(PARTITIONS),
+            SLUICE_KAFKA_SESSION_TIMEOUT="6",
+            SLUICE_IMPORTERS="tests.importers",
+            SLUICE_HOME=str(self.root / "home"),
+            PYTHONPATH=str(ROOT),
+        )
+        return env
+
+    def settings(self) -> Settings:
+        return Settings(
+            kafka=KafkaSettings(
+                bootstrap=self.broker.bootstrap, partitions=PARTITIONS, session_timeout=6
+            ),
+            database=DatabaseSettings(url=self.postgres.url),
+            pipeline=PipelineSettings(importers="tests.importers", home=self.root / "home"),
+        )
+
+    def start(self) -> None:
+        self.broker.start()
+        self.postgres.start()
+        import asyncio
+
+        rt = Runtime(self.settings())
+        asyncio.run(prepare(rt))
+        for i in range(2):
+            worker = Worker(f"worker{i}", self.env, self.root)
+            worker.start()
+            self.workers.append(worker)
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        self.postgres.stop()
+        self.broker.stop()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {w.name}\n{w.tail()}" for w in self.workers)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("stack")
+    s = Stack(root)
+    try:
+        s.start()
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="session")
+async def client(stack: Stack) -> AsyncIterator[Client]:
+    c = Client(stack.settings())
+    # The workers are ready when they have joined the group and applied a first import.
+    warm = stack.root / "warmup.csv"
+    warm.write_text("id,name\n1,warm-up\n")
+    run = await c.submit_file("t_exact", warm, dry_run=True)
+    done = await c.wait(run.id, timeout=120)
+    assert done.status.terminal, f"workers never picked up the warm-up run:\n{stack.logs()}"
+    yield c
+    await c.close()
+
+
+@pytest.fixture
+async def db(stack: Stack) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(stack.postgres.url)
+    yield conn
+    await conn.close()
+
+
+async def finish(client: Client, run: Run, stack: Stack, timeout: float = 180) -> Run:
+    """Wait for ``run`` to finish; on timeout, fail with the workers' logs."""
+    done = await client.wait(run.id, timeout=timeout)
+    assert done.status.terminal, f"run {run.id} still {done.status} after {timeout}s:\n{stack.logs()}"
+    return done
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:8]}"
