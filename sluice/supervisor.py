@@ -20,6 +20,7 @@ from sluice.stack import (
     find_process_alive,
     free_port,
     read_state,
+    wait_for_port,
     write_state,
 )
 
@@ -98,6 +99,8 @@ def supervise(
         }
         worker = _spawn(["worker"], env, logs / "worker.log")
         api_proc = _spawn(["api", "--port", str(api_port)], env, logs / "api.log")
+        # The stack is announced (state file, `sluice up --detach` returning) once it answers.
+        wait_for_port("127.0.0.1", api_port, timeout=60)
         write_state(
             home,
             StackState(

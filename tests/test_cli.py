@@ -1,0 +1,231 @@
+"""The ``sluice`` command line, run as a real process against the real stack."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import asyncpg
+import httpx
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from sluice.client import Client
+from sluice.stack import find_process_alive, read_state
+from streams.topics import LIFECYCLE
+from tests.conftest import ROOT, Stack
+
+pytestmark = pytest.mark.stack
+
+RUN_FIELDS = {
+    "id", "importer", "source", "status", "dry_run", "total_rows", "processed_rows",
+    "created_rows", "updated_rows", "unchanged_rows", "skipped_rows", "failed_rows",
+    "progress_percent", "queued_at", "started_at", "completed_at", "error", "parent_run_id",
+    "requested_by",
+}  # fmt: skip
+
+
+def sluice(
+    *args: str, env: dict[str, str], timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sluice", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+FILE = (
+    "ID,Item Name,Unit Price,Quantity,Date,version\n"
+    "1,apple,1.20,10,2024-05-01,1\n"
+    "2,pear,0.80,oops,2024-05-01,1\n"
+    "3,plum,2.00,5,2024-05-02,1\n"
+)
+
+
+async def test_run_wait_json_and_status(
+    stack: Stack, client: Client, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    await db.execute("TRUNCATE t_cli")
+    path = tmp_path / "fruit.csv"
+    path.write_text(FILE)
+
+    dry = sluice("run", "t_cli", "--file", str(path), "--dry-run", "--wait", "--json", env=stack.env)
+    assert dry.returncode == 3, dry.stderr  # completed with errors: one row rejected
+    projected = json.loads(dry.stdout)
+    assert projected["dry_run"] is True
+    assert (projected["created_rows"], projected["failed_rows"]) == (2, 1)
+    assert await db.fetchval("SELECT count(*) FROM t_cli") == 0
+
+    done = sluice("run", "t_cli", "--file", str(path), "--wait", "--json", env=stack.env)
+    assert done.returncode == 3, done.stderr
+    run = json.loads(done.stdout)
+    assert RUN_FIELDS <= set(run)
+    assert run["status"] == "completed_with_errors"
+    assert (run["total_rows"], run["processed_rows"], run["created_rows"]) == (3, 3, 2)
+    assert run["failed_rows"] == 1 and run["progress_percent"] == 100
+    assert run["source"] == "file" and run["requested_by"]
+    assert await db.fetchval("SELECT count(*) FROM t_cli") == 2
+
+    status = sluice("status", run["id"], "--json", env=stack.env)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout) == run
+    human = sluice("status", run["id"], env=stack.env)
+    assert "completed_with_errors" in human.stdout and "created 2" in human.stdout
+
+
+async def test_import_without_an_importer_infers_the_table(
+    stack: Stack, client: Client, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    table = f"adhoc_{uuid.uuid4().hex[:8]}"
+    path = tmp_path / "stations.tsv"
+    path.write_text(
+        "Station Code\tName\tOpened\tPlatforms\tLat\n"
+        "KGX\tKing's Cross\t1852-10-14\t12\t51.5308\n"
+        "PAD\tPaddington\t1854-01-16\t14\t51.5154\n"
+    )
+    args = ["import", str(path), "--into", table, "--key", "Station Code", "--wait", "--json"]
+    first = sluice(*args, env=stack.env)
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["created_rows"] == 2
+    types = dict(
+        await db.fetch(
+            "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = $1",
+            table,
+        )
+    )
+    assert types == {
+        "station_code": "text",
+        "name": "text",
+        "opened": "date",
+        "platforms": "bigint",
+        "lat": "numeric",
+    }
+    again = sluice(*args, env=stack.env)
+    assert json.loads(again.stdout)["unchanged_rows"] == 2
+
+
+def test_errors_say_what_to_fix(stack: Stack, tmp_path: Path) -> None:
+    path = tmp_path / "x.csv"
+    path.write_text("id,name\n1,a\n")
+    unknown = sluice("run", "no_such_importer", "--file", str(path), env=stack.env)
+    assert unknown.returncode == 1
+    assert "no_such_importer" in unknown.stderr and "t_cli" in unknown.stderr  # lists known ones
+    missing = sluice("run", "t_cli", "--file", str(tmp_path / "nope.csv"), env=stack.env)
+    assert missing.returncode == 1 and "nope.csv" in missing.stderr
+    bad_id = sluice("status", "not-a-uuid", env=stack.env)
+    assert bad_id.returncode == 2 and "not a run id" in bad_id.stderr
+    no_run = sluice("status", str(uuid.uuid4()), env=stack.env)
+    assert no_run.returncode == 1 and "no run" in no_run.stderr
+    env = {k: v for k, v in stack.env.items() if not k.startswith("SLUICE_")}
+    env["SLUICE_HOME"] = str(tmp_path / "nothing-here")
+    nostack = sluice("run", "t_cli", "--file", str(path), env=env)
+    assert nostack.returncode == 1 and "sluice up" in nostack.stderr
+
+
+async def test_lifecycle_events_reach_the_topic_in_order(
+    stack: Stack, client: Client, tmp_path: Path
+) -> None:
+    path = tmp_path / "fruit.csv"
+    path.write_text(FILE)
+    run = await client.submit_file("t_cli", path)
+    consumer = AIOKafkaConsumer(
+        LIFECYCLE,
+        bootstrap_servers=stack.broker.bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+    )
+    await consumer.start()
+    seen: list[dict[str, object]] = []
+    try:
+        async with asyncio.timeout(60):
+            while not seen or seen[-1]["type"] not in ("run.completed", "run.failed"):
+                batch = await consumer.getmany(timeout_ms=500)
+                for records in batch.values():
+                    for record in records:
+                        event = orjson.loads(record.value)
+                        if event["run_id"] == str(run.id):
+                            assert record.key == str(run.id).encode()
+                            seen.append(event)
+    finally:
+        await consumer.stop()
+    types = [e["type"] for e in seen]
+    assert types[0] == "run.started" and types[-1] == "run.completed"
+    assert set(types) <= {"run.started", "run.progress", "run.completed"}
+    final = seen[-1]
+    assert final["status"] == "completed_with_errors"
+    counters = final["counters"]
+    assert isinstance(counters, dict)
+    assert (counters["processed_rows"], counters["failed_rows"]) == (3, 1)
+    assert len({e["event_id"] for e in seen}) == len(seen)
+
+
+def test_up_env_run_down(tmp_path: Path) -> None:
+    """`sluice up --detach` starts everything under SLUICE_HOME; other commands find it."""
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
+    env["SLUICE_HOME"] = str(home)
+    up = sluice("up", "--detach", env=env, timeout=240)
+    assert up.returncode == 0, up.stdout + up.stderr
+    try:
+        state = read_state(home)
+        assert state is not None
+        shown = sluice("env", env=env)
+        assert f"SLUICE_KAFKA_BOOTSTRAP={state.kafka_bootstrap}" in shown.stdout
+        assert f"SLUICE_DATABASE_URL={state.database_url}" in shown.stdout
+        assert f"SLUICE_API_URL={state.api_url}" in shown.stdout
+        assert httpx.get(f"{state.api_url}/healthz", timeout=10).status_code == 200
+
+        sample = ROOT / "sluice" / "samples" / "products.csv"
+        run = sluice("run", "products", "--file", str(sample), "--wait", "--json", env=env)
+        assert run.returncode == 3, run.stdout + run.stderr
+        result = json.loads(run.stdout)
+        assert result["failed_rows"] > 0 and result["created_rows"] > 100
+        assert result["processed_rows"] == result["total_rows"]
+    finally:
+        down = sluice("down", env=env, timeout=120)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert read_state(home) is None
+    assert not any(find_process_alive(pid) for pid in state.pids.values())
+    assert (home / "pg").is_dir()  # the data stays for the next `sluice up`
+
+
+def test_up_in_the_foreground_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
+    env["SLUICE_HOME"] = str(home)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sluice", "up"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while (state := read_state(home)) is None:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()  # type: ignore[union-attr]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "SLUICE_DATABASE_URL=" in out and "Ctrl-C" in out
+    assert not any(find_process_alive(pid) for pid in state.pids.values())
+    assert not (home / "stack.json").exists()
