@@ -20,7 +20,7 @@ import orjson
 
 from schemas.events import ImportRequested
 from sluice.errors import MappingError, TerminalError
-from sluice.formats import FileFormatError, ParsedRow, RowProblem, parse_file
+from sluice.formats import FileFormatError, ParsedRow, parse_file
 from sluice.importers.adhoc import ADHOC, adhoc_importer, infer_fields
 from sluice.importers.dsl import Field, Importer
 from sluice.mapping import Record, RecordMapper
@@ -110,7 +110,9 @@ async def resolve_importer(
     if parsed_header is None:
         keys = {k for r in sample if isinstance(r.values, dict) for k in r.values}
         header = sorted(keys)
-        rows = [[_text(r.values.get(h)) for h in header] for r in sample if isinstance(r.values, dict)]
+        rows = [
+            [_text(r.values.get(h)) for h in header] for r in sample if isinstance(r.values, dict)
+        ]
     else:
         header = parsed_header
         rows = [list(r.values) for r in sample if isinstance(r.values, list)]
@@ -163,9 +165,7 @@ async def _table_plan(rt: Runtime, importer: Importer, request: ImportRequested)
     return plan
 
 
-async def split_file(
-    rt: Runtime, request: ImportRequested, send: SendBatch, flush: Flush
-) -> None:
+async def split_file(rt: Runtime, request: ImportRequested, send: SendBatch, flush: Flush) -> None:
     """Split one requested import into batches. Terminal problems fail the run with a message
     that says what to fix; anything else propagates (and is retried by the caller)."""
     runs = await rt.runs()

@@ -30,7 +30,9 @@ class PlanCache:
     def __init__(self) -> None:
         self._plans: dict[uuid.UUID, tuple[TargetPlan, bool]] = {}
 
-    async def get(self, rt: Runtime, run_id: uuid.UUID) -> tuple[RunStatus, TargetPlan | None, bool]:
+    async def get(
+        self, rt: Runtime, run_id: uuid.UUID
+    ) -> tuple[RunStatus, TargetPlan | None, bool]:
         cached = self._plans.get(run_id)
         if cached is not None:
             return RunStatus.RUNNING, cached[0], cached[1]

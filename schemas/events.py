@@ -14,7 +14,7 @@ from schemas.runs import RunCounters, RunStatus
 
 
 class FileRef(BaseModel):
-    """Claim check: where the file is stored and what it is. The bytes never travel through Kafka."""
+    """Claim check: where the file is stored and what it is. The bytes never go through Kafka."""
 
     model_config = ConfigDict(frozen=True)
 

@@ -65,9 +65,7 @@ def create_api(settings: Settings) -> FastAPI:
         return {"data": [i.describe() for i in client.rt.registry.all()]}
 
     @app.post("/api/v1/imports/{slug}/upload", status_code=202)
-    async def upload(
-        slug: str, file: UploadFile = File(...), dry_run: bool = Form(False)
-    ) -> Run:
+    async def upload(slug: str, file: UploadFile = File(...), dry_run: bool = Form(False)) -> Run:
         async def chunks() -> AsyncIterator[bytes]:
             while data := await file.read(1 << 20):
                 yield data

@@ -79,9 +79,7 @@ def create_app(rt: Runtime, *, app_id: str = "sluice") -> faust.App:
             payload=payload,
             time=datetime.now(UTC),
         )
-        log.error(
-            "dead letter from %s[%d]@%d: %s", msg.topic, msg.partition, msg.offset, reason
-        )
+        log.error("dead letter from %s[%d]@%d: %s", msg.topic, msg.partition, msg.offset, reason)
         await dead.send(key=msg.key, value=letter.model_dump_json().encode())
 
     async def flush() -> None:
@@ -101,7 +99,10 @@ def create_app(rt: Runtime, *, app_id: str = "sluice") -> faust.App:
                 if attempt < attempts:
                     log.warning(
                         "split of run %s attempt %d failed (%s); retrying in %.1fs",
-                        request.run_id, attempt, exc, delay,
+                        request.run_id,
+                        attempt,
+                        exc,
+                        delay,
                     )
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 10.0)
@@ -141,7 +142,7 @@ def create_app(rt: Runtime, *, app_id: str = "sluice") -> faust.App:
 
             await upsert_batch(rt, event.value, plans, to_dead)
 
-    @app.timer(rt.settings.pipeline.relay_interval)
+    @app.timer(rt.settings.pipeline.relay_interval)  # type: ignore[untyped-decorator]
     async def relay() -> None:
         async def send(topic_name: str, key: str | None, value: bytes) -> None:
             await out_topics[topic_name].send(key=key.encode() if key else None, value=value)

@@ -229,7 +229,9 @@ def api(host: str | None, port: int | None) -> None:
 
 @cli.command("run")
 @click.argument("slug")
-@click.option("--file", "path", required=True, type=click.Path(path_type=Path), help="file to import")
+@click.option(
+    "--file", "path", required=True, type=click.Path(path_type=Path), help="file to import"
+)
 @click.option("--dry-run", is_flag=True, help="validate and count; write nothing to the table")
 @click.option("--wait", is_flag=True, help="wait for the run to finish, with a progress bar")
 @click.option("--json", "as_json", is_flag=True, help="print the run object as JSON")

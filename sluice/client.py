@@ -1,8 +1,8 @@
 """The Python API: start imports, follow and inspect runs.
 
-    async with Client(settings) as client:
-        run = await client.submit_file("products", Path("products.csv"))
-        run = await client.wait(run.id)
+async with Client(settings) as client:
+    run = await client.submit_file("products", Path("products.csv"))
+    run = await client.wait(run.id)
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class Client:
         requested_by: str | None = None,
         source: str = "file",
     ) -> Run:
-        if not path.is_file():
+        if not path.is_file():  # noqa: ASYNC240 - one stat before the upload starts
             raise InvalidRequest(f"{path} is not a file; give the path of the file to import")
         return await self.submit_stream(
             importer,
@@ -146,7 +146,7 @@ class Client:
         self,
         run_id: uuid.UUID,
         *,
-        timeout: float | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - returns the run as it is, no raise
         poll: float = 0.25,
         on_update: Callable[[Run], None] | None = None,
     ) -> Run:

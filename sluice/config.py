@@ -1,4 +1,4 @@
-"""Settings, one frozen class per external system, read from the environment once by the entry point.
+"""Settings, one frozen class per external system, read from the environment once at entry.
 
 Every variable starts with ``SLUICE_``. Library code receives these objects; it never reads
 ``os.environ`` itself.

@@ -10,9 +10,8 @@ import re
 from collections.abc import Iterable
 from typing import Any, Optional
 
-from typing_extensions import TypedDict
-
 from pydantic import TypeAdapter, ValidationError
+from typing_extensions import TypedDict
 
 from sluice.errors import MappingError
 from sluice.formats import ParsedRow, RowProblem
@@ -51,12 +50,12 @@ class RecordMapper:
         self._adapter: TypeAdapter[list[Any]] | None = None
         self._one: TypeAdapter[Any] | None = None
         if not importer.validate_in_database:
-            typed = TypedDict(  # type: ignore[operator]
+            typed = TypedDict(  # type: ignore[misc]
                 f"{importer.slug}_record",
                 {f.name: Optional[f.python_type] for f in self._validated_fields()},  # noqa: UP045
                 total=False,
             )
-            self._adapter = TypeAdapter(list[typed])  # type: ignore[valid-type]
+            self._adapter = TypeAdapter(list[typed])
             self._one = TypeAdapter(typed)
         self._uri = importer.key if isinstance(importer.key, UriKey) else None
 
@@ -99,9 +98,7 @@ class RecordMapper:
         key = self.importer.key
         if isinstance(key, UriKey):
             return set(re.findall(r"{(\w+)}", key.template))
-        return set(key) - (
-            {self.importer.unpivot.index_field} if self.importer.unpivot else set()
-        )
+        return set(key) - ({self.importer.unpivot.index_field} if self.importer.unpivot else set())
 
     def _from_json(self, obj: dict[str, Any]) -> Record:
         out: Record = {}

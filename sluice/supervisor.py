@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from sluice.config import ApiSettings, DatabaseSettings, KafkaSettings, PipelineSettings, Settings
 from sluice.runtime import Runtime
 from sluice.stack import (
@@ -85,7 +87,7 @@ def supervise(
         api_url = f"http://127.0.0.1:{api_port}"
         settings = Settings(
             kafka=kafka.model_copy(update={"bootstrap": broker.bootstrap}),
-            database=DatabaseSettings(url=postgres.url),  # type: ignore[arg-type]
+            database=DatabaseSettings(url=SecretStr(postgres.url)),
             api=api.model_copy(update={"url": api_url, "port": api_port}),
             pipeline=pipeline,
         )
@@ -161,9 +163,7 @@ def start_detached(home: Path, timeout: float = 120) -> int:
         if proc.poll() is not None:
             break
         time.sleep(0.2)
-    print(
-        f"the stack did not start; see {(home / 'logs' / 'up.log').resolve()}", file=sys.stderr
-    )
+    print(f"the stack did not start; see {(home / 'logs' / 'up.log').resolve()}", file=sys.stderr)
     _stop(proc)
     return 1
 

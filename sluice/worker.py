@@ -8,8 +8,8 @@ import logging
 import faust
 
 from sluice.app import create_app
-from sluice.runtime import Runtime
 from sluice.config import Settings
+from sluice.runtime import Runtime
 from storage.db import connect, migrate
 from storage.tables import ensure_table
 from streams.admin import ensure_topics
@@ -22,7 +22,9 @@ async def prepare(rt: Runtime) -> None:
     from agents.split import plan_for
 
     settings = rt.settings
-    await ensure_topics(settings.kafka.bootstrap, settings.kafka.partitions, settings.kafka.replication)
+    await ensure_topics(
+        settings.kafka.bootstrap, settings.kafka.partitions, settings.kafka.replication
+    )
     conn = await connect(settings.database_url)
     try:
         await migrate(conn)

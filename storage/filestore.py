@@ -65,7 +65,9 @@ class _Inspector:
             else:
                 self._sniff(chunk)
         except (FileFormatError, zlib.error) as exc:
-            self.error = f"{exc}" if isinstance(exc, FileFormatError) else f"broken gzip data: {exc}"
+            self.error = (
+                f"{exc}" if isinstance(exc, FileFormatError) else f"broken gzip data: {exc}"
+            )
 
     def _sniff(self, data: bytes) -> None:
         self._decompressed += len(data)
@@ -157,7 +159,9 @@ class PgFileStore:
         )
 
     @staticmethod
-    async def _write_chunk(conn: asyncpg.Connection, file_id: uuid.UUID, seq: int, data: bytes) -> None:
+    async def _write_chunk(
+        conn: asyncpg.Connection, file_id: uuid.UUID, seq: int, data: bytes
+    ) -> None:
         await conn.execute(
             "INSERT INTO sluice.file_chunks (file_id, seq, data) VALUES ($1, $2, $3)",
             file_id,

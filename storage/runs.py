@@ -45,7 +45,8 @@ class RowFailure:
 async def emit_event(
     conn: asyncpg.Connection, run: Run, event_type: LifecycleEventType | str
 ) -> LifecycleEvent:
-    """Write a lifecycle event for ``run`` (as it is now) to the outbox, in the caller's transaction."""
+    """Write a lifecycle event for ``run`` (as it is now) to the outbox, in the caller's
+    transaction."""
     event = LifecycleEvent(
         event_id=uuid.uuid4(),
         type=str(event_type),
@@ -140,15 +141,19 @@ class RunRepository:
                 run = run_from_record(record)
                 await emit_event(conn, run, LifecycleEventType.STARTED)
                 return run
-            run = await self.get(run_id, conn)
-            if run is None or run.status is not RunStatus.RUNNING:
+            current = await self.get(run_id, conn)
+            if current is None or current.status is not RunStatus.RUNNING:
                 return None
-            return run
+            return current
 
-    async def save_plan(self, run_id: uuid.UUID, plan: dict[str, Any], mapping: dict[str, str]) -> None:
+    async def save_plan(
+        self, run_id: uuid.UUID, plan: dict[str, Any], mapping: dict[str, str]
+    ) -> None:
         """Fix what the batches are applied to, and how the file's columns were mapped."""
         await self.pool.execute(
-            "UPDATE sluice.runs SET plan = $2::jsonb WHERE id = $1", run_id, {**plan, "mapping": mapping}
+            "UPDATE sluice.runs SET plan = $2::jsonb WHERE id = $1",
+            run_id,
+            {**plan, "mapping": mapping},
         )
 
     async def plan(self, run_id: uuid.UUID) -> tuple[RunStatus, bool, dict[str, Any] | None]:
@@ -192,7 +197,9 @@ class RunRepository:
         async with self.pool.acquire() as conn, conn.transaction():
             return await insert_row_failures(conn, run_id, failures, count_processed=True)
 
-    async def finish_split(self, run_id: uuid.UUID, total_rows: int, total_batches: int) -> Run | None:
+    async def finish_split(
+        self, run_id: uuid.UUID, total_rows: int, total_batches: int
+    ) -> Run | None:
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(
                 "UPDATE sluice.runs SET split_done = true, total_rows = $2, total_batches = $3,"
@@ -229,7 +236,8 @@ async def insert_row_failures(
     )
     if inserted and count_processed:
         await conn.execute(
-            "UPDATE sluice.runs SET failed_rows = failed_rows + $2, processed_rows = processed_rows + $2"
+            "UPDATE sluice.runs SET failed_rows = failed_rows + $2,"
+            " processed_rows = processed_rows + $2"
             " WHERE id = $1",
             run_id,
             inserted,

@@ -293,7 +293,9 @@ class BatchApplier:
         except ROW_ERRORS as exc:
             if len(rows) == 1:
                 reason = await self._explain(conn, stmts, rows[0], exc)
-                return Counts(rows=1, failures=[RowFailure(rows[0][ROW], rows[0][SUB], rows[0], reason)])
+                return Counts(
+                    rows=1, failures=[RowFailure(rows[0][ROW], rows[0][SUB], rows[0], reason)]
+                )
             half = len(rows) // 2
             counts = await self._apply_rows(conn, stmts, rows[:half], dry_run)
             counts.add(await self._apply_rows(conn, stmts, rows[half:], dry_run))
@@ -360,4 +362,3 @@ class BatchApplier:
 
 class _Inactive(Exception):
     """The run is no longer running: roll the batch back."""
-

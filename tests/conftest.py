@@ -160,7 +160,9 @@ async def db(stack: Stack) -> AsyncIterator[asyncpg.Connection]:
 async def finish(client: Client, run: Run, stack: Stack, timeout: float = 180) -> Run:
     """Wait for ``run`` to finish; on timeout, fail with the workers' logs."""
     done = await client.wait(run.id, timeout=timeout)
-    assert done.status.terminal, f"run {run.id} still {done.status} after {timeout}s:\n{stack.logs()}"
+    assert done.status.terminal, (
+        f"run {run.id} still {done.status} after {timeout}s:\n{stack.logs()}"
+    )
     return done
 
 

@@ -59,7 +59,9 @@ async def test_run_wait_json_and_status(
     path = tmp_path / "fruit.csv"
     path.write_text(FILE)
 
-    dry = sluice("run", "t_cli", "--file", str(path), "--dry-run", "--wait", "--json", env=stack.env)
+    dry = sluice(
+        "run", "t_cli", "--file", str(path), "--dry-run", "--wait", "--json", env=stack.env
+    )
     assert dry.returncode == 3, dry.stderr  # completed with errors: one row rejected
     projected = json.loads(dry.stdout)
     assert projected["dry_run"] is True

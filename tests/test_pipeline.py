@@ -42,7 +42,9 @@ def make_rows(n: int, *, seed: int = 1, ids: Iterable[int] | None = None) -> lis
     return out
 
 
-def csv_text(rows: Iterable[Iterable[object]], header: Iterable[str] = HEADER, sep: str = ",") -> str:
+def csv_text(
+    rows: Iterable[Iterable[object]], header: Iterable[str] = HEADER, sep: str = ","
+) -> str:
     def cell(v: object) -> str:
         s = str(v)
         if any(ch in s for ch in (sep, '"', "\n")):
@@ -106,11 +108,15 @@ async def test_changed_rows_are_counted_as_updated(
 ) -> None:
     await reset(db, "t_dry")
     rows = make_rows(1000)
-    await finish(client, await client.submit_file("t_dry", write_csv(tmp_path / "a.csv", rows)), stack)
+    await finish(
+        client, await client.submit_file("t_dry", write_csv(tmp_path / "a.csv", rows)), stack
+    )
     changed = [(r[0], r[1] + " v2", *r[2:]) if r[0] % 10 == 0 else r for r in rows]
     changed += make_rows(50, ids=range(5001, 5051), seed=3)
     run = await finish(
-        client, await client.submit_file("t_dry", write_csv(tmp_path / "b.csv", changed)), stack  # type: ignore[arg-type]
+        client,
+        await client.submit_file("t_dry", write_csv(tmp_path / "b.csv", changed)),
+        stack,  # type: ignore[arg-type]
     )
     assert (run.created_rows, run.updated_rows, run.unchanged_rows) == (50, 100, 900)
     assert await table_checksum(db, "t_dry") == (1050, checksum(changed))  # type: ignore[arg-type]
@@ -274,7 +280,9 @@ async def test_dry_run_writes_nothing_and_projects_the_counts(
 ) -> None:
     await reset(db, "t_dry")
     base = make_rows(500)
-    await finish(client, await client.submit_file("t_dry", write_csv(tmp_path / "a.csv", base)), stack)
+    await finish(
+        client, await client.submit_file("t_dry", write_csv(tmp_path / "a.csv", base)), stack
+    )
     before = await table_checksum(db, "t_dry")
 
     changed = [(r[0], r[1] + "!", *r[2:]) if r[0] <= 40 else r for r in base]

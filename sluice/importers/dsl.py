@@ -131,9 +131,7 @@ class Importer:
         if self.version_column and self.version_column not in names:
             raise ValueError(f"importer {self.slug!r}: version column is not a field")
         if self.policy is DuplicatePolicy.UPDATE_IF_NEWER and not self.version_column:
-            raise ValueError(
-                f"importer {self.slug!r}: policy update_if_newer needs version_column"
-            )
+            raise ValueError(f"importer {self.slug!r}: policy update_if_newer needs version_column")
 
     @property
     def key_columns(self) -> tuple[str, ...]:

@@ -34,11 +34,9 @@ class Registry:
             return self._importers[slug]
         except KeyError:
             known = ", ".join(sorted(self._importers)) or "none"
-            raise ImporterNotFound(
-                f"no importer {slug!r}; registered importers: {known}"
-            ) from None
+            raise ImporterNotFound(f"no importer {slug!r}; registered importers: {known}") from None
 
-    def __iter__(self) -> Iterable[Importer]:  # type: ignore[override]
+    def __iter__(self) -> Iterable[Importer]:
         return iter(sorted(self._importers.values(), key=lambda i: i.slug))
 
     def all(self) -> list[Importer]:
