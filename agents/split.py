@@ -32,7 +32,7 @@ from streams.topics import partition_for_key
 
 log = logging.getLogger(__name__)
 
-SendBatch = Callable[[int, bytes], Awaitable[None]]
+SendBatch = Callable[[int, bytes, bytes], Awaitable[None]]
 Flush = Callable[[], Awaitable[None]]
 
 SAMPLE_ROWS = 1000
@@ -78,11 +78,9 @@ class BatchRouter:
         k = "\x1f".join(str(record[c]) for c in self.key)
         return partition_for_key(k, self.partitions)
 
-    def encode(self, run_id: str, rows: list[Record]) -> Iterator[bytes]:
-        """One or more messages for ``rows``, each under the size limit."""
-        value = orjson.dumps(
-            {"run_id": run_id, "seq": self.seq, "rows": rows}, default=_json_default
-        )
+    def encode(self, run_id: str, rows: list[Record]) -> Iterator[tuple[bytes, bytes]]:
+        """One or more (key, value) messages for ``rows``, each under the size limit."""
+        value = orjson.dumps(rows, default=_json_default)
         if len(value) > self.max_bytes and len(rows) > 1:
             half = len(rows) // 2
             yield from self.encode(run_id, rows[:half])
@@ -93,8 +91,9 @@ class BatchRouter:
                 f"row {rows[0].get('_sluice_row')} is larger than the {self.max_bytes}-byte "
                 "message limit; shorten it or raise SLUICE_KAFKA_MAX_MESSAGE_BYTES"
             )
+        key = f"{run_id}:{self.seq}".encode()
         self.seq += 1
-        yield value
+        yield key, value
 
 
 async def resolve_importer(
@@ -228,8 +227,8 @@ async def _split(
             full = router.add(record)
             if full is not None:
                 partition = router.partition_of(full[0])
-                for value in router.encode(run_key, full):
-                    await send(partition, value)
+                for key, value in router.encode(run_key, full):
+                    await send(partition, key, value)
         now = time.monotonic()
         if now - last_report >= settings.pipeline.progress_interval:
             last_report = now
@@ -238,8 +237,8 @@ async def _split(
         await asyncio.sleep(0)  # let heartbeats and the producer run
     for partition, rows in enumerate(router.buffers):
         if rows:
-            for value in router.encode(run_key, rows):
-                await send(partition, value)
+            for key, value in router.encode(run_key, rows):
+                await send(partition, key, value)
     if total == 0:
         raise FileFormatError(
             "the file has a header but no data rows" if parsed.header else "the file has no rows"

@@ -10,11 +10,8 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
 
-from pydantic import ValidationError
-
-from schemas.events import RowBatch
+from schemas.events import PoisonBatch, RowBatch
 from schemas.runs import RunStatus
 from sluice.runtime import Runtime
 from storage.writer import TargetPlan
@@ -47,13 +44,13 @@ class PlanCache:
 
 
 async def upsert_batch(
-    rt: Runtime, value: bytes, plans: PlanCache, dead_letter: DeadLetterFn
+    rt: Runtime, key: bytes | None, value: bytes | None, plans: PlanCache, dead_letter: DeadLetterFn
 ) -> str:
     """Apply one batch message. Returns what happened: applied, duplicate, inactive, dead."""
     try:
-        batch = RowBatch.model_validate_json(value)
-    except ValidationError as exc:
-        await dead_letter(f"not a valid row batch: {exc.errors(include_url=False)[:3]}")
+        batch = RowBatch.parse(key, value)
+    except PoisonBatch as exc:
+        await dead_letter(str(exc))
         return "dead"
     attempts = rt.settings.pipeline.apply_attempts
     delay = 0.2
@@ -68,6 +65,9 @@ async def upsert_batch(
             return await applier.apply(batch, plan, dry_run=dry_run)
         except asyncio.CancelledError:
             raise
+        except PoisonBatch as exc:
+            await _give_up(rt, batch, dead_letter, f"{exc}", retried=False)
+            return "dead"
         except Exception as exc:
             if attempt == attempts:
                 log.exception(
@@ -76,18 +76,7 @@ async def upsert_batch(
                     batch.seq,
                     attempts,
                 )
-                reason = f"run {batch.run_id} batch {batch.seq}: {type(exc).__name__}: {exc}"
-                await dead_letter(reason)
-                # A run with a missing batch can never complete: say so instead of hanging.
-                try:
-                    await (await rt.runs()).fail(
-                        batch.run_id,
-                        f"batch {batch.seq} could not be applied after {attempts} attempts "
-                        f"({type(exc).__name__}: {exc}); it is on the dead-letter topic, and the "
-                        "rows applied before it stay",
-                    )
-                except Exception:
-                    log.exception("could not mark run %s failed", batch.run_id)
+                await _give_up(rt, batch, dead_letter, f"{type(exc).__name__}: {exc}", retried=True)
                 return "dead"
             log.warning(
                 "batch %s/%d attempt %d failed (%s: %s); retrying in %.1fs",
@@ -103,5 +92,18 @@ async def upsert_batch(
     return "dead"
 
 
-def describe(value: Any) -> str:
-    return repr(value)[:200]
+async def _give_up(
+    rt: Runtime, batch: RowBatch, dead_letter: DeadLetterFn, cause: str, *, retried: bool
+) -> None:
+    """Dead-letter the batch and fail its run: a run with a missing batch can never complete,
+    so it says why instead of hanging."""
+    await dead_letter(f"run {batch.run_id} batch {batch.seq}: {cause}")
+    tries = f" after {rt.settings.pipeline.apply_attempts} attempts" if retried else ""
+    try:
+        await (await rt.runs()).fail(
+            batch.run_id,
+            f"batch {batch.seq} could not be applied{tries} ({cause}); it is on the dead-letter "
+            "topic, and the rows applied before it stay",
+        )
+    except Exception:
+        log.exception("could not mark run %s failed", batch.run_id)

@@ -6,6 +6,7 @@ from schemas.events import (
     ImportRequested,
     LifecycleEvent,
     LifecycleEventType,
+    PoisonBatch,
     RowBatch,
 )
 from schemas.runs import DuplicatePolicy, Run, RunCounters, RunStatus
@@ -17,6 +18,7 @@ __all__ = [
     "ImportRequested",
     "LifecycleEvent",
     "LifecycleEventType",
+    "PoisonBatch",
     "RowBatch",
     "Run",
     "RunCounters",

@@ -3,11 +3,13 @@ from these models for consumers written in other languages."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
 from uuid import UUID
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.runs import RunCounters, RunStatus
@@ -40,17 +42,51 @@ class ImportRequested(BaseModel):
     requested_at: datetime
 
 
-class RowBatch(BaseModel):
+class PoisonBatch(ValueError):
+    """A message on the batches topic that is not a batch: it goes to the dead-letter topic."""
+
+
+@dataclass(frozen=True, slots=True)
+class RowBatch:
     """On the batches topic: mapped, validated rows of one run, routed by record key.
 
-    ``seq`` is the batch's identity within the run; applying (run_id, seq) twice changes nothing.
-    Each row is an object keyed by target column, plus ``_sluice_row`` (row number in the source)
-    and ``_sluice_sub`` (index of the record made from that row, for unpivoted rows).
+    The message key is ``"<run_id>:<seq>"``: ``seq`` is the batch's identity within the run, and
+    applying (run_id, seq) twice changes nothing. The value is a JSON array of row objects keyed
+    by target column, plus ``_sluice_row`` (row number in the source) and ``_sluice_sub`` (index
+    of the record made from that row, for unpivoted rows).
+
+    The worker hands the value to PostgreSQL as it arrived (``json_to_recordset``) and decodes
+    it in Python only when a row must be isolated: the rows are parsed once, by the database.
     """
 
     run_id: UUID
     seq: int
-    rows: list[dict[str, Any]]
+    rows_json: str
+
+    def key(self) -> bytes:
+        return f"{self.run_id}:{self.seq}".encode()
+
+    @classmethod
+    def parse(cls, key: bytes | None, value: bytes | None) -> RowBatch:
+        try:
+            run_id, seq = (key or b"").decode().split(":")
+            return cls(UUID(run_id), int(seq), (value or b"").decode())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise PoisonBatch(f"not a row batch (key {key!r}): {exc}") from None
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The rows as Python objects; PoisonBatch when the value is not an array of objects."""
+        return decode_rows(self.rows_json)
+
+
+def decode_rows(text: str) -> list[dict[str, Any]]:
+    try:
+        rows = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise PoisonBatch(f"row batch is not JSON: {exc}") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise PoisonBatch("row batch is not a JSON array of objects")
+    return rows
 
 
 class LifecycleEventType(StrEnum):

@@ -128,8 +128,8 @@ def create_app(rt: Runtime, *, app_id: str = "sluice") -> faust.App:
                 await dead_letter(event, f"not a valid import request: {exc.errors()[:3]}")
                 continue
 
-            async def send(partition: int, value: bytes) -> None:
-                await batches.send(value=value, partition=partition)
+            async def send(partition: int, key: bytes, value: bytes) -> None:
+                await batches.send(key=key, value=value, partition=partition)
 
             await split_with_retry(request, send, event)
 
@@ -140,7 +140,7 @@ def create_app(rt: Runtime, *, app_id: str = "sluice") -> faust.App:
             async def to_dead(reason: str, event: Any = event) -> None:
                 await dead_letter(event, reason)
 
-            await upsert_batch(rt, event.value, plans, to_dead)
+            await upsert_batch(rt, event.key, event.value, plans, to_dead)
 
     @app.timer(rt.settings.pipeline.relay_interval)  # type: ignore[untyped-decorator]
     async def relay() -> None:

@@ -6,6 +6,7 @@ a batch plus the failures, each with its row number and a reason that says what 
 
 from __future__ import annotations
 
+import operator
 import re
 from collections.abc import Iterable
 from typing import Any, Optional
@@ -47,6 +48,11 @@ class RecordMapper:
         else:
             self._index = {}
         self._json_keys: dict[str, str | None] = {}
+        # Hot-path lookups, computed once: this runs for every row of every file.
+        self._names = tuple(self._index)
+        self._pick = operator.itemgetter(*self._index.values()) if len(self._index) > 1 else None
+        self._keys = tuple(sorted(self._key_sources()))
+        self._required = tuple(f.name for f in self.fields if f.required)
         self._adapter: TypeAdapter[list[Any]] | None = None
         self._one: TypeAdapter[Any] | None = None
         if not importer.validate_in_database:
@@ -114,6 +120,12 @@ class RecordMapper:
         values = row.values
         if isinstance(values, dict):
             base = self._from_json(values)
+        elif self._pick is not None:
+            picked = self._pick(values)
+            try:  # delimited files: every cell is a str
+                base = dict(zip(self._names, [v.strip() or None for v in picked], strict=True))
+            except AttributeError:
+                base = dict(zip(self._names, [_blank(v) for v in picked], strict=True))
         else:
             base = {name: _blank(values[i]) for name, i in self._index.items()}
         for transform in self.importer.transforms:
@@ -153,13 +165,13 @@ class RecordMapper:
     ) -> list[Record]:
         keyed = []
         for number, sub, record in candidates:
-            missing = [k for k in self._key_sources() if record.get(k) is None]
+            missing = [k for k in self._keys if record.get(k) is None]
             if missing:
                 failures.append(
                     RowFailure(number, sub, record, f"empty key: {', '.join(missing)} has no value")
                 )
                 continue
-            required = [f.name for f in self.fields if f.required and record.get(f.name) is None]
+            required = self._required and [n for n in self._required if record.get(n) is None]
             if required:
                 failures.append(
                     RowFailure(number, sub, record, f"required field empty: {', '.join(required)}")

@@ -103,22 +103,20 @@ def supervise(
         api_proc = _spawn(["api", "--port", str(api_port)], env, logs / "api.log")
         # The stack is announced (state file, `sluice up --detach` returning) once it answers.
         wait_for_port("127.0.0.1", api_port, timeout=60)
-        write_state(
-            home,
-            StackState(
-                kafka_bootstrap=broker.bootstrap,
-                database_url=postgres.url,
-                api_url=api_url,
-                pids={
-                    "supervisor": os.getpid(),
-                    "broker": broker.pid or 0,
-                    "postgres": postgres.pid or 0,
-                    "worker": worker.pid,
-                    "api": api_proc.pid,
-                },
-                started_at=time.time(),
-            ),
+        state = StackState(
+            kafka_bootstrap=broker.bootstrap,
+            database_url=postgres.url,
+            api_url=api_url,
+            pids={
+                "supervisor": os.getpid(),
+                "broker": broker.pid or 0,
+                "postgres": postgres.pid or 0,
+                "worker": worker.pid,
+                "api": api_proc.pid,
+            },
+            started_at=time.time(),
         )
+        write_state(home, state)
         print(f"SLUICE_KAFKA_BOOTSTRAP={broker.bootstrap}")
         print(f"SLUICE_DATABASE_URL={postgres.url}")
         print(f"SLUICE_API_URL={api_url}")
@@ -128,6 +126,8 @@ def supervise(
             if worker.poll() is not None and not stopping:
                 log.warning("worker exited with %s; starting a new one", worker.returncode)
                 worker = _spawn(["worker"], env, logs / "worker.log")
+                state.pids["worker"] = worker.pid
+                write_state(home, state)
         return 0
     finally:
         (home / "stack.json").unlink(missing_ok=True)

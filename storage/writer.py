@@ -9,13 +9,14 @@ whose statement fails on bad data is bisected to isolate the bad rows, which go 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
 import orjson
 
-from schemas.events import LifecycleEventType, RowBatch
+from schemas.events import LifecycleEventType, RowBatch, decode_rows
 from schemas.runs import DuplicatePolicy
 from storage.runs import (
     RUN_COLUMNS,
@@ -130,7 +131,7 @@ class Statements:
         if plan.policy is DuplicatePolicy.UPDATE_IF_NEWER and version:
             newer = f" AND (t.{q(version)} IS NULL OR EXCLUDED.{q(version)} > t.{q(version)})"
         prefix = (
-            f"WITH src AS (SELECT * FROM json_to_recordset($1::json)"
+            f"WITH src AS (SELECT * FROM json_to_recordset($1::text::json)"
             f" AS x({ROW} bigint, {SUB} integer, {recordset})),"
             f" d AS (SELECT DISTINCT ON ({keys}) * FROM src"
             f" ORDER BY {keys}, {newest}{ROW} {order}, {SUB} {order}),"
@@ -191,11 +192,11 @@ class Statements:
             f"{same},{existing},{dups}"
         )
         self.probe = {
-            c: f"SELECT * FROM json_to_recordset($1::json) AS x({q(c)} {t})"
+            c: f"SELECT * FROM json_to_recordset($1::text::json) AS x({q(c)} {t})"
             for c, t in plan.columns
         }
 
-    def counts(self, record: asyncpg.Record, rows: list[dict[str, Any]]) -> Counts:
+    def counts(self, record: asyncpg.Record, rows: Callable[[], list[dict[str, Any]]]) -> Counts:
         """Turn the statement's answer into counters that add up to the batch's rows."""
         n, distinct_n = record["n"], record["distinct_n"]
         created, updated, same = record["created"], record["updated"], record["same"]
@@ -213,7 +214,8 @@ class Statements:
         elif policy is DuplicatePolicy.SKIP:
             c.skipped = n - created
         else:  # FAIL: existing keys and repeats inside the file are rejected rows
-            by_pos = {(r[ROW], r[SUB]): r for r in rows}
+            rejected = record["existing"] or record["dups"]
+            by_pos = {(r[ROW], r[SUB]): r for r in rows()} if rejected else {}
             for row_no, sub in record["existing"]:
                 c.failures.append(
                     RowFailure(
@@ -253,21 +255,21 @@ class BatchApplier:
 
     async def apply(self, batch: RowBatch, plan: TargetPlan, *, dry_run: bool) -> str:
         """Apply ``batch``. Returns ``applied``, ``duplicate`` (already applied) or ``inactive``
-        (the run was cancelled or failed: nothing is written)."""
+        (the run was cancelled or failed: nothing is written). Raises PoisonBatch when the
+        message is not an array of row objects."""
         stmts = self.statements(plan)
         async with self.pool.acquire() as conn:
             try:
                 async with conn.transaction():
                     fresh = await conn.fetchval(
-                        "INSERT INTO sluice.batches (run_id, seq, rows) VALUES ($1, $2, $3)"
+                        "INSERT INTO sluice.batches (run_id, seq, rows) VALUES ($1, $2, 0)"
                         " ON CONFLICT DO NOTHING RETURNING true",
                         batch.run_id,
                         batch.seq,
-                        len(batch.rows),
                     )
                     if not fresh:
                         return "duplicate"
-                    counts = await self._apply_rows(conn, stmts, batch.rows, dry_run)
+                    counts = await self._apply_rows(conn, stmts, batch.rows_json, None, dry_run)
                     failed = 0
                     if counts.failures:
                         failed = await insert_row_failures(
@@ -282,23 +284,34 @@ class BatchApplier:
         self,
         conn: asyncpg.Connection,
         stmts: Statements,
-        rows: list[dict[str, Any]],
+        text: str,
+        rows: list[dict[str, Any]] | None,
         dry_run: bool,
     ) -> Counts:
+        """Apply the rows in ``text`` (a JSON array; ``rows`` is the same, decoded, when the
+        caller has it). A statement that fails on a row's data is split in halves until the bad
+        rows stand alone; they are returned as failures, the others applied."""
         sql = stmts.dry if dry_run else stmts.apply
+
+        def decoded() -> list[dict[str, Any]]:
+            return rows if rows is not None else decode_rows(text)
+
         try:
             async with conn.transaction():  # a savepoint: a failure here spares the marker
-                record = await conn.fetchrow(sql, rows)
-            return stmts.counts(record, rows)
+                record = await conn.fetchrow(sql, text)
+            return stmts.counts(record, decoded)
         except ROW_ERRORS as exc:
-            if len(rows) == 1:
-                reason = await self._explain(conn, stmts, rows[0], exc)
-                return Counts(
-                    rows=1, failures=[RowFailure(rows[0][ROW], rows[0][SUB], rows[0], reason)]
-                )
-            half = len(rows) // 2
-            counts = await self._apply_rows(conn, stmts, rows[:half], dry_run)
-            counts.add(await self._apply_rows(conn, stmts, rows[half:], dry_run))
+            items = decoded()  # PoisonBatch when the text is not rows at all
+            if len(items) == 1:
+                row = items[0]
+                reason = await self._explain(conn, stmts, row, exc)
+                return Counts(rows=1, failures=[RowFailure(row[ROW], row[SUB], row, reason)])
+            half = len(items) // 2
+            parts = (items[:half], items[half:])
+            counts = Counts()
+            for part in parts:
+                part_text = orjson.dumps(part, default=str).decode()
+                counts.add(await self._apply_rows(conn, stmts, part_text, part, dry_run))
             return counts
 
     @staticmethod
@@ -309,7 +322,7 @@ class BatchApplier:
         for column, sql in stmts.probe.items():
             try:
                 async with conn.transaction():
-                    await conn.fetch(sql, [row])
+                    await conn.fetch(sql, orjson.dumps([row], default=str).decode())
             except ROW_ERRORS as col_exc:
                 return f"column {column!r}: {getattr(col_exc, 'message', col_exc)}"
         return str(getattr(exc, "message", exc))
@@ -319,7 +332,7 @@ class BatchApplier:
     ) -> None:
         await conn.execute(
             "UPDATE sluice.batches SET created = $3, updated = $4, unchanged = $5, skipped = $6,"
-            " failed = $7 WHERE run_id = $1 AND seq = $2",
+            " failed = $7, rows = $8 WHERE run_id = $1 AND seq = $2",
             batch.run_id,
             batch.seq,
             counts.created,
@@ -327,6 +340,7 @@ class BatchApplier:
             counts.unchanged,
             counts.skipped,
             failed,
+            counts.rows,
         )
         processed = counts.created + counts.updated + counts.unchanged + counts.skipped + failed
         cols = ", ".join(f"r.{c.strip()}" for c in RUN_COLUMNS.split(",") if " AS " not in c)
