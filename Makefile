@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/python -m sluice.demo
 
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=10
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

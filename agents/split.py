@@ -63,13 +63,16 @@ class BatchRouter:
         self.max_bytes = max_bytes
         self.buffers: list[list[Record]] = [[] for _ in range(partitions)]
         self.seq = 0
+        # Rows per message: the batch size, lowered when rows turn out too wide for a message.
+        # It depends only on the file's rows, so a re-split cuts the same batches.
+        self.limit = batch_size
 
     def add(self, record: Record) -> list[Record] | None:
         k = "\x1f".join(str(record[c]) for c in self.key)
         p = partition_for_key(k, self.partitions)
         buf = self.buffers[p]
         buf.append(record)
-        if len(buf) >= self.batch_size:
+        if len(buf) >= self.limit:
             self.buffers[p] = []
             return buf
         return None
@@ -82,9 +85,10 @@ class BatchRouter:
         """One or more (key, value) messages for ``rows``, each under the size limit."""
         value = orjson.dumps(rows, default=_json_default)
         if len(value) > self.max_bytes and len(rows) > 1:
-            half = len(rows) // 2
-            yield from self.encode(run_id, rows[:half])
-            yield from self.encode(run_id, rows[half:])
+            fits = int(len(rows) * self.max_bytes * 0.8 / len(value))
+            self.limit = max(1, min(self.limit, fits, len(rows) // 2))
+            for start in range(0, len(rows), self.limit):
+                yield from self.encode(run_id, rows[start : start + self.limit])
             return
         if len(value) > self.max_bytes:
             raise FileFormatError(
@@ -213,7 +217,7 @@ async def _split(
     run_key = str(run_id)
     total = 0
     last_report = time.monotonic()
-    chunk_size = 500
+    chunk_size = 200  # rows between yields to the event loop, so batches apply while we read
     all_items = itertools.chain(head, items)
     while True:
         chunk = list(itertools.islice(all_items, chunk_size))

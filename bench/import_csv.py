@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,18 +86,20 @@ def worker_pid(home: Path) -> int:
     return int(state["pids"]["worker"])
 
 
-def restart_worker(home: Path) -> int:
-    """Kill the worker; the supervisor starts a fresh one. Returns the new pid once it is up."""
+def restart_worker(home: Path, env: dict[str, str]) -> int:
+    """Kill the worker; the supervisor starts a fresh one. Returns its pid once it has applied a
+    warm-up import, so that the clock does not include the worker's start."""
     old = worker_pid(home)
     os.kill(old, signal.SIGTERM)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    while worker_pid(home) == old:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the worker did not come back")
         time.sleep(0.5)
-        pid = worker_pid(home)
-        if pid != old:
-            time.sleep(8)  # let it join the group before the clock starts
-            return pid
-    raise RuntimeError("the worker did not come back")
+    warm = home / "warmup.csv"
+    warm.write_text("id,name\n1,warm-up\n")
+    sluice("import", str(warm), "--into", "bench_warmup", "--key", "id", "--wait", env=env)
+    return worker_pid(home)
 
 
 def timed_import(path: Path, table: str, env: dict[str, str]) -> tuple[float, dict[str, object]]:
@@ -105,7 +108,15 @@ def timed_import(path: Path, table: str, env: dict[str, str]) -> tuple[float, di
     took = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"sluice import failed ({done.returncode}): {done.stderr}{done.stdout}")
-    return took, json.loads(done.stdout)
+    run = json.loads(done.stdout)
+    queued, start, end = (
+        datetime.fromisoformat(run[k]) for k in ("queued_at", "started_at", "completed_at")
+    )
+    print(
+        f"    run {run['id']}: waited {(start - queued).total_seconds():.1f}s for a worker,"
+        f" split+apply {(end - start).total_seconds():.1f}s, command {took:.1f}s"
+    )
+    return took, run
 
 
 def baseline(psql: str, url: str, path: Path, like: str, table: str) -> float:
@@ -153,7 +164,7 @@ def main() -> int:
                 f"\n{rows:,} rows x {len(COLUMNS)} columns, {size_mb:.0f} MB"
                 f" (generated in {time.perf_counter() - t0:.1f}s)"
             )
-            pid = restart_worker(home)
+            pid = restart_worker(home, env)
             table = f"bench_{rows}"
             first, run = timed_import(path, table, env)
             assert run["created_rows"] == rows, run

@@ -43,6 +43,10 @@ def create_app(rt: Runtime, *, app_id: str = "sluice") -> faust.App:
         broker_commit_every=1000,
         broker_commit_interval=1.0,
         web_enabled=False,
+        # Back pressure: a batch message is up to ~1 MB, so a deep prefetch buffer is memory
+        # that grows with the file. Kafka holds the backlog, not the worker.
+        stream_buffer_maxsize=32,
+        broker_max_poll_records=16,
     )
 
     def topic(name: str, partitions: int) -> Any:

@@ -53,7 +53,7 @@ class PipelineSettings(BaseSettings):
         default="",
         description="comma-separated module paths that define importers (besides the bundled ones)",
     )
-    batch_size: int = Field(default=1000, ge=1, le=50_000)
+    batch_size: int = Field(default=5000, ge=1, le=50_000)
     apply_attempts: int = Field(default=5, ge=1, description="tries of a batch before dead-letter")
     progress_interval: float = Field(default=1.0, gt=0)
     relay_interval: float = Field(default=0.2, gt=0)

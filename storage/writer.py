@@ -260,24 +260,44 @@ class BatchApplier:
         stmts = self.statements(plan)
         async with self.pool.acquire() as conn:
             try:
-                async with conn.transaction():
-                    fresh = await conn.fetchval(
-                        "INSERT INTO sluice.batches (run_id, seq, rows) VALUES ($1, $2, 0)"
-                        " ON CONFLICT DO NOTHING RETURNING true",
-                        batch.run_id,
-                        batch.seq,
-                    )
-                    if not fresh:
-                        return "duplicate"
+                return await self._apply_once(conn, batch, stmts, dry_run, isolate=False)
+            except ROW_ERRORS:
+                # The fast path has no savepoint, so the whole transaction rolled back: do it
+                # again, this time isolating the bad rows.
+                return await self._apply_once(conn, batch, stmts, dry_run, isolate=True)
+
+    async def _apply_once(
+        self,
+        conn: asyncpg.Connection,
+        batch: RowBatch,
+        stmts: Statements,
+        dry_run: bool,
+        *,
+        isolate: bool,
+    ) -> str:
+        try:
+            async with conn.transaction():
+                fresh = await conn.fetchval(
+                    "INSERT INTO sluice.batches (run_id, seq, rows) VALUES ($1, $2, 0)"
+                    " ON CONFLICT DO NOTHING RETURNING true",
+                    batch.run_id,
+                    batch.seq,
+                )
+                if not fresh:
+                    return "duplicate"
+                if isolate:
                     counts = await self._apply_rows(conn, stmts, batch.rows_json, None, dry_run)
-                    failed = 0
-                    if counts.failures:
-                        failed = await insert_row_failures(
-                            conn, batch.run_id, counts.failures, count_processed=False
-                        )
-                    await self._count(conn, batch, counts, failed)
-            except _Inactive:
-                return "inactive"
+                else:
+                    sql = stmts.dry if dry_run else stmts.apply
+                    counts = stmts.counts(await conn.fetchrow(sql, batch.rows_json), batch.rows)
+                failed = 0
+                if counts.failures:
+                    failed = await insert_row_failures(
+                        conn, batch.run_id, counts.failures, count_processed=False
+                    )
+                await self._count(conn, batch, counts, failed)
+        except _Inactive:
+            return "inactive"
         return "applied"
 
     async def _apply_rows(
@@ -330,9 +350,23 @@ class BatchApplier:
     async def _count(
         self, conn: asyncpg.Connection, batch: RowBatch, counts: Counts, failed: int
     ) -> None:
-        await conn.execute(
-            "UPDATE sluice.batches SET created = $3, updated = $4, unchanged = $5, skipped = $6,"
-            " failed = $7, rows = $8 WHERE run_id = $1 AND seq = $2",
+        """Record the batch's counts on its marker and add them to the run, in one statement."""
+        processed = counts.created + counts.updated + counts.unchanged + counts.skipped + failed
+        cols = ", ".join(f"r.{c.strip()}" for c in RUN_COLUMNS.split(",") if " AS " not in c)
+        record = await conn.fetchrow(
+            "WITH b AS (UPDATE sluice.batches SET created = $3, updated = $4, unchanged = $5,"
+            " skipped = $6, failed = $7, rows = $9 WHERE run_id = $1 AND seq = $2)"
+            " UPDATE sluice.runs r SET processed_rows = r.processed_rows + $8,"
+            " created_rows = r.created_rows + $3, updated_rows = r.updated_rows + $4,"
+            " unchanged_rows = r.unchanged_rows + $5, skipped_rows = r.skipped_rows + $6,"
+            " failed_rows = r.failed_rows + $7, applied_batches = r.applied_batches + 1,"
+            # now() is this transaction's start: a progress event is due when the last one is
+            # older than the interval. One plain UPDATE: a self-join with FOR UPDATE deadlocks.
+            " last_progress_at = CASE WHEN now() - r.last_progress_at >= $10 * interval '1 second'"
+            " THEN now() ELSE r.last_progress_at END"
+            " WHERE r.id = $1 AND r.status = 'running'"
+            f" RETURNING {cols}, r.progress_percent::float8 AS progress_percent,"
+            " r.last_progress_at = now() AS progress_due",
             batch.run_id,
             batch.seq,
             counts.created,
@@ -340,35 +374,18 @@ class BatchApplier:
             counts.unchanged,
             counts.skipped,
             failed,
-            counts.rows,
-        )
-        processed = counts.created + counts.updated + counts.unchanged + counts.skipped + failed
-        cols = ", ".join(f"r.{c.strip()}" for c in RUN_COLUMNS.split(",") if " AS " not in c)
-        record = await conn.fetchrow(
-            "UPDATE sluice.runs r SET processed_rows = r.processed_rows + $2,"
-            " created_rows = r.created_rows + $3, updated_rows = r.updated_rows + $4,"
-            " unchanged_rows = r.unchanged_rows + $5, skipped_rows = r.skipped_rows + $6,"
-            " failed_rows = r.failed_rows + $7, applied_batches = r.applied_batches + 1,"
-            # now() is this transaction's start: a progress event is due when the last one is
-            # older than the interval. One plain UPDATE: a self-join with FOR UPDATE deadlocks.
-            " last_progress_at = CASE WHEN now() - r.last_progress_at >= $8 * interval '1 second'"
-            " THEN now() ELSE r.last_progress_at END"
-            " WHERE r.id = $1 AND r.status = 'running'"
-            f" RETURNING {cols}, r.progress_percent::float8 AS progress_percent,"
-            " r.last_progress_at = now() AS progress_due",
-            batch.run_id,
             processed,
-            counts.created,
-            counts.updated,
-            counts.unchanged,
-            counts.skipped,
-            failed,
+            counts.rows,
             self.progress_interval,
         )
         if record is None:
             raise _Inactive
-        done = await finalize_if_done(conn, batch.run_id)
-        if done is None and record["progress_due"]:
+        total = record["total_batches"]
+        # total_batches is set when the split is done; only then can this be the last batch.
+        if total is not None and record["applied_batches"] >= total:
+            if await finalize_if_done(conn, batch.run_id) is not None:
+                return
+        if record["progress_due"]:
             fields = dict(record)
             fields.pop("progress_due")
             await emit_event(conn, run_from_record(fields), LifecycleEventType.PROGRESS)

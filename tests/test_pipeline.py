@@ -6,10 +6,12 @@ import asyncio
 import gzip
 import hashlib
 import random
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
 import asyncpg
+import orjson
 import pytest
 
 from schemas.runs import RunStatus
@@ -410,3 +412,55 @@ async def test_meter_readings_are_unpivoted(
         first["Date"],
     )
     assert str(kwh) == first["HH07"]
+
+
+# ----------------------------------------------------------------------------- poison messages
+
+
+async def test_poison_batches_go_to_the_dead_letter_topic_and_fail_their_run(
+    stack: Stack, client: Client
+) -> None:
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    from agents.split import plan_for
+    from streams.topics import BATCHES, DEADLETTER
+    from tests.importers import malformed
+
+    runs = await client.rt.runs()
+    run = await runs.create(importer="t_malformed", source="file")
+    await runs.start(run.id)
+    await runs.save_plan(run.id, plan_for(malformed).to_json(), {})
+    marker = uuid.uuid4().hex
+    producer = AIOKafkaProducer(bootstrap_servers=stack.broker.bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(BATCHES, f"no key {marker}".encode(), partition=0)
+        await producer.send_and_wait(
+            BATCHES, b"[{not json", key=f"{run.id}:7".encode(), partition=1
+        )
+    finally:
+        await producer.stop()
+
+    failed = await finish(client, run, stack, timeout=60)
+    assert failed.status is RunStatus.FAILED
+    assert failed.error and "batch 7" in failed.error and "dead-letter" in failed.error
+
+    consumer = AIOKafkaConsumer(
+        DEADLETTER, bootstrap_servers=stack.broker.bootstrap, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    letters: list[dict[str, object]] = []
+    try:
+        async with asyncio.timeout(30):
+            while len(letters) < 2:
+                for records in (await consumer.getmany(timeout_ms=500)).values():
+                    for record in records:
+                        letter = orjson.loads(record.value)
+                        if marker in letter["payload"] or str(run.id) in letter["reason"]:
+                            letters.append(letter)
+    finally:
+        await consumer.stop()
+    assert {letter["topic"] for letter in letters} == {BATCHES}
+    reasons = " | ".join(str(letter["reason"]) for letter in letters)
+    assert "not a row batch" in reasons and "not JSON" in reasons
+    assert all(isinstance(letter["offset"], int) for letter in letters)
