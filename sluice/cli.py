@@ -12,6 +12,7 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -82,7 +83,8 @@ def run_json(run: Run) -> str:
 def summary(run: Run) -> str:
     lines = [
         f"run {run.id}  {run.importer}  {run.status.value}",
-        f"  rows: {run.processed_rows:,} of {run.total_rows if run.total_rows is not None else '?'}"
+        f"  rows: {run.processed_rows:,} of "
+        f"{f'{run.total_rows:,}' if run.total_rows is not None else '?'}"
         f"  created {run.created_rows:,}  updated {run.updated_rows:,}"
         f"  unchanged {run.unchanged_rows:,}  skipped {run.skipped_rows:,}"
         f"  failed {run.failed_rows:,}",
@@ -285,6 +287,68 @@ def status(run_id: str, as_json: bool) -> None:
         async with Client(load_settings()) as client:
             run = await client.get_run(rid)
         click.echo(run_json(run) if as_json else summary(run))
+        return 0
+
+    sys.exit(run_async(show()))
+
+
+def _csv_cell(value: Any) -> str:
+    """A cell safe to open in a spreadsheet: text starting with = + - @ is not a formula."""
+    text = (
+        "" if value is None else value if isinstance(value, str) else orjson.dumps(value).decode()
+    )
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+def failed_rows_csv(failures: Sequence[Any], out: Any) -> None:
+    import csv
+
+    columns: list[str] = []
+    for f in failures:
+        if isinstance(f.raw, dict):
+            columns += [k for k in f.raw if not k.startswith("_sluice") and k not in columns]
+    writer = csv.writer(out)
+    writer.writerow(
+        ["row_number", "reason", *columns] if columns else ["row_number", "reason", "raw"]
+    )
+    for f in failures:
+        if columns:
+            raw = f.raw if isinstance(f.raw, dict) else {}
+            cells = [raw.get(c) for c in columns]
+        else:
+            cells = [f.raw]
+        writer.writerow([f.row_number, _csv_cell(f.reason), *(_csv_cell(c) for c in cells)])
+
+
+@cli.command("failed-rows")
+@click.argument("run_id")
+@click.option(
+    "--csv", "as_csv", is_flag=True, help="CSV with one column per field, to fix and retry"
+)
+@click.option("--json", "as_json", is_flag=True, help="JSON lines: row_number, sub, raw, reason")
+@click.option("--limit", type=int, default=None, help="at most this many rows")
+def failed_rows(run_id: str, as_csv: bool, as_json: bool, limit: int | None) -> None:
+    """Print the rows a run rejected, with their reasons."""
+    from sluice.client import Client
+
+    try:
+        rid = uuid.UUID(run_id)
+    except ValueError:
+        fail(f"{run_id!r} is not a run id (a UUID as printed by `sluice run`)", 2)
+
+    async def show() -> int:
+        async with Client(load_settings()) as client:
+            await client.get_run(rid)  # a clear error for an unknown run
+            rows = await (await client.rt.runs()).failed_rows(rid, limit=limit)
+        if as_csv:
+            failed_rows_csv(rows, sys.stdout)
+        elif as_json:
+            for f in rows:
+                line = {"row_number": f.row_number, "sub": f.sub, "raw": f.raw, "reason": f.reason}
+                click.echo(orjson.dumps(line, default=str).decode())
+        else:
+            for f in rows:
+                click.echo(f"row {f.row_number}: {f.reason}")
         return 0
 
     sys.exit(run_async(show()))

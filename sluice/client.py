@@ -105,7 +105,13 @@ class Client:
     ) -> Run:
         """Store the file (claim check), create a queued run and publish the request."""
         if importer != ADHOC:
-            self.rt.registry.get(importer)  # unknown importers fail before anything is stored
+            # Unknown importers and sources it does not accept fail before anything is stored.
+            definition = self.rt.registry.get(importer)
+            if source not in definition.sources:
+                raise InvalidRequest(
+                    f"importer {importer!r} does not accept {source!r} imports; it accepts: "
+                    f"{', '.join(definition.sources)}"
+                )
         files = await self.rt.files()
         ref = await files.put(chunks, name=name, content_type=content_type, max_bytes=max_bytes)
         runs = await self.rt.runs()

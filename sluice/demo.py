@@ -32,6 +32,9 @@ async def import_samples() -> bool:
             run = await client.submit_file(slug, path, requested_by="demo")
             run = await client.wait(run.id, timeout=300, on_update=ProgressBar(sys.stderr.isatty()))
             print(summary(run))
+            if run.failed_rows:
+                for failure in await (await client.rt.runs()).failed_rows(run.id, limit=5):
+                    print(f"    row {failure.row_number}: {failure.reason}")
             ok = ok and run.status in (RunStatus.COMPLETED, RunStatus.COMPLETED_WITH_ERRORS)
     return ok
 

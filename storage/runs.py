@@ -128,6 +128,19 @@ class RunRepository:
         )
         return [run_from_record(r) for r in records]
 
+    async def failed_rows(
+        self, run_id: uuid.UUID, *, limit: int | None = None, offset: int = 0
+    ) -> Sequence[RowFailure]:
+        """The run's rejected rows in file order."""
+        records = await self.pool.fetch(
+            "SELECT row_number, sub, raw, reason FROM sluice.row_log WHERE run_id = $1"
+            " ORDER BY row_number, sub LIMIT $2 OFFSET $3",
+            run_id,
+            limit,
+            offset,
+        )
+        return [RowFailure(r["row_number"], r["sub"], r["raw"], r["reason"]) for r in records]
+
     async def start(self, run_id: uuid.UUID) -> Run | None:
         """Queued -> running. Returns None when the run is finished or unknown (a redelivered
         request); a run that is already running is returned as it is, to be split again."""

@@ -47,7 +47,7 @@ def sluice(
 FILE = (
     "ID,Item Name,Unit Price,Quantity,Date,version\n"
     "1,apple,1.20,10,2024-05-01,1\n"
-    "2,pear,0.80,oops,2024-05-01,1\n"
+    "2,=SUM(A1),0.80,oops,2024-05-01,1\n"
     "3,plum,2.00,5,2024-05-02,1\n"
 )
 
@@ -83,6 +83,18 @@ async def test_run_wait_json_and_status(
     assert json.loads(status.stdout) == run
     human = sluice("status", run["id"], env=stack.env)
     assert "completed_with_errors" in human.stdout and "created 2" in human.stdout
+
+    rejected = sluice("failed-rows", run["id"], env=stack.env)
+    assert rejected.returncode == 0, rejected.stderr
+    assert rejected.stdout.startswith("row 2: ") and "qty" in rejected.stdout
+    exported = sluice("failed-rows", run["id"], "--csv", env=stack.env)
+    import csv
+    import io
+
+    table = list(csv.DictReader(io.StringIO(exported.stdout)))
+    assert len(table) == 1 and table[0]["row_number"] == "2"
+    assert table[0]["name"] == "'=SUM(A1)"  # a formula is neutralised for spreadsheets
+    assert table[0]["qty"] == "oops" and "qty" in table[0]["reason"]
 
 
 async def test_import_without_an_importer_infers_the_table(
