@@ -237,7 +237,10 @@ async def _split(
         if now - last_report >= settings.pipeline.progress_interval:
             last_report = now
             fraction = parsed.bytes_read / request.file.size if request.file.size else 0.0
-            await runs.record_split_progress(run_id, total, min(fraction, 1.0))
+            status = await runs.record_split_progress(run_id, total, min(fraction, 1.0))
+            if status is None or status.terminal:
+                log.info("run %s is %s; the split stops at row %d", run_id, status, total)
+                return
         await asyncio.sleep(0)  # let heartbeats and the producer run
     for partition, rows in enumerate(router.buffers):
         if rows:

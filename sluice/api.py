@@ -13,7 +13,14 @@ from fastapi.responses import JSONResponse
 from schemas.runs import Run
 from sluice.client import Client
 from sluice.config import Settings
-from sluice.errors import FileTooLarge, ImporterNotFound, InvalidRequest, RunNotFound, SluiceError
+from sluice.errors import (
+    FileTooLarge,
+    ImporterNotFound,
+    InvalidRequest,
+    RunNotCancellable,
+    RunNotFound,
+    SluiceError,
+)
 
 
 def error(status: int, code: str, message: str) -> JSONResponse:
@@ -40,6 +47,8 @@ def create_api(settings: Settings) -> FastAPI:
     async def sluice_error(request: Request, exc: SluiceError) -> JSONResponse:
         if isinstance(exc, (ImporterNotFound, RunNotFound)):
             return error(404, "not_found", str(exc))
+        if isinstance(exc, RunNotCancellable):
+            return error(409, "conflict", str(exc))
         if isinstance(exc, FileTooLarge):
             return error(413, "too_large", str(exc))
         if isinstance(exc, InvalidRequest):
@@ -83,5 +92,9 @@ def create_api(settings: Settings) -> FastAPI:
     @app.get("/api/v1/runs/{run_id}")
     async def get_run(run_id: uuid.UUID) -> Run:
         return await client.get_run(run_id)
+
+    @app.post("/api/v1/runs/{run_id}/cancel")
+    async def cancel_run(run_id: uuid.UUID) -> Run:
+        return await client.cancel(run_id)
 
     return app

@@ -278,10 +278,7 @@ def status(run_id: str, as_json: bool) -> None:
     """Show a run's status and counters."""
     from sluice.client import Client
 
-    try:
-        rid = uuid.UUID(run_id)
-    except ValueError:
-        fail(f"{run_id!r} is not a run id (a UUID as printed by `sluice run`)", 2)
+    rid = _parse_run_id(run_id)
 
     async def show() -> int:
         async with Client(load_settings()) as client:
@@ -290,6 +287,79 @@ def status(run_id: str, as_json: bool) -> None:
         return 0
 
     sys.exit(run_async(show()))
+
+
+def _parse_run_id(run_id: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(run_id)
+    except ValueError:
+        fail(f"{run_id!r} is not a run id (a UUID as printed by `sluice run`)", 2)
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="print the cancelled run as JSON")
+def cancel(run_id: str, as_json: bool) -> None:
+    """Stop a queued or running run. Rows already applied stay; no batch is applied after."""
+    from sluice.client import Client
+
+    rid = _parse_run_id(run_id)
+
+    async def go() -> int:
+        async with Client(load_settings()) as client:
+            run = await client.cancel(rid)
+        click.echo(run_json(run) if as_json else summary(run))
+        return 0
+
+    sys.exit(run_async(go()))
+
+
+@cli.command()
+@click.option("--status", type=click.Choice([s.value for s in RunStatus]), help="only this status")
+@click.option("--importer", help="only runs of this importer")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="a JSON array of run objects")
+def runs(status: str | None, importer: str | None, limit: int, as_json: bool) -> None:
+    """List runs, newest first."""
+    from sluice.client import Client
+
+    async def go() -> int:
+        async with Client(load_settings()) as client:
+            found = await client.list_runs(status=status, importer=importer, limit=limit)
+        if as_json:
+            data = [r.model_dump(mode="json", exclude={"options"}) for r in found]
+            click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+            return 0
+        click.echo(f"{'run':36}  {'importer':16} {'status':22} {'rows':>10} {'failed':>8}  queued")
+        for r in found:
+            click.echo(
+                f"{r.id}  {r.importer:16.16} {r.status.value:22} {r.processed_rows:>10,}"
+                f" {r.failed_rows:>8,}  {r.queued_at:%Y-%m-%d %H:%M:%S}"
+            )
+        return 0
+
+    sys.exit(run_async(go()))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="the full definitions as JSON")
+def importers(as_json: bool) -> None:
+    """List the registered importers: sources, key and duplicate policy."""
+    from sluice.importers.registry import build_registry
+
+    registry = build_registry(PipelineSettings().importers)
+    found = [i.describe() for i in registry.all()]
+    if as_json:
+        click.echo(orjson.dumps(found, option=orjson.OPT_INDENT_2).decode())
+        return
+    for d in found:
+        key = d["key_template"] or ", ".join(d["key"])
+        click.echo(
+            f"{d['slug']:20} -> {d['table']:28} key ({key})  policy {d['policy']}"
+            f"  sources {', '.join(d['sources'])}"
+        )
+        if d["description"]:
+            click.echo(f"{'':20}    {d['description']}")
 
 
 def _csv_cell(value: Any) -> str:
@@ -331,10 +401,7 @@ def failed_rows(run_id: str, as_csv: bool, as_json: bool, limit: int | None) -> 
     """Print the rows a run rejected, with their reasons."""
     from sluice.client import Client
 
-    try:
-        rid = uuid.UUID(run_id)
-    except ValueError:
-        fail(f"{run_id!r} is not a run id (a UUID as printed by `sluice run`)", 2)
+    rid = _parse_run_id(run_id)
 
     async def show() -> int:
         async with Client(load_settings()) as client:

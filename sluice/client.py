@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaProducer
 from schemas.events import FileRef, ImportRequested
 from schemas.runs import Run
 from sluice.config import Settings
-from sluice.errors import InvalidRequest, RunNotFound
+from sluice.errors import InvalidRequest, RunNotCancellable, RunNotFound
 from sluice.importers.adhoc import ADHOC
 from sluice.runtime import Runtime
 from storage.filestore import iter_path
@@ -147,6 +147,30 @@ class Client:
         if run is None:
             raise RunNotFound(f"no run {run_id}; list runs with `sluice runs`")
         return run
+
+    async def list_runs(
+        self,
+        *,
+        status: str | None = None,
+        importer: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[Run]:
+        """Runs, newest first."""
+        return await (await self.rt.runs()).list(
+            status=status, importer=importer, limit=limit, offset=offset
+        )
+
+    async def cancel(self, run_id: uuid.UUID) -> Run:
+        """Stop a queued or running run: no batch is applied after this returns."""
+        runs = await self.rt.runs()
+        cancelled = await runs.cancel(run_id)
+        if cancelled is None:
+            run = await self.get_run(run_id)
+            raise RunNotCancellable(
+                f"run {run_id} is {run.status.value}; only queued or running runs can be cancelled"
+            )
+        return cancelled
 
     async def wait(
         self,

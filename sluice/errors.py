@@ -4,6 +4,7 @@
     ├── TerminalError            the input or request is wrong: retrying cannot help
     │   ├── ImporterNotFound     no importer with that slug
     │   ├── RunNotFound          no run with that id
+    │   ├── RunNotCancellable    the run is already finished
     │   ├── InvalidRequest       a request that cannot be carried out as given
     │   ├── FileTooLarge         a file over the configured size limit
     │   └── MappingError         the file's columns do not fit the importer
@@ -32,6 +33,10 @@ class ImporterNotFound(TerminalError):
 
 
 class RunNotFound(TerminalError):
+    pass
+
+
+class RunNotCancellable(TerminalError):
     pass
 
 

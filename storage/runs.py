@@ -193,14 +193,35 @@ class RunRepository:
 
     async def record_split_progress(
         self, run_id: uuid.UUID, rows_read: int, read_fraction: float
-    ) -> None:
-        await self.pool.execute(
+    ) -> RunStatus | None:
+        """Note how far the split has read; returns the run's status, so a split can stop when
+        the run was cancelled or failed meanwhile."""
+        status = await self.pool.fetchval(
             "UPDATE sluice.runs SET rows_read = greatest(rows_read, $2),"
-            " read_fraction = greatest(read_fraction, $3) WHERE id = $1",
+            " read_fraction = greatest(read_fraction, $3) WHERE id = $1 RETURNING status",
             run_id,
             rows_read,
             read_fraction,
         )
+        return RunStatus(status) if status is not None else None
+
+    async def cancel(self, run_id: uuid.UUID) -> Run | None:
+        """Queued or running -> cancelled. No batch is applied after this commits: a batch's
+        transaction adds to the counters only while the run is running, else it rolls back.
+        Returns None when the run is not queued or running."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            record = await conn.fetchrow(
+                "UPDATE sluice.runs SET status = 'cancelled', completed_at = now(),"
+                " error = 'cancelled on request; the rows applied before stay'"
+                " WHERE id = $1 AND status IN ('queued', 'running')"
+                f" RETURNING {RUN_COLUMNS}",
+                run_id,
+            )
+            if record is None:
+                return None
+            run = run_from_record(record)
+            await emit_event(conn, run, LifecycleEventType.CANCELLED)
+            return run
 
     async def record_rejections(self, run_id: uuid.UUID, failures: Sequence[RowFailure]) -> int:
         """Store rows rejected before any batch (parse and validation errors). Idempotent: a row

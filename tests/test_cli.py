@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -206,6 +207,32 @@ def test_up_env_run_down(tmp_path: Path) -> None:
         result = json.loads(run.stdout)
         assert result["failed_rows"] > 0 and result["created_rows"] > 100
         assert result["processed_rows"] == result["total_rows"]
+
+        # The HTTP API of the same stack: upload, follow, and its errors.
+        with httpx.Client(base_url=state.api_url, timeout=30) as http:
+            sent = http.post(
+                "/api/v1/imports/products/upload",
+                files={"file": ("products.csv", sample.read_bytes(), "text/csv")},
+                data={"dry_run": "true"},
+            )
+            assert sent.status_code == 202, sent.text
+            run_id = sent.json()["id"]
+            assert sent.json()["status"] == "queued" and sent.json()["dry_run"] is True
+            for _ in range(200):
+                got = http.get(f"/api/v1/runs/{run_id}").json()
+                if got["status"] not in ("queued", "running"):
+                    break
+                time.sleep(0.1)
+            assert got["status"] == "completed_with_errors"
+            assert got["unchanged_rows"] == result["created_rows"]  # dry run of the same file
+            unknown = http.post(
+                "/api/v1/imports/nope/upload", files={"file": ("a.csv", b"a\n1\n", "text/csv")}
+            )
+            assert unknown.status_code == 404 and "nope" in unknown.json()["error"]["message"]
+            late = http.post(f"/api/v1/runs/{run_id}/cancel")
+            assert late.status_code == 409 and late.json()["error"]["code"] == "conflict"
+            assert http.get(f"/api/v1/runs/{uuid.uuid4()}").status_code == 404
+            assert http.get("/readyz").json() == {"status": "ready"}
     finally:
         down = sluice("down", env=env, timeout=120)
     assert down.returncode == 0, down.stdout + down.stderr
@@ -243,3 +270,56 @@ def test_up_in_the_foreground_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     assert "SLUICE_DATABASE_URL=" in out and "Ctrl-C" in out
     assert not any(find_process_alive(pid) for pid in state.pids.values())
     assert not (home / "stack.json").exists()
+
+
+async def test_cancel_in_the_middle_stops_the_run_and_the_counters_match(
+    stack: Stack, client: Client, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    from tests.test_pipeline import make_rows, write_csv
+
+    await db.execute("TRUNCATE t_cancel")
+    path = write_csv(tmp_path / "big.csv", make_rows(150_000, seed=21))
+    run = await client.submit_file("t_cancel", path)
+    for _ in range(600):
+        current = await client.get_run(run.id)
+        if current.processed_rows > 0 or current.status.terminal:
+            break
+        await asyncio.sleep(0.05)
+    assert current.status.value == "running"
+
+    cancelled = await asyncio.to_thread(sluice, "cancel", str(run.id), "--json", env=stack.env)
+    assert cancelled.returncode == 0, cancelled.stderr
+    snapshot = json.loads(cancelled.stdout)
+    assert snapshot["status"] == "cancelled"
+    await asyncio.sleep(3)  # batches still on the topic are consumed and roll back
+    final = await client.get_run(run.id)
+    assert final.status.value == "cancelled"
+    # The cancel waited for the batch in flight: what it reported is what stays.
+    assert final.processed_rows == snapshot["processed_rows"] < 150_000
+    assert await db.fetchval("SELECT count(*) FROM t_cancel") == final.created_rows
+    assert final.processed_rows == final.created_rows + final.failed_rows
+
+    again = await asyncio.to_thread(sluice, "cancel", str(run.id), env=stack.env)
+    assert again.returncode == 1 and "only queued or running" in again.stderr
+    listed = await asyncio.to_thread(
+        sluice, "runs", "--status", "cancelled", "--importer", "t_cancel", "--json", env=stack.env
+    )
+    assert run.id.hex in {uuid.UUID(r["id"]).hex for r in json.loads(listed.stdout)}
+    events = await db.fetch("SELECT type FROM sluice.events WHERE run_id = $1 ORDER BY id", run.id)
+    assert events[-1]["type"] == "run.cancelled"
+
+
+def test_importers_and_runs_listing(stack: Stack, client: Client) -> None:
+    shown = sluice("importers", env=stack.env)
+    assert shown.returncode == 0, shown.stderr
+    assert any(
+        line.startswith("products") and "key (sku)" in line and "policy upsert" in line
+        for line in shown.stdout.splitlines()
+    )
+    defs = {d["slug"]: d for d in json.loads(sluice("importers", "--json", env=stack.env).stdout)}
+    assert defs["meter_readings"]["key"] == ["meter", "day", "period"]
+    assert defs["t_skip"]["policy"] == "skip"
+    table = sluice("runs", "--limit", "5", env=stack.env)
+    assert table.returncode == 0 and len(table.stdout.splitlines()) == 6  # header + 5 runs
+    bad = sluice("runs", "--status", "sleeping", env=stack.env)
+    assert bad.returncode == 2 and "sleeping" in bad.stderr
