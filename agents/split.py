@@ -20,7 +20,7 @@ import orjson
 
 from schemas.events import ImportRequested
 from sluice.errors import MappingError, TerminalError
-from sluice.formats import FileFormatError, ParsedRow, parse_file
+from sluice.formats import FileFormatError, FormatOptions, ParsedRow, parse_file
 from sluice.importers.adhoc import ADHOC, adhoc_importer, infer_fields
 from sluice.importers.dsl import Field, Importer
 from sluice.mapping import Record, RecordMapper
@@ -200,7 +200,9 @@ async def _split(
     settings = rt.settings
     run_id = request.run_id
     options = rt.registry.get(request.importer).format if request.importer != ADHOC else None
-    parsed = parse_file(raw, options or _adhoc_format(), encoding=request.file.encoding)
+    if request.options.get("format") == "jsonl":  # a retry file: the rejected records
+        options = FormatOptions(format="jsonl", encoding="utf-8")
+    parsed = parse_file(raw, options or FormatOptions(), encoding=request.file.encoding)
     items = iter(parsed)
     head = list(itertools.islice(items, SAMPLE_ROWS))
     sample = [r for r in head if isinstance(r, ParsedRow)]
@@ -253,9 +255,3 @@ async def _split(
     await flush()  # batches must be on the broker before the totals say they exist
     await runs.finish_split(run_id, total, router.seq)
     log.info("run %s split: %d rows in %d batches", run_id, total, router.seq)
-
-
-def _adhoc_format() -> Any:
-    from sluice.formats import FormatOptions
-
-    return FormatOptions()

@@ -17,6 +17,7 @@ from sluice.errors import (
     FileTooLarge,
     ImporterNotFound,
     InvalidRequest,
+    NothingToRetry,
     RunNotCancellable,
     RunNotFound,
     SluiceError,
@@ -47,7 +48,7 @@ def create_api(settings: Settings) -> FastAPI:
     async def sluice_error(request: Request, exc: SluiceError) -> JSONResponse:
         if isinstance(exc, (ImporterNotFound, RunNotFound)):
             return error(404, "not_found", str(exc))
-        if isinstance(exc, RunNotCancellable):
+        if isinstance(exc, (RunNotCancellable, NothingToRetry)):
             return error(409, "conflict", str(exc))
         if isinstance(exc, FileTooLarge):
             return error(413, "too_large", str(exc))
@@ -96,5 +97,9 @@ def create_api(settings: Settings) -> FastAPI:
     @app.post("/api/v1/runs/{run_id}/cancel")
     async def cancel_run(run_id: uuid.UUID) -> Run:
         return await client.cancel(run_id)
+
+    @app.post("/api/v1/runs/{run_id}/retry", status_code=202)
+    async def retry_run(run_id: uuid.UUID, dry_run: bool = False) -> Run:
+        return await client.retry(run_id, dry_run=dry_run)
 
     return app

@@ -315,6 +315,28 @@ def cancel(run_id: str, as_json: bool) -> None:
 
 
 @cli.command()
+@click.argument("run_id")
+@click.option("--dry-run", is_flag=True, help="validate and count; write nothing to the table")
+@click.option("--wait", is_flag=True, help="wait for the child run to finish")
+@click.option("--json", "as_json", is_flag=True, help="print the child run as JSON")
+def retry(run_id: str, dry_run: bool, wait: bool, as_json: bool) -> None:
+    """Import a run's rejected rows again, as a child run linked by parent_run_id."""
+    from sluice.client import Client
+
+    rid = _parse_run_id(run_id)
+
+    async def go() -> int:
+        async with Client(load_settings()) as client:
+            run = await client.retry(rid, dry_run=dry_run, requested_by=_user())
+            if wait:
+                run = await client.wait(run.id, on_update=ProgressBar(sys.stderr.isatty()))
+        click.echo(run_json(run) if as_json else summary(run))
+        return EXIT_STATUS.get(run.status, 0) if wait else 0
+
+    sys.exit(run_async(go()))
+
+
+@cli.command()
 @click.option("--status", type=click.Choice([s.value for s in RunStatus]), help="only this status")
 @click.option("--importer", help="only runs of this importer")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True)

@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import orjson
 from aiokafka import AIOKafkaProducer
 
 from schemas.events import FileRef, ImportRequested
 from schemas.runs import Run
 from sluice.config import Settings
-from sluice.errors import InvalidRequest, RunNotCancellable, RunNotFound
+from sluice.errors import InvalidRequest, NothingToRetry, RunNotCancellable, RunNotFound
 from sluice.importers.adhoc import ADHOC
 from sluice.runtime import Runtime
 from storage.filestore import iter_path
@@ -107,7 +108,7 @@ class Client:
         if importer != ADHOC:
             # Unknown importers and sources it does not accept fail before anything is stored.
             definition = self.rt.registry.get(importer)
-            if source not in definition.sources:
+            if source not in (*definition.sources, "retry"):
                 raise InvalidRequest(
                     f"importer {importer!r} does not accept {source!r} imports; it accepts: "
                     f"{', '.join(definition.sources)}"
@@ -171,6 +172,37 @@ class Client:
                 f"run {run_id} is {run.status.value}; only queued or running runs can be cancelled"
             )
         return cancelled
+
+    async def retry(
+        self, run_id: uuid.UUID, *, dry_run: bool = False, requested_by: str | None = None
+    ) -> Run:
+        """Start a child run with the rows ``run_id`` rejected, through the importer as it is
+        now (fixed importers or reference data land rows that failed before). Rows that could not
+        be read at all (a wrong number of fields) are rejected again: fix those in the file."""
+        parent = await self.get_run(run_id)
+        runs = await self.rt.runs()
+        failures = await runs.failed_rows(run_id)
+        if not failures:
+            raise NothingToRetry(f"run {run_id} has no rejected rows to retry")
+
+        async def lines() -> AsyncIterator[bytes]:
+            for f in failures:
+                raw = f.raw
+                if isinstance(raw, dict):
+                    raw = {k: v for k, v in raw.items() if not k.startswith("_sluice")}
+                yield orjson.dumps(raw, default=str) + b"\n"
+
+        return await self.submit_stream(
+            parent.importer,
+            lines(),
+            name=f"retry-of-{run_id}.jsonl",
+            dry_run=dry_run,
+            options={**parent.options, "format": "jsonl"},
+            requested_by=requested_by,
+            source="retry",
+            content_type="application/x-ndjson",
+            parent_run_id=parent.id,
+        )
 
     async def wait(
         self,

@@ -5,6 +5,7 @@
     │   ├── ImporterNotFound     no importer with that slug
     │   ├── RunNotFound          no run with that id
     │   ├── RunNotCancellable    the run is already finished
+    │   ├── NothingToRetry       the run rejected no rows
     │   ├── InvalidRequest       a request that cannot be carried out as given
     │   ├── FileTooLarge         a file over the configured size limit
     │   └── MappingError         the file's columns do not fit the importer
@@ -37,6 +38,10 @@ class RunNotFound(TerminalError):
 
 
 class RunNotCancellable(TerminalError):
+    pass
+
+
+class NothingToRetry(TerminalError):
     pass
 
 

@@ -41,6 +41,9 @@ class RecordMapper:
         for f in self.fields:
             for name in (f.name, *f.aliases):
                 self.aliases.setdefault(normalize_header(name), f.name)
+        if importer.unpivot is not None:  # records already unpivoted (a retry) keep theirs
+            for name in (importer.unpivot.index_field, importer.unpivot.value_field):
+                self.aliases.setdefault(normalize_header(name), name)
         self.unpivot_cols: list[tuple[int | str, Any]] = []
         self.mapping: dict[str, str] = {}
         if header is not None:

@@ -323,3 +323,44 @@ def test_importers_and_runs_listing(stack: Stack, client: Client) -> None:
     assert table.returncode == 0 and len(table.stdout.splitlines()) == 6  # header + 5 runs
     bad = sluice("runs", "--status", "sleeping", env=stack.env)
     assert bad.returncode == 2 and "sleeping" in bad.stderr
+
+
+async def test_retry_lands_rows_once_the_cause_is_fixed(
+    stack: Stack, client: Client, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    from tests.test_pipeline import checksum, make_rows, table_checksum, write_csv
+
+    await db.execute("TRUNCATE t_retry")
+    await db.execute("ALTER TABLE t_retry DROP CONSTRAINT IF EXISTS qty_limit")
+    await db.execute("ALTER TABLE t_retry ADD CONSTRAINT qty_limit CHECK (qty < 4000)")
+    rows = make_rows(2000, seed=33)
+    too_big = sum(1 for r in rows if r[3] >= 4000)
+    assert too_big > 10
+    path = write_csv(tmp_path / "rows.csv", rows)
+    parent = await client.wait((await client.submit_file("t_retry", path)).id, timeout=120)
+    assert parent.status.value == "completed_with_errors"
+    assert (parent.created_rows, parent.failed_rows) == (2000 - too_big, too_big)
+    reason = await db.fetchval("SELECT reason FROM sluice.row_log WHERE run_id = $1", parent.id)
+    assert "qty_limit" in reason
+
+    await db.execute("ALTER TABLE t_retry DROP CONSTRAINT qty_limit")  # the fix
+    dry = await asyncio.to_thread(
+        sluice, "retry", str(parent.id), "--dry-run", "--wait", "--json", env=stack.env
+    )
+    assert dry.returncode == 0, dry.stderr
+    assert json.loads(dry.stdout)["created_rows"] == too_big
+    done = await asyncio.to_thread(
+        sluice, "retry", str(parent.id), "--wait", "--json", env=stack.env
+    )
+    assert done.returncode == 0, done.stderr
+    child = json.loads(done.stdout)
+    assert child["parent_run_id"] == str(parent.id) and child["source"] == "retry"
+    assert (child["total_rows"], child["created_rows"], child["failed_rows"]) == (
+        too_big,
+        too_big,
+        0,
+    )
+    assert await table_checksum(db, "t_retry") == (2000, checksum(rows))
+
+    nothing = await asyncio.to_thread(sluice, "retry", child["id"], env=stack.env)
+    assert nothing.returncode == 1 and "no rejected rows" in nothing.stderr
