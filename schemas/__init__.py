@@ -10,9 +10,11 @@ from schemas.events import (
     RowBatch,
 )
 from schemas.runs import DuplicatePolicy, Run, RunCounters, RunStatus
+from schemas.webhooks import DeliveryStatus, WebhookDelivery
 
 __all__ = [
     "DeadLetter",
+    "DeliveryStatus",
     "DuplicatePolicy",
     "FileRef",
     "ImportRequested",
@@ -23,4 +25,5 @@ __all__ = [
     "Run",
     "RunCounters",
     "RunStatus",
+    "WebhookDelivery",
 ]

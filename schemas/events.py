@@ -90,24 +90,37 @@ def decode_rows(text: str) -> list[dict[str, Any]]:
 
 
 class LifecycleEventType(StrEnum):
+    """The types Sluice emits for every run. Sources may add their own (``<source>.<what>``):
+    consumers ignore types they do not know."""
+
     STARTED = "run.started"
+    """A worker picked the run up; counters are zero."""
     PROGRESS = "run.progress"
+    """Batches were applied; at most one per run every ``SLUICE_PROGRESS_INTERVAL`` seconds."""
     COMPLETED = "run.completed"
+    """Every row was applied or rejected: ``status`` is completed or completed_with_errors."""
     FAILED = "run.failed"
+    """The source as a whole could not be imported; ``error`` says why."""
     CANCELLED = "run.cancelled"
+    """Stopped on request; batches applied before stay."""
 
 
 class LifecycleEvent(BaseModel):
     """On the lifecycle topic, keyed by run id. Delivered at least once: key on ``event_id``."""
 
-    event_id: UUID
-    type: str
+    event_id: UUID = Field(description="unique per event; the same id means the same event")
+    type: str = Field(
+        description="run.started, run.progress, run.completed, run.failed, run.cancelled, or a "
+        "source-specific type; ignore types you do not know"
+    )
     run_id: UUID
-    importer: str
-    status: RunStatus
-    time: datetime
-    counters: RunCounters
-    error: str | None = None
+    importer: str = Field(description="slug of the importer the run uses")
+    status: RunStatus = Field(description="the run's status when the event was written")
+    time: datetime = Field(description="when the event was written (UTC)")
+    counters: RunCounters = Field(description="the run's counters when the event was written")
+    error: str | None = Field(
+        default=None, description="why the run failed or was cancelled; null otherwise"
+    )
 
 
 class DeadLetter(BaseModel):

@@ -1,16 +1,31 @@
-"""The HTTP API, versioned under ``/api/v1``. OpenAPI at ``/api/v1/openapi.json``."""
+"""The HTTP API, versioned under ``/api/v1``. OpenAPI at ``/api/v1/openapi.json``, interactive
+docs at ``/api/v1/docs``.
+
+Every endpoint but the health checks (and, when configured, the metrics) needs
+``Authorization: Bearer <token>``. Errors are ``{"error": {"code": ..., "message": ...}}``.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import hmac
+import io
+import logging
+import math
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, File, Form, Request, UploadFile
-from fastapi.responses import JSONResponse
+import orjson
+from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from schemas.runs import Run
+from schemas.runs import Run, RunStatus
 from sluice.client import Client
 from sluice.config import Settings
 from sluice.errors import (
@@ -22,14 +37,96 @@ from sluice.errors import (
     RunNotFound,
     SluiceError,
 )
+from sluice.formats import FileFormatError
+from sluice.metrics import render_metrics
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class Pagination(BaseModel):
+    page: int
+    limit: int
+    total: int
+    totalPages: int
+
+
+class RunPage(BaseModel):
+    data: list[Run]
+    pagination: Pagination
+
+
+class FailedRow(BaseModel):
+    row_number: int
+    sub: int
+    raw: Any
+    reason: str
+
+
+class FailedRowPage(BaseModel):
+    data: list[FailedRow]
+    pagination: Pagination
 
 
 def error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 413, 415, 422)
+}
+
+
+def _page(page: int, limit: int, total: int) -> Pagination:
+    return Pagination(page=page, limit=limit, total=total, totalPages=math.ceil(total / limit))
+
+
 def create_api(settings: Settings) -> FastAPI:
     client = Client(settings)
+    tokens = [t.encode() for t in settings.api.all_tokens()]
+    if not tokens:
+        log.warning("no API token configured (SLUICE_API_TOKEN): the API is open to anyone")
+    bearer = HTTPBearer(auto_error=False)
+
+    # A default, not Annotated[...]: `bearer` is local, and annotations are strings here.
+    async def authorized(
+        credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
+    ) -> None:
+        if not tokens:
+            return
+        given = credentials.credentials.encode() if credentials else b""
+        # compare_digest against every token, so the time taken says nothing about any of them
+        ok = False
+        for token in tokens:
+            ok |= hmac.compare_digest(given, token)
+        if not ok:
+            what = "wrong API token" if credentials else "missing API token"
+            raise ApiError(
+                401,
+                "unauthorized",
+                f"{what}: send the header 'Authorization: Bearer <token>'"
+                " with a token from SLUICE_API_TOKEN (`sluice env` prints it)",
+            )
+
+    auth = [Depends(authorized)]
+    health_auth = [] if settings.api.public_health else auth
+    metrics_auth = [] if settings.api.public_metrics else auth
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -39,10 +136,50 @@ def create_api(settings: Settings) -> FastAPI:
     app = FastAPI(
         title="Sluice",
         version="1",
+        description="Import files into PostgreSQL through Kafka; follow and manage the runs.",
         openapi_url="/api/v1/openapi.json",
         docs_url="/api/v1/docs",
+        redoc_url=None,
         lifespan=lifespan,
+        responses=ERRORS,
     )
+
+    @app.middleware("http")
+    async def uploads_are_multipart(request: Request, call_next: Any) -> Response:
+        # Checked before the body is parsed, so a JSON or raw body gets 415, not a 422 about
+        # a missing field.
+        path = request.url.path
+        if (
+            request.method == "POST"
+            and path.startswith("/api/v1/imports/")
+            and path.endswith("/upload")
+        ):
+            kind = request.headers.get("content-type", "")
+            if not kind.startswith("multipart/form-data"):
+                return error(
+                    415,
+                    "unsupported_media_type",
+                    f"send the file as multipart/form-data with a field 'file' (got {kind!r})",
+                )
+            declared = request.headers.get("content-length", "")
+            limit = settings.api.max_upload_bytes
+            if declared.isdigit() and int(declared) > limit + 65536:  # + multipart framing
+                return error(
+                    413,
+                    "too_large",
+                    f"the upload is {int(declared)} bytes; the limit is {limit} bytes "
+                    "(SLUICE_API_MAX_UPLOAD_BYTES): split the file or raise the limit",
+                )
+        response: Response = await call_next(request)
+        return response
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        response = error(exc.status, exc.code, exc.message)
+        if headers:
+            response.headers.update(headers)
+        return response
 
     @app.exception_handler(SluiceError)
     async def sluice_error(request: Request, exc: SluiceError) -> JSONResponse:
@@ -56,12 +193,38 @@ def create_api(settings: Settings) -> FastAPI:
             return error(400, "invalid_request", str(exc))
         return error(422, "unprocessable", str(exc))
 
-    @app.get("/healthz")
+    @app.exception_handler(FileFormatError)
+    async def format_error(request: Request, exc: FileFormatError) -> JSONResponse:
+        return error(422, "unprocessable", str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()))
+            parts.append(f"{where}: {err.get('msg')}")
+        return error(422, "invalid_parameters", "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        return error(exc.status_code, codes.get(exc.status_code, "error"), str(exc.detail))
+
+    # ------------------------------------------------------------------ health and metrics
+
+    @app.get("/healthz", dependencies=health_auth, tags=["health"])
     async def healthz() -> dict[str, str]:
+        """The process is alive."""
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get(
+        "/readyz",
+        dependencies=health_auth,
+        tags=["health"],
+        responses={503: {"model": ErrorResponse}},
+    )
     async def readyz() -> JSONResponse:
+        """The broker and the database are reachable."""
         try:
             pool = await client.rt.pool()
             await pool.fetchval("SELECT 1")
@@ -70,17 +233,44 @@ def create_api(settings: Settings) -> FastAPI:
             return error(503, "not_ready", f"broker or database unreachable: {exc}")
         return JSONResponse({"status": "ready"})
 
-    @app.get("/api/v1/importers")
+    @app.get(
+        "/metrics",
+        dependencies=metrics_auth,
+        tags=["health"],
+        response_class=PlainTextResponse,
+    )
+    async def metrics() -> PlainTextResponse:
+        """Prometheus text format: rows, batches, failures, runs by status, consumer lag."""
+        text = await render_metrics(await client.rt.pool(), settings)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    # ------------------------------------------------------------------ importers and imports
+
+    @app.get("/api/v1/importers", dependencies=auth, tags=["importers"])
     async def importers() -> dict[str, Any]:
+        """The registered importers: table, key, policy, fields."""
         return {"data": [i.describe() for i in client.rt.registry.all()]}
 
-    @app.post("/api/v1/imports/{slug}/upload", status_code=202)
-    async def upload(slug: str, file: UploadFile = File(...), dry_run: bool = Form(False)) -> Run:
+    @app.post(
+        "/api/v1/imports/{slug}/upload",
+        status_code=202,
+        dependencies=auth,
+        tags=["imports"],
+        responses={200: {"model": Run, "description": "with ?wait=true: the finished run"}},
+    )
+    async def upload(
+        slug: str,
+        file: Annotated[UploadFile, File(description="the file to import")],
+        dry_run: Annotated[bool, Form()] = False,
+        wait: Annotated[bool, Query(description="answer when the run finishes")] = False,
+    ) -> Response:
+        """Upload a file and start its import. The body is streamed to the file store."""
+
         async def chunks() -> AsyncIterator[bytes]:
             while data := await file.read(1 << 20):
                 yield data
 
-        return await client.submit_stream(
+        run = await client.submit_stream(
             slug,
             chunks(),
             name=(file.filename or "upload").replace("/", "_").replace("\\", "_"),
@@ -88,18 +278,151 @@ def create_api(settings: Settings) -> FastAPI:
             content_type=file.content_type,
             max_bytes=settings.api.max_upload_bytes,
             source="upload",
+            requested_by="api",
+        )
+        status = 202
+        if wait:
+            run = await client.wait(run.id, timeout=settings.api.wait_timeout)
+            status = 200 if run.status.terminal else 202
+        return Response(run.model_dump_json(), status_code=status, media_type="application/json")
+
+    @app.post(
+        "/api/v1/imports/{slug}/trigger", status_code=202, dependencies=auth, tags=["imports"]
+    )
+    async def trigger(slug: str, params: dict[str, Any] | None = None) -> Run:
+        """Start an import that pulls its data (URL, FTP, paginated API sources)."""
+        importer = client.rt.registry.get(slug)
+        # Pull sources (URL, FTP/SFTP, paginated APIs) are not built yet: every importer takes
+        # files only, and says so.
+        raise ApiError(
+            422,
+            "no_pull_source",
+            f"importer {slug!r} has no pull source (it accepts: {', '.join(importer.sources)});"
+            f" upload a file to /api/v1/imports/{slug}/upload instead",
         )
 
-    @app.get("/api/v1/runs/{run_id}")
+    # ------------------------------------------------------------------ runs
+
+    @app.get("/api/v1/runs", dependencies=auth, tags=["runs"])
+    async def list_runs(
+        status: RunStatus | None = None,
+        importer: str | None = None,
+        page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    ) -> RunPage:
+        """Runs, newest first, with pagination."""
+        runs = await client.rt.runs()
+        state = status.value if status else None
+        total = await runs.count(status=state, importer=importer)
+        data = await runs.list(
+            status=state, importer=importer, limit=limit, offset=(page - 1) * limit
+        )
+        return RunPage(data=data, pagination=_page(page, limit, total))
+
+    @app.get("/api/v1/runs/recent", dependencies=auth, tags=["runs"])
+    async def recent_runs(limit: Annotated[int, Query(ge=1, le=100)] = 10) -> dict[str, list[Run]]:
+        """The latest runs."""
+        return {"data": await client.list_runs(limit=limit)}
+
+    @app.get("/api/v1/runs/{run_id}", dependencies=auth, tags=["runs"])
     async def get_run(run_id: uuid.UUID) -> Run:
+        """One run: status, counters, times."""
         return await client.get_run(run_id)
 
-    @app.post("/api/v1/runs/{run_id}/cancel")
+    @app.post("/api/v1/runs/{run_id}/cancel", dependencies=auth, tags=["runs"])
     async def cancel_run(run_id: uuid.UUID) -> Run:
+        """Stop a queued or running run (409 otherwise). Rows already applied stay."""
         return await client.cancel(run_id)
 
-    @app.post("/api/v1/runs/{run_id}/retry", status_code=202)
+    @app.post("/api/v1/runs/{run_id}/retry", status_code=202, dependencies=auth, tags=["runs"])
     async def retry_run(run_id: uuid.UUID, dry_run: bool = False) -> Run:
+        """A child run with the rows this run rejected (409 when it rejected none)."""
         return await client.retry(run_id, dry_run=dry_run)
 
+    @app.get(
+        "/api/v1/runs/{run_id}/failed-rows",
+        dependencies=auth,
+        tags=["runs"],
+        responses={200: {"content": {"text/csv": {}}, "model": FailedRowPage}},
+    )
+    async def failed_rows(
+        run_id: uuid.UUID,
+        page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        format: Annotated[str, Query(pattern="^(json|csv)$")] = "json",
+    ) -> Response:
+        """The rejected rows with their reasons: paginated JSON, or all of them as CSV."""
+        from sluice.cli import failed_rows_csv
+
+        await client.get_run(run_id)
+        runs = await client.rt.runs()
+        if format == "csv":
+            rows = await runs.failed_rows(run_id)
+            out = io.StringIO()
+            failed_rows_csv(rows, out)
+            return Response(
+                out.getvalue(),
+                media_type="text/csv",
+                headers={"Content-Disposition": f'attachment; filename="failed-{run_id}.csv"'},
+            )
+        total = await runs.count_failed_rows(run_id)
+        rows = await runs.failed_rows(run_id, limit=limit, offset=(page - 1) * limit)
+        body = FailedRowPage(
+            data=[
+                FailedRow(row_number=f.row_number, sub=f.sub, raw=f.raw, reason=f.reason)
+                for f in rows
+            ],
+            pagination=_page(page, limit, total),
+        )
+        return Response(body.model_dump_json(), media_type="application/json")
+
+    @app.get(
+        "/api/v1/runs/{run_id}/events",
+        dependencies=auth,
+        tags=["runs"],
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/event-stream": {}}}},
+    )
+    async def run_events(run_id: uuid.UUID, request: Request) -> StreamingResponse:
+        """The run's lifecycle events as Server-Sent Events, from its first event (or after
+        ``Last-Event-ID``); the stream ends after the run's final event."""
+        await client.get_run(run_id)
+        try:
+            after = int(request.headers.get("last-event-id", "0"))
+        except ValueError:
+            after = 0
+        runs = await client.rt.runs()
+
+        async def stream() -> AsyncIterator[bytes]:
+            nonlocal after
+            idle = 0.0
+            while True:
+                events = await runs.events(run_id, after=after)
+                for event_id, payload in events:
+                    after = event_id
+                    yield (
+                        f"id: {event_id}\nevent: {payload['type']}\n".encode()
+                        + b"data: "
+                        + orjson.dumps(payload)
+                        + b"\n\n"
+                    )
+                    if payload["type"] in FINAL_EVENTS:
+                        return
+                if await request.is_disconnected():
+                    return
+                await asyncio.sleep(0.25)
+                idle = 0.0 if events else idle + 0.25
+                if idle >= 15:  # a comment keeps proxies from closing a quiet stream
+                    idle = 0.0
+                    yield b": keep-alive\n\n"
+
+        return StreamingResponse(
+            stream(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
     return app
+
+
+FINAL_EVENTS = frozenset({"run.completed", "run.failed", "run.cancelled"})

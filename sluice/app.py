@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from agents.lifecycle import relay_outbox
 from agents.split import split_file
 from agents.upsert import PlanCache, upsert_batch
+from agents.webhooks import HookSet, WebhookDispatcher
 from schemas.events import DeadLetter, ImportRequested
 from sluice.runtime import Runtime
 from streams import topics
@@ -21,7 +22,8 @@ from streams import topics
 log = logging.getLogger(__name__)
 
 
-def create_app(rt: Runtime, *, app_id: str = "sluice") -> faust.App:
+def create_app(rt: Runtime, *, app_id: str = "sluice", hooks: HookSet | None = None) -> faust.App:
+    """``hooks``: the webhooks, their secrets resolved by the entry point; none by default."""
     kafka = rt.settings.kafka
     app = faust.App(
         app_id,
@@ -155,5 +157,37 @@ def create_app(rt: Runtime, *, app_id: str = "sluice") -> faust.App:
             await relay_outbox(rt, send, flush)
         except Exception:
             log.exception("outbox relay failed; will retry")
+
+    webhooks = WebhookDispatcher(rt, hooks or HookSet())
+
+    @app.agent(out_topics[topics.LIFECYCLE], name="webhooks")
+    async def webhooks_agent(stream: Any) -> None:
+        async for event in stream.events():
+            await webhooks.on_event(event.value)
+
+    @app.timer(rt.settings.webhooks.retry_interval)  # type: ignore[untyped-decorator]
+    async def retry_webhooks() -> None:
+        await webhooks.retry_due()
+
+    @app.timer(rt.settings.pipeline.prune_interval)  # type: ignore[untyped-decorator]
+    async def prune() -> None:
+        """Retention: stored files and finished runs older than configured go. Deleting is
+        idempotent, so workers pruning at the same time do no harm."""
+        from storage.filestore import prune_files
+
+        pipeline = rt.settings.pipeline
+        try:
+            files, size = await prune_files(await rt.pool(), pipeline.file_retention_hours)
+            runs, rows = await (await rt.runs()).prune(pipeline.run_retention_days)
+            if files or runs:
+                log.info(
+                    "pruned %d files (%d bytes), %d runs, %d rejected rows",
+                    files,
+                    size,
+                    runs,
+                    rows,
+                )
+        except Exception:
+            log.exception("pruning failed; will try again")
 
     return app

@@ -41,7 +41,7 @@ def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
 
 def load_settings(*, require_stack: bool = True) -> Settings:
     """Environment first; what it leaves empty comes from the stack running under SLUICE_HOME."""
-    from sluice.stack import read_state
+    from sluice.stack import read_api_token, read_state
 
     pipeline = PipelineSettings()
     kafka = KafkaSettings()
@@ -62,6 +62,8 @@ def load_settings(*, require_stack: bool = True) -> Settings:
                 database = database.model_copy(update={"url": SecretStr(state.database_url)})
             if not api.url and state.api_url:
                 api = api.model_copy(update={"url": state.api_url})
+            if not api.all_tokens() and (token := read_api_token(pipeline.home)):
+                api = api.model_copy(update={"token": SecretStr(token)})
     return Settings(kafka=kafka, database=database, api=api, pipeline=pipeline)
 
 
@@ -199,6 +201,8 @@ def env() -> None:
     click.echo(f"SLUICE_DATABASE_URL={settings.database_url}")
     if settings.api.url:
         click.echo(f"SLUICE_API_URL={settings.api.url}")
+    if settings.api.all_tokens():
+        click.echo(f"SLUICE_API_TOKEN={settings.api.all_tokens()[0]}")
 
 
 @cli.command()
@@ -384,6 +388,95 @@ def importers(as_json: bool) -> None:
             click.echo(f"{'':20}    {d['description']}")
 
 
+@cli.command()
+@click.option("--run", "run_id", metavar="RUN_ID", default=None, help="only this run's events")
+@click.option(
+    "--importer", "importers", metavar="SLUG", multiple=True, help="only runs of this importer"
+)
+@click.option(
+    "--type",
+    "types",
+    multiple=True,
+    metavar="TYPE",
+    help="only this event type, e.g. run.failed (repeatable)",
+)
+@click.option("--json", "as_json", is_flag=True, help="JSON lines, the events as on the topic")
+def tail(
+    run_id: str | None, importers: tuple[str, ...], types: tuple[str, ...], as_json: bool
+) -> None:
+    """Follow lifecycle events live, one line per event, until Ctrl-C.
+
+    Starts at the newest event: runs started after the command are shown from their first event.
+    """
+    from schemas.events import LifecycleEvent
+    from sluice.sdk import subscribe
+
+    rid = _parse_run_id(run_id) if run_id else None
+    settings = load_settings()
+
+    def line(event: LifecycleEvent) -> str:
+        c = event.counters
+        total = f"{c.total_rows:,}" if c.total_rows is not None else "?"
+        text = (
+            f"{event.time.astimezone():%Y-%m-%d %H:%M:%S}  {event.type:14} {event.run_id}"
+            f"  {event.importer:16.16} {event.status.value:22} {c.processed_rows:,}/{total} rows"
+            f"  failed {c.failed_rows:,}"
+        )
+        return f"{text}  error: {event.error}" if event.error else text
+
+    async def follow() -> int:
+        async with subscribe(
+            run_id=rid, importers=importers or None, types=types or None, settings=settings
+        ) as events:
+            click.echo("following lifecycle events; Ctrl-C to stop", err=True)
+            async for event in events:
+                click.echo(event.model_dump_json() if as_json else line(event))
+        return 0
+
+    try:
+        sys.exit(run_async(follow()))
+    except KeyboardInterrupt:
+        sys.exit(0)
+
+
+@cli.command()
+@click.option("--failed", is_flag=True, help="only deliveries that failed for good")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="a JSON array of delivery log rows")
+def webhooks(failed: bool, limit: int, as_json: bool) -> None:
+    """List webhook deliveries, newest first: status, attempts and the last answer."""
+    from schemas.webhooks import DeliveryStatus
+    from sluice.client import Client
+    from storage.webhooks import DeliveryLog
+
+    async def show() -> int:
+        async with Client(load_settings()) as client:
+            found = await DeliveryLog(await client.rt.pool()).list(
+                status=DeliveryStatus.FAILED if failed else None, limit=limit
+            )
+        if as_json:
+            data = [d.model_dump(mode="json") for d in found]
+            click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+            return 0
+        click.echo(
+            f"{'id':>6}  {'status':9} {'tries':>5} {'code':>4}  {'event':13} {'run':36}"
+            f"  {'created':19}  url"
+        )
+        for d in found:
+            code = str(d.last_status_code) if d.last_status_code is not None else "-"
+            click.echo(
+                f"{d.id:>6}  {d.status.value:9} {d.attempts:>5} {code:>4}  {d.event_type:13}"
+                f" {d.run_id!s:36}  {d.created_at.astimezone():%Y-%m-%d %H:%M:%S}  {d.url}"
+            )
+            if d.last_error and d.status is not DeliveryStatus.DELIVERED:
+                when = d.next_attempt_at
+                retry = f"; next attempt {when.astimezone():%H:%M:%S}" if when else ""
+                click.echo(f"{'':8}last error: {d.last_error}{retry}")
+        return 0
+
+    sys.exit(run_async(show()))
+
+
 def _csv_cell(value: Any) -> str:
     """A cell safe to open in a spreadsheet: text starting with = + - @ is not a formula."""
     text = (
@@ -410,6 +503,62 @@ def failed_rows_csv(failures: Sequence[Any], out: Any) -> None:
         else:
             cells = [f.raw]
         writer.writerow([f.row_number, _csv_cell(f.reason), *(_csv_cell(c) for c in cells)])
+
+
+@cli.command("prune-files")
+@click.option(
+    "--hours",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="keep files of runs finished within this many hours [SLUICE_FILE_RETENTION_HOURS, 24]",
+)
+def prune_files_cmd(hours: float | None) -> None:
+    """Delete stored files of runs that finished more than HOURS ago."""
+    from storage.filestore import prune_files
+
+    settings = load_settings()
+    keep = settings.pipeline.file_retention_hours if hours is None else hours
+
+    async def go() -> int:
+        from sluice.runtime import Runtime
+
+        rt = Runtime(settings)
+        try:
+            n, size = await prune_files(await rt.pool(), keep)
+        finally:
+            await rt.close()
+        click.echo(f"deleted {n} stored file(s), {size:,} bytes, older than {keep:g} hours")
+        return 0
+
+    sys.exit(run_async(go()))
+
+
+@cli.command("prune-rows")
+@click.option(
+    "--days",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="keep runs finished within this many days [SLUICE_RUN_RETENTION_DAYS, 30]",
+)
+def prune_rows_cmd(days: float | None) -> None:
+    """Delete finished runs older than DAYS with their rejected rows and events."""
+    settings = load_settings()
+    keep = settings.pipeline.run_retention_days if days is None else days
+
+    async def go() -> int:
+        from sluice.runtime import Runtime
+
+        rt = Runtime(settings)
+        try:
+            runs, rows = await (await rt.runs()).prune(keep)
+        finally:
+            await rt.close()
+        click.echo(
+            f"deleted {runs} finished run(s) and {rows} rejected row(s), older than {keep:g} days"
+        )
+        return 0
+
+    sys.exit(run_async(go()))
 
 
 @cli.command("failed-rows")

@@ -7,9 +7,12 @@ Every variable starts with ``SLUICE_``. Library code receives these objects; it 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Self
 
-from pydantic import Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.webhooks import DEFAULT_WEBHOOK_EVENTS, check_webhook_target
 
 
 class KafkaSettings(BaseSettings):
@@ -42,7 +45,16 @@ class ApiSettings(BaseSettings):
     port: int = 8000
     url: str = ""
     token: SecretStr = SecretStr("")
+    # More tokens, comma-separated (rotation, one per client).
+    tokens: SecretStr = SecretStr("")
     max_upload_bytes: int = 2 * 2**30
+    public_health: bool = Field(default=True, description="/healthz and /readyz without a token")
+    public_metrics: bool = Field(default=False, description="/metrics without a token")
+    wait_timeout: float = Field(default=60.0, gt=0, description="longest ?wait=true, in seconds")
+
+    def all_tokens(self) -> list[str]:
+        raw = [self.token.get_secret_value(), *self.tokens.get_secret_value().split(",")]
+        return [t.strip() for t in raw if t.strip()]
 
 
 class PipelineSettings(BaseSettings):
@@ -58,6 +70,58 @@ class PipelineSettings(BaseSettings):
     progress_interval: float = Field(default=1.0, gt=0)
     relay_interval: float = Field(default=0.2, gt=0)
     file_chunk_bytes: int = 1 << 20
+    # Retention: workers prune on this schedule, `sluice prune-files` / `prune-rows` on demand.
+    file_retention_hours: float = Field(default=24.0, gt=0, description="stored files of runs")
+    run_retention_days: float = Field(default=30.0, gt=0, description="finished runs, row logs")
+    prune_interval: float = Field(default=3600.0, gt=0, description="seconds between prunes")
+
+
+class WebhookTarget(BaseModel):
+    """One entry of ``SLUICE_WEBHOOKS``: a URL and the lifecycle events it receives."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str
+    events: tuple[str, ...] = DEFAULT_WEBHOOK_EVENTS
+    importers: tuple[str, ...] | None = Field(
+        default=None, description="only runs of these importers; None means every importer"
+    )
+    secret_env: str | None = Field(
+        default=None,
+        description="environment variable holding this hook's secret, instead of the default",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        check_webhook_target(self.url, self.events)
+        return self
+
+
+class WebhookSettings(BaseSettings):
+    """Webhooks for run lifecycle events (docs/webhooks.md)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SLUICE_WEBHOOK_", frozen=True, extra="ignore", populate_by_name=True
+    )
+
+    hooks: tuple[WebhookTarget, ...] = Field(
+        default=(),
+        validation_alias="SLUICE_WEBHOOKS",
+        description="JSON list of hooks for every importer (importers may declare more)",
+    )
+    secret: SecretStr = Field(
+        default=SecretStr(""), description="signs every hook that names no secret_env"
+    )
+    max_attempts: int = Field(default=8, ge=1)
+    backoff: float = Field(default=1.0, gt=0, description="seconds before the first retry")
+    backoff_max: float = Field(default=300.0, gt=0, description="the doubling stops here")
+    timeout: float = Field(default=10.0, gt=0, description="seconds for a whole request")
+    retry_interval: float = Field(default=1.0, gt=0, description="how often retries are due")
+    # The lifecycle topic keeps its history: a worker that consumes it for the first time must
+    # not call today's hooks for last month's runs.
+    max_event_age: float = Field(
+        default=3600.0, gt=0, description="seconds; older events are not delivered"
+    )
 
 
 class Settings:
@@ -69,11 +133,13 @@ class Settings:
         database: DatabaseSettings | None = None,
         api: ApiSettings | None = None,
         pipeline: PipelineSettings | None = None,
+        webhooks: WebhookSettings | None = None,
     ) -> None:
         self.kafka = kafka or KafkaSettings()
         self.database = database or DatabaseSettings()
         self.api = api or ApiSettings()
         self.pipeline = pipeline or PipelineSettings()
+        self.webhooks = webhooks or WebhookSettings()
 
     @property
     def database_url(self) -> str:

@@ -7,8 +7,10 @@
     │   ├── RunNotCancellable    the run is already finished
     │   ├── NothingToRetry       the run rejected no rows
     │   ├── InvalidRequest       a request that cannot be carried out as given
+    │   ├── StackNotFound        no broker and database configured, no stack running
     │   ├── FileTooLarge         a file over the configured size limit
-    │   └── MappingError         the file's columns do not fit the importer
+    │   ├── MappingError         the file's columns do not fit the importer
+    │   └── InvalidConfig        the settings contradict each other (a webhook without a secret)
     └── TransientError           the database or broker failed; retry with backoff
 
 File-level format problems are ``sluice.formats.FileFormatError`` (terminal too).
@@ -49,9 +51,17 @@ class InvalidRequest(TerminalError):
     pass
 
 
+class StackNotFound(TerminalError):
+    pass
+
+
 class FileTooLarge(TerminalError):
     pass
 
 
 class MappingError(TerminalError):
+    pass
+
+
+class InvalidConfig(TerminalError):
     pass

@@ -672,6 +672,32 @@ def read_state(home: Path) -> StackState | None:
     return state
 
 
+def api_token(home: Path) -> str:
+    """The embedded stack's API token: made on first start, kept in ``home/api_token`` (0600)."""
+    path = home / "api_token"
+    try:
+        token = path.read_text().strip()
+        if token:
+            return token
+    except FileNotFoundError:
+        pass
+    import secrets
+
+    home.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
+def read_api_token(home: Path) -> str | None:
+    try:
+        return (home / "api_token").read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
 def remove_state(home: Path) -> None:
     """Delete the state file, if any (on a clean shutdown)."""
     state_path(home).unlink(missing_ok=True)

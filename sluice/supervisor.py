@@ -19,6 +19,7 @@ from sluice.stack import (
     EmbeddedBroker,
     EmbeddedPostgres,
     StackState,
+    api_token,
     find_process_alive,
     free_port,
     read_state,
@@ -85,6 +86,7 @@ def supervise(
         postgres.start()
         api_port = free_port(api.port if api.port != DEFAULT_API_PORT else DEFAULT_API_PORT)
         api_url = f"http://127.0.0.1:{api_port}"
+        token = api.all_tokens()[0] if api.all_tokens() else api_token(home)
         settings = Settings(
             kafka=kafka.model_copy(update={"bootstrap": broker.bootstrap}),
             database=DatabaseSettings(url=SecretStr(postgres.url)),
@@ -97,6 +99,7 @@ def supervise(
             "SLUICE_KAFKA_BOOTSTRAP": broker.bootstrap,
             "SLUICE_DATABASE_URL": postgres.url,
             "SLUICE_API_URL": api_url,
+            "SLUICE_API_TOKEN": token,
             "SLUICE_API_PORT": str(api_port),
         }
         worker = _spawn(["worker"], env, logs / "worker.log")

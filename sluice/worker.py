@@ -1,14 +1,17 @@
-"""``sluice worker``: one Faust worker process (split, upsert, outbox relay)."""
+"""``sluice worker``: one Faust worker process (split, upsert, outbox relay, webhooks)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 import faust
 
+from agents.webhooks import resolve_hooks
 from sluice.app import create_app
 from sluice.config import Settings
+from sluice.errors import InvalidConfig
 from sluice.runtime import Runtime
 from storage.db import connect, migrate
 from storage.tables import ensure_table
@@ -38,7 +41,12 @@ def run_worker(settings: Settings, *, loglevel: str = "info") -> None:
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     rt = Runtime(settings)
+    # Hooks name the variables holding their secrets; this entry point is where they are read.
+    try:
+        hooks = resolve_hooks(settings.webhooks, rt.registry.all(), os.environ)
+    except InvalidConfig as exc:
+        raise SystemExit(f"error: {exc}") from None
     loop.run_until_complete(prepare(rt))
-    app = create_app(rt)
+    app = create_app(rt, hooks=hooks)
     worker = faust.Worker(app, loglevel=loglevel, loop=loop)
     worker.execute_from_commandline()

@@ -193,6 +193,25 @@ class PgFileStore:
             await conn.execute("DELETE FROM sluice.files WHERE id = $1", file_id)
 
 
+async def prune_files(pool: asyncpg.Pool, older_than_hours: float) -> tuple[int, int]:
+    """Delete stored files no queued or running run needs: those whose runs all finished more
+    than ``older_than_hours`` ago, and files of that age no run refers to (an upload whose run
+    was never created). Returns (files, bytes) deleted."""
+    record = await pool.fetchrow(
+        "WITH doomed AS ("
+        "  SELECT f.id, f.size FROM sluice.files f"
+        "  WHERE f.created_at < now() - $1 * interval '1 hour'"
+        "  AND NOT EXISTS (SELECT 1 FROM sluice.runs r WHERE r.file_id = f.id"
+        "    AND (r.status IN ('queued', 'running')"
+        "         OR r.completed_at >= now() - $1 * interval '1 hour'))"
+        "), gone AS (DELETE FROM sluice.files f USING doomed d WHERE f.id = d.id"
+        "  RETURNING d.size)"
+        " SELECT count(*) AS n, coalesce(sum(size), 0) AS bytes FROM gone",
+        older_than_hours,
+    )
+    return int(record["n"]), int(record["bytes"])
+
+
 async def iter_path(path: Path, chunk_bytes: int = 1 << 20) -> AsyncIterator[bytes]:
     """A local file as an async stream of chunks, for ``FileStore.put``."""
     with path.open("rb") as f:

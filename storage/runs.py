@@ -128,6 +128,59 @@ class RunRepository:
         )
         return [run_from_record(r) for r in records]
 
+    async def count(self, *, status: str | None = None, importer: str | None = None) -> int:
+        return int(
+            await self.pool.fetchval(
+                "SELECT count(*) FROM sluice.runs"
+                " WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR importer = $2)",
+                status,
+                importer,
+            )
+        )
+
+    async def count_failed_rows(self, run_id: uuid.UUID) -> int:
+        return int(
+            await self.pool.fetchval(
+                "SELECT count(*) FROM sluice.row_log WHERE run_id = $1", run_id
+            )
+        )
+
+    async def events(
+        self, run_id: uuid.UUID, *, after: int = 0, limit: int = 500
+    ) -> Sequence[tuple[int, dict[str, Any]]]:
+        """The run's lifecycle events from the outbox (which keeps them), after event ``after``."""
+        records = await self.pool.fetch(
+            "SELECT id, payload FROM sluice.events WHERE run_id = $1 AND id > $2"
+            " ORDER BY id LIMIT $3",
+            run_id,
+            after,
+            limit,
+        )
+        return [(r["id"], r["payload"]) for r in records]
+
+    async def prune(self, older_than_days: float) -> tuple[int, int]:
+        """Delete finished runs completed more than ``older_than_days`` ago, with their row
+        logs, batch markers and events. Returns (runs, rejected rows) deleted."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            ids = [
+                r["id"]
+                for r in await conn.fetch(
+                    "SELECT id FROM sluice.runs WHERE status NOT IN ('queued', 'running')"
+                    " AND completed_at < now() - $1 * interval '1 day'",
+                    older_than_days,
+                )
+            ]
+            if not ids:
+                return 0, 0
+            rows = await conn.fetchval(
+                "WITH d AS (DELETE FROM sluice.row_log WHERE run_id = ANY($1::uuid[])"
+                " RETURNING 1) SELECT count(*) FROM d",
+                ids,
+            )
+            await conn.execute("DELETE FROM sluice.events WHERE run_id = ANY($1::uuid[])", ids)
+            await conn.execute("DELETE FROM sluice.runs WHERE id = ANY($1::uuid[])", ids)
+            return len(ids), int(rows)
+
     async def failed_rows(
         self, run_id: uuid.UUID, *, limit: int | None = None, offset: int = 0
     ) -> Sequence[RowFailure]:

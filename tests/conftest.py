@@ -3,6 +3,7 @@ workers as separate processes, started once per test session. Nothing is mocked.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -24,6 +25,7 @@ from sluice.worker import prepare
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTITIONS = 4
+WEBHOOK_SECRET = "test-webhook-secret"
 
 
 class Worker:
@@ -79,6 +81,7 @@ class Stack:
         self.root = root
         self.broker = EmbeddedBroker(free_port(), root / "broker.log")
         self.postgres = EmbeddedPostgres(root / "pg", free_port(), root / "pg.log")
+        self.webhook_port = free_port()  # tests/test_webhooks.py serves the hook here
         self.workers: list[Worker] = []
 
     @property
@@ -92,6 +95,18 @@ class Stack:
             SLUICE_IMPORTERS="tests.importers",
             SLUICE_HOME=str(self.root / "home"),
             PYTHONPATH=str(ROOT),
+            SLUICE_WEBHOOKS=json.dumps(
+                [
+                    {
+                        "url": f"http://127.0.0.1:{self.webhook_port}/hook",
+                        "events": ["run.completed"],
+                        "importers": ["t_hook"],
+                    }
+                ]
+            ),
+            SLUICE_WEBHOOK_SECRET=WEBHOOK_SECRET,
+            SLUICE_WEBHOOK_BACKOFF="0.5",
+            SLUICE_WEBHOOK_RETRY_INTERVAL="0.2",
         )
         return env
 

@@ -199,6 +199,9 @@ def test_up_env_run_down(tmp_path: Path) -> None:
         assert f"SLUICE_KAFKA_BOOTSTRAP={state.kafka_bootstrap}" in shown.stdout
         assert f"SLUICE_DATABASE_URL={state.database_url}" in shown.stdout
         assert f"SLUICE_API_URL={state.api_url}" in shown.stdout
+        token = (home / "api_token").read_text().strip()
+        assert f"SLUICE_API_TOKEN={token}" in shown.stdout and len(token) >= 32
+        assert (home / "api_token").stat().st_mode & 0o077 == 0  # readable by its owner only
         assert httpx.get(f"{state.api_url}/healthz", timeout=10).status_code == 200
 
         sample = ROOT / "sluice" / "samples" / "products.csv"
@@ -209,7 +212,9 @@ def test_up_env_run_down(tmp_path: Path) -> None:
         assert result["processed_rows"] == result["total_rows"]
 
         # The HTTP API of the same stack: upload, follow, and its errors.
-        with httpx.Client(base_url=state.api_url, timeout=30) as http:
+        with httpx.Client(
+            base_url=state.api_url, timeout=30, headers={"Authorization": f"Bearer {token}"}
+        ) as http:
             sent = http.post(
                 "/api/v1/imports/products/upload",
                 files={"file": ("products.csv", sample.read_bytes(), "text/csv")},
@@ -364,3 +369,34 @@ async def test_retry_lands_rows_once_the_cause_is_fixed(
 
     nothing = await asyncio.to_thread(sluice, "retry", child["id"], env=stack.env)
     assert nothing.returncode == 1 and "no rejected rows" in nothing.stderr
+
+
+async def test_prune_files_and_rows(
+    stack: Stack, client: Client, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    path = tmp_path / "fruit.csv"
+    path.write_text(FILE)
+    old = await client.wait((await client.submit_file("t_cli", path)).id, timeout=120)
+    recent = await client.wait((await client.submit_file("t_cli", path)).id, timeout=120)
+    assert old.failed_rows == 1 and old.file_id is not None
+    await db.execute(
+        "UPDATE sluice.runs SET completed_at = now() - interval '40 days' WHERE id = $1", old.id
+    )
+    await db.execute(
+        "UPDATE sluice.files SET created_at = now() - interval '40 days' WHERE id = $1",
+        old.file_id,
+    )
+
+    files = await asyncio.to_thread(sluice, "prune-files", "--hours", "24", env=stack.env)
+    assert files.returncode == 0, files.stderr
+    assert "deleted 1 stored file" in files.stdout
+    assert await db.fetchval("SELECT count(*) FROM sluice.files WHERE id = $1", old.file_id) == 0
+    assert await db.fetchval("SELECT file_id FROM sluice.runs WHERE id = $1", old.id) is None
+    assert await db.fetchval("SELECT count(*) FROM sluice.files WHERE id = $1", recent.file_id) == 1
+
+    rows = await asyncio.to_thread(sluice, "prune-rows", "--days", "30", env=stack.env)
+    assert rows.returncode == 0, rows.stderr
+    assert "deleted 1 finished run(s) and 1 rejected row(s)" in rows.stdout
+    assert await db.fetchval("SELECT count(*) FROM sluice.runs WHERE id = $1", old.id) == 0
+    assert await db.fetchval("SELECT count(*) FROM sluice.row_log WHERE run_id = $1", old.id) == 0
+    assert await db.fetchval("SELECT count(*) FROM sluice.runs WHERE id = $1", recent.id) == 1

@@ -24,6 +24,7 @@ from decimal import Decimal
 from typing import Any
 
 from schemas.runs import DuplicatePolicy
+from schemas.webhooks import DEFAULT_WEBHOOK_EVENTS, check_webhook_target
 from sluice.formats import FormatOptions
 
 # Column types an importer can declare: the Python type pydantic validates into, and the
@@ -104,6 +105,22 @@ class UriKey:
 
 
 @dataclass(frozen=True)
+class Webhook:
+    """A URL that receives this importer's run lifecycle events as signed JSON POSTs.
+
+    ``secret_env`` names the environment variable holding the signing secret; without it the
+    default secret (``SLUICE_WEBHOOK_SECRET``) signs. The secret itself never sits in code.
+    """
+
+    url: str
+    events: tuple[str, ...] = DEFAULT_WEBHOOK_EVENTS
+    secret_env: str | None = None
+
+    def __post_init__(self) -> None:
+        check_webhook_target(self.url, self.events)
+
+
+@dataclass(frozen=True)
 class Importer:
     slug: str
     table: str
@@ -120,6 +137,7 @@ class Importer:
     schema: str = "public"
     # Ad-hoc imports leave typing to PostgreSQL's casts: values travel as text.
     validate_in_database: bool = False
+    webhooks: tuple[Webhook, ...] = ()
 
     def __post_init__(self) -> None:
         names = [f.name for f in self.output_fields()]

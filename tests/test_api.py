@@ -1,0 +1,227 @@
+"""The HTTP API: a real `sluice api` process on a real port, against the real stack."""
+
+from __future__ import annotations
+
+import csv
+import io
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from sluice.client import Client
+from sluice.stack import free_port, wait_for_port
+from tests.conftest import ROOT, Stack
+
+pytestmark = pytest.mark.stack
+
+TOKEN = "test-token-" + uuid.uuid4().hex
+LIMIT = 200_000  # bytes: the upload limit of this API process
+
+GOOD = b"id,name,price,qty,day,version\n1,a,1.00,1,2024-01-01,1\n2,b,2.00,2,2024-01-02,1\n"
+WITH_BAD = GOOD + b"3,c,notanumber,3,2024-01-03,1\n4,=HYPERLINK(1),4.00,x,2024-01-04,1\n"
+
+
+@pytest.fixture(scope="module")
+def api(stack: Stack, client: Client, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    env = {
+        **stack.env,
+        "SLUICE_API_TOKEN": TOKEN,
+        "SLUICE_API_MAX_UPLOAD_BYTES": str(LIMIT),
+        "SLUICE_API_WAIT_TIMEOUT": "60",
+    }
+    log = (tmp_path_factory.mktemp("api") / "api.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sluice", "api", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for_port("127.0.0.1", port, timeout=60)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        log.close()
+
+
+@pytest.fixture
+def http(api: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=api, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=90) as c:
+        yield c
+
+
+def upload(http: httpx.Client, slug: str, body: bytes, **params: str) -> httpx.Response:
+    data = {"dry_run": params.pop("dry_run")} if "dry_run" in params else None
+    return http.post(
+        f"/api/v1/imports/{slug}/upload",
+        files={"file": ("rows.csv", body, "text/csv")},
+        data=data,
+        params=params,
+    )
+
+
+def assert_error(response: httpx.Response, status: int, code: str | None = None) -> str:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}
+    if code:
+        assert body["error"]["code"] == code
+    message: str = body["error"]["message"]
+    assert message
+    return message
+
+
+def test_tokens(api: str) -> None:
+    with httpx.Client(base_url=api, timeout=30) as anon:
+        assert anon.get("/healthz").json() == {"status": "ok"}  # public by default
+        assert anon.get("/readyz").json() == {"status": "ready"}
+        missing = anon.get("/api/v1/runs")
+        assert "missing API token" in assert_error(missing, 401, "unauthorized")
+        assert missing.headers["www-authenticate"] == "Bearer"
+        wrong = anon.get("/api/v1/runs", headers={"Authorization": "Bearer nope"})
+        assert "wrong API token" in assert_error(wrong, 401)
+        assert_error(anon.get("/metrics"), 401)  # metrics need a token unless configured
+        assert_error(anon.post("/api/v1/imports/t_api/upload", files={"file": b"x"}), 401)
+        assert anon.get("/api/v1/openapi.json").status_code == 200
+
+
+def test_upload_wait_and_follow(http: httpx.Client, api: str) -> None:
+    sent = upload(http, "t_api", GOOD)
+    assert sent.status_code == 202 and sent.json()["status"] == "queued"
+    done = upload(http, "t_api", WITH_BAD, wait="true")
+    assert done.status_code == 200, done.text
+    run = done.json()
+    assert run["status"] == "completed_with_errors"
+    assert (run["processed_rows"], run["failed_rows"]) == (4, 2)
+    assert http.get(f"/api/v1/runs/{run['id']}").json()["id"] == run["id"]
+
+    page = http.get(f"/api/v1/runs/{run['id']}/failed-rows", params={"limit": 1}).json()
+    assert page["pagination"] == {"page": 1, "limit": 1, "total": 2, "totalPages": 2}
+    assert page["data"][0]["row_number"] == 3 and "price" in page["data"][0]["reason"]
+    second = http.get(f"/api/v1/runs/{run['id']}/failed-rows", params={"limit": 1, "page": 2})
+    assert second.json()["data"][0]["row_number"] == 4
+    exported = http.get(f"/api/v1/runs/{run['id']}/failed-rows", params={"format": "csv"})
+    assert exported.headers["content-type"].startswith("text/csv")
+    table = list(csv.DictReader(io.StringIO(exported.text)))
+    assert [r["row_number"] for r in table] == ["3", "4"]
+    assert table[1]["name"] == "'=HYPERLINK(1)"
+
+    # Server-Sent Events: the run's whole timeline, ending with its final event.
+    with http.stream("GET", f"/api/v1/runs/{run['id']}/events") as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        text = "".join(stream.iter_text())
+    events = [
+        orjson.loads(line[len("data: ") :])
+        for line in text.splitlines()
+        if line.startswith("data:")
+    ]
+    assert events[0]["type"] == "run.started" and events[-1]["type"] == "run.completed"
+    assert all(e["run_id"] == run["id"] for e in events)
+    ids = [line.split(": ")[1] for line in text.splitlines() if line.startswith("id:")]
+    with http.stream(
+        "GET", f"/api/v1/runs/{run['id']}/events", headers={"Last-Event-ID": ids[-2]}
+    ) as resumed:
+        rest = "".join(resumed.iter_text())
+    assert rest.count("data:") == 1 and "run.completed" in rest
+
+    retried = http.post(f"/api/v1/runs/{run['id']}/retry")
+    assert retried.status_code == 202 and retried.json()["parent_run_id"] == run["id"]
+    first = sent.json()["id"]
+    for _ in range(600):  # the first upload was not waited for: let it finish
+        if http.get(f"/api/v1/runs/{first}").json()["status"] not in ("queued", "running"):
+            break
+        time.sleep(0.1)
+    assert_error(http.post(f"/api/v1/runs/{first}/retry"), 409, "conflict")
+    assert_error(http.post(f"/api/v1/runs/{first}/cancel"), 409, "conflict")
+
+
+def test_runs_listing(http: httpx.Client) -> None:
+    for _ in range(3):
+        assert upload(http, "t_api", GOOD, dry_run="true").status_code == 202
+    listed = http.get("/api/v1/runs", params={"importer": "t_api", "limit": 2}).json()
+    assert set(listed) == {"data", "pagination"}
+    p = listed["pagination"]
+    assert p["limit"] == 2 and p["total"] >= 3 and p["totalPages"] == -(-p["total"] // 2)
+    assert len(listed["data"]) == 2
+    times = [r["queued_at"] for r in listed["data"]]
+    assert times == sorted(times, reverse=True)
+    done = http.get("/api/v1/runs", params={"status": "completed", "limit": 500}).json()
+    assert all(r["status"] == "completed" for r in done["data"])
+    recent = http.get("/api/v1/runs/recent", params={"limit": 3}).json()["data"]
+    assert len(recent) == 3
+    assert "status" in assert_error(http.get("/api/v1/runs", params={"status": "zzz"}), 422)
+    assert_error(http.get("/api/v1/runs", params={"page": 0}), 422)
+
+
+def test_errors(http: httpx.Client, tmp_path: Path) -> None:
+    unknown = upload(http, "no_such_importer", GOOD)
+    assert "no_such_importer" in assert_error(unknown, 404, "not_found")
+    assert_error(http.get(f"/api/v1/runs/{uuid.uuid4()}"), 404, "not_found")
+    assert_error(http.get("/api/v1/runs/not-a-uuid"), 422)
+    assert_error(http.get("/api/v1/nothing-here"), 404)
+    big = b"id,name\n" + b"".join(b"%d,%s\n" % (i, b"x" * 100) for i in range(5000))
+    assert len(big) > LIMIT
+    assert "limit" in assert_error(upload(http, "t_api", big), 413, "too_large")
+    as_json = http.post("/api/v1/imports/t_api/upload", json={"rows": []})
+    assert "multipart/form-data" in assert_error(as_json, 415, "unsupported_media_type")
+    raw = http.post(
+        "/api/v1/imports/t_api/upload", content=GOOD, headers={"Content-Type": "text/csv"}
+    )
+    assert_error(raw, 415)
+    assert "no pull source" in assert_error(
+        http.post("/api/v1/imports/t_api/trigger", json={}), 422, "no_pull_source"
+    )
+    empty = upload(http, "t_api", b"", wait="true")
+    assert empty.status_code == 200 and empty.json()["status"] == "failed"
+    assert "empty" in empty.json()["error"]
+
+
+def test_metrics(http: httpx.Client) -> None:
+    assert upload(http, "t_api", GOOD, wait="true").status_code == 200
+    text = http.get("/metrics").text
+    assert "# TYPE sluice_rows_total counter" in text
+    values = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert values['sluice_runs{status="completed"}'] >= 1
+    assert values['sluice_rows_total{outcome="created"}'] >= 2
+    assert values["sluice_batches_applied_total"] >= 1
+    assert 'sluice_consumer_lag{group="sluice",topic="sluice.batches"}' in values
+
+
+# ----------------------------------------------------------------------------- schemathesis
+
+
+def test_openapi_contract(api: str) -> None:
+    """Generated requests against every operation of the OpenAPI document: no 5xx, and every
+    answer fits the document (status, content type, body schema)."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+
+    schema = schemathesis.openapi.from_url(f"{api}/api/v1/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 13
+    for operation in operations:
+
+        @settings(
+            max_examples=10, deadline=None, suppress_health_check=list(HealthCheck), database=None
+        )
+        @given(case=operation.as_strategy())
+        def check(case: schemathesis.Case) -> None:
+            case.call_and_validate(
+                base_url=api, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60
+            )
+
+        check()

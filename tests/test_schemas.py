@@ -1,0 +1,96 @@
+"""The committed JSON Schema files: up to date with the models, and true of real events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from pathlib import Path
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer
+from jsonschema import Draft202012Validator
+
+from schemas.generate import JSON_DIR, MODELS, render_schemas, schema_file_name, write_schemas
+from sluice.client import Client
+from streams.topics import LIFECYCLE
+from tests.conftest import Stack, finish
+
+
+def test_committed_schemas_match_the_models() -> None:
+    for name, text in render_schemas().items():
+        path = JSON_DIR / name
+        assert path.exists(), f"{path} is missing: run `make schemas` and commit schemas/json"
+        assert path.read_text(encoding="utf-8") == text, (
+            f"{path} is out of date with the pydantic models: run `make schemas` and commit it"
+        )
+    stale = {p.name for p in JSON_DIR.glob("*.schema.json")} - set(render_schemas())
+    assert not stale, f"schemas/json has files no model generates: {sorted(stale)}"
+
+
+def test_schemas_are_valid_deterministic_and_end_with_a_newline(tmp_path: Path) -> None:
+    first = write_schemas(tmp_path)
+    assert {p.name for p in first} == {schema_file_name(m) for m in MODELS}
+    assert write_schemas(tmp_path) == []  # nothing changed, nothing written
+    for path in first:
+        text = path.read_text(encoding="utf-8")
+        assert text.endswith("}\n")
+        schema = json.loads(text)
+        Draft202012Validator.check_schema(schema)
+        assert json.dumps(schema, indent=2, sort_keys=True, ensure_ascii=False) + "\n" == text
+
+
+def test_lifecycle_event_schema_names_the_contract_fields() -> None:
+    schema = json.loads((JSON_DIR / "LifecycleEvent.schema.json").read_text())
+    assert {"event_id", "type", "run_id", "importer", "time", "counters"} <= set(schema["required"])
+    assert "error" in schema["properties"]
+    validator = Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+    bad = {"event_id": "not-a-uuid", "type": "run.started", "run_id": str(uuid.uuid4())}
+    assert not validator.is_valid(bad)
+
+
+async def _raw_events(bootstrap: str, run_ids: set[str], until: int) -> list[dict[str, object]]:
+    consumer = AIOKafkaConsumer(
+        LIFECYCLE, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None
+    )
+    await consumer.start()
+    seen: list[dict[str, object]] = []
+    finished: set[str] = set()
+    try:
+        async with asyncio.timeout(60):
+            while len(finished) < until:
+                for records in (await consumer.getmany(timeout_ms=500)).values():
+                    for record in records:
+                        event = orjson.loads(record.value)
+                        if event["run_id"] in run_ids:
+                            seen.append(event)
+                            if event["type"] in ("run.completed", "run.failed"):
+                                finished.add(event["run_id"])
+    finally:
+        await consumer.stop()
+    return seen
+
+
+@pytest.mark.stack
+async def test_real_lifecycle_events_validate(stack: Stack, client: Client) -> None:
+    from sluice import sdk
+
+    settings = stack.settings()
+    ok = await sdk.start(
+        "t_sdk", b"id,name,price\n1,apple,1.5\n2,pear,oops\n", name="f.csv", settings=settings
+    )
+    bad = await sdk.start("t_sdk", b"id,name,price\n", name="empty.csv", settings=settings)
+    assert (await finish(client, ok, stack)).status.value == "completed_with_errors"
+    assert (await finish(client, bad, stack)).status.value == "failed"
+
+    events = await _raw_events(stack.broker.bootstrap, {str(ok.id), str(bad.id)}, until=2)
+    schema = json.loads((JSON_DIR / "LifecycleEvent.schema.json").read_text())
+    validator = Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+    for event in events:
+        errors = [e.message for e in validator.iter_errors(event)]
+        assert not errors, f"{event} does not validate: {errors}"
+    types = {e["type"] for e in events}
+    assert {"run.started", "run.completed", "run.failed"} <= types
+    failed = next(e for e in events if e["type"] == "run.failed")
+    assert failed["error"] and "no data rows" in str(failed["error"])
