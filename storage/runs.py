@@ -15,7 +15,7 @@ import asyncpg
 import orjson
 
 from schemas.events import LifecycleEvent, LifecycleEventType
-from schemas.runs import Run, RunCounters, RunStatus
+from schemas.runs import Run, RunStatus
 from streams.topics import LIFECYCLE
 
 RUN_COLUMNS = (
@@ -198,14 +198,14 @@ class RunRepository:
         """Queued -> running. Returns None when the run is finished or unknown (a redelivered
         request); a run that is already running is returned as it is, to be split again."""
         async with self.pool.acquire() as conn, conn.transaction():
-            record = await conn.fetchrow(
+            run = await transition(
+                conn,
+                LifecycleEventType.STARTED,
                 "UPDATE sluice.runs SET status = 'running', started_at = now()"
-                f" WHERE id = $1 AND status = 'queued' RETURNING {RUN_COLUMNS}",
+                " WHERE id = $1 AND status = 'queued'",
                 run_id,
             )
-            if record is not None:
-                run = run_from_record(record)
-                await emit_event(conn, run, LifecycleEventType.STARTED)
+            if run is not None:
                 return run
             current = await self.get(run_id, conn)
             if current is None or current.status is not RunStatus.RUNNING:
@@ -232,17 +232,14 @@ class RunRepository:
 
     async def fail(self, run_id: uuid.UUID, error: str) -> Run | None:
         async with self.pool.acquire() as conn, conn.transaction():
-            record = await conn.fetchrow(
+            return await transition(
+                conn,
+                LifecycleEventType.FAILED,
                 "UPDATE sluice.runs SET status = 'failed', error = $2, completed_at = now()"
-                f" WHERE id = $1 AND status IN ('queued', 'running') RETURNING {RUN_COLUMNS}",
+                " WHERE id = $1 AND status IN ('queued', 'running')",
                 run_id,
                 error,
             )
-            if record is None:
-                return None
-            run = run_from_record(record)
-            await emit_event(conn, run, LifecycleEventType.FAILED)
-            return run
 
     async def record_split_progress(
         self, run_id: uuid.UUID, rows_read: int, read_fraction: float
@@ -263,18 +260,14 @@ class RunRepository:
         transaction adds to the counters only while the run is running, else it rolls back.
         Returns None when the run is not queued or running."""
         async with self.pool.acquire() as conn, conn.transaction():
-            record = await conn.fetchrow(
+            return await transition(
+                conn,
+                LifecycleEventType.CANCELLED,
                 "UPDATE sluice.runs SET status = 'cancelled', completed_at = now(),"
                 " error = 'cancelled on request; the rows applied before stay'"
-                " WHERE id = $1 AND status IN ('queued', 'running')"
-                f" RETURNING {RUN_COLUMNS}",
+                " WHERE id = $1 AND status IN ('queued', 'running')",
                 run_id,
             )
-            if record is None:
-                return None
-            run = run_from_record(record)
-            await emit_event(conn, run, LifecycleEventType.CANCELLED)
-            return run
 
     async def record_rejections(self, run_id: uuid.UUID, failures: Sequence[RowFailure]) -> int:
         """Store rows rejected before any batch (parse and validation errors). Idempotent: a row
@@ -335,19 +328,26 @@ async def insert_row_failures(
 async def finalize_if_done(conn: asyncpg.Connection, run_id: uuid.UUID) -> Run | None:
     """Complete the run when the split is done and every batch is applied. Safe to call from the
     split and from every batch: the row lock makes exactly one caller see the transition."""
-    record = await conn.fetchrow(
+    return await transition(
+        conn,
+        LifecycleEventType.COMPLETED,
         "UPDATE sluice.runs SET completed_at = now(), status = CASE WHEN failed_rows > 0"
         " THEN 'completed_with_errors' ELSE 'completed' END"
         " WHERE id = $1 AND status = 'running' AND split_done"
-        f" AND applied_batches >= total_batches RETURNING {RUN_COLUMNS}",
+        " AND applied_batches >= total_batches",
         run_id,
     )
+
+
+async def transition(
+    conn: asyncpg.Connection, event: LifecycleEventType, update: str, *args: Any
+) -> Run | None:
+    """Run ``update`` (an UPDATE of one run, guarded by its current status) and, when it
+    changed the run, write ``event`` to the outbox in the same transaction. None when the
+    guard did not match (another caller made the transition first, or the run is finished)."""
+    record = await conn.fetchrow(f"{update} RETURNING {RUN_COLUMNS}", *args)
     if record is None:
         return None
     run = run_from_record(record)
-    await emit_event(conn, run, LifecycleEventType.COMPLETED)
+    await emit_event(conn, run, event)
     return run
-
-
-def counters_of(run: Run) -> RunCounters:
-    return run.counters()
