@@ -42,6 +42,27 @@ class ImportRequested(BaseModel):
     requested_at: datetime
 
 
+class TriggerRequested(BaseModel):
+    """On the triggers topic, keyed by run id: a queued run that pulls from a source."""
+
+    run_id: UUID
+    importer: str
+    source: str = Field(description="url, ftp, sftp, filesystem or api")
+    params: dict[str, Any] = Field(
+        default={}, description="the trigger's parameters (url, file, pattern, path, ...)"
+    )
+    dry_run: bool = False
+    requested_at: datetime
+
+
+class ItemPage(BaseModel):
+    """On the items topic, keyed by ``<run_id>:<seq>``: a page of discovered items whose
+    details are to be fetched. The items are in the ``sluice.items`` table."""
+
+    run_id: UUID
+    seq: int
+
+
 class PoisonBatch(ValueError):
     """A message on the batches topic that is not a batch: it goes to the dead-letter topic."""
 

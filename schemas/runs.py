@@ -7,7 +7,7 @@ from enum import StrEnum
 from typing import Any
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class RunStatus(StrEnum):
@@ -51,6 +51,9 @@ class RunCounters(BaseModel):
     skipped_rows: int = 0
     failed_rows: int = 0
     progress_percent: float = 0.0
+    items_discovered: int = Field(default=0, description="API sources: items listed so far")
+    items_completed: int = Field(default=0, description="API sources: items fetched and applied")
+    items_failed: int = Field(default=0, description="API sources: items that failed for good")
 
 
 class Run(RunCounters):
@@ -70,6 +73,12 @@ class Run(RunCounters):
     total_batches: int | None = None
     applied_batches: int = 0
     options: dict[str, Any] = {}
+    source_location: str | None = Field(
+        default=None, description="where a pulled file came from: the final URL, remote path"
+    )
+    rate_limit_hits: int = Field(default=0, description="HTTP 429 answers from the source")
+    rate_limit_sleeps: int = Field(default=0, description="waits for the source's rate limit")
+    total_sleep_seconds: float = Field(default=0.0, description="time spent in those waits")
 
     def counters(self) -> RunCounters:
         return RunCounters.model_validate(self.model_dump(include=set(RunCounters.model_fields)))

@@ -18,11 +18,11 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import orjson
-from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import Body, Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from schemas.runs import Run, RunStatus
@@ -32,13 +32,16 @@ from sluice.errors import (
     FileTooLarge,
     ImporterNotFound,
     InvalidRequest,
+    NoPullSource,
     NothingToRetry,
     RunNotCancellable,
     RunNotFound,
     SluiceError,
+    TransientError,
 )
 from sluice.formats import FileFormatError
 from sluice.metrics import render_metrics
+from sluice.sources.base import SourceError
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,20 @@ class ApiError(Exception):
         self.status = status
         self.code = code
         self.message = message
+
+
+class TriggerBody(BaseModel):
+    """A trigger's parameters. Sources read the fields they know; others pass through."""
+
+    model_config = ConfigDict(extra="allow")
+
+    url: str | None = Field(default=None, description="URL sources: the file to fetch")
+    file: str | None = Field(default=None, description="FTP/SFTP: a file name in the folder")
+    pattern: str | None = Field(
+        default=None, description="FTP/SFTP: a glob; the newest matching file is imported"
+    )
+    path: str | None = Field(default=None, description="filesystem: a path under the roots")
+    dry_run: bool = False
 
 
 class ErrorBody(BaseModel):
@@ -89,7 +106,7 @@ def error(status: int, code: str, message: str) -> JSONResponse:
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 413, 415, 422)
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 413, 415, 422, 503)
 }
 
 
@@ -191,6 +208,12 @@ def create_api(settings: Settings) -> FastAPI:
             return error(413, "too_large", str(exc))
         if isinstance(exc, InvalidRequest):
             return error(400, "invalid_request", str(exc))
+        if isinstance(exc, NoPullSource):
+            return error(422, "no_pull_source", str(exc))
+        if isinstance(exc, SourceError):
+            return error(422, "source_refused", str(exc))
+        if isinstance(exc, TransientError):
+            return error(503, "unavailable", str(exc))
         return error(422, "unprocessable", str(exc))
 
     @app.exception_handler(FileFormatError)
@@ -287,19 +310,37 @@ def create_api(settings: Settings) -> FastAPI:
         return Response(run.model_dump_json(), status_code=status, media_type="application/json")
 
     @app.post(
-        "/api/v1/imports/{slug}/trigger", status_code=202, dependencies=auth, tags=["imports"]
+        "/api/v1/imports/{slug}/trigger",
+        status_code=202,
+        dependencies=auth,
+        tags=["imports"],
+        responses={200: {"model": Run, "description": "with ?wait=true: the finished run"}},
     )
-    async def trigger(slug: str, params: dict[str, Any] | None = None) -> Run:
-        """Start an import that pulls its data (URL, FTP, paginated API sources)."""
-        importer = client.rt.registry.get(slug)
-        # Pull sources (URL, FTP/SFTP, paginated APIs) are not built yet: every importer takes
-        # files only, and says so.
-        raise ApiError(
-            422,
-            "no_pull_source",
-            f"importer {slug!r} has no pull source (it accepts: {', '.join(importer.sources)});"
-            f" upload a file to /api/v1/imports/{slug}/upload instead",
-        )
+    async def trigger(
+        slug: str,
+        body: Annotated[
+            TriggerBody | None,
+            Body(
+                openapi_examples={
+                    "url": {"value": {"url": "https://example.com/products.csv"}},
+                    "ftp": {"value": {"pattern": "orders-*.csv"}},
+                    "api": {"value": {"dry_run": True}},
+                }
+            ),
+        ] = None,
+        wait: Annotated[bool, Query(description="answer when the run finishes")] = False,
+    ) -> Response:
+        """Start an import that pulls its data: a URL (``url``), an FTP/SFTP file (``file`` or
+        ``pattern``), a file under the configured roots (``path``), or the importer's paginated
+        API. Every other field is passed to the source as a parameter."""
+        params = (body or TriggerBody()).model_dump(exclude_none=True)
+        dry_run = bool(params.pop("dry_run", False))
+        run = await client.trigger(slug, params, dry_run=dry_run, requested_by="api")
+        status = 202
+        if wait:
+            run = await client.wait(run.id, timeout=settings.api.wait_timeout)
+            status = 200 if run.status.terminal else 202
+        return Response(run.model_dump_json(), status_code=status, media_type="application/json")
 
     # ------------------------------------------------------------------ runs
 

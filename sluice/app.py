@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
 from datetime import UTC, datetime
@@ -11,12 +10,18 @@ from typing import Any
 import faust
 from pydantic import ValidationError
 
+from agents.detail import fetch_page
+from agents.discover import discover
+from agents.fetch import after_import, handle_trigger
 from agents.lifecycle import relay_outbox
+from agents.retry import retrying
 from agents.split import split_file
 from agents.upsert import PlanCache, upsert_batch
 from agents.webhooks import HookSet, WebhookDispatcher
-from schemas.events import DeadLetter, ImportRequested
+from schemas.events import DeadLetter, ImportRequested, ItemPage, TriggerRequested
+from schemas.runs import Run
 from sluice.runtime import Runtime
+from sluice.schedule import fire_due
 from streams import topics
 
 log = logging.getLogger(__name__)
@@ -91,39 +96,30 @@ def create_app(rt: Runtime, *, app_id: str = "sluice", hooks: HookSet | None = N
     async def flush() -> None:
         await app.producer.flush()
 
-    async def split_with_retry(request: ImportRequested, send: Any, event: Any) -> None:
-        """A split that fails for a reason other than the file (database or broker trouble) is
-        tried again: splitting is idempotent. After the last try the run fails with the cause
-        and the request goes to the dead-letter topic, to be replayed once the cause is fixed."""
+    async def with_retries(what: str, run_id: Any, event: Any, work: Any) -> None:
+        """Work that fails for a reason other than its input (database, broker or source
+        trouble) is tried again: splitting, fetching and applying are idempotent. After the last
+        try the run fails with the cause and the message goes to the dead-letter topic, to be
+        replayed once the cause is fixed."""
         attempts = rt.settings.pipeline.apply_attempts
-        delay = 0.5
-        for attempt in range(1, attempts + 1):
+        try:
+            await retrying(f"{what} of run {run_id}", attempts, work)
+        except Exception as exc:
+            log.exception("%s of run %s failed %d times", what, run_id, attempts)
+            await dead_letter(event, f"{what} failed: {type(exc).__name__}: {exc}")
             try:
-                await split_file(rt, request, send, flush)
-                return
-            except Exception as exc:
-                if attempt < attempts:
-                    log.warning(
-                        "split of run %s attempt %d failed (%s); retrying in %.1fs",
-                        request.run_id,
-                        attempt,
-                        exc,
-                        delay,
-                    )
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 10.0)
-                    continue
-                log.exception("split of run %s failed %d times", request.run_id, attempts)
-                reason = f"split failed: {type(exc).__name__}: {exc}"
-                await dead_letter(event, reason)
-                try:
-                    await (await rt.runs()).fail(
-                        request.run_id,
-                        f"internal error while splitting the file ({type(exc).__name__}: {exc}); "
-                        "the request is on the dead-letter topic",
-                    )
-                except Exception:
-                    log.exception("could not mark run %s failed", request.run_id)
+                await (await rt.runs()).fail(
+                    run_id,
+                    f"{what} failed {attempts} times ({type(exc).__name__}: {exc}); "
+                    "the message is on the dead-letter topic",
+                )
+            except Exception:
+                log.exception("could not mark run %s failed", run_id)
+
+    async def split_with_retry(request: ImportRequested, send: Any, event: Any) -> None:
+        await with_retries(
+            "split", request.run_id, event, lambda: split_file(rt, request, send, flush)
+        )
 
     @app.agent(requests, name="split")
     async def split_agent(stream: Any) -> None:
@@ -148,6 +144,72 @@ def create_app(rt: Runtime, *, app_id: str = "sluice", hooks: HookSet | None = N
 
             await upsert_batch(rt, event.key, event.value, plans, to_dead)
 
+    triggers = topic(topics.TRIGGERS, kafka.partitions)
+    item_pages = topic(topics.ITEMS, kafka.partitions)
+
+    async def publish_request(request: ImportRequested) -> None:
+        await requests.send(
+            key=str(request.run_id).encode(), value=request.model_dump_json().encode()
+        )
+
+    async def send_page(run_id: Any, seq: int) -> None:
+        page = ItemPage(run_id=run_id, seq=seq)
+        await item_pages.send(key=f"{run_id}:{seq}".encode(), value=page.model_dump_json().encode())
+
+    @app.agent(triggers, name="fetch")
+    async def fetch_agent(stream: Any) -> None:
+        async for event in stream.events():
+            try:
+                trigger = TriggerRequested.model_validate_json(event.value)
+            except ValidationError as exc:
+                await dead_letter(event, f"not a valid trigger: {exc.errors()[:3]}")
+                continue
+
+            async def run_discovery(run: Run, trigger: TriggerRequested) -> None:
+                await discover(rt, run, send_page, flush)
+
+            await with_retries(
+                "fetch",
+                trigger.run_id,
+                event,
+                lambda trigger=trigger, run_discovery=run_discovery: handle_trigger(
+                    rt, trigger, publish_request, run_discovery
+                ),
+            )
+
+    @app.agent(item_pages, name="detail")
+    async def detail_agent(stream: Any) -> None:
+        async for event in stream.events():
+            try:
+                page = ItemPage.model_validate_json(event.value)
+            except ValidationError as exc:
+                await dead_letter(event, f"not a valid item page: {exc.errors()[:3]}")
+                continue
+            await with_retries(
+                "item details",
+                page.run_id,
+                event,
+                lambda page=page: fetch_page(rt, page, plans),
+            )
+
+    async def publish_trigger(run: Run, kind: str, params: dict[str, Any]) -> None:
+        trigger = TriggerRequested(
+            run_id=run.id,
+            importer=run.importer,
+            source=kind,
+            params=params,
+            dry_run=run.dry_run,
+            requested_at=datetime.now(UTC),
+        )
+        await triggers.send(key=str(run.id).encode(), value=trigger.model_dump_json().encode())
+
+    @app.timer(rt.settings.pipeline.schedule_interval)  # type: ignore[untyped-decorator]
+    async def schedule_tick() -> None:
+        try:
+            await fire_due(rt, publish_trigger, grace=rt.settings.pipeline.schedule_grace)
+        except Exception:
+            log.exception("schedule tick failed; will try again")
+
     @app.timer(rt.settings.pipeline.relay_interval)  # type: ignore[untyped-decorator]
     async def relay() -> None:
         async def send(topic_name: str, key: str | None, value: bytes) -> None:
@@ -164,6 +226,10 @@ def create_app(rt: Runtime, *, app_id: str = "sluice", hooks: HookSet | None = N
     async def webhooks_agent(stream: Any) -> None:
         async for event in stream.events():
             await webhooks.on_event(event.value)
+            try:
+                await after_import(rt, event.value)
+            except Exception:
+                log.exception("after-import action failed")
 
     @app.timer(rt.settings.webhooks.retry_interval)  # type: ignore[untyped-decorator]
     async def retry_webhooks() -> None:

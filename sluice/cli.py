@@ -95,6 +95,18 @@ def summary(run: Run) -> str:
         secs = (run.completed_at - run.started_at).total_seconds()
         rate = run.processed_rows / secs if secs > 0 else 0
         lines.append(f"  took {secs:.1f}s ({rate:,.0f} rows/s)")
+    if run.source_location:
+        lines.append(f"  source: {run.source} {run.source_location}")
+    if run.source == "api":
+        lines.append(
+            f"  items: {run.items_discovered:,} discovered  {run.items_completed:,} completed"
+            f"  {run.items_failed:,} failed"
+        )
+    if run.rate_limit_hits or run.rate_limit_sleeps:
+        lines.append(
+            f"  rate limit: {run.rate_limit_hits:,} answers 429  {run.rate_limit_sleeps:,} waits"
+            f"  {run.total_sleep_seconds:.1f}s waited"
+        )
     if run.dry_run:
         lines.append("  dry run: nothing was written to the target table")
     if run.error:
@@ -246,6 +258,51 @@ def run_cmd(slug: str, path: Path, dry_run: bool, wait: bool, as_json: bool) -> 
     sys.exit(
         run_async(_submit_and_maybe_wait(slug, path, dry_run=dry_run, wait=wait, as_json=as_json))
     )
+
+
+@cli.command("trigger")
+@click.argument("slug")
+@click.option("--url", help="URL sources: the file to fetch")
+@click.option("--path", help="filesystem sources: a path under SLUICE_FILE_ROOTS")
+@click.option("--remote-file", "remote_file", help="FTP/SFTP: a file name in the folder")
+@click.option("--pattern", help="FTP/SFTP: a glob; the newest matching file is imported")
+@click.option("--param", "extra", multiple=True, metavar="KEY=VALUE", help="more source parameters")
+@click.option("--dry-run", is_flag=True, help="validate and count; write nothing to the table")
+@click.option("--wait", is_flag=True, help="wait for the run to finish, with a progress bar")
+@click.option("--json", "as_json", is_flag=True, help="print the run object as JSON")
+def trigger_cmd(
+    slug: str,
+    url: str | None,
+    path: str | None,
+    remote_file: str | None,
+    pattern: str | None,
+    extra: tuple[str, ...],
+    dry_run: bool,
+    wait: bool,
+    as_json: bool,
+) -> None:
+    """Start a run of SLUG that pulls its data (URL, FTP/SFTP, filesystem, paginated API)."""
+    from sluice.client import Client
+
+    params: dict[str, Any] = {}
+    for item in extra:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            fail(f"--param {item!r}: write KEY=VALUE", 2)
+        params[key] = value
+    given = {"url": url, "path": path, "file": remote_file, "pattern": pattern}
+    params.update({k: v for k, v in given.items() if v is not None})
+
+    async def go() -> int:
+        async with Client(load_settings()) as client:
+            run = await client.trigger(slug, params, dry_run=dry_run, requested_by=_user())
+            if wait:
+                bar = ProgressBar(sys.stderr.isatty() and not as_json)
+                run = await client.wait(run.id, on_update=bar)
+        click.echo(run_json(run) if as_json else summary(run))
+        return EXIT_STATUS.get(run.status, 0) if wait else 0
+
+    sys.exit(run_async(go()))
 
 
 @cli.command("import")

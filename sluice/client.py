@@ -8,6 +8,7 @@ async with Client(settings) as client:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from datetime import UTC, datetime
@@ -18,15 +19,49 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaProducer
 
-from schemas.events import FileRef, ImportRequested
+from schemas.events import FileRef, ImportRequested, TriggerRequested
 from schemas.runs import Run
 from sluice.config import Settings
-from sluice.errors import InvalidRequest, NothingToRetry, RunNotCancellable, RunNotFound
+from sluice.errors import (
+    InvalidRequest,
+    NoPullSource,
+    NothingToRetry,
+    RunNotCancellable,
+    RunNotFound,
+)
 from sluice.importers.adhoc import ADHOC
+from sluice.importers.dsl import Importer
 from sluice.runtime import Runtime
+from sluice.sources.base import UrlSource
 from storage.filestore import iter_path
 from streams.admin import ensure_topics
-from streams.topics import REQUESTS
+from streams.topics import REQUESTS, TRIGGERS
+
+PULL_KINDS = ("url", "ftp", "sftp", "filesystem", "api")
+
+
+def pull_kind(importer: Importer, params: dict[str, Any]) -> str:
+    """Which source a trigger of ``importer`` pulls from: ``params["source"]`` when given,
+    else the importer's pull source, else a URL or path the params name (for importers that
+    accept ``url`` or ``filesystem`` without declaring a pull source)."""
+    kind = params.get("source")
+    if kind is None and importer.pull is not None:
+        kind = importer.pull.kind
+    if kind is None:
+        kind = next((k for k, p in (("url", "url"), ("filesystem", "path")) if p in params), None)
+    if kind is None or kind not in PULL_KINDS or kind not in importer.sources:
+        accepted = [k for k in importer.sources if k in PULL_KINDS]
+        if not accepted:
+            raise NoPullSource(
+                f"importer {importer.slug!r} has no pull source (it accepts: "
+                f"{', '.join(importer.sources)}); upload a file to "
+                f"/api/v1/imports/{importer.slug}/upload instead"
+            )
+        raise NoPullSource(
+            f"importer {importer.slug!r} pulls from {', '.join(accepted)}, not {kind!r}; "
+            "give the matching parameters (url for url, path for filesystem)"
+        )
+    return str(kind)
 
 
 class Client:
@@ -143,6 +178,55 @@ class Client:
             REQUESTS, request.model_dump_json().encode(), key=str(run.id).encode()
         )
 
+    async def trigger(
+        self,
+        importer: str,
+        params: dict[str, Any] | None = None,
+        *,
+        dry_run: bool = False,
+        requested_by: str | None = None,
+        options: dict[str, Any] | None = None,
+        parent_run_id: uuid.UUID | None = None,
+    ) -> Run:
+        """Queue a run that pulls its data (URL, FTP/SFTP, filesystem, paginated API). A URL is
+        checked against the host policy now, so a refused target fails the request itself."""
+        definition = self.rt.registry.get(importer)
+        params = dict(params or {})
+        kind = pull_kind(definition, params)
+        if kind == "url":
+            from sluice.sources.url import check_url, url_request_parts
+
+            source = definition.pull if isinstance(definition.pull, UrlSource) else UrlSource()
+            # Only the URL matters here: the workers hold the secrets, not this process.
+            bare = dataclasses.replace(source, secret_headers={}, basic_auth_env=None)
+            url, _, _ = url_request_parts(bare, params, {})
+            await check_url(url, self.settings.url)
+        runs = await self.rt.runs()
+        run = await runs.create(
+            importer=importer,
+            source=kind,
+            dry_run=dry_run,
+            options={**(options or {}), "params": params},
+            requested_by=requested_by,
+            parent_run_id=parent_run_id,
+        )
+        await self.publish_trigger(run, kind, params)
+        return run
+
+    async def publish_trigger(self, run: Run, kind: str, params: dict[str, Any]) -> None:
+        trigger = TriggerRequested(
+            run_id=run.id,
+            importer=run.importer,
+            source=kind,
+            params=params,
+            dry_run=run.dry_run,
+            requested_at=datetime.now(UTC),
+        )
+        producer = await self.producer()
+        await producer.send_and_wait(
+            TRIGGERS, trigger.model_dump_json().encode(), key=str(run.id).encode()
+        )
+
     async def get_run(self, run_id: uuid.UUID) -> Run:
         run = await (await self.rt.runs()).get(run_id)
         if run is None:
@@ -180,6 +264,8 @@ class Client:
         now (fixed importers or reference data land rows that failed before). Rows that could not
         be read at all (a wrong number of fields) are rejected again: fix those in the file."""
         parent = await self.get_run(run_id)
+        if parent.source == "api":
+            return await self._retry_items(parent, dry_run=dry_run, requested_by=requested_by)
         runs = await self.rt.runs()
         failures = await runs.failed_rows(run_id)
         if not failures:
@@ -203,6 +289,24 @@ class Client:
             content_type="application/x-ndjson",
             parent_run_id=parent.id,
         )
+
+    async def _retry_items(self, parent: Run, *, dry_run: bool, requested_by: str | None) -> Run:
+        """An API run's failed items, fetched again in a child run."""
+        counts = await (await self.rt.items()).counts(parent.id)
+        if not counts["failed"]:
+            raise NothingToRetry(f"run {parent.id} has no failed items to retry")
+        params = dict(parent.options.get("params") or {})
+        runs = await self.rt.runs()
+        run = await runs.create(
+            importer=parent.importer,
+            source="api",
+            dry_run=dry_run,
+            options={"params": params, "retry_of": str(parent.id)},
+            requested_by=requested_by,
+            parent_run_id=parent.id,
+        )
+        await self.publish_trigger(run, "api", params)
+        return run
 
     async def wait(
         self,

@@ -74,6 +74,52 @@ class PipelineSettings(BaseSettings):
     file_retention_hours: float = Field(default=24.0, gt=0, description="stored files of runs")
     run_retention_days: float = Field(default=30.0, gt=0, description="finished runs, row logs")
     prune_interval: float = Field(default=3600.0, gt=0, description="seconds between prunes")
+    schedule_interval: float = Field(default=1.0, gt=0, description="seconds between ticks")
+    schedule_grace: float = Field(
+        default=60.0, gt=0, description="a scheduled time later than this is not fired"
+    )
+    file_roots: str = Field(
+        default="",
+        description="folders (separated by ':') that filesystem sources may read from",
+    )
+
+    @property
+    def roots(self) -> tuple[Path, ...]:
+        return tuple(Path(p) for p in self.file_roots.split(":") if p.strip())
+
+
+class UrlSettings(BaseSettings):
+    """What URL sources may fetch (SSRF guard) and how much."""
+
+    model_config = SettingsConfigDict(env_prefix="SLUICE_URL_", frozen=True, extra="ignore")
+
+    allow_hosts: str = Field(
+        default="",
+        description="comma-separated hosts, IPs or CIDRs; when set, only these may be fetched",
+    )
+    deny_hosts: str = Field(
+        default="", description="comma-separated hosts, IPs or CIDRs that are always refused"
+    )
+    allow_private: bool = Field(
+        default=False,
+        description="allow loopback, private, link-local and metadata addresses",
+    )
+    max_bytes: int = Field(default=2 * 2**30, ge=1, description="largest body fetched")
+    connect_timeout: float = Field(default=10.0, gt=0)
+    read_timeout: float = Field(default=60.0, gt=0, description="seconds without a byte")
+    max_redirects: int = Field(default=5, ge=0)
+
+    @staticmethod
+    def _split(raw: str) -> tuple[str, ...]:
+        return tuple(h.strip().lower() for h in raw.split(",") if h.strip())
+
+    @property
+    def allowed(self) -> tuple[str, ...]:
+        return self._split(self.allow_hosts)
+
+    @property
+    def denied(self) -> tuple[str, ...]:
+        return self._split(self.deny_hosts)
 
 
 class WebhookTarget(BaseModel):
@@ -134,12 +180,14 @@ class Settings:
         api: ApiSettings | None = None,
         pipeline: PipelineSettings | None = None,
         webhooks: WebhookSettings | None = None,
+        url: UrlSettings | None = None,
     ) -> None:
         self.kafka = kafka or KafkaSettings()
         self.database = database or DatabaseSettings()
         self.api = api or ApiSettings()
         self.pipeline = pipeline or PipelineSettings()
         self.webhooks = webhooks or WebhookSettings()
+        self.url = url or UrlSettings()
 
     @property
     def database_url(self) -> str:

@@ -10,8 +10,11 @@
     │   ├── StackNotFound        no broker and database configured, no stack running
     │   ├── FileTooLarge         a file over the configured size limit
     │   ├── MappingError         the file's columns do not fit the importer
+    │   ├── NoPullSource         a trigger for an importer that cannot pull
+    │   ├── SourceError          a pull source refused (sluice.sources.base)
     │   └── InvalidConfig        the settings contradict each other (a webhook without a secret)
     └── TransientError           the database or broker failed; retry with backoff
+        └── SourceUnavailable    a pull source did not answer (sluice.sources.base)
 
 File-level format problems are ``sluice.formats.FileFormatError`` (terminal too).
 """
@@ -60,6 +63,10 @@ class FileTooLarge(TerminalError):
 
 
 class MappingError(TerminalError):
+    pass
+
+
+class NoPullSource(TerminalError):
     pass
 
 

@@ -3,23 +3,39 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 
 import asyncpg
 
 from sluice.config import Settings
 from sluice.importers.registry import Registry, build_registry
+from sluice.sources.api import ApiClient
+from sluice.sources.base import ApiSource
 from storage.db import create_pool
 from storage.filestore import PgFileStore
+from storage.items import ItemRepository
+from storage.ratelimit import RateLimiter
 from storage.runs import RunRepository
 from storage.writer import BatchApplier
 
 
 class Runtime:
-    def __init__(self, settings: Settings, registry: Registry | None = None) -> None:
+    """``secrets``: the environment variables pull sources name for credentials, read by the
+    entry point (library code never reads ``os.environ``)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry | None = None,
+        secrets: Mapping[str, str] | None = None,
+    ) -> None:
         self.settings = settings
         self.registry = registry or build_registry(settings.pipeline.importers)
+        self.secrets: Mapping[str, str] = secrets or {}
         self._pool: asyncpg.Pool | None = None
         self._lock = asyncio.Lock()
+        self._api_clients: dict[str, ApiClient] = {}
+        self._limiter: RateLimiter | None = None
 
     async def pool(self) -> asyncpg.Pool:
         if self._pool is None:
@@ -44,7 +60,22 @@ class Runtime:
             )
         return self._applier
 
+    async def items(self) -> ItemRepository:
+        return ItemRepository(await self.pool())
+
+    async def api_client(self, slug: str, source: ApiSource) -> ApiClient:
+        """One HTTP client per importer and process, sharing the cluster's rate limiter."""
+        client = self._api_clients.get(slug)
+        if client is None:
+            if self._limiter is None:
+                self._limiter = RateLimiter(await self.pool())
+            client = self._api_clients[slug] = ApiClient(source, self._limiter, self.secrets)
+        return client
+
     async def close(self) -> None:
+        for client in self._api_clients.values():
+            await client.close()
+        self._api_clients.clear()
         if self._pool is not None:
             await self._pool.close()
             self._pool = None

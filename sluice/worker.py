@@ -40,7 +40,9 @@ async def prepare(rt: Runtime) -> None:
 def run_worker(settings: Settings, *, loglevel: str = "info") -> None:
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    rt = Runtime(settings)
+    # Pull sources and hooks name the variables holding their secrets; this entry point is
+    # where they are read.
+    rt = Runtime(settings, secrets=dict(os.environ))
     # Hooks name the variables holding their secrets; this entry point is where they are read.
     try:
         hooks = resolve_hooks(settings.webhooks, rt.registry.all(), os.environ)

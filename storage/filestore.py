@@ -169,6 +169,15 @@ class PgFileStore:
             data,
         )
 
+    async def ref(self, file_id: uuid.UUID) -> FileRef | None:
+        """The claim check of a stored, complete file; None when there is none."""
+        r = await self._pool.fetchrow(
+            "SELECT id, name, size, sha256, compression, encoding, encoding_error"
+            " FROM sluice.files WHERE id = $1 AND complete",
+            file_id,
+        )
+        return FileRef.model_validate(dict(r)) if r is not None else None
+
     async def read(self, file_id: uuid.UUID) -> AsyncIterator[bytes]:
         # One chunk per query keeps memory flat whatever the file's size.
         async with self._pool.acquire() as conn:

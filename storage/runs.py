@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from schemas.events import LifecycleEvent, LifecycleEventType
+from schemas.events import FileRef, LifecycleEvent, LifecycleEventType
 from schemas.runs import Run, RunStatus
 from streams.topics import LIFECYCLE
 
@@ -22,7 +22,8 @@ RUN_COLUMNS = (
     "id, importer, source, status, dry_run, total_rows, processed_rows, created_rows, updated_rows,"
     " unchanged_rows, skipped_rows, failed_rows, progress_percent::float8 AS progress_percent,"
     " queued_at, started_at, completed_at, error, parent_run_id, requested_by, file_id, file_name,"
-    " total_batches, applied_batches, options"
+    " total_batches, applied_batches, options, items_discovered, items_completed, items_failed,"
+    " source_location, rate_limit_hits, rate_limit_sleeps, total_sleep_seconds"
 )
 
 
@@ -211,6 +212,17 @@ class RunRepository:
             if current is None or current.status is not RunStatus.RUNNING:
                 return None
             return current
+
+    async def attach_file(self, run_id: uuid.UUID, ref: FileRef, location: str | None) -> None:
+        """A pulled file is stored: the run now reads it, like an upload."""
+        await self.pool.execute(
+            "UPDATE sluice.runs SET file_id = $2, file_name = $3, source_location = $4"
+            " WHERE id = $1",
+            run_id,
+            ref.id,
+            ref.name,
+            location,
+        )
 
     async def save_plan(
         self, run_id: uuid.UUID, plan: dict[str, Any], mapping: dict[str, str]

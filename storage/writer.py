@@ -9,7 +9,7 @@ whose statement fails on bad data is bisected to isolate the bad rows, which go 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +42,10 @@ ROW_ERRORS: tuple[type[BaseException], ...] = (
 
 def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
+
+
+Also = Callable[[asyncpg.Connection], Awaitable[None]]
+"""More writes that belong to a batch's transaction (item states of an API run)."""
 
 
 @dataclass(frozen=True)
@@ -253,18 +257,21 @@ class BatchApplier:
             found = self._statements[cache_key] = Statements(plan)
         return found
 
-    async def apply(self, batch: RowBatch, plan: TargetPlan, *, dry_run: bool) -> str:
+    async def apply(
+        self, batch: RowBatch, plan: TargetPlan, *, dry_run: bool, also: Also | None = None
+    ) -> str:
         """Apply ``batch``. Returns ``applied``, ``duplicate`` (already applied) or ``inactive``
         (the run was cancelled or failed: nothing is written). Raises PoisonBatch when the
-        message is not an array of row objects."""
+        message is not an array of row objects. ``also`` writes more in the same transaction
+        (before the run's counters, so a completion event counts it), once per batch."""
         stmts = self.statements(plan)
         async with self.pool.acquire() as conn:
             try:
-                return await self._apply_once(conn, batch, stmts, dry_run, isolate=False)
+                return await self._apply_once(conn, batch, stmts, dry_run, also, isolate=False)
             except ROW_ERRORS:
                 # The fast path has no savepoint, so the whole transaction rolled back: do it
                 # again, this time isolating the bad rows.
-                return await self._apply_once(conn, batch, stmts, dry_run, isolate=True)
+                return await self._apply_once(conn, batch, stmts, dry_run, also, isolate=True)
 
     async def _apply_once(
         self,
@@ -272,6 +279,7 @@ class BatchApplier:
         batch: RowBatch,
         stmts: Statements,
         dry_run: bool,
+        also: Also | None,
         *,
         isolate: bool,
     ) -> str:
@@ -285,6 +293,8 @@ class BatchApplier:
                 )
                 if not fresh:
                     return "duplicate"
+                if also is not None:
+                    await also(conn)
                 if isolate:
                     counts = await self._apply_rows(conn, stmts, batch.rows_json, None, dry_run)
                 else:

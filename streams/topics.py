@@ -11,6 +11,11 @@ BATCHES = "sluice.batches"
 """Row batches, explicitly partitioned by record key so a key's rows stay in order."""
 LIFECYCLE = "sluice.lifecycle"
 """Run lifecycle events relayed from the outbox, keyed by run id."""
+TRIGGERS = "sluice.triggers"
+"""Requests to pull from a source (URL, FTP/SFTP, filesystem, paginated API), keyed by run id."""
+ITEMS = "sluice.items"
+"""Pages of discovered API items to fetch in detail, keyed by ``<run_id>:<seq>``; the items
+themselves are in ``sluice.items`` (the table)."""
 DEADLETTER = "sluice.deadletter"
 """Messages that could not be processed, with topic, partition, offset and reason."""
 
@@ -26,6 +31,8 @@ def all_topics(partitions: int) -> list[TopicSpec]:
         TopicSpec(REQUESTS, partitions),
         TopicSpec(BATCHES, partitions),
         TopicSpec(LIFECYCLE, partitions),
+        TopicSpec(TRIGGERS, partitions),
+        TopicSpec(ITEMS, partitions),
         TopicSpec(DEADLETTER, 1),
     ]
 

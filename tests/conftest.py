@@ -18,7 +18,13 @@ import pytest
 
 from schemas.runs import Run
 from sluice.client import Client
-from sluice.config import DatabaseSettings, KafkaSettings, PipelineSettings, Settings
+from sluice.config import (
+    DatabaseSettings,
+    KafkaSettings,
+    PipelineSettings,
+    Settings,
+    UrlSettings,
+)
 from sluice.runtime import Runtime
 from sluice.stack import EmbeddedBroker, EmbeddedPostgres, free_port
 from sluice.worker import prepare
@@ -26,6 +32,7 @@ from sluice.worker import prepare
 ROOT = Path(__file__).resolve().parent.parent
 PARTITIONS = 4
 WEBHOOK_SECRET = "test-webhook-secret"
+FTP_PASSWORD = "s3cret-ftp"
 
 
 class Worker:
@@ -82,6 +89,13 @@ class Stack:
         self.broker = EmbeddedBroker(free_port(), root / "broker.log")
         self.postgres = EmbeddedPostgres(root / "pg", free_port(), root / "pg.log")
         self.webhook_port = free_port()  # tests/test_webhooks.py serves the hook here
+        # Pull-source tests serve here; the test importers read these from the environment.
+        self.api_port = free_port()
+        self.http_port = free_port()
+        self.ftp_port = free_port()
+        self.sftp_port = free_port()
+        self.files = root / "files"
+        self.files.mkdir()
         self.workers: list[Worker] = []
 
     @property
@@ -105,6 +119,16 @@ class Stack:
                 ]
             ),
             SLUICE_WEBHOOK_SECRET=WEBHOOK_SECRET,
+            SLUICE_URL_ALLOW_HOSTS="127.0.0.1",
+            SLUICE_FILE_ROOTS=str(self.files),
+            SLUICE_TEST_API_URL=f"http://127.0.0.1:{self.api_port}",
+            SLUICE_TEST_HTTP_URL=f"http://127.0.0.1:{self.http_port}",
+            SLUICE_TEST_FTP_PORT=str(self.ftp_port),
+            SLUICE_TEST_SFTP_PORT=str(self.sftp_port),
+            SLUICE_TEST_SFTP_KNOWN_HOSTS=str(self.root / "known_hosts"),
+            SLUICE_TEST_FTP_USER="loader",
+            SLUICE_TEST_FTP_PASSWORD=FTP_PASSWORD,
+            SLUICE_TEST_FTP_WRONG="not-the-password",
             SLUICE_WEBHOOK_BACKOFF="0.5",
             SLUICE_WEBHOOK_RETRY_INTERVAL="0.2",
         )
@@ -117,9 +141,12 @@ class Stack:
             ),
             database=DatabaseSettings(url=self.postgres.url),
             pipeline=PipelineSettings(importers="tests.importers", home=self.root / "home"),
+            url=UrlSettings(allow_hosts="127.0.0.1"),
         )
 
     def start(self) -> None:
+        # The test importers read their servers' addresses from the environment at import.
+        os.environ.update({k: v for k, v in self.env.items() if k.startswith("SLUICE_TEST_")})
         self.broker.start()
         self.postgres.start()
         import asyncio

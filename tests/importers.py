@@ -5,8 +5,25 @@ Each test gets its own importer and table, so tests do not depend on each other'
 
 from __future__ import annotations
 
+import os
+
 from schemas.runs import DuplicatePolicy
-from sluice.importers.dsl import Field, Importer
+from sluice.importers.dsl import Field, Importer, Schedule
+from sluice.sources.base import (
+    ApiSource,
+    FilesystemSource,
+    FtpSource,
+    Pagination,
+    RateLimit,
+    UrlSource,
+)
+
+# Where the tests serve the sources (tests/conftest.py picks the ports).
+API_URL = os.environ.get("SLUICE_TEST_API_URL", "http://127.0.0.1:9")
+HTTP_URL = os.environ.get("SLUICE_TEST_HTTP_URL", "http://127.0.0.1:9")
+FTP_PORT = int(os.environ.get("SLUICE_TEST_FTP_PORT", "21"))
+SFTP_PORT = int(os.environ.get("SLUICE_TEST_SFTP_PORT", "22"))
+KNOWN_HOSTS = os.environ.get("SLUICE_TEST_SFTP_KNOWN_HOSTS", "/nonexistent")
 
 
 def items(
@@ -46,3 +63,120 @@ retried = items("t_retry")
 api_items = items("t_api")
 sdk_items = items("t_sdk", batch_size=200)
 hooked = items("t_hook")
+
+
+# ---------------------------------------------------------------- pull sources
+
+
+def pulled(slug: str, pull: object, schedule: Schedule | None = None) -> Importer:
+    """The items table, filled from a pull source."""
+    base = items(slug)
+    return Importer(
+        slug=slug,
+        table=slug,
+        key=base.key,
+        fields=base.fields,
+        pull=pull,  # type: ignore[arg-type]
+        schedule=schedule,
+    )
+
+
+url_items = pulled("t_url", UrlSource())
+url_small = pulled("t_url_small", UrlSource(max_bytes=1000))
+fs_items = pulled("t_fs", FilesystemSource())
+ftp_items = pulled(
+    "t_ftp",
+    FtpSource(
+        host="127.0.0.1",
+        port=FTP_PORT,
+        folder="/in",
+        pattern="orders-*.csv",
+        user_env="SLUICE_TEST_FTP_USER",
+        password_env="SLUICE_TEST_FTP_PASSWORD",
+        after="move",
+        move_to="/done",
+        timeout=10,
+    ),
+)
+ftp_wrong = pulled(
+    "t_ftp_wrong",
+    FtpSource(
+        host="127.0.0.1",
+        port=FTP_PORT,
+        folder="/in",
+        pattern="orders-*.csv",
+        user_env="SLUICE_TEST_FTP_USER",
+        password_env="SLUICE_TEST_FTP_WRONG",
+        timeout=10,
+    ),
+)
+sftp_items = pulled(
+    "t_sftp",
+    FtpSource(
+        host="127.0.0.1",
+        protocol="sftp",
+        port=SFTP_PORT,
+        folder="/in",
+        pattern="orders-*.csv",
+        user_env="SLUICE_TEST_FTP_USER",
+        password_env="SLUICE_TEST_FTP_PASSWORD",
+        after="move",
+        move_to="/done",
+        known_hosts=KNOWN_HOSTS,
+        timeout=10,
+    ),
+)
+sftp_wrong = pulled(
+    "t_sftp_wrong",
+    FtpSource(
+        host="127.0.0.1",
+        protocol="sftp",
+        port=SFTP_PORT,
+        folder="/in",
+        pattern="orders-*.csv",
+        user_env="SLUICE_TEST_FTP_USER",
+        password_env="SLUICE_TEST_FTP_WRONG",
+        known_hosts=KNOWN_HOSTS,
+        timeout=10,
+    ),
+)
+scheduled = pulled(
+    "t_sched",
+    UrlSource(url=f"{HTTP_URL}/slow.csv"),
+    schedule=Schedule("* * * * * */2", enabled=False),
+)
+
+
+def api_importer(slug: str, per_second: float, burst: int, page_size: int = 100) -> Importer:
+    """Items of the fake paginated API (tests/servers/paginated_api.py)."""
+    return Importer(
+        slug=slug,
+        table=slug,
+        key=("id",),
+        fields=(
+            Field("id", "text"),
+            Field("name", "text", required=True),
+            Field("price", "numeric"),
+            Field("updated_at", "timestamptz"),
+        ),
+        pull=ApiSource(
+            base_url=API_URL,
+            list_path="/items",
+            items_path="data",
+            id_path="id",
+            pagination=Pagination(
+                style="page", param="page", size_param="per_page", size=page_size
+            ),
+            detail_path="/items/{id}",
+            detail_data_path="data",
+            rate=RateLimit(per_second=per_second, burst=burst),
+            limiter_key=slug,
+            max_attempts=4,
+            backoff=0.05,
+            concurrency=8,
+        ),
+    )
+
+
+api_rated = api_importer("t_api_rated", per_second=200, burst=20)
+api_killed = api_importer("t_api_killed", per_second=150, burst=10, page_size=50)

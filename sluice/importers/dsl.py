@@ -26,6 +26,7 @@ from typing import Any
 from schemas.runs import DuplicatePolicy
 from schemas.webhooks import DEFAULT_WEBHOOK_EVENTS, check_webhook_target
 from sluice.formats import FormatOptions
+from sluice.sources.base import PullSource
 
 # Column types an importer can declare: the Python type pydantic validates into, and the
 # PostgreSQL type of the target column.
@@ -121,6 +122,28 @@ class Webhook:
 
 
 @dataclass(frozen=True)
+class Schedule:
+    """Start a run of the importer's pull source at the times of a cron expression (five
+    fields, or six with seconds last, as croniter reads them; UTC). ``params`` are the
+    trigger's parameters. Exactly one run per time across the cluster, and none while the
+    previous scheduled run is still going. ``enabled=False`` declares it paused:
+    ``sluice schedules resume SLUG`` starts it."""
+
+    cron: str
+    params: dict[str, Any] = field(default_factory=dict)
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        from croniter import croniter
+
+        if not croniter.is_valid(self.cron):
+            raise ValueError(
+                f"schedule {self.cron!r} is not a cron expression; write five fields "
+                "(minute hour day month weekday) or six with seconds last"
+            )
+
+
+@dataclass(frozen=True)
 class Importer:
     slug: str
     table: str
@@ -138,8 +161,15 @@ class Importer:
     # Ad-hoc imports leave typing to PostgreSQL's casts: values travel as text.
     validate_in_database: bool = False
     webhooks: tuple[Webhook, ...] = ()
+    pull: PullSource | None = None
+    schedule: Schedule | None = None
 
     def __post_init__(self) -> None:
+        if self.pull is not None and self.pull.kind not in self.sources:
+            # The pull source's kind is always an accepted source of its importer.
+            object.__setattr__(self, "sources", (*self.sources, self.pull.kind))
+        if self.schedule is not None and self.pull is None:
+            raise ValueError(f"importer {self.slug!r}: a schedule needs a pull source (pull=...)")
         names = [f.name for f in self.output_fields()]
         if len(set(names)) != len(names):
             raise ValueError(f"importer {self.slug!r}: a field name appears twice in {names}")
@@ -175,6 +205,8 @@ class Importer:
             "key_template": self.key.template if isinstance(self.key, UriKey) else None,
             "policy": str(self.policy),
             "version_column": self.version_column,
+            "pull": self.pull.kind if self.pull is not None else None,
+            "schedule": self.schedule.cron if self.schedule is not None else None,
             "fields": [
                 {"name": f.name, "type": f.type, "aliases": list(f.aliases), "required": f.required}
                 for f in self.output_fields()

@@ -1,0 +1,110 @@
+"""Detail: for each page of discovered items, fetch every item's detail (under the cluster's
+rate limit), map it into a record and apply the page as one batch through the same writer as
+files. The items' states are written in the batch's transaction: a redelivered page changes
+nothing, and a completed item is never fetched again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import orjson
+
+from agents.discover import api_source_of
+from agents.upsert import PlanCache
+from schemas.events import ItemPage, RowBatch
+from sluice.formats import ParsedRow
+from sluice.mapping import RecordMapper
+from sluice.runtime import Runtime
+from sluice.sources.api import DetailResult
+from storage.items import ItemOutcome, finish_items
+from storage.ratelimit import RateStats
+from storage.runs import RowFailure, insert_row_failures
+
+log = logging.getLogger(__name__)
+
+
+def _json_default(value: Any) -> Any:
+    return str(value)
+
+
+async def fetch_page(rt: Runtime, page: ItemPage, plans: PlanCache) -> str:
+    """Returns applied, duplicate (nothing left to do) or inactive (the run is finished)."""
+    status, plan, dry_run = await plans.get(rt, page.run_id)
+    if plan is None:
+        if status.terminal:
+            return "inactive"
+        raise RuntimeError(f"run {page.run_id} has no plan yet")
+    run = await (await rt.runs()).get(page.run_id)
+    if run is None or run.status.terminal:
+        return "inactive"
+    importer = rt.registry.get(run.importer)
+    source = api_source_of(rt, run.importer)
+    repo = await rt.items()
+    items = await repo.page(page.run_id, page.seq)
+    todo = [i for i in items if i.status in ("pending", "processing")]
+    if not todo:
+        return "duplicate"
+    await repo.mark_processing(page.run_id, [i.external_id for i in todo])
+    client = await rt.api_client(importer.slug, source)
+    stats = RateStats()
+    gate = asyncio.Semaphore(source.concurrency)
+
+    async def one(external_id: str) -> DetailResult:
+        if source.detail_path is None:
+            return DetailResult(detail=None)
+        async with gate:
+            return await client.fetch_detail(external_id, stats)
+
+    results = await asyncio.gather(*(one(i.external_id) for i in todo))
+    by_ordinal = {i.ordinal: i for i in todo}
+    failed: dict[int, tuple[DetailResult | None, str]] = {}
+    parsed: list[ParsedRow] = []
+    for item, result in zip(todo, results, strict=True):
+        if result.error is not None:
+            failed[item.ordinal] = (result, result.error)
+            continue
+        try:
+            parsed.append(ParsedRow(item.ordinal, source.map(item.data, result.detail)))
+        except Exception as exc:  # the importer's mapping raised: this item only is rejected
+            failed[item.ordinal] = (result, f"mapping failed: {type(exc).__name__}: {exc}")
+    records, rejected = RecordMapper(importer, None).map_rows(parsed)
+    failures = [
+        RowFailure(o, 0, {"id": by_ordinal[o].external_id, "item": by_ordinal[o].data}, why)
+        for o, (_, why) in failed.items()
+    ]
+    for f in rejected:
+        failed[f.row_number] = (None, f.reason)
+        failures.append(f)
+    outcomes = []
+    for item, result in zip(todo, results, strict=True):
+        reason = failed.get(item.ordinal, (None, None))[1]
+        outcomes.append(
+            ItemOutcome(
+                item.external_id,
+                completed=reason is None,
+                failures=result.failures,
+                error=reason or result.last_error,
+            )
+        )
+    spent = stats.take()
+
+    async def also(conn: Any) -> None:
+        if failures:
+            await insert_row_failures(conn, page.run_id, failures, count_processed=True)
+        await finish_items(conn, page.run_id, outcomes, (spent.hits, spent.sleeps, spent.slept))
+
+    batch = RowBatch(page.run_id, page.seq, orjson.dumps(records, default=_json_default).decode())
+    applier = await rt.applier()
+    outcome = await applier.apply(batch, plan, dry_run=dry_run, also=also)
+    log.info(
+        "run %s page %d: %d items, %d failed: %s",
+        page.run_id,
+        page.seq,
+        len(todo),
+        len(failures),
+        outcome,
+    )
+    return outcome

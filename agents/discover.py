@@ -1,0 +1,110 @@
+"""Discover: walk a paginated API's list pages, record every item as ``pending`` and send each
+page of new items to the items topic for the detail agent.
+
+The page's items and the cursor after it are written in one transaction, so an interrupted
+discovery resumes at the first page it had not recorded and no page before it is listed again.
+One discovery per run at a time across the cluster (an advisory lock held on its connection:
+a worker that dies releases it with its connection).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from agents.split import plan_for
+from schemas.runs import Run
+from sluice.runtime import Runtime
+from sluice.sources.base import ApiSource, SourceError, dig
+from storage.ratelimit import RateStats
+from storage.tables import ensure_table
+
+log = logging.getLogger(__name__)
+
+SendPage = Callable[[uuid.UUID, int], Awaitable[None]]
+Flush = Callable[[], Awaitable[None]]
+
+
+@asynccontextmanager
+async def discovery_lock(rt: Runtime, run_id: uuid.UUID) -> AsyncIterator[None]:
+    pool = await rt.pool()
+    async with pool.acquire() as conn:
+        await conn.execute(
+            "SELECT pg_advisory_lock(hashtext('sluice.discovery:' || $1))", str(run_id)
+        )
+        try:
+            yield
+        finally:
+            await conn.execute(
+                "SELECT pg_advisory_unlock(hashtext('sluice.discovery:' || $1))", str(run_id)
+            )
+
+
+def api_source_of(rt: Runtime, slug: str) -> ApiSource:
+    pull = rt.registry.get(slug).pull
+    if not isinstance(pull, ApiSource):
+        raise SourceError(f"importer {slug!r} has no paginated API source (pull=ApiSource(...))")
+    return pull
+
+
+async def discover(rt: Runtime, run: Run, send_page: SendPage, flush: Flush) -> None:
+    importer = rt.registry.get(run.importer)
+    source = api_source_of(rt, run.importer)
+    runs = await rt.runs()
+    items = await rt.items()
+    plan = plan_for(importer)
+    pool = await rt.pool()
+    async with pool.acquire() as conn:
+        await ensure_table(conn, plan)
+    await runs.save_plan(run.id, plan.to_json(), {})
+    async with discovery_lock(rt, run.id):
+        parent = run.options.get("retry_of")
+        if parent:
+            # A retry: the parent's failed items, fetched again.
+            batches = await items.copy_failed(run.id, uuid.UUID(parent), source.pagination.size)
+            for unfinished in await items.unfinished_pages(run.id):
+                await send_page(run.id, unfinished)
+            await flush()
+            total = (await items.discovery(run.id, {})).items
+            await runs.finish_split(run.id, total, batches)
+            return
+        client = await rt.api_client(importer.slug, source)
+        found = await items.discovery(run.id, client.first_state())
+        if found.pages:
+            log.info("run %s: discovery resumes after %d pages", run.id, found.pages)
+        # Pages recorded before a crash may never have been sent, or never applied.
+        for unfinished in await items.unfinished_pages(run.id):
+            await send_page(run.id, unfinished)
+        stats = RateStats()
+        while not found.done:
+            status = await runs.record_split_progress(run.id, found.items, 0.0)
+            if status is None or status.terminal:
+                log.info("run %s is %s; discovery stops", run.id, status)
+                return
+            page = await client.list_page(found.state, stats)
+            ids = []
+            for n, item in enumerate(page.items, 1):
+                external_id = dig(item, source.id_path)
+                if external_id is None or isinstance(external_id, (dict, list)):
+                    raise SourceError(
+                        f"item {n} of page {found.pages + 1} has no id at {source.id_path!r}; "
+                        "set ApiSource.id_path to the field that identifies an item"
+                    )
+                ids.append(str(external_id))
+            spent = stats.take()
+            found, seq = await items.record_page(
+                run.id,
+                found,
+                ids,
+                page.items,
+                page.next_state,
+                page.done,
+                (spent.hits, spent.sleeps, spent.slept),
+            )
+            if seq is not None:
+                await send_page(run.id, seq)
+        await flush()  # the pages must be on the broker before the totals say they exist
+        await runs.finish_split(run.id, found.items, found.batches)
+        log.info("run %s: discovered %d items on %d pages", run.id, found.items, found.pages)

@@ -1,0 +1,144 @@
+"""Fetch: carry out a trigger. File-like sources (URL, FTP/SFTP, filesystem) are fetched into
+the file store and handed to the split as an import request, exactly like an upload; a paginated
+API source starts its discovery (``agents.discover``).
+
+The trigger's offset is committed only after this returns, so a worker that dies mid-fetch
+fetches again; a run that already has its file (stored before a crash) is not fetched twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from schemas.events import FileRef, ImportRequested, LifecycleEvent, TriggerRequested
+from schemas.runs import Run, RunStatus
+from sluice.importers.dsl import Importer
+from sluice.runtime import Runtime
+from sluice.sources.base import (
+    Fetched,
+    FilesystemSource,
+    FtpSource,
+    SourceError,
+    UrlSource,
+)
+
+log = logging.getLogger(__name__)
+
+PublishRequest = Callable[[ImportRequested], Awaitable[None]]
+
+
+@asynccontextmanager
+async def open_source(
+    rt: Runtime, importer: Importer, kind: str, params: dict[str, Any]
+) -> AsyncIterator[Fetched]:
+    """The file a trigger names, as a stream of chunks, whatever its source."""
+    pull = importer.pull
+    if kind == "url":
+        from sluice.sources.url import fetch_url, url_request_parts
+
+        source = pull if isinstance(pull, UrlSource) else UrlSource()
+        url, headers, auth = url_request_parts(source, params, rt.secrets)
+        async with fetch_url(
+            url, rt.settings.url, headers=headers, auth=auth, max_bytes=source.max_bytes
+        ) as fetched:
+            yield fetched
+    elif kind in ("ftp", "sftp"):
+        from sluice.sources.remote import open_remote
+
+        if not isinstance(pull, FtpSource):
+            raise SourceError(f"importer {importer.slug!r} has no FTP/SFTP source")
+        async with open_remote(pull, params, rt.secrets) as fetched:
+            yield fetched
+    elif kind == "filesystem":
+        from sluice.sources.filesystem import open_path
+
+        path = params.get("path") or (pull.path if isinstance(pull, FilesystemSource) else None)
+        if not path:
+            raise SourceError("a filesystem trigger needs a 'path' (inside SLUICE_FILE_ROOTS)")
+        async with open_path(str(path), rt.settings.pipeline.roots) as fetched:
+            yield fetched
+    else:
+        raise SourceError(f"unknown source {kind!r}; use url, ftp, sftp, filesystem or api")
+
+
+async def fetch_into_store(rt: Runtime, run: Run, trigger: TriggerRequested) -> FileRef:
+    """Store the trigger's file (claim check) and attach it to the run."""
+    importer = rt.registry.get(trigger.importer)
+    files = await rt.files()
+    if run.file_id is not None:
+        ref = await files.ref(run.file_id)
+        if ref is not None:
+            return ref
+    async with open_source(rt, importer, trigger.source, trigger.params) as fetched:
+        ref = await files.put(fetched.chunks, name=fetched.name, content_type=fetched.content_type)
+    await (await rt.runs()).attach_file(run.id, ref, fetched.location)
+    log.info("run %s: fetched %s (%d bytes) from %s", run.id, ref.name, ref.size, fetched.location)
+    return ref
+
+
+async def handle_trigger(
+    rt: Runtime, trigger: TriggerRequested, publish: PublishRequest, discover: Any
+) -> None:
+    """Terminal source problems fail the run with the source's message; anything else
+    propagates, to be retried by the caller."""
+    runs = await rt.runs()
+    run = await runs.start(trigger.run_id)
+    if run is None:
+        log.info("run %s is finished or unknown; trigger ignored", trigger.run_id)
+        return
+    try:
+        if trigger.source == "api":
+            await discover(run, trigger)
+            return
+        ref = await fetch_into_store(rt, run, trigger)
+    except SourceError as exc:
+        log.warning("run %s failed: %s", run.id, exc)
+        await runs.fail(run.id, f"{trigger.source} source: {exc}")
+        return
+    await publish(
+        ImportRequested(
+            run_id=run.id,
+            importer=run.importer,
+            file=ref,
+            dry_run=run.dry_run,
+            options=run.options,
+            requested_at=datetime.now(UTC),
+        )
+    )
+
+
+async def after_import(rt: Runtime, payload: bytes) -> str | None:
+    """React to a lifecycle event: once a run pulled from FTP/SFTP completed, move or delete
+    the remote file as its importer asks. Idempotent: the event may come twice."""
+    try:
+        event = LifecycleEvent.model_validate_json(payload)
+    except ValueError:
+        return None
+    if event.type != "run.completed" or event.status not in (
+        RunStatus.COMPLETED,
+        RunStatus.COMPLETED_WITH_ERRORS,
+    ):
+        return None
+    run = await (await rt.runs()).get(event.run_id)
+    if run is None or run.source not in ("ftp", "sftp") or run.dry_run:
+        return None
+    try:
+        importer = rt.registry.get(run.importer)
+    except Exception:
+        return None
+    pull = importer.pull
+    if not isinstance(pull, FtpSource) or pull.after == "keep" or not run.source_location:
+        return None
+    from sluice.sources.remote import finish_remote
+
+    try:
+        done = await finish_remote(pull, run.source_location, rt.secrets)
+    except Exception as exc:  # the import stands; the operator sees why the file stayed
+        log.error("run %s: %s of %s failed: %s", run.id, pull.after, run.source_location, exc)
+        return None
+    log.info("run %s: %s", run.id, done)
+    return done

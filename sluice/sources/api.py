@@ -1,0 +1,229 @@
+"""The paginated API source's HTTP side: list pages and fetch item details under the cluster's
+rate limit, retrying what may pass and never giving up on a 429.
+
+    ApiClient.list_page(state)   -> Page (items, next state, done)
+    ApiClient.fetch_detail(id)   -> DetailResult (the detail, or why it failed for good)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from sluice.sources.base import ApiSource, Secrets, SourceError, SourceUnavailable, dig, secret
+from storage.ratelimit import RateLimiter, RateStats
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = frozenset({408, 425, 500, 502, 503, 504})
+
+
+def retry_after(response: httpx.Response, default: float = 1.0) -> float:
+    """Seconds to wait after a 429: ``Retry-After`` (seconds or an HTTP date), else
+    ``RateLimit-Reset`` (seconds), else ``default``."""
+    value = response.headers.get("retry-after")
+    if value:
+        value = value.strip()
+        if value.replace(".", "", 1).isdigit():
+            return max(0.0, float(value))
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            when = None
+        if when is not None:
+            return max(0.0, when.timestamp() - time.time())
+    reset = response.headers.get("ratelimit-reset")
+    if reset and reset.strip().replace(".", "", 1).isdigit():
+        return max(0.0, float(reset.strip()))
+    return default
+
+
+@dataclass
+class Page:
+    items: list[dict[str, Any]]
+    next_state: dict[str, Any]
+    done: bool
+
+
+@dataclass
+class DetailResult:
+    detail: dict[str, Any] | None
+    error: str | None = None
+    failures: int = 0
+    last_error: str | None = None
+
+
+@dataclass
+class ApiClient:
+    """One per (worker, importer): keeps its connections between requests."""
+
+    source: ApiSource
+    limiter: RateLimiter
+    secrets: Secrets
+    _http: httpx.AsyncClient | None = None
+
+    @property
+    def base_url(self) -> str:
+        url = self.source.base_url or secret(self.secrets, self.source.base_url_env, "API source")
+        assert url is not None
+        return url.rstrip("/")
+
+    @property
+    def limiter_key(self) -> str:
+        return self.source.limiter_key or (urlsplit(self.base_url).netloc or self.base_url)
+
+    def http(self) -> httpx.AsyncClient:
+        if self._http is None:
+            # The worker's pid in the User-Agent lets an API's operator (and our tests) tell
+            # the workers of a cluster apart.
+            headers = {"User-Agent": f"sluice/0.1 pid/{os.getpid()}", **self.source.headers}
+            for name, env in self.source.secret_headers.items():
+                value = secret(self.secrets, env, f"header {name}")
+                assert value is not None
+                headers[name] = value
+            self._http = httpx.AsyncClient(
+                base_url=self.base_url,
+                headers=headers,
+                timeout=self.source.timeout,
+                limits=httpx.Limits(max_connections=max(4, self.source.concurrency)),
+            )
+        return self._http
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    async def _get(
+        self, path: str, stats: RateStats, params: dict[str, Any] | None = None
+    ) -> httpx.Response:
+        """One GET under the rate limit; a 429 blocks the source and is asked again, forever."""
+        rate = self.source.rate
+        while True:
+            await self.limiter.acquire(self.limiter_key, rate.per_second, rate.burst, stats)
+            response = await self.http().get(path, params=params)
+            if response.status_code != 429:
+                return response
+            stats.hits += 1
+            await self.limiter.block(self.limiter_key, retry_after(response))
+
+    def first_state(self) -> dict[str, Any]:
+        p = self.source.pagination
+        if p.style == "page":
+            return {"page": 1 if p.start is None else p.start}
+        if p.style == "offset":
+            return {"offset": 0 if p.start is None else p.start}
+        return {"cursor": None}
+
+    async def list_page(self, state: dict[str, Any], stats: RateStats) -> Page:
+        """The page at ``state`` (from ``first_state`` or a previous page's ``next_state``).
+        SourceError when the answer is not a listing; SourceUnavailable after the retries."""
+        p = self.source.pagination
+        params: dict[str, Any] = dict(self.source.params)
+        if p.size_param:
+            params[p.size_param] = p.size
+        if p.style == "page":
+            params[p.param] = state["page"]
+        elif p.style == "offset":
+            params[p.param] = state["offset"]
+        elif state.get("cursor") is not None:
+            params[p.param] = state["cursor"]
+        body = await self._get_json(self.source.list_path, params, stats)
+        items = dig(body, self.source.items_path)
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            raise SourceError(
+                f"the list answer of {self.source.list_path} has no list of objects at "
+                f"{self.source.items_path!r}; set ApiSource.items_path to where the items are"
+            )
+        done = not items or len(items) < p.size
+        if p.style == "page":
+            nxt: dict[str, Any] = {"page": state["page"] + 1}
+        elif p.style == "offset":
+            nxt = {"offset": state["offset"] + len(items)}
+        else:
+            cursor = dig(body, p.cursor_path)
+            nxt = {"cursor": cursor}
+            done = not items or cursor in (None, "")
+        if p.total_path is not None:
+            total = dig(body, p.total_path)
+            listed = state.get("listed", 0) + len(items)
+            nxt["listed"] = listed
+            if isinstance(total, int) and listed >= total:
+                done = True
+        return Page(items=items, next_state=nxt, done=done)
+
+    async def _get_json(self, path: str, params: dict[str, Any], stats: RateStats) -> Any:
+        delay = self.source.backoff
+        for attempt in range(1, self.source.max_attempts + 1):
+            try:
+                response = await self._get(path, stats, params)
+            except httpx.TransportError as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+            else:
+                if response.is_success:
+                    try:
+                        return response.json()
+                    except ValueError as exc:
+                        raise SourceError(f"GET {path} answered with invalid JSON: {exc}") from None
+                if response.status_code not in RETRYABLE:
+                    raise SourceError(
+                        f"GET {path} answered HTTP {response.status_code}; check the "
+                        "importer's ApiSource settings and credentials"
+                    )
+                reason = f"HTTP {response.status_code}"
+            if attempt < self.source.max_attempts:
+                log.warning("GET %s failed (%s); retrying in %.1fs", path, reason, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.source.backoff_max)
+        raise SourceUnavailable(
+            f"GET {path} failed {self.source.max_attempts} times, last with {reason}"
+        )
+
+    async def fetch_detail(self, external_id: str, stats: RateStats) -> DetailResult:
+        """The item's detail; transient failures are retried with exponential backoff up to
+        ``max_attempts``; a 4xx other than 429 fails the item at once."""
+        assert self.source.detail_path is not None
+        path = self.source.detail_path.format(id=external_id)
+        delay = self.source.backoff
+        result = DetailResult(detail=None)
+        for attempt in range(1, self.source.max_attempts + 1):
+            try:
+                response = await self._get(path, stats)
+            except httpx.TransportError as exc:
+                reason = f"GET {path}: {type(exc).__name__}: {exc}"
+            else:
+                if response.is_success:
+                    try:
+                        body = response.json()
+                    except ValueError as exc:
+                        result.error = f"GET {path} answered with invalid JSON: {exc}"
+                        return result
+                    detail = dig(body, self.source.detail_data_path)
+                    if not isinstance(detail, dict):
+                        result.error = (
+                            f"GET {path}: no object at {self.source.detail_data_path!r} in the "
+                            "answer; set ApiSource.detail_data_path"
+                        )
+                        return result
+                    result.detail = detail
+                    return result
+                reason = f"GET {path} answered HTTP {response.status_code}"
+                if response.status_code not in RETRYABLE:
+                    result.failures += 1
+                    result.error = result.last_error = reason
+                    return result
+            result.failures += 1
+            result.last_error = reason
+            if attempt < self.source.max_attempts:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.source.backoff_max)
+        result.error = f"{result.last_error} ({self.source.max_attempts} attempts)"
+        return result

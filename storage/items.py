@@ -1,0 +1,246 @@
+"""Items of paginated API runs and the discovery cursor, in PostgreSQL (the source of truth).
+
+Discovery records a page's items and the cursor after it in one transaction, so a discovery
+that stops resumes at the first page it had not recorded. An item's status moves
+``pending -> processing -> completed | failed`` and is written in the transaction that applies
+its detail batch, so a completed item is never fetched again.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import orjson
+
+
+@dataclass(frozen=True)
+class Discovery:
+    state: dict[str, Any]
+    pages: int
+    batches: int
+    listed: int
+    items: int
+    done: bool
+
+
+@dataclass(frozen=True)
+class Item:
+    external_id: str
+    ordinal: int
+    status: str
+    failure_count: int
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ItemOutcome:
+    """What happened to one item in a detail batch."""
+
+    external_id: str
+    completed: bool
+    failures: int
+    error: str | None
+
+
+class ItemRepository:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def discovery(self, run_id: uuid.UUID, first_state: dict[str, Any]) -> Discovery:
+        """The run's discovery, created at ``first_state`` the first time."""
+        await self.pool.execute(
+            "INSERT INTO sluice.discovery (run_id, state) VALUES ($1, $2::jsonb)"
+            " ON CONFLICT DO NOTHING",
+            run_id,
+            {"next": first_state, "batches": 0, "listed": 0},
+        )
+        record = await self.pool.fetchrow(
+            "SELECT state, pages, items, done FROM sluice.discovery WHERE run_id = $1", run_id
+        )
+        state = record["state"]
+        return Discovery(
+            state=state["next"],
+            pages=record["pages"],
+            batches=state["batches"],
+            listed=state["listed"],
+            items=record["items"],
+            done=record["done"],
+        )
+
+    async def record_page(
+        self,
+        run_id: uuid.UUID,
+        current: Discovery,
+        ids: Sequence[str],
+        items: Sequence[dict[str, Any]],
+        next_state: dict[str, Any],
+        done: bool,
+        stats: tuple[int, int, float],
+    ) -> tuple[Discovery, int | None]:
+        """Record one listed page and where the listing goes on. Returns the discovery after it
+        and the batch number of the page's new items (None when it had none: all were listed
+        before). ``stats`` are the rate-limit figures spent on this page."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            seq = current.batches
+            inserted = await conn.fetchval(
+                "WITH ins AS (INSERT INTO sluice.items"
+                " (run_id, external_id, seq, ordinal, metadata)"
+                " SELECT $1, x.id, $2, $3 + x.n, x.item::jsonb"
+                " FROM unnest($4::text[], $5::text[]) WITH ORDINALITY AS x(id, item, n)"
+                " ON CONFLICT DO NOTHING RETURNING 1) SELECT count(*) FROM ins",
+                run_id,
+                seq,
+                current.listed,
+                list(ids),
+                [orjson.dumps(i).decode() for i in items],
+            )
+            batches = current.batches + (1 if inserted else 0)
+            listed = current.listed + len(ids)
+            after = Discovery(
+                state=next_state,
+                pages=current.pages + 1,
+                batches=batches,
+                listed=listed,
+                items=current.items + inserted,
+                done=done,
+            )
+            await conn.execute(
+                "UPDATE sluice.discovery SET state = $2::jsonb, pages = $3, items = $4, done = $5,"
+                " updated_at = now() WHERE run_id = $1",
+                run_id,
+                {"next": next_state, "batches": batches, "listed": listed},
+                after.pages,
+                after.items,
+                done,
+            )
+            await conn.execute(
+                "UPDATE sluice.runs SET items_discovered = $2, rows_read = $2,"
+                " rate_limit_hits = rate_limit_hits + $3, rate_limit_sleeps = rate_limit_sleeps"
+                " + $4, total_sleep_seconds = total_sleep_seconds + $5 WHERE id = $1",
+                run_id,
+                after.items,
+                *stats,
+            )
+        return after, (seq if inserted else None)
+
+    async def copy_failed(self, run_id: uuid.UUID, parent_id: uuid.UUID, page_size: int) -> int:
+        """A retry run's items: the parent's failed items, in pages of ``page_size``. Returns
+        how many batches they make. Idempotent."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO sluice.items (run_id, external_id, seq, ordinal, metadata)"
+                " SELECT $1, external_id, ((row_number() OVER (ORDER BY ordinal)) - 1) / $3,"
+                " ordinal, metadata FROM sluice.items WHERE run_id = $2 AND status = 'failed'"
+                " ON CONFLICT DO NOTHING",
+                run_id,
+                parent_id,
+                page_size,
+            )
+            n = int(
+                await conn.fetchval("SELECT count(*) FROM sluice.items WHERE run_id = $1", run_id)
+            )
+            batches = -(-n // page_size)
+            await conn.execute(
+                "INSERT INTO sluice.discovery (run_id, state, pages, items, done)"
+                " VALUES ($1, $2::jsonb, $3, $4, true) ON CONFLICT DO NOTHING",
+                run_id,
+                {"next": {}, "batches": batches, "listed": n, "retry_of": str(parent_id)},
+                batches,
+                n,
+            )
+            await conn.execute(
+                "UPDATE sluice.runs SET items_discovered = $2 WHERE id = $1", run_id, n
+            )
+            return batches
+
+    async def unfinished_pages(self, run_id: uuid.UUID) -> list[int]:
+        """Batches with items still pending or processing: sent again when discovery resumes
+        (a worker may have died before sending them, or before applying them)."""
+        rows = await self.pool.fetch(
+            "SELECT DISTINCT seq FROM sluice.items WHERE run_id = $1"
+            " AND status IN ('pending', 'processing') ORDER BY seq",
+            run_id,
+        )
+        return [r["seq"] for r in rows]
+
+    async def page(self, run_id: uuid.UUID, seq: int) -> list[Item]:
+        rows = await self.pool.fetch(
+            "SELECT external_id, ordinal, status, failure_count, metadata FROM sluice.items"
+            " WHERE run_id = $1 AND seq = $2 ORDER BY ordinal",
+            run_id,
+            seq,
+        )
+        return [
+            Item(r["external_id"], r["ordinal"], r["status"], r["failure_count"], r["metadata"])
+            for r in rows
+        ]
+
+    async def mark_processing(self, run_id: uuid.UUID, ids: Sequence[str]) -> None:
+        await self.pool.execute(
+            "UPDATE sluice.items SET status = 'processing' WHERE run_id = $1"
+            " AND external_id = ANY($2::text[]) AND status = 'pending'",
+            run_id,
+            list(ids),
+        )
+
+    async def counts(self, run_id: uuid.UUID) -> dict[str, int]:
+        rows = await self.pool.fetch(
+            "SELECT status, count(*) AS n FROM sluice.items WHERE run_id = $1 GROUP BY status",
+            run_id,
+        )
+        found = {r["status"]: int(r["n"]) for r in rows}
+        return {s: found.get(s, 0) for s in ("pending", "processing", "completed", "failed")}
+
+    async def list(
+        self, run_id: uuid.UUID, *, status: str | None = None, limit: int = 100, offset: int = 0
+    ) -> list[dict[str, Any]]:
+        rows = await self.pool.fetch(
+            "SELECT external_id, status, failure_count, last_error, last_failed_at, completed_at,"
+            " metadata FROM sluice.items WHERE run_id = $1 AND ($2::text IS NULL OR status = $2)"
+            " ORDER BY ordinal LIMIT $3 OFFSET $4",
+            run_id,
+            status,
+            limit,
+            offset,
+        )
+        return [dict(r) for r in rows]
+
+
+async def finish_items(
+    conn: asyncpg.Connection,
+    run_id: uuid.UUID,
+    outcomes: Sequence[ItemOutcome],
+    stats: tuple[int, int, float],
+) -> None:
+    """Mark a detail batch's items completed or failed, in the batch's transaction, and add
+    the item counts and rate-limit figures to the run."""
+    await conn.execute(
+        "UPDATE sluice.items i SET status = CASE WHEN o.completed THEN 'completed'"
+        " ELSE 'failed' END, failure_count = i.failure_count + o.failures,"
+        " last_error = coalesce(o.error, i.last_error),"
+        " last_failed_at = CASE WHEN o.failures > 0 THEN now() ELSE i.last_failed_at END,"
+        " completed_at = CASE WHEN o.completed THEN now() END"
+        " FROM unnest($2::text[], $3::bool[], $4::int[], $5::text[])"
+        "   AS o(external_id, completed, failures, error)"
+        " WHERE i.run_id = $1 AND i.external_id = o.external_id",
+        run_id,
+        [o.external_id for o in outcomes],
+        [o.completed for o in outcomes],
+        [o.failures for o in outcomes],
+        [o.error for o in outcomes],
+    )
+    done = sum(1 for o in outcomes if o.completed)
+    await conn.execute(
+        "UPDATE sluice.runs SET items_completed = items_completed + $2,"
+        " items_failed = items_failed + $3, rate_limit_hits = rate_limit_hits + $4,"
+        " rate_limit_sleeps = rate_limit_sleeps + $5,"
+        " total_sleep_seconds = total_sleep_seconds + $6 WHERE id = $1",
+        run_id,
+        done,
+        len(outcomes) - done,
+        *stats,
+    )
