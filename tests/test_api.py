@@ -186,6 +186,33 @@ def test_errors(http: httpx.Client, tmp_path: Path) -> None:
     assert "empty" in empty.json()["error"]
 
 
+def test_trigger(http: httpx.Client, stack: Stack) -> None:
+    (stack.files / "api-trigger.csv").write_bytes(GOOD)
+    queued = http.post("/api/v1/imports/t_fs/trigger", json={"path": "api-trigger.csv"})
+    assert queued.status_code == 202, queued.text
+    assert queued.json()["source"] == "filesystem"
+    done = http.post(
+        "/api/v1/imports/t_fs/trigger",
+        params={"wait": "true"},
+        json={"path": "api-trigger.csv", "dry_run": True},
+    )
+    assert done.status_code == 200, done.text
+    run = done.json()
+    assert run["status"] == "completed" and run["dry_run"] and run["total_rows"] == 2
+    assert run["source_location"].endswith("api-trigger.csv")
+    refused = http.post(
+        "/api/v1/imports/t_url/trigger", json={"url": "http://169.254.169.254/latest/"}
+    )
+    assert "169.254.169.254" in assert_error(refused, 422, "source_refused")
+    assert_error(http.post("/api/v1/imports/nope/trigger", json={}), 404, "not_found")
+    assert_error(http.post("/api/v1/imports/t_fs/trigger", json=[1, 2]), 422)
+    outside = http.post(
+        "/api/v1/imports/t_fs/trigger", params={"wait": "true"}, json={"path": "../../x.csv"}
+    )
+    assert outside.status_code == 200 and outside.json()["status"] == "failed"
+    assert "SLUICE_FILE_ROOTS" in outside.json()["error"]
+
+
 def test_metrics(http: httpx.Client) -> None:
     assert upload(http, "t_api", GOOD, wait="true").status_code == 200
     text = http.get("/metrics").text

@@ -12,7 +12,7 @@ import logging
 import posixpath
 import re
 import stat
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from contextlib import (
     AbstractAsyncContextManager,
     asynccontextmanager,
@@ -22,6 +22,7 @@ from contextlib import (
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from fnmatch import fnmatchcase
+from pathlib import PurePosixPath
 from typing import Any, Protocol
 
 import aioftp
@@ -101,9 +102,8 @@ async def finish_remote(source: FtpSource, location: str, secrets: Secrets) -> s
     Safe to run twice: a file already moved or deleted counts as done."""
     # ``location`` comes back from a stored run: it may only name a file of this source's folder.
     parent, name = posixpath.split(location)
-    if not _is_plain_name(name) or posixpath.normpath(parent or ".") != posixpath.normpath(
-        source.folder
-    ):
+    folder = posixpath.normpath(source.folder)
+    if not _is_plain_name(name) or posixpath.normpath(parent or ".") != folder:
         raise SourceError(
             f"cannot finish {location!r}: it is not a file of the source folder {source.folder!r}"
         )
@@ -227,13 +227,13 @@ def _auth_failed(source: FtpSource, user: str | None, where: str) -> SourceError
     )
 
 
-# --- FTP -----------------------------------------------------------------------------------
-
-
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "no answer in time"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+# --- FTP -----------------------------------------------------------------------------------
 
 
 def _ftp_reply(exc: aioftp.StatusCodeError) -> str:
@@ -295,33 +295,77 @@ async def _connect_ftp(source: FtpSource, secrets: Secrets) -> AsyncIterator[_Re
 
 
 class _FtpRemote:
+    # Data connections are opened here rather than through aioftp's list() and
+    # download_stream(): those leave the connection open when the server refuses the command.
+
     def __init__(self, client: aioftp.Client, where: str) -> None:
         self.client = client
         self.where = where
 
     async def list_files(self, folder: str, pattern: str) -> list[_Candidate]:
         with _ftp_errors(self.where, f"cannot list the folder {folder!r}"):
-            try:
-                listing = await self.client.list(folder, raw_command="MLSD")
-                from_mlsd = True
-            except aioftp.StatusCodeError as exc:
-                if not exc.received_codes[-1].matches("50x"):
-                    raise
-                # An old server without MLSD: LIST has only minute (or day) precision.
-                listing = await self.client.list(folder, raw_command="LIST")
-                from_mlsd = False
+            entries, from_mlsd = await self._entries(folder)
             candidates = []
-            for path, info in listing:
-                name = path.name
+            for name, info in entries:
                 if info.get("type") != "file" or not fnmatchcase(name, pattern):
                     continue
-                mtime = _parse_ftp_time(info.get("modify")) if from_mlsd else None
+                # MLSD's modify fact is exact; LIST shows minutes at best, so MDTM comes first.
+                mtime = _parse_ftp_time(str(info.get("modify"))) if from_mlsd else None
                 if mtime is None:
                     mtime = await self._mdtm(posixpath.join(folder, name))
                 if mtime is None:
-                    mtime = _parse_ftp_time(info.get("modify")) or 0.0
+                    mtime = _parse_ftp_time(str(info.get("modify"))) or 0.0
                 candidates.append(_Candidate(name, mtime))
         return candidates
+
+    async def _entries(self, folder: str) -> tuple[list[tuple[str, Mapping[str, object]]], bool]:
+        """(name, facts) of everything in ``folder``, and whether MLSD (not LIST) gave them."""
+        parse: Callable[[bytes], tuple[PurePosixPath, Mapping[str, object]]]
+        try:
+            lines = await self._read_all("MLSD " + folder)
+            parse, from_mlsd = self.client.parse_mlsx_line, True
+        except aioftp.StatusCodeError as exc:
+            if not exc.received_codes[-1].matches("50x"):
+                raise
+            lines = await self._read_all("LIST " + folder)  # an old server without MLSD
+            parse, from_mlsd = self.client.parse_list_line, False
+        entries: list[tuple[str, Mapping[str, object]]] = []
+        for line in lines:
+            try:
+                path, info = parse(line)
+            except ValueError:  # "total 42" and other lines that name no file
+                logger.debug("skipping the listing line %r from %s", line, self.where)
+                continue
+            if path.name not in ("", ".", ".."):
+                entries.append((path.name, info))
+        return entries, from_mlsd
+
+    async def _open_data(self, command: str) -> aioftp.DataConnectionThrottleStreamIO:
+        reader, writer = await self.client.get_passive_connection("I")
+        try:
+            await self.client.command(command, "1xx")
+        except BaseException:
+            writer.close()
+            raise
+        return aioftp.DataConnectionThrottleStreamIO(
+            self.client,
+            reader,
+            writer,
+            throttles={"_": self.client.throttle},
+            timeout=self.client.socket_timeout,
+        )
+
+    async def _read_all(self, command: str) -> list[bytes]:
+        stream = await self._open_data(command)
+        lines = []
+        try:
+            while line := await stream.readline():
+                lines.append(line)
+        except BaseException:
+            stream.close()
+            raise
+        await stream.finish()
+        return lines
 
     async def _mdtm(self, path: str) -> float | None:
         try:
@@ -333,10 +377,28 @@ class _FtpRemote:
             raise
         return _parse_ftp_time(info[-1])
 
+    async def _exists(self, path: str) -> bool:
+        try:
+            await self.client.command("MLST " + path, "2xx")
+            return True
+        except aioftp.StatusCodeError as exc:
+            if exc.received_codes[-1].matches("550"):
+                return False
+            if not exc.received_codes[-1].matches("50x"):
+                raise
+        parent, name = posixpath.split(posixpath.normpath(path))
+        try:
+            entries, _ = await self._entries(parent or ".")
+        except aioftp.StatusCodeError as exc:
+            if exc.received_codes[-1].matches("550"):  # not even the parent folder exists
+                return False
+            raise
+        return any(entry == name for entry, _ in entries)
+
     @asynccontextmanager
     async def download(self, path: str) -> AsyncIterator[AsyncIterator[bytes]]:
         with _ftp_errors(self.where, f"cannot download {path}"):
-            stream = await self.client.download_stream(path)
+            stream = await self._open_data("RETR " + path)
         chunks = self._chunks(stream, path)
         try:
             yield chunks
@@ -360,15 +422,21 @@ class _FtpRemote:
 
     async def exists(self, path: str) -> bool:
         with _ftp_errors(self.where, f"cannot check whether {path} exists"):
-            return await self.client.exists(path)
+            return await self._exists(path)
 
     async def makedirs(self, path: str) -> None:
         with _ftp_errors(self.where, f"cannot create the folder {path!r}"):
-            try:
-                await self.client.make_directory(path)
-            except aioftp.StatusCodeError:
-                if not await self.client.exists(path):  # or created by someone else meanwhile
-                    raise
+            missing = []
+            folder = PurePosixPath(path)
+            while folder.name and not await self._exists(str(folder)):
+                missing.append(folder)
+                folder = folder.parent
+            for folder in reversed(missing):
+                try:
+                    await self.client.command(f"MKD {folder}", "257")
+                except aioftp.StatusCodeError:
+                    if not await self._exists(str(folder)):  # or made by someone else meanwhile
+                        raise
 
     async def rename(self, source: str, target: str) -> None:
         with _ftp_errors(self.where, f"cannot move {source} to {target}"):
