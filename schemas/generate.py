@@ -12,13 +12,22 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from schemas.events import DeadLetter, FileRef, ImportRequested, LifecycleEvent
+from schemas.events import (
+    DeadLetter,
+    FileRef,
+    ImportRequested,
+    ItemPage,
+    LifecycleEvent,
+    TriggerRequested,
+)
 from schemas.runs import Run, RunCounters
 
 MODELS: tuple[type[BaseModel], ...] = (
     LifecycleEvent,
     Run,
     ImportRequested,
+    TriggerRequested,
+    ItemPage,
     FileRef,
     DeadLetter,
     RunCounters,

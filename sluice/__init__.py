@@ -9,10 +9,30 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sluice.sdk import cancel, get_run, list_runs, produce, retry, start, subscribe, wait
+    from sluice.sdk import (
+        cancel,
+        get_run,
+        list_runs,
+        produce,
+        retry,
+        start,
+        subscribe,
+        trigger,
+        wait,
+    )
 
 __version__ = "0.1.0"
-__all__ = ["cancel", "get_run", "list_runs", "produce", "retry", "start", "subscribe", "wait"]
+__all__ = [
+    "cancel",
+    "get_run",
+    "list_runs",
+    "produce",
+    "retry",
+    "start",
+    "subscribe",
+    "trigger",
+    "wait",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -15,6 +15,8 @@ import math
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import datetime
+from enum import StrEnum
 from typing import Annotated, Any
 
 import orjson
@@ -52,6 +54,38 @@ class ApiError(Exception):
         self.status = status
         self.code = code
         self.message = message
+
+
+class ItemStatus(StrEnum):
+    PENDING = "pending"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class ItemState(BaseModel):
+    external_id: str
+    status: ItemStatus
+    failure_count: int
+    last_error: str | None
+    last_failed_at: datetime | None
+    completed_at: datetime | None
+    metadata: dict[str, Any] = Field(description="the item as the list endpoint gave it")
+
+
+class ItemPageResponse(BaseModel):
+    data: list[ItemState]
+    counts: dict[str, int]
+    pagination: Pagination
+
+
+class ScheduleState(BaseModel):
+    importer: str
+    cron: str
+    paused: bool
+    next_fire: datetime | None
+    last_fire: datetime | None
+    last_outcome: str | None
 
 
 class TriggerBody(BaseModel):
@@ -416,6 +450,34 @@ def create_api(settings: Settings) -> FastAPI:
             pagination=_page(page, limit, total),
         )
         return Response(body.model_dump_json(), media_type="application/json")
+
+    @app.get("/api/v1/runs/{run_id}/items", dependencies=auth, tags=["runs"])
+    async def run_items(
+        run_id: uuid.UUID,
+        status: ItemStatus | None = None,
+        page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> ItemPageResponse:
+        """The items of a paginated API run with their states, failures and last errors."""
+        await client.get_run(run_id)
+        repo = await client.rt.items()
+        counts = await repo.counts(run_id)
+        state = status.value if status else None
+        total = counts[state] if state else sum(counts.values())
+        found = await repo.list(run_id, status=state, limit=limit, offset=(page - 1) * limit)
+        return ItemPageResponse(
+            data=[ItemState.model_validate(i) for i in found],
+            counts=counts,
+            pagination=_page(page, limit, total),
+        )
+
+    @app.get("/api/v1/schedules", dependencies=auth, tags=["importers"])
+    async def list_schedules() -> dict[str, list[ScheduleState]]:
+        """The importers' schedules: cron, paused or not, next and last scheduled time."""
+        from sluice.schedule import schedules
+
+        found = await schedules(client.rt)
+        return {"data": [ScheduleState.model_validate(f, from_attributes=True) for f in found]}
 
     @app.get(
         "/api/v1/runs/{run_id}/events",

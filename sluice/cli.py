@@ -441,8 +441,118 @@ def importers(as_json: bool) -> None:
             f"{d['slug']:20} -> {d['table']:28} key ({key})  policy {d['policy']}"
             f"  sources {', '.join(d['sources'])}"
         )
+        if d["schedule"]:
+            click.echo(f"{'':20}    schedule {d['schedule']} (`sluice schedules` for its state)")
         if d["description"]:
             click.echo(f"{'':20}    {d['description']}")
+
+
+@cli.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="print the schedules as JSON")
+@click.pass_context
+def schedules(ctx: click.Context, as_json: bool) -> None:
+    """List the importers' schedules: cron, paused or not, next and last time."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from sluice.runtime import Runtime
+    from sluice.schedule import schedules as list_schedules
+
+    async def show() -> int:
+        rt = Runtime(load_settings())
+        try:
+            found = await list_schedules(rt)
+        finally:
+            await rt.close()
+        if as_json:
+            data = [
+                {
+                    "importer": f.importer,
+                    "cron": f.cron,
+                    "paused": f.paused,
+                    "next_fire": f.next_fire.isoformat() if f.next_fire else None,
+                    "last_fire": f.last_fire.isoformat() if f.last_fire else None,
+                    "last_outcome": f.last_outcome,
+                }
+                for f in found
+            ]
+            click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+            return 0
+        if not found:
+            click.echo("no importer has a schedule")
+        for f in found:
+            state = "paused" if f.paused else f"next {f.next_fire:%Y-%m-%d %H:%M:%S}Z"
+            last = f"last {f.last_fire:%Y-%m-%d %H:%M:%S}Z {f.last_outcome}" if f.last_fire else ""
+            click.echo(f"{f.importer:20} {f.cron:20} {state}  {last}".rstrip())
+        return 0
+
+    sys.exit(run_async(show()))
+
+
+def _set_paused(slug: str, paused: bool) -> None:
+    from sluice.runtime import Runtime
+    from sluice.schedule import set_paused
+
+    async def go() -> int:
+        rt = Runtime(load_settings())
+        try:
+            await set_paused(rt, slug, paused)
+        finally:
+            await rt.close()
+        click.echo(f"schedule of {slug} {'paused' if paused else 'resumed'}")
+        return 0
+
+    sys.exit(run_async(go()))
+
+
+@schedules.command("pause")
+@click.argument("slug")
+def schedules_pause(slug: str) -> None:
+    """Stop starting scheduled runs of SLUG (runs going on are not touched)."""
+    _set_paused(slug, True)
+
+
+@schedules.command("resume")
+@click.argument("slug")
+def schedules_resume(slug: str) -> None:
+    """Start scheduled runs of SLUG again, from its next scheduled time."""
+    _set_paused(slug, False)
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option(
+    "--status",
+    type=click.Choice(["pending", "processing", "completed", "failed"]),
+    help="only items in this state",
+)
+@click.option("--limit", type=int, default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
+def items(run_id: str, status: str | None, limit: int, as_json: bool) -> None:
+    """The items of a paginated API run: state, failures and the last error of each."""
+    from sluice.client import Client
+
+    rid = _parse_run_id(run_id)
+
+    async def show() -> int:
+        async with Client(load_settings()) as client:
+            await client.get_run(rid)
+            repo = await client.rt.items()
+            counts = await repo.counts(rid)
+            found = await repo.list(rid, status=status, limit=limit)
+        if as_json:
+            for item in found:
+                click.echo(orjson.dumps(item, default=str).decode())
+            return 0
+        click.echo("  ".join(f"{k} {v:,}" for k, v in counts.items()))
+        for item in found:
+            error = f"  {item['last_error']}" if item["last_error"] else ""
+            click.echo(
+                f"{item['external_id']:24} {item['status']:10} "
+                f"failures {item['failure_count']}{error}"
+            )
+        return 0
+
+    sys.exit(run_async(show()))
 
 
 @cli.command()

@@ -117,6 +117,21 @@ async def start(
         )
 
 
+async def trigger(
+    importer: str,
+    params: dict[str, Any] | None = None,
+    *,
+    user: str | None = None,
+    dry_run: bool = False,
+    settings: Settings | None = None,
+) -> Run:
+    """Queue a run that pulls its data: ``{"url": ...}`` for URL sources, ``{"file": ...}`` or
+    ``{"pattern": ...}`` for FTP/SFTP, ``{"path": ...}`` for the filesystem, nothing for the
+    importer's paginated API. Returns the queued run; a refused URL raises ``SourceError``."""
+    async with _client(settings) as client:
+        return await client.trigger(importer, params, dry_run=dry_run, requested_by=user)
+
+
 async def get_run(run_id: RunId, *, settings: Settings | None = None) -> Run:
     """The run as it is now; ``RunNotFound`` when there is none."""
     async with _client(settings) as client:

@@ -60,6 +60,18 @@ def start(
     )
 
 
+def trigger(
+    importer: str,
+    params: dict[str, Any] | None = None,
+    *,
+    user: str | None = None,
+    dry_run: bool = False,
+    settings: Settings | None = None,
+) -> Run:
+    """Blocking ``sluice.trigger``."""
+    return _run(sdk.trigger(importer, params, user=user, dry_run=dry_run, settings=settings))
+
+
 def get_run(run_id: sdk.RunId, *, settings: Settings | None = None) -> Run:
     """See ``sluice.get_run``."""
     return _run(sdk.get_run(run_id, settings=settings))

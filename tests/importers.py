@@ -180,3 +180,4 @@ def api_importer(slug: str, per_second: float, burst: int, page_size: int = 100)
 
 api_rated = api_importer("t_api_rated", per_second=200, burst=20)
 api_killed = api_importer("t_api_killed", per_second=150, burst=10, page_size=50)
+api_small = api_importer("t_api_small", per_second=100, burst=10, page_size=10)

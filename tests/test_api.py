@@ -213,6 +213,27 @@ def test_trigger(http: httpx.Client, stack: Stack) -> None:
     assert "SLUICE_FILE_ROOTS" in outside.json()["error"]
 
 
+def test_api_source_items_and_schedules(http: httpx.Client, stack: Stack) -> None:
+    from tests.servers.paginated_api import FakeApi
+
+    with FakeApi(12, port=stack.api_port, broken={"item-00005"}):
+        done = http.post("/api/v1/imports/t_api_small/trigger", params={"wait": "true"})
+    assert done.status_code == 200, done.text
+    run = done.json()
+    assert run["status"] == "completed_with_errors" and run["items_failed"] == 1
+    for key in ("rate_limit_hits", "rate_limit_sleeps", "total_sleep_seconds"):
+        assert key in run
+    page = http.get(f"/api/v1/runs/{run['id']}/items", params={"status": "failed"}).json()
+    assert page["counts"] == {"pending": 0, "processing": 0, "completed": 11, "failed": 1}
+    assert page["pagination"]["total"] == 1
+    (item,) = page["data"]
+    assert item["external_id"] == "item-00005" and item["failure_count"] == 4
+    assert "HTTP 500" in item["last_error"] and item["metadata"]["id"] == "item-00005"
+    assert_error(http.get(f"/api/v1/runs/{uuid.uuid4()}/items"), 404)
+    schedules = {s["importer"]: s for s in http.get("/api/v1/schedules").json()["data"]}
+    assert schedules["t_sched"]["paused"] is True
+
+
 def test_metrics(http: httpx.Client) -> None:
     assert upload(http, "t_api", GOOD, wait="true").status_code == 200
     text = http.get("/metrics").text

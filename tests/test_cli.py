@@ -400,3 +400,39 @@ async def test_prune_files_and_rows(
     assert await db.fetchval("SELECT count(*) FROM sluice.runs WHERE id = $1", old.id) == 0
     assert await db.fetchval("SELECT count(*) FROM sluice.row_log WHERE run_id = $1", old.id) == 0
     assert await db.fetchval("SELECT count(*) FROM sluice.runs WHERE id = $1", recent.id) == 1
+
+
+def test_trigger_items_and_schedules(stack: Stack) -> None:
+    from tests.servers.paginated_api import FakeApi
+
+    (stack.files / "cli-trigger.csv").write_text(FILE)
+    pulled = sluice(
+        "trigger", "t_fs", "--path", "cli-trigger.csv", "--wait", "--json", env=stack.env
+    )
+    assert pulled.returncode == 3, pulled.stderr  # one row rejected
+    run = json.loads(pulled.stdout)
+    assert run["source"] == "filesystem" and run["created_rows"] + run["updated_rows"] == 2
+
+    refused = sluice("trigger", "t_url", "--url", "http://169.254.169.254/", env=stack.env)
+    assert refused.returncode == 1 and "169.254.169.254" in refused.stderr
+    assert sluice("trigger", "t_fs", "--param", "oops", env=stack.env).returncode == 2
+
+    api = FakeApi(25, port=stack.api_port, missing={"item-00003"})
+    with api:
+        done = sluice("trigger", "t_api_small", "--wait", "--json", env=stack.env)
+    assert done.returncode == 3, done.stderr
+    run = json.loads(done.stdout)
+    assert (run["items_discovered"], run["items_completed"], run["items_failed"]) == (25, 24, 1)
+    failed = sluice("items", run["id"], "--status", "failed", "--json", env=stack.env)
+    assert failed.returncode == 0, failed.stderr
+    rows = [json.loads(line) for line in failed.stdout.splitlines()]
+    assert [r["external_id"] for r in rows] == ["item-00003"]
+    assert "HTTP 404" in rows[0]["last_error"]
+    status = sluice("status", run["id"], env=stack.env)
+    assert "items: 25 discovered  24 completed  1 failed" in status.stdout
+
+    listed = sluice("schedules", "--json", env=stack.env)
+    assert listed.returncode == 0, listed.stderr
+    sched = {s["importer"]: s for s in json.loads(listed.stdout)}
+    assert sched["t_sched"]["cron"] == "* * * * * */2" and sched["t_sched"]["paused"] is True
+    assert sluice("schedules", "pause", "t_exact", env=stack.env).returncode == 1
