@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from sluice.sdk import (
+        backfill,
+        backfill_status,
         cancel,
         get_run,
         list_runs,
@@ -23,6 +25,8 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 __all__ = [
+    "backfill",
+    "backfill_status",
     "cancel",
     "get_run",
     "list_runs",

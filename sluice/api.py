@@ -88,6 +88,36 @@ class ScheduleState(BaseModel):
     last_outcome: str | None
 
 
+class BackfillBody(BaseModel):
+    dids: list[str] = Field(min_length=1, max_length=10_000, description="did:plc or did:web")
+    collections: list[str] = Field(default=[], description="NSIDs; empty: all the repo has")
+    reset: bool = False
+
+
+class BackfillStatus(StrEnum):
+    PENDING = "pending"
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class BackfillStateModel(BaseModel):
+    did: str
+    collection: str
+    status: BackfillStatus
+    cursor: str | None
+    rev: str | None
+    pds: str | None
+    records_synced: int
+    records_skipped: int
+    records_failed: int
+    pages: int
+    run_id: uuid.UUID | None
+    started_at: datetime | None
+    completed_at: datetime | None
+    error: str | None
+
+
 class TriggerBody(BaseModel):
     """A trigger's parameters. Sources read the fields they know; others pass through."""
 
@@ -478,6 +508,29 @@ def create_api(settings: Settings) -> FastAPI:
 
         found = await schedules(client.rt)
         return {"data": [ScheduleState.model_validate(f, from_attributes=True) for f in found]}
+
+    @app.post("/api/v1/backfill", status_code=202, dependencies=auth, tags=["firehose"])
+    async def queue_backfill(body: BackfillBody) -> dict[str, list[str]]:
+        """Queue the backfill of AT Protocol repositories for the workers. A backfill continues
+        from its stored cursors; ``reset`` starts over."""
+        dids = await client.backfill(
+            body.dids, collections=body.collections, reset=body.reset, requested_by="api"
+        )
+        return {"queued": dids}
+
+    @app.get("/api/v1/backfill", dependencies=auth, tags=["firehose"])
+    async def backfill_status(
+        did: str | None = None, status: BackfillStatus | None = None
+    ) -> dict[str, list[BackfillStateModel]]:
+        """Backfill state per repository and collection."""
+        from sluice.firehose.backfill import Backfiller
+
+        backfiller = Backfiller(await client.rt.pool(), settings.firehose)
+        try:
+            states = await backfiller.states(did, status.value if status else None)
+        finally:
+            await backfiller.close()
+        return {"data": [BackfillStateModel.model_validate(s.__dict__) for s in states]}
 
     @app.get(
         "/api/v1/runs/{run_id}/events",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import logging
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import faust
@@ -13,12 +14,14 @@ from pydantic import ValidationError
 from agents.detail import fetch_page
 from agents.discover import discover
 from agents.fetch import after_import, handle_trigger
+from agents.firehose import apply_firehose, parse_events
 from agents.lifecycle import relay_outbox
 from agents.retry import retrying
 from agents.split import split_file
 from agents.upsert import PlanCache, upsert_batch
 from agents.webhooks import HookSet, WebhookDispatcher
 from schemas.events import DeadLetter, ImportRequested, ItemPage, TriggerRequested
+from schemas.firehose import BackfillRequested
 from schemas.runs import Run
 from sluice.runtime import Runtime
 from sluice.schedule import fire_due
@@ -209,6 +212,68 @@ def create_app(rt: Runtime, *, app_id: str = "sluice", hooks: HookSet | None = N
             await fire_due(rt, publish_trigger, grace=rt.settings.pipeline.schedule_grace)
         except Exception:
             log.exception("schedule tick failed; will try again")
+
+    firehose = topic(topics.FIREHOSE, kafka.partitions)
+    backfills = topic(topics.BACKFILL, kafka.partitions)
+
+    @app.agent(firehose, name="firehose")
+    async def firehose_agent(stream: Any) -> None:
+        attempts = rt.settings.pipeline.apply_attempts
+        async for batch in stream.take_events(2000, within=0.05):
+            events, bad = parse_events([e.value for e in batch])
+            for index, reason in bad:
+                await dead_letter(batch[index], reason)
+            try:
+                await retrying("firehose batch", attempts, partial(apply_firehose, rt, events))
+            except Exception as exc:
+                log.exception("firehose batch of %d failed %d times", len(events), attempts)
+                for event in batch:
+                    await dead_letter(event, f"could not apply: {type(exc).__name__}: {exc}")
+
+    @app.agent(backfills, name="backfill")
+    async def backfill_agent(stream: Any) -> None:
+        from sluice.firehose.backfill import Backfiller
+
+        backfiller: Backfiller | None = None
+        async for event in stream.events():
+            try:
+                request = BackfillRequested.model_validate_json(event.value)
+            except ValidationError as exc:
+                await dead_letter(event, f"not a valid backfill request: {exc.errors()[:3]}")
+                continue
+            if backfiller is None:
+                backfiller = Backfiller(await rt.pool(), rt.settings.firehose)
+            try:
+                await retrying(
+                    f"backfill of {request.did}",
+                    rt.settings.pipeline.apply_attempts,
+                    partial(backfiller.backfill, request),
+                )
+            except Exception as exc:
+                log.exception("backfill of %s failed", request.did)
+                await dead_letter(event, f"backfill failed: {type(exc).__name__}: {exc}")
+
+    if rt.settings.firehose.enabled:
+
+        @app.task  # type: ignore[untyped-decorator]
+        async def firehose_consumer() -> None:
+            from sluice.firehose.run import run_leader_consumer
+
+            async def publish(did: str, raw: bytes) -> None:
+                await firehose.send(key=did.encode(), value=raw)
+
+            async def to_dead_letter(raw: bytes, reason: str) -> None:
+                letter = DeadLetter(
+                    topic="jetstream",
+                    partition=-1,
+                    offset=-1,
+                    reason=reason,
+                    payload=raw.decode(errors="replace"),
+                    time=datetime.now(UTC),
+                )
+                await dead.send(key=None, value=letter.model_dump_json().encode())
+
+            await run_leader_consumer(rt, publish, flush, to_dead_letter)
 
     @app.timer(rt.settings.pipeline.relay_interval)  # type: ignore[untyped-decorator]
     async def relay() -> None:

@@ -13,6 +13,7 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -303,6 +304,202 @@ def trigger_cmd(
         return EXIT_STATUS.get(run.status, 0) if wait else 0
 
     sys.exit(run_async(go()))
+
+
+@cli.command()
+@click.option("--url", help="Jetstream WebSocket URL (default SLUICE_FIREHOSE_URL)")
+@click.option("--collection", "collections", multiple=True, help="only this NSID (repeatable)")
+@click.option("--did", "dids", multiple=True, help="only this repository (repeatable)")
+def firehose(url: str | None, collections: tuple[str, ...], dids: tuple[str, ...]) -> None:
+    """Consume a Jetstream firehose into the firehose topic until Ctrl-C.
+
+    The cursor (time_us) is kept in PostgreSQL at least every second; a restart resumes a few
+    seconds (SLUICE_FIREHOSE_REWIND) before it. The workers apply the events to
+    atproto.records.
+    """
+    import signal
+
+    from aiokafka import AIOKafkaProducer
+
+    from schemas.events import DeadLetter
+    from sluice.firehose.run import build_consumer, run_consumer
+    from storage.db import create_pool
+    from streams.admin import ensure_topics
+    from streams.topics import DEADLETTER, FIREHOSE
+
+    settings = load_settings()
+
+    async def go() -> int:
+        kafka = settings.kafka
+        await ensure_topics(kafka.bootstrap, kafka.partitions, kafka.replication)
+        pool = await create_pool(settings.database_url, min_size=1, max_size=3)
+        producer = AIOKafkaProducer(
+            bootstrap_servers=kafka.bootstrap, acks="all", linger_ms=5, request_timeout_ms=30000
+        )
+        await producer.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+
+        async def publish(did: str, raw: bytes) -> None:
+            await producer.send(FIREHOSE, raw, key=did.encode())
+
+        async def dead_letter(raw: bytes, reason: str) -> None:
+            letter = DeadLetter(
+                topic="jetstream",
+                partition=-1,
+                offset=-1,
+                reason=reason,
+                payload=raw.decode(errors="replace"),
+                time=datetime.now(UTC),
+            )
+            await producer.send(DEADLETTER, letter.model_dump_json().encode())
+
+        consumer = build_consumer(
+            pool,
+            settings.firehose,
+            publish,
+            producer.flush,
+            dead_letter,
+            url=url,
+            collections=collections or None,
+            dids=dids or None,
+        )
+        click.echo(f"firehose {consumer.name}: {consumer.url} (Ctrl-C stops)", err=True)
+        try:
+            stats = await run_consumer(pool, consumer, stop)
+        finally:
+            await producer.stop()
+            await pool.close()
+        click.echo(
+            f"firehose {consumer.name}: {stats.published:,} events published, "
+            f"{stats.malformed:,} malformed, {stats.reconnects:,} reconnects",
+            err=True,
+        )
+        return 0
+
+    sys.exit(run_async(go()))
+
+
+def _dids_from(dids: tuple[str, ...], file: Path | None) -> list[str]:
+    found = list(dids)
+    if file is not None:
+        for line in file.read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                found.append(line)
+    return list(dict.fromkeys(found))
+
+
+@cli.command()
+@click.argument("dids", nargs=-1)
+@click.option(
+    "--file",
+    "file",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    help="a file of DIDs, one per line",
+)
+@click.option("--collection", "collections", multiple=True, help="only this NSID (repeatable)")
+@click.option("--resume", is_flag=True, help="also every repository whose backfill did not finish")
+@click.option("--reset", is_flag=True, help="forget stored cursors and start these over")
+@click.option("--queue", is_flag=True, help="hand the backfills to the workers and return")
+@click.option("--json", "as_json", is_flag=True, help="print each repository's run as JSON")
+def backfill(
+    dids: tuple[str, ...],
+    file: Path | None,
+    collections: tuple[str, ...],
+    resume: bool,
+    reset: bool,
+    queue: bool,
+    as_json: bool,
+) -> None:
+    """Import repositories' history from their PDS (listRecords), combined with the firehose.
+
+    A backfill continues from its stored cursor; completed collections are skipped unless
+    --reset. Without --queue it runs here and prints each repository's outcome.
+    """
+    from sluice.client import Client
+    from sluice.firehose.backfill import Backfiller
+
+    settings = load_settings()
+    wanted = _dids_from(dids, file)
+
+    async def go() -> int:
+        async with Client(settings) as client:
+            pool = await client.rt.pool()
+            backfiller = Backfiller(pool, settings.firehose)
+            try:
+                todo = wanted + [d for d in await backfiller.unfinished_dids() if resume]
+                todo = list(dict.fromkeys(todo))
+                if not todo:
+                    fail("name at least one DID (or --file, or --resume)", 2)
+                if queue:
+                    queued = await client.backfill(
+                        todo, collections=list(collections), reset=reset, requested_by=_user()
+                    )
+                    click.echo(f"queued {len(queued)} backfills")
+                    return 0
+                from schemas.firehose import BackfillRequested
+
+                worst = 0
+                for did in todo:
+                    try:
+                        request = BackfillRequested(
+                            did=did,
+                            collections=list(collections),
+                            reset=reset,
+                            requested_by=_user(),
+                        )
+                    except ValueError:
+                        fail(f"{did!r} is not a DID; write did:plc:... or did:web:...", 2)
+                    run = await backfiller.backfill(request)
+                    click.echo(run_json(run) if as_json else f"{did}: " + summary(run))
+                    worst = max(worst, EXIT_STATUS.get(run.status, 0))
+                return worst
+            finally:
+                await backfiller.close()
+
+    sys.exit(run_async(go()))
+
+
+@cli.command("backfill-status")
+@click.argument("did", required=False)
+@click.option("--pending", is_flag=True, help="only repositories not finished")
+@click.option("--failed", is_flag=True, help="only failed ones")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
+def backfill_status(did: str | None, pending: bool, failed: bool, as_json: bool) -> None:
+    """Backfill state per repository and collection."""
+    from sluice.firehose.backfill import Backfiller
+    from storage.db import create_pool
+
+    settings = load_settings()
+
+    async def show() -> int:
+        pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+        try:
+            states = await Backfiller(pool, settings.firehose).states(
+                did, "failed" if failed else None
+            )
+        finally:
+            await pool.close()
+        if pending:
+            states = [s for s in states if s.status != "completed"]
+        for s in states:
+            if as_json:
+                click.echo(orjson.dumps(s.__dict__, default=str).decode())
+            else:
+                error = f"  {s.error}" if s.error else ""
+                click.echo(
+                    f"{s.did:40} {s.collection:28} {s.status:11} synced {s.records_synced:,}"
+                    f"  skipped {s.records_skipped:,}  failed {s.records_failed:,}"
+                    f"  pages {s.pages}{error}"
+                )
+        if not states and not as_json:
+            click.echo("no backfill state")
+        return 0
+
+    sys.exit(run_async(show()))
 
 
 @cli.command("import")

@@ -35,7 +35,7 @@ from sluice.runtime import Runtime
 from sluice.sources.base import UrlSource
 from storage.filestore import iter_path
 from streams.admin import ensure_topics
-from streams.topics import REQUESTS, TRIGGERS
+from streams.topics import BACKFILL, REQUESTS, TRIGGERS
 
 PULL_KINDS = ("url", "ftp", "sftp", "filesystem", "api")
 
@@ -226,6 +226,39 @@ class Client:
         await producer.send_and_wait(
             TRIGGERS, trigger.model_dump_json().encode(), key=str(run.id).encode()
         )
+
+    async def backfill(
+        self,
+        dids: list[str],
+        *,
+        collections: list[str] | None = None,
+        reset: bool = False,
+        requested_by: str | None = None,
+    ) -> list[str]:
+        """Queue the backfill of each DID for the workers; returns the DIDs queued."""
+        from schemas.firehose import BackfillRequested
+
+        requests = []
+        for did in dids:
+            try:
+                requests.append(
+                    BackfillRequested(
+                        did=did,
+                        collections=collections or [],
+                        reset=reset,
+                        requested_by=requested_by,
+                    )
+                )
+            except ValueError:
+                raise InvalidRequest(
+                    f"{did!r} is not a DID; write did:plc:... or did:web:..."
+                ) from None
+        producer = await self.producer()
+        for request in requests:
+            await producer.send_and_wait(
+                BACKFILL, request.model_dump_json().encode(), key=request.did.encode()
+            )
+        return [r.did for r in requests]
 
     async def get_run(self, run_id: uuid.UUID) -> Run:
         run = await (await self.rt.runs()).get(run_id)

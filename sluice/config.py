@@ -122,6 +122,42 @@ class UrlSettings(BaseSettings):
         return self._split(self.deny_hosts)
 
 
+class FirehoseSettings(BaseSettings):
+    """The AT Protocol firehose (a Jetstream-compatible WebSocket) and the backfill."""
+
+    model_config = SettingsConfigDict(env_prefix="SLUICE_FIREHOSE_", frozen=True, extra="ignore")
+
+    url: str = Field(
+        default="wss://jetstream2.us-east.bsky.network/subscribe",
+        description="Jetstream WebSocket URL",
+    )
+    collections: str = Field(default="", description="comma-separated NSIDs (empty: all)")
+    dids: str = Field(default="", description="comma-separated DIDs (empty: all)")
+    enabled: bool = Field(default=False, description="workers run the consumer (one at a time)")
+    name: str = Field(default="default", description="the consumer's name: its stored cursor")
+    rewind: float = Field(default=5.0, ge=0, description="seconds to go back when resuming")
+    cursor_interval: float = Field(default=1.0, gt=0, description="seconds between cursor saves")
+    plc_url: str = Field(default="https://plc.directory", description="did:plc directory")
+    did_web_url: str = Field(
+        default="https://{host}/.well-known/did.json",
+        description="where a did:web document is; {host} is the DID's host",
+    )
+    page_limit: int = Field(default=100, ge=1, le=100, description="listRecords page size")
+    page_delay: float = Field(default=0.0, ge=0, description="seconds between listRecords pages")
+    per_pds: int = Field(default=4, ge=1, description="repositories backfilled at once per PDS")
+    max_attempts: int = Field(default=5, ge=1, description="tries of a PDS request (not 429s)")
+    pds_rate: float = Field(default=20.0, gt=0, description="requests per second to one PDS")
+    freshness: float = Field(
+        default=15.0,
+        gt=0,
+        description="a backfill starts only when the firehose saved its cursor this recently",
+    )
+
+    @staticmethod
+    def split(raw: str) -> tuple[str, ...]:
+        return tuple(x.strip() for x in raw.split(",") if x.strip())
+
+
 class WebhookTarget(BaseModel):
     """One entry of ``SLUICE_WEBHOOKS``: a URL and the lifecycle events it receives."""
 
@@ -181,6 +217,7 @@ class Settings:
         pipeline: PipelineSettings | None = None,
         webhooks: WebhookSettings | None = None,
         url: UrlSettings | None = None,
+        firehose: FirehoseSettings | None = None,
     ) -> None:
         self.kafka = kafka or KafkaSettings()
         self.database = database or DatabaseSettings()
@@ -188,6 +225,7 @@ class Settings:
         self.pipeline = pipeline or PipelineSettings()
         self.webhooks = webhooks or WebhookSettings()
         self.url = url or UrlSettings()
+        self.firehose = firehose or FirehoseSettings()
 
     @property
     def database_url(self) -> str:

@@ -132,6 +132,36 @@ async def trigger(
         return await client.trigger(importer, params, dry_run=dry_run, requested_by=user)
 
 
+async def backfill(
+    dids: Iterable[str],
+    *,
+    collections: Iterable[str] | None = None,
+    reset: bool = False,
+    user: str | None = None,
+    settings: Settings | None = None,
+) -> list[str]:
+    """Queue AT Protocol repositories for backfill by the workers; returns the DIDs queued.
+    Follow them with ``backfill_status`` or the ``backfill.*`` lifecycle events."""
+    async with _client(settings) as client:
+        return await client.backfill(
+            list(dids), collections=list(collections or []), reset=reset, requested_by=user
+        )
+
+
+async def backfill_status(
+    did: str | None = None, status: str | None = None, *, settings: Settings | None = None
+) -> list[Any]:
+    """Backfill state per (did, collection): ``BackfillState`` objects."""
+    from sluice.firehose.backfill import Backfiller
+
+    async with _client(settings) as client:
+        backfiller = Backfiller(await client.rt.pool(), client.settings.firehose)
+        try:
+            return list(await backfiller.states(did, status))
+        finally:
+            await backfiller.close()
+
+
 async def get_run(run_id: RunId, *, settings: Settings | None = None) -> Run:
     """The run as it is now; ``RunNotFound`` when there is none."""
     async with _client(settings) as client:

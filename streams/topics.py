@@ -16,6 +16,11 @@ TRIGGERS = "sluice.triggers"
 ITEMS = "sluice.items"
 """Pages of discovered API items to fetch in detail, keyed by ``<run_id>:<seq>``; the items
 themselves are in ``sluice.items`` (the table)."""
+FIREHOSE = "sluice.firehose"
+"""AT Protocol firehose events (Jetstream JSON), keyed by DID so a repository's events stay in
+order."""
+BACKFILL = "sluice.backfill"
+"""Requests to backfill a repository (``BackfillRequested``), keyed by DID."""
 DEADLETTER = "sluice.deadletter"
 """Messages that could not be processed, with topic, partition, offset and reason."""
 
@@ -33,6 +38,8 @@ def all_topics(partitions: int) -> list[TopicSpec]:
         TopicSpec(LIFECYCLE, partitions),
         TopicSpec(TRIGGERS, partitions),
         TopicSpec(ITEMS, partitions),
+        TopicSpec(FIREHOSE, partitions),
+        TopicSpec(BACKFILL, partitions),
         TopicSpec(DEADLETTER, 1),
     ]
 

@@ -94,6 +94,7 @@ class Stack:
         self.http_port = free_port()
         self.ftp_port = free_port()
         self.sftp_port = free_port()
+        self.pds_port = free_port()  # tests/test_firehose.py: the fake PDS and PLC directory
         self.files = root / "files"
         self.files.mkdir()
         self.workers: list[Worker] = []
@@ -129,6 +130,8 @@ class Stack:
             SLUICE_TEST_FTP_USER="loader",
             SLUICE_TEST_FTP_PASSWORD=FTP_PASSWORD,
             SLUICE_TEST_FTP_WRONG="not-the-password",
+            SLUICE_FIREHOSE_PLC_URL=f"http://127.0.0.1:{self.pds_port}/plc",
+            SLUICE_FIREHOSE_DID_WEB_URL=f"http://127.0.0.1:{self.pds_port}/.well-known/did.json",
             SLUICE_WEBHOOK_BACKOFF="0.5",
             SLUICE_WEBHOOK_RETRY_INTERVAL="0.2",
         )

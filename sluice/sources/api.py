@@ -42,7 +42,9 @@ def retry_after(response: httpx.Response, default: float = 1.0) -> float:
             return max(0.0, when.timestamp() - time.time())
     reset = response.headers.get("ratelimit-reset")
     if reset and reset.strip().replace(".", "", 1).isdigit():
-        return max(0.0, float(reset.strip()))
+        value_s = float(reset.strip())
+        # The IETF draft sends seconds to wait; some servers (Bluesky) send an epoch time.
+        return max(0.0, value_s - time.time() if value_s > 1e9 else value_s)
     return default
 
 

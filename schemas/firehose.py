@@ -1,0 +1,107 @@
+"""AT Protocol firehose events as Jetstream sends them, and the records they describe.
+
+Jetstream JSON (one message per event)::
+
+    {"did": "did:plc:...", "time_us": 1725911162329308, "kind": "commit",
+     "commit": {"rev": "3l3qo2vutsw2b", "operation": "create", "collection": "app.bsky.feed.post",
+                "rkey": "3l3qo2vuowo2b", "record": {...}, "cid": "bafy..."}}
+    {"did": ..., "time_us": ..., "kind": "identity", "identity": {"did", "handle", "seq", "time"}}
+    {"did": ..., "time_us": ..., "kind": "account",
+     "account": {"active": false, "did", "seq", "time", "status": "deleted"}}
+
+Deletes carry no record and no cid. ``time_us`` is the consumer's resume cursor. A record's URI
+is ``at://{did}/{collection}/{rkey}``; a ``rev`` is a 13-character TID, compared as bytes.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Operation(StrEnum):
+    CREATE = "create"
+    """A new record."""
+    UPDATE = "update"
+    """A new version of a record."""
+    DELETE = "delete"
+    """The record is gone; it carries no record and no cid."""
+
+
+class Commit(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    rev: str = Field(min_length=1, description="the repo revision (a TID) of this commit")
+    operation: Operation
+    collection: str = Field(min_length=1)
+    rkey: str = Field(min_length=1)
+    record: dict[str, Any] | None = None
+    cid: str | None = None
+
+    @model_validator(mode="after")
+    def _record_for_writes(self) -> Commit:
+        if self.operation is not Operation.DELETE and self.record is None:
+            raise ValueError(f"a {self.operation.value} commit needs a record")
+        return self
+
+
+class Identity(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    did: str | None = None
+    handle: str | None = None
+    seq: int | None = None
+    time: str | None = None
+
+
+class Account(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    active: bool
+    did: str | None = None
+    seq: int | None = None
+    time: str | None = None
+    status: str | None = Field(
+        default=None, description="why inactive: deleted, deactivated, takendown, suspended"
+    )
+
+
+class JetstreamEvent(BaseModel):
+    """One event of a Jetstream-compatible firehose (also the value on ``sluice.firehose``)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    did: str = Field(pattern=r"^did:[a-z]+:[A-Za-z0-9._:%-]+$")
+    time_us: int = Field(ge=0)
+    kind: Literal["commit", "identity", "account"]
+    commit: Commit | None = None
+    identity: Identity | None = None
+    account: Account | None = None
+
+    @model_validator(mode="after")
+    def _body_for_kind(self) -> JetstreamEvent:
+        if getattr(self, self.kind) is None:
+            raise ValueError(f"a {self.kind} event needs its {self.kind!r} object")
+        return self
+
+    @property
+    def uri(self) -> str | None:
+        c = self.commit
+        return f"at://{self.did}/{c.collection}/{c.rkey}" if c is not None else None
+
+
+def record_uri(did: str, collection: str, rkey: str) -> str:
+    return f"at://{did}/{collection}/{rkey}"
+
+
+class BackfillRequested(BaseModel):
+    """On the backfill topic, keyed by DID: import a repository's history."""
+
+    did: str = Field(pattern=r"^did:[a-z]+:[A-Za-z0-9._:%-]+$")
+    collections: list[str] = Field(
+        default=[], description="NSIDs to backfill; empty: every collection the repo has"
+    )
+    reset: bool = Field(default=False, description="forget the stored cursors and start over")
+    requested_by: str | None = None

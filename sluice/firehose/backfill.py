@@ -1,0 +1,437 @@
+"""Backfill: import a repository's history from its PDS, combined with the live firehose
+without gaps, stale writes or resurrected deletes.
+
+For each DID: check that the firehose covers it (so whatever changes from now on arrives live),
+resolve its PDS (did:plc through the directory, did:web through its document), read the repo's
+current rev (``com.atproto.sync.getLatestCommit``) and tag every backfilled record with it, then
+page through ``com.atproto.repo.listRecords`` per collection. ``storage.atproto`` applies a
+write only when its rev is newer than what is stored, so a record changed live during the
+backfill keeps its newer version. The cursor per (did, collection) is stored with each page:
+an interrupted backfill resumes where it stopped. A 429 backs the PDS off for the whole cluster
+and is never terminal.
+
+Each repository's backfill is a run (importer ``atproto.backfill``) with lifecycle events
+``backfill.started``, ``backfill.progress`` (per page), ``backfill.completed`` and
+``backfill.failed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import asyncpg
+import httpx
+
+from schemas.firehose import BackfillRequested
+from schemas.runs import Run
+from sluice.config import FirehoseSettings
+from sluice.errors import TerminalError, TransientError
+from sluice.sources.api import RETRYABLE, retry_after
+from storage.atproto import RecordWrite, write_records
+from storage.ratelimit import RateLimiter, RateStats
+from storage.runs import RUN_COLUMNS, emit_event, run_from_record
+
+log = logging.getLogger(__name__)
+
+IMPORTER = "atproto.backfill"
+
+
+class BackfillError(TerminalError):
+    """The repository cannot be backfilled as asked (unknown DID, no PDS, deleted repo)."""
+
+
+class PdsUnavailable(TransientError):
+    """The PDS or the directory did not answer; the backfill can be resumed."""
+
+
+@dataclass(frozen=True)
+class BackfillState:
+    did: str
+    collection: str
+    status: str
+    cursor: str | None
+    rev: str | None
+    pds: str | None
+    records_synced: int
+    records_skipped: int
+    records_failed: int
+    pages: int
+    run_id: uuid.UUID | None
+    started_at: Any
+    completed_at: Any
+    error: str | None
+
+
+class PdsClient:
+    """XRPC calls to PDSes and DID resolution, under a per-PDS rate limit shared by the cluster."""
+
+    def __init__(self, settings: FirehoseSettings, limiter: RateLimiter) -> None:
+        self.settings = settings
+        self.limiter = limiter
+        self.http = httpx.AsyncClient(
+            timeout=30, headers={"User-Agent": "sluice-backfill/0.1"}, follow_redirects=True
+        )
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+    async def get(self, url: str, stats: RateStats, params: dict[str, Any] | None = None) -> Any:
+        """GET JSON; 429s wait (never terminal), 5xx and network errors retried, other 4xx
+        raise BackfillError with the server's error."""
+        key = f"pds:{urlsplit(url).netloc}"
+        delay = 0.5
+        reason = ""
+        for attempt in range(1, self.settings.max_attempts + 1):
+            while True:
+                await self.limiter.acquire(key, self.settings.pds_rate, 5, stats)
+                try:
+                    response = await self.http.get(url, params=params)
+                except httpx.TransportError as exc:
+                    response = None
+                    reason = f"{type(exc).__name__}: {exc}"
+                if response is None or response.status_code != 429:
+                    break
+                stats.hits += 1
+                await self.limiter.block(key, retry_after(response))
+            if response is not None:
+                if response.is_success:
+                    return response.json()
+                if response.status_code not in RETRYABLE:
+                    try:
+                        body = response.json()
+                        detail = f"{body.get('error')}: {body.get('message')}"
+                    except ValueError:
+                        detail = response.text[:200]
+                    raise BackfillError(
+                        f"GET {url} answered HTTP {response.status_code} ({detail})"
+                    )
+                reason = f"HTTP {response.status_code}"
+            if attempt < self.settings.max_attempts:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30)
+        raise PdsUnavailable(f"GET {url} failed {self.settings.max_attempts} times ({reason})")
+
+    async def resolve_pds(self, did: str, stats: RateStats) -> str:
+        if did.startswith("did:plc:"):
+            doc = await self.get(f"{self.settings.plc_url.rstrip('/')}/{did}", stats)
+        elif did.startswith("did:web:"):
+            host = unquote(did.removeprefix("did:web:"))
+            doc = await self.get(self.settings.did_web_url.format(host=host), stats)
+        else:
+            raise BackfillError(f"{did}: only did:plc and did:web can be resolved")
+        for service in doc.get("service") or []:
+            if str(service.get("id", "")).endswith("#atproto_pds"):
+                return str(service["serviceEndpoint"]).rstrip("/")
+        raise BackfillError(f"{did}: its DID document names no #atproto_pds service")
+
+    async def latest_rev(self, pds: str, did: str, stats: RateStats) -> str:
+        body = await self.get(f"{pds}/xrpc/com.atproto.sync.getLatestCommit", stats, {"did": did})
+        return str(body["rev"])
+
+    async def collections(self, pds: str, did: str, stats: RateStats) -> list[str]:
+        body = await self.get(f"{pds}/xrpc/com.atproto.repo.describeRepo", stats, {"repo": did})
+        return [str(c) for c in body.get("collections") or []]
+
+    async def list_records(
+        self, pds: str, did: str, collection: str, cursor: str | None, stats: RateStats
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        params: dict[str, Any] = {
+            "repo": did,
+            "collection": collection,
+            "limit": self.settings.page_limit,
+        }
+        if cursor:
+            params["cursor"] = cursor
+        body = await self.get(f"{pds}/xrpc/com.atproto.repo.listRecords", stats, params)
+        records = body.get("records") or []
+        return records, body.get("cursor") or None
+
+
+async def firehose_covers(
+    pool: asyncpg.Pool, did: str, collections: Sequence[str], freshness: float
+) -> str | None:
+    """None when a firehose consumer saved its cursor within ``freshness`` seconds and its
+    filters let ``did`` and ``collections`` through; else why not."""
+    rows = await pool.fetch(
+        "SELECT name, collections, dids, extract(epoch FROM now() - updated_at) AS age"
+        " FROM sluice.firehose_cursors"
+    )
+    for row in rows:
+        if row["age"] > freshness:
+            continue
+        if row["dids"] and did not in row["dids"]:
+            continue
+        wanted = row["collections"]
+        if wanted and collections and not all(_matches(c, wanted) for c in collections):
+            continue
+        return None
+    return (
+        f"no firehose consumer covering {did} saved its cursor in the last {freshness:.0f}s: "
+        "start one (`sluice firehose`, or SLUICE_FIREHOSE_ENABLED=true on the workers) before "
+        "the backfill, so nothing changed during it is missed"
+    )
+
+
+def _matches(collection: str, wanted: Sequence[str]) -> bool:
+    return any(
+        collection == w or (w.endswith(".*") and collection.startswith(w[:-1])) for w in wanted
+    )
+
+
+class Backfiller:
+    def __init__(self, pool: asyncpg.Pool, settings: FirehoseSettings) -> None:
+        self.pool = pool
+        self.settings = settings
+        self.limiter = RateLimiter(pool)
+        self.pds = PdsClient(settings, self.limiter)
+
+    async def close(self) -> None:
+        await self.pds.close()
+
+    async def states(
+        self, did: str | None = None, status: str | None = None
+    ) -> list[BackfillState]:
+        rows = await self.pool.fetch(
+            "SELECT did, collection, status, cursor, rev, pds, records_synced, records_skipped,"
+            " records_failed, pages, run_id, started_at, completed_at, error FROM sluice.backfill"
+            " WHERE ($1::text IS NULL OR did = $1) AND ($2::text IS NULL OR status = $2)"
+            " ORDER BY did, collection",
+            did,
+            status,
+        )
+        return [BackfillState(**dict(r)) for r in rows]
+
+    async def unfinished_dids(self) -> list[str]:
+        rows = await self.pool.fetch(
+            "SELECT DISTINCT did FROM sluice.backfill WHERE status <> 'completed' ORDER BY did"
+        )
+        return [r["did"] for r in rows]
+
+    async def reset(self, did: str, collections: Sequence[str]) -> None:
+        await self.pool.execute(
+            "DELETE FROM sluice.backfill WHERE did = $1"
+            " AND (cardinality($2::text[]) = 0 OR collection = ANY($2::text[]))",
+            did,
+            list(collections),
+        )
+
+    async def backfill(self, request: BackfillRequested) -> Run:
+        """Backfill one repository; returns its run (completed or failed)."""
+        if request.reset:
+            await self.reset(request.did, request.collections)
+        run = await self._start_run(request)
+        stats = RateStats()
+        try:
+            why = await firehose_covers(
+                self.pool, request.did, request.collections, self.settings.freshness
+            )
+            if why is not None:
+                raise BackfillError(why)
+            pds = await self.pds.resolve_pds(request.did, stats)
+            async with self._pds_slot(pds, request.did, run):
+                await self._backfill_repo(run, request, pds, stats)
+        except (BackfillError, PdsUnavailable) as exc:
+            await self._fail(run, request.did, str(exc))
+        finally:
+            await self._add_stats(run.id, stats)
+        found = await self._run(run.id)
+        return found
+
+    async def _backfill_repo(
+        self, run: Run, request: BackfillRequested, pds: str, stats: RateStats
+    ) -> None:
+        did = request.did
+        collections = list(request.collections) or await self.pds.collections(pds, did, stats)
+        states = {s.collection: s for s in await self.states(did)}
+        todo = [c for c in collections if states.get(c) is None or states[c].status != "completed"]
+        rev = next((s.rev for s in states.values() if s.rev and s.status != "completed"), None)
+        if rev is None and todo:
+            # Read before the first page: every record of this pass is at least this new.
+            rev = await self.pds.latest_rev(pds, did, stats)
+        for collection in todo:
+            await self.pool.execute(
+                "INSERT INTO sluice.backfill (did, collection, status, rev, pds, run_id,"
+                " started_at) VALUES ($1, $2, 'in_progress', $3, $4, $5, now())"
+                " ON CONFLICT (did, collection) DO UPDATE SET status = 'in_progress',"
+                " rev = coalesce(sluice.backfill.rev, EXCLUDED.rev), pds = EXCLUDED.pds,"
+                " run_id = EXCLUDED.run_id, error = NULL, updated_at = now(),"
+                " started_at = coalesce(sluice.backfill.started_at, now())",
+                did,
+                collection,
+                rev,
+                pds,
+                run.id,
+            )
+        for collection in todo:
+            state = await self.states(did)
+            current = next(s for s in state if s.collection == collection)
+            cursor = current.cursor
+            tag = current.rev or rev
+            assert tag is not None
+            while True:
+                records, next_cursor = await self.pds.list_records(
+                    pds, did, collection, cursor, stats
+                )
+                await self._record_page(run, did, collection, tag, records, next_cursor)
+                if next_cursor is None or not records:
+                    break
+                cursor = next_cursor
+                if self.settings.page_delay:
+                    await asyncio.sleep(self.settings.page_delay)
+            await self.pool.execute(
+                "UPDATE sluice.backfill SET status = 'completed', completed_at = now(),"
+                " updated_at = now() WHERE did = $1 AND collection = $2",
+                did,
+                collection,
+            )
+        async with self.pool.acquire() as conn, conn.transaction():
+            record = await conn.fetchrow(
+                "UPDATE sluice.runs SET status = CASE WHEN failed_rows > 0"
+                " THEN 'completed_with_errors' ELSE 'completed' END, completed_at = now(),"
+                " split_done = true, total_rows = processed_rows"
+                f" WHERE id = $1 AND status = 'running' RETURNING {RUN_COLUMNS}",
+                run.id,
+            )
+            if record is not None:
+                await emit_event(conn, run_from_record(record), "backfill.completed")
+        log.info("backfill of %s completed (%d collections)", did, len(todo))
+
+    async def _record_page(
+        self,
+        run: Run,
+        did: str,
+        collection: str,
+        rev: str,
+        records: list[dict[str, Any]],
+        next_cursor: str | None,
+    ) -> None:
+        writes = []
+        failed = 0
+        for r in records:
+            uri, value = r.get("uri"), r.get("value")
+            parts = str(uri or "").removeprefix("at://").split("/")
+            if len(parts) != 3 or parts[0] != did or not isinstance(value, dict):
+                failed += 1
+                continue
+            writes.append(RecordWrite(did, parts[1], parts[2], rev, r.get("cid"), value))
+        async with self.pool.acquire() as conn, conn.transaction():
+            counts = await write_records(conn, writes, "backfill")
+            await conn.execute(
+                "UPDATE sluice.backfill SET cursor = $3, pages = pages + 1,"
+                " records_synced = records_synced + $4, records_skipped = records_skipped + $5,"
+                " records_failed = records_failed + $6, updated_at = now()"
+                " WHERE did = $1 AND collection = $2",
+                did,
+                collection,
+                next_cursor,
+                counts.applied,
+                counts.skipped,
+                failed,
+            )
+            record = await conn.fetchrow(
+                "UPDATE sluice.runs SET processed_rows = processed_rows + $2,"
+                " created_rows = created_rows + $3, skipped_rows = skipped_rows + $4,"
+                " failed_rows = failed_rows + $5, rows_read = rows_read + $2"
+                f" WHERE id = $1 RETURNING {RUN_COLUMNS}",
+                run.id,
+                len(records),
+                counts.applied,
+                counts.skipped,
+                failed,
+            )
+            await emit_event(conn, run_from_record(record), "backfill.progress")
+
+    async def _start_run(self, request: BackfillRequested) -> Run:
+        async with self.pool.acquire() as conn, conn.transaction():
+            record = await conn.fetchrow(
+                "INSERT INTO sluice.runs (id, importer, source, status, started_at, options,"
+                " requested_by) VALUES ($1, $2, 'backfill', 'running', now(), $3::jsonb, $4)"
+                f" RETURNING {RUN_COLUMNS}",
+                uuid.uuid4(),
+                IMPORTER,
+                {"did": request.did, "collections": request.collections},
+                request.requested_by,
+            )
+            run = run_from_record(record)
+            await emit_event(conn, run, "backfill.started")
+        return run
+
+    async def _fail(self, run: Run, did: str, error: str) -> None:
+        log.warning("backfill of %s failed: %s", did, error)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "UPDATE sluice.backfill SET status = 'failed', error = $2, updated_at = now()"
+                " WHERE did = $1 AND status <> 'completed'",
+                did,
+                error,
+            )
+            record = await conn.fetchrow(
+                "UPDATE sluice.runs SET status = 'failed', error = $2, completed_at = now()"
+                f" WHERE id = $1 AND status = 'running' RETURNING {RUN_COLUMNS}",
+                run.id,
+                error,
+            )
+            if record is not None:
+                await emit_event(conn, run_from_record(record), "backfill.failed")
+
+    async def _add_stats(self, run_id: uuid.UUID, stats: RateStats) -> None:
+        await self.pool.execute(
+            "UPDATE sluice.runs SET rate_limit_hits = rate_limit_hits + $2,"
+            " rate_limit_sleeps = rate_limit_sleeps + $3,"
+            " total_sleep_seconds = total_sleep_seconds + $4 WHERE id = $1",
+            run_id,
+            stats.hits,
+            stats.sleeps,
+            stats.slept,
+        )
+
+    async def _run(self, run_id: uuid.UUID) -> Run:
+        record = await self.pool.fetchrow(
+            f"SELECT {RUN_COLUMNS} FROM sluice.runs WHERE id = $1", run_id
+        )
+        return run_from_record(record)
+
+    @asynccontextmanager
+    async def _pds_slot(self, pds: str, did: str, run: Run) -> AsyncIterator[None]:
+        """One backfill per repository and at most ``per_pds`` repositories of one PDS at a
+        time, across the cluster (advisory locks: they go with a dead process's connection)."""
+        key = f"sluice.pds:{pds}"
+        async with self.pool.acquire() as conn:
+            await conn.execute("SELECT pg_advisory_lock(hashtext('sluice.backfill:' || $1))", did)
+            try:
+                # Whatever else ran for this repository died with its process: say so.
+                await conn.execute(
+                    "UPDATE sluice.runs SET status = 'failed', completed_at = now(),"
+                    " error = 'interrupted; resumed by run ' || $3"
+                    " WHERE importer = $1 AND options->>'did' = $2 AND status = 'running'"
+                    " AND id <> $4",
+                    IMPORTER,
+                    did,
+                    str(run.id),
+                    run.id,
+                )
+                async with self._slot(conn, key):
+                    yield
+            finally:
+                await conn.execute(
+                    "SELECT pg_advisory_unlock(hashtext('sluice.backfill:' || $1))", did
+                )
+
+    @asynccontextmanager
+    async def _slot(self, conn: asyncpg.Connection, key: str) -> AsyncIterator[None]:
+        while True:
+            for slot in range(self.settings.per_pds):
+                if await conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1), $2)", key, slot):
+                    try:
+                        yield
+                    finally:
+                        await conn.execute("SELECT pg_advisory_unlock(hashtext($1), $2)", key, slot)
+                    return
+            await asyncio.sleep(0.5)
