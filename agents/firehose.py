@@ -43,8 +43,11 @@ async def apply_firehose(rt: Runtime, events: Sequence[JetstreamEvent]) -> Apply
     if not events:
         return ApplyCounts()
     pool = await rt.pool()
+    projections = await rt.projections()
     async with pool.acquire() as conn, conn.transaction():
         counts = await apply_events(conn, events)
+        if projections.importers:
+            await projections.apply(conn, counts)
     log.debug(
         "firehose batch of %d: %d applied, %d skipped, %d deleted",
         len(events),

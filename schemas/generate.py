@@ -20,6 +20,7 @@ from schemas.events import (
     LifecycleEvent,
     TriggerRequested,
 )
+from schemas.firehose import BackfillRequested, JetstreamEvent
 from schemas.runs import Run, RunCounters
 
 MODELS: tuple[type[BaseModel], ...] = (
@@ -28,6 +29,8 @@ MODELS: tuple[type[BaseModel], ...] = (
     ImportRequested,
     TriggerRequested,
     ItemPage,
+    JetstreamEvent,
+    BackfillRequested,
     FileRef,
     DeadLetter,
     RunCounters,

@@ -242,7 +242,9 @@ def create_app(rt: Runtime, *, app_id: str = "sluice", hooks: HookSet | None = N
                 await dead_letter(event, f"not a valid backfill request: {exc.errors()[:3]}")
                 continue
             if backfiller is None:
-                backfiller = Backfiller(await rt.pool(), rt.settings.firehose)
+                backfiller = Backfiller(
+                    await rt.pool(), rt.settings.firehose, await rt.projections()
+                )
             try:
                 await retrying(
                     f"backfill of {request.did}",

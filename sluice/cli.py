@@ -428,7 +428,7 @@ def backfill(
     async def go() -> int:
         async with Client(settings) as client:
             pool = await client.rt.pool()
-            backfiller = Backfiller(pool, settings.firehose)
+            backfiller = Backfiller(pool, settings.firehose, await client.rt.projections())
             try:
                 todo = wanted + [d for d in await backfiller.unfinished_dids() if resume]
                 todo = list(dict.fromkeys(todo))

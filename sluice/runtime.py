@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import asyncpg
 
@@ -17,6 +18,9 @@ from storage.items import ItemRepository
 from storage.ratelimit import RateLimiter
 from storage.runs import RunRepository
 from storage.writer import BatchApplier
+
+if TYPE_CHECKING:
+    from agents.project import Projections
 
 
 class Runtime:
@@ -59,6 +63,13 @@ class Runtime:
                 await self.pool(), progress_interval=self.settings.pipeline.progress_interval
             )
         return self._applier
+
+    async def projections(self) -> Projections:
+        """The importers that project AT Protocol collections into their tables."""
+        from agents.project import Projections
+
+        importers = [i for i in self.registry.all() if i.firehose]
+        return Projections(importers, await self.applier())
 
     async def items(self) -> ItemRepository:
         return ItemRepository(await self.pool())

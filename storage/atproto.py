@@ -10,28 +10,13 @@ and end in the same table. Every statement is set-based: one per kind of change 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
 import orjson
 
 from schemas.firehose import JetstreamEvent, Operation, record_uri
-
-
-@dataclass
-class ApplyCounts:
-    applied: int = 0
-    """writes that changed a record"""
-    skipped: int = 0
-    """writes older than the stored record, a tombstone or a deleted repository"""
-    deleted: int = 0
-    """records removed by a delete or an account deletion"""
-
-    def add(self, other: ApplyCounts) -> None:
-        self.applied += other.applied
-        self.skipped += other.skipped
-        self.deleted += other.deleted
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +31,27 @@ class RecordWrite:
     @property
     def uri(self) -> str:
         return record_uri(self.did, self.collection, self.rkey)
+
+
+@dataclass
+class ApplyCounts:
+    applied: int = 0
+    """writes that changed a record"""
+    skipped: int = 0
+    """writes older than the stored record, a tombstone or a deleted repository"""
+    deleted: int = 0
+    """records removed by a delete or an account deletion"""
+    written: list[RecordWrite] = field(default_factory=list)
+    """the writes that were applied (for projections)"""
+    removed: list[str] = field(default_factory=list)
+    """the URIs of the records that were removed (for projections)"""
+
+    def add(self, other: ApplyCounts) -> None:
+        self.applied += other.applied
+        self.skipped += other.skipped
+        self.deleted += other.deleted
+        self.written.extend(other.written)
+        self.removed.extend(other.removed)
 
 
 WRITE = """
@@ -64,9 +70,9 @@ WITH w AS (
     ON CONFLICT (uri) DO UPDATE SET cid = EXCLUDED.cid, rev = EXCLUDED.rev,
         record = EXCLUDED.record, origin = EXCLUDED.origin, indexed_at = now()
     WHERE r.rev < EXCLUDED.rev
-    RETURNING 1
+    RETURNING uri
 )
-SELECT count(*) FROM ins
+SELECT coalesce(array_agg(uri), '{}') FROM ins
 """
 
 DELETE = """
@@ -78,9 +84,9 @@ WITH d AS (
     WHERE t.rev < EXCLUDED.rev
 ), gone AS (
     DELETE FROM atproto.records r USING d WHERE r.uri = d.uri AND r.rev < d.rev COLLATE "C"
-    RETURNING 1
+    RETURNING r.uri
 )
-SELECT count(*) FROM gone
+SELECT coalesce(array_agg(uri), '{}') FROM gone
 """
 
 
@@ -116,7 +122,7 @@ async def write_records(
 ) -> ApplyCounts:
     if not writes:
         return ApplyCounts()
-    applied = await conn.fetchval(
+    uris = await conn.fetchval(
         WRITE,
         [w.uri for w in writes],
         [w.did for w in writes],
@@ -127,7 +133,9 @@ async def write_records(
         [orjson.dumps(w.record).decode() for w in writes],
         origin,
     )
-    return ApplyCounts(applied=int(applied), skipped=len(writes) - int(applied))
+    done = set(uris)
+    written = [w for w in writes if w.uri in done]
+    return ApplyCounts(applied=len(written), skipped=len(writes) - len(written), written=written)
 
 
 async def delete_records(
@@ -135,10 +143,10 @@ async def delete_records(
 ) -> ApplyCounts:
     if not deletes:
         return ApplyCounts()
-    gone = await conn.fetchval(
+    removed = await conn.fetchval(
         DELETE, [d[0] for d in deletes], [d[1] for d in deletes], [d[2] for d in deletes]
     )
-    return ApplyCounts(deleted=int(gone))
+    return ApplyCounts(deleted=len(removed), removed=list(removed))
 
 
 async def apply_events(conn: asyncpg.Connection, events: Sequence[JetstreamEvent]) -> ApplyCounts:
@@ -165,12 +173,11 @@ async def apply_events(conn: asyncpg.Connection, events: Sequence[JetstreamEvent
             status,
         )
         if status == "deleted":
-            gone = await conn.fetchval(
-                "WITH g AS (DELETE FROM atproto.records WHERE did = $1 RETURNING 1)"
-                " SELECT count(*) FROM g",
-                event.did,
+            gone = await conn.fetch(
+                "DELETE FROM atproto.records WHERE did = $1 RETURNING uri", event.did
             )
-            counts.deleted += int(gone)
+            counts.deleted += len(gone)
+            counts.removed.extend(g["uri"] for g in gone)
     writes, deletes = newest_per_uri(events)
     # Deletes first: a write in the same batch is newer (collapsed above) or for another URI.
     counts.add(await delete_records(conn, deletes))

@@ -296,7 +296,7 @@ class BatchApplier:
                 if also is not None:
                     await also(conn)
                 if isolate:
-                    counts = await self._apply_rows(conn, stmts, batch.rows_json, None, dry_run)
+                    counts = await self.apply_rows(conn, stmts, batch.rows_json, None, dry_run)
                 else:
                     sql = stmts.dry if dry_run else stmts.apply
                     counts = stmts.counts(await conn.fetchrow(sql, batch.rows_json), batch.rows)
@@ -310,7 +310,7 @@ class BatchApplier:
             return "inactive"
         return "applied"
 
-    async def _apply_rows(
+    async def apply_rows(
         self,
         conn: asyncpg.Connection,
         stmts: Statements,
@@ -341,7 +341,7 @@ class BatchApplier:
             counts = Counts()
             for part in parts:
                 part_text = orjson.dumps(part, default=str).decode()
-                counts.add(await self._apply_rows(conn, stmts, part_text, part, dry_run))
+                counts.add(await self.apply_rows(conn, stmts, part_text, part, dry_run))
             return counts
 
     @staticmethod

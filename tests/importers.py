@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 from schemas.runs import DuplicatePolicy
-from sluice.importers.dsl import Field, Importer, Schedule
+from sluice.importers.dsl import Field, Importer, Schedule, UriKey
 from sluice.sources.base import (
     ApiSource,
     FilesystemSource,
@@ -181,3 +181,22 @@ def api_importer(slug: str, per_second: float, burst: int, page_size: int = 100)
 api_rated = api_importer("t_api_rated", per_second=200, burst=20)
 api_killed = api_importer("t_api_killed", per_second=150, burst=10, page_size=50)
 api_small = api_importer("t_api_small", per_second=100, burst=10, page_size=10)
+
+
+# ---------------------------------------------------------------- AT Protocol projection
+
+posts = Importer(
+    slug="t_posts",
+    table="t_posts",
+    key=UriKey("uri", "at://{did}/{collection}/{rkey}"),
+    fields=(
+        Field("did", "text"),
+        Field("collection", "text"),
+        Field("rkey", "text"),
+        Field("rev", "text"),
+        Field("text", "text", required=True),
+        Field("n", "integer"),
+    ),
+    firehose=("app.bsky.feed.post",),
+    sources=(),
+)

@@ -29,7 +29,7 @@ from sluice.firehose.backfill import IMPORTER, Backfiller
 from sluice.stack import free_port
 from storage.db import create_pool
 from streams.topics import DEADLETTER, FIREHOSE
-from tests.conftest import ROOT, Stack
+from tests.conftest import ROOT, Stack, Worker
 from tests.servers.atproto import FakeJetstream, FakePds, World
 
 pytestmark = pytest.mark.stack
@@ -206,6 +206,17 @@ async def test_backfill_racing_the_firehose_ends_equal_to_the_pds(
         (d, c) for d in DIDS if d != DOOMED for c in (POST, LIKE)
     }
     await converged(db, world, DIDS)
+    # The importer that projects posts into its own table follows the records table.
+    projected = {
+        r["uri"]: (r["text"], r["did"])
+        for r in await db.fetch("SELECT uri, text, did FROM t_posts WHERE did = ANY($1)", DIDS)
+    }
+    posts = {
+        u: (v[1]["text"], u.split("/")[2])
+        for u, v in world.state().items()
+        if u.split("/")[2] in DIDS and f"/{POST}/" in u
+    }
+    assert projected == posts
     # The doomed DID is tombstoned as a whole; its records are gone and stay gone.
     assert await db.fetchval("SELECT status FROM atproto.repos WHERE did = $1", DOOMED) == "deleted"
     assert not await db.fetchval("SELECT count(*) FROM atproto.records WHERE did = $1", DOOMED)
@@ -399,3 +410,85 @@ async def test_malformed_events_are_dead_lettered_and_the_consumer_goes_on(
     output = scene.firehose.stop()
     assert "3 malformed" in output, output[-2000:]
     scene.firehose.start()
+
+
+async def test_backfill_status_cli_and_http_api(scene: Scene, stack: Stack, tmp_path: Path) -> None:
+    import httpx
+
+    from sluice.stack import wait_for_port
+
+    status = subprocess.run(
+        [sys.executable, "-m", "sluice", "backfill-status", "--json"],
+        cwd=ROOT, env=stack.env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert status.returncode == 0, status.stderr
+    rows = [orjson.loads(line) for line in status.stdout.splitlines()]
+    assert {(r["did"], r["status"]) for r in rows if r["did"] == DOOMED} == {(DOOMED, "failed")}
+    failed = subprocess.run(
+        [sys.executable, "-m", "sluice", "backfill-status", "--failed"],
+        cwd=ROOT, env=stack.env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert DOOMED in failed.stdout and DIDS[0] not in failed.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "sluice", "backfill", "not-a-did"],
+        cwd=ROOT, env=stack.env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "did:plc" in bad.stderr
+
+    port = free_port()
+    token = "firehose-test-token"
+    with (tmp_path / "api.log").open("wb") as log:
+        api = subprocess.Popen(
+            [sys.executable, "-m", "sluice", "api", "--port", str(port)],
+            cwd=ROOT, env={**stack.env, "SLUICE_API_TOKEN": token}, stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        wait_for_port("127.0.0.1", port, timeout=60)
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {token}"}
+        ) as http:
+            states = (await http.get("/api/v1/backfill", params={"did": DIDS[0]})).json()
+            assert {s["collection"] for s in states["data"]} == {POST, LIKE}
+            assert all(s["status"] == "completed" for s in states["data"])
+            failed_only = (await http.get("/api/v1/backfill", params={"status": "failed"})).json()
+            assert {s["did"] for s in failed_only["data"]} == {DOOMED}
+            queued = await http.post("/api/v1/backfill", json={"dids": [DIDS[1]], "reset": True})
+            assert queued.status_code == 202 and queued.json() == {"queued": [DIDS[1]]}
+            refused = await http.post("/api/v1/backfill", json={"dids": ["nope"]})
+            assert refused.status_code == 400 and "did:plc" in refused.json()["error"]["message"]
+            assert (await http.post("/api/v1/backfill", json={"dids": []})).status_code == 422
+    finally:
+        api.terminate()
+        api.wait(20)
+
+
+async def test_the_consumer_runs_inside_a_worker_by_configuration(
+    scene: Scene, stack: Stack, db: asyncpg.Connection
+) -> None:
+    env = {
+        **stack.env,
+        "SLUICE_FIREHOSE_ENABLED": "true",
+        "SLUICE_FIREHOSE_URL": scene.firehose.url,
+        "SLUICE_FIREHOSE_NAME": "in-worker",
+    }
+    worker = Worker("worker-firehose", env, stack.root)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 90
+        while not await db.fetchval(
+            "SELECT count(*) FROM sluice.firehose_cursors WHERE name = 'in-worker'"
+        ):
+            assert worker.alive and time.monotonic() < deadline, worker.tail()
+            await asyncio.sleep(0.5)
+        event = scene.world.create(DIDS[2], LIKE)
+        while (
+            await db.fetchval(
+                "SELECT coalesce(time_us, 0) FROM sluice.firehose_cursors WHERE name = 'in-worker'"
+            )
+            < event["time_us"]
+        ):
+            assert worker.alive and time.monotonic() < deadline, worker.tail()
+            await asyncio.sleep(0.5)
+    finally:
+        worker.stop()

@@ -23,7 +23,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 import asyncpg
@@ -37,6 +37,9 @@ from sluice.sources.api import RETRYABLE, retry_after
 from storage.atproto import RecordWrite, write_records
 from storage.ratelimit import RateLimiter, RateStats
 from storage.runs import RUN_COLUMNS, emit_event, run_from_record
+
+if TYPE_CHECKING:
+    from agents.project import Projections
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +189,12 @@ def _matches(collection: str, wanted: Sequence[str]) -> bool:
 
 
 class Backfiller:
-    def __init__(self, pool: asyncpg.Pool, settings: FirehoseSettings) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, settings: FirehoseSettings, projections: Projections | None = None
+    ) -> None:
         self.pool = pool
         self.settings = settings
+        self.projections = projections
         self.limiter = RateLimiter(pool)
         self.pds = PdsClient(settings, self.limiter)
 
@@ -323,6 +329,8 @@ class Backfiller:
             writes.append(RecordWrite(did, parts[1], parts[2], rev, r.get("cid"), value))
         async with self.pool.acquire() as conn, conn.transaction():
             counts = await write_records(conn, writes, "backfill")
+            if self.projections is not None and self.projections.importers:
+                await self.projections.apply(conn, counts)
             await conn.execute(
                 "UPDATE sluice.backfill SET cursor = $3, pages = pages + 1,"
                 " records_synced = records_synced + $4, records_skipped = records_skipped + $5,"

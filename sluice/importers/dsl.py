@@ -163,11 +163,20 @@ class Importer:
     webhooks: tuple[Webhook, ...] = ()
     pull: PullSource | None = None
     schedule: Schedule | None = None
+    # AT Protocol collections (NSIDs) projected into this importer's table: each record the
+    # firehose or a backfill writes to atproto.records goes through the mapping as a row with
+    # the record's fields plus did, collection, rkey, uri, rev and cid.
+    firehose: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.pull is not None and self.pull.kind not in self.sources:
             # The pull source's kind is always an accepted source of its importer.
             object.__setattr__(self, "sources", (*self.sources, self.pull.kind))
+        if self.firehose and self.key_columns != ("uri",):
+            raise ValueError(
+                f"importer {self.slug!r}: a firehose projection is keyed by the record's URI;"
+                " use key=UriKey('uri', 'at://{did}/{collection}/{rkey}') or key=('uri',)"
+            )
         if self.schedule is not None and self.pull is None:
             raise ValueError(f"importer {self.slug!r}: a schedule needs a pull source (pull=...)")
         names = [f.name for f in self.output_fields()]
@@ -207,6 +216,7 @@ class Importer:
             "version_column": self.version_column,
             "pull": self.pull.kind if self.pull is not None else None,
             "schedule": self.schedule.cron if self.schedule is not None else None,
+            "firehose": list(self.firehose),
             "fields": [
                 {"name": f.name, "type": f.type, "aliases": list(f.aliases), "required": f.required}
                 for f in self.output_fields()
