@@ -20,6 +20,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+DID_PATTERN = r"^did:[a-z]+:[A-Za-z0-9._:%-]+$"
+"""What a DID looks like (did:plc:..., did:web:...)."""
+
 
 class Operation(StrEnum):
     CREATE = "create"
@@ -73,7 +76,7 @@ class JetstreamEvent(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    did: str = Field(pattern=r"^did:[a-z]+:[A-Za-z0-9._:%-]+$")
+    did: str = Field(pattern=DID_PATTERN)
     time_us: int = Field(ge=0)
     kind: Literal["commit", "identity", "account"]
     commit: Commit | None = None
@@ -99,7 +102,7 @@ def record_uri(did: str, collection: str, rkey: str) -> str:
 class BackfillRequested(BaseModel):
     """On the backfill topic, keyed by DID: import a repository's history."""
 
-    did: str = Field(pattern=r"^did:[a-z]+:[A-Za-z0-9._:%-]+$")
+    did: str = Field(pattern=DID_PATTERN)
     collections: list[str] = Field(
         default=[], description="NSIDs to backfill; empty: every collection the repo has"
     )

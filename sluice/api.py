@@ -27,6 +27,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from schemas.firehose import DID_PATTERN
 from schemas.runs import Run, RunStatus
 from sluice.client import Client
 from sluice.config import Settings
@@ -89,7 +90,9 @@ class ScheduleState(BaseModel):
 
 
 class BackfillBody(BaseModel):
-    dids: list[str] = Field(min_length=1, max_length=10_000, description="did:plc or did:web")
+    dids: list[Annotated[str, Field(pattern=DID_PATTERN)]] = Field(
+        min_length=1, max_length=10_000, description="did:plc:... or did:web:..."
+    )
     collections: list[str] = Field(default=[], description="NSIDs; empty: all the repo has")
     reset: bool = False
 

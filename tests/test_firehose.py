@@ -456,7 +456,7 @@ async def test_backfill_status_cli_and_http_api(scene: Scene, stack: Stack, tmp_
             queued = await http.post("/api/v1/backfill", json={"dids": [DIDS[1]], "reset": True})
             assert queued.status_code == 202 and queued.json() == {"queued": [DIDS[1]]}
             refused = await http.post("/api/v1/backfill", json={"dids": ["nope"]})
-            assert refused.status_code == 400 and "did:plc" in refused.json()["error"]["message"]
+            assert refused.status_code == 422 and "did:" in refused.json()["error"]["message"]
             assert (await http.post("/api/v1/backfill", json={"dids": []})).status_code == 422
     finally:
         api.terminate()
