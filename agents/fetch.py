@@ -8,6 +8,7 @@ fetches again; a run that already has its file (stored before a crash) is not fe
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -63,6 +64,25 @@ async def open_source(
             yield fetched
     else:
         raise SourceError(f"unknown source {kind!r}; use url, ftp, sftp, filesystem or api")
+
+
+@asynccontextmanager
+async def keep_alive(rt: Runtime, run_id: Any) -> AsyncIterator[None]:
+    """Touch the run while a long download goes on, so it is not taken for stalled."""
+    runs = await rt.runs()
+    every = rt.settings.pipeline.stall_timeout / 4
+
+    async def beat() -> None:
+        while True:
+            await asyncio.sleep(every)
+            await runs.touch(run_id)
+
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.wait((task,))
 
 
 async def fetch_into_store(rt: Runtime, run: Run, trigger: TriggerRequested) -> FileRef:

@@ -3,8 +3,9 @@ from these models for consumers written in other languages."""
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 from uuid import UUID
@@ -147,9 +148,32 @@ class LifecycleEvent(BaseModel):
 class DeadLetter(BaseModel):
     """On the dead-letter topic: a message that could not be processed, and why."""
 
-    topic: str
-    partition: int
-    offset: int
+    topic: str = Field(description="where the message was read (or 'jetstream': the socket)")
+    partition: int = Field(description="-1 when it never was on a topic")
+    offset: int = Field(description="-1 when it never was on a topic")
     reason: str
     payload: str = Field(description="the original value, as text when it decodes, else base64")
+    payload_encoding: str = Field(default="text", description="text or base64")
     time: datetime
+
+    @classmethod
+    def of(cls, topic: str, partition: int, offset: int, reason: str, value: bytes) -> DeadLetter:
+        try:
+            payload, encoding = value.decode(), "text"
+        except UnicodeDecodeError:
+            payload, encoding = base64.b64encode(value).decode(), "base64"
+        return cls(
+            topic=topic,
+            partition=partition,
+            offset=offset,
+            reason=reason,
+            payload=payload,
+            payload_encoding=encoding,
+            time=datetime.now(UTC),
+        )
+
+    def value(self) -> bytes:
+        """The original message value."""
+        if self.payload_encoding == "base64":
+            return base64.b64decode(self.payload)
+        return self.payload.encode()

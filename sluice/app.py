@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import logging
 from datetime import UTC, datetime
 from functools import partial
@@ -23,9 +22,13 @@ from agents.webhooks import HookSet, WebhookDispatcher
 from schemas.events import DeadLetter, ImportRequested, ItemPage, TriggerRequested
 from schemas.firehose import BackfillRequested
 from schemas.runs import Run
+from sluice.client import PULL_KINDS
+from sluice.firehose.backfill import IMPORTER as BACKFILL_IMPORTER
 from sluice.runtime import Runtime
 from sluice.schedule import fire_due
+from storage.recovery import RECOVERY_LOCK, fail_stalled, mark_resumed, stalled_runs
 from streams import topics
+from streams.admin import ensure_topics
 
 log = logging.getLogger(__name__)
 
@@ -80,19 +83,7 @@ def create_app(rt: Runtime, *, app_id: str = "sluice", hooks: HookSet | None = N
 
     async def dead_letter(event: Any, reason: str) -> None:
         msg = event.message
-        value: bytes = event.value or b""
-        try:
-            payload = value.decode()
-        except UnicodeDecodeError:
-            payload = base64.b64encode(value).decode()
-        letter = DeadLetter(
-            topic=msg.topic,
-            partition=msg.partition,
-            offset=msg.offset,
-            reason=reason,
-            payload=payload,
-            time=datetime.now(UTC),
-        )
+        letter = DeadLetter.of(msg.topic, msg.partition, msg.offset, reason, event.value or b"")
         log.error("dead letter from %s[%d]@%d: %s", msg.topic, msg.partition, msg.offset, reason)
         await dead.send(key=msg.key, value=letter.model_dump_json().encode())
 
@@ -265,14 +256,7 @@ def create_app(rt: Runtime, *, app_id: str = "sluice", hooks: HookSet | None = N
                 await firehose.send(key=did.encode(), value=raw)
 
             async def to_dead_letter(raw: bytes, reason: str) -> None:
-                letter = DeadLetter(
-                    topic="jetstream",
-                    partition=-1,
-                    offset=-1,
-                    reason=reason,
-                    payload=raw.decode(errors="replace"),
-                    time=datetime.now(UTC),
-                )
+                letter = DeadLetter.of("jetstream", -1, -1, reason, raw)
                 await dead.send(key=None, value=letter.model_dump_json().encode())
 
             await run_leader_consumer(rt, publish, flush, to_dead_letter)
@@ -301,6 +285,70 @@ def create_app(rt: Runtime, *, app_id: str = "sluice", hooks: HookSet | None = N
     @app.timer(rt.settings.webhooks.retry_interval)  # type: ignore[untyped-decorator]
     async def retry_webhooks() -> None:
         await webhooks.retry_due()
+
+    async def resume(run: Run) -> str:
+        """Publish what a stalled run needs to go on; returns how it was resumed."""
+        options = run.options
+        if run.importer == BACKFILL_IMPORTER:
+            request = BackfillRequested(
+                did=options["did"], collections=options.get("collections") or []
+            )
+            await backfills.send(key=request.did.encode(), value=request.model_dump_json().encode())
+            return f"backfill of {request.did} requested again"
+        if run.file_id is not None:
+            ref = await (await rt.files()).ref(run.file_id)
+            if ref is None:
+                raise RuntimeError("its stored file is gone (pruned?); import the file again")
+            await publish_request(
+                ImportRequested(
+                    run_id=run.id,
+                    importer=run.importer,
+                    file=ref,
+                    dry_run=run.dry_run,
+                    options=options,
+                    requested_at=datetime.now(UTC),
+                )
+            )
+            return "import request published again; applied batches are skipped"
+        if run.source in PULL_KINDS:
+            await publish_trigger(run, run.source, dict(options.get("params") or {}))
+            return f"{run.source} trigger published again"
+        # The file store's foreign key clears file_id when the file is pruned.
+        raise RuntimeError("its stored file is gone (pruned?); import the file again")
+
+    @app.timer(rt.settings.pipeline.recovery_interval)  # type: ignore[untyped-decorator]
+    async def recover() -> None:
+        """One worker at a time resumes stalled runs from what PostgreSQL holds."""
+        pipeline = rt.settings.pipeline
+        try:
+            pool = await rt.pool()
+            async with pool.acquire() as conn, conn.transaction():
+                if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", RECOVERY_LOCK):
+                    return
+                stalled = await stalled_runs(conn, pipeline.stall_timeout)
+                if not stalled:
+                    return
+                # A broker that restarted may have lost the topics with everything on them.
+                await ensure_topics(kafka.bootstrap, kafka.partitions, kafka.replication)
+                for run, recoveries in stalled:
+                    if recoveries >= pipeline.max_recoveries:
+                        await fail_stalled(
+                            conn,
+                            run,
+                            f"stalled: no progress after {recoveries} resumptions; see the "
+                            "workers' logs, then import again",
+                        )
+                        continue
+                    try:
+                        how = await resume(run)
+                    except Exception as exc:
+                        await fail_stalled(conn, run, f"stalled and cannot be resumed: {exc}")
+                        continue
+                    await mark_resumed(conn, run, how)
+                    log.warning("run %s was stalled: %s", run.id, how)
+                await flush()
+        except Exception:
+            log.exception("recovery of stalled runs failed; will try again")
 
     @app.timer(rt.settings.pipeline.prune_interval)  # type: ignore[untyped-decorator]
     async def prune() -> None:

@@ -13,7 +13,6 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -346,14 +345,7 @@ def firehose(url: str | None, collections: tuple[str, ...], dids: tuple[str, ...
             await producer.send(FIREHOSE, raw, key=did.encode())
 
         async def dead_letter(raw: bytes, reason: str) -> None:
-            letter = DeadLetter(
-                topic="jetstream",
-                partition=-1,
-                offset=-1,
-                reason=reason,
-                payload=raw.decode(errors="replace"),
-                time=datetime.now(UTC),
-            )
+            letter = DeadLetter.of("jetstream", -1, -1, reason, raw)
             await producer.send(DEADLETTER, letter.model_dump_json().encode())
 
         consumer = build_consumer(
@@ -500,6 +492,54 @@ def backfill_status(did: str | None, pending: bool, failed: bool, as_json: bool)
         return 0
 
     sys.exit(run_async(show()))
+
+
+@cli.command()
+@click.option("--topic", help="only letters from this topic (sluice.requests, sluice.batches, ...)")
+@click.option("--limit", type=int, help="the newest N letters")
+@click.option("--replay", is_flag=True, help="send them back to their topics (once each)")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
+def dlq(topic: str | None, limit: int | None, replay: bool, as_json: bool) -> None:
+    """Show the dead-letter topic: where each letter came from and why; --replay sends the
+    messages back once their cause is fixed (every stage is idempotent)."""
+    from sluice.dlq import read_letters
+    from sluice.dlq import replay as replay_letters
+    from storage.db import create_pool
+
+    settings = load_settings()
+
+    async def go() -> int:
+        letters = await read_letters(settings.kafka.bootstrap, topic=topic, limit=limit)
+        for item in letters:
+            d = item.letter
+            if as_json:
+                click.echo(
+                    orjson.dumps(
+                        {
+                            "dlq_partition": item.partition,
+                            "dlq_offset": item.offset,
+                            **d.model_dump(mode="json"),
+                        }
+                    ).decode()
+                )
+            else:
+                click.echo(
+                    f"{d.time:%Y-%m-%d %H:%M:%S} {d.topic}[{d.partition}]@{d.offset}: {d.reason}"
+                )
+        if not letters and not as_json:
+            click.echo("no dead letters")
+        if replay and letters:
+            pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+            try:
+                done, skipped = await replay_letters(settings.kafka.bootstrap, pool, letters)
+            finally:
+                await pool.close()
+            click.echo(f"replayed {len(done)} letters, skipped {len(skipped)}", err=True)
+            for item, why in skipped[:20]:
+                click.echo(f"  skipped {item.letter.topic}@{item.letter.offset}: {why}", err=True)
+        return 0
+
+    sys.exit(run_async(go()))
 
 
 @cli.command("import")

@@ -74,6 +74,11 @@ class PipelineSettings(BaseSettings):
     file_retention_hours: float = Field(default=24.0, gt=0, description="stored files of runs")
     run_retention_days: float = Field(default=30.0, gt=0, description="finished runs, row logs")
     prune_interval: float = Field(default=3600.0, gt=0, description="seconds between prunes")
+    stall_timeout: float = Field(
+        default=120.0, gt=0, description="seconds without change before a run is resumed"
+    )
+    recovery_interval: float = Field(default=15.0, gt=0, description="seconds between checks")
+    max_recoveries: int = Field(default=5, ge=0, description="resumptions before a run fails")
     schedule_interval: float = Field(default=1.0, gt=0, description="seconds between ticks")
     schedule_grace: float = Field(
         default=60.0, gt=0, description="a scheduled time later than this is not fired"

@@ -213,6 +213,10 @@ class RunRepository:
                 return None
             return current
 
+    async def touch(self, run_id: uuid.UUID) -> None:
+        """Say the run is alive during a long step that changes nothing else (a download)."""
+        await self.pool.execute("UPDATE sluice.runs SET activity_at = now() WHERE id = $1", run_id)
+
     async def attach_file(self, run_id: uuid.UUID, ref: FileRef, location: str | None) -> None:
         """A pulled file is stored: the run now reads it, like an upload."""
         await self.pool.execute(

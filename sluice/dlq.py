@@ -1,0 +1,97 @@
+"""The dead-letter topic: read what is on it, and replay letters to the topics they came from
+once their cause is fixed. A message is replayed once (``sluice.dlq_replays``, by topic and
+content): one that fails again comes back as a new letter, which is not replayed in a loop."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from pydantic import ValidationError
+
+from schemas.events import DeadLetter
+from streams.topics import DEADLETTER, all_topics
+
+
+@dataclass(frozen=True)
+class Letter:
+    partition: int
+    offset: int
+    key: bytes | None
+    letter: DeadLetter
+
+
+async def read_letters(
+    bootstrap: str, *, topic: str | None = None, limit: int | None = None
+) -> list[Letter]:
+    """The letters on the dead-letter topic now, oldest first per partition."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(DEADLETTER) or set()
+        if not partitions:
+            await consumer.topics()
+            partitions = consumer.partitions_for_topic(DEADLETTER) or set()
+        tps = [TopicPartition(DEADLETTER, p) for p in sorted(partitions)]
+        if not tps:
+            return []
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        found: list[Letter] = []
+        for tp in tps:
+            while await consumer.position(tp) < ends[tp]:
+                batch = await consumer.getmany(tp, timeout_ms=1000, max_records=500)
+                records = batch.get(tp, [])
+                if not records:
+                    break
+                for r in records:
+                    try:
+                        letter = DeadLetter.model_validate_json(r.value or b"")
+                    except ValidationError:
+                        continue
+                    if topic is None or letter.topic == topic:
+                        found.append(Letter(r.partition, r.offset, r.key, letter))
+        found.sort(key=lambda x: x.letter.time)
+        return found[-limit:] if limit else found
+    finally:
+        await consumer.stop()
+
+
+async def replay(
+    bootstrap: str, pool: asyncpg.Pool, letters: list[Letter]
+) -> tuple[list[Letter], list[tuple[Letter, str]]]:
+    """Send each letter's message back to its topic, at most once per letter. Returns the
+    letters replayed and (letter, why not) for the others."""
+    ours = {t.name for t in all_topics(1)} - {DEADLETTER}
+    replayed: list[Letter] = []
+    skipped: list[tuple[Letter, str]] = []
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        for item in letters:
+            if item.letter.topic not in ours:
+                skipped.append((item, f"{item.letter.topic} is not a Sluice topic"))
+                continue
+            async with pool.acquire() as conn, conn.transaction():
+                fresh = await conn.fetchval(
+                    "INSERT INTO sluice.dlq_replays (topic, payload_sha256, dlq_partition,"
+                    " dlq_offset) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING true",
+                    item.letter.topic,
+                    hashlib.sha256(item.letter.value()).hexdigest(),
+                    item.partition,
+                    item.offset,
+                )
+                if not fresh:
+                    skipped.append((item, "this message was replayed before"))
+                    continue
+                # Sent inside the transaction: a failed send leaves the letter to replay again.
+                await producer.send_and_wait(item.letter.topic, item.letter.value(), key=item.key)
+            replayed.append(item)
+    finally:
+        await producer.stop()
+    return replayed, skipped

@@ -1,0 +1,62 @@
+"""Stalled runs: queued or running, with no change for a while although work is outstanding.
+
+PostgreSQL holds what a run needs to go on (the stored file and the batch markers, the
+discovery cursor and item states, the backfill cursors), so a stalled run is resumed by
+publishing its request again: every stage skips what was already done. That covers a lost
+message, a worker that died with a message it never committed, and a broker that lost its
+topics. Each resumption waits twice as long as the one before; after ``max_recoveries`` the run
+fails with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+
+from schemas.runs import Run
+from storage.runs import RUN_COLUMNS, emit_event, run_from_record, transition
+
+RECOVERY_LOCK = 0x511D1
+RESUMED = "run.resumed"
+
+
+async def stalled_runs(
+    conn: asyncpg.Connection, stall_timeout: float, limit: int = 50
+) -> list[tuple[Run, int]]:
+    """(run, recoveries so far) of runs with no change for ``stall_timeout`` seconds, doubled
+    for every earlier recovery."""
+    rows = await conn.fetch(
+        f"SELECT {RUN_COLUMNS}, recoveries FROM sluice.runs"
+        " WHERE status IN ('queued', 'running') AND activity_at < now()"
+        " - $1 * power(2, least(recoveries, 6)) * interval '1 second'"
+        " ORDER BY activity_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+        stall_timeout,
+        limit,
+    )
+    out = []
+    for row in rows:
+        fields = dict(row)
+        recoveries = fields.pop("recoveries")
+        out.append((run_from_record(fields), int(recoveries)))
+    return out
+
+
+async def mark_resumed(conn: asyncpg.Connection, run: Run, how: str) -> None:
+    record = await conn.fetchrow(
+        f"UPDATE sluice.runs SET recoveries = recoveries + 1 WHERE id = $1 RETURNING {RUN_COLUMNS}",
+        run.id,
+    )
+    resumed = run_from_record(record).model_copy(update={"error": f"resumed: {how}"})
+    await emit_event(conn, resumed, RESUMED)
+
+
+async def fail_stalled(conn: asyncpg.Connection, run: Run, reason: str) -> Run | None:
+    from schemas.events import LifecycleEventType
+
+    return await transition(
+        conn,
+        LifecycleEventType.FAILED,
+        "UPDATE sluice.runs SET status = 'failed', error = $2, completed_at = now()"
+        " WHERE id = $1 AND status IN ('queued', 'running')",
+        run.id,
+        reason,
+    )
