@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test check lint typecheck bench clean schemas
+.PHONY: setup demo test check lint typecheck bench bench-firehose clean schemas browser
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -12,12 +12,25 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-setup: $(STAMP)
+# Debian's Chromium for the dashboard's browser tests (Playwright drives it; it downloads no
+# browser of its own). Installed when missing and we are root with apt-get; otherwise those
+# tests skip and say why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing chromium (apt-get)"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+		else \
+			echo "chromium not installed and cannot install it here (needs root and apt-get): the browser tests will skip"; \
+		fi; \
+	}
+
+setup: $(STAMP) browser
 
 demo: $(STAMP)
 	$(BIN)/python -m sluice.demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/pytest -q --durations=10
 
 lint: $(STAMP)
@@ -34,6 +47,9 @@ schemas: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/import_csv.py
+
+bench-firehose: $(STAMP)
+	$(BIN)/python bench/firehose.py
 
 clean:
 	rm -rf $(VENV) .sluice .pytest_cache .mypy_cache .ruff_cache

@@ -27,7 +27,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from schemas.firehose import DID_PATTERN
+from schemas.firehose import DID_PATTERN, BackfillState, BackfillStatus
 from schemas.runs import Run, RunStatus
 from sluice.client import Client
 from sluice.config import Settings
@@ -44,7 +44,9 @@ from sluice.errors import (
 )
 from sluice.formats import FileFormatError
 from sluice.metrics import render_metrics
+from sluice.schedule import ScheduleInfo
 from sluice.sources.base import SourceError
+from sluice.web import SESSION_COOKIE, create_web_router
 
 log = logging.getLogger(__name__)
 
@@ -80,45 +82,12 @@ class ItemPageResponse(BaseModel):
     pagination: Pagination
 
 
-class ScheduleState(BaseModel):
-    importer: str
-    cron: str
-    paused: bool
-    next_fire: datetime | None
-    last_fire: datetime | None
-    last_outcome: str | None
-
-
 class BackfillBody(BaseModel):
     dids: list[Annotated[str, Field(pattern=DID_PATTERN)]] = Field(
         min_length=1, max_length=10_000, description="did:plc:... or did:web:..."
     )
     collections: list[str] = Field(default=[], description="NSIDs; empty: all the repo has")
     reset: bool = False
-
-
-class BackfillStatus(StrEnum):
-    PENDING = "pending"
-    IN_PROGRESS = "in_progress"
-    COMPLETED = "completed"
-    FAILED = "failed"
-
-
-class BackfillStateModel(BaseModel):
-    did: str
-    collection: str
-    status: BackfillStatus
-    cursor: str | None
-    rev: str | None
-    pds: str | None
-    records_synced: int
-    records_skipped: int
-    records_failed: int
-    pages: int
-    run_id: uuid.UUID | None
-    started_at: datetime | None
-    completed_at: datetime | None
-    error: str | None
 
 
 class TriggerBody(BaseModel):
@@ -190,17 +159,20 @@ def create_api(settings: Settings) -> FastAPI:
 
     # A default, not Annotated[...]: `bearer` is local, and annotations are strings here.
     async def authorized(
+        request: Request,
         credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
     ) -> None:
         if not tokens:
             return
-        given = credentials.credentials.encode() if credentials else b""
+        # The dashboard's pages call the API with the session cookie set at sign-in.
+        cookie = None if credentials else request.cookies.get(SESSION_COOKIE)
+        given = (credentials.credentials if credentials else cookie or "").encode()
         # compare_digest against every token, so the time taken says nothing about any of them
         ok = False
         for token in tokens:
             ok |= hmac.compare_digest(given, token)
         if not ok:
-            what = "wrong API token" if credentials else "missing API token"
+            what = "wrong API token" if credentials or cookie else "missing API token"
             raise ApiError(
                 401,
                 "unauthorized",
@@ -505,12 +477,12 @@ def create_api(settings: Settings) -> FastAPI:
         )
 
     @app.get("/api/v1/schedules", dependencies=auth, tags=["importers"])
-    async def list_schedules() -> dict[str, list[ScheduleState]]:
+    async def list_schedules() -> dict[str, list[ScheduleInfo]]:
         """The importers' schedules: cron, paused or not, next and last scheduled time."""
         from sluice.schedule import schedules
 
         found = await schedules(client.rt)
-        return {"data": [ScheduleState.model_validate(f, from_attributes=True) for f in found]}
+        return {"data": found}
 
     @app.post("/api/v1/backfill", status_code=202, dependencies=auth, tags=["firehose"])
     async def queue_backfill(body: BackfillBody) -> dict[str, list[str]]:
@@ -524,7 +496,7 @@ def create_api(settings: Settings) -> FastAPI:
     @app.get("/api/v1/backfill", dependencies=auth, tags=["firehose"])
     async def backfill_status(
         did: str | None = None, status: BackfillStatus | None = None
-    ) -> dict[str, list[BackfillStateModel]]:
+    ) -> dict[str, list[BackfillState]]:
         """Backfill state per repository and collection."""
         from sluice.firehose.backfill import Backfiller
 
@@ -533,7 +505,7 @@ def create_api(settings: Settings) -> FastAPI:
             states = await backfiller.states(did, status.value if status else None)
         finally:
             await backfiller.close()
-        return {"data": [BackfillStateModel.model_validate(s.__dict__) for s in states]}
+        return {"data": states}
 
     @app.get(
         "/api/v1/runs/{run_id}/events",
@@ -581,6 +553,7 @@ def create_api(settings: Settings) -> FastAPI:
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
+    app.include_router(create_web_router(settings, client, tokens, api_auth=auth))
     return app
 
 

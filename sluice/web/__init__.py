@@ -1,0 +1,11 @@
+"""The web dashboard: server-rendered pages under ``/ui`` (runs, run detail, upload, importers,
+backfill) and the live lifecycle stream ``GET /api/v1/events`` they follow.
+
+Sign-in stores the API token in the HttpOnly cookie ``sluice_session``; the API accepts it in
+place of the bearer header, so the pages' ``fetch()`` calls go to the same endpoints as any
+other client.
+"""
+
+from sluice.web.pages import SESSION_COOKIE, create_web_router
+
+__all__ = ["SESSION_COOKIE", "create_web_router"]
