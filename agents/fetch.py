@@ -12,7 +12,6 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from typing import Any
 
 from schemas.events import FileRef, ImportRequested, LifecycleEvent, TriggerRequested
@@ -119,16 +118,7 @@ async def handle_trigger(
         log.warning("run %s failed: %s", run.id, exc)
         await runs.fail(run.id, f"{trigger.source} source: {exc}")
         return
-    await publish(
-        ImportRequested(
-            run_id=run.id,
-            importer=run.importer,
-            file=ref,
-            dry_run=run.dry_run,
-            options=run.options,
-            requested_at=datetime.now(UTC),
-        )
-    )
+    await publish(ImportRequested.for_run(run, ref))
 
 
 async def after_import(rt: Runtime, payload: bytes) -> str | None:

@@ -13,7 +13,7 @@ from uuid import UUID
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.runs import RunCounters, RunStatus
+from schemas.runs import Run, RunCounters, RunStatus
 
 
 class FileRef(BaseModel):
@@ -42,6 +42,17 @@ class ImportRequested(BaseModel):
     options: dict[str, Any] = {}
     requested_at: datetime
 
+    @classmethod
+    def for_run(cls, run: Run, file: FileRef) -> ImportRequested:
+        return cls(
+            run_id=run.id,
+            importer=run.importer,
+            file=file,
+            dry_run=run.dry_run,
+            options=run.options,
+            requested_at=datetime.now(UTC),
+        )
+
 
 class TriggerRequested(BaseModel):
     """On the triggers topic, keyed by run id: a queued run that pulls from a source."""
@@ -54,6 +65,17 @@ class TriggerRequested(BaseModel):
     )
     dry_run: bool = False
     requested_at: datetime
+
+    @classmethod
+    def for_run(cls, run: Run, source: str, params: dict[str, Any]) -> TriggerRequested:
+        return cls(
+            run_id=run.id,
+            importer=run.importer,
+            source=source,
+            params=params,
+            dry_run=run.dry_run,
+            requested_at=datetime.now(UTC),
+        )
 
 
 class ItemPage(BaseModel):

@@ -15,8 +15,10 @@ is ``at://{did}/{collection}/{rkey}``; a ``rev`` is a 13-character TID, compared
 
 from __future__ import annotations
 
+from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
+from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -108,3 +110,33 @@ class BackfillRequested(BaseModel):
     )
     reset: bool = Field(default=False, description="forget the stored cursors and start over")
     requested_by: str | None = None
+
+
+class BackfillStatus(StrEnum):
+    PENDING = "pending"
+    """Queued; no page read yet."""
+    IN_PROGRESS = "in_progress"
+    """Pages are being read (or the backfill stopped here and can be resumed)."""
+    COMPLETED = "completed"
+    """Every page was read."""
+    FAILED = "failed"
+    """Stopped with ``error``; ``sluice backfill --resume`` goes on from the cursor."""
+
+
+class BackfillState(BaseModel):
+    """The backfill of one collection of one repository."""
+
+    did: str
+    collection: str
+    status: BackfillStatus
+    cursor: str | None = Field(description="listRecords cursor of the next page")
+    rev: str | None = Field(description="the repo rev every backfilled record is tagged with")
+    pds: str | None
+    records_synced: int = Field(description="records written")
+    records_skipped: int = Field(description="records older than what was stored")
+    records_failed: int = Field(description="records the PDS listed in a shape not understood")
+    pages: int
+    run_id: UUID | None
+    started_at: datetime | None
+    completed_at: datetime | None
+    error: str | None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
@@ -187,14 +186,7 @@ def create_app(rt: Runtime, *, app_id: str = "sluice", hooks: HookSet | None = N
             )
 
     async def publish_trigger(run: Run, kind: str, params: dict[str, Any]) -> None:
-        trigger = TriggerRequested(
-            run_id=run.id,
-            importer=run.importer,
-            source=kind,
-            params=params,
-            dry_run=run.dry_run,
-            requested_at=datetime.now(UTC),
-        )
+        trigger = TriggerRequested.for_run(run, kind, params)
         await triggers.send(key=str(run.id).encode(), value=trigger.model_dump_json().encode())
 
     @app.timer(rt.settings.pipeline.schedule_interval)  # type: ignore[untyped-decorator]
@@ -299,16 +291,7 @@ def create_app(rt: Runtime, *, app_id: str = "sluice", hooks: HookSet | None = N
             ref = await (await rt.files()).ref(run.file_id)
             if ref is None:
                 raise RuntimeError("its stored file is gone (pruned?); import the file again")
-            await publish_request(
-                ImportRequested(
-                    run_id=run.id,
-                    importer=run.importer,
-                    file=ref,
-                    dry_run=run.dry_run,
-                    options=options,
-                    requested_at=datetime.now(UTC),
-                )
-            )
+            await publish_request(ImportRequested.for_run(run, ref))
             return "import request published again; applied batches are skipped"
         if run.source in PULL_KINDS:
             await publish_trigger(run, run.source, dict(options.get("params") or {}))

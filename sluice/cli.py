@@ -479,7 +479,7 @@ def backfill_status(did: str | None, pending: bool, failed: bool, as_json: bool)
             states = [s for s in states if s.status != "completed"]
         for s in states:
             if as_json:
-                click.echo(orjson.dumps(s.__dict__, default=str).decode())
+                click.echo(s.model_dump_json())
             else:
                 error = f"  {s.error}" if s.error else ""
                 click.echo(
@@ -701,17 +701,7 @@ def schedules(ctx: click.Context, as_json: bool) -> None:
         finally:
             await rt.close()
         if as_json:
-            data = [
-                {
-                    "importer": f.importer,
-                    "cron": f.cron,
-                    "paused": f.paused,
-                    "next_fire": f.next_fire.isoformat() if f.next_fire else None,
-                    "last_fire": f.last_fire.isoformat() if f.last_fire else None,
-                    "last_outcome": f.last_outcome,
-                }
-                for f in found
-            ]
+            data = [f.model_dump(mode="json") for f in found]
             click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
             return 0
         if not found:

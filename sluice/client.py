@@ -11,7 +11,6 @@ import asyncio
 import dataclasses
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -165,14 +164,7 @@ class Client:
         return run
 
     async def publish_request(self, run: Run, ref: FileRef) -> None:
-        request = ImportRequested(
-            run_id=run.id,
-            importer=run.importer,
-            file=ref,
-            dry_run=run.dry_run,
-            options=run.options,
-            requested_at=datetime.now(UTC),
-        )
+        request = ImportRequested.for_run(run, ref)
         producer = await self.producer()
         await producer.send_and_wait(
             REQUESTS, request.model_dump_json().encode(), key=str(run.id).encode()
@@ -214,14 +206,7 @@ class Client:
         return run
 
     async def publish_trigger(self, run: Run, kind: str, params: dict[str, Any]) -> None:
-        trigger = TriggerRequested(
-            run_id=run.id,
-            importer=run.importer,
-            source=kind,
-            params=params,
-            dry_run=run.dry_run,
-            requested_at=datetime.now(UTC),
-        )
+        trigger = TriggerRequested.for_run(run, kind, params)
         producer = await self.producer()
         await producer.send_and_wait(
             TRIGGERS, trigger.model_dump_json().encode(), key=str(run.id).encode()

@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from croniter import croniter
+from pydantic import BaseModel, ConfigDict
 
 from schemas.runs import Run
 from sluice.importers.dsl import Importer
@@ -28,8 +28,11 @@ SCHEDULED_BY = "schedule"
 Publish = Callable[[Run, str, dict[str, Any]], Awaitable[None]]
 
 
-@dataclass(frozen=True)
-class ScheduleInfo:
+class ScheduleInfo(BaseModel):
+    """An importer's schedule as it stands."""
+
+    model_config = ConfigDict(frozen=True)
+
     importer: str
     cron: str
     paused: bool

@@ -22,14 +22,13 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 import asyncpg
 import httpx
 
-from schemas.firehose import BackfillRequested
+from schemas.firehose import BackfillRequested, BackfillState
 from schemas.runs import Run
 from sluice.config import FirehoseSettings
 from sluice.errors import TerminalError, TransientError
@@ -52,24 +51,6 @@ class BackfillError(TerminalError):
 
 class PdsUnavailable(TransientError):
     """The PDS or the directory did not answer; the backfill can be resumed."""
-
-
-@dataclass(frozen=True)
-class BackfillState:
-    did: str
-    collection: str
-    status: str
-    cursor: str | None
-    rev: str | None
-    pds: str | None
-    records_synced: int
-    records_skipped: int
-    records_failed: int
-    pages: int
-    run_id: uuid.UUID | None
-    started_at: Any
-    completed_at: Any
-    error: str | None
 
 
 class PdsClient:
@@ -212,7 +193,7 @@ class Backfiller:
             did,
             status,
         )
-        return [BackfillState(**dict(r)) for r in rows]
+        return [BackfillState.model_validate(dict(r)) for r in rows]
 
     async def unfinished_dids(self) -> list[str]:
         rows = await self.pool.fetch(
