@@ -92,11 +92,34 @@ async def fetch_into_store(rt: Runtime, run: Run, trigger: TriggerRequested) -> 
         ref = await files.ref(run.file_id)
         if ref is not None:
             return ref
-    async with open_source(rt, importer, trigger.source, trigger.params) as fetched:
+    kind = trigger.source or run.source
+    async with keep_alive(rt, run.id), open_source(rt, importer, kind, trigger.params) as fetched:
         ref = await files.put(fetched.chunks, name=fetched.name, content_type=fetched.content_type)
     await (await rt.runs()).attach_file(run.id, ref, fetched.location)
     log.info("run %s: fetched %s (%d bytes) from %s", run.id, ref.name, ref.size, fetched.location)
     return ref
+
+
+async def adopt_trigger(rt: Runtime, trigger: TriggerRequested) -> TriggerRequested:
+    """A trigger produced without a run (by any Kafka producer): create its run, once per
+    ``request_id``. TerminalError (unknown importer, no pull source) when it cannot start."""
+    from sluice.client import pull_kind
+
+    importer = rt.registry.get(trigger.importer)
+    params = dict(trigger.params)
+    if trigger.source is not None:
+        params.setdefault("source", trigger.source)
+    kind = pull_kind(importer, params)
+    run = await (await rt.runs()).create(
+        run_id=trigger.run_id_for_request(),
+        importer=importer.slug,
+        source=kind,
+        dry_run=trigger.dry_run,
+        options={"params": trigger.params},
+        requested_by=trigger.requested_by or "kafka",
+    )
+    log.info("run %s created for a %s trigger produced to the topic", run.id, kind)
+    return trigger.model_copy(update={"run_id": run.id, "source": kind})
 
 
 async def handle_trigger(
@@ -105,6 +128,7 @@ async def handle_trigger(
     """Terminal source problems fail the run with the source's message; anything else
     propagates, to be retried by the caller."""
     runs = await rt.runs()
+    assert trigger.run_id is not None, "adopt_trigger gives a run to run-less triggers"
     run = await runs.start(trigger.run_id)
     if run is None:
         log.info("run %s is finished or unknown; trigger ignored", trigger.run_id)

@@ -8,12 +8,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4, uuid5
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.runs import Run, RunCounters, RunStatus
+
+REQUEST_NAMESPACE = UUID("6f1c2b9e-3c1e-4d5a-9a43-5b1d8e2f7a10")
+"""Run ids of run-less trigger requests are uuid5(REQUEST_NAMESPACE, importer + request_id)."""
 
 
 class FileRef(BaseModel):
@@ -55,16 +58,36 @@ class ImportRequested(BaseModel):
 
 
 class TriggerRequested(BaseModel):
-    """On the triggers topic, keyed by run id: a queued run that pulls from a source."""
+    """On the triggers topic: a run that pulls from a source.
 
-    run_id: UUID
-    importer: str
-    source: str = Field(description="url, ftp, sftp, filesystem or api")
+    Sluice's own clients create the run first and name it (``run_id``). Any other producer, in
+    any language, may leave ``run_id`` out: the worker creates the run, with an id derived from
+    ``request_id`` when one is given, so producing the same request twice starts one run."""
+
+    run_id: UUID | None = Field(
+        default=None, description="the queued run; omit it and the worker creates the run"
+    )
+    request_id: str | None = Field(
+        default=None,
+        max_length=200,
+        description="makes a run-less request idempotent: the same id starts one run",
+    )
+    importer: str = Field(description="slug of a registered importer")
+    source: str | None = Field(
+        default=None, description="url, ftp, sftp, filesystem or api; default: the importer's"
+    )
     params: dict[str, Any] = Field(
         default={}, description="the trigger's parameters (url, file, pattern, path, ...)"
     )
     dry_run: bool = False
-    requested_at: datetime
+    requested_by: str | None = None
+    requested_at: datetime | None = None
+
+    def run_id_for_request(self) -> UUID:
+        """The id of the run a run-less request creates."""
+        if self.request_id is None:
+            return uuid4()
+        return uuid5(REQUEST_NAMESPACE, f"{self.importer}\x1f{self.request_id}")
 
     @classmethod
     def for_run(cls, run: Run, source: str, params: dict[str, Any]) -> TriggerRequested:

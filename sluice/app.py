@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from agents.detail import fetch_page
 from agents.discover import discover
-from agents.fetch import after_import, handle_trigger
+from agents.fetch import adopt_trigger, after_import, handle_trigger
 from agents.firehose import apply_firehose, parse_events
 from agents.lifecycle import relay_outbox
 from agents.retry import retrying
@@ -22,6 +22,7 @@ from schemas.events import DeadLetter, ImportRequested, ItemPage, TriggerRequest
 from schemas.firehose import BackfillRequested
 from schemas.runs import Run
 from sluice.client import PULL_KINDS
+from sluice.errors import TerminalError
 from sluice.firehose.backfill import IMPORTER as BACKFILL_IMPORTER
 from sluice.runtime import Runtime
 from sluice.schedule import fire_due
@@ -157,6 +158,16 @@ def create_app(rt: Runtime, *, app_id: str = "sluice", hooks: HookSet | None = N
             except ValidationError as exc:
                 await dead_letter(event, f"not a valid trigger: {exc.errors()[:3]}")
                 continue
+            if trigger.run_id is None:
+                try:
+                    trigger = await retrying(
+                        "a run for a produced trigger",
+                        rt.settings.pipeline.apply_attempts,
+                        partial(adopt_trigger, rt, trigger),
+                    )
+                except TerminalError as exc:
+                    await dead_letter(event, f"cannot start a run: {exc}")
+                    continue
 
             async def run_discovery(run: Run, trigger: TriggerRequested) -> None:
                 await discover(rt, run, send_page, flush)

@@ -88,10 +88,15 @@ class RunRepository:
         requested_by: str | None = None,
         run_id: uuid.UUID | None = None,
     ) -> Run:
+        """A queued run. With ``run_id`` of a run that exists already, that run as it is (a
+        request produced twice starts one run)."""
         record = await self.pool.fetchrow(
-            "INSERT INTO sluice.runs (id, importer, source, dry_run, file_id, file_name, options,"
-            " parent_run_id, requested_by) VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9)"
-            f" RETURNING {RUN_COLUMNS}",
+            "WITH ins AS (INSERT INTO sluice.runs (id, importer, source, dry_run, file_id,"
+            " file_name, options, parent_run_id, requested_by)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9) ON CONFLICT (id) DO NOTHING"
+            f" RETURNING {RUN_COLUMNS})"
+            f" SELECT * FROM ins UNION ALL SELECT {RUN_COLUMNS} FROM sluice.runs WHERE id = $1"
+            " AND NOT EXISTS (SELECT 1 FROM ins)",
             run_id or uuid.uuid4(),
             importer,
             source,

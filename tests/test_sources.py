@@ -449,3 +449,62 @@ async def test_a_schedule_fires_once_per_time_across_two_workers(
 
 def _unused(worker: Worker) -> None:  # keep the import honest for type checkers
     del worker
+
+
+# ---------------------------------------------------------------- the input topic contract
+
+
+async def test_any_producer_starts_an_import_with_one_raw_message(
+    client: Client, stack: Stack, db: asyncpg.Connection
+) -> None:
+    """No Sluice code on the producing side: plain JSON on sluice.triggers, as kcat would."""
+    import uuid
+
+    import orjson
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    from schemas.events import TriggerRequested
+    from streams.topics import DEADLETTER, TRIGGERS
+
+    (stack.files / "raw.csv").write_text(CSV)
+    request_id = uuid.uuid4().hex
+    raw = orjson.dumps(
+        {"importer": "t_fs", "params": {"path": "raw.csv"}, "request_id": request_id}
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=stack.broker.bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(TRIGGERS, raw)
+        await producer.send_and_wait(TRIGGERS, raw)  # produced twice: one run
+        await producer.send_and_wait(TRIGGERS, b'{"importer": "no_such_importer"}')
+    finally:
+        await producer.stop()
+    run_id = TriggerRequested(importer="t_fs", request_id=request_id).run_id_for_request()
+    deadline = time.monotonic() + 60
+    while (run := await client.rt.runs()) and (found := await run.get(run_id)) is None:
+        assert time.monotonic() < deadline, "no run was created for the produced trigger"
+        await asyncio.sleep(0.2)
+    done = await finish(client, found, stack)
+    assert done.status is RunStatus.COMPLETED, done.error
+    assert done.source == "filesystem" and done.requested_by == "kafka"
+    assert done.created_rows + done.updated_rows + done.unchanged_rows == 3
+    await asyncio.sleep(1)
+    assert (
+        await db.fetchval(
+            "SELECT count(*) FROM sluice.runs WHERE options->'params'->>'path' = 'raw.csv'"
+        )
+        == 1
+    )
+    consumer = AIOKafkaConsumer(
+        DEADLETTER, bootstrap_servers=stack.broker.bootstrap, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    try:
+        reasons = []
+        deadline = time.monotonic() + 30
+        while not any("no_such_importer" in r for r in reasons):
+            assert time.monotonic() < deadline, reasons
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                reasons.extend(orjson.loads(r.value)["reason"] for r in records)
+    finally:
+        await consumer.stop()
