@@ -8,6 +8,7 @@ batches already applied are skipped by their markers.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import tempfile
@@ -27,7 +28,7 @@ from sluice.mapping import Record, RecordMapper
 from sluice.runtime import Runtime
 from storage.runs import RunRepository
 from storage.tables import describe_table, ensure_table, has_unique_key
-from storage.writer import TargetPlan
+from storage.writer import Refresh, TargetPlan
 from streams.topics import partition_for_key
 
 log = logging.getLogger(__name__)
@@ -145,8 +146,19 @@ def _text(value: Any) -> str | None:
     return orjson.dumps(value).decode() if isinstance(value, (dict, list)) else str(value)
 
 
+def refresh_for(importer: Importer, request: ImportRequested) -> Refresh | None:
+    """A full refresh when the importer always refreshes or the run asked for one."""
+    if not (importer.fresh or request.options.get("fresh")):
+        return None
+    return Refresh(
+        scope=importer.refresh_scope,
+        soft_delete=importer.soft_delete_column,
+        max_failed=importer.refresh_max_failed,
+    )
+
+
 async def _table_plan(rt: Runtime, importer: Importer, request: ImportRequested) -> TargetPlan:
-    plan = plan_for(importer)
+    plan = dataclasses.replace(plan_for(importer), refresh=refresh_for(importer, request))
     if importer.slug == ADHOC:
         pool = await rt.pool()
         async with pool.acquire() as conn:
@@ -160,6 +172,7 @@ async def _table_plan(rt: Runtime, importer: Importer, request: ImportRequested)
             schema=plan.schema,
             columns=tuple((c, types[c]) for c, _ in plan.columns),
             key=plan.key,
+            refresh=plan.refresh,
         )
     else:
         pool = await rt.pool()

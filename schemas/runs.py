@@ -51,6 +51,9 @@ class RunCounters(BaseModel):
     skipped_rows: int = 0
     failed_rows: int = 0
     progress_percent: float = 0.0
+    deleted_rows: int = Field(
+        default=0, description="full refresh: rows of the target the import did not contain"
+    )
     items_discovered: int = Field(default=0, description="API sources: items listed so far")
     items_completed: int = Field(default=0, description="API sources: items fetched and applied")
     items_failed: int = Field(default=0, description="API sources: items that failed for good")

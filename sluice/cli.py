@@ -95,6 +95,8 @@ def summary(run: Run) -> str:
         secs = (run.completed_at - run.started_at).total_seconds()
         rate = run.processed_rows / secs if secs > 0 else 0
         lines.append(f"  took {secs:.1f}s ({rate:,.0f} rows/s)")
+    if run.deleted_rows:
+        lines.append(f"  full refresh: {run.deleted_rows:,} rows absent from the import removed")
     if run.source_location:
         lines.append(f"  source: {run.source} {run.source_location}")
     if run.source == "api":
@@ -245,18 +247,30 @@ def api(host: str | None, port: int | None) -> None:
     )
 
 
+FRESH_HELP = (
+    "full refresh: once the run completed, delete the table's rows it did not contain "
+    "(nothing is deleted when it failed, was cancelled or rejected rows)"
+)
+
+
 @cli.command("run")
 @click.argument("slug")
 @click.option(
     "--file", "path", required=True, type=click.Path(path_type=Path), help="file to import"
 )
 @click.option("--dry-run", is_flag=True, help="validate and count; write nothing to the table")
+@click.option("--fresh", is_flag=True, help=FRESH_HELP)
 @click.option("--wait", is_flag=True, help="wait for the run to finish, with a progress bar")
 @click.option("--json", "as_json", is_flag=True, help="print the run object as JSON")
-def run_cmd(slug: str, path: Path, dry_run: bool, wait: bool, as_json: bool) -> None:
+def run_cmd(slug: str, path: Path, dry_run: bool, fresh: bool, wait: bool, as_json: bool) -> None:
     """Import PATH with the importer SLUG."""
+    options = {"fresh": True} if fresh else None
     sys.exit(
-        run_async(_submit_and_maybe_wait(slug, path, dry_run=dry_run, wait=wait, as_json=as_json))
+        run_async(
+            _submit_and_maybe_wait(
+                slug, path, dry_run=dry_run, wait=wait, as_json=as_json, options=options
+            )
+        )
     )
 
 
@@ -268,6 +282,7 @@ def run_cmd(slug: str, path: Path, dry_run: bool, wait: bool, as_json: bool) -> 
 @click.option("--pattern", help="FTP/SFTP: a glob; the newest matching file is imported")
 @click.option("--param", "extra", multiple=True, metavar="KEY=VALUE", help="more source parameters")
 @click.option("--dry-run", is_flag=True, help="validate and count; write nothing to the table")
+@click.option("--fresh", is_flag=True, help=FRESH_HELP)
 @click.option("--wait", is_flag=True, help="wait for the run to finish, with a progress bar")
 @click.option("--json", "as_json", is_flag=True, help="print the run object as JSON")
 def trigger_cmd(
@@ -278,6 +293,7 @@ def trigger_cmd(
     pattern: str | None,
     extra: tuple[str, ...],
     dry_run: bool,
+    fresh: bool,
     wait: bool,
     as_json: bool,
 ) -> None:
@@ -295,7 +311,13 @@ def trigger_cmd(
 
     async def go() -> int:
         async with Client(load_settings()) as client:
-            run = await client.trigger(slug, params, dry_run=dry_run, requested_by=_user())
+            run = await client.trigger(
+                slug,
+                params,
+                dry_run=dry_run,
+                requested_by=_user(),
+                options={"fresh": True} if fresh else None,
+            )
             if wait:
                 bar = ProgressBar(sys.stderr.isatty() and not as_json)
                 run = await client.wait(run.id, on_update=bar)
@@ -548,10 +570,18 @@ def dlq(topic: str | None, limit: int | None, replay: bool, as_json: bool) -> No
 @click.option("--key", required=True, help="key column(s), comma-separated")
 @click.option("--schema", default="public", show_default=True, help="schema of the table")
 @click.option("--dry-run", is_flag=True, help="validate and count; write nothing to the table")
+@click.option("--fresh", is_flag=True, help=FRESH_HELP)
 @click.option("--wait", is_flag=True, help="wait for the run to finish, with a progress bar")
 @click.option("--json", "as_json", is_flag=True, help="print the run object as JSON")
 def import_cmd(
-    path: Path, table: str, key: str, schema: str, dry_run: bool, wait: bool, as_json: bool
+    path: Path,
+    table: str,
+    key: str,
+    schema: str,
+    dry_run: bool,
+    fresh: bool,
+    wait: bool,
+    as_json: bool,
 ) -> None:
     """Import PATH into TABLE without an importer: columns and types come from the file."""
     from sluice.importers.adhoc import ADHOC
@@ -559,7 +589,9 @@ def import_cmd(
     keys = [k.strip() for k in key.split(",") if k.strip()]
     if not keys:
         fail("--key needs at least one column name", 2)
-    options = {"table": table, "key": keys, "schema": schema}
+    options: dict[str, Any] = {"table": table, "key": keys, "schema": schema}
+    if fresh:
+        options["fresh"] = True
     sys.exit(
         run_async(
             _submit_and_maybe_wait(

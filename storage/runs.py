@@ -23,7 +23,7 @@ RUN_COLUMNS = (
     " unchanged_rows, skipped_rows, failed_rows, progress_percent::float8 AS progress_percent,"
     " queued_at, started_at, completed_at, error, parent_run_id, requested_by, file_id, file_name,"
     " total_batches, applied_batches, options, items_discovered, items_completed, items_failed,"
-    " source_location, rate_limit_hits, rate_limit_sleeps, total_sleep_seconds"
+    " source_location, rate_limit_hits, rate_limit_sleeps, total_sleep_seconds, deleted_rows"
 )
 
 
@@ -348,7 +348,26 @@ async def insert_row_failures(
 
 async def finalize_if_done(conn: asyncpg.Connection, run_id: uuid.UUID) -> Run | None:
     """Complete the run when the split is done and every batch is applied. Safe to call from the
-    split and from every batch: the row lock makes exactly one caller see the transition."""
+    split and from every batch: the row lock makes exactly one caller see the transition. A
+    fresh run first deletes what it did not contain, in the same transaction."""
+    done = await conn.fetchrow(
+        "SELECT plan, dry_run, failed_rows FROM sluice.runs WHERE id = $1 AND status = 'running'"
+        " AND split_done AND applied_batches >= total_batches FOR UPDATE",
+        run_id,
+    )
+    if done is None:
+        return None
+    plan = done["plan"] or {}
+    refresh = plan.get("refresh")
+    if refresh and not done["dry_run"]:
+        if done["failed_rows"] <= refresh["max_failed"]:
+            from storage.refresh import delete_absent
+
+            deleted = await delete_absent(conn, run_id, plan)
+            await conn.execute(
+                "UPDATE sluice.runs SET deleted_rows = $2 WHERE id = $1", run_id, deleted
+            )
+        await conn.execute("DELETE FROM sluice.run_keys WHERE run_id = $1", run_id)
     return await transition(
         conn,
         LifecycleEventType.COMPLETED,

@@ -49,6 +49,16 @@ Also = Callable[[asyncpg.Connection], Awaitable[None]]
 
 
 @dataclass(frozen=True)
+class Refresh:
+    """A full refresh: after the run completes, rows of the target (within the scope the
+    import touched) that it did not contain are deleted, or get ``soft_delete`` set."""
+
+    scope: tuple[str, ...] = ()
+    soft_delete: str | None = None
+    max_failed: int = 0
+
+
+@dataclass(frozen=True)
 class TargetPlan:
     """What a run's batches are applied to. Stored with the run as JSON."""
 
@@ -58,6 +68,7 @@ class TargetPlan:
     policy: DuplicatePolicy = DuplicatePolicy.UPSERT
     version_column: str | None = None
     schema: str = "public"
+    refresh: Refresh | None = None
 
     @property
     def qualified(self) -> str:
@@ -71,6 +82,13 @@ class TargetPlan:
             "key": list(self.key),
             "policy": str(self.policy),
             "version_column": self.version_column,
+            "refresh": None
+            if self.refresh is None
+            else {
+                "scope": list(self.refresh.scope),
+                "soft_delete": self.refresh.soft_delete,
+                "max_failed": self.refresh.max_failed,
+            },
         }
 
     @classmethod
@@ -82,6 +100,13 @@ class TargetPlan:
             key=tuple(data["key"]),
             policy=DuplicatePolicy(data.get("policy", "upsert")),
             version_column=data.get("version_column"),
+            refresh=Refresh(
+                scope=tuple(data["refresh"]["scope"]),
+                soft_delete=data["refresh"]["soft_delete"],
+                max_failed=data["refresh"]["max_failed"],
+            )
+            if data.get("refresh")
+            else None,
         )
 
     def create_table_sql(self) -> str:
@@ -195,6 +220,22 @@ class Statements:
             f" (SELECT count(*) FROM plan WHERE is_update) AS updated,"
             f"{same},{existing},{dups}"
         )
+        self.keys: str | None = None
+        if plan.refresh is not None:
+            scope = plan.refresh.scope
+            key_expr = "jsonb_build_array(" + ", ".join(f"x.{q(k)}" for k in key) + ")::text"
+            scope_expr = (
+                "jsonb_build_array(" + ", ".join(f"x.{q(c)}" for c in scope) + ")::text"
+                if scope
+                else "NULL"
+            )
+            # The keys a fresh run imported, typed as the table types them.
+            self.keys = (
+                "INSERT INTO sluice.run_keys (run_id, key, scope)"
+                f" SELECT $2, {key_expr}, {scope_expr}"
+                f" FROM json_to_recordset($1::text::json) AS x({recordset})"
+                " ON CONFLICT DO NOTHING"
+            )
         self.probe = {
             c: f"SELECT * FROM json_to_recordset($1::text::json) AS x({q(c)} {t})"
             for c, t in plan.columns
@@ -295,6 +336,8 @@ class BatchApplier:
                     return "duplicate"
                 if also is not None:
                     await also(conn)
+                if stmts.keys is not None and not dry_run:
+                    await conn.execute(stmts.keys, batch.rows_json, batch.run_id)
                 if isolate:
                     counts = await self.apply_rows(conn, stmts, batch.rows_json, None, dry_run)
                 else:

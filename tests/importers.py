@@ -200,3 +200,26 @@ posts = Importer(
     firehose=("app.bsky.feed.post",),
     sources=(),
 )
+
+
+# ---------------------------------------------------------------- full refresh
+
+
+def refreshing(slug: str, **options: object) -> Importer:
+    return Importer(
+        slug=slug,
+        table=slug,
+        key=("id",),
+        fields=(
+            Field("id", "bigint"),
+            Field("name", "text", required=True),
+            Field("supplier", "text"),
+            Field("price", "numeric"),
+        ),
+        **options,  # type: ignore[arg-type]
+    )
+
+
+fresh_plain = refreshing("t_fresh")
+fresh_scoped = refreshing("t_fresh_scoped", refresh_scope=("supplier",))
+fresh_soft = refreshing("t_fresh_soft", fresh=True, soft_delete_column="deleted_at")

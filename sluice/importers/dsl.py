@@ -167,11 +167,23 @@ class Importer:
     # firehose or a backfill writes to atproto.records goes through the mapping as a row with
     # the record's fields plus did, collection, rkey, uri, rev and cid.
     firehose: tuple[str, ...] = ()
+    # Full refresh: every run (``fresh``) or runs started with --fresh delete, at their end,
+    # the rows they did not contain; within ``refresh_scope`` (the scope values the import
+    # contained: one supplier's file refreshes that supplier); ``soft_delete_column`` marks
+    # them (a timestamptz set to now()) instead; nothing is deleted when the run rejected more
+    # than ``refresh_max_failed`` rows.
+    fresh: bool = False
+    refresh_scope: tuple[str, ...] = ()
+    soft_delete_column: str | None = None
+    refresh_max_failed: int = 0
 
     def __post_init__(self) -> None:
         if self.pull is not None and self.pull.kind not in self.sources:
             # The pull source's kind is always an accepted source of its importer.
             object.__setattr__(self, "sources", (*self.sources, self.pull.kind))
+        for column in self.refresh_scope:
+            if column not in {f.name for f in self.output_fields()}:
+                raise ValueError(f"importer {self.slug!r}: refresh scope {column!r} is not a field")
         if self.firehose and self.key_columns != ("uri",):
             raise ValueError(
                 f"importer {self.slug!r}: a firehose projection is keyed by the record's URI;"
@@ -202,6 +214,8 @@ class Importer:
             out.append(Field(self.unpivot.value_field, self.unpivot.value_type))
         if isinstance(self.key, UriKey):
             out.insert(0, Field(self.key.column, "text"))
+        if self.soft_delete_column is not None:
+            out.append(Field(self.soft_delete_column, "timestamptz"))
         return out
 
     def describe(self) -> dict[str, Any]:
