@@ -21,9 +21,9 @@ import orjson
 
 from schemas.events import ImportRequested
 from sluice.errors import MappingError, TerminalError
-from sluice.formats import FileFormatError, FormatOptions, ParsedRow, parse_file
+from sluice.formats import FileFormatError, FormatOptions, ParsedFile, ParsedRow, parse_file
 from sluice.importers.adhoc import ADHOC, adhoc_importer, infer_fields
-from sluice.importers.dsl import Field, Importer
+from sluice.importers.dsl import Field, Importer, normalize_header
 from sluice.mapping import Record, RecordMapper
 from sluice.runtime import Runtime
 from storage.runs import RunRepository
@@ -181,6 +181,36 @@ async def _table_plan(rt: Runtime, importer: Importer, request: ImportRequested)
     return plan
 
 
+async def describe_source(
+    rt: Runtime, request: ImportRequested, parsed: ParsedFile, mapper: RecordMapper
+) -> dict[str, Any]:
+    """The run's provenance: what it read and how the columns were mapped."""
+    ref = request.file
+    runs = await rt.runs()
+    content_type = await (await rt.pool()).fetchval(
+        "SELECT content_type FROM sluice.files WHERE id = $1", ref.id
+    )
+    columns = dict(mapper.mapping)
+    duplicate = await runs.same_file_run(request.importer, ref.sha256, request.run_id)
+    return {
+        "file": {
+            "name": ref.name,
+            "size": ref.size,
+            "content_type": content_type,
+            "compression": ref.compression,
+        },
+        "sha256": ref.sha256,
+        "format": parsed.sniffed.format,
+        "delimiter": parsed.sniffed.delimiter,
+        "encoding": parsed.sniffed.encoding,
+        "header": parsed.header,
+        "columns": columns,
+        "aliases": {f: n for n, f in columns.items() if normalize_header(n) != normalize_header(f)},
+        "ignored": [h for h in (parsed.header or []) if h not in columns],
+        "duplicate_of": str(duplicate) if duplicate else None,
+    }
+
+
 async def split_file(rt: Runtime, request: ImportRequested, send: SendBatch, flush: Flush) -> None:
     """Split one requested import into batches. Terminal problems fail the run with a message
     that says what to fix; anything else propagates (and is retried by the caller)."""
@@ -221,6 +251,12 @@ async def _split(
     sample = [r for r in head if isinstance(r, ParsedRow)]
     importer = await resolve_importer(rt, request, parsed.header, sample)
     mapper = RecordMapper(importer, parsed.header)
+    provenance = await describe_source(rt, request, parsed, mapper)
+    await runs.save_provenance(run_id, provenance)
+    if provenance["duplicate_of"] and importer.skip_duplicate_files:
+        log.info("run %s: the same file as run %s; skipped", run_id, provenance["duplicate_of"])
+        await runs.finish_split(run_id, 0, 0)
+        return
     plan = await _table_plan(rt, importer, request)
     await runs.save_plan(run_id, plan.to_json(), mapper.mapping)
     router = BatchRouter(

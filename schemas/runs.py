@@ -79,6 +79,12 @@ class Run(RunCounters):
     source_location: str | None = Field(
         default=None, description="where a pulled file came from: the final URL, remote path"
     )
+    provenance: dict[str, Any] | None = Field(
+        default=None,
+        description="what the run read: file (name, size, sha256, content type), format,"
+        " delimiter, encoding, header, columns (header -> field), aliases (field -> the header"
+        " that matched it), ignored columns, duplicate_of (a run that read the same file)",
+    )
     rate_limit_hits: int = Field(default=0, description="HTTP 429 answers from the source")
     rate_limit_sleeps: int = Field(default=0, description="waits for the source's rate limit")
     total_sleep_seconds: float = Field(default=0.0, description="time spent in those waits")

@@ -95,6 +95,21 @@ def summary(run: Run) -> str:
         secs = (run.completed_at - run.started_at).total_seconds()
         rate = run.processed_rows / secs if secs > 0 else 0
         lines.append(f"  took {secs:.1f}s ({rate:,.0f} rows/s)")
+    if run.provenance:
+        p = run.provenance
+        f = p.get("file") or {}
+        delimiter = f" delimiter {p['delimiter']!r}" if p.get("delimiter") else ""
+        lines.append(
+            f"  read: {f.get('name')} ({f.get('size', 0):,} bytes, {p.get('format')}{delimiter},"
+            f" {p.get('encoding')}), sha256 {str(p.get('sha256'))[:12]}"
+        )
+        if p.get("aliases"):
+            matched = ", ".join(f"{h!r} -> {field}" for field, h in p["aliases"].items())
+            lines.append(f"  aliases: {matched}")
+        if p.get("ignored"):
+            lines.append(f"  ignored columns: {', '.join(p['ignored'])}")
+        if p.get("duplicate_of"):
+            lines.append(f"  the same file as run {p['duplicate_of']}")
     if run.deleted_rows:
         lines.append(f"  full refresh: {run.deleted_rows:,} rows absent from the import removed")
     if run.source_location:

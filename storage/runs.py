@@ -23,7 +23,8 @@ RUN_COLUMNS = (
     " unchanged_rows, skipped_rows, failed_rows, progress_percent::float8 AS progress_percent,"
     " queued_at, started_at, completed_at, error, parent_run_id, requested_by, file_id, file_name,"
     " total_batches, applied_batches, options, items_discovered, items_completed, items_failed,"
-    " source_location, rate_limit_hits, rate_limit_sleeps, total_sleep_seconds, deleted_rows"
+    " source_location, rate_limit_hits, rate_limit_sleeps, total_sleep_seconds, deleted_rows,"
+    " provenance"
 )
 
 
@@ -232,6 +233,27 @@ class RunRepository:
             ref.name,
             location,
         )
+
+    async def save_provenance(self, run_id: uuid.UUID, provenance: dict[str, Any]) -> None:
+        await self.pool.execute(
+            "UPDATE sluice.runs SET provenance = $2::jsonb WHERE id = $1", run_id, provenance
+        )
+
+    async def same_file_run(
+        self, importer: str, sha256: str, run_id: uuid.UUID
+    ) -> uuid.UUID | None:
+        """The last completed run of ``importer`` that read a file with this sha256, when it is
+        the importer's last completed run."""
+        found: uuid.UUID | None = await self.pool.fetchval(
+            "SELECT id FROM (SELECT id, provenance->>'sha256' AS sha FROM sluice.runs"
+            " WHERE importer = $1 AND id <> $3 AND NOT dry_run"
+            " AND status IN ('completed', 'completed_with_errors')"
+            " ORDER BY completed_at DESC LIMIT 1) last WHERE sha = $2",
+            importer,
+            sha256,
+            run_id,
+        )
+        return found
 
     async def save_plan(
         self, run_id: uuid.UUID, plan: dict[str, Any], mapping: dict[str, str]

@@ -5,6 +5,7 @@ Each test gets its own importer and table, so tests do not depend on each other'
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from schemas.runs import DuplicatePolicy
@@ -223,3 +224,5 @@ def refreshing(slug: str, **options: object) -> Importer:
 fresh_plain = refreshing("t_fresh")
 fresh_scoped = refreshing("t_fresh_scoped", refresh_scope=("supplier",))
 fresh_soft = refreshing("t_fresh_soft", fresh=True, soft_delete_column="deleted_at")
+skip_dup = dataclasses.replace(items("t_skipdup"), skip_duplicate_files=True)
+provenance = items("t_prov")

@@ -172,6 +172,9 @@ class Importer:
     # contained: one supplier's file refreshes that supplier); ``soft_delete_column`` marks
     # them (a timestamptz set to now()) instead; nothing is deleted when the run rejected more
     # than ``refresh_max_failed`` rows.
+    # A file with the sha256 of the importer's last completed run is reported as a duplicate
+    # (provenance.duplicate_of) and, with this, skipped: the run completes with no rows.
+    skip_duplicate_files: bool = False
     fresh: bool = False
     refresh_scope: tuple[str, ...] = ()
     soft_delete_column: str | None = None
