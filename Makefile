@@ -3,8 +3,9 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+CHAOS_ROUNDS ?= 5
 
-.PHONY: setup demo test check lint typecheck bench bench-firehose clean schemas browser
+.PHONY: setup demo test check lint typecheck bench bench-firehose chaos reliability clean schemas browser
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -50,6 +51,13 @@ bench: $(STAMP)
 
 bench-firehose: $(STAMP)
 	$(BIN)/python bench/firehose.py
+
+# Fault injection (tests/chaos): CHAOS_ROUNDS rounds of every fault; CHAOS_SEED repeats a run.
+chaos: $(STAMP)
+	CHAOS_ROUNDS=$(CHAOS_ROUNDS) $(BIN)/pytest -q -m chaos tests/chaos
+
+reliability: $(STAMP)
+	$(BIN)/python bench/reliability.py
 
 clean:
 	rm -rf $(VENV) .sluice .pytest_cache .mypy_cache .ruff_cache
