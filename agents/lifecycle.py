@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import orjson
 
@@ -17,7 +18,8 @@ from sluice.runtime import Runtime
 log = logging.getLogger(__name__)
 
 RELAY_LOCK = 0x511CF
-Send = Callable[[str, str | None, bytes], Awaitable[None]]
+Send = Callable[[str, str | None, bytes], Awaitable[Awaitable[Any] | None]]
+"""Sends one event; may return the delivery's future, awaited before the event is marked."""
 Flush = Callable[[], Awaitable[None]]
 
 
@@ -34,9 +36,15 @@ async def relay_outbox(rt: Runtime, send: Send, flush: Flush, limit: int = 500) 
         )
         if not rows:
             return 0
-        for row in rows:
-            await send(row["topic"], row["key"], orjson.dumps(row["payload"]))
+        deliveries = [
+            await send(row["topic"], row["key"], orjson.dumps(row["payload"])) for row in rows
+        ]
         await flush()
+        # A flush does not raise for a message the broker refused: its future does. Marking
+        # only what was delivered keeps the rest for the next relay.
+        for delivery in deliveries:
+            if delivery is not None:
+                await delivery
         await conn.execute(
             "UPDATE sluice.events SET relayed_at = now() WHERE id = ANY($1::bigint[])",
             [r["id"] for r in rows],

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from sluice.errors import TerminalError
+from storage.db import is_connection_error
 
 log = logging.getLogger(__name__)
 
@@ -23,16 +24,27 @@ async def retrying(
     *,
     delay: float = 0.5,
     max_delay: float = 10.0,
+    outage: float = 120.0,
 ) -> T:
     """``work()``, tried up to ``attempts`` times while it raises anything but a TerminalError;
-    the last exception propagates."""
-    for attempt in range(1, attempts + 1):
+    the last exception propagates. While the database cannot be reached, tries do not count,
+    for up to ``outage`` seconds: a restart of PostgreSQL is waited out, not failed."""
+    attempt = 0
+    waited = 0.0
+    while True:
         try:
             return await work()
         except (asyncio.CancelledError, TerminalError):
             raise
         except Exception as exc:
-            if attempt == attempts:
+            if is_connection_error(exc) and waited < outage:
+                pause = min(delay, max_delay, 2.0)
+                log.warning("%s: the database is unreachable (%s); waiting", what, exc)
+                await asyncio.sleep(pause)
+                waited += pause
+                continue
+            attempt += 1
+            if attempt >= attempts:
                 raise
             log.warning(
                 "%s: attempt %d failed (%s: %s); retrying in %.1fs",
@@ -44,4 +56,3 @@ async def retrying(
             )
             await asyncio.sleep(delay)
             delay = min(delay * 2, max_delay)
-    raise AssertionError("unreachable")

@@ -14,11 +14,14 @@ from collections.abc import Awaitable, Callable
 from schemas.events import PoisonBatch, RowBatch
 from schemas.runs import RunStatus
 from sluice.runtime import Runtime
+from storage.db import is_connection_error
 from storage.writer import TargetPlan
 
 log = logging.getLogger(__name__)
 
 DeadLetterFn = Callable[[str], Awaitable[None]]
+OUTAGE_SECONDS = 120.0
+"""How long a batch waits for an unreachable database before its tries count again."""
 
 
 class PlanCache:
@@ -54,7 +57,9 @@ async def upsert_batch(
         return "dead"
     attempts = rt.settings.pipeline.apply_attempts
     delay = 0.2
-    for attempt in range(1, attempts + 1):
+    attempt = 0
+    waited = 0.0
+    while True:
         try:
             status, plan, dry_run = await plans.get(rt, batch.run_id)
             if plan is None:
@@ -69,7 +74,19 @@ async def upsert_batch(
             await _give_up(rt, batch, dead_letter, f"{exc}", retried=False)
             return "dead"
         except Exception as exc:
-            if attempt == attempts:
+            if is_connection_error(exc) and waited < OUTAGE_SECONDS:
+                # PostgreSQL restarting is waited out; it does not use up the batch's tries.
+                log.warning(
+                    "batch %s/%d: the database is unreachable (%s); waiting",
+                    batch.run_id,
+                    batch.seq,
+                    exc,
+                )
+                await asyncio.sleep(1.0)
+                waited += 1.0
+                continue
+            attempt += 1
+            if attempt >= attempts:
                 log.exception(
                     "batch %s/%d failed %d times; sending it to the dead-letter topic",
                     batch.run_id,
@@ -89,7 +106,6 @@ async def upsert_batch(
             )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
-    return "dead"
 
 
 async def _give_up(

@@ -299,13 +299,18 @@ def create_app(rt: Runtime, *, app_id: str = "sluice", hooks: HookSet | None = N
 
     @app.timer(rt.settings.pipeline.relay_interval)  # type: ignore[untyped-decorator]
     async def relay() -> None:
-        async def send(topic_name: str, key: str | None, value: bytes) -> None:
-            await out_topics[topic_name].send(key=key.encode() if key else None, value=value)
+        async def send(topic_name: str, key: str | None, value: bytes) -> Any:
+            return await out_topics[topic_name].send(key=key.encode() if key else None, value=value)
 
         try:
             await relay_outbox(rt, send, flush)
         except Exception:
             log.exception("outbox relay failed; will retry")
+            # A broker that restarted lost its topics: the next relay needs them back.
+            try:
+                await ensure_topics(kafka.bootstrap, kafka.partitions, kafka.replication)
+            except Exception:
+                log.warning("could not check the topics; will retry")
 
     webhooks = WebhookDispatcher(rt, hooks or HookSet())
 

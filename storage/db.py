@@ -12,6 +12,20 @@ log = logging.getLogger(__name__)
 
 MIGRATIONS_LOCK = 0x511CE  # advisory lock id: one migrator at a time across processes
 
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    ConnectionError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
+)
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """The database could not be reached (down, restarting): wait for it rather than count the
+    failure against the work."""
+    return isinstance(exc, CONNECTION_ERRORS)
+
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
     for typ in ("json", "jsonb"):
