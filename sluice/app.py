@@ -18,7 +18,13 @@ from agents.retry import retrying
 from agents.split import split_file
 from agents.upsert import PlanCache, upsert_batch
 from agents.webhooks import HookSet, WebhookDispatcher
-from schemas.events import DeadLetter, ImportRequested, ItemPage, TriggerRequested
+from schemas.events import (
+    DeadLetter,
+    ImportRequested,
+    ItemPage,
+    LifecycleEvent,
+    TriggerRequested,
+)
 from schemas.firehose import BackfillRequested
 from schemas.runs import Run
 from sluice.client import PULL_KINDS
@@ -316,12 +322,19 @@ def create_app(rt: Runtime, *, app_id: str = "sluice", hooks: HookSet | None = N
 
     @app.agent(out_topics[topics.LIFECYCLE], name="webhooks")
     async def webhooks_agent(stream: Any) -> None:
+        """Reactions to lifecycle events: webhooks, and moving pulled files after import."""
         async for event in stream.events():
-            await webhooks.on_event(event.value)
             try:
-                await after_import(rt, event.value)
-            except Exception:
-                log.exception("after-import action failed")
+                LifecycleEvent.model_validate_json(event.value or b"")
+            except ValidationError as exc:
+                await dead_letter(event, f"not a lifecycle event: {exc.errors()[:3]}")
+                continue
+            for react in (webhooks.on_event, partial(after_import, rt)):
+                try:
+                    await react(event.value)
+                except Exception:
+                    # The delivery log and the next event go on; a webhook retried later.
+                    log.exception("reacting to a lifecycle event failed")
 
     @app.timer(rt.settings.webhooks.retry_interval)  # type: ignore[untyped-decorator]
     async def retry_webhooks() -> None:

@@ -137,3 +137,44 @@ async def test_dead_letters_are_listed_and_replayed_once(
     again = sluice("dlq", "--topic", REQUESTS, "--replay", env=stack.env)
     assert "replayed 0 letters" in again.stderr, again.stderr
     assert "replayed before" in again.stderr
+
+
+async def test_poison_on_every_topic_is_dead_lettered_and_the_agents_go_on(
+    client: Client, stack: Stack, tmp_path
+) -> None:
+    import asyncio
+
+    from aiokafka import AIOKafkaConsumer
+
+    from streams.topics import BACKFILL, BATCHES, FIREHOSE, ITEMS, LIFECYCLE, TRIGGERS
+
+    topics = [REQUESTS, BATCHES, TRIGGERS, ITEMS, FIREHOSE, BACKFILL, LIFECYCLE]
+    marker = uuid.uuid4().hex
+    producer = AIOKafkaProducer(bootstrap_servers=stack.broker.bootstrap)
+    await producer.start()
+    try:
+        for topic in topics:
+            await producer.send_and_wait(topic, f"poison {marker}".encode(), key=b"k:1")
+    finally:
+        await producer.stop()
+    consumer = AIOKafkaConsumer(
+        DEADLETTER, bootstrap_servers=stack.broker.bootstrap, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    try:
+        seen: dict[str, str] = {}
+        deadline = asyncio.get_running_loop().time() + 60
+        while set(seen) != set(topics):
+            assert asyncio.get_running_loop().time() < deadline, f"dead-lettered: {seen}"
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                for r in records:
+                    letter = orjson.loads(r.value)
+                    if marker in letter["payload"]:
+                        seen[letter["topic"]] = letter["reason"]
+    finally:
+        await consumer.stop()
+    assert all(reason for reason in seen.values())
+    path = tmp_path / "after.csv"
+    path.write_bytes(CSV)
+    done = await finish(client, await client.submit_file("t_exact", path, dry_run=True), stack)
+    assert done.status is RunStatus.COMPLETED  # every agent still works
