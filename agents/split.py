@@ -205,7 +205,12 @@ async def describe_source(
         "encoding": parsed.sniffed.encoding,
         "header": parsed.header,
         "columns": columns,
-        "aliases": {f: n for n, f in columns.items() if normalize_header(n) != normalize_header(f)},
+        # Unpivoted columns map to "value[period]": they are listed in columns, not as aliases.
+        "aliases": {
+            f: n
+            for n, f in columns.items()
+            if "[" not in f and normalize_header(n) != normalize_header(f)
+        },
         "ignored": [h for h in (parsed.header or []) if h not in columns],
         "duplicate_of": str(duplicate) if duplicate else None,
     }
