@@ -20,12 +20,13 @@ from enum import StrEnum
 from typing import Annotated, Any
 
 import orjson
-from fastapi import Body, Depends, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import Body, Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from schemas.firehose import DID_PATTERN, BackfillState, BackfillStatus
 from schemas.runs import Run, RunStatus
@@ -44,6 +45,7 @@ from sluice.errors import (
 )
 from sluice.formats import FileFormatError
 from sluice.metrics import render_metrics
+from sluice.ratelimit_http import RateLimitMiddleware, TokenBuckets
 from sluice.schedule import ScheduleInfo
 from sluice.sources.base import SourceError
 from sluice.web import SESSION_COOKIE, create_web_router
@@ -142,8 +144,94 @@ def error(status: int, code: str, message: str) -> JSONResponse:
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 413, 415, 422, 503)
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 413, 415, 422, 429, 503)
 }
+
+# Not rate limited: load balancers and scrapers call these often, and they cost nothing.
+UNLIMITED_PATHS = ("/healthz", "/readyz", "/metrics")
+# Room for the multipart framing around the file, on top of SLUICE_API_MAX_UPLOAD_BYTES.
+MULTIPART_FRAMING = 65536
+# Declared types of files that are surely not delimited text or JSON: refused with 415 before
+# they are stored. Anything else (text/*, JSON, gzip, octet-stream, none) is judged by its bytes.
+_BINARY_TYPES = ("image/", "audio/", "video/", "font/", "model/")
+_BINARY_SUBTYPES = frozenset(
+    {
+        "application/pdf",
+        "application/zip",
+        "application/x-zip-compressed",
+        "application/x-7z-compressed",
+        "application/x-rar-compressed",
+        "application/vnd.rar",
+        "application/x-tar",
+        "application/x-bzip2",
+        "application/x-xz",
+        "application/zstd",
+        "application/x-msdownload",
+        "application/x-executable",
+        "application/x-sharedlib",
+        "application/java-archive",
+        "application/msword",
+        "application/wasm",
+    }
+)
+_MAX_NAME_CHARS = 255
+
+
+def safe_filename(name: str | None) -> str:
+    """The name an upload is stored under: its last path component (``../../etc/passwd`` is
+    ``passwd``, ``a\\b.csv`` is ``b.csv``) without control characters, at most 255 characters.
+    The name is only ever a label: no file is created with it."""
+    base = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
+    base = "".join(c for c in base if c.isprintable()).strip()
+    if base in ("", ".", ".."):
+        return "upload"
+    return base[:_MAX_NAME_CHARS]
+
+
+def unsupported_type(content_type: str | None) -> bool:
+    kind = (content_type or "").split(";", 1)[0].strip().lower()
+    if kind.startswith(_BINARY_TYPES) or kind in _BINARY_SUBTYPES:
+        return True
+    # Spreadsheets and office documents (xlsx, docx, odt, ...), but not the .csv that Windows
+    # labels application/vnd.ms-excel.
+    return kind.startswith(("application/vnd.openxmlformats", "application/vnd.oasis"))
+
+
+def _is_upload(method: str, path: str) -> bool:
+    return method == "POST" and path.startswith("/api/v1/imports/") and path.endswith("/upload")
+
+
+class UploadBodyLimit:
+    """Counts the bytes of an upload's body as they arrive, and stops a body without a
+    Content-Length (chunked) at the size limit, before more of it is spooled to disk."""
+
+    def __init__(self, app: ASGIApp, *, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not _is_upload(scope["method"], scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        received = 0
+        limit = self.limit
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit + MULTIPART_FRAMING:
+                    # FastAPI passes its HTTPException raised while the body is parsed on
+                    # to the exception handlers (any other error becomes a 400).
+                    raise HTTPException(
+                        413,
+                        f"the upload is over the limit of {limit} bytes "
+                        "(SLUICE_API_MAX_UPLOAD_BYTES): split the file or raise the limit",
+                    )
+            return message
+
+        await self.app(scope, counted, send)
 
 
 def _page(page: int, limit: int, total: int) -> Pagination:
@@ -200,16 +288,15 @@ def create_api(settings: Settings) -> FastAPI:
         responses=ERRORS,
     )
 
+    # Added before the middleware below, so it sits inside it: the route reads the body through
+    # it directly, and its 413 reaches the exception handlers unwrapped.
+    app.add_middleware(UploadBodyLimit, limit=settings.api.max_upload_bytes)
+
     @app.middleware("http")
     async def uploads_are_multipart(request: Request, call_next: Any) -> Response:
         # Checked before the body is parsed, so a JSON or raw body gets 415, not a 422 about
         # a missing field.
-        path = request.url.path
-        if (
-            request.method == "POST"
-            and path.startswith("/api/v1/imports/")
-            and path.endswith("/upload")
-        ):
+        if _is_upload(request.method, request.url.path):
             kind = request.headers.get("content-type", "")
             if not kind.startswith("multipart/form-data"):
                 return error(
@@ -219,7 +306,7 @@ def create_api(settings: Settings) -> FastAPI:
                 )
             declared = request.headers.get("content-length", "")
             limit = settings.api.max_upload_bytes
-            if declared.isdigit() and int(declared) > limit + 65536:  # + multipart framing
+            if declared.isdigit() and int(declared) > limit + MULTIPART_FRAMING:
                 return error(
                     413,
                     "too_large",
@@ -269,7 +356,7 @@ def create_api(settings: Settings) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed"}
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
         return error(exc.status_code, codes.get(exc.status_code, "error"), str(exc.detail))
 
     # ------------------------------------------------------------------ health and metrics
@@ -327,6 +414,14 @@ def create_api(settings: Settings) -> FastAPI:
         wait: Annotated[bool, Query(description="answer when the run finishes")] = False,
     ) -> Response:
         """Upload a file and start its import. The body is streamed to the file store."""
+        if unsupported_type(file.content_type):
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                f"the file is declared as {file.content_type!r}, which is not a format Sluice "
+                "imports: upload delimited text (CSV, TSV, ...), JSON Lines or a JSON array, "
+                "plain or gzip-compressed",
+            )
 
         async def chunks() -> AsyncIterator[bytes]:
             while data := await file.read(1 << 20):
@@ -335,7 +430,7 @@ def create_api(settings: Settings) -> FastAPI:
         run = await client.submit_stream(
             slug,
             chunks(),
-            name=(file.filename or "upload").replace("/", "_").replace("\\", "_"),
+            name=safe_filename(file.filename),
             dry_run=dry_run,
             content_type=file.content_type,
             max_bytes=settings.api.max_upload_bytes,
@@ -554,6 +649,16 @@ def create_api(settings: Settings) -> FastAPI:
         )
 
     app.include_router(create_web_router(settings, client, tokens, api_auth=auth))
+    if settings.api.rate_limit > 0:
+        # Added last, so it runs first: a flood is turned away before any other work.
+        app.add_middleware(
+            RateLimitMiddleware,
+            buckets=TokenBuckets(settings.api.rate_limit, settings.api.rate_burst),
+            tokens=tokens,
+            exempt=UNLIMITED_PATHS,
+            cookie=SESSION_COOKIE,
+            hint=" (SLUICE_API_RATE_LIMIT, SLUICE_API_RATE_BURST)",
+        )
     return app
 
 

@@ -51,6 +51,14 @@ class ApiSettings(BaseSettings):
     public_health: bool = Field(default=True, description="/healthz and /readyz without a token")
     public_metrics: bool = Field(default=False, description="/metrics without a token")
     wait_timeout: float = Field(default=60.0, gt=0, description="longest ?wait=true, in seconds")
+    rate_limit: float = Field(
+        default=50.0,
+        ge=0,
+        description="requests per second per API token (per address without one); 0: no limit",
+    )
+    rate_burst: int = Field(
+        default=100, ge=1, description="requests a client may send at once, above the rate"
+    )
 
     def all_tokens(self) -> list[str]:
         raw = [self.token.get_secret_value(), *self.tokens.get_secret_value().split(",")]

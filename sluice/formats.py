@@ -2,6 +2,7 @@
 
 Memory stays flat whatever the size of the file: the file is read in chunks, and one record
 (a line, a CSV record, a JSON array element) may not exceed ``FormatOptions.max_record_bytes``.
+Compressed files are held to ``max_decompressed_bytes`` and ``max_compression_ratio`` (bombs).
 A problem with one record is reported as a :class:`RowProblem` and the file goes on; a problem
 with the file as a whole raises :class:`FileFormatError`.
 """
@@ -32,6 +33,7 @@ __all__ = [
     "RowProblem",
     "Sniffed",
     "UndecodableFile",
+    "check_decompression",
     "open_decompressed",
     "parse_file",
 ]
@@ -48,6 +50,8 @@ _TEXT_CHUNK_CHARS = 64 * 1024  # measured best for csv over a TextIOWrapper
 _JSON_CHUNK_BYTES = 256 * 1024
 _RAW_TEXT_CHARS = 1000
 _UTF8_FAMILY = ("utf-8", "utf-8-sig")
+# A compression ratio is judged only past this much content: small files may compress very well.
+_RATIO_FLOOR = 128 * 2**20
 _FIX_ENCODING = (
     "Re-save the file as UTF-8 (in Excel: 'CSV UTF-8 (Comma delimited)') and upload it again."
 )
@@ -81,6 +85,9 @@ class FormatOptions:
     compression: Literal["auto", "gzip", "none"] = "auto"
     max_record_bytes: int = 16 * 2**20
     max_decompressed_bytes: int = 20 * 2**30
+    # Deflate cannot do better than about 1030:1 (long runs of one byte); real delimited text and
+    # JSON stay far below 100:1. A higher ratio past the first 128 MiB is a compression bomb.
+    max_compression_ratio: int = 500
 
     def __post_init__(self) -> None:
         if self.format not in ("auto", "csv", "jsonl", "json"):
@@ -100,6 +107,8 @@ class FormatOptions:
             _normalize_encoding(self.encoding)
         if self.max_record_bytes < 1 or self.max_decompressed_bytes < 1:
             raise ValueError("max_record_bytes and max_decompressed_bytes must be positive")
+        if self.max_compression_ratio < 1:
+            raise ValueError("max_compression_ratio must be positive")
 
 
 @dataclass(frozen=True)
@@ -141,8 +150,33 @@ def _normalize_encoding(name: str) -> str:
 def _human(size: int) -> str:
     for unit, factor in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if size >= factor:
-            return f"{size / factor:g} {unit}"
+            return f"{size / factor:.4g} {unit}"
     return f"{size} bytes"
+
+
+def check_decompression(
+    decompressed: int,
+    compressed: int,
+    *,
+    max_decompressed_bytes: int = FormatOptions.max_decompressed_bytes,
+    max_compression_ratio: int = FormatOptions.max_compression_ratio,
+) -> None:
+    """Raise :class:`FileFormatError` when `decompressed` bytes of content, read from the first
+    `compressed` bytes of a compressed file, pass the size limit or look like a compression bomb.
+    """
+    if decompressed > max_decompressed_bytes:
+        raise FileFormatError(
+            f"the file decompresses to more than {_human(max_decompressed_bytes)} "
+            f"(the decompression limit, max_decompressed_bytes): it is either far larger than "
+            f"expected or a compression bomb. Split it into smaller files, or raise the limit"
+        )
+    if decompressed > _RATIO_FLOOR and decompressed > max_compression_ratio * max(compressed, 1):
+        raise FileFormatError(
+            f"the file is a compression bomb or close to one: {_human(compressed)} of gzip data "
+            f"decompressed to more than {_human(decompressed)}, over the decompression limit of "
+            f"{max_compression_ratio}:1 (max_compression_ratio). Upload it uncompressed, or "
+            f"raise the limit if the data really is that repetitive"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,9 +187,12 @@ class EncodingSniffer:
     """Decides the encoding of a whole file from its decompressed bytes, fed chunk by chunk.
 
     The answer is ``"utf-8-sig"`` (UTF-8 with a byte-order mark), ``"utf-8"``, or ``"cp1252"``
-    only when the bytes prove it: they are not UTF-8, decode as Windows-1252 and contain no
-    control byte other than tab, CR and LF. Anything else raises :class:`UndecodableFile`. A NUL
-    byte is refused in UTF-8 too: it means UTF-16 or binary data, and PostgreSQL cannot store it.
+    only when the bytes prove it: they are not UTF-8, decode as Windows-1252, contain no
+    control byte other than tab, CR and LF, and hold no multi-byte UTF-8 character before the
+    first invalid byte (that is UTF-8 text, damaged or mixing encodings: read as Windows-1252,
+    its accented letters would turn into mojibake). Anything else raises
+    :class:`UndecodableFile`. A NUL byte is refused in UTF-8 too: it means UTF-16 or binary
+    data, and PostgreSQL cannot store it.
     """
 
     def __init__(self) -> None:
@@ -163,6 +200,9 @@ class EncodingSniffer:
         self._size = 0
         self._start = b""
         self._utf8_error: tuple[int, int] | None = None
+        # A multi-byte UTF-8 character decoded before the first error: the file is UTF-8 that is
+        # damaged or mixes encodings, not Windows-1252 text (which hardly ever forms one).
+        self._utf8_seen: str | None = None
         self._cp1252_error: tuple[int, int] | None = None
         self._nul_at: int | None = None
         self._answer: str | None = None
@@ -175,11 +215,19 @@ class EncodingSniffer:
             self._start += chunk[: len(_BOM) - len(self._start)]
         if self._utf8_error is None:
             try:
-                # The decoded text is thrown away: only validity matters, and the incremental
-                # decoder carries a character split between two chunks over to the next one.
-                self._decoder.decode(chunk)
+                # Only validity matters, and whether a non-ASCII character came before the first
+                # error (isascii() is O(1) on str). The incremental decoder carries a character
+                # split between two chunks over to the next one.
+                text = self._decoder.decode(chunk)
+                if self._utf8_seen is None and not text.isascii():
+                    self._utf8_seen = _first_non_ascii(text)
             except UnicodeDecodeError as exc:
                 self._utf8_error = self._locate(exc, self._size + len(chunk))
+                if self._utf8_seen is None:
+                    before = exc.object[: exc.start]
+                    if not before.isascii():
+                        # Valid UTF-8 up to exc.start, minus a character cut at the front.
+                        self._utf8_seen = _first_non_ascii(before.decode("utf-8", "ignore"))
         if self._cp1252_error is None:
             match = _NOT_CP1252.search(chunk)
             if match is not None:
@@ -217,6 +265,13 @@ class EncodingSniffer:
                 )
             return "utf-8-sig" if has_bom else "utf-8"
         offset, byte = self._utf8_error
+        if self._utf8_seen is not None:
+            raise UndecodableFile(
+                f"the file is UTF-8 text (it holds {self._utf8_seen!r} encoded as UTF-8) but byte "
+                f"0x{byte:02X} at byte offset {offset} is not valid UTF-8: the file is damaged or "
+                f"mixes encodings, and reading it as Windows-1252 would garble every accented "
+                f"character. {_FIX_ENCODING}"
+            )
         if has_bom:
             raise UndecodableFile(
                 f"the file starts with a UTF-8 byte-order mark but byte 0x{byte:02X} at byte "
@@ -232,6 +287,10 @@ class EncodingSniffer:
             f"rules out Windows-1252. It may be a binary file (a spreadsheet, PDF or image) or "
             f"use another encoding. {_FIX_ENCODING}"
         )
+
+
+def _first_non_ascii(text: str) -> str:
+    return next((c for c in text if not c.isascii()), "")
 
 
 def _decode_error(exc: UnicodeDecodeError, end: int, encoding: str) -> UndecodableFile:
@@ -292,6 +351,7 @@ class _Source(io.RawIOBase):
         raw: IO[bytes],
         compression: Literal["auto", "gzip", "none"],
         max_decompressed_bytes: int,
+        max_compression_ratio: int = FormatOptions.max_compression_ratio,
     ) -> None:
         super().__init__()
         self._counter = _CountingReader(raw)
@@ -310,6 +370,7 @@ class _Source(io.RawIOBase):
             else self._counter
         )
         self._max_total = max_decompressed_bytes
+        self._max_ratio = max_compression_ratio
         self._total = 0  # decompressed bytes read from _inner
         self._pending = b""  # read ahead, to be delivered again
         self.position = 0  # decompressed bytes delivered to the consumer
@@ -376,11 +437,12 @@ class _Source(io.RawIOBase):
             self._eof = True
             return data
         self._total += len(data)
-        if self._total > self._max_total:
-            raise FileFormatError(
-                f"the file decompresses to more than {_human(self._max_total)}: it is either "
-                f"far larger than expected or a compression bomb. Split it into smaller files, "
-                f"or raise max_decompressed_bytes"
+        if self.compression == "gzip" or self._total > self._max_total:
+            check_decompression(
+                self._total,
+                self._counter.count,
+                max_decompressed_bytes=self._max_total,
+                max_compression_ratio=self._max_ratio,
             )
         # Line breaks are LF, CRLF or a lone CR. Each search for CR stops at the nearest LF, so
         # a chunk is scanned about once, not four times.
@@ -431,13 +493,16 @@ def open_decompressed(
     compression: Literal["auto", "gzip", "none"] = "auto",
     *,
     max_decompressed_bytes: int = FormatOptions.max_decompressed_bytes,
+    max_compression_ratio: int = FormatOptions.max_compression_ratio,
 ) -> BinaryIO:
     """The decompressed content of `raw`, read lazily.
 
     With ``"auto"``, gzip is recognized by its signature (1f 8b). Reading past
-    `max_decompressed_bytes` raises :class:`FileFormatError`, and so does damaged gzip data.
+    `max_decompressed_bytes`, or at a compression ratio over `max_compression_ratio`, raises
+    :class:`FileFormatError`, and so does damaged gzip data.
     """
-    return io.BufferedReader(_Source(raw, compression, max_decompressed_bytes), _READ_BYTES)
+    source = _Source(raw, compression, max_decompressed_bytes, max_compression_ratio)
+    return io.BufferedReader(source, _READ_BYTES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,14 +556,18 @@ def parse_file(
     elif raw.seekable():
         start = raw.tell()
         sniffer = EncodingSniffer()
-        sniff_source = _Source(raw, options.compression, options.max_decompressed_bytes)
+        sniff_source = _Source(
+            raw, options.compression, options.max_decompressed_bytes, options.max_compression_ratio
+        )
         for chunk in iter(lambda: sniff_source.read(_READ_BYTES), b""):
             sniffer.feed(chunk)
         sniff_source.close()
         chosen = sniffer.result()
         raw.seek(start)
 
-    source = _Source(raw, options.compression, options.max_decompressed_bytes)
+    source = _Source(
+        raw, options.compression, options.max_decompressed_bytes, options.max_compression_ratio
+    )
     head, at_end = source.peek_head(_HEAD_BYTES)
     content = head.removeprefix(_BOM).lstrip(_SPACE_BYTES)
     while not content and not at_end:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import operator
 import re
 from collections.abc import Iterable
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
+from pydantic import Field as Constraint
 from pydantic import TypeAdapter, ValidationError
 from typing_extensions import TypedDict
 
@@ -21,6 +22,62 @@ from storage.runs import RowFailure
 from storage.writer import ROW, SUB
 
 Record = dict[str, Any]
+
+_MAX_CACHED_KEYS = 10_000
+# What a batch message can carry: an int past 64 bits cannot be encoded (it would fail the whole
+# split), and an infinite or NaN float would turn into null on the way. Such a value rejects its
+# row here. (An int past a 32-bit integer column's range is PostgreSQL's to reject.)
+_INT64 = Constraint(ge=-(2**63), le=2**63 - 1)
+_LIMITS: dict[str, Any] = {
+    "integer": _INT64,
+    "bigint": _INT64,
+    "double": Constraint(allow_inf_nan=False),
+}
+
+
+def _annotation(field: Field) -> Any:
+    limit = _LIMITS.get(field.type) if field.annotation is None else None
+    return Annotated[field.python_type, limit] if limit is not None else field.python_type
+
+
+class _TransformFailed(Exception):
+    """A user transform raised or returned something other than a dict."""
+
+
+def _has_nul(value: Any) -> bool:
+    """True when a NUL character is anywhere in the value: PostgreSQL text and JSON refuse it."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+def _storable(value: Any) -> Any:
+    """The value with each NUL character written as the six characters ``\\u0000``, so the
+    row log (jsonb) can keep a rejected row."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\\u0000")
+    if isinstance(value, dict):
+        return {_storable(k): _storable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_storable(v) for v in value]
+    return value
+
+
+def _may_hold_nul(values: list[str] | dict[str, Any]) -> bool:
+    if isinstance(values, dict):
+        return True
+    try:  # one C-level scan for the usual row of strings
+        return "\x00" in "".join(values)
+    except TypeError:
+        return _has_nul(values)
+
+
+def _nul_fields(record: Record) -> list[str]:
+    return [name for name, value in record.items() if _has_nul(value)]
 
 
 def _blank(value: Any) -> Any:
@@ -38,9 +95,15 @@ class RecordMapper:
         self.header = header
         self.fields = list(importer.fields)
         self.aliases: dict[str, str] = {}
+        # A header spelled exactly as a field's name or alias goes to that field first: two
+        # headers that only differ in case, spaces or '_' ("a b", "a_b") stay two columns.
+        self.exact: dict[str, str] = {}
+        for f in self.fields:
+            self.exact.setdefault(f.name, f.name)
         for f in self.fields:
             for name in (f.name, *f.aliases):
                 self.aliases.setdefault(normalize_header(name), f.name)
+                self.exact.setdefault(name, f.name)
         if importer.unpivot is not None:  # records already unpivoted (a retry) keep theirs
             for name in (importer.unpivot.index_field, importer.unpivot.value_field):
                 self.aliases.setdefault(normalize_header(name), name)
@@ -50,7 +113,7 @@ class RecordMapper:
             self._index = self._resolve_header(header)
         else:
             self._index = {}
-        self._json_keys: dict[str, str | None] = {}
+        self._json_keys: dict[str, tuple[str | None, bool]] = {}
         # Hot-path lookups, computed once: this runs for every row of every file.
         self._names = tuple(self._index)
         self._pick = operator.itemgetter(*self._index.values()) if len(self._index) > 1 else None
@@ -61,12 +124,13 @@ class RecordMapper:
         if not importer.validate_in_database:
             typed = TypedDict(  # type: ignore[misc]
                 f"{importer.slug}_record",
-                {f.name: Optional[f.python_type] for f in self._validated_fields()},  # noqa: UP045
+                {f.name: Optional[_annotation(f)] for f in self._validated_fields()},  # noqa: UP045
                 total=False,
             )
             self._adapter = TypeAdapter(list[typed])
             self._one = TypeAdapter(typed)
         self._uri = importer.key if isinstance(importer.key, UriKey) else None
+        self._transforms = bool(importer.transforms)
 
     def _validated_fields(self) -> list[Field]:
         out = list(self.fields)
@@ -78,8 +142,19 @@ class RecordMapper:
     def _resolve_header(self, header: list[str]) -> dict[str, int]:
         index: dict[str, int] = {}
         pattern = re.compile(self.importer.unpivot.columns) if self.importer.unpivot else None
+        exact: dict[int, str] = {}
+        claimed: set[str] = set()
         for i, name in enumerate(header):
-            target = self.aliases.get(normalize_header(name))
+            target = self.exact.get(name)
+            if target is not None and target not in claimed:
+                exact[i] = target
+                claimed.add(target)
+        for i, name in enumerate(header):
+            target = exact.get(i)
+            if target is None:
+                target = self.aliases.get(normalize_header(name))
+                if target in claimed:
+                    target = None
             if target is not None and target not in index:
                 index[target] = i
                 self.mapping[name] = target
@@ -109,14 +184,34 @@ class RecordMapper:
             return set(re.findall(r"{(\w+)}", key.template))
         return set(key) - ({self.importer.unpivot.index_field} if self.importer.unpivot else set())
 
+    def _json_target(self, key: str) -> tuple[str | None, bool]:
+        hit = self._json_keys.get(key)
+        if hit is None:
+            exact = self.exact.get(key)
+            if exact is not None:
+                hit = (exact, True)
+            else:
+                hit = (self.aliases.get(normalize_header(key)), False)
+            if len(self._json_keys) < _MAX_CACHED_KEYS:  # objects with endless distinct keys
+                self._json_keys[key] = hit
+        return hit
+
     def _from_json(self, obj: dict[str, Any]) -> Record:
         out: Record = {}
+        loose: set[str] | None = None  # targets filled by a look-alike key, not an exact one
         for k, v in obj.items():
-            target = self._json_keys.get(k, "")
-            if target == "":
-                target = self._json_keys[k] = self.aliases.get(normalize_header(k))
-            if target is not None and target not in out:
+            target, exact = self._json_target(k)
+            if target is None:
+                continue
+            if target not in out:
                 out[target] = _blank(v)
+                if not exact:
+                    loose = loose or set()
+                    loose.add(target)
+            elif exact and loose and target in loose:
+                # A key spelled exactly as the field wins over a look-alike seen before it.
+                out[target] = _blank(v)
+                loose.discard(target)
         return out
 
     def _expand(self, row: ParsedRow) -> list[Record]:
@@ -132,7 +227,12 @@ class RecordMapper:
         else:
             base = {name: _blank(values[i]) for name, i in self._index.items()}
         for transform in self.importer.transforms:
-            base = transform(base)
+            try:
+                base = transform(base)
+            except Exception as exc:
+                raise _TransformFailed(str(exc)) from exc
+            if not isinstance(base, dict):
+                raise _TransformFailed(f"{transform!r} returned {type(base).__name__}, not a dict")
         up = self.importer.unpivot
         if up is None or isinstance(values, dict):
             return [base]
@@ -155,12 +255,38 @@ class RecordMapper:
                 continue
             try:
                 expanded = self._expand(row)
-            except Exception as exc:  # a user transform that raised rejects its row only
+            except _TransformFailed as exc:  # a user transform that raised rejects its row only
                 failures.append(RowFailure(row.number, 0, row.values, f"transform failed: {exc}"))
                 continue
+            except Exception as exc:  # a row that does not fit the header (a caller's bug)
+                failures.append(
+                    RowFailure(row.number, 0, row.values, f"the row cannot be mapped: {exc!r}")
+                )
+                continue
+            # A NUL reaches here from JSON (\u0000), from a transform, or from a caller that
+            # did not parse the file (delimited text with a NUL is refused as a whole file).
+            suspect = self._transforms or _may_hold_nul(row.values)
             for sub, record in enumerate(expanded):
+                bad = _nul_fields(record) if suspect else None
+                if bad:
+                    failures.append(
+                        RowFailure(
+                            row.number,
+                            sub,
+                            record,
+                            f"{', '.join(bad)}: contains a NUL character (\\u0000), which "
+                            f"PostgreSQL cannot store in text or JSON; remove it from the source",
+                        )
+                    )
+                    continue
                 candidates.append((row.number, sub, record))
         records = self._validate(candidates, failures)
+        for failure in failures:
+            # The row log is jsonb: it cannot hold a NUL either.
+            if _has_nul(failure.raw):
+                failure.raw = _storable(failure.raw)
+            if "\x00" in failure.reason:
+                failure.reason = failure.reason.replace("\x00", "\\u0000")
         return records, failures
 
     def _validate(

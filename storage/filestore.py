@@ -14,7 +14,7 @@ import asyncpg
 
 from schemas.events import FileRef
 from sluice.errors import FileTooLarge
-from sluice.formats import EncodingSniffer, FileFormatError
+from sluice.formats import EncodingSniffer, FileFormatError, FormatOptions, check_decompression
 
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -37,20 +37,28 @@ class FileStore(Protocol):
 class _Inspector:
     """Hashes the stored bytes and decides compression and text encoding in the same single pass."""
 
-    def __init__(self, max_decompressed: int) -> None:
+    def __init__(self, max_decompressed: int, max_ratio: int) -> None:
         self.sha = hashlib.sha256()
         self.size = 0
         self.compression: str | None = None
         self._gunzip: zlib._Decompress | None = None
         self._sniffer = EncodingSniffer()
         self._decompressed = 0
+        self._compressed = 0  # gzip bytes consumed by the decompressor
         self._max_decompressed = max_decompressed
+        self._max_ratio = max_ratio
         self.error: str | None = None
+        self._head = b""  # the first bytes, until there are enough to tell gzip
 
     def feed(self, chunk: bytes) -> None:
         self.sha.update(chunk)
         self.size += len(chunk)
         if self.compression is None:
+            # The signature may arrive split over two chunks: decide on two bytes, not one.
+            self._head += chunk
+            if len(self._head) < len(GZIP_MAGIC):
+                return
+            chunk, self._head = self._head, b""
             self.compression = "gzip" if chunk[:2] == GZIP_MAGIC else "none"
             if self.compression == "gzip":
                 self._gunzip = zlib.decompressobj(16 + zlib.MAX_WBITS)
@@ -58,10 +66,7 @@ class _Inspector:
             return
         try:
             if self._gunzip is not None:
-                data = self._gunzip.decompress(chunk, 1 << 20)
-                while data:
-                    self._sniff(data)
-                    data = self._gunzip.decompress(self._gunzip.unconsumed_tail, 1 << 20)
+                self._gunzip_feed(chunk)
             else:
                 self._sniff(chunk)
         except (FileFormatError, zlib.error) as exc:
@@ -69,16 +74,52 @@ class _Inspector:
                 f"{exc}" if isinstance(exc, FileFormatError) else f"broken gzip data: {exc}"
             )
 
+    def _gunzip_feed(self, chunk: bytes) -> None:
+        assert self._gunzip is not None
+        pending = chunk
+        while pending:
+            # Compressed bytes are counted as they are consumed, for the ratio check.
+            self._compressed += len(pending)
+            if self._gunzip.eof:
+                # A gzip file may hold several members, one after the other (RFC 1952), with
+                # zero padding between or after them: the parser reads them all, so must the
+                # checks.
+                pending = pending.lstrip(b"\x00")
+                if not pending:
+                    return
+                self._gunzip = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            # A bounded output per call: a bomb never has more than 1 MiB unpacked in memory.
+            data = self._gunzip.decompress(pending, 1 << 20)
+            # At the end of a member the rest of the input is in unused_data (and may be in
+            # unconsumed_tail too: take it once).
+            pending = self._gunzip.unused_data if self._gunzip.eof else self._gunzip.unconsumed_tail
+            self._compressed -= len(pending)
+            if data:
+                self._sniff(data)
+
     def _sniff(self, data: bytes) -> None:
         self._decompressed += len(data)
-        if self._decompressed > self._max_decompressed:
-            raise FileFormatError(
-                f"the file decompresses to more than {self._max_decompressed} bytes; "
-                "split it or raise the decompression limit"
+        if self._gunzip is not None:
+            check_decompression(
+                self._decompressed,
+                self._compressed,
+                max_decompressed_bytes=self._max_decompressed,
+                max_compression_ratio=self._max_ratio,
+            )
+        elif self._decompressed > self._max_decompressed:
+            check_decompression(
+                self._decompressed,
+                self._decompressed,
+                max_decompressed_bytes=self._max_decompressed,
             )
         self._sniffer.feed(data)
 
     def encoding(self) -> str | None:
+        if self.compression is None:  # a file of fewer than two bytes
+            head, self._head = self._head, b""
+            self.compression = "none"
+            if head:
+                self._sniff(head)
         if self.error is not None:
             return None
         try:
@@ -92,11 +133,17 @@ class PgFileStore:
     """Files as 1 MiB ``bytea`` chunks in ``sluice.file_chunks``."""
 
     def __init__(
-        self, pool: asyncpg.Pool, *, chunk_bytes: int = 1 << 20, max_decompressed: int = 20 << 30
+        self,
+        pool: asyncpg.Pool,
+        *,
+        chunk_bytes: int = 1 << 20,
+        max_decompressed: int = FormatOptions.max_decompressed_bytes,
+        max_compression_ratio: int = FormatOptions.max_compression_ratio,
     ) -> None:
         self._pool = pool
         self._chunk_bytes = chunk_bytes
         self._max_decompressed = max_decompressed
+        self._max_ratio = max_compression_ratio
 
     async def put(
         self,
@@ -107,7 +154,7 @@ class PgFileStore:
         max_bytes: int | None = None,
     ) -> FileRef:
         file_id = uuid.uuid4()
-        inspector = _Inspector(self._max_decompressed)
+        inspector = _Inspector(self._max_decompressed, self._max_ratio)
         buf = bytearray()
         seq = 0
         async with self._pool.acquire() as conn:

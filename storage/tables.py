@@ -19,10 +19,22 @@ async def ensure_table(conn: asyncpg.Connection, plan: TargetPlan) -> None:
             continue
 
 
+# PostgreSQL names are at most 63 bytes and hold no NUL; a longer one is an error in a query,
+# not a name that simply is not there.
+_MAX_NAME_BYTES = 63
+
+
+def _possible_name(name: str) -> bool:
+    return "\x00" not in name and len(name.encode("utf-8", "surrogatepass")) <= _MAX_NAME_BYTES
+
+
 async def describe_table(
     conn: asyncpg.Connection, schema: str, table: str
 ) -> list[tuple[str, str]] | None:
-    """The table's columns with their types, or None when there is no such table."""
+    """The table's columns with their types, or None when there is no such table (and none
+    when the name cannot be a PostgreSQL name: the caller says what is wrong with it)."""
+    if not (_possible_name(schema) and _possible_name(table)):
+        return None
     records = await conn.fetch(
         "SELECT a.attname, format_type(a.atttypid, a.atttypmod) AS type"
         " FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid"
@@ -41,6 +53,8 @@ async def has_unique_key(
     conn: asyncpg.Connection, schema: str, table: str, key: Sequence[str]
 ) -> bool:
     """True when a unique index covers exactly ``key``: ON CONFLICT needs one."""
+    if not all(_possible_name(n) for n in (schema, table, *key)):
+        return False
     found = await conn.fetchval(
         "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid"
         " JOIN pg_namespace n ON n.oid = c.relnamespace"

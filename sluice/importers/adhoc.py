@@ -10,6 +10,15 @@ from sluice.importers.dsl import Field, Importer
 
 ADHOC = "adhoc"
 
+# PostgreSQL's limits: columns per table (and per column definition list: a batch is read
+# with json_to_recordset(...) AS x(row number, sub-row, columns...), two more than the table
+# has), bytes per identifier.
+PG_MAX_COLUMNS = 1600
+MAX_COLUMNS = PG_MAX_COLUMNS - 2
+MAX_IDENTIFIER_BYTES = 63
+# Names PostgreSQL keeps for the system columns of every table.
+_SYSTEM_COLUMNS = frozenset({"tableoid", "xmin", "cmin", "xmax", "cmax", "ctid", "oid"})
+
 _INT = re.compile(r"[+-]?\d{1,18}")
 _NUM = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 _BOOL = {"true", "false", "t", "f", "yes", "no"}
@@ -27,13 +36,19 @@ _CANDIDATES = (
 
 
 def normalize_identifier(name: str, position: int) -> str:
-    """A header name as a column name: lower case, ``[a-z0-9_]``, at most 63 bytes."""
+    """A header name as a column name: lower case, ``[a-z0-9_]``, at most 63 bytes.
+
+    Anything else (quotes, semicolons, spaces, other letters) becomes ``_``; a name that would be
+    empty becomes ``column_N``, and one that starts with a digit or is a system column's name
+    (``xmin``, ``ctid``, ...) gets a ``c_`` prefix. SQL keywords stay: every statement quotes
+    its identifiers.
+    """
     ident = re.sub(r"[^a-z0-9_]+", "_", name.strip().lower()).strip("_")
     if not ident:
         ident = f"column_{position + 1}"
-    if ident[0].isdigit():
+    if ident[0].isdigit() or ident in _SYSTEM_COLUMNS:
         ident = f"c_{ident}"
-    return ident[:63]
+    return ident[:MAX_IDENTIFIER_BYTES]
 
 
 def infer_type(values: Iterable[str | None]) -> str:
@@ -47,21 +62,58 @@ def infer_type(values: Iterable[str | None]) -> str:
 
 
 def infer_fields(header: Sequence[str], sample: Sequence[Sequence[str | None]]) -> list[Field]:
+    """One text-typed-or-better field per header name, each with a distinct column name.
+
+    A header that already is a clean column name keeps it; the others are normalized, and get a
+    ``_N`` suffix (N: the column's position) when that name is taken. The original header is
+    the field's alias, so each column of the file maps to its own field.
+    """
+    idents = [normalize_identifier(name, i) for i, name in enumerate(header)]
+    used = {ident for ident, name in zip(idents, header, strict=True) if ident == name}
     fields = []
-    used: set[str] = set()
     for i, name in enumerate(header):
-        ident = normalize_identifier(name, i)
-        while ident in used:
-            ident = f"{ident}_{i + 1}"[:63]
-        used.add(ident)
+        ident = idents[i]
+        if ident != name:
+            ident = _unique(ident, i, used)
+            used.add(ident)
         column = [row[i] if i < len(row) else None for row in sample]
         fields.append(Field(ident, infer_type(column), aliases=(name,)))
     return fields
 
 
+def _unique(ident: str, position: int, used: set[str]) -> str:
+    candidate, n = ident, 0
+    while candidate in used:
+        n += 1
+        suffix = f"_{position + 1}" if n == 1 else f"_{position + 1}_{n}"
+        candidate = ident[: MAX_IDENTIFIER_BYTES - len(suffix)] + suffix
+    return candidate
+
+
+def check_name(what: str, name: str) -> None:
+    """Refuse a table or schema name PostgreSQL would truncate or cannot store."""
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if not name.strip() or size > MAX_IDENTIFIER_BYTES or "\x00" in name:
+        raise MappingError(
+            f"{what} name {name!r} cannot be used: a PostgreSQL name is 1 to "
+            f"{MAX_IDENTIFIER_BYTES} bytes without NUL characters (this one is {size} bytes). "
+            f"Choose a shorter {what} name"
+        )
+
+
 def adhoc_importer(
     table: str, key: Sequence[str], fields: Sequence[Field], *, schema: str = "public"
 ) -> Importer:
+    check_name("table", table)
+    check_name("schema", schema)
+    if len(fields) > MAX_COLUMNS:
+        raise MappingError(
+            f"the file has {len(fields)} columns, but a PostgreSQL table can have at most "
+            f"{PG_MAX_COLUMNS} columns, and an import at most {MAX_COLUMNS} (two go to "
+            f"bookkeeping): import fewer columns (split the file by columns, or drop the ones "
+            f"you do not need), or create the table yourself with the columns to keep and "
+            f"import into it"
+        )
     names = {f.name for f in fields}
     by_alias = {a: f.name for f in fields for a in f.aliases}
     resolved = []

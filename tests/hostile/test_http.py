@@ -1,0 +1,282 @@
+"""Abusive HTTP clients against a real `sluice api` process (its own, with small limits) on the
+real stack: oversized and mislabelled uploads, path-like file names, missing and wrong tokens,
+compression bombs, and a request flood that the per-token rate limit answers with 429."""
+
+from __future__ import annotations
+
+import gzip
+import math
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+
+from sluice.client import Client
+from sluice.stack import free_port, wait_for_port
+from tests.conftest import ROOT, Stack
+
+pytestmark = [pytest.mark.hostile, pytest.mark.stack]
+
+LIMIT = 2**20  # SLUICE_API_MAX_UPLOAD_BYTES of this API process
+RATE, BURST = 5, 10  # SLUICE_API_RATE_LIMIT, SLUICE_API_RATE_BURST
+# One token per test, so one test's flood does not slow another down.
+FLOOD, CALM, UPLOADS = (f"hostile-{name}-{uuid.uuid4().hex}" for name in ("flood", "calm", "up"))
+GOOD = b"id,name,price,qty,day,version\n1,a,1.00,1,2024-01-01,1\n2,b,2.00,2,2024-01-02,1\n"
+
+
+@pytest.fixture(scope="module")
+def api(stack: Stack, client: Client, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    env = {
+        **stack.env,
+        "SLUICE_API_TOKEN": FLOOD,
+        "SLUICE_API_TOKENS": f"{CALM},{UPLOADS}",
+        "SLUICE_API_MAX_UPLOAD_BYTES": str(LIMIT),
+        "SLUICE_API_RATE_LIMIT": str(RATE),
+        "SLUICE_API_RATE_BURST": str(BURST),
+    }
+    log = (tmp_path_factory.mktemp("hostile-api") / "api.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sluice", "api", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for_port("127.0.0.1", port, timeout=60)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        log.close()
+
+
+def session(api: str, token: str | None) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.Client(base_url=api, headers=headers, timeout=90)
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> str:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+    assert body["error"]["code"] == code, body
+    message: str = body["error"]["message"]
+    assert message
+    return message
+
+
+async def stored(db: asyncpg.Connection) -> tuple[int, int]:
+    """Files and runs in the database: a refused request adds neither."""
+    files = await db.fetchval("SELECT count(*) FROM sluice.files")
+    runs = await db.fetchval("SELECT count(*) FROM sluice.runs")
+    return files, runs
+
+
+def upload(
+    http: httpx.Client, body: bytes, *, name: str = "rows.csv", kind: str = "text/csv"
+) -> httpx.Response:
+    return http.post(
+        "/api/v1/imports/t_api/upload",
+        files={"file": (name, body, kind)},
+        data={"dry_run": "true"},  # the shared t_api table is left alone
+        params={"wait": "true"},
+    )
+
+
+async def test_missing_and_wrong_tokens_store_nothing(api: str, db: asyncpg.Connection) -> None:
+    before = await stored(db)
+    with session(api, None) as anon:
+        missing = upload(anon, GOOD)
+        assert "missing API token" in assert_error(missing, 401, "unauthorized")
+        assert missing.headers["www-authenticate"] == "Bearer"
+    with session(api, "not-a-token") as wrong:
+        assert "wrong API token" in assert_error(upload(wrong, GOOD), 401, "unauthorized")
+        assert_error(wrong.get("/api/v1/runs"), 401, "unauthorized")
+    assert await stored(db) == before
+
+
+async def test_uploads_over_the_size_limit(api: str, db: asyncpg.Connection) -> None:
+    before = await stored(db)
+    big = b"id,name\n" + b"".join(b"%d,%s\n" % (i, b"x" * 200) for i in range(8000))
+    assert len(big) > LIMIT + 65536
+    with session(api, UPLOADS) as http:
+        # Declared with Content-Length: refused before the body is read.
+        assert "SLUICE_API_MAX_UPLOAD_BYTES" in assert_error(upload(http, big), 413, "too_large")
+
+        # Chunked, without a length: stopped while it streams in.
+        boundary = uuid.uuid4().hex
+
+        def body() -> Iterator[bytes]:
+            yield (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+                f'filename="big.csv"\r\nContent-Type: text/csv\r\n\r\n'
+            ).encode()
+            for start in range(0, len(big), 65536):
+                yield big[start : start + 65536]
+            yield f"\r\n--{boundary}--\r\n".encode()
+
+        chunked = http.post(
+            "/api/v1/imports/t_api/upload",
+            content=body(),
+            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        )
+        assert "SLUICE_API_MAX_UPLOAD_BYTES" in assert_error(chunked, 413, "too_large")
+    assert await stored(db) == before
+
+
+async def test_wrong_content_types(api: str, db: asyncpg.Connection) -> None:
+    before = await stored(db)
+    with session(api, UPLOADS) as http:
+        as_json = http.post("/api/v1/imports/t_api/upload", json={"rows": []})
+        assert "multipart/form-data" in assert_error(as_json, 415, "unsupported_media_type")
+        raw = http.post(
+            "/api/v1/imports/t_api/upload", content=GOOD, headers={"Content-Type": "text/csv"}
+        )
+        assert_error(raw, 415, "unsupported_media_type")
+        png = upload(http, b"\x89PNG\r\n\x1a\n" + bytes(100), name="cat.png", kind="image/png")
+        assert "'image/png'" in assert_error(png, 415, "unsupported_media_type")
+        xlsx = upload(
+            http,
+            b"PK\x03\x04" + bytes(100),
+            name="book.xlsx",
+            kind="application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+        )
+        assert_error(xlsx, 415, "unsupported_media_type")
+    assert await stored(db) == before
+    # A binary file declared as something harmless is judged by its bytes: the run fails with
+    # the reason, nothing is written.
+    with session(api, UPLOADS) as http:
+        disguised = upload(http, b"\x89PNG\r\n\x1a\n" + bytes(100), kind="text/csv")
+    assert disguised.status_code == 200, disguised.text
+    run = disguised.json()
+    assert run["status"] == "failed" and "not text in a supported encoding" in run["error"]
+    assert run["processed_rows"] == 0
+
+
+@pytest.mark.parametrize(
+    ("sent", "kept"),
+    [
+        ("../../{u}/etc/passwd", "passwd"),
+        ("..\\..\\{u}\\evil.csv", "evil.csv"),
+        ("a\\b-{u}.csv", "b-{u}.csv"),
+        ("/{u}/abs.csv", "abs.csv"),
+        ("..", "upload"),
+    ],
+)
+async def test_file_names_with_path_separators_are_only_labels(
+    api: str, db: asyncpg.Connection, sent: str, kept: str
+) -> None:
+    u = uuid.uuid4().hex
+    sent, kept = sent.format(u=u), kept.format(u=u)
+    with session(api, UPLOADS) as http:
+        response = upload(http, GOOD, name=sent)
+    assert response.status_code == 200, response.text
+    run = response.json()
+    assert run["status"] == "completed" and run["total_rows"] == 2, run
+    assert run["file_name"] == kept
+    name = await db.fetchval(
+        "SELECT f.name FROM sluice.files f JOIN sluice.runs r ON r.file_id = f.id WHERE r.id = $1",
+        uuid.UUID(run["id"]),
+    )
+    assert name == kept and "/" not in name and "\\" not in name
+    # Nothing was written where the name points, from the API's working directory or the
+    # temporary folder the upload was spooled in.
+    for base in (ROOT, Path(tempfile.gettempdir())):
+        target = (base / sent.replace("\\", "/").lstrip("/")).resolve()
+        assert kept == "upload" or not target.exists(), target
+    assert not list(Path(tempfile.gettempdir()).glob(f"*{u}*"))
+
+
+async def test_control_characters_in_a_file_name_are_dropped(api: str) -> None:
+    """A NUL in the name used to reach PostgreSQL (which cannot store it): a 500."""
+    boundary = uuid.uuid4().hex
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '.encode()
+        + b'filename="ni\x00ce\x01\x7f.csv"\r\nContent-Type: text/csv\r\n\r\n'
+        + GOOD
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    with session(api, UPLOADS) as http:
+        response = http.post(
+            "/api/v1/imports/t_api/upload",
+            content=body,
+            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+            params={"wait": "true"},
+        )
+    assert response.status_code in (200, 202), response.text
+    assert response.json()["file_name"] == "nice.csv"
+
+
+async def test_a_gzip_bomb_upload_fails_with_the_decompression_limit(api: str) -> None:
+    member = gzip.compress(bytes(16 * 2**20), compresslevel=9)
+    bomb = member * 64  # 1 GiB of zeros in about 1 MB
+    assert len(bomb) < LIMIT
+    with session(api, UPLOADS) as http:
+        response = upload(http, bomb, name="bomb.csv.gz", kind="application/gzip")
+    assert response.status_code == 200, response.text
+    run = response.json()
+    assert run["status"] == "failed", run
+    assert "compression bomb" in run["error"] and "decompression limit" in run["error"]
+    assert run["processed_rows"] == 0
+
+
+def test_openapi_documents_429(api: str) -> None:
+    with session(api, None) as anon:
+        document = anon.get("/api/v1/openapi.json").json()
+    upload_op = document["paths"]["/api/v1/imports/{slug}/upload"]["post"]
+    assert "429" in upload_op["responses"]
+
+
+def test_a_flood_is_rate_limited_per_token(api: str) -> None:
+    """As fast as one client can: the burst is served, then 429 with Retry-After; another token
+    is served meanwhile; health checks are never limited; after the wait, served again."""
+    with session(api, FLOOD) as flood, session(api, CALM) as calm:
+        statuses: list[int] = []
+        limited: list[httpx.Response] = []
+        started = time.monotonic()
+        for _ in range(60):
+            response = flood.get("/api/v1/runs", params={"limit": 1})
+            statuses.append(response.status_code)
+            if response.status_code == 429:
+                limited.append(response)
+        elapsed = time.monotonic() - started
+        served = statuses.count(200)
+        assert set(statuses) == {200, 429}, statuses
+        assert statuses[:BURST] == [200] * BURST, statuses
+        assert served <= BURST + math.ceil(RATE * elapsed) + 1, (served, elapsed)
+        for response in limited:
+            message = assert_error(response, 429, "rate_limited")
+            assert "SLUICE_API_RATE_LIMIT" in message
+            assert int(response.headers["retry-after"]) >= 1
+
+        # Other tokens and the health checks are unaffected.
+        assert calm.get("/api/v1/runs", params={"limit": 1}).status_code == 200
+        assert flood.get("/healthz").status_code == 200
+        assert flood.get("/readyz").status_code == 200
+
+        # After Retry-After, the flooding client is served again.
+        last = flood.get("/api/v1/runs", params={"limit": 1})
+        assert last.status_code == 429
+        time.sleep(int(last.headers["retry-after"]))
+        assert flood.get("/api/v1/runs", params={"limit": 1}).status_code == 200
+
+
+def test_requests_without_a_valid_token_are_limited_by_address(api: str) -> None:
+    """Made-up tokens do not buy fresh buckets: they all count against the client's address."""
+    with session(api, CALM) as calm:
+        statuses = []
+        for i in range(3 * BURST):
+            with session(api, f"made-up-{i}") as guess:
+                statuses.append(guess.get("/api/v1/runs").status_code)
+        assert statuses[:BURST] == [401] * BURST and statuses[-1] == 429, statuses
+        assert calm.get("/api/v1/runs", params={"limit": 1}).status_code == 200
+    time.sleep(BURST / RATE)  # leave the address's bucket full for whatever runs next
