@@ -168,7 +168,10 @@ async def test_lifecycle_events_reach_the_topic_in_order(
                 batch = await consumer.getmany(timeout_ms=500)
                 for records in batch.values():
                     for record in records:
-                        event = orjson.loads(record.value)
+                        try:
+                            event = orjson.loads(record.value)
+                        except orjson.JSONDecodeError:
+                            continue  # poison another test produced; the workers dead-letter it
                         if event["run_id"] == str(run.id):
                             assert record.key == str(run.id).encode()
                             seen.append(event)
