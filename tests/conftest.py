@@ -11,6 +11,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import asyncpg
@@ -212,6 +213,28 @@ async def finish(client: Client, run: Run, stack: Stack, timeout: float = 180) -
         f"run {run.id} still {done.status} after {timeout}s:\n{stack.logs()}"
     )
     return done
+
+
+@contextmanager
+def api_process(stack: Stack, log_path: Path, **env: str) -> Iterator[str]:
+    """A real `sluice api` process against the stack, on a free port; yields its base URL."""
+    from sluice.stack import wait_for_port
+
+    port = free_port()
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sluice", "api", "--port", str(port)],
+            cwd=ROOT,
+            env={**stack.env, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for_port("127.0.0.1", port, timeout=60)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(20)
 
 
 def unique(prefix: str) -> str:

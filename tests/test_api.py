@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,8 +14,7 @@ import orjson
 import pytest
 
 from sluice.client import Client
-from sluice.stack import free_port, wait_for_port
-from tests.conftest import ROOT, Stack
+from tests.conftest import Stack, api_process
 
 pytestmark = pytest.mark.stack
 
@@ -30,28 +27,16 @@ WITH_BAD = GOOD + b"3,c,notanumber,3,2024-01-03,1\n4,=HYPERLINK(1),4.00,x,2024-0
 
 @pytest.fixture(scope="module")
 def api(stack: Stack, client: Client, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    env = {
-        **stack.env,
-        "SLUICE_API_TOKEN": TOKEN,
-        "SLUICE_API_MAX_UPLOAD_BYTES": str(LIMIT),
-        "SLUICE_API_WAIT_TIMEOUT": "60",
-    }
-    log = (tmp_path_factory.mktemp("api") / "api.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sluice", "api", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_for_port("127.0.0.1", port, timeout=60)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(20)
-        log.close()
+    with api_process(
+        stack,
+        tmp_path_factory.mktemp("api") / "api.log",
+        SLUICE_API_TOKEN=TOKEN,
+        SLUICE_API_MAX_UPLOAD_BYTES=str(LIMIT),
+        SLUICE_API_WAIT_TIMEOUT="60",
+        # The contract test sends requests as fast as it can; tests/hostile covers the limit.
+        SLUICE_API_RATE_LIMIT="0",
+    ) as url:
+        yield url
 
 
 @pytest.fixture

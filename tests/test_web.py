@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,8 +18,7 @@ import orjson
 import pytest
 
 from sluice.client import Client
-from sluice.stack import free_port, wait_for_port
-from tests.conftest import ROOT, Stack
+from tests.conftest import ROOT, Stack, api_process
 
 pytest.importorskip("playwright", reason="playwright is not installed: `make setup` installs it")
 from playwright.sync_api import Browser, Page, ViewportSize, expect, sync_playwright
@@ -69,22 +66,10 @@ def shot(page: Page, name: str, *, full_page: bool = True) -> None:
 
 @pytest.fixture(scope="module")
 def api(stack: Stack, client: Client, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    log = (tmp_path_factory.mktemp("web") / "api.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sluice", "api", "--port", str(port)],
-        cwd=ROOT,
-        env={**stack.env, "SLUICE_API_TOKEN": TOKEN},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_for_port("127.0.0.1", port, timeout=60)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(20)
-        log.close()
+    with api_process(
+        stack, tmp_path_factory.mktemp("web") / "api.log", SLUICE_API_TOKEN=TOKEN
+    ) as url:
+        yield url
 
 
 @pytest.fixture

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import gzip
 import math
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -19,8 +17,7 @@ import httpx
 import pytest
 
 from sluice.client import Client
-from sluice.stack import free_port, wait_for_port
-from tests.conftest import ROOT, Stack
+from tests.conftest import ROOT, Stack, api_process
 
 pytestmark = [pytest.mark.hostile, pytest.mark.stack]
 
@@ -33,30 +30,17 @@ GOOD = b"id,name,price,qty,day,version\n1,a,1.00,1,2024-01-01,1\n2,b,2.00,2,2024
 
 @pytest.fixture(scope="module")
 def api(stack: Stack, client: Client, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    env = {
-        **stack.env,
-        "SLUICE_API_TOKEN": FLOOD,
-        "SLUICE_API_TOKENS": f"{CALM},{UPLOADS}",
-        "SLUICE_API_MAX_UPLOAD_BYTES": str(LIMIT),
-        "SLUICE_API_RATE_LIMIT": str(RATE),
-        "SLUICE_API_RATE_BURST": str(BURST),
-    }
-    log = (tmp_path_factory.mktemp("hostile-api") / "api.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sluice", "api", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_for_port("127.0.0.1", port, timeout=60)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(20)
-        log.close()
+    log = tmp_path_factory.mktemp("hostile-api") / "api.log"
+    with api_process(
+        stack,
+        log,
+        SLUICE_API_TOKEN=FLOOD,
+        SLUICE_API_TOKENS=f"{CALM},{UPLOADS}",
+        SLUICE_API_MAX_UPLOAD_BYTES=str(LIMIT),
+        SLUICE_API_RATE_LIMIT=str(RATE),
+        SLUICE_API_RATE_BURST=str(BURST),
+    ) as url:
+        yield url
 
 
 def session(api: str, token: str | None) -> httpx.Client:
