@@ -5,9 +5,11 @@ nothing). Events that do not validate go to the dead-letter topic with the reaso
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 
+import asyncpg
 from pydantic import ValidationError
 
 from schemas.firehose import JetstreamEvent
@@ -42,9 +44,22 @@ def describe(exc: ValidationError) -> str:
 async def apply_firehose(rt: Runtime, events: Sequence[JetstreamEvent]) -> ApplyCounts:
     if not events:
         return ApplyCounts()
+    for attempt in range(1, 21):
+        try:
+            return await _apply_once(rt, events)
+        except asyncpg.exceptions.SerializationError:
+            # A concurrent write of the same record (a backfill page) won: apply again.
+            await asyncio.sleep(0.02 * attempt)
+    return await _apply_once(rt, events)
+
+
+async def _apply_once(rt: Runtime, events: Sequence[JetstreamEvent]) -> ApplyCounts:
     pool = await rt.pool()
     projections = await rt.projections()
-    async with pool.acquire() as conn, conn.transaction():
+    # Serializable: a backfill page and a live delete of the same record in two concurrent
+    # transactions would each miss the other's uncommitted row (write skew) and bring the
+    # record back; PostgreSQL aborts one of them instead, and it is applied again.
+    async with pool.acquire() as conn, conn.transaction(isolation="serializable"):
         counts = await apply_events(conn, events)
         if projections.importers:
             await projections.apply(conn, counts)

@@ -308,7 +308,29 @@ class Backfiller:
                 failed += 1
                 continue
             writes.append(RecordWrite(did, parts[1], parts[2], rev, r.get("cid"), value))
-        async with self.pool.acquire() as conn, conn.transaction():
+        for attempt in range(1, 21):
+            try:
+                await self._write_page(
+                    run, did, collection, writes, failed, next_cursor, len(records)
+                )
+                return
+            except asyncpg.exceptions.SerializationError:
+                # A live write of the same record committed meanwhile: go again.
+                await asyncio.sleep(0.05 * attempt)
+        raise PdsUnavailable(f"{did}: page of {collection} kept conflicting with live writes")
+
+    async def _write_page(
+        self,
+        run: Run,
+        did: str,
+        collection: str,
+        writes: list[RecordWrite],
+        failed: int,
+        next_cursor: str | None,
+        listed: int,
+    ) -> None:
+        # Serializable, like the live path: see agents/firehose.py.
+        async with self.pool.acquire() as conn, conn.transaction(isolation="serializable"):
             counts = await write_records(conn, writes, "backfill")
             if self.projections is not None and self.projections.importers:
                 await self.projections.apply(conn, counts)
@@ -330,7 +352,7 @@ class Backfiller:
                 " failed_rows = failed_rows + $5, rows_read = rows_read + $2"
                 f" WHERE id = $1 RETURNING {RUN_COLUMNS}",
                 run.id,
-                len(records),
+                listed,
                 counts.applied,
                 counts.skipped,
                 failed,
