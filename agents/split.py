@@ -22,9 +22,10 @@ import orjson
 from schemas.events import ImportRequested
 from sluice.errors import MappingError, TerminalError
 from sluice.formats import FileFormatError, FormatOptions, ParsedFile, ParsedRow, parse_file
-from sluice.importers.adhoc import ADHOC, adhoc_importer, infer_fields
-from sluice.importers.dsl import Field, Importer, normalize_header
-from sluice.mapping import Record, RecordMapper
+from sluice.importers.adhoc import ADHOC, DEFAULT_NULL_MARKERS, adhoc_importer, infer_fields
+from sluice.importers.dsl import Importer, normalize_header
+from sluice.importers.evolve import SchemaChange, evolve_table
+from sluice.mapping import Record, RecordMapper, cell_text
 from sluice.runtime import Runtime
 from storage.runs import RunRepository
 from storage.tables import describe_table, ensure_table, has_unique_key
@@ -109,41 +110,36 @@ async def resolve_importer(
     table = request.options.get("table")
     key = request.options.get("key") or []
     schema = request.options.get("schema", "public")
+    nulls = tuple(request.options.get("null_markers", DEFAULT_NULL_MARKERS))
     if not table or not key:
         raise MappingError("an ad-hoc import needs a table and at least one key column")
     if parsed_header is None:
         keys = {k for r in sample if isinstance(r.values, dict) for k in r.values}
         header = sorted(keys)
         rows = [
-            [_text(r.values.get(h)) for h in header] for r in sample if isinstance(r.values, dict)
+            [cell_text(r.values.get(h)) for h in header]
+            for r in sample
+            if isinstance(r.values, dict)
         ]
     else:
         header = parsed_header
-        rows = [list(r.values) for r in sample if isinstance(r.values, list)]
-    fields = infer_fields(header, rows)
+        rows = [[cell_text(v) for v in r.values] for r in sample if isinstance(r.values, list)]
+    importer = adhoc_importer(
+        table, key, infer_fields(header, rows, nulls), schema=schema, null_markers=nulls
+    )
     pool = await rt.pool()
     async with pool.acquire() as conn:
         existing = await describe_table(conn, schema, table)
-    if existing is not None:
-        types = dict(existing)
-        fields = [Field(f.name, "text", aliases=f.aliases) for f in fields if f.name in types]
-        importer = adhoc_importer(table, key, fields, schema=schema)
-        async with pool.acquire() as conn:
-            if not await has_unique_key(conn, schema, table, importer.key_columns):
-                cols = ", ".join(importer.key_columns)
-                raise MappingError(
-                    f"table {schema}.{table} has no primary key or unique index on ({cols}); "
-                    f"add one (ALTER TABLE {schema}.{table} ADD PRIMARY KEY ({cols})) or pick a "
-                    "--key that has one"
-                )
-        return importer
-    return adhoc_importer(table, key, fields, schema=schema)
-
-
-def _text(value: Any) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    return orjson.dumps(value).decode() if isinstance(value, (dict, list)) else str(value)
+        if existing is not None and not await has_unique_key(
+            conn, schema, table, importer.key_columns
+        ):
+            cols = ", ".join(importer.key_columns)
+            raise MappingError(
+                f"table {schema}.{table} has no primary key or unique index on ({cols}); "
+                f"add one (ALTER TABLE {schema}.{table} ADD PRIMARY KEY ({cols})) or pick a "
+                "--key that has one"
+            )
+    return importer
 
 
 def refresh_for(importer: Importer, request: ImportRequested) -> Refresh | None:
@@ -157,28 +153,47 @@ def refresh_for(importer: Importer, request: ImportRequested) -> Refresh | None:
     )
 
 
-async def _table_plan(rt: Runtime, importer: Importer, request: ImportRequested) -> TargetPlan:
+async def _table_plan(
+    rt: Runtime,
+    importer: Importer,
+    request: ImportRequested,
+    mapper: RecordMapper,
+    sample: list[ParsedRow],
+) -> tuple[TargetPlan, list[SchemaChange]]:
+    """The run's target, created when missing. An ad-hoc import first evolves the table for the
+    file (see sluice.importers.evolve) and targets the columns the table then has."""
     plan = dataclasses.replace(plan_for(importer), refresh=refresh_for(importer, request))
-    if importer.slug == ADHOC:
-        pool = await rt.pool()
-        async with pool.acquire() as conn:
-            existing = await describe_table(conn, importer.schema, importer.table)
-            if existing is None:
-                await ensure_table(conn, plan)
-                existing = await describe_table(conn, importer.schema, importer.table)
-        types = dict(existing or [])
-        plan = TargetPlan(
-            table=plan.table,
-            schema=plan.schema,
-            columns=tuple((c, types[c]) for c, _ in plan.columns),
-            key=plan.key,
-            refresh=plan.refresh,
-        )
-    else:
-        pool = await rt.pool()
+    pool = await rt.pool()
+    if importer.slug != ADHOC:
         async with pool.acquire() as conn:
             await ensure_table(conn, plan)
-    return plan
+        return plan, []
+    records, _ = mapper.map_rows(sample)
+    samples = {f.name: [cell_text(r.get(f.name)) for r in records] for f in importer.fields}
+    async with pool.acquire() as conn:
+        existing = await describe_table(conn, importer.schema, importer.table)
+        changes: list[SchemaChange] = []
+        if existing is None:
+            await ensure_table(conn, plan)
+        else:
+            changes = await evolve_table(
+                conn,
+                importer.schema,
+                importer.table,
+                importer.fields,
+                samples,
+                apply=request.options.get("evolve", True) and not request.dry_run,
+            )
+        existing = await describe_table(conn, importer.schema, importer.table)
+    types = dict(existing or [])
+    plan = TargetPlan(
+        table=plan.table,
+        schema=plan.schema,
+        columns=tuple((c, types[c]) for c, _ in plan.columns if c in types),
+        key=plan.key,
+        refresh=plan.refresh,
+    )
+    return plan, changes
 
 
 async def describe_source(
@@ -202,6 +217,7 @@ async def describe_source(
         "sha256": ref.sha256,
         "format": parsed.sniffed.format,
         "delimiter": parsed.sniffed.delimiter,
+        "sheet": getattr(parsed.sniffed, "sheet", None),
         "encoding": parsed.sniffed.encoding,
         "header": parsed.header,
         "columns": columns,
@@ -256,13 +272,17 @@ async def _split(
     sample = [r for r in head if isinstance(r, ParsedRow)]
     importer = await resolve_importer(rt, request, parsed.header, sample)
     mapper = RecordMapper(importer, parsed.header)
+    earlier_changes = await runs.schema_changes(run_id)
     provenance = await describe_source(rt, request, parsed, mapper)
     await runs.save_provenance(run_id, provenance)
     if provenance["duplicate_of"] and importer.skip_duplicate_files:
         log.info("run %s: the same file as run %s; skipped", run_id, provenance["duplicate_of"])
         await runs.finish_split(run_id, 0, 0)
         return
-    plan = await _table_plan(rt, importer, request)
+    plan, changes = await _table_plan(rt, importer, request, mapper, sample)
+    # A split done again after a crash finds its changes made already: keep the first report.
+    provenance["schema_changes"] = [c.to_json() for c in changes] or earlier_changes
+    await runs.save_provenance(run_id, provenance)
     await runs.save_plan(run_id, plan.to_json(), mapper.mapping)
     router = BatchRouter(
         plan.key,

@@ -104,6 +104,10 @@ class TriggerBody(BaseModel):
     )
     path: str | None = Field(default=None, description="filesystem: a path under the roots")
     dry_run: bool = False
+    fresh: bool = Field(
+        default=False,
+        description="full refresh: once the run completed, delete the rows it did not contain",
+    )
 
 
 class ErrorBody(BaseModel):
@@ -411,6 +415,13 @@ def create_api(settings: Settings) -> FastAPI:
         slug: str,
         file: Annotated[UploadFile, File(description="the file to import")],
         dry_run: Annotated[bool, Form()] = False,
+        fresh: Annotated[
+            bool,
+            Form(
+                description="full refresh: once the run completed, delete the rows it did not "
+                "contain"
+            ),
+        ] = False,
         wait: Annotated[bool, Query(description="answer when the run finishes")] = False,
     ) -> Response:
         """Upload a file and start its import. The body is streamed to the file store."""
@@ -432,6 +443,7 @@ def create_api(settings: Settings) -> FastAPI:
             chunks(),
             name=safe_filename(file.filename),
             dry_run=dry_run,
+            options={"fresh": True} if fresh else None,
             content_type=file.content_type,
             max_bytes=settings.api.max_upload_bytes,
             source="upload",
@@ -469,7 +481,14 @@ def create_api(settings: Settings) -> FastAPI:
         API. Every other field is passed to the source as a parameter."""
         params = (body or TriggerBody()).model_dump(exclude_none=True)
         dry_run = bool(params.pop("dry_run", False))
-        run = await client.trigger(slug, params, dry_run=dry_run, requested_by="api")
+        fresh = bool(params.pop("fresh", False))
+        run = await client.trigger(
+            slug,
+            params,
+            dry_run=dry_run,
+            requested_by="api",
+            options={"fresh": True} if fresh else None,
+        )
         status = 202
         if wait:
             run = await client.wait(run.id, timeout=settings.api.wait_timeout)

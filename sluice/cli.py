@@ -98,10 +98,15 @@ def summary(run: Run) -> str:
     if run.provenance:
         p = run.provenance
         f = p.get("file") or {}
-        delimiter = f" delimiter {p['delimiter']!r}" if p.get("delimiter") else ""
+        how = [
+            str(p.get("format")),
+            *([f"delimiter {p['delimiter']!r}"] if p.get("delimiter") else []),
+            *([f"sheet {p['sheet']!r}"] if p.get("sheet") else []),
+            *([p["encoding"]] if p.get("encoding") else []),
+        ]
         lines.append(
-            f"  read: {f.get('name')} ({f.get('size', 0):,} bytes, {p.get('format')}{delimiter},"
-            f" {p.get('encoding')}), sha256 {str(p.get('sha256'))[:12]}"
+            f"  read: {f.get('name')} ({f.get('size', 0):,} bytes, {', '.join(how)}),"
+            f" sha256 {str(p.get('sha256'))[:12]}"
         )
         if p.get("aliases"):
             matched = ", ".join(f"{h!r} -> {field}" for field, h in p["aliases"].items())
@@ -110,6 +115,10 @@ def summary(run: Run) -> str:
             lines.append(f"  ignored columns: {', '.join(p['ignored'])}")
         if p.get("duplicate_of"):
             lines.append(f"  the same file as run {p['duplicate_of']}")
+        from sluice.importers.evolve import SchemaChange
+
+        for change in p.get("schema_changes") or []:
+            lines.append(f"  schema: {SchemaChange(**change).describe()}")
     if run.deleted_rows:
         lines.append(f"  full refresh: {run.deleted_rows:,} rows absent from the import removed")
     if run.source_location:
@@ -590,6 +599,19 @@ def dlq(topic: str | None, limit: int | None, replay: bool, as_json: bool) -> No
 @click.option("--schema", default="public", show_default=True, help="schema of the table")
 @click.option("--dry-run", is_flag=True, help="validate and count; write nothing to the table")
 @click.option("--fresh", is_flag=True, help=FRESH_HELP)
+@click.option(
+    "--null-marker",
+    "null_markers",
+    multiple=True,
+    help="a cell value read as null (repeat for several; replaces the defaults "
+    "NA, N/A, NULL, null, None, -); a blank cell is always null",
+)
+@click.option(
+    "--no-evolve",
+    is_flag=True,
+    help="leave an existing table as it is: no new columns, no widened types (values that "
+    "do not fit reject their rows)",
+)
 @click.option("--wait", is_flag=True, help="wait for the run to finish, with a progress bar")
 @click.option("--json", "as_json", is_flag=True, help="print the run object as JSON")
 def import_cmd(
@@ -599,10 +621,16 @@ def import_cmd(
     schema: str,
     dry_run: bool,
     fresh: bool,
+    null_markers: tuple[str, ...],
+    no_evolve: bool,
     wait: bool,
     as_json: bool,
 ) -> None:
-    """Import PATH into TABLE without an importer: columns and types come from the file."""
+    """Import PATH into TABLE without an importer: columns and types come from the file.
+
+    A later file for the same table may add columns (they are added) or hold values that no
+    longer fit a column's type (it is widened: integer to bigint to numeric, anything to text).
+    """
     from sluice.importers.adhoc import ADHOC
 
     keys = [k.strip() for k in key.split(",") if k.strip()]
@@ -611,6 +639,10 @@ def import_cmd(
     options: dict[str, Any] = {"table": table, "key": keys, "schema": schema}
     if fresh:
         options["fresh"] = True
+    if null_markers:
+        options["null_markers"] = list(null_markers)
+    if no_evolve:
+        options["evolve"] = False
     sys.exit(
         run_async(
             _submit_and_maybe_wait(

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import operator
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from datetime import date, datetime, time
+from decimal import Decimal
 from typing import Annotated, Any, Optional
 
+import orjson
 from pydantic import Field as Constraint
 from pydantic import TypeAdapter, ValidationError
 from typing_extensions import TypedDict
@@ -80,11 +83,52 @@ def _nul_fields(record: Record) -> list[str]:
     return [name for name, value in record.items() if _has_nul(value)]
 
 
-def _blank(value: Any) -> Any:
+def _blank(value: Any, nulls: frozenset[str] = frozenset({""})) -> Any:
     if isinstance(value, str):
         value = value.strip()
-        return value if value else None
+        return None if value in nulls else value
     return value
+
+
+def cell_text(value: Any) -> Any:
+    """A typed cell (XLSX, Parquet) for a text field: as a CSV of the same data spells it."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, Decimal)):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (datetime, date, time)):
+        return value.isoformat()
+    return orjson.dumps(value).decode()
+
+
+def _as_date(value: Any) -> Any:
+    # Excel has no date type: a date is a datetime at midnight (the readers make most of them
+    # dates already).
+    if isinstance(value, datetime) and value.time() == time() and value.tzinfo is None:
+        return value.date()
+    return value
+
+
+def _as_timestamp(value: Any) -> Any:
+    if isinstance(value, date) and not isinstance(value, datetime):
+        return datetime(value.year, value.month, value.day)
+    return value
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+# How a typed cell is made to fit a field of each type; other types take the cell as it is.
+_CELL_COERCIONS: dict[str, Callable[[Any], Any]] = {
+    "text": cell_text,
+    "date": _as_date,
+    "timestamptz": _as_timestamp,
+}
 
 
 class RecordMapper:
@@ -130,6 +174,11 @@ class RecordMapper:
             self._adapter = TypeAdapter(list[typed])
             self._one = TypeAdapter(typed)
         self._uri = importer.key if isinstance(importer.key, UriKey) else None
+        self._nulls = frozenset({"", *importer.null_markers})
+        types = {f.name: f.type for f in self._validated_fields()}
+        self._coercions = tuple(
+            _CELL_COERCIONS.get(types.get(name, ""), _same) for name in self._names
+        )
         self._transforms = bool(importer.transforms)
 
     def _validated_fields(self) -> list[Field]:
@@ -204,28 +253,38 @@ class RecordMapper:
             if target is None:
                 continue
             if target not in out:
-                out[target] = _blank(v)
+                out[target] = _blank(v, self._nulls)
                 if not exact:
                     loose = loose or set()
                     loose.add(target)
             elif exact and loose and target in loose:
                 # A key spelled exactly as the field wins over a look-alike seen before it.
-                out[target] = _blank(v)
+                out[target] = _blank(v, self._nulls)
                 loose.discard(target)
         return out
 
     def _expand(self, row: ParsedRow) -> list[Record]:
         values = row.values
+        nulls = self._nulls
         if isinstance(values, dict):
             base = self._from_json(values)
-        elif self._pick is not None:
-            picked = self._pick(values)
-            try:  # delimited files: every cell is a str
-                base = dict(zip(self._names, [v.strip() or None for v in picked], strict=True))
-            except AttributeError:
-                base = dict(zip(self._names, [_blank(v) for v in picked], strict=True))
         else:
-            base = {name: _blank(values[i]) for name, i in self._index.items()}
+            picked = (
+                self._pick(values)
+                if self._pick is not None
+                else [values[i] for i in self._index.values()]
+            )
+            try:  # delimited files: every cell is a str
+                if len(nulls) == 1:
+                    cells = [v.strip() or None for v in picked]
+                else:
+                    cells = [None if (v := c.strip()) in nulls else v for c in picked]
+            except AttributeError:  # typed cells (XLSX, Parquet)
+                cells = [
+                    coerce(_blank(v, nulls))
+                    for v, coerce in zip(picked, self._coercions, strict=True)
+                ]
+            base = dict(zip(self._names, cells, strict=True))
         for transform in self.importer.transforms:
             try:
                 base = transform(base)
@@ -238,7 +297,7 @@ class RecordMapper:
             return [base]
         out = []
         for i, period in self.unpivot_cols:
-            cell = _blank(values[i])  # type: ignore[index]
+            cell = _blank(values[i], nulls)  # type: ignore[index]
             if cell is None and up.skip_empty:
                 continue
             out.append({**base, up.index_field: period, up.value_field: cell})

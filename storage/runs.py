@@ -239,6 +239,13 @@ class RunRepository:
             "UPDATE sluice.runs SET provenance = $2::jsonb WHERE id = $1", run_id, provenance
         )
 
+    async def schema_changes(self, run_id: uuid.UUID) -> list[dict[str, Any]]:
+        """The schema changes recorded in the run's provenance (by an earlier split)."""
+        found = await self.pool.fetchval(
+            "SELECT provenance->'schema_changes' FROM sluice.runs WHERE id = $1", run_id
+        )
+        return list(found or [])
+
     async def same_file_run(
         self, importer: str, sha256: str, run_id: uuid.UUID
     ) -> uuid.UUID | None:

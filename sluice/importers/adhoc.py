@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 from sluice.errors import MappingError
 from sluice.importers.dsl import Field, Importer
 
 ADHOC = "adhoc"
+
+# Cell values an ad-hoc import reads as null, besides a blank cell; ``null_markers`` in the
+# import's options replaces them.
+DEFAULT_NULL_MARKERS = ("NA", "N/A", "NULL", "null", "None", "-")
 
 # PostgreSQL's limits: columns per table (and per column definition list: a batch is read
 # with json_to_recordset(...) AS x(row number, sub-row, columns...), two more than the table
@@ -51,8 +55,9 @@ def normalize_identifier(name: str, position: int) -> str:
     return ident[:MAX_IDENTIFIER_BYTES]
 
 
-def infer_type(values: Iterable[str | None]) -> str:
-    seen = [v.strip() for v in values if v is not None and v.strip()]
+def infer_type(values: Iterable[str | None], nulls: Collection[str] = ()) -> str:
+    stripped = (v.strip() for v in values if v is not None)
+    seen = [v for v in stripped if v and v not in nulls]
     if not seen:
         return "text"
     for name, fits in _CANDIDATES:
@@ -61,7 +66,9 @@ def infer_type(values: Iterable[str | None]) -> str:
     return "text"
 
 
-def infer_fields(header: Sequence[str], sample: Sequence[Sequence[str | None]]) -> list[Field]:
+def infer_fields(
+    header: Sequence[str], sample: Sequence[Sequence[str | None]], nulls: Collection[str] = ()
+) -> list[Field]:
     """One text-typed-or-better field per header name, each with a distinct column name.
 
     A header that already is a clean column name keeps it; the others are normalized, and get a
@@ -77,7 +84,7 @@ def infer_fields(header: Sequence[str], sample: Sequence[Sequence[str | None]]) 
             ident = _unique(ident, i, used)
             used.add(ident)
         column = [row[i] if i < len(row) else None for row in sample]
-        fields.append(Field(ident, infer_type(column), aliases=(name,)))
+        fields.append(Field(ident, infer_type(column, nulls), aliases=(name,)))
     return fields
 
 
@@ -102,7 +109,12 @@ def check_name(what: str, name: str) -> None:
 
 
 def adhoc_importer(
-    table: str, key: Sequence[str], fields: Sequence[Field], *, schema: str = "public"
+    table: str,
+    key: Sequence[str],
+    fields: Sequence[Field],
+    *,
+    schema: str = "public",
+    null_markers: Sequence[str] = DEFAULT_NULL_MARKERS,
 ) -> Importer:
     check_name("table", table)
     check_name("schema", schema)
@@ -133,4 +145,5 @@ def adhoc_importer(
         fields=tuple(fields),
         key=tuple(resolved),
         validate_in_database=True,
+        null_markers=tuple(null_markers),
     )

@@ -160,6 +160,8 @@ class Importer:
     schema: str = "public"
     # Ad-hoc imports leave typing to PostgreSQL's casts: values travel as text.
     validate_in_database: bool = False
+    # Cell values read as null besides a blank cell (after trimming spaces), e.g. ("NA", "-").
+    null_markers: tuple[str, ...] = ()
     webhooks: tuple[Webhook, ...] = ()
     pull: PullSource | None = None
     schedule: Schedule | None = None
