@@ -281,7 +281,7 @@ async def _split(
         return
     plan, changes = await _table_plan(rt, importer, request, mapper, sample)
     # A split done again after a crash finds its changes made already: keep the first report.
-    provenance["schema_changes"] = [c.to_json() for c in changes] or earlier_changes
+    provenance["schema_changes"] = [c.to_json() for c in changes] or list(earlier_changes)
     await runs.save_provenance(run_id, provenance)
     await runs.save_plan(run_id, plan.to_json(), mapper.mapping)
     router = BatchRouter(

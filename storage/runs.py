@@ -239,7 +239,7 @@ class RunRepository:
             "UPDATE sluice.runs SET provenance = $2::jsonb WHERE id = $1", run_id, provenance
         )
 
-    async def schema_changes(self, run_id: uuid.UUID) -> list[dict[str, Any]]:
+    async def schema_changes(self, run_id: uuid.UUID) -> Sequence[dict[str, Any]]:
         """The schema changes recorded in the run's provenance (by an earlier split)."""
         found = await self.pool.fetchval(
             "SELECT provenance->'schema_changes' FROM sluice.runs WHERE id = $1", run_id

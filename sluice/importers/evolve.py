@@ -16,7 +16,7 @@ inside it, so a column is added or widened once.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -89,7 +89,7 @@ def widen(current: str, values: Iterable[str]) -> str | None:
     sized = _SIZED.fullmatch(current)
     if sized is not None:
         return None if all(len(v) <= int(sized.group(2)) for v in seen) else "text"
-    checks = {
+    checks: dict[str, Callable[[str], object]] = {
         "boolean": lambda v: v.lower() in _BOOL,
         "date": _DATE.fullmatch,
         "timestamp with time zone": _TS.fullmatch,
