@@ -9,6 +9,7 @@ import asyncpg
 import pytest
 
 from schemas.runs import RunStatus
+from sluice.cli import summary
 from sluice.client import Client
 from sluice.importers.adhoc import DEFAULT_NULL_MARKERS, infer_type
 from sluice.importers.dsl import Field
@@ -127,6 +128,9 @@ async def test_a_later_file_adds_columns_widens_a_type_and_lands_every_row(
             "applied": True,
         },
     ]
+    text = summary(done)  # what `sluice status` prints
+    assert "schema: widened qty bigint -> numeric" in text
+    assert "schema: added colour text" in text and "schema: added weight numeric" in text
     rows = await db.fetch(
         f"SELECT id, name, qty::text, colour, weight::text FROM {table} ORDER BY id"
     )
