@@ -46,7 +46,7 @@ def http(api: str) -> Iterator[httpx.Client]:
 
 
 def upload(http: httpx.Client, slug: str, body: bytes, **params: str) -> httpx.Response:
-    data = {"dry_run": params.pop("dry_run")} if "dry_run" in params else None
+    data = {form: params.pop(form) for form in ("dry_run", "fresh") if form in params} or None
     return http.post(
         f"/api/v1/imports/{slug}/upload",
         files={"file": ("rows.csv", body, "text/csv")},
@@ -258,3 +258,13 @@ def test_openapi_contract(api: str) -> None:
             )
 
         check()
+
+
+def test_a_fresh_upload_deletes_the_rows_it_did_not_contain(http: httpx.Client, api: str) -> None:
+    table = "t_fresh_scoped"  # refreshes within the suppliers the file holds: only "api" here
+    first = b"id,name,supplier,price\n9001,a,api,1.00\n9002,b,api,1.00\n9003,c,api,1.00\n"
+    assert upload(http, table, first, wait="true").json()["status"] == "completed"
+    second = b"id,name,supplier,price\n9001,a,api,1.00\n"
+    done = upload(http, table, second, wait="true", fresh="true").json()
+    assert done["status"] == "completed", done
+    assert done["deleted_rows"] == 2
