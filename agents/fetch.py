@@ -115,7 +115,7 @@ async def adopt_trigger(rt: Runtime, trigger: TriggerRequested) -> TriggerReques
         importer=importer.slug,
         source=kind,
         dry_run=trigger.dry_run,
-        options={"params": trigger.params},
+        options={"params": trigger.params, **({"fresh": True} if trigger.fresh else {})},
         requested_by=trigger.requested_by or "kafka",
     )
     log.info("run %s created for a %s trigger produced to the topic", run.id, kind)

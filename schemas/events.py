@@ -80,6 +80,11 @@ class TriggerRequested(BaseModel):
         default={}, description="the trigger's parameters (url, file, pattern, path, ...)"
     )
     dry_run: bool = False
+    fresh: bool = Field(
+        default=False,
+        description="full refresh: once the run completed, delete the rows it did not contain"
+        " (read when the worker creates the run)",
+    )
     requested_by: str | None = None
     requested_at: datetime | None = None
 

@@ -7,6 +7,7 @@ from functools import partial
 from typing import Any
 
 import faust
+import orjson
 from pydantic import ValidationError
 
 from agents.detail import fetch_page
@@ -37,6 +38,21 @@ from streams import topics
 from streams.admin import ensure_topics
 
 log = logging.getLogger(__name__)
+
+
+def start_message(value: bytes | None) -> TriggerRequested | None:
+    """A message on the requests topic that asks to start an import of a pull source (the
+    shape of a run-less trigger, no stored file), or None."""
+    try:
+        data = orjson.loads(value or b"")
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(data, dict) or "file" in data or data.get("run_id") is not None:
+        return None  # a broken ImportRequested: the dead-letter topic says why
+    try:
+        return TriggerRequested.model_validate(data)
+    except ValidationError:
+        return None
 
 
 def create_app(rt: Runtime, *, app_id: str = "sluice", hooks: HookSet | None = None) -> faust.App:
@@ -125,12 +141,21 @@ def create_app(rt: Runtime, *, app_id: str = "sluice", hooks: HookSet | None = N
             "split", request.run_id, event, lambda: split_file(rt, request, send, flush)
         )
 
+    triggers = topic(topics.TRIGGERS, kafka.partitions)
+
     @app.agent(requests, name="split")
     async def split_agent(stream: Any) -> None:
         async for event in stream.events():
             try:
                 request = ImportRequested.model_validate_json(event.value)
             except ValidationError as exc:
+                start = start_message(event.value)
+                if start is not None:
+                    # A producer outside Sluice asked for an import of a pull source: the
+                    # fetch agent creates its run (idempotent by request_id).
+                    key = (start.request_id or start.importer).encode()
+                    await triggers.send(key=key, value=event.value)
+                    continue
                 await dead_letter(event, f"not a valid import request: {exc.errors()[:3]}")
                 continue
 
@@ -148,7 +173,6 @@ def create_app(rt: Runtime, *, app_id: str = "sluice", hooks: HookSet | None = N
 
             await upsert_batch(rt, event.key, event.value, plans, to_dead)
 
-    triggers = topic(topics.TRIGGERS, kafka.partitions)
     item_pages = topic(topics.ITEMS, kafka.partitions)
 
     async def publish_request(request: ImportRequested) -> None:

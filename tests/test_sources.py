@@ -508,3 +508,37 @@ async def test_any_producer_starts_an_import_with_one_raw_message(
                 reasons.extend(orjson.loads(r.value)["reason"] for r in records)
     finally:
         await consumer.stop()
+
+
+async def test_a_raw_message_on_the_requests_topic_starts_an_import(
+    client: Client, stack: Stack
+) -> None:
+    """The requests topic takes the same run-less start message (no stored file): a producer
+    needs to know one topic, not which of two."""
+    import uuid
+
+    import orjson
+    from aiokafka import AIOKafkaProducer
+
+    from schemas.events import TriggerRequested
+    from streams.topics import REQUESTS
+
+    (stack.files / "raw-req.csv").write_text(CSV)
+    request_id = uuid.uuid4().hex
+    raw = {"importer": "t_fs", "params": {"path": "raw-req.csv"}, "request_id": request_id}
+    producer = AIOKafkaProducer(bootstrap_servers=stack.broker.bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(REQUESTS, orjson.dumps(raw))
+    finally:
+        await producer.stop()
+    run_id = TriggerRequested(importer="t_fs", request_id=request_id).run_id_for_request()
+    runs = await client.rt.runs()
+    deadline = time.monotonic() + 60
+    while (found := await runs.get(run_id)) is None:
+        assert time.monotonic() < deadline, "no run was created for the produced request"
+        await asyncio.sleep(0.2)
+    done = await finish(client, found, stack)
+    assert done.status is RunStatus.COMPLETED, done.error
+    assert done.requested_by == "kafka" and done.provenance is not None
+    assert done.provenance["file"]["name"] == "raw-req.csv"
