@@ -25,6 +25,7 @@ from sluice.formats import FileFormatError, FormatOptions, ParsedFile, ParsedRow
 from sluice.importers.adhoc import ADHOC, DEFAULT_NULL_MARKERS, adhoc_importer, infer_fields
 from sluice.importers.dsl import Importer, normalize_header
 from sluice.importers.evolve import SchemaChange, evolve_table
+from sluice.lookups import LookupResolver
 from sluice.mapping import Record, RecordMapper, cell_text
 from sluice.runtime import Runtime
 from storage.runs import RunRepository
@@ -263,10 +264,13 @@ async def _split(
 ) -> None:
     settings = rt.settings
     run_id = request.run_id
-    options = rt.registry.get(request.importer).format if request.importer != ADHOC else None
+    if request.importer != ADHOC:
+        options = rt.registry.get(request.importer).format
+    else:
+        options = FormatOptions(sheet=request.options.get("sheet"))
     if request.options.get("format") == "jsonl":  # a retry file: the rejected records
         options = FormatOptions(format="jsonl", encoding="utf-8")
-    parsed = parse_file(raw, options or FormatOptions(), encoding=request.file.encoding)
+    parsed = parse_file(raw, options, encoding=request.file.encoding)
     items = iter(parsed)
     head = list(itertools.islice(items, SAMPLE_ROWS))
     sample = [r for r in head if isinstance(r, ParsedRow)]
@@ -291,6 +295,20 @@ async def _split(
         settings.kafka.max_message_bytes,
     )
     run_key = str(run_id)
+    resolver = LookupResolver(importer.lookups) if importer.lookups else None
+
+    async def emit(partition: int, rows: list[Record]) -> None:
+        """Send one batch, its lookups resolved first (one query per lookup and batch). Rows a
+        lookup rejects are counted as failed here, so a batch they empty is not sent at all."""
+        if resolver is not None:
+            async with (await rt.pool()).acquire() as conn:
+                rows, rejected = await resolver.resolve(conn, rows, dry_run=request.dry_run)
+            if rejected:
+                await runs.record_rejections(run_id, rejected)
+        if rows:
+            for key, value in router.encode(run_key, rows):
+                await send(partition, key, value)
+
     total = 0
     last_report = time.monotonic()
     chunk_size = 200  # rows between yields to the event loop, so batches apply while we read
@@ -306,9 +324,7 @@ async def _split(
         for record in records:
             full = router.add(record)
             if full is not None:
-                partition = router.partition_of(full[0])
-                for key, value in router.encode(run_key, full):
-                    await send(partition, key, value)
+                await emit(router.partition_of(full[0]), full)
         now = time.monotonic()
         if now - last_report >= settings.pipeline.progress_interval:
             last_report = now
@@ -320,8 +336,7 @@ async def _split(
         await asyncio.sleep(0)  # let heartbeats and the producer run
     for partition, rows in enumerate(router.buffers):
         if rows:
-            for key, value in router.encode(run_key, rows):
-                await send(partition, key, value)
+            await emit(partition, rows)
     if total == 0:
         raise FileFormatError(
             "the file has a header but no data rows" if parsed.header else "the file has no rows"

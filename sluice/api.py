@@ -155,8 +155,9 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 UNLIMITED_PATHS = ("/healthz", "/readyz", "/metrics")
 # Room for the multipart framing around the file, on top of SLUICE_API_MAX_UPLOAD_BYTES.
 MULTIPART_FRAMING = 65536
-# Declared types of files that are surely not delimited text or JSON: refused with 415 before
-# they are stored. Anything else (text/*, JSON, gzip, octet-stream, none) is judged by its bytes.
+# Declared types of files that are surely not delimited text, JSON, XLSX or Parquet: refused
+# with 415 before they are stored. Anything else (text/*, JSON, gzip, octet-stream, the XLSX
+# type, none) is judged by its bytes.
 _BINARY_TYPES = ("image/", "audio/", "video/", "font/", "model/")
 _BINARY_SUBTYPES = frozenset(
     {
@@ -178,6 +179,7 @@ _BINARY_SUBTYPES = frozenset(
         "application/wasm",
     }
 )
+_XLSX_TYPE = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
 _MAX_NAME_CHARS = 255
 
 
@@ -196,8 +198,10 @@ def unsupported_type(content_type: str | None) -> bool:
     kind = (content_type or "").split(";", 1)[0].strip().lower()
     if kind.startswith(_BINARY_TYPES) or kind in _BINARY_SUBTYPES:
         return True
-    # Spreadsheets and office documents (xlsx, docx, odt, ...), but not the .csv that Windows
-    # labels application/vnd.ms-excel.
+    if kind == _XLSX_TYPE:
+        return False
+    # Other office documents (docx, pptx, ods, odt, ...), but not the .csv that Windows labels
+    # application/vnd.ms-excel (an .xls declared so is refused by its bytes, with a fix).
     return kind.startswith(("application/vnd.openxmlformats", "application/vnd.oasis"))
 
 
@@ -430,8 +434,8 @@ def create_api(settings: Settings) -> FastAPI:
                 415,
                 "unsupported_media_type",
                 f"the file is declared as {file.content_type!r}, which is not a format Sluice "
-                "imports: upload delimited text (CSV, TSV, ...), JSON Lines or a JSON array, "
-                "plain or gzip-compressed",
+                "imports: upload delimited text (CSV, TSV, ...), JSON Lines or a JSON array "
+                "(plain or gzip-compressed), an XLSX workbook or a Parquet file",
             )
 
         async def chunks() -> AsyncIterator[bytes]:

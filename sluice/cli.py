@@ -606,6 +606,7 @@ def dlq(topic: str | None, limit: int | None, replay: bool, as_json: bool) -> No
     help="a cell value read as null (repeat for several; replaces the defaults "
     "NA, N/A, NULL, null, None, -); a blank cell is always null",
 )
+@click.option("--sheet", help="XLSX: the sheet to read (default: the first visible one)")
 @click.option(
     "--no-evolve",
     is_flag=True,
@@ -622,6 +623,7 @@ def import_cmd(
     dry_run: bool,
     fresh: bool,
     null_markers: tuple[str, ...],
+    sheet: str | None,
     no_evolve: bool,
     wait: bool,
     as_json: bool,
@@ -643,6 +645,8 @@ def import_cmd(
         options["null_markers"] = list(null_markers)
     if no_evolve:
         options["evolve"] = False
+    if sheet:
+        options["sheet"] = sheet
     sys.exit(
         run_async(
             _submit_and_maybe_wait(

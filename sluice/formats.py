@@ -1,4 +1,5 @@
-"""Streaming parsers for uploaded files: delimited text, JSON Lines and JSON arrays, plain or gzip.
+"""Streaming parsers for uploaded files: delimited text, JSON Lines and JSON arrays, plain or gzip;
+and, through :mod:`sluice.tabular`, XLSX workbooks and Parquet files.
 
 Memory stays flat whatever the size of the file: the file is read in chunks, and one record
 (a line, a CSV record, a JSON array element) may not exceed ``FormatOptions.max_record_bytes``.
@@ -14,8 +15,10 @@ import csv
 import gzip
 import io
 import re
+import shutil
+import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, Literal
 
@@ -25,6 +28,8 @@ if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
 
 __all__ = [
+    "MAGIC_BYTES",
+    "XLS_REFUSED",
     "EncodingSniffer",
     "FileFormatError",
     "FormatOptions",
@@ -33,13 +38,25 @@ __all__ = [
     "RowProblem",
     "Sniffed",
     "UndecodableFile",
+    "binary_format",
     "check_decompression",
     "open_decompressed",
     "parse_file",
+    "refuse_duplicate_names",
 ]
 
 _BOM = codecs.BOM_UTF8
 _GZIP_MAGIC = b"\x1f\x8b"
+# Binary formats are told by their first bytes, as stored (never compressed).
+_ZIP_MAGIC = b"PK\x03\x04"
+_PARQUET_MAGIC = b"PAR1"
+_OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
+MAGIC_BYTES = len(_OLE_MAGIC)
+XLS_REFUSED = (
+    "the file is in Microsoft's old binary Office format: an Excel 97-2003 workbook (.xls), a "
+    "password-protected workbook, or another Office document. Sluice cannot read it: open it "
+    "in Excel and save it as .xlsx or CSV (without a password), then upload that"
+)
 _SPACE_BYTES = b" \t\r\n\x0b\x0c"
 _DELIMITERS = (",", "\t", ";", "|")
 _DELIMITER_NAMES = {",": "comma", "\t": "tab", ";": "semicolon", "|": "pipe"}
@@ -79,10 +96,12 @@ class UndecodableFile(FileFormatError):
 class FormatOptions:
     """How to read an uploaded file; every ``None`` or ``"auto"`` is detected from the bytes."""
 
-    format: Literal["auto", "csv", "jsonl", "json"] = "auto"
+    format: Literal["auto", "csv", "jsonl", "json", "xlsx", "parquet"] = "auto"
     delimiter: str | None = None
     encoding: str | None = None
     compression: Literal["auto", "gzip", "none"] = "auto"
+    # The worksheet of an XLSX workbook to read; None reads the first visible one.
+    sheet: str | None = None
     max_record_bytes: int = 16 * 2**20
     max_decompressed_bytes: int = 20 * 2**30
     # Deflate cannot do better than about 1030:1 (long runs of one byte); real delimited text and
@@ -90,10 +109,13 @@ class FormatOptions:
     max_compression_ratio: int = 500
 
     def __post_init__(self) -> None:
-        if self.format not in ("auto", "csv", "jsonl", "json"):
+        if self.format not in ("auto", "csv", "jsonl", "json", "xlsx", "parquet"):
             raise ValueError(
-                f"unknown format {self.format!r}: use 'auto', 'csv', 'jsonl' or 'json'"
+                f"unknown format {self.format!r}: use 'auto', 'csv', 'jsonl', 'json', 'xlsx' "
+                f"or 'parquet'"
             )
+        if self.sheet is not None and not self.sheet.strip():
+            raise ValueError("sheet must be a sheet's name, or None for the first sheet")
         if self.compression not in ("auto", "gzip", "none"):
             raise ValueError(
                 f"unknown compression {self.compression!r}: use 'auto', 'gzip' or 'none'"
@@ -113,20 +135,25 @@ class FormatOptions:
 
 @dataclass(frozen=True)
 class Sniffed:
-    """What a file turned out to be."""
+    """What a file turned out to be. A binary format (XLSX, Parquet) has no text encoding."""
 
-    format: Literal["csv", "jsonl", "json"]
+    format: Literal["csv", "jsonl", "json", "xlsx", "parquet"]
     delimiter: str | None
-    encoding: str
+    encoding: str | None
     compression: Literal["gzip", "none"]
+    sheet: str | None = None  # the worksheet read, for XLSX
 
 
 @dataclass(slots=True)
 class ParsedRow:
-    """One record: ``number`` is 1-based and counts data records (blank lines excluded)."""
+    """One record: ``number`` is 1-based and counts data records (blank lines excluded).
+
+    ``values`` is a list with one entry per header column (str for delimited text, typed Python
+    values for XLSX and Parquet), or the object of a JSON record.
+    """
 
     number: int
-    values: list[str] | dict[str, Any]
+    values: list[Any] | dict[str, Any]
 
 
 @dataclass(slots=True)
@@ -160,9 +187,11 @@ def check_decompression(
     *,
     max_decompressed_bytes: int = FormatOptions.max_decompressed_bytes,
     max_compression_ratio: int = FormatOptions.max_compression_ratio,
+    fix: str = "Upload it uncompressed",
 ) -> None:
     """Raise :class:`FileFormatError` when `decompressed` bytes of content, read from the first
     `compressed` bytes of a compressed file, pass the size limit or look like a compression bomb.
+    `fix` tells how to send the same data without the compression.
     """
     if decompressed > max_decompressed_bytes:
         raise FileFormatError(
@@ -172,10 +201,10 @@ def check_decompression(
         )
     if decompressed > _RATIO_FLOOR and decompressed > max_compression_ratio * max(compressed, 1):
         raise FileFormatError(
-            f"the file is a compression bomb or close to one: {_human(compressed)} of gzip data "
-            f"decompressed to more than {_human(decompressed)}, over the decompression limit of "
-            f"{max_compression_ratio}:1 (max_compression_ratio). Upload it uncompressed, or "
-            f"raise the limit if the data really is that repetitive"
+            f"the file is a compression bomb or close to one: {_human(compressed)} of compressed "
+            f"data decompressed to more than {_human(decompressed)}, over the decompression "
+            f"limit of {max_compression_ratio}:1 (max_compression_ratio). {fix}, or raise the "
+            f"limit if the data really is that repetitive"
         )
 
 
@@ -308,10 +337,11 @@ def _decode_error(exc: UnicodeDecodeError, end: int, encoding: str) -> Undecodab
 class _CountingReader:
     """The upload as stored (maybe compressed): counts bytes consumed, for progress."""
 
-    def __init__(self, raw: IO[bytes]) -> None:
+    def __init__(self, raw: IO[bytes], head: bytes = b"") -> None:
+        # `head`: bytes already taken from `raw` (to tell its format), read again first.
         self._raw = raw
-        self._pushback = b""
-        self.count = 0
+        self._pushback = head
+        self.count = len(head)
 
     def peek(self, size: int) -> bytes:
         """Up to `size` first bytes, left in place for the next read."""
@@ -352,9 +382,10 @@ class _Source(io.RawIOBase):
         compression: Literal["auto", "gzip", "none"],
         max_decompressed_bytes: int,
         max_compression_ratio: int = FormatOptions.max_compression_ratio,
+        head: bytes = b"",
     ) -> None:
         super().__init__()
-        self._counter = _CountingReader(raw)
+        self._counter = _CountingReader(raw, head)
         magic = self._counter.peek(len(_GZIP_MAGIC))
         if compression == "auto":
             compression = "gzip" if magic == _GZIP_MAGIC else "none"
@@ -510,24 +541,32 @@ def open_decompressed(
 
 
 class ParsedFile:
-    """An uploaded file being read: what it is, its header, and its records (iterate once)."""
+    """An uploaded file being read: what it is, its header, and its records (iterate once).
+
+    `source` is the text source the records come from, or, for a reader that does not read
+    through one (XLSX, Parquet), a function that says how far it got in bytes of the upload.
+    """
 
     def __init__(
         self,
         sniffed: Sniffed,
         header: list[str] | None,
         rows: Iterator[ParsedRow | RowProblem],
-        source: _Source,
+        source: _Source | Callable[[], int],
     ) -> None:
         self.sniffed = sniffed
         self.header = header
         self._rows: Iterator[ParsedRow | RowProblem] | None = rows
-        self._source = source
+        if isinstance(source, _Source):
+            text_source = source
+            self._progress: Callable[[], int] = lambda: text_source.compressed_bytes_read
+        else:
+            self._progress = source
 
     @property
     def bytes_read(self) -> int:
         """Bytes of the upload as stored (compressed, if it is) consumed so far."""
-        return self._source.compressed_bytes_read
+        return self._progress()
 
     def __iter__(self) -> Iterator[ParsedRow | RowProblem]:
         rows, self._rows = self._rows, None
@@ -544,12 +583,37 @@ def parse_file(
 ) -> ParsedFile:
     """Start reading an uploaded file from its current position.
 
-    `encoding` (else ``options.encoding``) is the encoding found when the file was stored. If
-    neither is given, a seekable `raw` is read once through :class:`EncodingSniffer` and rewound;
-    a stream that cannot seek is judged on its first 64 KiB. The header of a delimited file is
-    read here, so header problems and an empty file raise at once; record problems come out of
-    the iteration as :class:`RowProblem`.
+    XLSX workbooks and Parquet files are told by their first bytes, before anything else, and
+    read by :mod:`sluice.tabular`. For text, `encoding` (else ``options.encoding``) is the
+    encoding found when the file was stored. If neither is given, a seekable `raw` is read once
+    through :class:`EncodingSniffer` and rewound; a stream that cannot seek is judged on its
+    first 64 KiB. The header is read here, so header problems and an empty file raise at once;
+    record problems come out of the iteration as :class:`RowProblem`.
     """
+    magic, taken = _take_magic(raw)
+    kind = binary_format(magic)
+    if kind == "xls":
+        raise FileFormatError(XLS_REFUSED)
+    if options.format in ("xlsx", "parquet") or (kind is not None and options.format == "auto"):
+        # sluice.tabular imports this module; loading it here also keeps openpyxl (and pyarrow)
+        # out of the processes that only ever read text.
+        from sluice.tabular import read_parquet, read_xlsx
+
+        wanted = kind if options.format == "auto" else options.format
+        if kind != wanted:
+            raise FileFormatError(_NOT_BINARY[options.format])
+        seekable = raw if raw.seekable() else _spooled(raw, taken)
+        if wanted == "xlsx":
+            return read_xlsx(seekable, options)
+        return read_parquet(seekable, options)
+    if kind is not None:
+        what = "an XLSX workbook" if kind == "xlsx" else "a Parquet file"
+        raise FileFormatError(
+            f"the file is {what}, but this import reads {options.format} (format is set to "
+            f"{options.format!r}): set format to 'auto' or {kind!r} to read it, or upload the "
+            f"data as {options.format}"
+        )
+
     chosen = encoding if encoding is not None else options.encoding
     if chosen is not None:
         chosen = _normalize_encoding(chosen)
@@ -566,7 +630,11 @@ def parse_file(
         raw.seek(start)
 
     source = _Source(
-        raw, options.compression, options.max_decompressed_bytes, options.max_compression_ratio
+        raw,
+        options.compression,
+        options.max_decompressed_bytes,
+        options.max_compression_ratio,
+        head=taken,
     )
     head, at_end = source.peek_head(_HEAD_BYTES)
     content = head.removeprefix(_BOM).lstrip(_SPACE_BYTES)
@@ -594,7 +662,7 @@ def parse_file(
     decode_as = "utf-8" if chosen == "utf-8-sig" else chosen
 
     fmt: Literal["csv", "jsonl", "json"]
-    if options.format != "auto":
+    if options.format in ("csv", "jsonl", "json"):
         fmt = options.format
     elif content.startswith(b"["):
         fmt = "json"
@@ -628,6 +696,61 @@ def parse_file(
     return ParsedFile(
         sniffed, header, _delimited_rows(records, len(header), source, decode_as), source
     )
+
+
+_NOT_BINARY = {
+    "xlsx": (
+        "format is set to 'xlsx' but the file is not an XLSX workbook: it does not start with "
+        "the ZIP signature (50 4B 03 04). Upload the .xlsx file as Excel saved it (not "
+        "compressed again), or set format to 'auto'"
+    ),
+    "parquet": (
+        "format is set to 'parquet' but the file is not a Parquet file: it does not start with "
+        "'PAR1'. Upload the .parquet file as it was written (not compressed again), or set "
+        "format to 'auto'"
+    ),
+}
+
+
+def binary_format(magic: bytes) -> Literal["xlsx", "parquet", "xls"] | None:
+    """The binary format a file's first bytes (as stored) announce, None for anything else.
+
+    ``"xls"`` is Microsoft's old binary Office format (OLE), which Sluice refuses.
+    """
+    if magic.startswith(_ZIP_MAGIC):
+        return "xlsx"
+    if magic.startswith(_PARQUET_MAGIC):
+        return "parquet"
+    if magic.startswith(_OLE_MAGIC):
+        return "xls"
+    return None
+
+
+def _take_magic(raw: BinaryIO) -> tuple[bytes, bytes]:
+    """The first bytes of `raw`, and those of them that must be read again: none if `raw` can
+    seek (it is rewound), all of them if it cannot."""
+    if raw.seekable():
+        start = raw.tell()
+        magic = raw.read(MAGIC_BYTES)
+        raw.seek(start)
+        return magic, b""
+    magic = b""
+    while len(magic) < MAGIC_BYTES:
+        data = raw.read(MAGIC_BYTES - len(magic))
+        if not data:
+            break
+        magic += data
+    return magic, magic
+
+
+def _spooled(raw: BinaryIO, taken: bytes) -> BinaryIO:
+    """A seekable copy of a stream that cannot seek: XLSX and Parquet are read from their end
+    (the ZIP directory, the Parquet footer). The copy is deleted once it is closed."""
+    spool = tempfile.TemporaryFile()
+    spool.write(taken)
+    shutil.copyfileobj(raw, spool, _READ_BYTES)
+    spool.seek(0)
+    return spool
 
 
 def _detect_delimiter(sample: str, *, complete: bool) -> str:
@@ -688,20 +811,29 @@ def _read_header(
             f"{', '.join(empty)} of {len(header)} ({separator}-separated). Name every column "
             f"or delete the empty ones; a {separator} at the end of the line also makes one"
         )
+    refuse_duplicate_names(header, "the first line")
+    return header
+
+
+def refuse_duplicate_names(
+    header: list[str], where: str, label: Callable[[int], str] = str
+) -> None:
+    """Raise :class:`FileFormatError` if `header` names a column more than once: the mapping
+    from names to fields would be ambiguous. `where` says where the header is; `label` names a
+    column by its 1-based position (a number, or a spreadsheet's column letter)."""
     positions: dict[str, list[int]] = {}
     for index, name in enumerate(header, 1):
         positions.setdefault(name, []).append(index)
     duplicates = [
-        f"{name!r} (columns {', '.join(map(str, where))})"
-        for name, where in positions.items()
-        if len(where) > 1
+        f"{name!r} (columns {', '.join(map(label, at))})"
+        for name, at in positions.items()
+        if len(at) > 1
     ]
     if duplicates:
         raise FileFormatError(
-            f"the header row (the first line) names a column more than once: "
+            f"the header row ({where}) names a column more than once: "
             f"{'; '.join(duplicates)}. Rename the columns so each name is unique"
         )
-    return header
 
 
 def _delimited_rows(

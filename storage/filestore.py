@@ -14,7 +14,15 @@ import asyncpg
 
 from schemas.events import FileRef
 from sluice.errors import FileTooLarge
-from sluice.formats import EncodingSniffer, FileFormatError, FormatOptions, check_decompression
+from sluice.formats import (
+    MAGIC_BYTES,
+    XLS_REFUSED,
+    EncodingSniffer,
+    FileFormatError,
+    FormatOptions,
+    binary_format,
+    check_decompression,
+)
 
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -35,7 +43,12 @@ class FileStore(Protocol):
 
 
 class _Inspector:
-    """Hashes the stored bytes and decides compression and text encoding in the same single pass."""
+    """Hashes the stored bytes and decides compression and text encoding in the same single pass.
+
+    A file whose first bytes announce an XLSX workbook or a Parquet file is not text: it gets no
+    encoding and no error (it is read as what it is when it is split). An old binary Office
+    file (.xls) gets the reason it cannot be read as its error.
+    """
 
     def __init__(self, max_decompressed: int, max_ratio: int) -> None:
         self.sha = hashlib.sha256()
@@ -48,21 +61,32 @@ class _Inspector:
         self._max_decompressed = max_decompressed
         self._max_ratio = max_ratio
         self.error: str | None = None
-        self._head = b""  # the first bytes, until there are enough to tell gzip
+        self.binary: str | None = None  # "xlsx", "parquet" or "xls", told by the first bytes
+        self._head = b""  # the first bytes, until there are enough to tell the format
 
     def feed(self, chunk: bytes) -> None:
         self.sha.update(chunk)
         self.size += len(chunk)
         if self.compression is None:
-            # The signature may arrive split over two chunks: decide on two bytes, not one.
+            # The signatures may arrive split over chunks: decide on all their bytes at once.
             self._head += chunk
-            if len(self._head) < len(GZIP_MAGIC):
+            if len(self._head) < MAGIC_BYTES:
                 return
             chunk, self._head = self._head, b""
-            self.compression = "gzip" if chunk[:2] == GZIP_MAGIC else "none"
-            if self.compression == "gzip":
-                self._gunzip = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        if self.error is not None:
+            self._start(chunk)
+        self._inspect(chunk)
+
+    def _start(self, head: bytes) -> None:
+        """Decide compression and binary formats on the first bytes of the file."""
+        self.compression = "gzip" if head[:2] == GZIP_MAGIC else "none"
+        if self.compression == "gzip":
+            self._gunzip = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self.binary = binary_format(head)
+        if self.binary == "xls":
+            self.error = XLS_REFUSED
+
+    def _inspect(self, chunk: bytes) -> None:
+        if self.error is not None or self.binary is not None:
             return
         try:
             if self._gunzip is not None:
@@ -115,12 +139,11 @@ class _Inspector:
         self._sniffer.feed(data)
 
     def encoding(self) -> str | None:
-        if self.compression is None:  # a file of fewer than two bytes
+        if self.compression is None:  # a file shorter than the longest signature
             head, self._head = self._head, b""
-            self.compression = "none"
-            if head:
-                self._sniff(head)
-        if self.error is not None:
+            self._start(head)
+            self._inspect(head)
+        if self.error is not None or self.binary is not None:
             return None
         try:
             return self._sniffer.result()

@@ -10,6 +10,7 @@ import os
 
 from schemas.runs import DuplicatePolicy
 from sluice.importers.dsl import Field, Importer, Schedule, UriKey
+from sluice.lookups import Lookup
 from sluice.sources.base import (
     ApiSource,
     FilesystemSource,
@@ -226,3 +227,49 @@ fresh_scoped = refreshing("t_fresh_scoped", refresh_scope=("supplier",))
 fresh_soft = refreshing("t_fresh_soft", fresh=True, soft_delete_column="deleted_at")
 skip_dup = dataclasses.replace(items("t_skipdup"), skip_duplicate_files=True)
 provenance = items("t_prov")
+
+
+# ---------------------------------------------------------------- lookups
+
+# Products name their supplier by code; the table stores suppliers.id (tests/test_lookups.py
+# creates t_lookup_suppliers). Small batches: a file makes many, each resolved by one query.
+lookup_products = Importer(
+    slug="t_lookup",
+    table="t_lookup",
+    key=("sku",),
+    fields=(
+        Field("sku", "text"),
+        Field("name", "text", required=True),
+        Field("supplier_code", "text", aliases=("supplier",)),
+    ),
+    lookups=(Lookup("supplier_code", "t_lookup_suppliers", "code", "supplier_id"),),
+    batch_size=200,
+)
+
+
+# ---------------------------------------------------------------- XLSX and Parquet
+
+
+def typed(slug: str) -> Importer:
+    """One column of each type, for the same rows written as CSV, XLSX and Parquet
+    (tests/test_tabular.py)."""
+    return Importer(
+        slug=slug,
+        table=slug,
+        key=("id",),
+        fields=(
+            Field("id", "integer"),
+            Field("name", "text", required=True),
+            Field("code", "text"),
+            Field("qty", "integer"),
+            Field("price", "numeric"),
+            Field("day", "date"),
+            Field("active", "boolean"),
+            Field("seen_at", "timestamptz"),
+        ),
+    )
+
+
+typed_csv = typed("t_typed_csv")
+typed_xlsx = typed("t_typed_xlsx")
+typed_parquet = typed("t_typed_parquet")

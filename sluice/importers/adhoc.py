@@ -35,7 +35,8 @@ _CANDIDATES = (
     ("numeric", _NUM.fullmatch),
     ("boolean", lambda v: v.lower() in _BOOL),
     ("date", _DATE.fullmatch),
-    ("timestamptz", _TS.fullmatch),
+    # Dates among timestamps (an Excel midnight reads as a date) keep the column a timestamp.
+    ("timestamptz", lambda v: _TS.fullmatch(v) or _DATE.fullmatch(v)),
 )
 
 

@@ -26,6 +26,7 @@ from typing import Any
 from schemas.runs import DuplicatePolicy
 from schemas.webhooks import DEFAULT_WEBHOOK_EVENTS, check_webhook_target
 from sluice.formats import FormatOptions
+from sluice.lookups import Lookup
 from sluice.sources.base import PullSource
 
 # Column types an importer can declare: the Python type pydantic validates into, and the
@@ -181,6 +182,9 @@ class Importer:
     refresh_scope: tuple[str, ...] = ()
     soft_delete_column: str | None = None
     refresh_max_failed: int = 0
+    # Columns filled from another table by a natural key (supplier_id from suppliers.code),
+    # resolved per batch by one query each (sluice.lookups).
+    lookups: tuple[Lookup, ...] = ()
 
     def __post_init__(self) -> None:
         if self.pull is not None and self.pull.kind not in self.sources:
@@ -199,6 +203,23 @@ class Importer:
         names = [f.name for f in self.output_fields()]
         if len(set(names)) != len(names):
             raise ValueError(f"importer {self.slug!r}: a field name appears twice in {names}")
+        for lookup in self.lookups:
+            if lookup.field not in {f.name for f in self.fields}:
+                raise ValueError(
+                    f"importer {self.slug!r}: lookup field {lookup.field!r} is not a field;"
+                    " the natural key is read from the file like any field: declare it"
+                )
+            if lookup.target == lookup.field:
+                raise ValueError(
+                    f"importer {self.slug!r}: lookup target {lookup.target!r} is its natural-key"
+                    " field; name the column that receives the key differently"
+                )
+            if lookup.target in self.key_columns:
+                raise ValueError(
+                    f"importer {self.slug!r}: lookup target {lookup.target!r} is a key column,"
+                    " but batches are routed by key before lookups run; key the table by the"
+                    f" natural key {lookup.field!r} instead"
+                )
         for k in self.key_columns:
             if k not in names:
                 raise ValueError(f"importer {self.slug!r}: key column {k!r} is not a field")
@@ -221,6 +242,9 @@ class Importer:
             out.insert(0, Field(self.key.column, "text"))
         if self.soft_delete_column is not None:
             out.append(Field(self.soft_delete_column, "timestamptz"))
+        for lookup in self.lookups:
+            if lookup.target not in {f.name for f in out}:
+                out.append(Field(lookup.target, lookup.target_type))
         return out
 
     def describe(self) -> dict[str, Any]:

@@ -88,7 +88,10 @@ def test_upload_names_are_labels_without_paths(name: str | None, kept: str) -> N
         ("image/png", True),
         ("application/pdf", True),
         ("application/zip", True),
-        ("application/vnd.openxmlformats-officedocument.spreadsheetml.sheet", True),
+        ("application/vnd.openxmlformats-officedocument.spreadsheetml.sheet", False),  # .xlsx
+        ("application/vnd.apache.parquet", False),
+        ("application/vnd.openxmlformats-officedocument.wordprocessingml.document", True),
+        ("application/vnd.oasis.opendocument.spreadsheet", True),
     ],
 )
 def test_declared_binary_types_are_refused(kind: str | None, refused: bool) -> None:
