@@ -25,9 +25,9 @@ from sluice.formats import FileFormatError, FormatOptions, ParsedFile, ParsedRow
 from sluice.importers.adhoc import ADHOC, DEFAULT_NULL_MARKERS, adhoc_importer, infer_fields
 from sluice.importers.dsl import Importer, normalize_header
 from sluice.importers.evolve import SchemaChange, evolve_table
-from sluice.lookups import LookupResolver
 from sluice.mapping import Record, RecordMapper, cell_text
 from sluice.runtime import Runtime
+from storage.lookups import LookupResolver
 from storage.runs import RunRepository
 from storage.tables import describe_table, ensure_table, has_unique_key
 from storage.writer import Refresh, TargetPlan
@@ -49,6 +49,7 @@ def plan_for(importer: Importer) -> TargetPlan:
         key=importer.key_columns,
         policy=importer.policy,
         version_column=importer.version_column,
+        lookups=importer.lookups,
     )
 
 
@@ -284,6 +285,11 @@ async def _split(
         await runs.finish_split(run_id, 0, 0)
         return
     plan, changes = await _table_plan(rt, importer, request, mapper, sample)
+    if plan.lookups:
+        # A lookup that cannot work (no such table or column) fails the run here, before any
+        # batch: batches resolve their lookups as they are applied.
+        async with (await rt.pool()).acquire() as conn:
+            await LookupResolver(plan.lookups).prepare(conn)
     # A split done again after a crash finds its changes made already: keep the first report.
     provenance["schema_changes"] = [c.to_json() for c in changes] or list(earlier_changes)
     await runs.save_provenance(run_id, provenance)
@@ -295,19 +301,10 @@ async def _split(
         settings.kafka.max_message_bytes,
     )
     run_key = str(run_id)
-    resolver = LookupResolver(importer.lookups) if importer.lookups else None
 
     async def emit(partition: int, rows: list[Record]) -> None:
-        """Send one batch, its lookups resolved first (one query per lookup and batch). Rows a
-        lookup rejects are counted as failed here, so a batch they empty is not sent at all."""
-        if resolver is not None:
-            async with (await rt.pool()).acquire() as conn:
-                rows, rejected = await resolver.resolve(conn, rows, dry_run=request.dry_run)
-            if rejected:
-                await runs.record_rejections(run_id, rejected)
-        if rows:
-            for key, value in router.encode(run_key, rows):
-                await send(partition, key, value)
+        for key, value in router.encode(run_key, rows):
+            await send(partition, key, value)
 
     total = 0
     last_report = time.monotonic()

@@ -8,6 +8,8 @@ whose statement fails on bad data is bisected to isolate the bad rows, which go 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -18,6 +20,7 @@ import orjson
 
 from schemas.events import LifecycleEventType, RowBatch, decode_rows
 from schemas.runs import DuplicatePolicy
+from storage.lookups import Lookup, LookupResolver
 from storage.runs import (
     RUN_COLUMNS,
     RowFailure,
@@ -27,21 +30,13 @@ from storage.runs import (
     run_from_record,
 )
 
+# Re-exported: the modules that build and apply batches know them from here.
+from storage.sql import ROW as ROW
+from storage.sql import ROW_ERRORS as ROW_ERRORS
+from storage.sql import SUB as SUB
+from storage.sql import quote_ident as quote_ident
+
 log = logging.getLogger(__name__)
-
-ROW = "_sluice_row"
-SUB = "_sluice_sub"
-
-# SQLSTATE classes 22 (data exception) and 23 (integrity constraint violation) are the row's
-# fault; everything else (connection, serialization, deadlock) is transient.
-ROW_ERRORS: tuple[type[BaseException], ...] = (
-    asyncpg.exceptions.DataError,
-    asyncpg.exceptions.IntegrityConstraintViolationError,
-)
-
-
-def quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 Also = Callable[[asyncpg.Connection], Awaitable[None]]
@@ -69,6 +64,7 @@ class TargetPlan:
     version_column: str | None = None
     schema: str = "public"
     refresh: Refresh | None = None
+    lookups: tuple[Lookup, ...] = ()
 
     @property
     def qualified(self) -> str:
@@ -89,6 +85,7 @@ class TargetPlan:
                 "soft_delete": self.refresh.soft_delete,
                 "max_failed": self.refresh.max_failed,
             },
+            "lookups": [dataclasses.asdict(lookup) for lookup in self.lookups],
         }
 
     @classmethod
@@ -107,6 +104,7 @@ class TargetPlan:
             )
             if data.get("refresh")
             else None,
+            lookups=tuple(Lookup(**lookup) for lookup in data.get("lookups", ())),
         )
 
     def create_table_sql(self) -> str:
@@ -236,6 +234,7 @@ class Statements:
                 f" FROM json_to_recordset($1::text::json) AS x({recordset})"
                 " ON CONFLICT DO NOTHING"
             )
+        self.lookups = LookupResolver(plan.lookups) if plan.lookups else None
         self.probe = {
             c: f"SELECT * FROM json_to_recordset($1::text::json) AS x({q(c)} {t})"
             for c, t in plan.columns
@@ -336,13 +335,26 @@ class BatchApplier:
                     return "duplicate"
                 if also is not None:
                     await also(conn)
+                text, resolved = batch.rows_json, None
+                unresolved: list[RowFailure] = []
+                if stmts.lookups is not None:
+                    # In the batch's transaction: the marker makes the answers count once,
+                    # whatever the referenced tables hold when a batch is delivered again.
+                    resolved, unresolved = await stmts.lookups.resolve(
+                        conn, batch.rows(), dry_run=dry_run
+                    )
+                    text = orjson.dumps(resolved, default=str).decode()
                 if stmts.keys is not None and not dry_run:
-                    await conn.execute(stmts.keys, batch.rows_json, batch.run_id)
+                    await conn.execute(stmts.keys, text, batch.run_id)
                 if isolate:
-                    counts = await self.apply_rows(conn, stmts, batch.rows_json, None, dry_run)
+                    counts = await self.apply_rows(conn, stmts, text, resolved, dry_run)
                 else:
                     sql = stmts.dry if dry_run else stmts.apply
-                    counts = stmts.counts(await conn.fetchrow(sql, batch.rows_json), batch.rows)
+                    record = await conn.fetchrow(sql, text)
+                    rows = batch.rows if resolved is None else functools.partial(list, resolved)
+                    counts = stmts.counts(record, rows)
+                counts.rows += len(unresolved)
+                counts.failures.extend(unresolved)
                 failed = 0
                 if counts.failures:
                     failed = await insert_row_failures(

@@ -14,7 +14,7 @@ import pytest
 from schemas.runs import RunStatus
 from sluice.client import Client
 from sluice.errors import MappingError
-from sluice.lookups import Lookup, LookupResolver
+from storage.lookups import Lookup, LookupResolver
 from storage.writer import ROW, SUB
 from tests.conftest import Stack, finish, unique
 
@@ -40,12 +40,20 @@ def records(codes: list[str | None]) -> list[dict[str, Any]]:
     ]
 
 
+_CONTROL = ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE")
+
+
 class Queries:
-    """The statements a connection sends, as its query logger reports them."""
+    """The queries a connection sends, as its query logger reports them (transaction control
+    left out: create_missing runs its statement in a savepoint)."""
 
     def __init__(self, conn: asyncpg.Connection) -> None:
         self.sql: list[str] = []
-        conn.add_query_logger(lambda q: self.sql.append(q.query))
+        conn.add_query_logger(
+            lambda q: (
+                None if q.query.lstrip().upper().startswith(_CONTROL) else self.sql.append(q.query)
+            )
+        )
 
     async def since(self, start: int) -> list[str]:
         await asyncio.sleep(0)  # asyncpg calls the loggers with loop.call_soon
@@ -242,3 +250,19 @@ async def test_an_import_resolves_lookups_batch_by_batch(
     assert failed[0]["reason"].startswith(
         f"supplier_code 'GONE7' has no match in public.{table}.code (lookup for supplier_id)"
     )
+
+
+async def test_a_value_the_database_refuses_rejects_only_its_rows(db: asyncpg.Connection) -> None:
+    """A domain's CHECK is PostgreSQL's to judge: when it refuses a value, the batch is
+    resolved value by value (in savepoints) and only that value's rows are rejected."""
+    domain, table = unique("sup_code"), unique("sup_dom")
+    await db.execute(f"CREATE DOMAIN {domain} AS text CHECK (VALUE ~ '^S[0-9]+$')")
+    await db.execute(f"CREATE TABLE {table} (id serial PRIMARY KEY, code {domain} NOT NULL UNIQUE)")
+    await db.execute(f"INSERT INTO {table} (code) VALUES ('S1'), ('S2')")
+    resolver = LookupResolver([Lookup("supplier_code", table, "code", "supplier_id")])
+    async with db.transaction():  # as in a batch's transaction
+        resolved, rejected = await resolver.resolve(db, records(["S1", "bad!", "S2", "bad!"]))
+        assert await db.fetchval("SELECT 1") == 1  # the transaction is still usable
+    assert [r["supplier_code"] for r in resolved] == ["S1", "S2"]
+    assert [(f.row_number, f.reason) for f in rejected][0][0] == 2
+    assert len(rejected) == 2 and all("bad!" in f.reason and domain in f.reason for f in rejected)

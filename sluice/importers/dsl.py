@@ -26,8 +26,8 @@ from typing import Any
 from schemas.runs import DuplicatePolicy
 from schemas.webhooks import DEFAULT_WEBHOOK_EVENTS, check_webhook_target
 from sluice.formats import FormatOptions
-from sluice.lookups import Lookup
 from sluice.sources.base import PullSource
+from storage.lookups import Lookup
 
 # Column types an importer can declare: the Python type pydantic validates into, and the
 # PostgreSQL type of the target column.
@@ -183,7 +183,7 @@ class Importer:
     soft_delete_column: str | None = None
     refresh_max_failed: int = 0
     # Columns filled from another table by a natural key (supplier_id from suppliers.code),
-    # resolved per batch by one query each (sluice.lookups).
+    # resolved per batch by one query each (storage.lookups).
     lookups: tuple[Lookup, ...] = ()
 
     def __post_init__(self) -> None:

@@ -8,8 +8,9 @@ A products file carries ``supplier_code``; the products table wants ``supplier_i
 Per batch and lookup, one query fetches the keys of every distinct code in the batch, so a
 batch of 5,000 rows costs one index scan, not 5,000. A record whose code has no match is
 rejected with a reason that says what to add; ``create_missing`` inserts the missing codes
-instead. The referenced table's column types are read from the catalog once per resolver (one
-per split), not per batch.
+instead. Lookups run in the batch's transaction, after its marker: a batch delivered again is
+skipped whole, so its rows are counted once even when the referenced table changed in between.
+The referenced table's column types are read from the catalog once per plan, not per batch.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import orjson
 
 from sluice.errors import MappingError
 from storage.runs import RowFailure
-from storage.writer import ROW, ROW_ERRORS, SUB, quote_ident
+from storage.sql import ROW, ROW_ERRORS, SUB, quote_ident
 
 # sluice.mapping.Record; not imported from there, as sluice.mapping imports this module (dsl).
 Record = dict[str, Any]
@@ -73,6 +74,7 @@ SELECT l.i,
        quote_ident(tn.nspname) || '.' || quote_ident(t.typname) AS cast_type,
        format_type(m.atttypid, m.atttypmod) AS shown_type,
        m.atttypmod AS typmod,
+       t.typtype = 'd' AS is_domain,
        EXISTS (SELECT 1 FROM pg_index x WHERE x.indrelid = c.oid AND x.indisunique
                AND x.indisvalid AND x.indpred IS NULL AND x.indnkeyatts = 1
                AND x.indkey[0] = m.attnum) AS unique_match,
@@ -115,6 +117,9 @@ class _Column:
     cast_type: str  # the type without its modifier: a cast to varchar(3) would truncate
     shown_type: str
     max_length: int | None
+    # A value can fail in the database although it passed convert(): the domain's CHECK, or
+    # the referenced table's constraints when creating it. Its query then runs in a savepoint.
+    guarded: bool
 
     def convert(self, value: Any) -> tuple[Hashable, Any]:
         """The value as (comparison key, query parameter); ValueError says why it cannot be
@@ -171,8 +176,9 @@ class _Column:
 
 
 class LookupResolver:
-    """Resolves the lookups of one importer, batch after batch. Build one per split: the first
-    ``resolve`` reads the match columns' types from the catalog, the next ones reuse them."""
+    """Resolves the lookups of one plan, batch after batch, in each batch's transaction (the
+    writer keeps one per plan): the first ``resolve`` reads the match columns' types from the
+    catalog, the next ones reuse them."""
 
     def __init__(self, lookups: Sequence[Lookup]) -> None:
         self.lookups = tuple(lookups)
@@ -269,6 +275,7 @@ def _check(lookup: Lookup, row: asyncpg.Record) -> _Column:
         cast_type=row["cast_type"],
         shown_type=row["shown_type"],
         max_length=row["typmod"] - 4 if limited else None,
+        guarded=bool(row["is_domain"]) or lookup.create_missing,
     )
 
 
@@ -295,11 +302,16 @@ async def _resolve_one(
             continue
         keys.append(key)
         params.setdefault(key, param)
-    found = await _fetch(conn, column, params) if params else {}
+    found, refused = await _fetch_guarded(conn, column, params) if params else ({}, {})
     out: list[Record] = []
     for i, (record, key) in enumerate(zip(records, keys, strict=True)):
         reason = invalid.get(i)
-        if reason is None and key is not None:
+        if reason is None and key in refused:
+            reason = (
+                f"{lookup.field} {_text(record[lookup.field])!r}: {refused[key]} (lookup for"
+                f" {lookup.target} in {lookup.qualified}); correct it in the file"
+            )
+        elif reason is None and key is not None:
             matches = found.get(key)
             if not matches:
                 reason = _not_found(lookup, record[lookup.field])
@@ -334,6 +346,30 @@ def _not_found(lookup: Lookup, value: Any) -> str:
     )
 
 
+async def _fetch_guarded(
+    conn: asyncpg.Connection, column: _Column, params: dict[Hashable, Any]
+) -> tuple[dict[Hashable, list[Any]], dict[Hashable, str]]:
+    """The keys of the wanted values, and the values PostgreSQL refused (comparison key ->
+    its message). A refusal is possible only for a guarded column: its query runs in a
+    savepoint, and when it fails, value by value, so one bad value rejects only its rows."""
+    if not column.guarded:
+        return await _fetch(conn, column, params), {}
+    try:
+        async with conn.transaction():
+            return await _fetch(conn, column, params), {}
+    except ROW_ERRORS:
+        pass
+    found: dict[Hashable, list[Any]] = {}
+    refused: dict[Hashable, str] = {}
+    for key, param in params.items():
+        try:
+            async with conn.transaction():
+                found.update(await _fetch(conn, column, {key: param}))
+        except ROW_ERRORS as exc:
+            refused[key] = str(getattr(exc, "message", exc))
+    return found, refused
+
+
 async def _fetch(
     conn: asyncpg.Connection, column: _Column, params: dict[Hashable, Any]
 ) -> dict[Hashable, list[Any]]:
@@ -358,14 +394,7 @@ async def _fetch(
         f" ON CONFLICT ({match}) DO NOTHING RETURNING {match} AS k, {returns} AS v)"
         " SELECT k, v FROM found UNION ALL SELECT k, v FROM made"
     )
-    try:
-        found = _by_key(column, await conn.fetch(upsert, values))
-    except ROW_ERRORS as exc:
-        raise MappingError(
-            f"lookup for {lookup.target}: creating the missing rows of {lookup.qualified}"
-            f" failed: {getattr(exc, 'message', exc)}; fix {lookup.qualified} (defaults,"
-            " constraints) or add the rows yourself"
-        ) from exc
+    found = _by_key(column, await conn.fetch(upsert, values))
     raced = [p for k, p in params.items() if k not in found]
     if raced:  # committed by the other import by now: ON CONFLICT waited for it
         found.update(_by_key(column, await conn.fetch(select, raced)))
