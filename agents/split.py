@@ -22,7 +22,13 @@ import orjson
 from schemas.events import ImportRequested
 from sluice.errors import MappingError, TerminalError
 from sluice.formats import FileFormatError, FormatOptions, ParsedFile, ParsedRow, parse_file
-from sluice.importers.adhoc import ADHOC, DEFAULT_NULL_MARKERS, adhoc_importer, infer_fields
+from sluice.importers.adhoc import (
+    ADHOC,
+    DEFAULT_NULL_MARKERS,
+    adhoc_importer,
+    infer_fields,
+    to_existing_columns,
+)
 from sluice.importers.dsl import Importer, normalize_header
 from sluice.importers.evolve import SchemaChange, evolve_table
 from sluice.mapping import Record, RecordMapper, cell_text
@@ -126,12 +132,14 @@ async def resolve_importer(
     else:
         header = parsed_header
         rows = [[cell_text(v) for v in r.values] for r in sample if isinstance(r.values, list)]
-    importer = adhoc_importer(
-        table, key, infer_fields(header, rows, nulls), schema=schema, null_markers=nulls
-    )
+    # JSON keeps its strings ("NA" is a value there; JSON has null): no markers for it.
+    fields = infer_fields(header, rows, nulls if parsed_header is not None else ())
     pool = await rt.pool()
     async with pool.acquire() as conn:
         existing = await describe_table(conn, schema, table)
+        if existing is not None:
+            fields = to_existing_columns(fields, [c for c, _ in existing])
+        importer = adhoc_importer(table, key, fields, schema=schema, null_markers=nulls)
         if existing is not None and not await has_unique_key(
             conn, schema, table, importer.key_columns
         ):
@@ -173,19 +181,15 @@ async def _table_plan(
     records, _ = mapper.map_rows(sample)
     samples = {f.name: [cell_text(r.get(f.name)) for r in records] for f in importer.fields}
     async with pool.acquire() as conn:
-        existing = await describe_table(conn, importer.schema, importer.table)
-        changes: list[SchemaChange] = []
-        if existing is None:
-            await ensure_table(conn, plan)
-        else:
-            changes = await evolve_table(
-                conn,
-                importer.schema,
-                importer.table,
-                importer.fields,
-                samples,
-                apply=request.options.get("evolve", True) and not request.dry_run,
-            )
+        changes = await evolve_table(
+            conn,
+            importer.schema,
+            importer.table,
+            importer.fields,
+            samples,
+            create_sql=plan.create_table_sql(),
+            apply=request.options.get("evolve", True) and not request.dry_run,
+        )
         existing = await describe_table(conn, importer.schema, importer.table)
     types = dict(existing or [])
     plan = TargetPlan(
@@ -268,7 +272,10 @@ async def _split(
     if request.importer != ADHOC:
         options = rt.registry.get(request.importer).format
     else:
-        options = FormatOptions(sheet=request.options.get("sheet"))
+        try:
+            options = FormatOptions(sheet=request.options.get("sheet"))
+        except ValueError as exc:
+            raise FileFormatError(str(exc)) from None
     if request.options.get("format") == "jsonl":  # a retry file: the rejected records
         options = FormatOptions(format="jsonl", encoding="utf-8")
     parsed = parse_file(raw, options, encoding=request.file.encoding)
@@ -277,8 +284,11 @@ async def _split(
     sample = [r for r in head if isinstance(r, ParsedRow)]
     importer = await resolve_importer(rt, request, parsed.header, sample)
     mapper = RecordMapper(importer, parsed.header)
-    earlier_changes = await runs.schema_changes(run_id)
+    # A split done again (after a crash, or a retry) finds its schema changes made already:
+    # the first report stands.
+    earlier_changes = list(await runs.schema_changes(run_id))
     provenance = await describe_source(rt, request, parsed, mapper)
+    provenance["schema_changes"] = earlier_changes
     await runs.save_provenance(run_id, provenance)
     if provenance["duplicate_of"] and importer.skip_duplicate_files:
         log.info("run %s: the same file as run %s; skipped", run_id, provenance["duplicate_of"])
@@ -290,8 +300,7 @@ async def _split(
         # batch: batches resolve their lookups as they are applied.
         async with (await rt.pool()).acquire() as conn:
             await LookupResolver(plan.lookups).prepare(conn)
-    # A split done again after a crash finds its changes made already: keep the first report.
-    provenance["schema_changes"] = [c.to_json() for c in changes] or list(earlier_changes)
+    provenance["schema_changes"] = [c.to_json() for c in changes] or earlier_changes
     await runs.save_provenance(run_id, provenance)
     await runs.save_plan(run_id, plan.to_json(), mapper.mapping)
     router = BatchRouter(

@@ -40,19 +40,20 @@ from streams.admin import ensure_topics
 log = logging.getLogger(__name__)
 
 
-def start_message(value: bytes | None) -> TriggerRequested | None:
+def start_message(value: bytes | None) -> TriggerRequested | ValidationError | None:
     """A message on the requests topic that asks to start an import of a pull source (the
-    shape of a run-less trigger, no stored file), or None."""
+    shape of a run-less trigger: no run id, no stored file), what is wrong with one that tries,
+    or None for anything else (a broken ImportRequested: its own errors say why)."""
     try:
         data = orjson.loads(value or b"")
     except orjson.JSONDecodeError:
         return None
     if not isinstance(data, dict) or "file" in data or data.get("run_id") is not None:
-        return None  # a broken ImportRequested: the dead-letter topic says why
+        return None
     try:
         return TriggerRequested.model_validate(data)
-    except ValidationError:
-        return None
+    except ValidationError as exc:
+        return exc
 
 
 def create_app(rt: Runtime, *, app_id: str = "sluice", hooks: HookSet | None = None) -> faust.App:
@@ -150,13 +151,17 @@ def create_app(rt: Runtime, *, app_id: str = "sluice", hooks: HookSet | None = N
                 request = ImportRequested.model_validate_json(event.value)
             except ValidationError as exc:
                 start = start_message(event.value)
-                if start is not None:
+                if isinstance(start, TriggerRequested):
                     # A producer outside Sluice asked for an import of a pull source: the
                     # fetch agent creates its run (idempotent by request_id).
                     key = (start.request_id or start.importer).encode()
                     await triggers.send(key=key, value=event.value)
-                    continue
-                await dead_letter(event, f"not a valid import request: {exc.errors()[:3]}")
+                elif start is not None:
+                    await dead_letter(
+                        event, f"not a valid start message (a trigger): {start.errors()[:3]}"
+                    )
+                else:
+                    await dead_letter(event, f"not a valid import request: {exc.errors()[:3]}")
                 continue
 
             async def send(partition: int, key: bytes, value: bytes) -> None:

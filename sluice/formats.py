@@ -76,6 +76,7 @@ _FIX_ENCODING = (
 # Bytes that no Windows-1252 text file contains: C0 controls other than tab/LF/CR (NUL
 # included), and the five code points cp1252 leaves undefined.
 _NOT_CP1252 = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x81\x8d\x8f\x90\x9d]")
+_CONTROL_BYTE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 _JSON_SPACE = re.compile(r"[ \t\r\n]*")
 _JSON_SEPARATOR = re.compile(r"[ \t\r\n]*([,\]])")
 # Tokens for delimiter detection: a quoted field is skipped whole (a doubled quote inside it
@@ -592,6 +593,8 @@ def parse_file(
     """
     magic, taken = _take_magic(raw)
     kind = binary_format(magic)
+    if kind == "parquet" and raw.seekable() and _text_starting_with_par1(raw):
+        kind = None  # a header "PAR1_ID,...", say
     if kind == "xls":
         raise FileFormatError(XLS_REFUSED)
     if options.format in ("xlsx", "parquet") or (kind is not None and options.format == "auto"):
@@ -724,6 +727,20 @@ def binary_format(magic: bytes) -> Literal["xlsx", "parquet", "xls"] | None:
     if magic.startswith(_OLE_MAGIC):
         return "xls"
     return None
+
+
+def _text_starting_with_par1(raw: BinaryIO) -> bool:
+    """True for text that starts with PAR1: a Parquet file also ends with PAR1, and its first
+    page header holds control bytes. A damaged Parquet file (cut short) is still Parquet, to be
+    refused as such. `raw` is left where it was."""
+    start = raw.tell()
+    try:
+        head = raw.read(_HEAD_BYTES)
+        raw.seek(-min(len(_PARQUET_MAGIC), len(head)), io.SEEK_END)
+        ends_as_parquet = raw.read(len(_PARQUET_MAGIC)) == _PARQUET_MAGIC
+        return not ends_as_parquet and _CONTROL_BYTE.search(head) is None
+    finally:
+        raw.seek(start)
 
 
 def _take_magic(raw: BinaryIO) -> tuple[bytes, bytes]:

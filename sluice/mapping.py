@@ -174,11 +174,21 @@ class RecordMapper:
             self._adapter = TypeAdapter(list[typed])
             self._one = TypeAdapter(typed)
         self._uri = importer.key if isinstance(importer.key, UriKey) else None
-        self._nulls = frozenset({"", *importer.null_markers})
+        # Null markers ("NA", "-") read as null in delimited and spreadsheet cells, except in
+        # key columns ("NA" is Namibia's code); JSON has its own null and keeps its strings.
+        nulls = frozenset({"", *importer.null_markers})
+        blank_only = frozenset({""})
+        self._markers = len(nulls) > 1
+        self._nulls = nulls
+        self._cell_nulls = tuple(
+            blank_only if name in self._keys else nulls for name in self._names
+        )
         types = {f.name: f.type for f in self._validated_fields()}
         self._coercions = tuple(
             _CELL_COERCIONS.get(types.get(name, ""), _same) for name in self._names
         )
+        up = importer.unpivot
+        self._unpivot_cell = _CELL_COERCIONS.get(up.value_type, _same) if up else _same
         self._transforms = bool(importer.transforms)
 
     def _validated_fields(self) -> list[Field]:
@@ -253,19 +263,18 @@ class RecordMapper:
             if target is None:
                 continue
             if target not in out:
-                out[target] = _blank(v, self._nulls)
+                out[target] = _blank(v)
                 if not exact:
                     loose = loose or set()
                     loose.add(target)
             elif exact and loose and target in loose:
                 # A key spelled exactly as the field wins over a look-alike seen before it.
-                out[target] = _blank(v, self._nulls)
+                out[target] = _blank(v)
                 loose.discard(target)
         return out
 
     def _expand(self, row: ParsedRow) -> list[Record]:
         values = row.values
-        nulls = self._nulls
         if isinstance(values, dict):
             base = self._from_json(values)
         else:
@@ -275,14 +284,19 @@ class RecordMapper:
                 else [values[i] for i in self._index.values()]
             )
             try:  # delimited files: every cell is a str
-                if len(nulls) == 1:
+                if not self._markers:
                     cells = [v.strip() or None for v in picked]
                 else:
-                    cells = [None if (v := c.strip()) in nulls else v for c in picked]
+                    cells = [
+                        None if (v := c.strip()) in nulls else v
+                        for c, nulls in zip(picked, self._cell_nulls, strict=True)
+                    ]
             except AttributeError:  # typed cells (XLSX, Parquet)
                 cells = [
                     coerce(_blank(v, nulls))
-                    for v, coerce in zip(picked, self._coercions, strict=True)
+                    for v, coerce, nulls in zip(
+                        picked, self._coercions, self._cell_nulls, strict=True
+                    )
                 ]
             base = dict(zip(self._names, cells, strict=True))
         for transform in self.importer.transforms:
@@ -297,7 +311,7 @@ class RecordMapper:
             return [base]
         out = []
         for i, period in self.unpivot_cols:
-            cell = _blank(values[i], nulls)  # type: ignore[index]
+            cell = self._unpivot_cell(_blank(values[i], self._nulls))  # type: ignore[index]
             if cell is None and up.skip_empty:
                 continue
             out.append({**base, up.index_field: period, up.value_field: cell})

@@ -400,7 +400,9 @@ def _parquet_rows(
             for values in zip(*columns, strict=True):
                 number += 1
                 row = list(values)
-                reasons = []
+                reasons = [v.reason for v in row if isinstance(v, _Unrepresentable)]
+                if reasons:
+                    row = [None if isinstance(v, _Unrepresentable) else v for v in row]
                 for index in convert:
                     try:
                         row[index] = _plain(row[index])
@@ -423,12 +425,32 @@ def _column_values(pa: ModuleType, column: Any, name: str, cast: Any) -> list[An
         if cast is not None:
             column = column.cast(cast, safe=False)
         values: list[Any] = column.to_pylist()
+    except OverflowError:
+        # A date or timestamp past what Python holds (year 9999): only its rows are lost.
+        return [_one_value(pa, column, i, name) for i in range(len(column))]
     except (pa.ArrowException, ValueError) as exc:
         raise FileFormatError(
             f"column {name!r} of the Parquet file holds values Python cannot represent: {exc}. "
             f"Write the column with another type (microseconds for times, for example)"
         ) from exc
     return values
+
+
+class _Unrepresentable:
+    """A Parquet value Python cannot hold; the row it is in becomes a RowProblem."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _one_value(pa: ModuleType, column: Any, index: int, name: str) -> Any:
+    try:
+        return column[index].as_py()
+    except (OverflowError, ValueError, pa.ArrowException) as exc:
+        return _Unrepresentable(
+            f"column {name!r} holds a value Python cannot represent ({exc}); write it within "
+            f"the years 1 to 9999, or as text"
+        )
 
 
 def _plain(value: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from sluice.cli import summary
 from sluice.client import Client
 from sluice.importers.adhoc import DEFAULT_NULL_MARKERS, infer_type
 from sluice.importers.dsl import Field
-from sluice.importers.evolve import SchemaChange, plan_changes, widen
+from sluice.importers.evolve import SchemaChange, evolve_table, plan_changes, widen
 from tests.conftest import Stack, finish, unique
 
 
@@ -190,3 +191,49 @@ async def test_null_markers_are_configurable(
     rows = await db.fetch(f"SELECT id, note, n FROM {table} ORDER BY id")
     # Only "?" (and a blank cell) is null now: "NA" and "-" are values.
     assert [tuple(r) for r in rows] == [(1, "NA", None), (2, "-", 5)]
+
+
+@pytest.mark.stack
+async def test_markers_leave_key_columns_alone(
+    client: Client, stack: Stack, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    table = unique("countries")
+    path = tmp_path / "c.csv"
+    path.write_text("id,name,population\nNA,Namibia,2600000\nFR,France,-\n")
+    done = await _import(client, stack, path, table)
+    assert done.status is RunStatus.COMPLETED, done.error
+    rows = await db.fetch(f"SELECT id, name, population FROM {table} ORDER BY id")
+    assert [tuple(r) for r in rows] == [("FR", "France", None), ("NA", "Namibia", 2600000)]
+
+
+@pytest.mark.stack
+async def test_two_runs_creating_one_table_at_once_keep_all_their_columns(
+    stack: Stack, db: asyncpg.Connection
+) -> None:
+    """The table is created under the evolution lock: the second run sees it and adds its
+    columns instead of losing them to CREATE TABLE IF NOT EXISTS."""
+    table = unique("race")
+    other = await asyncpg.connect(stack.postgres.url)
+    try:
+        plans = [
+            (Field("id", "bigint"), Field("name")),
+            (Field("id", "bigint"), Field("name"), Field("email")),
+        ]
+
+        async def create(conn: asyncpg.Connection, fields: tuple[Field, ...]) -> Any:
+            sql = (
+                f"CREATE TABLE IF NOT EXISTS {table} ("
+                + ", ".join(f"{f.name} {f.pg_type}" for f in fields)
+                + ", PRIMARY KEY (id))"
+            )
+            samples = {f.name: ["1"] for f in fields}
+            return await evolve_table(
+                conn, "public", table, fields, samples, create_sql=sql, apply=True
+            )
+
+        results = await asyncio.gather(create(db, plans[0]), create(other, plans[1]))
+    finally:
+        await other.close()
+    assert set(await _columns(db, table)) == {"id", "name", "email"}
+    made = [c for changes in results for c in changes]
+    assert made in ([], [SchemaChange("email", "added", "text")])

@@ -97,3 +97,19 @@ async def test_real_lifecycle_events_validate(stack: Stack, client: Client) -> N
     assert {"run.started", "run.completed", "run.failed"} <= types
     failed = next(e for e in events if e["type"] == "run.failed")
     assert failed["error"] and "no data rows" in str(failed["error"])
+
+
+def test_the_requests_topic_tells_start_messages_from_broken_import_requests() -> None:
+    from pydantic import ValidationError
+
+    from schemas.events import TriggerRequested
+    from sluice.app import start_message
+
+    start = start_message(b'{"importer": "products", "params": {"url": "https://x/p.csv"}}')
+    assert isinstance(start, TriggerRequested) and start.importer == "products"
+    wrong = start_message(b'{"importer": "products", "params": "not an object"}')
+    assert isinstance(wrong, ValidationError) and "params" in str(wrong)
+    # An import request with a stored file or a run id is not a start message, nor is non-JSON.
+    assert start_message(b'{"importer": "p", "run_id": "x", "file": {}}') is None
+    assert start_message(b'{"importer": "p", "file": {"id": 1}}') is None
+    assert start_message(b"not json") is None and start_message(b"[1]") is None

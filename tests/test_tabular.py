@@ -390,6 +390,24 @@ def test_parquet_bytes_are_text_or_a_row_problem(tmp_path: Path) -> None:
     assert rows[2].reason.startswith("column 'parts' holds binary data that is not UTF-8 text")
 
 
+def test_a_parquet_date_python_cannot_hold_rejects_only_its_row(tmp_path: Path) -> None:
+    days = [19000, 3_000_000, 19001]  # the middle one is in the year 10183
+    table = pa.table({"id": [1, 2, 3], "day": pa.array(days, pa.date32())})
+    rows = list(read(parquet(tmp_path / "t.parquet", table)))
+    assert [type(r) for r in rows] == [ParsedRow, RowProblem, ParsedRow]
+    assert isinstance(rows[1], RowProblem) and rows[1].number == 2
+    assert rows[1].reason.startswith("column 'day' holds a value Python cannot represent")
+    assert isinstance(rows[2], ParsedRow) and rows[2].values[0] == 3
+
+
+def test_text_that_starts_with_par1_is_read_as_text(tmp_path: Path) -> None:
+    path = tmp_path / "t.csv"
+    path.write_bytes(b"PAR1_ID,name\n1,a\n2,b\n")
+    parsed = read(path)
+    assert parsed.sniffed.format == "csv" and parsed.header == ["PAR1_ID", "name"]
+    assert values(parsed) == [["1", "a"], ["2", "b"]]
+
+
 def test_parquet_schema_problems(tmp_path: Path) -> None:
     duplicated = pa.Table.from_arrays([pa.array([1]), pa.array([2])], names=["id", "id"])
     with pytest.raises(FileFormatError) as info:

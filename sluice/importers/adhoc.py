@@ -89,6 +89,31 @@ def infer_fields(
     return fields
 
 
+def to_existing_columns(fields: Sequence[Field], columns: Sequence[str]) -> list[Field]:
+    """Fields renamed to the existing table's columns they mean: the header spelled as the
+    column (``OrderDate``, a quoted mixed-case column), else the column whose normalized name
+    is the field's. A table made by hand keeps its names; no look-alike column is added."""
+    present = set(columns)
+    normalized: dict[str, str] = {}
+    for i, column in enumerate(columns):
+        normalized.setdefault(normalize_identifier(column, i), column)
+    taken: set[str] = set()
+    out = []
+    for f in fields:
+        header = f.aliases[0] if f.aliases else f.name
+        if header in present:
+            name = header
+        elif f.name in present:
+            name = f.name
+        else:
+            name = normalized.get(f.name, f.name)
+        if name in taken:  # two headers meaning one column: the later one stays its own
+            name = f.name
+        taken.add(name)
+        out.append(Field(name, f.type, aliases=f.aliases) if name != f.name else f)
+    return out
+
+
 def _unique(ident: str, position: int, used: set[str]) -> str:
     candidate, n = ident, 0
     while candidate in used:

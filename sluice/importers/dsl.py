@@ -27,7 +27,7 @@ from schemas.runs import DuplicatePolicy
 from schemas.webhooks import DEFAULT_WEBHOOK_EVENTS, check_webhook_target
 from sluice.formats import FormatOptions
 from sluice.sources.base import PullSource
-from storage.lookups import Lookup
+from storage.lookups import Lookup as Lookup  # re-exported: importers declare lookups
 
 # Column types an importer can declare: the Python type pydantic validates into, and the
 # PostgreSQL type of the target column.

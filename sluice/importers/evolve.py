@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import asyncpg
 
+from sluice.errors import MappingError
 from sluice.importers.dsl import Field
 from storage.tables import describe_table
 from storage.writer import quote_ident
@@ -120,6 +121,21 @@ def plan_changes(
     return changes
 
 
+# Changing a column's type rewrites the table under an exclusive lock: wait this long for the
+# queries on it to finish, then try again later (the split is retried) rather than queue every
+# reader of the table behind the change.
+LOCK_TIMEOUT = "10s"
+# What PostgreSQL refuses about a change for good: a view or rule uses the column, the table
+# would pass 1,600 columns, and the like.
+_REFUSED = (
+    asyncpg.exceptions.FeatureNotSupportedError,
+    asyncpg.exceptions.ProgramLimitExceededError,
+    asyncpg.exceptions.DependentObjectsStillExistError,
+    asyncpg.exceptions.WrongObjectTypeError,
+    asyncpg.exceptions.DataError,
+)
+
+
 async def evolve_table(
     conn: asyncpg.Connection,
     schema: str,
@@ -127,29 +143,43 @@ async def evolve_table(
     fields: Sequence[Field],
     samples: Mapping[str, Sequence[str | None]],
     *,
+    create_sql: str,
     apply: bool,
 ) -> list[SchemaChange]:
-    """Add and widen the table's columns for the file (only report them when not `apply`)."""
+    """Create the table (``create_sql``) when it is missing, else add and widen its columns for
+    the file (only report the changes when not `apply`). Under one advisory lock per table, so
+    two runs creating or changing the same table take turns, and the second sees the first's
+    work."""
     async with conn.transaction():
-        if apply:
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-                f"sluice.evolve:{schema}.{table}",
-            )
-        existing = await describe_table(conn, schema, table) or []
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+            f"sluice.evolve:{schema}.{table}",
+        )
+        existing = await describe_table(conn, schema, table)
+        if existing is None:
+            await conn.execute(create_sql)
+            return []
         changes = plan_changes(existing, fields, samples)
         if not apply:
             return [
                 SchemaChange(c.column, c.change, c.type, c.previous, applied=False) for c in changes
             ]
+        await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
         qualified = f"{quote_ident(schema)}.{quote_ident(table)}"
         for c in changes:
             column = quote_ident(c.column)
-            if c.change == "added":
-                await conn.execute(f"ALTER TABLE {qualified} ADD COLUMN {column} {c.type}")
-            else:
-                await conn.execute(
-                    f"ALTER TABLE {qualified} ALTER COLUMN {column} TYPE {c.type}"
-                    f" USING {column}::{c.type}"
-                )
+            try:
+                if c.change == "added":
+                    await conn.execute(f"ALTER TABLE {qualified} ADD COLUMN {column} {c.type}")
+                else:
+                    await conn.execute(
+                        f"ALTER TABLE {qualified} ALTER COLUMN {column} TYPE {c.type}"
+                        f" USING {column}::{c.type}"
+                    )
+            except _REFUSED as exc:
+                raise MappingError(
+                    f"the file needs {schema}.{table} changed ({c.describe()}), but PostgreSQL"
+                    f" refused: {getattr(exc, 'message', exc)}. Change the table yourself, or"
+                    " import with --no-evolve (evolve: false) to reject the rows that do not fit"
+                ) from exc
     return changes
