@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CHAOS_ROUNDS ?= 5
 
-.PHONY: setup demo test check lint typecheck bench bench-firehose chaos reliability clean schemas browser
+.PHONY: setup demo test check lint typecheck bench bench-formats bench-firehose chaos reliability clean schemas browser
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -48,6 +48,9 @@ schemas: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/import_csv.py
+
+bench-formats: $(STAMP)
+	$(BIN)/python bench/import_formats.py
 
 bench-firehose: $(STAMP)
 	$(BIN)/python bench/firehose.py
