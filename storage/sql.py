@@ -10,10 +10,13 @@ ROW = "_sluice_row"
 SUB = "_sluice_sub"
 
 # SQLSTATE classes 22 (data exception) and 23 (integrity constraint violation) are the row's
-# fault; everything else (connection, serialization, deadlock) is transient.
+# fault, and so is class 54 (program limit exceeded: a key too big for its index, a row too
+# big for a page); everything else (connection, serialization, deadlock) is transient. A batch
+# failing with one of these is split until the rows at fault stand alone.
 ROW_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.DataError,
     asyncpg.exceptions.IntegrityConstraintViolationError,
+    asyncpg.exceptions.ProgramLimitExceededError,
 )
 
 

@@ -131,6 +131,26 @@ async def test_an_integer_beyond_bigint_rejects_its_row(
     assert "qty" in reasons[3] and "price" in reasons[3]
 
 
+async def test_a_key_too_big_for_the_index_rejects_its_row(
+    stack: Stack, client: Client, tmp_path: Path, db: asyncpg.Connection
+) -> None:
+    """PostgreSQL refuses an index entry over about 2.7 kB (SQLSTATE 54000, program limit
+    exceeded): the row's fault, not the database's, so it is rejected, not retried."""
+    import secrets
+
+    table = unique("bigkey")
+    huge = secrets.token_hex(8000)  # 16,000 characters that do not compress
+    path = tmp_path / "bigkey.csv"
+    path.write_text(f"id,name\nk1,a\n{huge},b\nk3,c\n")
+    run = await adhoc(client, stack, path, table)
+    assert run.status is RunStatus.COMPLETED_WITH_ERRORS, run.error
+    assert (run.created_rows, run.failed_rows) == (2, 1)
+    assert_counters_add_up(run)
+    (failure,) = await (await client.rt.runs()).failed_rows(run.id)
+    assert failure.row_number == 2 and "index row" in failure.reason, failure.reason
+    assert await db.fetchval(f"SELECT count(*) FROM {table}") == 2
+
+
 # --- sizes -----------------------------------------------------------------------------------
 
 
