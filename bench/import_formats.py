@@ -64,9 +64,15 @@ def to_parquet(source: Path, target: Path) -> None:
     pq.write_table(pacsv.read_csv(source), target, row_group_size=50_000)
 
 
+CONVERTERS = {"csv": None, "xlsx": to_xlsx, "parquet": to_parquet}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[200_000])
+    parser.add_argument(
+        "--formats", nargs="+", default=["csv", "xlsx", "parquet"], choices=CONVERTERS
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="sluice-bench-formats-"))
@@ -84,12 +90,17 @@ def main() -> int:
             source = work / f"items_{rows}.csv"
             generate(source, rows)
             files = {"csv": source}
-            for fmt, convert in (("xlsx", to_xlsx), ("parquet", to_parquet)):
+            for fmt in args.formats:
+                convert = CONVERTERS[fmt]
+                if convert is None:
+                    continue
                 started = time.perf_counter()
                 files[fmt] = work / f"items_{rows}.{fmt}"
                 convert(source, files[fmt])
                 print(f"{fmt}: written in {time.perf_counter() - started:.1f}s")
             for fmt, path in files.items():
+                if fmt not in args.formats:
+                    continue
                 size_mb = path.stat().st_size / 2**20
                 print(f"\n{rows:,} rows as {fmt} ({size_mb:.1f} MB)")
                 pid = restart_worker(home, env)
