@@ -23,20 +23,26 @@ MAX_IDENTIFIER_BYTES = 63
 # Names PostgreSQL keeps for the system columns of every table.
 _SYSTEM_COLUMNS = frozenset({"tableoid", "xmin", "cmin", "xmax", "cmax", "ctid", "oid"})
 
+# Value shapes, shared with sluice.importers.evolve (which judges what still fits a column).
+INTEGER = re.compile(r"[+-]?\d+")
+NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+# A date alone is a timestamp too (an Excel midnight reads as a date).
+TIMESTAMP = re.compile(
+    r"\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}(:?\d{2})?)?)?"
+)
+# Inference is stricter than what PostgreSQL accepts: a column of "1"/"0" or "y"/"n" stays a
+# number or text, not a boolean.
 _INT = re.compile(r"[+-]?\d{1,18}")
-_NUM = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 _BOOL = {"true", "false", "t", "f", "yes", "no"}
-_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
-_TS = re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}(:?\d{2})?)?")
 
 # Most specific first; a column takes the first type every sampled value fits.
 _CANDIDATES = (
     ("bigint", _INT.fullmatch),
-    ("numeric", _NUM.fullmatch),
+    ("numeric", NUMBER.fullmatch),
     ("boolean", lambda v: v.lower() in _BOOL),
-    ("date", _DATE.fullmatch),
-    # Dates among timestamps (an Excel midnight reads as a date) keep the column a timestamp.
-    ("timestamptz", lambda v: _TS.fullmatch(v) or _DATE.fullmatch(v)),
+    ("date", DATE.fullmatch),
+    ("timestamptz", TIMESTAMP.fullmatch),
 )
 
 

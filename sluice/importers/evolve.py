@@ -23,16 +23,14 @@ from typing import Any, Literal
 import asyncpg
 
 from sluice.errors import MappingError
+from sluice.importers.adhoc import DATE, INTEGER, NUMBER, TIMESTAMP
 from sluice.importers.dsl import Field
 from storage.tables import describe_table
 from storage.writer import quote_ident
 
-_INT = re.compile(r"[+-]?\d+")
-_NUM = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 _FLOAT_WORDS = frozenset({"nan", "infinity", "+infinity", "-infinity", "inf", "+inf", "-inf"})
+# What PostgreSQL's boolean input accepts (inference is stricter).
 _BOOL = frozenset({"true", "false", "t", "f", "yes", "no", "y", "n", "on", "off", "1", "0"})
-_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
-_TS = re.compile(r"\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}(:?\d{2})?)?)?")
 _INTEGERS = ("smallint", "integer", "bigint")
 _INT_BOUND = {"smallint": 2**15, "integer": 2**31, "bigint": 2**63}
 _SIZED = re.compile(r"(character varying|character|varchar|char)\((\d+)\)")
@@ -78,23 +76,23 @@ def widen(current: str, values: Iterable[str]) -> str | None:
         return None
     base = current.split("(")[0].strip()
     if base in _INTEGERS:
-        if all(_INT.fullmatch(v) for v in seen):
+        if all(INTEGER.fullmatch(v) for v in seen):
             for kind in _INTEGERS[_INTEGERS.index(base) :]:
                 if all(_int_fits(v, kind) for v in seen):
                     return None if kind == base else kind
             return "numeric"
-        return "numeric" if all(_NUM.fullmatch(v) for v in seen) else "text"
+        return "numeric" if all(NUMBER.fullmatch(v) for v in seen) else "text"
     if base in ("numeric", "double precision", "real"):
-        fits = all(_NUM.fullmatch(v) or v.lower() in _FLOAT_WORDS for v in seen)
+        fits = all(NUMBER.fullmatch(v) or v.lower() in _FLOAT_WORDS for v in seen)
         return None if fits else "text"
     sized = _SIZED.fullmatch(current)
     if sized is not None:
         return None if all(len(v) <= int(sized.group(2)) for v in seen) else "text"
     checks: dict[str, Callable[[str], object]] = {
         "boolean": lambda v: v.lower() in _BOOL,
-        "date": _DATE.fullmatch,
-        "timestamp with time zone": _TS.fullmatch,
-        "timestamp without time zone": _TS.fullmatch,
+        "date": DATE.fullmatch,
+        "timestamp with time zone": TIMESTAMP.fullmatch,
+        "timestamp without time zone": TIMESTAMP.fullmatch,
     }
     check = checks.get(base)
     if check is None:  # text, and types that are not widened (jsonb, uuid, ...)
