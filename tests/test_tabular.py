@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import sys
+import warnings
 import zipfile
 from decimal import Decimal
 from pathlib import Path
@@ -17,6 +18,8 @@ import openpyxl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from openpyxl.chart import BarChart
+from openpyxl.utils.datetime import CALENDAR_MAC_1904, CALENDAR_WINDOWS_1900
 
 import sluice.tabular
 from schemas.runs import RunStatus
@@ -68,7 +71,10 @@ def parquet(path: Path, table: pa.Table, row_group_size: int | None = None) -> P
 
 
 def read(path: Path, **options: Any) -> ParsedFile:
-    return parse_file(io.BytesIO(path.read_bytes()), FormatOptions(**options))
+    data = path.read_bytes()
+    if path.suffix == ".xlsx":  # every workbook the tests read reads the same as with openpyxl
+        assert_reader_agrees(data)
+    return parse_file(io.BytesIO(data), FormatOptions(**options))
 
 
 def values(parsed: ParsedFile) -> list[Any]:
@@ -305,6 +311,414 @@ def test_a_stream_that_cannot_seek_is_spooled(tmp_path: Path) -> None:
     assert values(parse_file(io.BufferedReader(_Unseekable(data)))) == [[1], [2]]
     # Text read from a stream still starts at its first byte.
     assert values(parse_file(io.BufferedReader(_Unseekable(b"id,name\n1,a\n")))) == [["1", "a"]]
+
+
+# --- the XLSX reader against openpyxl ---------------------------------------------------------
+
+_MAIN = "http://schemas.openxmlformats.org/spreadsheetml/2006/main"
+_STRINGS_TYPE = "application/vnd.openxmlformats-officedocument.spreadsheetml.sharedStrings+xml"
+
+
+def _typed(values: Any) -> list[tuple[type, Any]]:
+    """Values with their types: 1 == 1.0 == True, and a date equals no datetime."""
+    return [(type(value), value) for value in values]
+
+
+def _openpyxl_rows(sheet: Any) -> tuple[list[Any], Exception | None]:
+    """The rows openpyxl's read-only sheet gives, as the XLSX reader did before it had its
+    own: numbered from 1, the empty ones left out, with the indexes of error cells."""
+    rows: list[Any] = []
+    sheet.reset_dimensions()
+    try:
+        with warnings.catch_warnings(action="ignore"):
+            for number, cells in enumerate(sheet.iter_rows(), 1):
+                if cells:
+                    values = _typed(cell.value for cell in cells)
+                    errors = [i for i, cell in enumerate(cells) if cell.data_type == "e"]
+                    rows.append((number, values, errors))
+    except Exception as exc:
+        return rows, exc
+    return rows, None
+
+
+def _failure(exc: Exception | None) -> tuple[Any, str]:
+    return type(exc), str(exc)
+
+
+def _reader_rows(book: Any, sheet: Any, chunk: int) -> tuple[list[Any], Exception | None]:
+    rows: list[Any] = []
+    try:
+        values = sluice.tabular._sheet_values(
+            book._archive,
+            sheet._worksheet_path,
+            sheet._shared_strings,
+            book._date_formats,
+            book._timedelta_formats,
+            book.epoch,
+            chunk,
+        )
+        for number, cells, errors in values:
+            rows.append((number, _typed(cells), errors))
+    except Exception as exc:
+        return rows, exc
+    return rows, None
+
+
+def assert_reader_agrees(
+    data: bytes, chunks: tuple[int, ...] = (sluice.tabular._SHEET_CHUNK, 1, 7, 100)
+) -> int:
+    """Every worksheet of the workbook in `data` reads the same with the XLSX reader, parsing
+    `chunks` bytes at a time, as with openpyxl's read-only rows: the same rows, numbers, values
+    and types, error cells; if openpyxl fails part way, the same rows before and the same
+    error. Returns the rows compared."""
+    with warnings.catch_warnings(action="ignore"):
+        try:
+            book = openpyxl.load_workbook(io.BytesIO(data), read_only=True, data_only=True)
+        except Exception:
+            with pytest.raises(Exception):  # noqa: B017 - any failure, as openpyxl's
+                sluice.tabular._WorkbookReader(
+                    io.BytesIO(data), read_only=True, keep_vba=False, data_only=True
+                ).read()
+            return 0
+    compared = 0
+    try:
+        for sheet in book.worksheets:
+            expected, failure = _openpyxl_rows(sheet)
+            for chunk in chunks:
+                rows, error = _reader_rows(book, sheet, chunk)
+                assert rows == expected, (sheet.title, chunk)
+                assert _failure(error) == _failure(failure), chunk
+            compared += len(expected)
+    finally:
+        book.close()
+    return compared
+
+
+def crafted(
+    path: Path,
+    sheet: str,
+    *,
+    strings: list[str] | None = None,
+    epoch_1904: bool = False,
+    encoding: str = "utf-8",
+) -> Path:
+    """A workbook whose sheet is the XML `sheet`, with the styles 1 date, 2 date and time,
+    3 time, 4 duration and 5 number ("0.00"), and the shared strings `strings` (<si> XML)."""
+    book = openpyxl.Workbook()
+    if epoch_1904:
+        book.epoch = CALENDAR_MAC_1904
+    book.active.append(  # type: ignore[union-attr]
+        [dt.date(2024, 1, 5), dt.datetime(2024, 1, 5, 1), dt.time(1), dt.timedelta(1), 1.5]
+    )
+    book.active["E1"].number_format = "0.00"  # type: ignore[index]
+    base = io.BytesIO()
+    book.save(base)
+    with zipfile.ZipFile(base) as source, zipfile.ZipFile(path, "w") as archive:
+        assert b' s="5" ' in source.read("xl/worksheets/sheet1.xml")
+        for entry in source.infolist():
+            data = source.read(entry)
+            if entry.filename == "xl/worksheets/sheet1.xml":
+                data = sheet.encode(encoding)
+            elif entry.filename == "[Content_Types].xml" and strings is not None:
+                override = (
+                    f'<Override PartName="/xl/sharedStrings.xml" ContentType="{_STRINGS_TYPE}"/>'
+                )
+                data = data.replace(b"</Types>", override.encode() + b"</Types>")
+            archive.writestr(entry, data)
+        if strings is not None:
+            table = f'<sst xmlns="{_MAIN}">' + "".join(strings) + "</sst>"
+            archive.writestr("xl/sharedStrings.xml", table)
+    return path
+
+
+def _sheet_xml(rows: str, before: str = "", after: str = "") -> str:
+    return f'<worksheet xmlns="{_MAIN}">{before}<sheetData>{rows}</sheetData>{after}</worksheet>'
+
+
+_EVERY_CELL = """
+<row r="1"><c r="A1" t="s"><v>0</v></c><c r="B1" t="s"><v>1</v></c><c r="C1" t="s"><v>2</v></c>
+ <c r="D1" t="inlineStr"><is><t xml:space="preserve"> padded </t></is></c></row>
+<row r="2"><c r="A2"><v>12</v></c><c r="B2" t="n"><v>12.5</v></c><c r="C2"><v>1E3</v></c>
+ <c r="D2"><v>-0</v></c><c r="E2"><v> 7 </v></c><c r="F2" s="5"><v>3</v></c>
+ <c r="G2" s="0"><v>4</v></c><c r="H2" s=""><v>5</v></c><c r="I2"><v>1.5e-7</v></c>
+ <c r="J2"><v>123456789012345678</v></c><c r="K2"><v>9007199254740993.0</v></c></row>
+<row r="3"><c r="A3" s="1"><v>45296</v></c><c r="B3" s="2"><v>45296.437501428894</v></c>
+ <c r="C3" s="3"><v>0.3440972222222222</v></c><c r="D3" s="4"><v>1.085416666666667</v></c>
+ <c r="E3" s="4"><v>-0.5</v></c><c r="F3" s="2"><v>59</v></c><c r="G3" s="2"><v>61</v></c>
+ <c r="H3" s="1"><v>0</v></c><c r="I3" s="1"><v>1</v></c><c r="J3" s="3"><v>0.99999999</v></c>
+ <c r="K3" s="1"><v>45296</v></c><c r="L3" s="2" t="n"><v>45296.000000001</v></c></row>
+<row r="4"><c r="A4" t="b"><v>1</v></c><c r="B4" t="b"><v>0</v></c>
+ <c r="C4" t="e"><v>#DIV/0!</v></c><c r="D4" t="e"><v>#N/A</v></c><c r="E4" t="str"><v>text</v></c>
+ <c r="F4" t="d"><v>2024-01-05T10:30:00</v></c><c r="G4" t="d"><v>2024-01-05</v></c>
+ <c r="H4" t="d"><v>10:30:00.25</v></c><c r="I4" t="x"><v>odd</v></c>
+ <c r="J4" t="e"><v>#REF!</v></c>
+ <c r="K4" t="s"><v>3</v></c></row>
+<row r="5"><c r="A5"><f>1+1</f><v>2</v></c><c r="B5" t="str"><f>"a"&amp;"b"</f><v>ab</v></c>
+ <c r="C5" t="b"><f>TRUE()</f><v>1</v></c><c r="D5" t="e"><f>1/0</f><v>#DIV/0!</v></c>
+ <c r="E5"><f>SUM(A1)</f></c><c r="F5"><f>SUM(A1)</f><v/></c><c r="G5" t="s"><f>X</f><v>1</v></c>
+ <c r="H5" s="1"><f>TODAY()</f><v>45300</v></c>
+ <c r="I5"><f t="shared" ref="I5:I6" si="0">A5*2</f><v>4</v></c></row>
+<row r="6"><c r="I6"><f t="shared" si="0"/><v>8</v></c></row>
+<row r="8"><c r="C8"><v>3</v></c><c r="E8"><v>5</v></c></row>
+<row><c><v>1</v></c><c><v>2</v></c><c r="E9"><v>5</v></c><c><v>6</v></c></row>
+<row r="10" spans="1:3"><c r="C10"><v>3</v></c><c r="A10"><v>1</v></c><c r="B10"><v>2</v></c></row>
+<row r="11"><c r="A11"><v>1</v></c><c r="A11" t="e"><v>#NUM!</v></c><c r="B11"><v>2</v></c></row>
+<row r="9"><c r="A9"><v>9</v></c></row>
+<row r="12.0"><c r="a12"><v>1</v></c><c r="AB12"><v>28</v></c></row>
+<row r="13"/>
+<row r="14"><c r="A14" t="inlineStr"><is><r><rPr><b/><sz val="11"/></rPr><t>bold</t></r>
+ <r><t xml:space="preserve"> plain</t></r></is></c>
+ <c r="B14" t="inlineStr"><is><t>a</t><t>b</t></is></c><c r="C14" t="inlineStr"><is/></c>
+ <c r="D14" t="inlineStr"/><c r="E14" t="inlineStr"><v>ignored</v></c>
+ <c r="F14" t="inlineStr"><is><t>x</t><rPh sb="0" eb="1"><t>ph</t></rPh></is></c>
+ <c r="G14" t="inlineStr"><is><t/></is></c><c r="H14" t="inlineStr"><is><t>a<b/>c</t></is></c>
+ <c r="I14"><is><t>not inline</t></is></c>
+ <c r="J14" t="inlineStr"><is><t>first</t></is><is><t>second</t></is></c>
+ <c r="K14" t="inlineStr"><is>tail<r><t>run</t></r>more</is></c>
+ <c r="L14" t="inlineStr"><is><t>x005F_kept</t></is></c></row>
+<row r="15"><c r="A15"><v>1<x/>2</v></c><c r="B15"><v>1<!-- c -->2</v></c>
+ <c r="C15" t="str"><v>a &amp; b &lt; &#x41;&#233;<![CDATA[<raw>]]></v></c>
+ <c r="D15" t="str"><v>line
+two\r\nthree</v></c><c r="E15" t="str"><v>   </v></c><c r="F15"><v></v><v>2</v></c>
+ <c r="G15"><f>x</f></c><c r="H15" t="str"><x/><v>after</v></c></row>
+<row r="16"><c r="A16"><v>1</v></c><extLst/><c><v>3</v></c></row>
+<row r="17"><c r="A17" s="1"><v>3000000</v></c><c r="B17" s="1"><v>-1</v></c></row>
+<row r="18"><c r="ZZZ18"><v>1</v></c></row>
+<row r="19"><c r="B19" t="e"><v>#N/A</v></c><c r="A19" t="str"><v>x</v></c></row>
+"""
+_STRINGS = [
+    "<si><t>plain</t></si>",
+    '<si><r><rPr><b/></rPr><t>rich</t></r><r><t xml:space="preserve"> text</t></r></si>',
+    "<si><t>_x005F_x000D_ and Ünïcødé</t></si>",
+    "<si><t/></si>",
+]
+
+
+@pytest.mark.parametrize("epoch_1904", [False, True], ids=["1900", "1904"])
+def test_the_reader_reads_every_kind_of_cell_as_openpyxl(tmp_path: Path, epoch_1904: bool) -> None:
+    path = crafted(
+        tmp_path / "t.xlsx",
+        _sheet_xml(_EVERY_CELL, before='<dimension ref="A1:L19"/>'),
+        strings=_STRINGS,
+        epoch_1904=epoch_1904,
+    )
+    assert assert_reader_agrees(path.read_bytes()) == 17
+    with warnings.catch_warnings(action="ignore"):
+        book = openpyxl.load_workbook(path, read_only=True, data_only=True)
+    assert book.epoch == (CALENDAR_MAC_1904 if epoch_1904 else CALENDAR_WINDOWS_1900)
+    rows = {number: cells for number, cells, _ in sluice.tabular._sheet_rows(book, book.active)}
+    book.close()
+    # What the cases are (openpyxl agreeing is checked above).
+    assert rows[1] == ["plain", "rich text", "_x000D_ and Ünïcødé", " padded "]
+    assert rows[4][:5] == [True, False, "#DIV/0!", "#N/A", "text"]
+    assert rows[5][:7] == [2, "ab", True, "#DIV/0!", None, None, "rich text"]
+    assert rows[10] == [1, 2] and rows[11] == ["#NUM!", 2] and rows[19] == ["x"]
+    assert rows[9] == [1, 2, None, None, 5, 6]  # not row 9 again, out of order, [9]
+    assert 13 not in rows  # without cells
+    assert rows[14] == [
+        "bold plain",
+        "b",
+        "",
+        None,
+        None,
+        "x",
+        "",
+        "a",
+        None,
+        "first",
+        "run",
+        "x005F_kept",
+    ]
+    assert rows[15][:6] == [1, 12, "a & b < Aé<raw>", "line\ntwo\nthree", "   ", None]
+    assert rows[16] == [1, None, 3] and rows[17][0] == "#VALUE!"
+    assert len(rows[18]) == 18278
+    if not epoch_1904:
+        assert rows[3][:4] == [
+            dt.datetime(2024, 1, 5),
+            dt.datetime(2024, 1, 5, 10, 30, 0, 123000),
+            dt.time(8, 15, 30),
+            dt.timedelta(days=1, seconds=7380),
+        ]
+
+
+def test_the_reader_reads_prefixed_pretty_printed_and_utf16_sheets_as_openpyxl(
+    tmp_path: Path,
+) -> None:
+    rows = """
+      <x:row r="1">
+        <x:c r="A1" t="inlineStr">
+          <x:is>
+            <x:t>id</x:t>
+          </x:is>
+        </x:c>
+        <x:c r="B1" t="str">
+          <x:v>name</x:v>
+        </x:c>
+        <x:c r="C1" t="s" xmlns:x="urn:other"><x:v>0</x:v></x:c>
+      </x:row>
+      <x:row r="2"><x:c r="A2"><x:v>1</x:v></x:c><c r="B2"><v>in no namespace</v></c></x:row>
+      <row r="3"><x:c r="A3"><x:v>3</x:v></x:c></row>
+    """
+    sheet = (
+        f'<?xml version="1.0" encoding="{{}}"?>\n<x:worksheet xmlns:x="{_MAIN}">\n'
+        f"<x:sheetData>{rows}</x:sheetData>\n</x:worksheet>\n"
+    )
+    for encoding in ("utf-8", "utf-16"):
+        path = crafted(
+            tmp_path / f"{encoding}.xlsx",
+            sheet.format(encoding.upper()),
+            strings=["<si><t>s</t></si>"],
+            encoding=encoding,
+        )
+        assert assert_reader_agrees(path.read_bytes()) == 2
+
+
+def test_the_reader_reads_rows_where_openpyxl_finds_them(tmp_path: Path) -> None:
+    """Rows outside <sheetData>, in other elements, or a sheet that is one row: no spreadsheet
+    writes them, but openpyxl reads every row element, and so does the reader."""
+    odd = _sheet_xml(
+        '<row r="2"><c r="A2"><v>2</v></c></row><x><row r="3"><c><v>3</v></c></row></x><y/>',
+        before='<cols><row r="1"><c r="A1"><v>1</v></c></row></cols>',
+        after='<extLst><row r="4"><c r="A4" t="str"><v>4</v></c></row></extLst>',
+    )
+    assert assert_reader_agrees(crafted(tmp_path / "odd.xlsx", odd).read_bytes()) == 4
+    alone = f'<row xmlns="{_MAIN}" r="7"><c r="B7"><v>1</v></c></row>'
+    assert assert_reader_agrees(crafted(tmp_path / "row.xlsx", alone).read_bytes()) == 1
+
+
+_ROW_1 = '<row r="1"><c r="A1"><v>1</v></c></row>'
+_ROW_2 = '<row r="2"><c r="A2"><v>2</v></c></row>'
+
+
+@pytest.mark.parametrize(
+    ("rows", "given"),
+    [
+        (f'{_ROW_1}<row r="2"><v>2</v></row><row r="3"><c✂', 2),
+        (f"{_ROW_1}{_ROW_2}✂", 2),
+        (f'{_ROW_1}<row r="2"><c r="A2"><v>2✂', 1),
+        (f'{_ROW_1}{_ROW_2}&bad;<row r="3"><c r="A3"><v>3</v></c></row>', 2),
+        (f'{_ROW_1}{_ROW_2}<<row r="3"><c r="A3"><v>3</v></c></row>', 2),
+        (f'{_ROW_1}{_ROW_2}<row r="3"><c r="A3"><v>3</v></c></row></row>', 3),
+        (f'{_ROW_1}<row r="2"><c r="A2" t="s"><v>5</v></c></row>', 1),
+        (f'{_ROW_1}<row r="2"><c r="A2"><v>x</v></c></row>', 1),
+        (f'{_ROW_1}<row r="2"><c r="2A"><v>2</v></c></row>', 1),
+        (f'{_ROW_1}<row r="2"><c r="AAAA2"><v>2</v></c></row>', 1),
+        (f'{_ROW_1}<row r="2"><c r="A"><v>2</v></c></row>', 1),
+        (f'{_ROW_1}<row r="2.5"><c r="A2"><v>2</v></c></row>', 1),
+        ('<row r="1"><c r="A1" s="x"><v>1</v></c></row>', 0),
+        ('<row r="1"><c r="A1" t="b"><v>true</v></c></row>', 0),
+        ('<row r="1"><c r="A1" t="d"><v>soon</v></c></row>', 0),
+        (f'{_ROW_1}<row r="2"><c r="A2"><v>&bad;</v></c></row>', 1),
+    ],
+    ids=[
+        "cut-in-a-cell",
+        "cut-after-a-row",
+        "cut-in-a-value",
+        "entity-after-a-row",
+        "token-after-a-row",
+        "tag-mismatch-after-a-row",
+        "no-such-string",
+        "not-a-number",
+        "bad-reference",
+        "column-past-zzz",
+        "reference-without-row",
+        "fractional-row",
+        "bad-style",
+        "bad-boolean",
+        "bad-iso-date",
+        "undefined-entity",
+    ],
+)
+def test_a_damaged_sheet_fails_where_openpyxl_does(tmp_path: Path, rows: str, given: int) -> None:
+    """The rows before the damage are given, and then the same error; the tree does not show
+    whether a row right before the damage was closed, openpyxl's parser does."""
+    sheet = _sheet_xml(rows, before='<dimension ref="A1:A2"/>')
+    if "✂" in sheet:
+        sheet = sheet[: sheet.index("✂")]
+    path = crafted(tmp_path / "t.xlsx", sheet, strings=["<si><t>s</t></si>"])
+    assert assert_reader_agrees(path.read_bytes()) == given
+    with pytest.raises(FileFormatError, match="cannot be read as an XLSX workbook"):
+        list(read(path))
+
+
+def test_a_corrupt_sheet_in_the_archive_fails_where_openpyxl_does(tmp_path: Path) -> None:
+    """A stored sheet whose bytes no longer match its checksum fails at its last read: the
+    rows read before are given, as openpyxl reads them (16 KiB at a time)."""
+    path = workbook(
+        tmp_path / "t.xlsx", ("S", [["id", "name"], *([i, f"n{i}"] for i in range(3000))])
+    )
+    stored = tmp_path / "stored.xlsx"
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(stored, "w") as archive:
+        assert len(source.read("xl/worksheets/sheet1.xml")) > 3 * sluice.tabular._SHEET_CHUNK
+        for entry in source.infolist():
+            archive.writestr(entry.filename, source.read(entry), zipfile.ZIP_STORED)
+    data = stored.read_bytes()
+    assert data.count(b"<v>2998</v>") == 1
+    corrupt = data.replace(b"<v>2998</v>", b"<v>2999</v>")
+    # Read as openpyxl reads, a chunk at a time: the last one, which fails, is lost.
+    given = assert_reader_agrees(corrupt, chunks=(sluice.tabular._SHEET_CHUNK,))
+    assert 1000 < given < 3000
+    with pytest.raises(FileFormatError, match="Bad CRC-32"):
+        list(parse_file(io.BytesIO(corrupt)))
+
+
+def test_the_reader_agrees_with_openpyxl_on_written_workbooks(tmp_path: Path) -> None:
+    rows = _typed_rows()
+    rows.append([None, "  ", "#N/A", dt.time(23, 59, 59, 999000), dt.timedelta(hours=-3)])
+    rows.append(["=1+1", "x" * 40_000, 1e300, -1e-300, 2**53 + 1])
+    _, typed, _ = _write_all(tmp_path)
+    assert assert_reader_agrees(typed.read_bytes()) == 51
+    path = workbook(tmp_path / "more.xlsx", ("Data", [COLUMNS, *rows]))
+    assert assert_reader_agrees(path.read_bytes(), chunks=(sluice.tabular._SHEET_CHUNK, 1000)) == 53
+    streamed = openpyxl.Workbook(write_only=True)  # inline strings, no <dimension>
+    sheet = streamed.create_sheet("Data")
+    for row in [COLUMNS, *rows]:
+        sheet.append(row)
+    streamed.save(tmp_path / "streamed.xlsx")
+    assert b"inlineStr" in zipfile.ZipFile(tmp_path / "streamed.xlsx").read(
+        "xl/worksheets/sheet1.xml"
+    )
+    assert (
+        assert_reader_agrees(
+            (tmp_path / "streamed.xlsx").read_bytes(), (sluice.tabular._SHEET_CHUNK, 999)
+        )
+        == 53
+    )
+
+
+def test_the_workbook_reader_finds_the_sheets_openpyxl_does(tmp_path: Path) -> None:
+    book = openpyxl.Workbook()
+    book.active.title = "First"  # type: ignore[union-attr]
+    book.create_chartsheet("Chart").add_chart(BarChart())
+    hidden = book.create_sheet("Hidden")
+    hidden.sheet_state = "hidden"
+    book.create_sheet("Last").append([1])
+    book.save(tmp_path / "t.xlsx")
+    data = (tmp_path / "t.xlsx").read_bytes()
+    with warnings.catch_warnings(action="ignore"):
+        theirs = openpyxl.load_workbook(io.BytesIO(data), read_only=True, data_only=True)
+        reader = sluice.tabular._WorkbookReader(
+            io.BytesIO(data), read_only=True, keep_vba=False, data_only=True
+        )
+        reader.read()
+    ours = reader.wb
+
+    def sheets(book: Any) -> list[Any]:
+        return [
+            (
+                s.title,
+                type(s).__name__ == "Chartsheet",
+                s.sheet_state,
+                getattr(s, "_worksheet_path", None),
+            )
+            for s in book._sheets
+        ]
+
+    assert sheets(ours) == sheets(theirs)
+    assert [s.title for s in ours.worksheets] == ["First", "Hidden", "Last"]
+    assert ours.epoch == theirs.epoch and ours._date_formats == theirs._date_formats
+    theirs.close()
+    ours.close()
 
 
 # --- Parquet --------------------------------------------------------------------------------
