@@ -25,21 +25,7 @@ from sluice.formats import (
     open_decompressed,
     parse_file,
 )
-
-
-class _Unseekable(io.RawIOBase):
-    """A socket-like upload stream: read once, no seek."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = io.BytesIO(data)
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        chunk = self._data.read(min(len(buffer), 1000))
-        buffer[: len(chunk)] = chunk
-        return len(chunk)
+from tests.unseekable import Unseekable
 
 
 def parse(data: bytes, **options: Any) -> ParsedFile:
@@ -199,7 +185,7 @@ def test_over_long_single_line_file_never_holds_the_line() -> None:
 
 def test_unseekable_stream_is_read_once() -> None:
     data = "name,city\nZoë,Kraków\n".encode()
-    parsed = parse_file(_Unseekable(data))  # type: ignore[arg-type]
+    parsed = parse_file(Unseekable(data))  # type: ignore[arg-type]
     assert parsed.sniffed.encoding == "utf-8"
     assert values(parsed) == [["Zoë", "Kraków"]]
 
@@ -369,7 +355,7 @@ def test_json_array_across_many_buffers_matches_orjson() -> None:
     ]
     data = orjson.dumps(elements)
     assert values(parse(data)) == elements
-    assert values(parse_file(_Unseekable(data), encoding="utf-8")) == elements  # type: ignore[arg-type]
+    assert values(parse_file(Unseekable(data), encoding="utf-8")) == elements  # type: ignore[arg-type]
 
 
 def test_json_syntax_error_names_the_byte_offset() -> None:
@@ -452,7 +438,7 @@ def test_gzip_of_each_format(data: bytes, fmt: str, expected: list[Any]) -> None
     assert values(parsed) == expected
     assert parsed.bytes_read == len(compressed)
     # The same through a stream that cannot seek, with the encoding given as when stored.
-    unseekable = parse_file(_Unseekable(compressed), encoding=parsed.sniffed.encoding)  # type: ignore[arg-type]
+    unseekable = parse_file(Unseekable(compressed), encoding=parsed.sniffed.encoding)  # type: ignore[arg-type]
     assert values(unseekable) == expected
 
 

@@ -35,21 +35,7 @@ from sluice.formats import (
 )
 from storage.filestore import _Inspector
 from tests.conftest import Stack, finish, unique
-
-
-class _Unseekable(io.RawIOBase):
-    """An upload stream that cannot seek."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = io.BytesIO(data)
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        chunk = self._data.read(min(len(buffer), 1000))
-        buffer[: len(chunk)] = chunk
-        return len(chunk)
+from tests.unseekable import Unseekable
 
 
 def workbook(path: Path, *sheets: tuple[str, list[list[Any]]], hidden: str = "") -> Path:
@@ -304,13 +290,13 @@ def test_the_format_option_must_match_the_file(tmp_path: Path) -> None:
 
 def test_a_stream_that_cannot_seek_is_spooled(tmp_path: Path) -> None:
     book = workbook(tmp_path / "t.xlsx", ("S", [["id", "name"], [1, "a"]]))
-    parsed = parse_file(io.BufferedReader(_Unseekable(book.read_bytes())))
+    parsed = parse_file(io.BufferedReader(Unseekable(book.read_bytes())))
     assert values(parsed) == [[1, "a"]]
     table = pa.table({"id": [1, 2]})
     data = parquet(tmp_path / "t.parquet", table).read_bytes()
-    assert values(parse_file(io.BufferedReader(_Unseekable(data)))) == [[1], [2]]
+    assert values(parse_file(io.BufferedReader(Unseekable(data)))) == [[1], [2]]
     # Text read from a stream still starts at its first byte.
-    assert values(parse_file(io.BufferedReader(_Unseekable(b"id,name\n1,a\n")))) == [["1", "a"]]
+    assert values(parse_file(io.BufferedReader(Unseekable(b"id,name\n1,a\n")))) == [["1", "a"]]
 
 
 # --- the XLSX reader against openpyxl ---------------------------------------------------------

@@ -40,6 +40,7 @@ from sluice.importers.dsl import Field, Importer
 from sluice.mapping import RecordMapper
 from storage.filestore import _Inspector
 from storage.writer import ROW, SUB
+from tests.unseekable import Unseekable
 
 pytestmark = pytest.mark.hostile
 
@@ -52,21 +53,6 @@ FUZZ = settings(
 
 # Characters that matter to the parsers, so random input hits their branches often.
 _SIGNIFICANT = ',;\t|"\r\n{}[]:\\ 0a-é€\x01\x00\ufeff'
-
-
-class _Unseekable(io.RawIOBase):
-    """A socket-like stream: read in small pieces, no seek."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = io.BytesIO(data)
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        chunk = self._data.read(min(len(buffer), 97))
-        buffer[: len(chunk)] = chunk
-        return len(chunk)
 
 
 def _noisy_bytes() -> st.SearchStrategy[bytes]:
@@ -86,7 +72,7 @@ def _noisy_bytes() -> st.SearchStrategy[bytes]:
 
 
 def _consume(data: bytes, options: FormatOptions, *, seekable: bool) -> list[Any]:
-    raw: Any = io.BytesIO(data) if seekable else io.BufferedReader(_Unseekable(data))
+    raw: Any = io.BytesIO(data) if seekable else io.BufferedReader(Unseekable(data, chunk=97))
     try:
         parsed = parse_file(raw, options)
         out = list(parsed)
