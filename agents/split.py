@@ -192,14 +192,8 @@ async def _table_plan(
         )
         existing = await describe_table(conn, importer.schema, importer.table)
     types = dict(existing or [])
-    plan = TargetPlan(
-        table=plan.table,
-        schema=plan.schema,
-        columns=tuple((c, types[c]) for c, _ in plan.columns if c in types),
-        key=plan.key,
-        refresh=plan.refresh,
-    )
-    return plan, changes
+    columns = tuple((c, types[c]) for c, _ in plan.columns if c in types)
+    return dataclasses.replace(plan, columns=columns), changes
 
 
 async def describe_source(
@@ -223,7 +217,7 @@ async def describe_source(
         "sha256": ref.sha256,
         "format": parsed.sniffed.format,
         "delimiter": parsed.sniffed.delimiter,
-        "sheet": getattr(parsed.sniffed, "sheet", None),
+        "sheet": parsed.sniffed.sheet,
         "encoding": parsed.sniffed.encoding,
         "header": parsed.header,
         "columns": columns,
