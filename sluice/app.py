@@ -14,6 +14,7 @@ from agents.detail import fetch_page
 from agents.discover import discover
 from agents.fetch import adopt_trigger, after_import, handle_trigger
 from agents.firehose import apply_firehose, parse_events
+from agents.lanes import Lanes
 from agents.lifecycle import relay_outbox
 from agents.retry import retrying
 from agents.split import split_file
@@ -169,14 +170,25 @@ def create_app(rt: Runtime, *, app_id: str = "sluice", hooks: HookSet | None = N
 
             await split_with_retry(request, send, event)
 
+    async def apply_batch(event: Any) -> None:
+        async def to_dead(reason: str) -> None:
+            await dead_letter(event, reason)
+
+        await upsert_batch(rt, event.key, event.value, plans, to_dead)
+        # Only now may the offset be committed; Faust commits a partition up to its first
+        # offset not yet acknowledged, so batches finishing out of order lose nothing.
+        event.ack()
+
     @app.agent(batches, name="upsert")
     async def upsert_agent(stream: Any) -> None:
-        async for event in stream.events():
-
-            async def to_dead(reason: str, event: Any = event) -> None:
-                await dead_letter(event, reason)
-
-            await upsert_batch(rt, event.key, event.value, plans, to_dead)
+        # One lane per partition: in order within a partition (its keys, in file order), side
+        # by side across partitions (see agents.lanes).
+        lanes: Lanes[Any] = Lanes(apply_batch, depth=2)
+        try:
+            async for event in stream.noack().events():
+                await lanes.put(event.message.partition, event)
+        finally:
+            await lanes.close()
 
     item_pages = topic(topics.ITEMS, kafka.partitions)
 

@@ -58,9 +58,10 @@ class Runtime:
         return PgFileStore(await self.pool(), chunk_bytes=self.settings.pipeline.file_chunk_bytes)
 
     async def applier(self) -> BatchApplier:
+        pool = await self.pool()  # no await between the test and the assignment: one applier
         if not hasattr(self, "_applier"):
             self._applier = BatchApplier(
-                await self.pool(), progress_interval=self.settings.pipeline.progress_interval
+                pool, progress_interval=self.settings.pipeline.progress_interval
             )
         return self._applier
 

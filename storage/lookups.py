@@ -391,7 +391,8 @@ async def _fetch(
         f"WITH found AS ({select}),"
         f" made AS (INSERT INTO {table} ({match}) SELECT u.k FROM unnest({wanted}) AS u(k)"
         f" WHERE NOT EXISTS (SELECT 1 FROM found f WHERE f.k = u.k)"
-        f" ON CONFLICT ({match}) DO NOTHING RETURNING {match} AS k, {returns} AS v)"
+        # In one order: batches applied side by side wait for each other, never deadlock.
+        f" ORDER BY u.k ON CONFLICT ({match}) DO NOTHING RETURNING {match} AS k, {returns} AS v)"
         " SELECT k, v FROM found UNION ALL SELECT k, v FROM made"
     )
     found = _by_key(column, await conn.fetch(upsert, values))

@@ -1,0 +1,64 @@
+"""Lanes: work on items of one lane in order, on items of different lanes at the same time.
+
+The upsert agent puts each batch in the lane of its partition: batches of one partition carry
+the same keys in file order and must be applied in that order, while batches of different
+partitions touch different keys and can be applied side by side, each in its own PostgreSQL
+transaction on its own connection. With one lane, PostgreSQL worked on one batch at a time and
+the worker waited for it; with a lane per partition the database uses the cores it has.
+
+A lane holds at most ``depth`` waiting items and ``put`` waits for room, so back pressure still
+reaches the consumer: Kafka holds the backlog, not the worker's memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Lanes(Generic[T]):
+    def __init__(self, work: Callable[[T], Awaitable[None]], *, depth: int = 2) -> None:
+        self._work = work
+        self._depth = depth
+        self._queues: dict[Hashable, asyncio.Queue[T]] = {}
+        self._tasks: dict[Hashable, asyncio.Task[None]] = {}
+
+    async def put(self, lane: Hashable, item: T) -> None:
+        """Queue ``item`` behind the earlier items of ``lane``; waits while the lane is full."""
+        queue = self._queues.get(lane)
+        if queue is None:
+            queue = self._queues[lane] = asyncio.Queue(self._depth)
+            self._tasks[lane] = asyncio.create_task(self._run(lane, queue), name=f"lane-{lane}")
+        await queue.put(item)
+
+    async def _run(self, lane: Hashable, queue: asyncio.Queue[T]) -> None:
+        while True:
+            item = await queue.get()
+            try:
+                await self._work(item)
+            except Exception:
+                # The work handles its own failures; this is a bug. The item is not
+                # acknowledged, so it is delivered again after a restart, and the lane goes on.
+                log.exception("lane %s: unhandled error", lane)
+            finally:
+                queue.task_done()
+
+    async def join(self) -> None:
+        """Wait until every item put so far has been worked on."""
+        for queue in list(self._queues.values()):
+            await queue.join()
+
+    async def close(self) -> None:
+        """Stop every lane; items still waiting are dropped (they were not acknowledged)."""
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+        self._queues.clear()
