@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import operator
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -19,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from schemas.events import ImportRequested
+from schemas.events import ImportRequested, encode_copy_batch
 from sluice.errors import MappingError, TerminalError
 from sluice.formats import FileFormatError, FormatOptions, ParsedFile, ParsedRow, parse_file
 from sluice.importers.adhoc import (
@@ -36,7 +37,7 @@ from sluice.runtime import Runtime
 from storage.lookups import LookupResolver
 from storage.runs import RunRepository
 from storage.tables import describe_table, ensure_table, has_unique_key
-from storage.writer import Refresh, TargetPlan
+from storage.writer import ROW, SUB, Refresh, TargetPlan
 from streams.topics import partition_for_key
 
 log = logging.getLogger(__name__)
@@ -64,22 +65,41 @@ def _json_default(value: Any) -> Any:
 
 
 class BatchRouter:
-    """Buffers records per partition of their key and hands out full batches in file order."""
+    """Buffers records per partition of their key and hands out full batches in file order.
 
-    def __init__(self, key: tuple[str, ...], partitions: int, batch_size: int, max_bytes: int):
+    Records are dicts (sent as JSON), or, when ``text_columns`` is given, lists of text in that
+    order (sent as COPY batches, see RowBatch)."""
+
+    def __init__(
+        self,
+        key: tuple[str, ...],
+        partitions: int,
+        batch_size: int,
+        max_bytes: int,
+        text_columns: tuple[str, ...] | None = None,
+    ):
         self.key = key
         self.partitions = partitions
         self.batch_size = batch_size
         self.max_bytes = max_bytes
-        self.buffers: list[list[Record]] = [[] for _ in range(partitions)]
+        self.buffers: list[list[Any]] = [[] for _ in range(partitions)]
         self.seq = 0
         # Rows per message: the batch size, lowered when rows turn out too wide for a message.
         # It depends only on the file's rows, so a re-split cuts the same batches.
         self.limit = batch_size
+        self.text_columns = text_columns
+        self._key_of: Callable[[Any], str]
+        if text_columns is None:
+            self._key_of = lambda record: "\x1f".join(str(record[c]) for c in key)
+        else:  # the same key text as the dict of the same row gives
+            at = [text_columns.index(c) for c in key]
+            if len(at) == 1:
+                self._key_of = operator.itemgetter(at[0])
+            else:
+                self._key_of = lambda row: "\x1f".join(row[i] for i in at)
 
-    def add(self, record: Record) -> list[Record] | None:
-        k = "\x1f".join(str(record[c]) for c in self.key)
-        p = partition_for_key(k, self.partitions)
+    def add(self, record: Any) -> list[Any] | None:
+        p = partition_for_key(self._key_of(record), self.partitions)
         buf = self.buffers[p]
         buf.append(record)
         if len(buf) >= self.limit:
@@ -87,13 +107,15 @@ class BatchRouter:
             return buf
         return None
 
-    def partition_of(self, record: Record) -> int:
-        k = "\x1f".join(str(record[c]) for c in self.key)
-        return partition_for_key(k, self.partitions)
+    def partition_of(self, record: Any) -> int:
+        return partition_for_key(self._key_of(record), self.partitions)
 
-    def encode(self, run_id: str, rows: list[Record]) -> Iterator[tuple[bytes, bytes]]:
+    def encode(self, run_id: str, rows: list[Any]) -> Iterator[tuple[bytes, bytes]]:
         """One or more (key, value) messages for ``rows``, each under the size limit."""
-        value = orjson.dumps(rows, default=_json_default)
+        if self.text_columns is not None:
+            value = encode_copy_batch(self.text_columns, rows)
+        else:
+            value = orjson.dumps(rows, default=_json_default)
         if len(value) > self.max_bytes and len(rows) > 1:
             fits = int(len(rows) * self.max_bytes * 0.8 / len(value))
             self.limit = max(1, min(self.limit, fits, len(rows) // 2))
@@ -101,13 +123,27 @@ class BatchRouter:
                 yield from self.encode(run_id, rows[start : start + self.limit])
             return
         if len(value) > self.max_bytes:
+            row = rows[0][0] if self.text_columns is not None else rows[0].get(ROW)
             raise FileFormatError(
-                f"row {rows[0].get('_sluice_row')} is larger than the {self.max_bytes}-byte "
+                f"row {row} is larger than the {self.max_bytes}-byte "
                 "message limit; shorten it or raise SLUICE_KAFKA_MAX_MESSAGE_BYTES"
             )
         key = f"{run_id}:{self.seq}".encode()
         self.seq += 1
         yield key, value
+
+
+def text_batch_columns(
+    mapper: RecordMapper, plan: TargetPlan, parsed: ParsedFile
+) -> tuple[str, ...] | None:
+    """The columns of COPY batches, when this file's records stay text (a delimited file that
+    ``RecordMapper.map_text`` can map) and the plan can apply them by COPY; else None."""
+    names = mapper.text_names()
+    if parsed.sniffed.format != "csv" or names is None or not plan.copyable:
+        return None
+    if not set(names) <= {c for c, _ in plan.columns}:  # a column the table does not have
+        return None
+    return (ROW, SUB, *names)
 
 
 async def resolve_importer(
@@ -302,7 +338,9 @@ async def _split(
         settings.kafka.partitions,
         importer.batch_size or settings.pipeline.batch_size,
         settings.kafka.max_message_bytes,
+        text_batch_columns(mapper, plan, parsed),
     )
+    as_text = router.text_columns is not None
     run_key = str(run_id)
 
     async def emit(partition: int, rows: list[Record]) -> None:
@@ -317,7 +355,8 @@ async def _split(
         chunk = list(itertools.islice(all_items, chunk_size))
         if not chunk:
             break
-        records, failures = mapper.map_rows(chunk)
+        records: list[Any]
+        records, failures = mapper.map_text(chunk) if as_text else mapper.map_rows(chunk)
         total += len(records) + len(failures)
         if failures:
             await runs.record_rejections(run_id, failures)

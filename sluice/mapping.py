@@ -317,6 +317,56 @@ class RecordMapper:
             out.append({**base, up.index_field: period, up.value_field: cell})
         return out
 
+    def text_names(self) -> tuple[str, ...] | None:
+        """The fields ``map_text`` fills, in order, when this mapper can take that path: cells
+        that stay text (no Python validation, transform, unpivot or URI template). None if not."""
+        imp = self.importer
+        if self.header is None or not imp.validate_in_database or imp.transforms:
+            return None
+        if imp.unpivot is not None or self._uri is not None:
+            return None
+        return self._names
+
+    def map_text(
+        self, rows: Iterable[ParsedRow | RowProblem]
+    ) -> tuple[list[list[str]], list[RowFailure]]:
+        """``map_rows`` for rows of a delimited file when ``text_names()`` is not None, without
+        a dict per row: each row is ``[row number, "0", *cells]`` as text, "" for null (blank
+        cells and null markers), ready for a COPY batch. A delimited file with a NUL was refused
+        as a whole, so no cell holds one."""
+        out: list[list[str]] = []
+        failures: list[RowFailure] = []
+        names, pick, markers = self._names, self._pick, self._markers
+        index = list(self._index.values())
+        position = {name: i for i, name in enumerate(names)}
+        keys = [position[k] for k in self._keys]
+        required = [position[n] for n in self._required if n in position]
+        for row in rows:
+            if isinstance(row, RowProblem):
+                failures.append(RowFailure(row.number, 0, row.raw, row.reason))
+                continue
+            values = row.values
+            picked = pick(values) if pick is not None else [values[i] for i in index]  # type: ignore[index]
+            if markers:
+                cells = [
+                    "" if (v := c.strip()) in nulls else v
+                    for c, nulls in zip(picked, self._cell_nulls, strict=True)
+                ]
+            else:
+                cells = [c.strip() for c in picked]
+            reason = None
+            if not all(cells[i] for i in keys):
+                reason = _empty_key([names[i] for i in keys if not cells[i]])
+            elif required and not all(cells[i] for i in required):
+                reason = _required_empty([names[i] for i in required if not cells[i]])
+            if reason is not None:
+                record = {n: c or None for n, c in zip(names, cells, strict=True)}
+                failures.append(RowFailure(row.number, 0, record, reason))
+                continue
+            cells[0:0] = (str(row.number), "0")
+            out.append(cells)
+        return out, failures
+
     def map_rows(
         self, rows: Iterable[ParsedRow | RowProblem]
     ) -> tuple[list[Record], list[RowFailure]]:
@@ -369,15 +419,12 @@ class RecordMapper:
         for number, sub, record in candidates:
             missing = [k for k in self._keys if record.get(k) is None]
             if missing:
-                failures.append(
-                    RowFailure(number, sub, record, f"empty key: {', '.join(missing)} has no value")
-                )
+                failures.append(RowFailure(number, sub, record, _empty_key(missing)))
                 continue
             required = self._required and [n for n in self._required if record.get(n) is None]
             if required:
-                failures.append(
-                    RowFailure(number, sub, record, f"required field empty: {', '.join(required)}")
-                )
+                reason = _required_empty(required)
+                failures.append(RowFailure(number, sub, record, reason))
                 continue
             keyed.append((number, sub, record))
         if self._adapter is None:
@@ -409,6 +456,14 @@ class RecordMapper:
             except ValidationError as exc:
                 failures.append(RowFailure(number, sub, record, describe_validation(exc)))
         return out
+
+
+def _empty_key(names: list[str]) -> str:
+    return f"empty key: {', '.join(names)} has no value"
+
+
+def _required_empty(names: list[str]) -> str:
+    return f"required field empty: {', '.join(names)}"
 
 
 def describe_validation(exc: ValidationError) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -107,6 +108,19 @@ class TargetPlan:
             lookups=tuple(Lookup(**lookup) for lookup in data.get("lookups", ())),
         )
 
+    @property
+    def copyable(self) -> bool:
+        """Batches of text values can be applied by COPY into a temporary table: the plan needs
+        no rows in Python (lookups, refresh keys, the 'fail' policy's report), and every column
+        reads the same text the same way from COPY as from a JSON string (not json, jsonb or
+        arrays, which json_to_recordset takes as JSON)."""
+        return (
+            not self.lookups
+            and self.refresh is None
+            and self.policy is not DuplicatePolicy.FAIL
+            and not any(t.lower().startswith("json") or t.endswith("]") for _, t in self.columns)
+        )
+
     def create_table_sql(self) -> str:
         cols = [
             f"{quote_ident(c)} {t}{' NOT NULL' if c in self.key else ''}" for c, t in self.columns
@@ -157,12 +171,29 @@ class Statements:
         newer = ""
         if plan.policy is DuplicatePolicy.UPDATE_IF_NEWER and version:
             newer = f" AND (t.{q(version)} IS NULL OR EXCLUDED.{q(version)} > t.{q(version)})"
-        prefix = (
-            f"WITH src AS (SELECT * FROM json_to_recordset($1::text::json)"
-            f" AS x({ROW} bigint, {SUB} integer, {recordset})),"
-            f" d AS (SELECT DISTINCT ON ({keys}) * FROM src"
-            f" ORDER BY {keys}, {newest}{ROW} {order}, {SUB} {order}),"
+        # The batch's rows: a JSON array ($1), or rows COPY put into a temporary table.
+        json_src = (
+            f"SELECT * FROM json_to_recordset($1::text::json)"
+            f" AS x({ROW} bigint, {SUB} integer, {recordset})"
         )
+        digest = hashlib.sha1(recordset.encode()).hexdigest()[:16]
+        self.temp = f"sluice_batch_{digest}"
+        copy_src = f"SELECT * FROM pg_temp.{self.temp}"
+        # ON COMMIT DELETE ROWS: each transaction finds it empty, and leaves it so.
+        self.create_temp = (
+            f"CREATE TEMP TABLE IF NOT EXISTS {self.temp}"
+            f" ({ROW} bigint, {SUB} integer, {recordset}) ON COMMIT DELETE ROWS"
+        )
+        self.temp_columns = frozenset((ROW, SUB, *names)) if plan.copyable else frozenset()
+
+        def prefix_of(src: str) -> str:
+            return (
+                f"WITH src AS ({src}),"
+                f" d AS (SELECT DISTINCT ON ({keys}) * FROM src"
+                f" ORDER BY {keys}, {newest}{ROW} {order}, {SUB} {order}),"
+            )
+
+        prefix = prefix_of(json_src)
         dups = (
             f" (SELECT coalesce(json_agg(json_build_array({ROW}, {SUB})), '[]') FROM"
             f" (SELECT {ROW}, {SUB} FROM src EXCEPT SELECT {ROW}, {SUB} FROM d) z) AS dups"
@@ -196,21 +227,23 @@ class Statements:
             conflict = f" ON CONFLICT ({keys}) DO NOTHING"
         else:
             conflict = f" ON CONFLICT ({keys}) DO NOTHING"
-        self.apply = (
-            f"{prefix} ins AS ({insert}{conflict} RETURNING (xmax = 0) AS inserted)"
+        apply = (
+            f" ins AS ({insert}{conflict} RETURNING (xmax = 0) AS inserted)"
             f" SELECT (SELECT count(*) FROM src) AS n, (SELECT count(*) FROM d) AS distinct_n,"
             f" (SELECT count(*) FROM ins WHERE inserted) AS created,"
             f" (SELECT count(*) FROM ins WHERE NOT inserted) AS updated,"
             f"{same},{existing},{dups}"
         )
+        self.apply = prefix + apply
+        self.apply_copied = prefix_of(copy_src) + apply
         k0 = q(key[0])
         upd_cond = f"{t_row} IS DISTINCT FROM {d_row}" if nonkey else "false"
         if plan.policy is DuplicatePolicy.UPDATE_IF_NEWER and version:
             upd_cond += f" AND (t.{q(version)} IS NULL OR d.{q(version)} > t.{q(version)})"
         # A dry run asks the same questions without the INSERT: what would be created, changed,
         # left as it is. Keys repeated across batches of one dry run count as new each time.
-        self.dry = (
-            f"{prefix} plan AS (SELECT d.{ROW}, (t.{k0} IS NULL) AS is_new,"
+        dry = (
+            f" plan AS (SELECT d.{ROW}, (t.{k0} IS NULL) AS is_new,"
             f" (t.{k0} IS NOT NULL AND {upd_cond}) AS is_update"
             f" FROM d LEFT JOIN {plan.qualified} t ON {join})"
             f" SELECT (SELECT count(*) FROM src) AS n, (SELECT count(*) FROM d) AS distinct_n,"
@@ -218,6 +251,8 @@ class Statements:
             f" (SELECT count(*) FROM plan WHERE is_update) AS updated,"
             f"{same},{existing},{dups}"
         )
+        self.dry = prefix + dry
+        self.dry_copied = prefix_of(copy_src) + dry
         self.keys: str | None = None
         if plan.refresh is not None:
             scope = plan.refresh.scope
@@ -335,26 +370,10 @@ class BatchApplier:
                     return "duplicate"
                 if also is not None:
                     await also(conn)
-                text, resolved = batch.rows_json, None
-                unresolved: list[RowFailure] = []
-                if stmts.lookups is not None:
-                    # In the batch's transaction: the marker makes the answers count once,
-                    # whatever the referenced tables hold when a batch is delivered again.
-                    resolved, unresolved = await stmts.lookups.resolve(
-                        conn, batch.rows(), dry_run=dry_run
-                    )
-                    text = orjson.dumps(resolved, default=str).decode()
-                if stmts.keys is not None and not dry_run:
-                    await conn.execute(stmts.keys, text, batch.run_id)
-                if isolate:
-                    counts = await self.apply_rows(conn, stmts, text, resolved, dry_run)
+                if not isolate and _copyable(batch, stmts):
+                    counts = await self._apply_copied(conn, batch, stmts, dry_run)
                 else:
-                    sql = stmts.dry if dry_run else stmts.apply
-                    record = await conn.fetchrow(sql, text)
-                    rows = batch.rows if resolved is None else functools.partial(list, resolved)
-                    counts = stmts.counts(record, rows)
-                counts.rows += len(unresolved)
-                counts.failures.extend(unresolved)
+                    counts = await self._apply_json(conn, batch, stmts, dry_run, isolate=isolate)
                 failed = 0
                 if counts.failures:
                     failed = await insert_row_failures(
@@ -364,6 +383,53 @@ class BatchApplier:
         except _Inactive:
             return "inactive"
         return "applied"
+
+    async def _apply_copied(
+        self, conn: asyncpg.Connection, batch: RowBatch, stmts: Statements, dry_run: bool
+    ) -> Counts:
+        """A COPY batch: COPY into the plan's temporary table, then the same statement reading
+        from it. A value PostgreSQL refuses fails the COPY, and the batch goes the JSON way."""
+        columns, rows = batch.copy_columns()
+        await conn.execute(stmts.create_temp)
+        await conn.copy_to_table(
+            stmts.temp,
+            schema_name="pg_temp",
+            source=rows,  # a memoryview: asyncpg takes bytes for a file name
+            columns=columns,
+            format="text",
+            null="",
+        )
+        record = await conn.fetchrow(stmts.dry_copied if dry_run else stmts.apply_copied)
+        return stmts.counts(record, batch.rows)
+
+    async def _apply_json(
+        self,
+        conn: asyncpg.Connection,
+        batch: RowBatch,
+        stmts: Statements,
+        dry_run: bool,
+        *,
+        isolate: bool,
+    ) -> Counts:
+        text, resolved = batch.json_text(), None
+        unresolved: list[RowFailure] = []
+        if stmts.lookups is not None:
+            # In the batch's transaction: the marker makes the answers count once,
+            # whatever the referenced tables hold when a batch is delivered again.
+            resolved, unresolved = await stmts.lookups.resolve(conn, batch.rows(), dry_run=dry_run)
+            text = orjson.dumps(resolved, default=str).decode()
+        if stmts.keys is not None and not dry_run:
+            await conn.execute(stmts.keys, text, batch.run_id)
+        if isolate:
+            counts = await self.apply_rows(conn, stmts, text, resolved, dry_run)
+        else:
+            sql = stmts.dry if dry_run else stmts.apply
+            record = await conn.fetchrow(sql, text)
+            rows = batch.rows if resolved is None else functools.partial(list, resolved)
+            counts = stmts.counts(record, rows)
+        counts.rows += len(unresolved)
+        counts.failures.extend(unresolved)
+        return counts
 
     async def apply_rows(
         self,
@@ -454,6 +520,11 @@ class BatchApplier:
             fields = dict(record)
             fields.pop("progress_due")
             await emit_event(conn, run_from_record(fields), LifecycleEventType.PROGRESS)
+
+
+def _copyable(batch: RowBatch, stmts: Statements) -> bool:
+    """A COPY batch whose columns the plan's temporary table has (any other goes as JSON)."""
+    return batch.rows_copy is not None and set(batch.copy_columns()[0]) <= stmts.temp_columns
 
 
 class _Inactive(Exception):
