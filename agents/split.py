@@ -98,17 +98,18 @@ class BatchRouter:
             else:
                 self._key_of = lambda row: "\x1f".join(row[i] for i in at)
 
-    def add(self, record: Any) -> list[Any] | None:
-        p = partition_for_key(self._key_of(record), self.partitions)
-        buf = self.buffers[p]
-        buf.append(record)
-        if len(buf) >= self.limit:
-            self.buffers[p] = []
-            return buf
-        return None
-
-    def partition_of(self, record: Any) -> int:
-        return partition_for_key(self._key_of(record), self.partitions)
+    def add(self, records: list[Any]) -> list[tuple[int, list[Any]]]:
+        """Buffer ``records``; returns the batches they filled, with their partitions."""
+        full = []
+        buffers, partitions, limit = self.buffers, self.partitions, self.limit
+        for record, key in zip(records, map(self._key_of, records), strict=True):
+            p = partition_for_key(key, partitions)
+            buf = buffers[p]
+            buf.append(record)
+            if len(buf) >= limit:
+                buffers[p] = []
+                full.append((p, buf))
+        return full
 
     def encode(self, run_id: str, rows: list[Any]) -> Iterator[tuple[bytes, bytes]]:
         """One or more (key, value) messages for ``rows``, each under the size limit."""
@@ -360,10 +361,8 @@ async def _split(
         total += len(records) + len(failures)
         if failures:
             await runs.record_rejections(run_id, failures)
-        for record in records:
-            full = router.add(record)
-            if full is not None:
-                await emit(router.partition_of(full[0]), full)
+        for partition, batch in router.add(records):
+            await emit(partition, batch)
         now = time.monotonic()
         if now - last_report >= settings.pipeline.progress_interval:
             last_report = now

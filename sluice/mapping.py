@@ -336,34 +336,42 @@ class RecordMapper:
         as a whole, so no cell holds one."""
         out: list[list[str]] = []
         failures: list[RowFailure] = []
-        names, pick, markers = self._names, self._pick, self._markers
+        names, pick = self._names, self._pick
         index = list(self._index.values())
-        position = {name: i for i, name in enumerate(names)}
-        keys = [position[k] for k in self._keys]
-        required = [position[n] for n in self._required if n in position]
+        # Positions in an output row: the row number and sub-row come first.
+        at = {name: i + 2 for i, name in enumerate(names)}
+        keys = [at[k] for k in self._keys]
+        required = [at[n] for n in self._required if n in at and at[n] not in keys]
+        must = keys + required
+        lacking: Callable[[list[str]], bool]
+        if len(must) == 1:
+            lacking = lambda cells: not cells[must[0]]  # noqa: E731
+        else:
+            must_get = operator.itemgetter(*must)
+            lacking = lambda cells: "" in must_get(cells)  # noqa: E731
+        markers = self._nulls - {""}
+        key_positions = set(keys)  # null markers do not apply to keys
         for row in rows:
             if isinstance(row, RowProblem):
                 failures.append(RowFailure(row.number, 0, row.raw, row.reason))
                 continue
             values = row.values
             picked = pick(values) if pick is not None else [values[i] for i in index]  # type: ignore[index]
-            if markers:
-                cells = [
-                    "" if (v := c.strip()) in nulls else v
-                    for c, nulls in zip(picked, self._cell_nulls, strict=True)
+            cells = [str(row.number), "0", *map(str.strip, picked)]
+            # Most rows hold no marker: one C-level set test instead of one per cell.
+            if markers and not markers.isdisjoint(cells):
+                cells[2:] = [
+                    "" if c in markers and i not in key_positions else c
+                    for i, c in enumerate(cells[2:], start=2)
                 ]
-            else:
-                cells = [c.strip() for c in picked]
-            reason = None
-            if not all(cells[i] for i in keys):
-                reason = _empty_key([names[i] for i in keys if not cells[i]])
-            elif required and not all(cells[i] for i in required):
-                reason = _required_empty([names[i] for i in required if not cells[i]])
-            if reason is not None:
-                record = {n: c or None for n, c in zip(names, cells, strict=True)}
+            if lacking(cells):
+                if not all(cells[i] for i in keys):
+                    reason = _empty_key([names[i - 2] for i in keys if not cells[i]])
+                else:
+                    reason = _required_empty([names[i - 2] for i in required if not cells[i]])
+                record = {n: c or None for n, c in zip(names, cells[2:], strict=True)}
                 failures.append(RowFailure(row.number, 0, record, reason))
                 continue
-            cells[0:0] = (str(row.number), "0")
             out.append(cells)
         return out, failures
 

@@ -20,6 +20,10 @@ from hypothesis import strategies as st
 from schemas.events import COPY_BATCH, RowBatch, decode_copy_rows, encode_copy_batch
 from schemas.runs import RunStatus
 from sluice.client import Client
+from sluice.formats import ParsedRow, RowProblem
+from sluice.importers.adhoc import DEFAULT_NULL_MARKERS, adhoc_importer
+from sluice.importers.dsl import Field
+from sluice.mapping import RecordMapper
 from streams.topics import BATCHES
 from tests.conftest import Stack, finish, unique
 
@@ -45,6 +49,36 @@ def test_the_copy_encoding_round_trips_any_text(cells: list[tuple[str, str, str]
     # Each row is one line of COPY text whatever its cells hold: no raw newline inside it.
     body = RowBatch.parse(b"00000000-0000-0000-0000-000000000000:1", value).copy_columns()[1]
     assert bytes(body).count(b"\n") == len(rows)
+
+
+def test_map_text_gives_what_map_rows_gives_without_a_dict_per_row() -> None:
+    """Same records, same rejections: blanks and null markers are null except in key columns,
+    an empty key or required field rejects its row, a row problem stays a row problem."""
+    fields = [Field("code", "text"), Field("name", "text", required=True), Field("qty", "bigint")]
+    importer = adhoc_importer("t", ["code"], fields, null_markers=DEFAULT_NULL_MARKERS)
+    mapper = RecordMapper(importer, ["qty", "name", "code", "ignored"])
+    rows: list[ParsedRow | RowProblem] = [
+        ParsedRow(1, [" 3 ", " apple ", "AP", "x"]),
+        ParsedRow(2, ["NA", "Namibia", "NA", "x"]),  # NA is a country code in the key
+        ParsedRow(3, ["-", "pear", " ", "x"]),  # empty key
+        ParsedRow(4, ["1", "N/A", "FG", "x"]),  # required name is a null marker
+        RowProblem(5, ["1"], "expected 4 fields"),
+        ParsedRow(6, ["", "fig", "-", "x"]),  # "-" is a value in the key column
+    ]
+    names = mapper.text_names()
+    assert names == ("qty", "name", "code")  # in the file's order
+    text, text_failures = mapper.map_text(rows)
+    records, failures = mapper.map_rows(rows)
+    as_dicts = [
+        {"_sluice_row": int(r[0]), "_sluice_sub": int(r[1])}
+        | {n: c or None for n, c in zip(names, r[2:], strict=True)}
+        for r in text
+    ]
+    assert as_dicts == records
+    assert sorted((f.row_number, f.reason, str(f.raw)) for f in text_failures) == sorted(
+        (f.row_number, f.reason, str(f.raw)) for f in failures
+    )
+    assert sorted(f.row_number for f in failures) == [3, 4, 5]
 
 
 async def _batch_values(stack: Stack, run_id: str) -> list[bytes]:
