@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,12 +112,11 @@ class TargetPlan:
     @property
     def copyable(self) -> bool:
         """Batches of text values can be applied by COPY into a temporary table: the plan needs
-        no rows in Python (lookups, refresh keys, the 'fail' policy's report), and every column
+        no rows in Python (lookups, the 'fail' policy's report), and every column
         reads the same text the same way from COPY as from a JSON string (not json, jsonb or
         arrays, which json_to_recordset takes as JSON)."""
         return (
             not self.lookups
-            and self.refresh is None
             and self.policy is not DuplicatePolicy.FAIL
             and not any(t.lower().startswith("json") or t.endswith("]") for _, t in self.columns)
         )
@@ -254,6 +254,7 @@ class Statements:
         self.dry = prefix + dry
         self.dry_copied = prefix_of(copy_src) + dry
         self.keys: str | None = None
+        self.keys_copied: str | None = None
         if plan.refresh is not None:
             scope = plan.refresh.scope
             key_expr = "jsonb_build_array(" + ", ".join(f"x.{q(k)}" for k in key) + ")::text"
@@ -262,11 +263,19 @@ class Statements:
                 if scope
                 else "NULL"
             )
-            # The keys a fresh run imported, typed as the table types them.
+            # The keys a fresh run imported, typed as the table types them. Only the key and
+            # scope columns are read: a refused value elsewhere is the upsert's to isolate.
+            types = dict(plan.columns)
+            wanted = ", ".join(f"{q(c)} {types[c]}" for c in dict.fromkeys((*key, *scope)))
             self.keys = (
                 "INSERT INTO sluice.run_keys (run_id, key, scope)"
                 f" SELECT $2, {key_expr}, {scope_expr}"
-                f" FROM json_to_recordset($1::text::json) AS x({recordset})"
+                f" FROM json_to_recordset($1::text::json) AS x({wanted})"
+                " ON CONFLICT DO NOTHING"
+            )
+            self.keys_copied = (
+                "INSERT INTO sluice.run_keys (run_id, key, scope)"
+                f" SELECT $1, {key_expr}, {scope_expr} FROM pg_temp.{self.temp} x"
                 " ON CONFLICT DO NOTHING"
             )
         self.lookups = LookupResolver(plan.lookups) if plan.lookups else None
@@ -399,6 +408,8 @@ class BatchApplier:
             format="text",
             null="",
         )
+        if stmts.keys_copied is not None and not dry_run:
+            await conn.execute(stmts.keys_copied, batch.run_id)
         record = await conn.fetchrow(stmts.dry_copied if dry_run else stmts.apply_copied)
         return stmts.counts(record, batch.rows)
 
@@ -418,11 +429,14 @@ class BatchApplier:
             # whatever the referenced tables hold when a batch is delivered again.
             resolved, unresolved = await stmts.lookups.resolve(conn, batch.rows(), dry_run=dry_run)
             text = orjson.dumps(resolved, default=str).decode()
-        if stmts.keys is not None and not dry_run:
-            await conn.execute(stmts.keys, text, batch.run_id)
+        keys_for = batch.run_id if stmts.keys is not None and not dry_run else None
         if isolate:
-            counts = await self.apply_rows(conn, stmts, text, resolved, dry_run)
+            # Each part that applies records its keys with it: a rejected row's key is not
+            # among the keys the run imported.
+            counts = await self.apply_rows(conn, stmts, text, resolved, dry_run, keys_for=keys_for)
         else:
+            if keys_for is not None:
+                await conn.execute(stmts.keys, text, keys_for)
             sql = stmts.dry if dry_run else stmts.apply
             record = await conn.fetchrow(sql, text)
             rows = batch.rows if resolved is None else functools.partial(list, resolved)
@@ -438,10 +452,13 @@ class BatchApplier:
         text: str,
         rows: list[dict[str, Any]] | None,
         dry_run: bool,
+        *,
+        keys_for: uuid.UUID | None = None,
     ) -> Counts:
         """Apply the rows in ``text`` (a JSON array; ``rows`` is the same, decoded, when the
         caller has it). A statement that fails on a row's data is split in halves until the bad
-        rows stand alone; they are returned as failures, the others applied."""
+        rows stand alone; they are returned as failures, the others applied. ``keys_for``: the
+        fresh run that records the keys of the rows applied."""
         sql = stmts.dry if dry_run else stmts.apply
 
         def decoded() -> list[dict[str, Any]]:
@@ -449,6 +466,8 @@ class BatchApplier:
 
         try:
             async with conn.transaction():  # a savepoint: a failure here spares the marker
+                if keys_for is not None and stmts.keys is not None:
+                    await conn.execute(stmts.keys, text, keys_for)
                 record = await conn.fetchrow(sql, text)
             return stmts.counts(record, decoded)
         except ROW_ERRORS as exc:
@@ -462,7 +481,9 @@ class BatchApplier:
             counts = Counts()
             for part in parts:
                 part_text = orjson.dumps(part, default=str).decode()
-                counts.add(await self.apply_rows(conn, stmts, part_text, part, dry_run))
+                counts.add(
+                    await self.apply_rows(conn, stmts, part_text, part, dry_run, keys_for=keys_for)
+                )
             return counts
 
     @staticmethod

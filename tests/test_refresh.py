@@ -12,7 +12,7 @@ import pytest
 
 from schemas.runs import RunStatus
 from sluice.client import Client
-from tests.conftest import Stack, finish
+from tests.conftest import Stack, finish, unique
 
 pytestmark = pytest.mark.stack
 
@@ -122,3 +122,34 @@ async def test_a_soft_refresh_marks_rows_and_a_returning_row_is_live_again(
     )
     assert done.deleted_rows == 0 and done.updated_rows == 1
     assert not await ids(db, "t_fresh_soft", "deleted_at IS NOT NULL")
+
+
+async def test_a_fresh_ad_hoc_import_deletes_the_absent_rows_and_survives_a_refused_value(
+    client: Client, stack: Stack, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """Ad hoc, the rows travel as COPY batches and the keys are recorded from them. A value
+    the database refuses (the column was typed from the first rows) rejects only its row, and
+    with a rejected row nothing is deleted."""
+    table = unique("fresh_adhoc")
+    options = {"table": table, "key": ["id"]}
+    first = tmp_path / "first.csv"
+    first.write_text("id,qty\n" + "".join(f"{i},{i}\n" for i in range(1, 1501)))
+    done = await finish(client, await client.submit_file("adhoc", first, options=options), stack)
+    assert done.created_rows == 1500
+
+    second = tmp_path / "second.csv"
+    second.write_text("id,qty\n" + "".join(f"{i},{i * 2}\n" for i in range(1, 1201)))
+    fresh = {**options, **FRESH}
+    done = await finish(client, await client.submit_file("adhoc", second, options=fresh), stack)
+    assert done.status is RunStatus.COMPLETED, done.error
+    assert (done.updated_rows, done.deleted_rows) == (1200, 300)
+    assert await ids(db, table) == list(range(1, 1201))
+
+    lines = ["id,qty", *(f"{i},{i}" for i in range(1, 1101))]
+    lines[1050] = "1050,lots"  # past the rows the type was inferred from
+    third = tmp_path / "third.csv"
+    third.write_text("\n".join(lines) + "\n")
+    done = await finish(client, await client.submit_file("adhoc", third, options=fresh), stack)
+    assert done.status is RunStatus.COMPLETED_WITH_ERRORS, done.error
+    assert (done.failed_rows, done.deleted_rows) == (1, 0)
+    assert len(await ids(db, table)) == 1200
