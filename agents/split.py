@@ -120,8 +120,11 @@ class BatchRouter:
         if len(value) > self.max_bytes and len(rows) > 1:
             fits = int(len(rows) * self.max_bytes * 0.8 / len(value))
             self.limit = max(1, min(self.limit, fits, len(rows) // 2))
-            for start in range(0, len(rows), self.limit):
-                yield from self.encode(run_id, rows[start : start + self.limit])
+            # The step is fixed here: a part still too big lowers self.limit again while the
+            # loop runs, and a slice that re-read it would leave rows out.
+            step = self.limit
+            for start in range(0, len(rows), step):
+                yield from self.encode(run_id, rows[start : start + step])
             return
         if len(value) > self.max_bytes:
             row = rows[0][0] if self.text_columns is not None else rows[0].get(ROW)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import uuid
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -17,6 +19,7 @@ from aiokafka import AIOKafkaConsumer
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from agents.split import BatchRouter
 from schemas.events import COPY_BATCH, RowBatch, decode_copy_rows, encode_copy_batch
 from schemas.runs import RunStatus
 from sluice.client import Client
@@ -180,3 +183,26 @@ async def test_a_validating_importer_still_sends_json(
     assert run.status is RunStatus.COMPLETED, run.error
     values = await _batch_values(stack, str(run.id))
     assert values and all(v.startswith(b"[") for v in values)
+
+
+@pytest.mark.parametrize("as_text", [True, False])
+def test_batches_cut_to_the_message_limit_keep_every_row(as_text: bool) -> None:
+    """Narrow rows then wide ones: the first cut is still too big for the wide half, which
+    lowers the limit while the narrow half is being sent. Every row is sent, once, in order."""
+    columns = ("_sluice_row", "_sluice_sub", "id", "note")
+    rows: list[Any] = []
+    for i in range(1, 301):
+        note = "x" * (10 if i <= 150 else 400)
+        rows.append(
+            [str(i), "0", str(i), note]
+            if as_text
+            else {"_sluice_row": i, "_sluice_sub": 0, "id": str(i), "note": note}
+        )
+    router = BatchRouter(("id",), 1, 1000, 10_000, columns if as_text else None)
+    sent: list[int] = []
+    for key, value in router.encode("run", rows):
+        assert len(value) <= 10_000
+        batch = RowBatch.parse(f"{uuid.uuid4()}:{key.split(b':')[1].decode()}".encode(), value)
+        sent += [r["_sluice_row"] for r in batch.rows()]
+    assert sent == list(range(1, 301))
+    assert router.seq > 2  # it was cut more than once
