@@ -23,9 +23,12 @@ T = TypeVar("T")
 
 
 class Lanes(Generic[T]):
-    def __init__(self, work: Callable[[T], Awaitable[None]], *, depth: int = 2) -> None:
+    def __init__(
+        self, work: Callable[[T], Awaitable[None]], *, depth: int = 2, retry_delay: float = 1.0
+    ) -> None:
         self._work = work
         self._depth = depth
+        self._retry_delay = retry_delay
         self._queues: dict[Hashable, asyncio.Queue[T]] = {}
         self._tasks: dict[Hashable, asyncio.Task[None]] = {}
 
@@ -40,14 +43,20 @@ class Lanes(Generic[T]):
     async def _run(self, lane: Hashable, queue: asyncio.Queue[T]) -> None:
         while True:
             item = await queue.get()
-            try:
-                await self._work(item)
-            except Exception:
-                # The work handles its own failures; this is a bug. The item is not
-                # acknowledged, so it is delivered again after a restart, and the lane goes on.
-                log.exception("lane %s: unhandled error", lane)
-            finally:
-                queue.task_done()
+            delay = self._retry_delay
+            while True:
+                try:
+                    await self._work(item)
+                    break
+                except Exception:
+                    # The work handles its own failures; what escapes it (the dead-letter topic
+                    # refusing a message, say) is tried again. Never skipped: the next item of
+                    # the lane must not be worked on before this one.
+                    log.exception("lane %s: unhandled error; trying again in %.1fs", lane, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+            del item  # not kept alive while the lane waits: Faust waits for it on a rebalance
+            queue.task_done()
 
     async def join(self) -> None:
         """Wait until every item put so far has been worked on."""

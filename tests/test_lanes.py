@@ -51,17 +51,19 @@ async def test_put_waits_while_a_lane_is_full() -> None:
     await lanes.close()
 
 
-async def test_an_error_in_the_work_does_not_stop_the_lane() -> None:
+async def test_work_that_fails_is_tried_again_before_the_next_item() -> None:
     seen: list[int] = []
+    failures = {1: 2}  # item 1 fails twice
 
     async def work(item: int) -> None:
         seen.append(item)
-        if item == 1:
+        if failures.get(item):
+            failures[item] -= 1
             raise RuntimeError("boom")
 
-    lanes: Lanes[int] = Lanes(work)
+    lanes: Lanes[int] = Lanes(work, retry_delay=0.01)
     for item in (1, 2, 3):
         await lanes.put("x", item)
     await asyncio.wait_for(lanes.join(), 1)
     await lanes.close()
-    assert seen == [1, 2, 3]
+    assert seen == [1, 1, 1, 2, 3]
