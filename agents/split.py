@@ -336,13 +336,29 @@ async def _split(
             await LookupResolver(plan.lookups).prepare(conn)
     provenance["schema_changes"] = [c.to_json() for c in changes] or earlier_changes
     await runs.save_provenance(run_id, provenance)
-    await runs.save_plan(run_id, plan.to_json(), mapper.mapping)
+    text_columns = text_batch_columns(mapper, plan, parsed)
+    # How the file is cut into batches is fixed by the run's first split: a split done again
+    # (after a crash, or by a worker with other settings or a newer version) must give every
+    # batch number the same rows, or the markers of batches applied before would skip rows.
+    _, _, saved = await runs.plan(run_id)
+    cutting = (saved or {}).get("batching") or {
+        "size": importer.batch_size or settings.pipeline.batch_size,
+        "partitions": settings.kafka.partitions,
+        "max_bytes": settings.kafka.max_message_bytes,
+        "copy": text_columns is not None,
+    }
+    if cutting["copy"] and text_columns is None:
+        raise TerminalError(
+            "this run's first split sent its rows as COPY batches, which this worker cannot "
+            "make for it; import the file again as a new run"
+        )
+    await runs.save_plan(run_id, {**plan.to_json(), "batching": cutting}, mapper.mapping)
     router = BatchRouter(
         plan.key,
-        settings.kafka.partitions,
-        importer.batch_size or settings.pipeline.batch_size,
-        settings.kafka.max_message_bytes,
-        text_batch_columns(mapper, plan, parsed),
+        cutting["partitions"],
+        cutting["size"],
+        cutting["max_bytes"],
+        text_columns if cutting["copy"] else None,
     )
     as_text = router.text_columns is not None
     run_key = str(run_id)

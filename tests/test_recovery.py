@@ -178,3 +178,29 @@ async def test_poison_on_every_topic_is_dead_lettered_and_the_agents_go_on(
     path.write_bytes(CSV)
     done = await finish(client, await client.submit_file("t_exact", path, dry_run=True), stack)
     assert done.status is RunStatus.COMPLETED  # every agent still works
+
+
+async def test_a_split_done_again_cuts_the_batches_as_the_first_one_did(
+    client: Client, stack: Stack, db: asyncpg.Connection
+) -> None:
+    """The batching of a run's first split is kept with its plan; a later split of the same run
+    (here: resumed by recovery) uses it, whatever this worker's settings say."""
+    table = f"recut_{uuid.uuid4().hex[:8]}"
+    files = await client.rt.files()
+    body = b"id,name\n" + b"".join(f"{i},n{i}\n".encode() for i in range(1, 21))
+    ref = await files.put(iter_bytes([body]), name="recut.csv")
+    runs = await client.rt.runs()
+    run = await runs.create(
+        importer="adhoc",
+        source="file",
+        file_id=ref.id,
+        file_name="recut.csv",
+        options={"table": table, "key": ["id"]},
+    )
+    first = {"size": 7, "partitions": 1, "max_bytes": 900_000, "copy": True}
+    await runs.save_plan(run.id, {"batching": first}, {})
+    done = await finish(client, run, stack, timeout=90)
+    assert done.status is RunStatus.COMPLETED, done.error
+    assert (done.created_rows, done.total_batches) == (20, 3)  # 7 + 7 + 6 on one partition
+    plan = await db.fetchval("SELECT plan::text FROM sluice.runs WHERE id = $1", run.id)
+    assert orjson.loads(plan)["batching"] == first
