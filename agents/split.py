@@ -336,7 +336,9 @@ async def _split(
             await LookupResolver(plan.lookups).prepare(conn)
     provenance["schema_changes"] = [c.to_json() for c in changes] or earlier_changes
     await runs.save_provenance(run_id, provenance)
-    text_columns = text_batch_columns(mapper, plan, parsed)
+    text_columns = (
+        text_batch_columns(mapper, plan, parsed) if settings.pipeline.copy_batches else None
+    )
     # How the file is cut into batches is fixed by the run's first split: a split done again
     # (after a crash, or by a worker with other settings or a newer version) must give every
     # batch number the same rows, or the markers of batches applied before would skip rows.

@@ -74,6 +74,10 @@ class PipelineSettings(BaseSettings):
         description="comma-separated module paths that define importers (besides the bundled ones)",
     )
     batch_size: int = Field(default=5000, ge=1, le=50_000)
+    copy_batches: bool = Field(
+        default=True,
+        description="send rows of text as COPY batches (off while workers older than them run)",
+    )
     apply_attempts: int = Field(default=5, ge=1, description="tries of a batch before dead-letter")
     progress_interval: float = Field(default=1.0, gt=0)
     relay_interval: float = Field(default=0.2, gt=0)

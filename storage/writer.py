@@ -333,6 +333,7 @@ class BatchApplier:
         self.pool = pool
         self.progress_interval = progress_interval
         self._statements: dict[str, Statements] = {}
+        self.use_temp = True  # COPY batches into a temporary table (see _apply_copied)
 
     def statements(self, plan: TargetPlan) -> Statements:
         cache_key = orjson.dumps(plan.to_json()).decode()
@@ -350,12 +351,25 @@ class BatchApplier:
         (before the run's counters, so a completion event counts it), once per batch."""
         stmts = self.statements(plan)
         async with self.pool.acquire() as conn:
+
+            async def attempt() -> str:
+                try:
+                    return await self._apply_once(conn, batch, stmts, dry_run, also, isolate=False)
+                except ROW_ERRORS:
+                    # The fast path has no savepoint, so the whole transaction rolled back: do
+                    # it again, this time isolating the bad rows.
+                    return await self._apply_once(conn, batch, stmts, dry_run, also, isolate=True)
+
             try:
-                return await self._apply_once(conn, batch, stmts, dry_run, also, isolate=False)
-            except ROW_ERRORS:
-                # The fast path has no savepoint, so the whole transaction rolled back: do it
-                # again, this time isolating the bad rows.
-                return await self._apply_once(conn, batch, stmts, dry_run, also, isolate=True)
+                return await attempt()
+            except asyncpg.InsufficientPrivilegeError:
+                if not self.use_temp or not _copyable(batch, stmts):
+                    raise
+                # A role without the TEMPORARY privilege cannot COPY into a temporary table:
+                # this applier reads every batch from JSON from now on.
+                log.warning("no TEMPORARY privilege on the database: batches are read as JSON")
+                self.use_temp = False
+                return await attempt()
 
     async def _apply_once(
         self,
@@ -379,7 +393,7 @@ class BatchApplier:
                     return "duplicate"
                 if also is not None:
                     await also(conn)
-                if not isolate and _copyable(batch, stmts):
+                if not isolate and self.use_temp and _copyable(batch, stmts):
                     counts = await self._apply_copied(conn, batch, stmts, dry_run)
                 else:
                     counts = await self._apply_json(conn, batch, stmts, dry_run, isolate=isolate)

@@ -206,3 +206,47 @@ def test_batches_cut_to_the_message_limit_keep_every_row(as_text: bool) -> None:
         sent += [r["_sluice_row"] for r in batch.rows()]
     assert sent == list(range(1, 301))
     assert router.seq > 2  # it was cut more than once
+
+
+@pytest.mark.stack
+async def test_without_the_temporary_privilege_batches_go_the_json_way(
+    client: Client, stack: Stack, db: asyncpg.Connection
+) -> None:
+    """A role that may not create temporary tables cannot COPY a batch into one: the batch is
+    applied from JSON instead, and so is every later one of that worker."""
+    from storage.db import create_pool
+    from storage.writer import BatchApplier, TargetPlan
+
+    role, table = unique("notemp"), unique("copy_notemp")
+    database = await db.fetchval("SELECT current_database()")
+    await db.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, note text)")
+    await db.execute(f"CREATE ROLE {role} LOGIN")
+    for grant in (
+        f"GRANT USAGE ON SCHEMA sluice TO {role}",
+        f"GRANT ALL ON ALL TABLES IN SCHEMA sluice TO {role}",
+        f"GRANT ALL ON ALL SEQUENCES IN SCHEMA sluice TO {role}",
+        f"GRANT ALL ON {table} TO {role}",
+        f'REVOKE TEMPORARY ON DATABASE "{database}" FROM PUBLIC',
+    ):
+        await db.execute(grant)
+    runs = await client.rt.runs()
+    run = await runs.create(importer="adhoc", source="file")
+    await runs.start(run.id)
+    plan = TargetPlan(table=table, columns=(("id", "bigint"), ("note", "text")), key=("id",))
+    await runs.save_plan(run.id, plan.to_json(), {})
+    url = stack.postgres.url.replace("//postgres@", f"//{role}@", 1)
+    assert role in url
+    pool = await create_pool(url, min_size=1, max_size=1)
+    try:
+        applier = BatchApplier(pool)
+        columns = ("_sluice_row", "_sluice_sub", "id", "note")
+        for seq, rows in enumerate(([["1", "0", "1", "a"]], [["2", "0", "2", ""]])):
+            value = encode_copy_batch(columns, rows)
+            batch = RowBatch.parse(f"{run.id}:{seq}".encode(), value)
+            assert await applier.apply(batch, plan, dry_run=False) == "applied"
+        assert applier.use_temp is False
+    finally:
+        await pool.close()
+        await db.execute(f'GRANT TEMPORARY ON DATABASE "{database}" TO PUBLIC')
+    rows = await db.fetch(f"SELECT id, note FROM {table} ORDER BY id")
+    assert [tuple(r) for r in rows] == [(1, "a"), (2, None)]
