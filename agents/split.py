@@ -78,9 +78,7 @@ class BatchRouter:
         max_bytes: int,
         text_columns: tuple[str, ...] | None = None,
     ):
-        self.key = key
         self.partitions = partitions
-        self.batch_size = batch_size
         self.max_bytes = max_bytes
         self.buffers: list[list[Any]] = [[] for _ in range(partitions)]
         self.seq = 0

@@ -183,16 +183,21 @@ class RowBatch:
     def copy_columns(self) -> tuple[list[str], memoryview]:
         """A COPY batch's column names and its rows (COPY text); PoisonBatch if malformed."""
         assert self.rows_copy is not None
-        line, found, _ = self.rows_copy.partition(b"\n")
-        try:
-            columns = orjson.loads(line) if found else None
-        except orjson.JSONDecodeError:
-            columns = None
-        if not isinstance(columns, list) or len(columns) < 2:
-            raise PoisonBatch("COPY row batch without its line of column names")
-        if not all(isinstance(c, str) for c in columns):
-            raise PoisonBatch("COPY row batch whose column names are not all strings")
-        return columns, memoryview(self.rows_copy)[len(line) + 1 :]
+        return _copy_parts(self.rows_copy)
+
+
+def _copy_parts(data: bytes) -> tuple[list[str], memoryview]:
+    """The column names line of a COPY batch (after its prefix), and the rows after it."""
+    line, found, _ = data.partition(b"\n")
+    try:
+        columns = orjson.loads(line) if found else None
+    except orjson.JSONDecodeError:
+        columns = None
+    if not isinstance(columns, list) or len(columns) < 2:
+        raise PoisonBatch("COPY row batch without its line of column names")
+    if not all(isinstance(c, str) for c in columns):
+        raise PoisonBatch("COPY row batch whose column names are not all strings")
+    return columns, memoryview(data)[len(line) + 1 :]
 
 
 def encode_copy_batch(columns: Sequence[str], rows: list[list[str]]) -> bytes:
@@ -212,7 +217,7 @@ def encode_copy_batch(columns: Sequence[str], rows: list[list[str]]) -> bytes:
 def decode_copy_rows(data: bytes) -> list[dict[str, Any]]:
     """The rows of a COPY batch as the JSON encoding would give them: empty fields are null,
     the first two columns (row number and sub-row) integers."""
-    columns, body = RowBatch(UUID(int=0), 0, rows_copy=data).copy_columns()
+    columns, body = _copy_parts(data)
     rows: list[dict[str, Any]] = []
     try:
         for line in bytes(body).decode().split("\n")[:-1]:

@@ -35,6 +35,7 @@ from sluice.formats import (
 )
 from storage.filestore import _Inspector
 from tests.conftest import Stack, finish, unique
+from tests.test_formats import values
 from tests.unseekable import Unseekable
 
 
@@ -61,14 +62,6 @@ def read(path: Path, **options: Any) -> ParsedFile:
     if path.suffix == ".xlsx":  # every workbook the tests read reads the same as with openpyxl
         assert_reader_agrees(data)
     return parse_file(io.BytesIO(data), FormatOptions(**options))
-
-
-def values(parsed: ParsedFile) -> list[Any]:
-    out = []
-    for row in parsed:
-        assert isinstance(row, ParsedRow), row
-        out.append(row.values)
-    return out
 
 
 def problems(parsed: ParsedFile) -> list[tuple[int, str]]:
