@@ -44,7 +44,7 @@ typecheck: $(STAMP)
 check: lint typecheck test
 
 schemas: $(STAMP)
-	$(BIN)/python -m schemas.generate
+	$(BIN)/python -m sluice.schemas.generate
 
 bench: $(STAMP)
 	$(BIN)/python bench/import_csv.py

@@ -12,16 +12,16 @@ from typing import Any
 
 import orjson
 
-from agents.discover import api_source_of
-from agents.upsert import PlanCache
-from schemas.events import ItemPage, RowBatch
+from sluice.agents.discover import api_source_of
+from sluice.agents.upsert import PlanCache
 from sluice.formats import ParsedRow
 from sluice.mapping import RecordMapper
 from sluice.runtime import Runtime
+from sluice.schemas.events import ItemPage, RowBatch
 from sluice.sources.api import DetailResult
-from storage.items import ItemOutcome, finish_items
-from storage.ratelimit import RateStats
-from storage.runs import RowFailure, insert_row_failures
+from sluice.storage.items import ItemOutcome, finish_items
+from sluice.storage.ratelimit import RateStats
+from sluice.storage.runs import RowFailure, insert_row_failures
 
 log = logging.getLogger(__name__)
 

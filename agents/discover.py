@@ -14,12 +14,12 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
-from agents.split import plan_for
-from schemas.runs import Run
+from sluice.agents.split import plan_for
 from sluice.runtime import Runtime
+from sluice.schemas.runs import Run
 from sluice.sources.base import ApiSource, SourceError, dig
-from storage.ratelimit import RateStats
-from storage.tables import ensure_table
+from sluice.storage.ratelimit import RateStats
+from sluice.storage.tables import ensure_table
 
 log = logging.getLogger(__name__)
 

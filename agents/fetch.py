@@ -14,10 +14,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from schemas.events import FileRef, ImportRequested, LifecycleEvent, TriggerRequested
-from schemas.runs import Run, RunStatus
 from sluice.importers.dsl import Importer
 from sluice.runtime import Runtime
+from sluice.schemas.events import FileRef, ImportRequested, LifecycleEvent, TriggerRequested
+from sluice.schemas.runs import Run, RunStatus
 from sluice.sources.base import (
     Fetched,
     FilesystemSource,

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 import asyncpg
 from pydantic import ValidationError
 
-from schemas.firehose import JetstreamEvent
 from sluice.runtime import Runtime
-from storage.atproto import ApplyCounts, apply_events
+from sluice.schemas.firehose import JetstreamEvent
+from sluice.storage.atproto import ApplyCounts, apply_events
 
 log = logging.getLogger(__name__)
 

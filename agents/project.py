@@ -20,8 +20,8 @@ import orjson
 from sluice.formats import ParsedRow
 from sluice.importers.dsl import Importer
 from sluice.mapping import RecordMapper
-from storage.atproto import ApplyCounts, RecordWrite
-from storage.writer import BatchApplier, TargetPlan, quote_ident
+from sluice.storage.atproto import ApplyCounts, RecordWrite
+from sluice.storage.writer import BatchApplier, TargetPlan, quote_ident
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class Projections:
     plans: dict[str, TargetPlan] = field(default_factory=dict)
 
     def plan(self, importer: Importer) -> TargetPlan:
-        from agents.split import plan_for
+        from sluice.agents.split import plan_for
 
         found = self.plans.get(importer.slug)
         if found is None:

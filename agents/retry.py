@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from sluice.errors import TerminalError
-from storage.db import is_connection_error
+from sluice.storage.db import is_connection_error
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,6 @@ from typing import Any
 
 import orjson
 
-from schemas.events import ImportRequested, encode_copy_batch
 from sluice.errors import MappingError, TerminalError
 from sluice.formats import FileFormatError, FormatOptions, ParsedFile, ParsedRow, parse_file
 from sluice.importers.adhoc import (
@@ -34,11 +33,12 @@ from sluice.importers.dsl import Importer, normalize_header
 from sluice.importers.evolve import SchemaChange, evolve_table
 from sluice.mapping import Record, RecordMapper, cell_text
 from sluice.runtime import Runtime
-from storage.lookups import LookupResolver
-from storage.runs import RunRepository
-from storage.tables import describe_table, ensure_table, has_unique_key
-from storage.writer import ROW, SUB, Refresh, TargetPlan
-from streams.topics import partition_for_key
+from sluice.schemas.events import ImportRequested, encode_copy_batch
+from sluice.storage.lookups import LookupResolver
+from sluice.storage.runs import RunRepository
+from sluice.storage.tables import describe_table, ensure_table, has_unique_key
+from sluice.storage.writer import ROW, SUB, Refresh, TargetPlan
+from sluice.streams.topics import partition_for_key
 
 log = logging.getLogger(__name__)
 

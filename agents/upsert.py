@@ -11,11 +11,11 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 
-from schemas.events import PoisonBatch, RowBatch
-from schemas.runs import RunStatus
 from sluice.runtime import Runtime
-from storage.db import is_connection_error
-from storage.writer import TargetPlan
+from sluice.schemas.events import PoisonBatch, RowBatch
+from sluice.schemas.runs import RunStatus
+from sluice.storage.db import is_connection_error
+from sluice.storage.writer import TargetPlan
 
 log = logging.getLogger(__name__)
 

@@ -38,13 +38,13 @@ import httpx
 import orjson
 from pydantic import SecretStr, ValidationError
 
-from schemas.events import LifecycleEvent
-from schemas.webhooks import WebhookDelivery
 from sluice.config import WebhookSettings
 from sluice.errors import InvalidConfig
 from sluice.importers.dsl import Importer
 from sluice.runtime import Runtime
-from storage.webhooks import DeliveryLog
+from sluice.schemas.events import LifecycleEvent
+from sluice.schemas.webhooks import WebhookDelivery
+from sluice.storage.webhooks import DeliveryLog
 
 log = logging.getLogger(__name__)
 

@@ -624,9 +624,9 @@ async def stage_costs(bootstrap: str, pool: asyncpg.Pool, dids: int) -> None:
     """Per-event costs of the Python stages, measured here on fresh events: what the consumer
     and the worker spend besides Faust, and a worker's loop without Faust (a plain aiokafka
     consumer taking batches of up to 2,000) for comparison with the worker's CPU per event."""
-    from agents.firehose import parse_events
-    from schemas.firehose import JetstreamEvent
-    from storage.atproto import apply_events, delete_records, newest_per_uri, write_records
+    from sluice.agents.firehose import parse_events
+    from sluice.schemas.firehose import JetstreamEvent
+    from sluice.storage.atproto import apply_events, delete_records, newest_per_uri, write_records
 
     gen = Generator("prof", dids, seed=3)
     base = time.time_ns() // 1000

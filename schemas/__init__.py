@@ -1,6 +1,6 @@
 """Pydantic models of every event and record that crosses a process boundary."""
 
-from schemas.events import (
+from sluice.schemas.events import (
     DeadLetter,
     FileRef,
     ImportRequested,
@@ -9,8 +9,8 @@ from schemas.events import (
     PoisonBatch,
     RowBatch,
 )
-from schemas.runs import DuplicatePolicy, Run, RunCounters, RunStatus
-from schemas.webhooks import DeliveryStatus, WebhookDelivery
+from sluice.schemas.runs import DuplicatePolicy, Run, RunCounters, RunStatus
+from sluice.schemas.webhooks import DeliveryStatus, WebhookDelivery
 
 __all__ = [
     "DeadLetter",

@@ -15,7 +15,7 @@ from uuid import UUID, uuid4, uuid5
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.runs import Run, RunCounters, RunStatus
+from sluice.schemas.runs import Run, RunCounters, RunStatus
 
 REQUEST_NAMESPACE = UUID("6f1c2b9e-3c1e-4d5a-9a43-5b1d8e2f7a10")
 """Run ids of run-less trigger requests are uuid5(REQUEST_NAMESPACE, importer + request_id)."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from schemas.events import (
+from sluice.schemas.events import (
     DeadLetter,
     FileRef,
     ImportRequested,
@@ -20,8 +20,8 @@ from schemas.events import (
     LifecycleEvent,
     TriggerRequested,
 )
-from schemas.firehose import BackfillRequested, JetstreamEvent
-from schemas.runs import Run, RunCounters
+from sluice.schemas.firehose import BackfillRequested, JetstreamEvent
+from sluice.schemas.runs import Run, RunCounters
 
 MODELS: tuple[type[BaseModel], ...] = (
     LifecycleEvent,

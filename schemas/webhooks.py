@@ -10,7 +10,7 @@ from uuid import UUID
 
 from pydantic import BaseModel
 
-from schemas.events import LifecycleEventType
+from sluice.schemas.events import LifecycleEventType
 
 DEFAULT_WEBHOOK_EVENTS: tuple[str, ...] = (
     LifecycleEventType.COMPLETED.value,

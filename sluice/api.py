@@ -28,8 +28,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from schemas.firehose import DID_PATTERN, BackfillState, BackfillStatus
-from schemas.runs import Run, RunStatus
 from sluice.client import Client
 from sluice.config import Settings
 from sluice.errors import (
@@ -47,6 +45,8 @@ from sluice.formats import FileFormatError
 from sluice.metrics import render_metrics
 from sluice.ratelimit_http import RateLimitMiddleware, TokenBuckets
 from sluice.schedule import ScheduleInfo
+from sluice.schemas.firehose import DID_PATTERN, BackfillState, BackfillStatus
+from sluice.schemas.runs import Run, RunStatus
 from sluice.sources.base import SourceError
 from sluice.web import SESSION_COOKIE, create_web_router
 

@@ -10,33 +10,33 @@ import faust
 import orjson
 from pydantic import ValidationError
 
-from agents.detail import fetch_page
-from agents.discover import discover
-from agents.fetch import adopt_trigger, after_import, handle_trigger
-from agents.firehose import apply_firehose, parse_events
-from agents.lanes import Lanes
-from agents.lifecycle import relay_outbox
-from agents.retry import retrying
-from agents.split import split_file
-from agents.upsert import PlanCache, upsert_batch
-from agents.webhooks import HookSet, WebhookDispatcher
-from schemas.events import (
+from sluice.agents.detail import fetch_page
+from sluice.agents.discover import discover
+from sluice.agents.fetch import adopt_trigger, after_import, handle_trigger
+from sluice.agents.firehose import apply_firehose, parse_events
+from sluice.agents.lanes import Lanes
+from sluice.agents.lifecycle import relay_outbox
+from sluice.agents.retry import retrying
+from sluice.agents.split import split_file
+from sluice.agents.upsert import PlanCache, upsert_batch
+from sluice.agents.webhooks import HookSet, WebhookDispatcher
+from sluice.client import PULL_KINDS
+from sluice.errors import TerminalError
+from sluice.firehose.backfill import IMPORTER as BACKFILL_IMPORTER
+from sluice.runtime import Runtime
+from sluice.schedule import fire_due
+from sluice.schemas.events import (
     DeadLetter,
     ImportRequested,
     ItemPage,
     LifecycleEvent,
     TriggerRequested,
 )
-from schemas.firehose import BackfillRequested
-from schemas.runs import Run
-from sluice.client import PULL_KINDS
-from sluice.errors import TerminalError
-from sluice.firehose.backfill import IMPORTER as BACKFILL_IMPORTER
-from sluice.runtime import Runtime
-from sluice.schedule import fire_due
-from storage.recovery import RECOVERY_LOCK, fail_stalled, mark_resumed, stalled_runs
-from streams import topics
-from streams.admin import ensure_topics
+from sluice.schemas.firehose import BackfillRequested
+from sluice.schemas.runs import Run
+from sluice.storage.recovery import RECOVERY_LOCK, fail_stalled, mark_resumed, stalled_runs
+from sluice.streams import topics
+from sluice.streams.admin import ensure_topics
 
 log = logging.getLogger(__name__)
 
@@ -440,7 +440,7 @@ def create_app(rt: Runtime, *, app_id: str = "sluice", hooks: HookSet | None = N
     async def prune() -> None:
         """Retention: stored files and finished runs older than configured go. Deleting is
         idempotent, so workers pruning at the same time do no harm."""
-        from storage.filestore import prune_files
+        from sluice.storage.filestore import prune_files
 
         pipeline = rt.settings.pipeline
         try:

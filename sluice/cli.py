@@ -20,10 +20,10 @@ import click
 import orjson
 from pydantic import SecretStr
 
-from schemas.runs import Run, RunStatus
 from sluice.config import ApiSettings, DatabaseSettings, KafkaSettings, PipelineSettings, Settings
 from sluice.errors import SluiceError
 from sluice.formats import FileFormatError
+from sluice.schemas.runs import Run, RunStatus
 
 EXIT_ERROR = 1
 EXIT_STATUS = {
@@ -366,11 +366,11 @@ def firehose(url: str | None, collections: tuple[str, ...], dids: tuple[str, ...
 
     from aiokafka import AIOKafkaProducer
 
-    from schemas.events import DeadLetter
     from sluice.firehose.run import build_consumer, run_consumer
-    from storage.db import create_pool
-    from streams.admin import ensure_topics
-    from streams.topics import DEADLETTER, FIREHOSE
+    from sluice.schemas.events import DeadLetter
+    from sluice.storage.db import create_pool
+    from sluice.streams.admin import ensure_topics
+    from sluice.streams.topics import DEADLETTER, FIREHOSE
 
     settings = load_settings()
 
@@ -482,7 +482,7 @@ def backfill(
                     )
                     click.echo(f"queued {len(queued)} backfills")
                     return 0
-                from schemas.firehose import BackfillRequested
+                from sluice.schemas.firehose import BackfillRequested
 
                 worst = 0
                 for did in todo:
@@ -513,7 +513,7 @@ def backfill(
 def backfill_status(did: str | None, pending: bool, failed: bool, as_json: bool) -> None:
     """Backfill state per repository and collection."""
     from sluice.firehose.backfill import Backfiller
-    from storage.db import create_pool
+    from sluice.storage.db import create_pool
 
     settings = load_settings()
 
@@ -554,7 +554,7 @@ def dlq(topic: str | None, limit: int | None, replay: bool, as_json: bool) -> No
     messages back once their cause is fixed (every stage is idempotent)."""
     from sluice.dlq import read_letters
     from sluice.dlq import replay as replay_letters
-    from storage.db import create_pool
+    from sluice.storage.db import create_pool
 
     settings = load_settings()
 
@@ -889,7 +889,7 @@ def tail(
 
     Starts at the newest event: runs started after the command are shown from their first event.
     """
-    from schemas.events import LifecycleEvent
+    from sluice.schemas.events import LifecycleEvent
     from sluice.sdk import subscribe
 
     rid = _parse_run_id(run_id) if run_id else None
@@ -926,9 +926,9 @@ def tail(
 @click.option("--json", "as_json", is_flag=True, help="a JSON array of delivery log rows")
 def webhooks(failed: bool, limit: int, as_json: bool) -> None:
     """List webhook deliveries, newest first: status, attempts and the last answer."""
-    from schemas.webhooks import DeliveryStatus
     from sluice.client import Client
-    from storage.webhooks import DeliveryLog
+    from sluice.schemas.webhooks import DeliveryStatus
+    from sluice.storage.webhooks import DeliveryLog
 
     async def show() -> int:
         async with Client(load_settings()) as client:
@@ -995,7 +995,7 @@ def failed_rows_csv(failures: Sequence[Any], out: Any) -> None:
 )
 def prune_files_cmd(hours: float | None) -> None:
     """Delete stored files of runs that finished more than HOURS ago."""
-    from storage.filestore import prune_files
+    from sluice.storage.filestore import prune_files
 
     settings = load_settings()
     keep = settings.pipeline.file_retention_hours if hours is None else hours

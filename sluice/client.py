@@ -18,8 +18,6 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaProducer
 
-from schemas.events import FileRef, ImportRequested, TriggerRequested
-from schemas.runs import Run
 from sluice.config import Settings
 from sluice.errors import (
     InvalidRequest,
@@ -31,10 +29,12 @@ from sluice.errors import (
 from sluice.importers.adhoc import ADHOC
 from sluice.importers.dsl import Importer
 from sluice.runtime import Runtime
+from sluice.schemas.events import FileRef, ImportRequested, TriggerRequested
+from sluice.schemas.runs import Run
 from sluice.sources.base import UrlSource
-from storage.filestore import iter_path
-from streams.admin import ensure_topics
-from streams.topics import BACKFILL, REQUESTS, TRIGGERS
+from sluice.storage.filestore import iter_path
+from sluice.streams.admin import ensure_topics
+from sluice.streams.topics import BACKFILL, REQUESTS, TRIGGERS
 
 PULL_KINDS = ("url", "ftp", "sftp", "filesystem", "api")
 
@@ -221,7 +221,7 @@ class Client:
         requested_by: str | None = None,
     ) -> list[str]:
         """Queue the backfill of each DID for the workers; returns the DIDs queued."""
-        from schemas.firehose import BackfillRequested
+        from sluice.schemas.firehose import BackfillRequested
 
         requests = []
         for did in dids:

@@ -12,7 +12,7 @@ from typing import Self
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from schemas.webhooks import DEFAULT_WEBHOOK_EVENTS, check_webhook_target
+from sluice.schemas.webhooks import DEFAULT_WEBHOOK_EVENTS, check_webhook_target
 
 
 class KafkaSettings(BaseSettings):

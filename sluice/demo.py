@@ -10,10 +10,10 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from schemas.runs import RunStatus
 from sluice.cli import ProgressBar, load_settings, summary
 from sluice.client import Client
 from sluice.config import PipelineSettings
+from sluice.schemas.runs import RunStatus
 from sluice.stack import read_state
 from sluice.supervisor import start_detached, stop_detached
 

@@ -11,8 +11,8 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from pydantic import ValidationError
 
-from schemas.events import DeadLetter
-from streams.topics import DEADLETTER, all_topics
+from sluice.schemas.events import DeadLetter
+from sluice.streams.topics import DEADLETTER, all_topics
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from typing_extensions import TypedDict
 from sluice.errors import MappingError
 from sluice.formats import ParsedRow, RowProblem
 from sluice.importers.dsl import Field, Importer, UriKey, normalize_header
-from storage.runs import RowFailure
-from storage.writer import ROW, SUB
+from sluice.storage.runs import RowFailure
+from sluice.storage.writer import ROW, SUB
 
 Record = dict[str, Any]
 

@@ -11,9 +11,9 @@ import logging
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from schemas.runs import RunStatus
 from sluice.config import Settings
-from streams.topics import BATCHES, REQUESTS
+from sluice.schemas.runs import RunStatus
+from sluice.streams.topics import BATCHES, REQUESTS
 
 log = logging.getLogger(__name__)
 

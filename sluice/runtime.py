@@ -12,15 +12,15 @@ from sluice.config import Settings
 from sluice.importers.registry import Registry, build_registry
 from sluice.sources.api import ApiClient
 from sluice.sources.base import ApiSource
-from storage.db import create_pool
-from storage.filestore import PgFileStore
-from storage.items import ItemRepository
-from storage.ratelimit import RateLimiter
-from storage.runs import RunRepository
-from storage.writer import BatchApplier
+from sluice.storage.db import create_pool
+from sluice.storage.filestore import PgFileStore
+from sluice.storage.items import ItemRepository
+from sluice.storage.ratelimit import RateLimiter
+from sluice.storage.runs import RunRepository
+from sluice.storage.writer import BatchApplier
 
 if TYPE_CHECKING:
-    from agents.project import Projections
+    from sluice.agents.project import Projections
 
 
 class Runtime:
@@ -67,7 +67,7 @@ class Runtime:
 
     async def projections(self) -> Projections:
         """The importers that project AT Protocol collections into their tables."""
-        from agents.project import Projections
+        from sluice.agents.project import Projections
 
         importers = [i for i in self.registry.all() if i.firehose]
         return Projections(importers, await self.applier())

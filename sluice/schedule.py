@@ -17,10 +17,10 @@ from typing import Any
 from croniter import croniter
 from pydantic import BaseModel, ConfigDict
 
-from schemas.runs import Run
 from sluice.importers.dsl import Importer
 from sluice.runtime import Runtime
-from storage.runs import RUN_COLUMNS, run_from_record
+from sluice.schemas.runs import Run
+from sluice.storage.runs import RUN_COLUMNS, run_from_record
 
 log = logging.getLogger(__name__)
 

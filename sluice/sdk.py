@@ -24,12 +24,12 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from pydantic import BaseModel
 
-from schemas.runs import Run, RunStatus
 from sluice.client import Client
 from sluice.config import Settings
 from sluice.errors import InvalidRequest, StackNotFound, TransientError
+from sluice.schemas.runs import Run, RunStatus
+from sluice.streams.admin import ensure_topics
 from sluice.subscription import Subscription
-from streams.admin import ensure_topics
 
 Chunks = bytes | bytearray | memoryview | AsyncIterable[bytes] | Iterable[bytes]
 Payload = str | os.PathLike[str] | Chunks

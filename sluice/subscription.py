@@ -16,11 +16,11 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from pydantic import ValidationError
 
-from schemas.events import LifecycleEvent
 from sluice.config import Settings
 from sluice.errors import TransientError
-from streams.admin import ensure_topics
-from streams.topics import LIFECYCLE
+from sluice.schemas.events import LifecycleEvent
+from sluice.streams.admin import ensure_topics
+from sluice.streams.topics import LIFECYCLE
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ import uuid
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from schemas.runs import Run, RunStatus
 from sluice import sdk
 from sluice.config import Settings
+from sluice.schemas.runs import Run, RunStatus
 
 T = TypeVar("T")
 

@@ -8,21 +8,21 @@ import os
 
 import faust
 
-from agents.webhooks import resolve_hooks
+from sluice.agents.webhooks import resolve_hooks
 from sluice.app import create_app
 from sluice.config import Settings
 from sluice.errors import InvalidConfig
 from sluice.runtime import Runtime
-from storage.db import connect, migrate
-from storage.tables import ensure_table
-from streams.admin import ensure_topics
+from sluice.storage.db import connect, migrate
+from sluice.storage.tables import ensure_table
+from sluice.streams.admin import ensure_topics
 
 log = logging.getLogger(__name__)
 
 
 async def prepare(rt: Runtime) -> None:
     """What must exist before any agent runs: topics, Sluice's tables, importers' tables."""
-    from agents.split import plan_for
+    from sluice.agents.split import plan_for
 
     settings = rt.settings
     await ensure_topics(

@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from schemas.firehose import JetstreamEvent, Operation, record_uri
+from sluice.schemas.firehose import JetstreamEvent, Operation, record_uri
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,7 +52,7 @@ async def connect(url: str) -> asyncpg.Connection:
 
 
 def _migration_files() -> list[tuple[int, str, str]]:
-    folder = resources.files("storage") / "migrations"
+    folder = resources.files("sluice.storage") / "migrations"
     found = []
     for entry in folder.iterdir():
         if entry.name.endswith(".sql"):

@@ -12,7 +12,6 @@ from typing import Protocol
 
 import asyncpg
 
-from schemas.events import FileRef
 from sluice.errors import FileTooLarge
 from sluice.formats import (
     MAGIC_BYTES,
@@ -23,6 +22,7 @@ from sluice.formats import (
     binary_format,
     check_decompression,
 )
+from sluice.schemas.events import FileRef
 
 GZIP_MAGIC = b"\x1f\x8b"
 

@@ -26,8 +26,8 @@ import asyncpg
 import orjson
 
 from sluice.errors import MappingError
-from storage.runs import RowFailure
-from storage.sql import ROW, ROW_ERRORS, SUB, quote_ident
+from sluice.storage.runs import RowFailure
+from sluice.storage.sql import ROW, ROW_ERRORS, SUB, quote_ident
 
 # sluice.mapping.Record; not imported from there, as sluice.mapping imports this module (dsl).
 Record = dict[str, Any]

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncpg
 
-from schemas.runs import Run
-from storage.runs import RUN_COLUMNS, emit_event, run_from_record, transition
+from sluice.schemas.runs import Run
+from sluice.storage.runs import RUN_COLUMNS, emit_event, run_from_record, transition
 
 RECOVERY_LOCK = 0x511D1
 RESUMED = "run.resumed"
@@ -50,7 +50,7 @@ async def mark_resumed(conn: asyncpg.Connection, run: Run, how: str) -> None:
 
 
 async def fail_stalled(conn: asyncpg.Connection, run: Run, reason: str) -> Run | None:
-    from schemas.events import LifecycleEventType
+    from sluice.schemas.events import LifecycleEventType
 
     return await transition(
         conn,

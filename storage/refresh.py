@@ -13,7 +13,7 @@ from typing import Any
 
 import asyncpg
 
-from storage.writer import quote_ident
+from sluice.storage.writer import quote_ident
 
 
 async def delete_absent(conn: asyncpg.Connection, run_id: uuid.UUID, plan: dict[str, Any]) -> int:

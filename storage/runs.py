@@ -14,9 +14,9 @@ from typing import Any
 import asyncpg
 import orjson
 
-from schemas.events import FileRef, LifecycleEvent, LifecycleEventType
-from schemas.runs import Run, RunStatus
-from streams.topics import LIFECYCLE
+from sluice.schemas.events import FileRef, LifecycleEvent, LifecycleEventType
+from sluice.schemas.runs import Run, RunStatus
+from sluice.streams.topics import LIFECYCLE
 
 RUN_COLUMNS = (
     "id, importer, source, status, dry_run, total_rows, processed_rows, created_rows, updated_rows,"
@@ -390,7 +390,7 @@ async def finalize_if_done(conn: asyncpg.Connection, run_id: uuid.UUID) -> Run |
     refresh = plan.get("refresh")
     if refresh and not done["dry_run"]:
         if done["failed_rows"] <= refresh["max_failed"]:
-            from storage.refresh import delete_absent
+            from sluice.storage.refresh import delete_absent
 
             deleted = await delete_absent(conn, run_id, plan)
             await conn.execute(

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from storage.writer import TargetPlan
+from sluice.storage.writer import TargetPlan
 
 
 async def ensure_table(conn: asyncpg.Connection, plan: TargetPlan) -> None:

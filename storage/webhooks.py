@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from schemas.webhooks import DeliveryStatus, WebhookDelivery
+from sluice.schemas.webhooks import DeliveryStatus, WebhookDelivery
 
 TABLE = "sluice.webhook_deliveries"
 COLUMNS = (

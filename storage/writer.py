@@ -20,10 +20,10 @@ from typing import Any
 import asyncpg
 import orjson
 
-from schemas.events import LifecycleEventType, RowBatch, decode_rows
-from schemas.runs import DuplicatePolicy
-from storage.lookups import Lookup, LookupResolver
-from storage.runs import (
+from sluice.schemas.events import LifecycleEventType, RowBatch, decode_rows
+from sluice.schemas.runs import DuplicatePolicy
+from sluice.storage.lookups import Lookup, LookupResolver
+from sluice.storage.runs import (
     RUN_COLUMNS,
     RowFailure,
     emit_event,
@@ -33,10 +33,10 @@ from storage.runs import (
 )
 
 # Re-exported: the modules that build and apply batches know them from here.
-from storage.sql import ROW as ROW
-from storage.sql import ROW_ERRORS as ROW_ERRORS
-from storage.sql import SUB as SUB
-from storage.sql import quote_ident as quote_ident
+from sluice.storage.sql import ROW as ROW
+from sluice.storage.sql import ROW_ERRORS as ROW_ERRORS
+from sluice.storage.sql import SUB as SUB
+from sluice.storage.sql import quote_ident as quote_ident
 
 log = logging.getLogger(__name__)
 

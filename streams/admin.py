@@ -8,7 +8,7 @@ import logging
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from streams.topics import all_topics
+from sluice.streams.topics import all_topics
 
 log = logging.getLogger(__name__)
 

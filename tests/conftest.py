@@ -17,7 +17,6 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from schemas.runs import Run
 from sluice.client import Client
 from sluice.config import (
     DatabaseSettings,
@@ -27,6 +26,7 @@ from sluice.config import (
     UrlSettings,
 )
 from sluice.runtime import Runtime
+from sluice.schemas.runs import Run
 from sluice.stack import EmbeddedBroker, EmbeddedPostgres, free_port
 from sluice.worker import prepare
 

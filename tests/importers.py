@@ -8,8 +8,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from schemas.runs import DuplicatePolicy
 from sluice.importers.dsl import Field, Importer, Schedule, UriKey
+from sluice.schemas.runs import DuplicatePolicy
 from sluice.sources.base import (
     ApiSource,
     FilesystemSource,
@@ -18,7 +18,7 @@ from sluice.sources.base import (
     RateLimit,
     UrlSource,
 )
-from storage.lookups import Lookup
+from sluice.storage.lookups import Lookup
 
 # Where the tests serve the sources (tests/conftest.py picks the ports).
 API_URL = os.environ.get("SLUICE_TEST_API_URL", "http://127.0.0.1:9")

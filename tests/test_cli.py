@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaConsumer
 
 from sluice.client import Client
 from sluice.stack import find_process_alive, read_state
-from streams.topics import LIFECYCLE
+from sluice.streams.topics import LIFECYCLE
 from tests.conftest import ROOT, Stack
 
 pytestmark = pytest.mark.stack

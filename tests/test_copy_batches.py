@@ -19,15 +19,15 @@ from aiokafka import AIOKafkaConsumer
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from agents.split import BatchRouter
-from schemas.events import COPY_BATCH, RowBatch, decode_copy_rows, encode_copy_batch
-from schemas.runs import RunStatus
+from sluice.agents.split import BatchRouter
 from sluice.client import Client
 from sluice.formats import ParsedRow, RowProblem
 from sluice.importers.adhoc import DEFAULT_NULL_MARKERS, adhoc_importer
 from sluice.importers.dsl import Field
 from sluice.mapping import RecordMapper
-from streams.topics import BATCHES
+from sluice.schemas.events import COPY_BATCH, RowBatch, decode_copy_rows, encode_copy_batch
+from sluice.schemas.runs import RunStatus
+from sluice.streams.topics import BATCHES
 from tests.conftest import Stack, finish, unique
 
 COLUMNS = ("_sluice_row", "_sluice_sub", "a", "b", "c")
@@ -214,8 +214,8 @@ async def test_without_the_temporary_privilege_batches_go_the_json_way(
 ) -> None:
     """A role that may not create temporary tables cannot COPY a batch into one: the batch is
     applied from JSON instead, and so is every later one of that worker."""
-    from storage.db import create_pool
-    from storage.writer import BatchApplier, TargetPlan
+    from sluice.storage.db import create_pool
+    from sluice.storage.writer import BatchApplier, TargetPlan
 
     role, table = unique("notemp"), unique("copy_notemp")
     database = await db.fetchval("SELECT current_database()")

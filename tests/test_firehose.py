@@ -21,14 +21,14 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from schemas.firehose import BackfillRequested
-from schemas.runs import RunStatus
 from sluice.client import Client
 from sluice.config import FirehoseSettings
 from sluice.firehose.backfill import IMPORTER, Backfiller
+from sluice.schemas.firehose import BackfillRequested
+from sluice.schemas.runs import RunStatus
 from sluice.stack import free_port
-from storage.db import create_pool
-from streams.topics import DEADLETTER, FIREHOSE
+from sluice.storage.db import create_pool
+from sluice.streams.topics import DEADLETTER, FIREHOSE
 from tests.conftest import ROOT, Stack, Worker
 from tests.servers.atproto import FakeJetstream, FakePds, World
 

@@ -13,13 +13,13 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
-from schemas.firehose import JetstreamEvent
 from sluice.errors import InvalidConfig
 from sluice.firehose.consumer import (
     BINARY_FRAME_REASON,
     JetstreamConsumer,
     subscribe_url,
 )
+from sluice.schemas.firehose import JetstreamEvent
 
 BASE_US = 1_725_911_162_329_308
 REWIND = 2.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from agents.lanes import Lanes
+from sluice.agents.lanes import Lanes
 
 
 async def test_items_of_a_lane_run_in_order_and_lanes_run_side_by_side() -> None:

@@ -11,11 +11,11 @@ from typing import Any
 import asyncpg
 import pytest
 
-from schemas.runs import RunStatus
 from sluice.client import Client
 from sluice.errors import MappingError
-from storage.lookups import Lookup, LookupResolver
-from storage.writer import ROW, SUB
+from sluice.schemas.runs import RunStatus
+from sluice.storage.lookups import Lookup, LookupResolver
+from sluice.storage.writer import ROW, SUB
 from tests.conftest import Stack, finish, unique
 
 pytestmark = pytest.mark.stack

@@ -14,8 +14,8 @@ import asyncpg
 import orjson
 import pytest
 
-from schemas.runs import RunStatus
 from sluice.client import Client
+from sluice.schemas.runs import RunStatus
 from tests.conftest import Stack, finish
 
 pytestmark = pytest.mark.stack
@@ -422,8 +422,8 @@ async def test_poison_batches_go_to_the_dead_letter_topic_and_fail_their_run(
 ) -> None:
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-    from agents.split import plan_for
-    from streams.topics import BATCHES, DEADLETTER
+    from sluice.agents.split import plan_for
+    from sluice.streams.topics import BATCHES, DEADLETTER
     from tests.importers import malformed
 
     runs = await client.rt.runs()

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from schemas.runs import RunStatus
 from sluice.client import Client
+from sluice.schemas.runs import RunStatus
 from tests.conftest import Stack, finish
 
 pytestmark = pytest.mark.stack

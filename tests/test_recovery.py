@@ -12,11 +12,11 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from schemas.events import DeadLetter, ImportRequested
-from schemas.runs import RunStatus
 from sluice.client import Client
-from storage.filestore import iter_bytes
-from streams.topics import DEADLETTER, REQUESTS
+from sluice.schemas.events import DeadLetter, ImportRequested
+from sluice.schemas.runs import RunStatus
+from sluice.storage.filestore import iter_bytes
+from sluice.streams.topics import DEADLETTER, REQUESTS
 from tests.conftest import ROOT, Stack, finish
 
 pytestmark = pytest.mark.stack
@@ -146,7 +146,7 @@ async def test_poison_on_every_topic_is_dead_lettered_and_the_agents_go_on(
 
     from aiokafka import AIOKafkaConsumer
 
-    from streams.topics import BACKFILL, BATCHES, FIREHOSE, ITEMS, LIFECYCLE, TRIGGERS
+    from sluice.streams.topics import BACKFILL, BATCHES, FIREHOSE, ITEMS, LIFECYCLE, TRIGGERS
 
     topics = [REQUESTS, BATCHES, TRIGGERS, ITEMS, FIREHOSE, BACKFILL, LIFECYCLE]
     marker = uuid.uuid4().hex

@@ -12,9 +12,15 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from jsonschema import Draft202012Validator
 
-from schemas.generate import JSON_DIR, MODELS, render_schemas, schema_file_name, write_schemas
 from sluice.client import Client
-from streams.topics import LIFECYCLE
+from sluice.schemas.generate import (
+    JSON_DIR,
+    MODELS,
+    render_schemas,
+    schema_file_name,
+    write_schemas,
+)
+from sluice.streams.topics import LIFECYCLE
 from tests.conftest import Stack, finish
 
 
@@ -102,8 +108,8 @@ async def test_real_lifecycle_events_validate(stack: Stack, client: Client) -> N
 def test_the_requests_topic_tells_start_messages_from_broken_import_requests() -> None:
     from pydantic import ValidationError
 
-    from schemas.events import TriggerRequested
     from sluice.app import start_message
+    from sluice.schemas.events import TriggerRequested
 
     start = start_message(b'{"importer": "products", "params": {"url": "https://x/p.csv"}}')
     assert isinstance(start, TriggerRequested) and start.importer == "products"

@@ -19,13 +19,13 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 import sluice
 import sluice.sync
-from schemas.events import LifecycleEvent, LifecycleEventType
-from schemas.runs import RunStatus
 from sluice import sdk
 from sluice.client import Client
 from sluice.errors import InvalidRequest, RunNotCancellable, StackNotFound
+from sluice.schemas.events import LifecycleEvent, LifecycleEventType
+from sluice.schemas.runs import RunStatus
+from sluice.storage.filestore import iter_bytes
 from sluice.subscription import Subscription
-from storage.filestore import iter_bytes
 from tests.conftest import ROOT, Stack, finish, unique
 from tests.test_pipeline import make_rows, write_csv
 

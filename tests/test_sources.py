@@ -16,9 +16,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from schemas.runs import RunStatus
 from sluice.client import Client
 from sluice.errors import NoPullSource
+from sluice.schemas.runs import RunStatus
 from sluice.sources.base import SourceError
 from tests.conftest import Stack, Worker, finish
 from tests.servers.paginated_api import FakeApi
@@ -463,8 +463,8 @@ async def test_any_producer_starts_an_import_with_one_raw_message(
     import orjson
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-    from schemas.events import TriggerRequested
-    from streams.topics import DEADLETTER, TRIGGERS
+    from sluice.schemas.events import TriggerRequested
+    from sluice.streams.topics import DEADLETTER, TRIGGERS
 
     (stack.files / "raw.csv").write_text(CSV)
     request_id = uuid.uuid4().hex
@@ -520,8 +520,8 @@ async def test_a_raw_message_on_the_requests_topic_starts_an_import(
     import orjson
     from aiokafka import AIOKafkaProducer
 
-    from schemas.events import TriggerRequested
-    from streams.topics import REQUESTS
+    from sluice.schemas.events import TriggerRequested
+    from sluice.streams.topics import REQUESTS
 
     (stack.files / "raw-req.csv").write_text(CSV)
     request_id = uuid.uuid4().hex

@@ -22,7 +22,6 @@ from openpyxl.chart import BarChart
 from openpyxl.utils.datetime import CALENDAR_MAC_1904, CALENDAR_WINDOWS_1900
 
 import sluice.tabular
-from schemas.runs import RunStatus
 from sluice.client import Client
 from sluice.formats import (
     XLS_REFUSED,
@@ -33,7 +32,8 @@ from sluice.formats import (
     RowProblem,
     parse_file,
 )
-from storage.filestore import _Inspector
+from sluice.schemas.runs import RunStatus
+from sluice.storage.filestore import _Inspector
 from tests.conftest import Stack, finish, unique
 from tests.test_formats import values
 from tests.unseekable import Unseekable

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from agents.webhooks import (
+from sluice.agents.webhooks import (
     HookSet,
     WebhookDispatcher,
     backoff_delay,
@@ -26,17 +26,17 @@ from agents.webhooks import (
     sign,
     verify_signature,
 )
-from schemas.events import LifecycleEvent
-from schemas.runs import RunCounters, RunStatus
-from schemas.webhooks import DeliveryStatus
 from sluice.client import Client
 from sluice.config import DatabaseSettings, Settings, WebhookSettings, WebhookTarget
 from sluice.errors import InvalidConfig
 from sluice.importers.dsl import Webhook
 from sluice.importers.registry import Registry
 from sluice.runtime import Runtime
-from storage.db import connect, migrate
-from storage.webhooks import DeliveryLog
+from sluice.schemas.events import LifecycleEvent
+from sluice.schemas.runs import RunCounters, RunStatus
+from sluice.schemas.webhooks import DeliveryStatus
+from sluice.storage.db import connect, migrate
+from sluice.storage.webhooks import DeliveryLog
 from tests.conftest import WEBHOOK_SECRET, Stack, finish
 from tests.importers import items
 from tests.test_cli import sluice

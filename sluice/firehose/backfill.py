@@ -28,17 +28,17 @@ from urllib.parse import unquote, urlsplit
 import asyncpg
 import httpx
 
-from schemas.firehose import BackfillRequested, BackfillState
-from schemas.runs import Run
 from sluice.config import FirehoseSettings
 from sluice.errors import TerminalError, TransientError
+from sluice.schemas.firehose import BackfillRequested, BackfillState
+from sluice.schemas.runs import Run
 from sluice.sources.api import RETRYABLE, retry_after
-from storage.atproto import RecordWrite, write_records
-from storage.ratelimit import RateLimiter, RateStats
-from storage.runs import RUN_COLUMNS, emit_event, run_from_record
+from sluice.storage.atproto import RecordWrite, write_records
+from sluice.storage.ratelimit import RateLimiter, RateStats
+from sluice.storage.runs import RUN_COLUMNS, emit_event, run_from_record
 
 if TYPE_CHECKING:
-    from agents.project import Projections
+    from sluice.agents.project import Projections
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from pydantic import ValidationError
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidURI, WebSocketException
 
-from schemas.firehose import JetstreamEvent
 from sluice.errors import InvalidConfig
+from sluice.schemas.firehose import JetstreamEvent
 
 log = logging.getLogger(__name__)
 

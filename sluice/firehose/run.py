@@ -10,10 +10,10 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import asyncpg
 
-from schemas.firehose import JetstreamEvent
 from sluice.config import FirehoseSettings
 from sluice.firehose.consumer import ConsumerStats, JetstreamConsumer, PgCursorStore
 from sluice.runtime import Runtime
+from sluice.schemas.firehose import JetstreamEvent
 
 log = logging.getLogger(__name__)
 

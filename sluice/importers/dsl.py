@@ -23,11 +23,11 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
-from schemas.runs import DuplicatePolicy
-from schemas.webhooks import DEFAULT_WEBHOOK_EVENTS, check_webhook_target
 from sluice.formats import FormatOptions
+from sluice.schemas.runs import DuplicatePolicy
+from sluice.schemas.webhooks import DEFAULT_WEBHOOK_EVENTS, check_webhook_target
 from sluice.sources.base import PullSource
-from storage.lookups import Lookup as Lookup  # re-exported: importers declare lookups
+from sluice.storage.lookups import Lookup as Lookup  # re-exported: importers declare lookups
 
 # Column types an importer can declare: the Python type pydantic validates into, and the
 # PostgreSQL type of the target column.

@@ -25,8 +25,8 @@ import asyncpg
 from sluice.errors import MappingError
 from sluice.importers.adhoc import DATE, INTEGER, NUMBER, TIMESTAMP
 from sluice.importers.dsl import Field
-from storage.tables import describe_table
-from storage.writer import quote_ident
+from sluice.storage.tables import describe_table
+from sluice.storage.writer import quote_ident
 
 _FLOAT_WORDS = frozenset({"nan", "infinity", "+infinity", "-infinity", "inf", "+inf", "-inf"})
 # What PostgreSQL's boolean input accepts (inference is stricter).

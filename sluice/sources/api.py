@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from sluice.sources.base import ApiSource, Secrets, SourceError, SourceUnavailable, dig, secret
-from storage.ratelimit import RateLimiter, RateStats
+from sluice.storage.ratelimit import RateLimiter, RateStats
 
 log = logging.getLogger(__name__)
 

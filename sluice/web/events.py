@@ -14,8 +14,8 @@ from fastapi import APIRouter, Query, Request
 from fastapi.params import Depends
 from fastapi.responses import StreamingResponse
 
-from schemas.events import LifecycleEvent
 from sluice.config import Settings
+from sluice.schemas.events import LifecycleEvent
 from sluice.subscription import Subscription
 
 log = logging.getLogger(__name__)

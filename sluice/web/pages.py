@@ -27,12 +27,12 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from markupsafe import Markup
 
-from schemas.runs import Run, RunStatus
 from sluice.client import Client
 from sluice.config import Settings
 from sluice.errors import RunNotFound
+from sluice.schemas.runs import Run, RunStatus
+from sluice.storage.runs import RUN_COLUMNS, run_from_record
 from sluice.web.events import create_events_router
-from storage.runs import RUN_COLUMNS, run_from_record
 
 log = logging.getLogger(__name__)
 

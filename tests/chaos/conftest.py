@@ -26,8 +26,8 @@ import pytest
 from sluice.client import Client
 from sluice.config import PipelineSettings, Settings
 from sluice.runtime import Runtime
+from sluice.storage.db import connect
 from sluice.worker import prepare
-from storage.db import connect
 from tests.chaos import API_URL_ENV
 from tests.conftest import ROOT, Stack, Worker
 

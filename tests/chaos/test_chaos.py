@@ -33,11 +33,11 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from schemas.runs import Run, RunStatus
 from sluice.client import Client
 from sluice.firehose.backfill import IMPORTER as BACKFILL
-from storage.runs import RUN_COLUMNS, run_from_record
-from streams.topics import LIFECYCLE
+from sluice.schemas.runs import Run, RunStatus
+from sluice.storage.runs import RUN_COLUMNS, run_from_record
+from sluice.streams.topics import LIFECYCLE
 from tests.chaos.conftest import SEED, ChaosStack, Db, Report, Supervisor, case_rng
 from tests.conftest import PARTITIONS, ROOT, Worker
 from tests.servers.atproto import FakeJetstream, FakePds, World

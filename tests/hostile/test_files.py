@@ -11,9 +11,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from schemas.runs import Run, RunStatus
 from sluice.client import Client
 from sluice.importers.adhoc import ADHOC
+from sluice.schemas.runs import Run, RunStatus
 from tests.conftest import Stack, finish, unique
 
 pytestmark = [pytest.mark.hostile, pytest.mark.stack]

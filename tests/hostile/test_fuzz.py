@@ -38,8 +38,8 @@ from sluice.importers.adhoc import (
 )
 from sluice.importers.dsl import Field, Importer
 from sluice.mapping import RecordMapper
-from storage.filestore import _Inspector
-from storage.writer import ROW, SUB
+from sluice.storage.filestore import _Inspector
+from sluice.storage.writer import ROW, SUB
 from tests.unseekable import Unseekable
 
 pytestmark = pytest.mark.hostile

@@ -16,7 +16,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from schemas.firehose import JetstreamEvent
+from sluice.schemas.firehose import JetstreamEvent
 from tests.servers.atproto import (
     TID_ALPHABET,
     FakeJetstream,
