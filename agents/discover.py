@@ -18,10 +18,13 @@ from sluice.agents.split import plan_for
 from sluice.runtime import Runtime
 from sluice.schemas.runs import Run
 from sluice.sources.base import ApiSource, SourceError, dig
+from sluice.storage.db import advisory_key
 from sluice.storage.ratelimit import RateStats
 from sluice.storage.tables import ensure_table
 
 log = logging.getLogger(__name__)
+DISCOVERY_LOCK = advisory_key("discovery", "$1")
+"""One discovery per run at a time (the run id is $1)."""
 
 SendPage = Callable[[uuid.UUID, int], Awaitable[None]]
 Flush = Callable[[], Awaitable[None]]
@@ -32,13 +35,15 @@ async def discovery_lock(rt: Runtime, run_id: uuid.UUID) -> AsyncIterator[None]:
     pool = await rt.pool()
     async with pool.acquire() as conn:
         await conn.execute(
-            "SELECT pg_advisory_lock(hashtext('sluice.discovery:' || $1))", str(run_id)
+            f"SELECT pg_advisory_lock({DISCOVERY_LOCK})",
+            str(run_id),
         )
         try:
             yield
         finally:
             await conn.execute(
-                "SELECT pg_advisory_unlock(hashtext('sluice.discovery:' || $1))", str(run_id)
+                f"SELECT pg_advisory_unlock({DISCOVERY_LOCK})",
+                str(run_id),
             )
 
 

@@ -14,10 +14,11 @@ from typing import Any
 import orjson
 
 from sluice.runtime import Runtime
+from sluice.storage.db import advisory_key
 
 log = logging.getLogger(__name__)
 
-RELAY_LOCK = 0x511CF
+RELAY_LOCK = advisory_key("relay")
 Send = Callable[[str, str | None, bytes], Awaitable[Awaitable[Any] | None]]
 """Sends one event; may return the delivery's future, awaited before the event is marked."""
 Flush = Callable[[], Awaitable[None]]
@@ -27,10 +28,10 @@ async def relay_outbox(rt: Runtime, send: Send, flush: Flush, limit: int = 500) 
     """Send pending events; returns how many were relayed (0 when another worker holds the lock)."""
     pool = await rt.pool()
     async with pool.acquire() as conn, conn.transaction():
-        if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", RELAY_LOCK):
+        if not await conn.fetchval(f"SELECT pg_try_advisory_xact_lock({RELAY_LOCK})"):
             return 0
         rows = await conn.fetch(
-            "SELECT id, topic, key, payload FROM sluice.events WHERE relayed_at IS NULL"
+            "SELECT id, topic, key, payload FROM events WHERE relayed_at IS NULL"
             " ORDER BY id LIMIT $1",
             limit,
         )
@@ -46,7 +47,7 @@ async def relay_outbox(rt: Runtime, send: Send, flush: Flush, limit: int = 500) 
             if delivery is not None:
                 await delivery
         await conn.execute(
-            "UPDATE sluice.events SET relayed_at = now() WHERE id = ANY($1::bigint[])",
+            "UPDATE events SET relayed_at = now() WHERE id = ANY($1::bigint[])",
             [r["id"] for r in rows],
         )
     return len(rows)

@@ -241,7 +241,7 @@ async def describe_source(
     ref = request.file
     runs = await rt.runs()
     content_type = await (await rt.pool()).fetchval(
-        "SELECT content_type FROM sluice.files WHERE id = $1", ref.id
+        "SELECT content_type FROM files WHERE id = $1", ref.id
     )
     columns = dict(mapper.mapping)
     duplicate = await runs.same_file_run(request.importer, ref.sha256, request.run_id)

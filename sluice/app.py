@@ -409,7 +409,7 @@ def create_app(rt: Runtime, *, app_id: str = "sluice", hooks: HookSet | None = N
         try:
             pool = await rt.pool()
             async with pool.acquire() as conn, conn.transaction():
-                if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", RECOVERY_LOCK):
+                if not await conn.fetchval(f"SELECT pg_try_advisory_xact_lock({RECOVERY_LOCK})"):
                     return
                 stalled = await stalled_runs(conn, pipeline.stall_timeout)
                 if not stalled:

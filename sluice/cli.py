@@ -377,7 +377,9 @@ def firehose(url: str | None, collections: tuple[str, ...], dids: tuple[str, ...
     async def go() -> int:
         kafka = settings.kafka
         await ensure_topics(kafka.bootstrap, kafka.partitions, kafka.replication)
-        pool = await create_pool(settings.database_url, min_size=1, max_size=3)
+        pool = await create_pool(
+            settings.database_url, schemas=settings.database.schemas, min_size=1, max_size=3
+        )
         producer = AIOKafkaProducer(
             bootstrap_servers=kafka.bootstrap,
             acks="all",
@@ -518,7 +520,9 @@ def backfill_status(did: str | None, pending: bool, failed: bool, as_json: bool)
     settings = load_settings()
 
     async def show() -> int:
-        pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+        pool = await create_pool(
+            settings.database_url, schemas=settings.database.schemas, min_size=1, max_size=2
+        )
         try:
             states = await Backfiller(pool, settings.firehose).states(
                 did, "failed" if failed else None
@@ -579,7 +583,9 @@ def dlq(topic: str | None, limit: int | None, replay: bool, as_json: bool) -> No
         if not letters and not as_json:
             click.echo("no dead letters")
         if replay and letters:
-            pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+            pool = await create_pool(
+                settings.database_url, schemas=settings.database.schemas, min_size=1, max_size=2
+            )
             try:
                 done, skipped = await replay_letters(settings.kafka.bootstrap, pool, letters)
             finally:

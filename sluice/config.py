@@ -6,13 +6,43 @@ Every variable starts with ``SLUICE_``. Library code receives these objects; it 
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sluice.schemas.webhooks import DEFAULT_WEBHOOK_EVENTS, check_webhook_target
+
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+@dataclass(frozen=True)
+class Schemas:
+    """The PostgreSQL schemas of one deployment (``sluice.storage.db`` puts them on every
+    connection's search path)."""
+
+    core: str = "sluice"
+    """Runs, batches, the outbox, files, items, cursors."""
+    atproto: str = "atproto"
+    """Mirrored AT Protocol records, tombstones and repositories."""
+
+    def __post_init__(self) -> None:
+        for setting, name in (
+            ("SLUICE_DATABASE_SCHEMA", self.core),
+            ("SLUICE_DATABASE_ATPROTO_SCHEMA", self.atproto),
+        ):
+            if not _SCHEMA_NAME.fullmatch(name):
+                raise ValueError(
+                    f"{setting}={name!r} is not a usable schema name: use lower-case letters, "
+                    "digits and _ (at most 63, not starting with a digit)"
+                )
+        if self.core == self.atproto:
+            raise ValueError(
+                "SLUICE_DATABASE_SCHEMA and SLUICE_DATABASE_ATPROTO_SCHEMA must differ"
+            )
 
 
 class KafkaSettings(BaseSettings):
@@ -31,11 +61,31 @@ class KafkaSettings(BaseSettings):
 class DatabaseSettings(BaseSettings):
     """PostgreSQL. Empty url means: use the embedded stack of ``SLUICE_HOME``."""
 
-    model_config = SettingsConfigDict(env_prefix="SLUICE_DATABASE_", frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="SLUICE_DATABASE_", frozen=True, extra="ignore", populate_by_name=True
+    )
 
     url: SecretStr = SecretStr("")
-    pool_min: int = 1
-    pool_max: int = 8
+    pool_min: int = Field(default=1, ge=0, description="connections a pool keeps open")
+    pool_max: int = Field(default=8, ge=1, description="connections a pool opens at most")
+    core_schema: str = Field(
+        default="sluice",
+        validation_alias=AliasChoices("SLUICE_DATABASE_SCHEMA", "core_schema"),
+        description="schema of Sluice's own tables (runs, batches, outbox, files)",
+    )
+    atproto_schema: str = Field(
+        default="atproto",
+        description="schema of the mirrored AT Protocol records, tombstones and repos",
+    )
+
+    @model_validator(mode="after")
+    def _check_schemas(self) -> Self:
+        self.schemas  # noqa: B018 - validates the names
+        return self
+
+    @property
+    def schemas(self) -> Schemas:
+        return Schemas(core=self.core_schema, atproto=self.atproto_schema)
 
 
 class ApiSettings(BaseSettings):

@@ -79,7 +79,7 @@ async def replay(
                 continue
             async with pool.acquire() as conn, conn.transaction():
                 fresh = await conn.fetchval(
-                    "INSERT INTO sluice.dlq_replays (topic, payload_sha256, dlq_partition,"
+                    "INSERT INTO dlq_replays (topic, payload_sha256, dlq_partition,"
                     " dlq_offset) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING true",
                     item.letter.topic,
                     hashlib.sha256(item.letter.value()).hexdigest(),

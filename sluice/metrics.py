@@ -43,7 +43,7 @@ async def render_metrics(pool: asyncpg.Pool, settings: Settings) -> str:
         " coalesce(sum(created_rows), 0) AS created, coalesce(sum(updated_rows), 0) AS updated,"
         " coalesce(sum(unchanged_rows), 0) AS unchanged, coalesce(sum(skipped_rows), 0) AS skipped,"
         " coalesce(sum(failed_rows), 0) AS failed, coalesce(sum(applied_batches), 0) AS batches"
-        " FROM sluice.runs WHERE NOT dry_run"
+        " FROM runs WHERE NOT dry_run"
     )
     _header(out, "sluice_rows_total", "counter", "Rows processed by outcome (dry runs excluded).")
     for outcome in ("created", "updated", "unchanged", "skipped", "failed"):
@@ -53,14 +53,14 @@ async def render_metrics(pool: asyncpg.Pool, settings: Settings) -> str:
     _header(out, "sluice_batches_applied_total", "counter", "Row batches applied.")
     out.append(_line("sluice_batches_applied_total", totals["batches"]))
 
-    by_status = dict(await pool.fetch("SELECT status, count(*) FROM sluice.runs GROUP BY status"))
+    by_status = dict(await pool.fetch("SELECT status, count(*) FROM runs GROUP BY status"))
     _header(out, "sluice_runs", "gauge", "Runs by status.")
     for status in RunStatus:
         out.append(_line("sluice_runs", by_status.get(status.value, 0), status=status.value))
-    failures = await pool.fetchval("SELECT count(*) FROM sluice.runs WHERE status = 'failed'")
+    failures = await pool.fetchval("SELECT count(*) FROM runs WHERE status = 'failed'")
     _header(out, "sluice_run_failures_total", "counter", "Runs that failed.")
     out.append(_line("sluice_run_failures_total", failures))
-    pending = await pool.fetchval("SELECT count(*) FROM sluice.events WHERE relayed_at IS NULL")
+    pending = await pool.fetchval("SELECT count(*) FROM events WHERE relayed_at IS NULL")
     _header(out, "sluice_outbox_pending", "gauge", "Lifecycle events not yet on the topic.")
     out.append(_line("sluice_outbox_pending", pending))
 

@@ -47,7 +47,10 @@ class Runtime:
                 if self._pool is None:
                     db = self.settings.database
                     self._pool = await create_pool(
-                        self.settings.database_url, min_size=db.pool_min, max_size=db.pool_max
+                        self.settings.database_url,
+                        schemas=db.schemas,
+                        min_size=db.pool_min,
+                        max_size=db.pool_max,
                     )
         return self._pool
 

@@ -52,7 +52,7 @@ def next_time(cron: str, now: datetime) -> datetime:
 
 
 async def paused_importers(rt: Runtime) -> dict[str, bool]:
-    rows = await (await rt.pool()).fetch("SELECT importer, paused FROM sluice.schedule_state")
+    rows = await (await rt.pool()).fetch("SELECT importer, paused FROM schedule_state")
     return {r["importer"]: r["paused"] for r in rows}
 
 
@@ -86,7 +86,7 @@ async def fire_due(
         kind = pull_kind(importer, params)
         async with pool.acquire() as conn, conn.transaction():
             claimed = await conn.fetchval(
-                "INSERT INTO sluice.schedule_fires (importer, fire_time, outcome)"
+                "INSERT INTO schedule_fires (importer, fire_time, outcome)"
                 " VALUES ($1, $2, 'started') ON CONFLICT DO NOTHING RETURNING true",
                 importer.slug,
                 when,
@@ -94,7 +94,7 @@ async def fire_due(
             if not claimed:
                 continue
             busy = await conn.fetchval(
-                "SELECT id FROM sluice.runs WHERE importer = $1 AND requested_by = $2"
+                "SELECT id FROM runs WHERE importer = $1 AND requested_by = $2"
                 " AND status IN ('queued', 'running') LIMIT 1",
                 importer.slug,
                 SCHEDULED_BY,
@@ -102,8 +102,7 @@ async def fire_due(
             if busy is not None:
                 outcome = f"skipped: run {busy} is still going"
                 await conn.execute(
-                    "UPDATE sluice.schedule_fires SET outcome = $3"
-                    " WHERE importer = $1 AND fire_time = $2",
+                    "UPDATE schedule_fires SET outcome = $3 WHERE importer = $1 AND fire_time = $2",
                     importer.slug,
                     when,
                     outcome,
@@ -112,7 +111,7 @@ async def fire_due(
                 log.info("schedule of %s at %s: %s", importer.slug, when, outcome)
                 continue
             record = await conn.fetchrow(
-                "INSERT INTO sluice.runs (id, importer, source, options, requested_by)"
+                "INSERT INTO runs (id, importer, source, options, requested_by)"
                 f" VALUES ($1, $2, $3, $4::jsonb, $5) RETURNING {RUN_COLUMNS}",
                 uuid.uuid4(),
                 importer.slug,
@@ -122,8 +121,7 @@ async def fire_due(
             )
             run = run_from_record(record)
             await conn.execute(
-                "UPDATE sluice.schedule_fires SET run_id = $3"
-                " WHERE importer = $1 AND fire_time = $2",
+                "UPDATE schedule_fires SET run_id = $3 WHERE importer = $1 AND fire_time = $2",
                 importer.slug,
                 when,
                 run.id,
@@ -144,7 +142,7 @@ async def schedules(rt: Runtime, *, now: datetime | None = None) -> list[Schedul
         if importer.schedule is None:
             continue
         last = await pool.fetchrow(
-            "SELECT fire_time, outcome FROM sluice.schedule_fires WHERE importer = $1"
+            "SELECT fire_time, outcome FROM schedule_fires WHERE importer = $1"
             " ORDER BY fire_time DESC LIMIT 1",
             importer.slug,
         )
@@ -169,7 +167,7 @@ async def set_paused(rt: Runtime, slug: str, paused: bool) -> None:
 
         raise InvalidRequest(f"importer {slug!r} has no schedule")
     await (await rt.pool()).execute(
-        "INSERT INTO sluice.schedule_state (importer, paused) VALUES ($1, $2)"
+        "INSERT INTO schedule_state (importer, paused) VALUES ($1, $2)"
         " ON CONFLICT (importer) DO UPDATE SET paused = $2, updated_at = now()",
         slug,
         paused,

@@ -28,9 +28,10 @@ async def prepare(rt: Runtime) -> None:
     await ensure_topics(
         settings.kafka.bootstrap, settings.kafka.partitions, settings.kafka.replication
     )
-    conn = await connect(settings.database_url)
+    schemas = settings.database.schemas
+    conn = await connect(settings.database_url, schemas=schemas)
     try:
-        await migrate(conn)
+        await migrate(conn, schemas)
         for importer in rt.registry.all():
             await ensure_table(conn, plan_for(importer))
     finally:

@@ -61,11 +61,11 @@ WITH w AS (
         AS w(uri, did, collection, rkey, cid, rev, record)
 ), ok AS (
     SELECT w.* FROM w
-    WHERE NOT EXISTS (SELECT 1 FROM atproto.tombstones t
+    WHERE NOT EXISTS (SELECT 1 FROM tombstones t
                       WHERE t.uri = w.uri AND t.rev >= w.rev COLLATE "C")
-      AND NOT EXISTS (SELECT 1 FROM atproto.repos p WHERE p.did = w.did AND p.status = 'deleted')
+      AND NOT EXISTS (SELECT 1 FROM repos p WHERE p.did = w.did AND p.status = 'deleted')
 ), ins AS (
-    INSERT INTO atproto.records AS r (uri, did, collection, rkey, cid, rev, record, origin)
+    INSERT INTO records AS r (uri, did, collection, rkey, cid, rev, record, origin)
     SELECT uri, did, collection, rkey, cid, rev, record::jsonb, $8 FROM ok
     ON CONFLICT (uri) DO UPDATE SET cid = EXCLUDED.cid, rev = EXCLUDED.rev,
         record = EXCLUDED.record, origin = EXCLUDED.origin, indexed_at = now()
@@ -79,11 +79,11 @@ DELETE = """
 WITH d AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) AS d(uri, did, rev)
 ), tomb AS (
-    INSERT INTO atproto.tombstones AS t (uri, did, rev) SELECT uri, did, rev FROM d
+    INSERT INTO tombstones AS t (uri, did, rev) SELECT uri, did, rev FROM d
     ON CONFLICT (uri) DO UPDATE SET rev = EXCLUDED.rev, deleted_at = now()
     WHERE t.rev < EXCLUDED.rev
 ), gone AS (
-    DELETE FROM atproto.records r USING d WHERE r.uri = d.uri AND r.rev < d.rev COLLATE "C"
+    DELETE FROM records r USING d WHERE r.uri = d.uri AND r.rev < d.rev COLLATE "C"
     RETURNING r.uri
 )
 SELECT coalesce(array_agg(uri), '{}') FROM gone
@@ -155,7 +155,7 @@ async def apply_events(conn: asyncpg.Connection, events: Sequence[JetstreamEvent
     identities = {e.did: e.identity for e in events if e.identity is not None}
     if identities:
         await conn.execute(
-            "INSERT INTO atproto.repos (did, handle) SELECT * FROM unnest($1::text[], $2::text[])"
+            "INSERT INTO repos (did, handle) SELECT * FROM unnest($1::text[], $2::text[])"
             " ON CONFLICT (did) DO UPDATE SET handle = EXCLUDED.handle, updated_at = now()",
             list(identities),
             [i.handle for i in identities.values()],
@@ -166,16 +166,14 @@ async def apply_events(conn: asyncpg.Connection, events: Sequence[JetstreamEvent
             continue
         status = "active" if account.active else (account.status or "inactive")
         await conn.execute(
-            "INSERT INTO atproto.repos (did, status) VALUES ($1, $2) ON CONFLICT (did) DO UPDATE"
-            " SET status = CASE WHEN atproto.repos.status = 'deleted' THEN 'deleted'"
+            "INSERT INTO repos (did, status) VALUES ($1, $2) ON CONFLICT (did) DO UPDATE"
+            " SET status = CASE WHEN repos.status = 'deleted' THEN 'deleted'"
             " ELSE EXCLUDED.status END, updated_at = now()",
             event.did,
             status,
         )
         if status == "deleted":
-            gone = await conn.fetch(
-                "DELETE FROM atproto.records WHERE did = $1 RETURNING uri", event.did
-            )
+            gone = await conn.fetch("DELETE FROM records WHERE did = $1 RETURNING uri", event.did)
             counts.deleted += len(gone)
             counts.removed.extend(g["uri"] for g in gone)
     writes, deletes = newest_per_uri(events)
@@ -188,7 +186,7 @@ async def apply_events(conn: asyncpg.Connection, events: Sequence[JetstreamEvent
             revs[event.did] = event.commit.rev
     if revs:
         await conn.execute(
-            "INSERT INTO atproto.repos AS p (did, rev) SELECT * FROM unnest($1::text[], $2::text[])"
+            "INSERT INTO repos AS p (did, rev) SELECT * FROM unnest($1::text[], $2::text[])"
             " ON CONFLICT (did) DO UPDATE SET rev = EXCLUDED.rev, updated_at = now()"
             " WHERE p.rev IS NULL OR p.rev < EXCLUDED.rev",
             list(revs),

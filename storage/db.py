@@ -1,16 +1,56 @@
-"""Connection pools and migrations."""
+"""Connection pools, the schemas Sluice's tables live in, and migrations.
+
+Sluice keeps its own tables in two schemas, ``sluice`` and ``atproto`` by default
+(``SLUICE_DATABASE_SCHEMA``, ``SLUICE_DATABASE_ATPROTO_SCHEMA``), so two deployments can share
+one database. Every connection made here has ``search_path`` set to those two schemas, and the
+SQL of the library names its own tables unqualified; tables of users (import targets, lookups)
+are always schema-qualified. The migration files are written for the default names and are
+rewritten for the configured ones when applied.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 from importlib import resources
 
 import asyncpg
 import orjson
 
+from sluice.config import Schemas
+from sluice.storage.sql import quote_ident
+
 log = logging.getLogger(__name__)
 
-MIGRATIONS_LOCK = 0x511CE  # advisory lock id: one migrator at a time across processes
+
+def search_path(schemas: Schemas) -> str:
+    return f"{quote_ident(schemas.core)}, {quote_ident(schemas.atproto)}"
+
+
+def rewrite_for(schemas: Schemas, sql: str) -> str:
+    """Migration SQL written for the default schema names, for ``schemas``."""
+    for default, name in (
+        (DEFAULT_SCHEMAS.core, schemas.core),
+        (DEFAULT_SCHEMAS.atproto, schemas.atproto),
+    ):
+        sql = re.sub(rf"\b{default}\.", f"{quote_ident(name)}.", sql)
+        sql = re.sub(
+            rf"\bSCHEMA IF NOT EXISTS {default}\b", f"SCHEMA IF NOT EXISTS {quote_ident(name)}", sql
+        )
+    return sql
+
+
+DEFAULT_SCHEMAS = Schemas()
+
+
+def advisory_key(name: str, param: str | None = None) -> str:
+    """SQL for the advisory lock key ``name`` of this deployment (its core schema is first on
+    the search path), so two deployments in one database never wait for each other. ``param``
+    (a placeholder such as ``$1``) makes one lock per value: one per run, one per DID."""
+    if param is None:
+        return f"hashtextextended(current_schema() || ':{name}', 0)"
+    return f"hashtextextended(current_schema() || ':{name}:' || {param}, 0)"
+
 
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     ConnectionError,
@@ -37,16 +77,24 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         )
 
 
-async def create_pool(url: str, *, min_size: int = 1, max_size: int = 8) -> asyncpg.Pool:
+async def create_pool(
+    url: str, *, schemas: Schemas = DEFAULT_SCHEMAS, min_size: int = 1, max_size: int = 8
+) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
-        url, min_size=min_size, max_size=max_size, init=_init_connection, command_timeout=300
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        init=_init_connection,
+        command_timeout=300,
+        # A startup parameter, not a SET: the pool's RESET ALL on release keeps it.
+        server_settings={"search_path": search_path(schemas)},
     )
     assert pool is not None
     return pool
 
 
-async def connect(url: str) -> asyncpg.Connection:
-    conn = await asyncpg.connect(url)
+async def connect(url: str, *, schemas: Schemas = DEFAULT_SCHEMAS) -> asyncpg.Connection:
+    conn = await asyncpg.connect(url, server_settings={"search_path": search_path(schemas)})
     await _init_connection(conn)
     return conn
 
@@ -61,27 +109,46 @@ def _migration_files() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
-async def migrate(conn: asyncpg.Connection) -> list[str]:
-    """Apply pending migrations in order, each in its own transaction. Returns what was applied."""
+async def migrate(conn: asyncpg.Connection, schemas: Schemas = DEFAULT_SCHEMAS) -> list[str]:
+    """Apply pending migrations in order, each in its own transaction. Returns what was applied.
+
+    What was applied is kept in ``<core schema>.schema_migrations``. A database migrated before
+    schemas were configurable kept it in ``public.sluice_migrations``; that record is adopted
+    for the default schema."""
     applied: list[str] = []
-    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATIONS_LOCK)
+    core = quote_ident(schemas.core)
+    lock = f"hashtextextended('{schemas.core}:migrations', 0)"
+    await conn.execute(f"SELECT pg_advisory_lock({lock})")
     try:
+        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {core}")
         await conn.execute(
-            "CREATE TABLE IF NOT EXISTS public.sluice_migrations ("
+            f"CREATE TABLE IF NOT EXISTS {core}.schema_migrations ("
             " version integer PRIMARY KEY, name text NOT NULL,"
             " applied_at timestamptz NOT NULL DEFAULT now())"
         )
-        done = {r["version"] for r in await conn.fetch("SELECT version FROM sluice_migrations")}
+        if schemas.core == DEFAULT_SCHEMAS.core and await conn.fetchval(
+            "SELECT to_regclass('public.sluice_migrations') IS NOT NULL"
+        ):
+            await conn.execute(
+                f"INSERT INTO {core}.schema_migrations (version, name, applied_at)"
+                " SELECT version, name, applied_at FROM public.sluice_migrations"
+                " ON CONFLICT (version) DO NOTHING"
+            )
+        done = {
+            r["version"] for r in await conn.fetch(f"SELECT version FROM {core}.schema_migrations")
+        }
         for version, name, sql in _migration_files():
             if version in done:
                 continue
             async with conn.transaction():
-                await conn.execute(sql)
+                await conn.execute(rewrite_for(schemas, sql))
                 await conn.execute(
-                    "INSERT INTO sluice_migrations (version, name) VALUES ($1, $2)", version, name
+                    f"INSERT INTO {core}.schema_migrations (version, name) VALUES ($1, $2)",
+                    version,
+                    name,
                 )
-            log.info("applied migration %s", name)
+            log.info("applied migration %s to schema %s", name, schemas.core)
             applied.append(name)
     finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATIONS_LOCK)
+        await conn.execute(f"SELECT pg_advisory_unlock({lock})")
     return applied

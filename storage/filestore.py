@@ -182,7 +182,7 @@ class PgFileStore:
         seq = 0
         async with self._pool.acquire() as conn:
             await conn.execute(
-                "INSERT INTO sluice.files (id, name, content_type) VALUES ($1, $2, $3)",
+                "INSERT INTO files (id, name, content_type) VALUES ($1, $2, $3)",
                 file_id,
                 name,
                 content_type,
@@ -206,7 +206,7 @@ class PgFileStore:
                     await self._write_chunk(conn, file_id, seq, bytes(buf))
                 encoding = inspector.encoding()
                 await conn.execute(
-                    "UPDATE sluice.files SET size = $2, sha256 = $3, compression = $4,"
+                    "UPDATE files SET size = $2, sha256 = $3, compression = $4,"
                     " encoding = $5, encoding_error = $6, complete = true WHERE id = $1",
                     file_id,
                     inspector.size,
@@ -216,7 +216,7 @@ class PgFileStore:
                     inspector.error,
                 )
             except BaseException:
-                await conn.execute("DELETE FROM sluice.files WHERE id = $1", file_id)
+                await conn.execute("DELETE FROM files WHERE id = $1", file_id)
                 raise
         return FileRef(
             id=file_id,
@@ -233,7 +233,7 @@ class PgFileStore:
         conn: asyncpg.Connection, file_id: uuid.UUID, seq: int, data: bytes
     ) -> None:
         await conn.execute(
-            "INSERT INTO sluice.file_chunks (file_id, seq, data) VALUES ($1, $2, $3)",
+            "INSERT INTO file_chunks (file_id, seq, data) VALUES ($1, $2, $3)",
             file_id,
             seq,
             data,
@@ -243,7 +243,7 @@ class PgFileStore:
         """The claim check of a stored, complete file; None when there is none."""
         r = await self._pool.fetchrow(
             "SELECT id, name, size, sha256, compression, encoding, encoding_error"
-            " FROM sluice.files WHERE id = $1 AND complete",
+            " FROM files WHERE id = $1 AND complete",
             file_id,
         )
         return FileRef.model_validate(dict(r)) if r is not None else None
@@ -252,11 +252,11 @@ class PgFileStore:
         # One chunk per query keeps memory flat whatever the file's size.
         async with self._pool.acquire() as conn:
             count = await conn.fetchval(
-                "SELECT count(*) FROM sluice.file_chunks WHERE file_id = $1", file_id
+                "SELECT count(*) FROM file_chunks WHERE file_id = $1", file_id
             )
             for seq in range(count):
                 data = await conn.fetchval(
-                    "SELECT data FROM sluice.file_chunks WHERE file_id = $1 AND seq = $2",
+                    "SELECT data FROM file_chunks WHERE file_id = $1 AND seq = $2",
                     file_id,
                     seq,
                 )
@@ -269,7 +269,7 @@ class PgFileStore:
 
     async def delete(self, file_id: uuid.UUID) -> None:
         async with self._pool.acquire() as conn:
-            await conn.execute("DELETE FROM sluice.files WHERE id = $1", file_id)
+            await conn.execute("DELETE FROM files WHERE id = $1", file_id)
 
 
 async def prune_files(pool: asyncpg.Pool, older_than_hours: float) -> tuple[int, int]:
@@ -278,12 +278,12 @@ async def prune_files(pool: asyncpg.Pool, older_than_hours: float) -> tuple[int,
     was never created). Returns (files, bytes) deleted."""
     record = await pool.fetchrow(
         "WITH doomed AS ("
-        "  SELECT f.id, f.size FROM sluice.files f"
+        "  SELECT f.id, f.size FROM files f"
         "  WHERE f.created_at < now() - $1 * interval '1 hour'"
-        "  AND NOT EXISTS (SELECT 1 FROM sluice.runs r WHERE r.file_id = f.id"
+        "  AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.file_id = f.id"
         "    AND (r.status IN ('queued', 'running')"
         "         OR r.completed_at >= now() - $1 * interval '1 hour'))"
-        "), gone AS (DELETE FROM sluice.files f USING doomed d WHERE f.id = d.id"
+        "), gone AS (DELETE FROM files f USING doomed d WHERE f.id = d.id"
         "  RETURNING d.size)"
         " SELECT count(*) AS n, coalesce(sum(size), 0) AS bytes FROM gone",
         older_than_hours,

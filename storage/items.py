@@ -53,13 +53,12 @@ class ItemRepository:
     async def discovery(self, run_id: uuid.UUID, first_state: dict[str, Any]) -> Discovery:
         """The run's discovery, created at ``first_state`` the first time."""
         await self.pool.execute(
-            "INSERT INTO sluice.discovery (run_id, state) VALUES ($1, $2::jsonb)"
-            " ON CONFLICT DO NOTHING",
+            "INSERT INTO discovery (run_id, state) VALUES ($1, $2::jsonb) ON CONFLICT DO NOTHING",
             run_id,
             {"next": first_state, "batches": 0, "listed": 0},
         )
         record = await self.pool.fetchrow(
-            "SELECT state, pages, items, done FROM sluice.discovery WHERE run_id = $1", run_id
+            "SELECT state, pages, items, done FROM discovery WHERE run_id = $1", run_id
         )
         state = record["state"]
         return Discovery(
@@ -87,7 +86,7 @@ class ItemRepository:
         async with self.pool.acquire() as conn, conn.transaction():
             seq = current.batches
             inserted = await conn.fetchval(
-                "WITH ins AS (INSERT INTO sluice.items"
+                "WITH ins AS (INSERT INTO items"
                 " (run_id, external_id, seq, ordinal, metadata)"
                 " SELECT $1, x.id, $2, $3 + x.n, x.item::jsonb"
                 " FROM unnest($4::text[], $5::text[]) WITH ORDINALITY AS x(id, item, n)"
@@ -109,7 +108,7 @@ class ItemRepository:
                 done=done,
             )
             await conn.execute(
-                "UPDATE sluice.discovery SET state = $2::jsonb, pages = $3, items = $4, done = $5,"
+                "UPDATE discovery SET state = $2::jsonb, pages = $3, items = $4, done = $5,"
                 " updated_at = now() WHERE run_id = $1",
                 run_id,
                 {"next": next_state, "batches": batches, "listed": listed},
@@ -118,7 +117,7 @@ class ItemRepository:
                 done,
             )
             await conn.execute(
-                "UPDATE sluice.runs SET items_discovered = $2, rows_read = $2,"
+                "UPDATE runs SET items_discovered = $2, rows_read = $2,"
                 " rate_limit_hits = rate_limit_hits + $3, rate_limit_sleeps = rate_limit_sleeps"
                 " + $4, total_sleep_seconds = total_sleep_seconds + $5 WHERE id = $1",
                 run_id,
@@ -132,36 +131,32 @@ class ItemRepository:
         how many batches they make. Idempotent."""
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(
-                "INSERT INTO sluice.items (run_id, external_id, seq, ordinal, metadata)"
+                "INSERT INTO items (run_id, external_id, seq, ordinal, metadata)"
                 " SELECT $1, external_id, ((row_number() OVER (ORDER BY ordinal)) - 1) / $3,"
-                " ordinal, metadata FROM sluice.items WHERE run_id = $2 AND status = 'failed'"
+                " ordinal, metadata FROM items WHERE run_id = $2 AND status = 'failed'"
                 " ON CONFLICT DO NOTHING",
                 run_id,
                 parent_id,
                 page_size,
             )
-            n = int(
-                await conn.fetchval("SELECT count(*) FROM sluice.items WHERE run_id = $1", run_id)
-            )
+            n = int(await conn.fetchval("SELECT count(*) FROM items WHERE run_id = $1", run_id))
             batches = -(-n // page_size)
             await conn.execute(
-                "INSERT INTO sluice.discovery (run_id, state, pages, items, done)"
+                "INSERT INTO discovery (run_id, state, pages, items, done)"
                 " VALUES ($1, $2::jsonb, $3, $4, true) ON CONFLICT DO NOTHING",
                 run_id,
                 {"next": {}, "batches": batches, "listed": n, "retry_of": str(parent_id)},
                 batches,
                 n,
             )
-            await conn.execute(
-                "UPDATE sluice.runs SET items_discovered = $2 WHERE id = $1", run_id, n
-            )
+            await conn.execute("UPDATE runs SET items_discovered = $2 WHERE id = $1", run_id, n)
             return batches
 
     async def unfinished_pages(self, run_id: uuid.UUID) -> list[int]:
         """Batches with items still pending or processing: sent again when discovery resumes
         (a worker may have died before sending them, or before applying them)."""
         rows = await self.pool.fetch(
-            "SELECT DISTINCT seq FROM sluice.items WHERE run_id = $1"
+            "SELECT DISTINCT seq FROM items WHERE run_id = $1"
             " AND status IN ('pending', 'processing') ORDER BY seq",
             run_id,
         )
@@ -169,7 +164,7 @@ class ItemRepository:
 
     async def page(self, run_id: uuid.UUID, seq: int) -> list[Item]:
         rows = await self.pool.fetch(
-            "SELECT external_id, ordinal, status, failure_count, metadata FROM sluice.items"
+            "SELECT external_id, ordinal, status, failure_count, metadata FROM items"
             " WHERE run_id = $1 AND seq = $2 ORDER BY ordinal",
             run_id,
             seq,
@@ -181,7 +176,7 @@ class ItemRepository:
 
     async def mark_processing(self, run_id: uuid.UUID, ids: Sequence[str]) -> None:
         await self.pool.execute(
-            "UPDATE sluice.items SET status = 'processing' WHERE run_id = $1"
+            "UPDATE items SET status = 'processing' WHERE run_id = $1"
             " AND external_id = ANY($2::text[]) AND status = 'pending'",
             run_id,
             list(ids),
@@ -189,7 +184,7 @@ class ItemRepository:
 
     async def counts(self, run_id: uuid.UUID) -> dict[str, int]:
         rows = await self.pool.fetch(
-            "SELECT status, count(*) AS n FROM sluice.items WHERE run_id = $1 GROUP BY status",
+            "SELECT status, count(*) AS n FROM items WHERE run_id = $1 GROUP BY status",
             run_id,
         )
         found = {r["status"]: int(r["n"]) for r in rows}
@@ -200,7 +195,7 @@ class ItemRepository:
     ) -> list[dict[str, Any]]:
         rows = await self.pool.fetch(
             "SELECT external_id, status, failure_count, last_error, last_failed_at, completed_at,"
-            " metadata FROM sluice.items WHERE run_id = $1 AND ($2::text IS NULL OR status = $2)"
+            " metadata FROM items WHERE run_id = $1 AND ($2::text IS NULL OR status = $2)"
             " ORDER BY ordinal LIMIT $3 OFFSET $4",
             run_id,
             status,
@@ -219,7 +214,7 @@ async def finish_items(
     """Mark a detail batch's items completed or failed, in the batch's transaction, and add
     the item counts and rate-limit figures to the run."""
     await conn.execute(
-        "UPDATE sluice.items i SET status = CASE WHEN o.completed THEN 'completed'"
+        "UPDATE items i SET status = CASE WHEN o.completed THEN 'completed'"
         " ELSE 'failed' END, failure_count = i.failure_count + o.failures,"
         " last_error = coalesce(o.error, i.last_error),"
         " last_failed_at = CASE WHEN o.failures > 0 THEN now() ELSE i.last_failed_at END,"
@@ -235,7 +230,7 @@ async def finish_items(
     )
     done = sum(1 for o in outcomes if o.completed)
     await conn.execute(
-        "UPDATE sluice.runs SET items_completed = items_completed + $2,"
+        "UPDATE runs SET items_completed = items_completed + $2,"
         " items_failed = items_failed + $3, rate_limit_hits = rate_limit_hits + $4,"
         " rate_limit_sleeps = rate_limit_sleeps + $5,"
         " total_sleep_seconds = total_sleep_seconds + $6 WHERE id = $1",

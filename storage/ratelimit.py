@@ -48,7 +48,7 @@ class RateLimiter:
         async with lock:
             while True:
                 wait = await self.pool.fetchval(
-                    "SELECT sluice.take_token($1, $2, $3)", key, float(per_second), float(burst)
+                    "SELECT take_token($1, $2, $3)", key, float(per_second), float(burst)
                 )
                 if wait <= 0:
                     return
@@ -60,11 +60,11 @@ class RateLimiter:
         """The source said 429: nobody in the cluster sends to it for ``seconds``, and the
         bucket restarts empty so the requests after the pause come at the configured rate."""
         await self.pool.execute(
-            "INSERT INTO sluice.rate_limits (source, tokens, updated_at, blocked_until)"
+            "INSERT INTO rate_limits (source, tokens, updated_at, blocked_until)"
             " VALUES ($1, 0, clock_timestamp(), clock_timestamp() + $2 * interval '1 second')"
             " ON CONFLICT (source) DO UPDATE SET tokens = 0,"
-            " updated_at = greatest(sluice.rate_limits.updated_at, EXCLUDED.blocked_until),"
-            " blocked_until = greatest(sluice.rate_limits.blocked_until, EXCLUDED.blocked_until)",
+            " updated_at = greatest(rate_limits.updated_at, EXCLUDED.blocked_until),"
+            " blocked_until = greatest(rate_limits.blocked_until, EXCLUDED.blocked_until)",
             key,
             float(seconds),
         )

@@ -13,9 +13,10 @@ from __future__ import annotations
 import asyncpg
 
 from sluice.schemas.runs import Run
+from sluice.storage.db import advisory_key
 from sluice.storage.runs import RUN_COLUMNS, emit_event, run_from_record, transition
 
-RECOVERY_LOCK = 0x511D1
+RECOVERY_LOCK = advisory_key("recovery")
 RESUMED = "run.resumed"
 
 
@@ -25,7 +26,7 @@ async def stalled_runs(
     """(run, recoveries so far) of runs with no change for ``stall_timeout`` seconds, doubled
     for every earlier recovery."""
     rows = await conn.fetch(
-        f"SELECT {RUN_COLUMNS}, recoveries FROM sluice.runs"
+        f"SELECT {RUN_COLUMNS}, recoveries FROM runs"
         " WHERE status IN ('queued', 'running') AND activity_at < now()"
         " - $1 * power(2, least(recoveries, 6)) * interval '1 second'"
         " ORDER BY activity_at LIMIT $2 FOR UPDATE SKIP LOCKED",
@@ -42,7 +43,7 @@ async def stalled_runs(
 
 async def mark_resumed(conn: asyncpg.Connection, run: Run, how: str) -> None:
     record = await conn.fetchrow(
-        f"UPDATE sluice.runs SET recoveries = recoveries + 1 WHERE id = $1 RETURNING {RUN_COLUMNS}",
+        f"UPDATE runs SET recoveries = recoveries + 1 WHERE id = $1 RETURNING {RUN_COLUMNS}",
         run.id,
     )
     resumed = run_from_record(record).model_copy(update={"error": f"resumed: {how}"})
@@ -55,7 +56,7 @@ async def fail_stalled(conn: asyncpg.Connection, run: Run, reason: str) -> Run |
     return await transition(
         conn,
         LifecycleEventType.FAILED,
-        "UPDATE sluice.runs SET status = 'failed', error = $2, completed_at = now()"
+        "UPDATE runs SET status = 'failed', error = $2, completed_at = now()"
         " WHERE id = $1 AND status IN ('queued', 'running')",
         run.id,
         reason,

@@ -22,12 +22,10 @@ async def delete_absent(conn: asyncpg.Connection, run_id: uuid.UUID, plan: dict[
     table = f"{q(plan.get('schema', 'public'))}.{q(plan['table'])}"
     refresh = plan["refresh"]
     key = "jsonb_build_array(" + ", ".join(f"t.{q(k)}" for k in plan["key"]) + ")::text"
-    where = [f"NOT EXISTS (SELECT 1 FROM sluice.run_keys k WHERE k.run_id = $1 AND k.key = {key})"]
+    where = [f"NOT EXISTS (SELECT 1 FROM run_keys k WHERE k.run_id = $1 AND k.key = {key})"]
     if refresh["scope"]:
         scope = "jsonb_build_array(" + ", ".join(f"t.{q(c)}" for c in refresh["scope"]) + ")::text"
-        where.append(
-            f"{scope} IN (SELECT DISTINCT s.scope FROM sluice.run_keys s WHERE s.run_id = $1)"
-        )
+        where.append(f"{scope} IN (SELECT DISTINCT s.scope FROM run_keys s WHERE s.run_id = $1)")
     soft = refresh.get("soft_delete")
     if soft:
         where.append(f"t.{q(soft)} IS NULL")

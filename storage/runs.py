@@ -60,7 +60,7 @@ async def emit_event(
         error=run.error,
     )
     await conn.execute(
-        "INSERT INTO sluice.events (event_id, run_id, type, topic, key, payload)"
+        "INSERT INTO events (event_id, run_id, type, topic, key, payload)"
         " VALUES ($1, $2, $3, $4, $5, $6::jsonb)",
         event.event_id,
         run.id,
@@ -92,11 +92,11 @@ class RunRepository:
         """A queued run. With ``run_id`` of a run that exists already, that run as it is (a
         request produced twice starts one run)."""
         record = await self.pool.fetchrow(
-            "WITH ins AS (INSERT INTO sluice.runs (id, importer, source, dry_run, file_id,"
+            "WITH ins AS (INSERT INTO runs (id, importer, source, dry_run, file_id,"
             " file_name, options, parent_run_id, requested_by)"
             " VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9) ON CONFLICT (id) DO NOTHING"
             f" RETURNING {RUN_COLUMNS})"
-            f" SELECT * FROM ins UNION ALL SELECT {RUN_COLUMNS} FROM sluice.runs WHERE id = $1"
+            f" SELECT * FROM ins UNION ALL SELECT {RUN_COLUMNS} FROM runs WHERE id = $1"
             " AND NOT EXISTS (SELECT 1 FROM ins)",
             run_id or uuid.uuid4(),
             importer,
@@ -112,7 +112,7 @@ class RunRepository:
 
     async def get(self, run_id: uuid.UUID, conn: asyncpg.Connection | None = None) -> Run | None:
         record = await (conn or self.pool).fetchrow(
-            f"SELECT {RUN_COLUMNS} FROM sluice.runs WHERE id = $1", run_id
+            f"SELECT {RUN_COLUMNS} FROM runs WHERE id = $1", run_id
         )
         return run_from_record(record) if record else None
 
@@ -125,7 +125,7 @@ class RunRepository:
         offset: int = 0,
     ) -> list[Run]:
         records = await self.pool.fetch(
-            f"SELECT {RUN_COLUMNS} FROM sluice.runs"
+            f"SELECT {RUN_COLUMNS} FROM runs"
             " WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR importer = $2)"
             " ORDER BY queued_at DESC, id LIMIT $3 OFFSET $4",
             status,
@@ -138,7 +138,7 @@ class RunRepository:
     async def count(self, *, status: str | None = None, importer: str | None = None) -> int:
         return int(
             await self.pool.fetchval(
-                "SELECT count(*) FROM sluice.runs"
+                "SELECT count(*) FROM runs"
                 " WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR importer = $2)",
                 status,
                 importer,
@@ -147,9 +147,7 @@ class RunRepository:
 
     async def count_failed_rows(self, run_id: uuid.UUID) -> int:
         return int(
-            await self.pool.fetchval(
-                "SELECT count(*) FROM sluice.row_log WHERE run_id = $1", run_id
-            )
+            await self.pool.fetchval("SELECT count(*) FROM row_log WHERE run_id = $1", run_id)
         )
 
     async def events(
@@ -157,8 +155,7 @@ class RunRepository:
     ) -> Sequence[tuple[int, dict[str, Any]]]:
         """The run's lifecycle events from the outbox (which keeps them), after event ``after``."""
         records = await self.pool.fetch(
-            "SELECT id, payload FROM sluice.events WHERE run_id = $1 AND id > $2"
-            " ORDER BY id LIMIT $3",
+            "SELECT id, payload FROM events WHERE run_id = $1 AND id > $2 ORDER BY id LIMIT $3",
             run_id,
             after,
             limit,
@@ -172,7 +169,7 @@ class RunRepository:
             ids = [
                 r["id"]
                 for r in await conn.fetch(
-                    "SELECT id FROM sluice.runs WHERE status NOT IN ('queued', 'running')"
+                    "SELECT id FROM runs WHERE status NOT IN ('queued', 'running')"
                     " AND completed_at < now() - $1 * interval '1 day'",
                     older_than_days,
                 )
@@ -180,12 +177,12 @@ class RunRepository:
             if not ids:
                 return 0, 0
             rows = await conn.fetchval(
-                "WITH d AS (DELETE FROM sluice.row_log WHERE run_id = ANY($1::uuid[])"
+                "WITH d AS (DELETE FROM row_log WHERE run_id = ANY($1::uuid[])"
                 " RETURNING 1) SELECT count(*) FROM d",
                 ids,
             )
-            await conn.execute("DELETE FROM sluice.events WHERE run_id = ANY($1::uuid[])", ids)
-            await conn.execute("DELETE FROM sluice.runs WHERE id = ANY($1::uuid[])", ids)
+            await conn.execute("DELETE FROM events WHERE run_id = ANY($1::uuid[])", ids)
+            await conn.execute("DELETE FROM runs WHERE id = ANY($1::uuid[])", ids)
             return len(ids), int(rows)
 
     async def failed_rows(
@@ -193,7 +190,7 @@ class RunRepository:
     ) -> Sequence[RowFailure]:
         """The run's rejected rows in file order."""
         records = await self.pool.fetch(
-            "SELECT row_number, sub, raw, reason FROM sluice.row_log WHERE run_id = $1"
+            "SELECT row_number, sub, raw, reason FROM row_log WHERE run_id = $1"
             " ORDER BY row_number, sub LIMIT $2 OFFSET $3",
             run_id,
             limit,
@@ -208,7 +205,7 @@ class RunRepository:
             run = await transition(
                 conn,
                 LifecycleEventType.STARTED,
-                "UPDATE sluice.runs SET status = 'running', started_at = now()"
+                "UPDATE runs SET status = 'running', started_at = now()"
                 " WHERE id = $1 AND status = 'queued'",
                 run_id,
             )
@@ -221,13 +218,12 @@ class RunRepository:
 
     async def touch(self, run_id: uuid.UUID) -> None:
         """Say the run is alive during a long step that changes nothing else (a download)."""
-        await self.pool.execute("UPDATE sluice.runs SET activity_at = now() WHERE id = $1", run_id)
+        await self.pool.execute("UPDATE runs SET activity_at = now() WHERE id = $1", run_id)
 
     async def attach_file(self, run_id: uuid.UUID, ref: FileRef, location: str | None) -> None:
         """A pulled file is stored: the run now reads it, like an upload."""
         await self.pool.execute(
-            "UPDATE sluice.runs SET file_id = $2, file_name = $3, source_location = $4"
-            " WHERE id = $1",
+            "UPDATE runs SET file_id = $2, file_name = $3, source_location = $4 WHERE id = $1",
             run_id,
             ref.id,
             ref.name,
@@ -236,13 +232,13 @@ class RunRepository:
 
     async def save_provenance(self, run_id: uuid.UUID, provenance: dict[str, Any]) -> None:
         await self.pool.execute(
-            "UPDATE sluice.runs SET provenance = $2::jsonb WHERE id = $1", run_id, provenance
+            "UPDATE runs SET provenance = $2::jsonb WHERE id = $1", run_id, provenance
         )
 
     async def schema_changes(self, run_id: uuid.UUID) -> Sequence[dict[str, Any]]:
         """The schema changes recorded in the run's provenance (by an earlier split)."""
         found = await self.pool.fetchval(
-            "SELECT provenance->'schema_changes' FROM sluice.runs WHERE id = $1", run_id
+            "SELECT provenance->'schema_changes' FROM runs WHERE id = $1", run_id
         )
         return list(found or [])
 
@@ -252,7 +248,7 @@ class RunRepository:
         """The last completed run of ``importer`` that read a file with this sha256, when it is
         the importer's last completed run."""
         found: uuid.UUID | None = await self.pool.fetchval(
-            "SELECT id FROM (SELECT id, provenance->>'sha256' AS sha FROM sluice.runs"
+            "SELECT id FROM (SELECT id, provenance->>'sha256' AS sha FROM runs"
             " WHERE importer = $1 AND id <> $3 AND NOT dry_run"
             " AND status IN ('completed', 'completed_with_errors')"
             " ORDER BY completed_at DESC LIMIT 1) last WHERE sha = $2",
@@ -267,14 +263,14 @@ class RunRepository:
     ) -> None:
         """Fix what the batches are applied to, and how the file's columns were mapped."""
         await self.pool.execute(
-            "UPDATE sluice.runs SET plan = $2::jsonb WHERE id = $1",
+            "UPDATE runs SET plan = $2::jsonb WHERE id = $1",
             run_id,
             {**plan, "mapping": mapping},
         )
 
     async def plan(self, run_id: uuid.UUID) -> tuple[RunStatus, bool, dict[str, Any] | None]:
         record = await self.pool.fetchrow(
-            "SELECT status, dry_run, plan FROM sluice.runs WHERE id = $1", run_id
+            "SELECT status, dry_run, plan FROM runs WHERE id = $1", run_id
         )
         if record is None:
             return RunStatus.FAILED, False, None
@@ -285,7 +281,7 @@ class RunRepository:
             return await transition(
                 conn,
                 LifecycleEventType.FAILED,
-                "UPDATE sluice.runs SET status = 'failed', error = $2, completed_at = now()"
+                "UPDATE runs SET status = 'failed', error = $2, completed_at = now()"
                 " WHERE id = $1 AND status IN ('queued', 'running')",
                 run_id,
                 error,
@@ -297,7 +293,7 @@ class RunRepository:
         """Note how far the split has read; returns the run's status, so a split can stop when
         the run was cancelled or failed meanwhile."""
         status = await self.pool.fetchval(
-            "UPDATE sluice.runs SET rows_read = greatest(rows_read, $2),"
+            "UPDATE runs SET rows_read = greatest(rows_read, $2),"
             " read_fraction = greatest(read_fraction, $3) WHERE id = $1 RETURNING status",
             run_id,
             rows_read,
@@ -313,7 +309,7 @@ class RunRepository:
             return await transition(
                 conn,
                 LifecycleEventType.CANCELLED,
-                "UPDATE sluice.runs SET status = 'cancelled', completed_at = now(),"
+                "UPDATE runs SET status = 'cancelled', completed_at = now(),"
                 " error = 'cancelled on request; the rows applied before stay'"
                 " WHERE id = $1 AND status IN ('queued', 'running')",
                 run_id,
@@ -332,7 +328,7 @@ class RunRepository:
     ) -> Run | None:
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(
-                "UPDATE sluice.runs SET split_done = true, total_rows = $2, total_batches = $3,"
+                "UPDATE runs SET split_done = true, total_rows = $2, total_batches = $3,"
                 " rows_read = $2, read_fraction = 1 WHERE id = $1 AND status = 'running'",
                 run_id,
                 total_rows,
@@ -353,7 +349,7 @@ async def insert_row_failures(
         for f in failures
     ]
     inserted = await conn.fetchval(
-        "WITH ins AS (INSERT INTO sluice.row_log (run_id, row_number, sub, raw, reason)"
+        "WITH ins AS (INSERT INTO row_log (run_id, row_number, sub, raw, reason)"
         " SELECT r.run_id, r.row_number, r.sub, r.raw::jsonb, r.reason"
         " FROM unnest($1::uuid[], $2::bigint[], $3::int[], $4::text[], $5::text[])"
         "   AS r(run_id, row_number, sub, raw, reason)"
@@ -366,7 +362,7 @@ async def insert_row_failures(
     )
     if inserted and count_processed:
         await conn.execute(
-            "UPDATE sluice.runs SET failed_rows = failed_rows + $2,"
+            "UPDATE runs SET failed_rows = failed_rows + $2,"
             " processed_rows = processed_rows + $2"
             " WHERE id = $1",
             run_id,
@@ -380,7 +376,7 @@ async def finalize_if_done(conn: asyncpg.Connection, run_id: uuid.UUID) -> Run |
     split and from every batch: the row lock makes exactly one caller see the transition. A
     fresh run first deletes what it did not contain, in the same transaction."""
     done = await conn.fetchrow(
-        "SELECT plan, dry_run, failed_rows FROM sluice.runs WHERE id = $1 AND status = 'running'"
+        "SELECT plan, dry_run, failed_rows FROM runs WHERE id = $1 AND status = 'running'"
         " AND split_done AND applied_batches >= total_batches FOR UPDATE",
         run_id,
     )
@@ -393,14 +389,12 @@ async def finalize_if_done(conn: asyncpg.Connection, run_id: uuid.UUID) -> Run |
             from sluice.storage.refresh import delete_absent
 
             deleted = await delete_absent(conn, run_id, plan)
-            await conn.execute(
-                "UPDATE sluice.runs SET deleted_rows = $2 WHERE id = $1", run_id, deleted
-            )
-        await conn.execute("DELETE FROM sluice.run_keys WHERE run_id = $1", run_id)
+            await conn.execute("UPDATE runs SET deleted_rows = $2 WHERE id = $1", run_id, deleted)
+        await conn.execute("DELETE FROM run_keys WHERE run_id = $1", run_id)
     return await transition(
         conn,
         LifecycleEventType.COMPLETED,
-        "UPDATE sluice.runs SET completed_at = now(), status = CASE WHEN failed_rows > 0"
+        "UPDATE runs SET completed_at = now(), status = CASE WHEN failed_rows > 0"
         " THEN 'completed_with_errors' ELSE 'completed' END"
         " WHERE id = $1 AND status = 'running' AND split_done"
         " AND applied_batches >= total_batches",

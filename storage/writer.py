@@ -268,13 +268,13 @@ class Statements:
             types = dict(plan.columns)
             wanted = ", ".join(f"{q(c)} {types[c]}" for c in dict.fromkeys((*key, *scope)))
             self.keys = (
-                "INSERT INTO sluice.run_keys (run_id, key, scope)"
+                "INSERT INTO run_keys (run_id, key, scope)"
                 f" SELECT $2, {key_expr}, {scope_expr}"
                 f" FROM json_to_recordset($1::text::json) AS x({wanted})"
                 " ON CONFLICT DO NOTHING"
             )
             self.keys_copied = (
-                "INSERT INTO sluice.run_keys (run_id, key, scope)"
+                "INSERT INTO run_keys (run_id, key, scope)"
                 f" SELECT $1, {key_expr}, {scope_expr} FROM pg_temp.{self.temp} x"
                 " ON CONFLICT DO NOTHING"
             )
@@ -384,7 +384,7 @@ class BatchApplier:
         try:
             async with conn.transaction():
                 fresh = await conn.fetchval(
-                    "INSERT INTO sluice.batches (run_id, seq, rows) VALUES ($1, $2, 0)"
+                    "INSERT INTO batches (run_id, seq, rows) VALUES ($1, $2, 0)"
                     " ON CONFLICT DO NOTHING RETURNING true",
                     batch.run_id,
                     batch.seq,
@@ -520,9 +520,9 @@ class BatchApplier:
         processed = counts.created + counts.updated + counts.unchanged + counts.skipped + failed
         cols = ", ".join(f"r.{c.strip()}" for c in RUN_COLUMNS.split(",") if " AS " not in c)
         record = await conn.fetchrow(
-            "WITH b AS (UPDATE sluice.batches SET created = $3, updated = $4, unchanged = $5,"
+            "WITH b AS (UPDATE batches SET created = $3, updated = $4, unchanged = $5,"
             " skipped = $6, failed = $7, rows = $9 WHERE run_id = $1 AND seq = $2)"
-            " UPDATE sluice.runs r SET processed_rows = r.processed_rows + $8,"
+            " UPDATE runs r SET processed_rows = r.processed_rows + $8,"
             " created_rows = r.created_rows + $3, updated_rows = r.updated_rows + $4,"
             " unchanged_rows = r.unchanged_rows + $5, skipped_rows = r.skipped_rows + $6,"
             " failed_rows = r.failed_rows + $7, applied_batches = r.applied_batches + 1,"

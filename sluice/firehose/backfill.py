@@ -34,6 +34,7 @@ from sluice.schemas.firehose import BackfillRequested, BackfillState
 from sluice.schemas.runs import Run
 from sluice.sources.api import RETRYABLE, retry_after
 from sluice.storage.atproto import RecordWrite, write_records
+from sluice.storage.db import advisory_key
 from sluice.storage.ratelimit import RateLimiter, RateStats
 from sluice.storage.runs import RUN_COLUMNS, emit_event, run_from_record
 
@@ -43,6 +44,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 IMPORTER = "atproto.backfill"
+REPO_LOCK = advisory_key("backfill", "$1")
+"""One backfill per repository at a time (the DID is $1)."""
+# At most per_pds repositories of one PDS at a time: (PDS key, slot) locks; int4 pairs.
+PDS_SLOT_LOCK = "hashtext(current_schema() || ':pds:' || $1)"
 
 
 class BackfillError(TerminalError):
@@ -145,7 +150,7 @@ async def firehose_covers(
     filters let ``did`` and ``collections`` through; else why not."""
     rows = await pool.fetch(
         "SELECT name, collections, dids, extract(epoch FROM now() - updated_at) AS age"
-        " FROM sluice.firehose_cursors"
+        " FROM firehose_cursors"
     )
     for row in rows:
         if row["age"] > freshness:
@@ -187,7 +192,7 @@ class Backfiller:
     ) -> list[BackfillState]:
         rows = await self.pool.fetch(
             "SELECT did, collection, status, cursor, rev, pds, records_synced, records_skipped,"
-            " records_failed, pages, run_id, started_at, completed_at, error FROM sluice.backfill"
+            " records_failed, pages, run_id, started_at, completed_at, error FROM backfill"
             " WHERE ($1::text IS NULL OR did = $1) AND ($2::text IS NULL OR status = $2)"
             " ORDER BY did, collection",
             did,
@@ -197,13 +202,13 @@ class Backfiller:
 
     async def unfinished_dids(self) -> list[str]:
         rows = await self.pool.fetch(
-            "SELECT DISTINCT did FROM sluice.backfill WHERE status <> 'completed' ORDER BY did"
+            "SELECT DISTINCT did FROM backfill WHERE status <> 'completed' ORDER BY did"
         )
         return [r["did"] for r in rows]
 
     async def reset(self, did: str, collections: Sequence[str]) -> None:
         await self.pool.execute(
-            "DELETE FROM sluice.backfill WHERE did = $1"
+            "DELETE FROM backfill WHERE did = $1"
             " AND (cardinality($2::text[]) = 0 OR collection = ANY($2::text[]))",
             did,
             list(collections),
@@ -244,12 +249,12 @@ class Backfiller:
             rev = await self.pds.latest_rev(pds, did, stats)
         for collection in todo:
             await self.pool.execute(
-                "INSERT INTO sluice.backfill (did, collection, status, rev, pds, run_id,"
+                "INSERT INTO backfill (did, collection, status, rev, pds, run_id,"
                 " started_at) VALUES ($1, $2, 'in_progress', $3, $4, $5, now())"
                 " ON CONFLICT (did, collection) DO UPDATE SET status = 'in_progress',"
-                " rev = coalesce(sluice.backfill.rev, EXCLUDED.rev), pds = EXCLUDED.pds,"
+                " rev = coalesce(backfill.rev, EXCLUDED.rev), pds = EXCLUDED.pds,"
                 " run_id = EXCLUDED.run_id, error = NULL, updated_at = now(),"
-                " started_at = coalesce(sluice.backfill.started_at, now())",
+                " started_at = coalesce(backfill.started_at, now())",
                 did,
                 collection,
                 rev,
@@ -273,14 +278,14 @@ class Backfiller:
                 if self.settings.page_delay:
                     await asyncio.sleep(self.settings.page_delay)
             await self.pool.execute(
-                "UPDATE sluice.backfill SET status = 'completed', completed_at = now(),"
+                "UPDATE backfill SET status = 'completed', completed_at = now(),"
                 " updated_at = now() WHERE did = $1 AND collection = $2",
                 did,
                 collection,
             )
         async with self.pool.acquire() as conn, conn.transaction():
             record = await conn.fetchrow(
-                "UPDATE sluice.runs SET status = CASE WHEN failed_rows > 0"
+                "UPDATE runs SET status = CASE WHEN failed_rows > 0"
                 " THEN 'completed_with_errors' ELSE 'completed' END, completed_at = now(),"
                 " split_done = true, total_rows = processed_rows"
                 f" WHERE id = $1 AND status = 'running' RETURNING {RUN_COLUMNS}",
@@ -335,7 +340,7 @@ class Backfiller:
             if self.projections is not None and self.projections.importers:
                 await self.projections.apply(conn, counts)
             await conn.execute(
-                "UPDATE sluice.backfill SET cursor = $3, pages = pages + 1,"
+                "UPDATE backfill SET cursor = $3, pages = pages + 1,"
                 " records_synced = records_synced + $4, records_skipped = records_skipped + $5,"
                 " records_failed = records_failed + $6, updated_at = now()"
                 " WHERE did = $1 AND collection = $2",
@@ -347,7 +352,7 @@ class Backfiller:
                 failed,
             )
             record = await conn.fetchrow(
-                "UPDATE sluice.runs SET processed_rows = processed_rows + $2,"
+                "UPDATE runs SET processed_rows = processed_rows + $2,"
                 " created_rows = created_rows + $3, skipped_rows = skipped_rows + $4,"
                 " failed_rows = failed_rows + $5, rows_read = rows_read + $2"
                 f" WHERE id = $1 RETURNING {RUN_COLUMNS}",
@@ -362,7 +367,7 @@ class Backfiller:
     async def _start_run(self, request: BackfillRequested) -> Run:
         async with self.pool.acquire() as conn, conn.transaction():
             record = await conn.fetchrow(
-                "INSERT INTO sluice.runs (id, importer, source, status, started_at, options,"
+                "INSERT INTO runs (id, importer, source, status, started_at, options,"
                 " requested_by) VALUES ($1, $2, 'backfill', 'running', now(), $3::jsonb, $4)"
                 f" RETURNING {RUN_COLUMNS}",
                 uuid.uuid4(),
@@ -378,13 +383,13 @@ class Backfiller:
         log.warning("backfill of %s failed: %s", did, error)
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(
-                "UPDATE sluice.backfill SET status = 'failed', error = $2, updated_at = now()"
+                "UPDATE backfill SET status = 'failed', error = $2, updated_at = now()"
                 " WHERE did = $1 AND status <> 'completed'",
                 did,
                 error,
             )
             record = await conn.fetchrow(
-                "UPDATE sluice.runs SET status = 'failed', error = $2, completed_at = now()"
+                "UPDATE runs SET status = 'failed', error = $2, completed_at = now()"
                 f" WHERE id = $1 AND status = 'running' RETURNING {RUN_COLUMNS}",
                 run.id,
                 error,
@@ -394,7 +399,7 @@ class Backfiller:
 
     async def _add_stats(self, run_id: uuid.UUID, stats: RateStats) -> None:
         await self.pool.execute(
-            "UPDATE sluice.runs SET rate_limit_hits = rate_limit_hits + $2,"
+            "UPDATE runs SET rate_limit_hits = rate_limit_hits + $2,"
             " rate_limit_sleeps = rate_limit_sleeps + $3,"
             " total_sleep_seconds = total_sleep_seconds + $4 WHERE id = $1",
             run_id,
@@ -404,22 +409,22 @@ class Backfiller:
         )
 
     async def _run(self, run_id: uuid.UUID) -> Run:
-        record = await self.pool.fetchrow(
-            f"SELECT {RUN_COLUMNS} FROM sluice.runs WHERE id = $1", run_id
-        )
+        record = await self.pool.fetchrow(f"SELECT {RUN_COLUMNS} FROM runs WHERE id = $1", run_id)
         return run_from_record(record)
 
     @asynccontextmanager
     async def _pds_slot(self, pds: str, did: str, run: Run) -> AsyncIterator[None]:
         """One backfill per repository and at most ``per_pds`` repositories of one PDS at a
         time, across the cluster (advisory locks: they go with a dead process's connection)."""
-        key = f"sluice.pds:{pds}"
         async with self.pool.acquire() as conn:
-            await conn.execute("SELECT pg_advisory_lock(hashtext('sluice.backfill:' || $1))", did)
+            await conn.execute(
+                f"SELECT pg_advisory_lock({REPO_LOCK})",
+                did,
+            )
             try:
                 # Whatever else ran for this repository died with its process: say so.
                 await conn.execute(
-                    "UPDATE sluice.runs SET status = 'failed', completed_at = now(),"
+                    "UPDATE runs SET status = 'failed', completed_at = now(),"
                     " error = 'interrupted; resumed by run ' || $3"
                     " WHERE importer = $1 AND options->>'did' = $2 AND status = 'running'"
                     " AND id <> $4",
@@ -428,21 +433,30 @@ class Backfiller:
                     str(run.id),
                     run.id,
                 )
-                async with self._slot(conn, key):
+                async with self._slot(conn, pds):
                     yield
             finally:
                 await conn.execute(
-                    "SELECT pg_advisory_unlock(hashtext('sluice.backfill:' || $1))", did
+                    f"SELECT pg_advisory_unlock({REPO_LOCK})",
+                    did,
                 )
 
     @asynccontextmanager
-    async def _slot(self, conn: asyncpg.Connection, key: str) -> AsyncIterator[None]:
+    async def _slot(self, conn: asyncpg.Connection, pds: str) -> AsyncIterator[None]:
         while True:
             for slot in range(self.settings.per_pds):
-                if await conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1), $2)", key, slot):
+                if await conn.fetchval(
+                    f"SELECT pg_try_advisory_lock({PDS_SLOT_LOCK}, $2)",
+                    pds,
+                    slot,
+                ):
                     try:
                         yield
                     finally:
-                        await conn.execute("SELECT pg_advisory_unlock(hashtext($1), $2)", key, slot)
+                        await conn.execute(
+                            f"SELECT pg_advisory_unlock({PDS_SLOT_LOCK}, $2)",
+                            pds,
+                            slot,
+                        )
                     return
             await asyncio.sleep(0.5)

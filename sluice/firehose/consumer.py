@@ -64,15 +64,15 @@ class PgCursorStore:
 
     async def load(self, name: str) -> int | None:
         value = await self.pool.fetchval(
-            "SELECT time_us FROM sluice.firehose_cursors WHERE name = $1", name
+            "SELECT time_us FROM firehose_cursors WHERE name = $1", name
         )
         return None if value is None else int(value)
 
     async def save(self, name: str, time_us: int) -> None:
         await self.pool.execute(
-            "INSERT INTO sluice.firehose_cursors (name, time_us) VALUES ($1, $2)"
+            "INSERT INTO firehose_cursors (name, time_us) VALUES ($1, $2)"
             " ON CONFLICT (name) DO UPDATE SET"
-            " time_us = GREATEST(sluice.firehose_cursors.time_us, EXCLUDED.time_us),"
+            " time_us = GREATEST(firehose_cursors.time_us, EXCLUDED.time_us),"
             " updated_at = now()",
             name,
             time_us,

@@ -14,10 +14,11 @@ from sluice.config import FirehoseSettings
 from sluice.firehose.consumer import ConsumerStats, JetstreamConsumer, PgCursorStore
 from sluice.runtime import Runtime
 from sluice.schemas.firehose import JetstreamEvent
+from sluice.storage.db import advisory_key
 
 log = logging.getLogger(__name__)
 
-LEADER_LOCK = 0x511D0
+LEADER_LOCK = advisory_key("firehose-leader")
 PublishRaw = Callable[[str, bytes], Awaitable[None]]
 Flush = Callable[[], Awaitable[None]]
 DeadLetter = Callable[[bytes, str], Awaitable[None]]
@@ -28,7 +29,7 @@ async def register(
 ) -> None:
     """Record what the consumer listens to, so a backfill can check that it is covered."""
     await pool.execute(
-        "INSERT INTO sluice.firehose_cursors (name, collections, dids)"
+        "INSERT INTO firehose_cursors (name, collections, dids)"
         " VALUES ($1, $2, $3) ON CONFLICT (name) DO UPDATE SET collections = $2, dids = $3,"
         " updated_at = now()",
         name,
@@ -75,7 +76,7 @@ async def run_consumer(
         while True:
             await asyncio.sleep(1.0)
             await pool.execute(
-                "UPDATE sluice.firehose_cursors SET updated_at = now() WHERE name = $1",
+                "UPDATE firehose_cursors SET updated_at = now() WHERE name = $1",
                 consumer.name,
             )
 
@@ -96,7 +97,7 @@ async def run_leader_consumer(
     pool = await rt.pool()
     async with pool.acquire() as conn:
         # Blocks until the leader's session ends; the lock goes with its connection.
-        await conn.execute("SELECT pg_advisory_lock($1)", LEADER_LOCK)
+        await conn.execute(f"SELECT pg_advisory_lock({LEADER_LOCK})")
         log.info("this worker runs the firehose consumer (%s)", rt.settings.firehose.url)
         consumer = build_consumer(pool, rt.settings.firehose, publish, flush, dead_letter)
         await run_consumer(pool, consumer)

@@ -296,8 +296,7 @@ def create_web_router(
         children = [
             run_from_record(r)
             for r in await pool.fetch(
-                f"SELECT {RUN_COLUMNS} FROM sluice.runs WHERE parent_run_id = $1"
-                " ORDER BY queued_at",
+                f"SELECT {RUN_COLUMNS} FROM runs WHERE parent_run_id = $1 ORDER BY queued_at",
                 run.id,
             )
         ]
