@@ -38,6 +38,7 @@ from sluice.storage.lookups import LookupResolver
 from sluice.storage.runs import RunRepository
 from sluice.storage.tables import describe_table, ensure_table, has_unique_key
 from sluice.storage.writer import ROW, SUB, Refresh, TargetPlan
+from sluice.streams.kafka import RECORD_OVERHEAD
 from sluice.streams.topics import partition_for_key
 
 log = logging.getLogger(__name__)
@@ -344,7 +345,7 @@ async def _split(
     cutting = (saved or {}).get("batching") or {
         "size": importer.batch_size or settings.pipeline.batch_size,
         "partitions": settings.kafka.partitions,
-        "max_bytes": settings.kafka.max_message_bytes,
+        "max_bytes": settings.kafka.max_message_bytes - RECORD_OVERHEAD,
         "copy": text_columns is not None,
     }
     if cutting["copy"] and text_columns is None:

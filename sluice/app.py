@@ -35,8 +35,10 @@ from sluice.schemas.events import (
 from sluice.schemas.firehose import BackfillRequested
 from sluice.schemas.runs import Run
 from sluice.storage.recovery import RECOVERY_LOCK, fail_stalled, mark_resumed, stalled_runs
-from sluice.streams import topics
+from sluice.streams import kafka as clients
 from sluice.streams.admin import ensure_topics
+from sluice.streams.kafka import faust_broker_options
+from sluice.streams.topics import Topic, Topics, outbox_topic
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +59,17 @@ def start_message(value: bytes | None) -> TriggerRequested | ValidationError | N
         return exc
 
 
-def create_app(rt: Runtime, *, app_id: str = "sluice", hooks: HookSet | None = None) -> faust.App:
-    """``hooks``: the webhooks, their secrets resolved by the entry point; none by default."""
+def create_app(
+    rt: Runtime, *, app_id: str | None = None, hooks: HookSet | None = None
+) -> faust.App:
+    """``app_id``: the consumer group (default ``SLUICE_GROUP_ID``); ``hooks``: the webhooks,
+    their secrets resolved by the entry point; none by default."""
     kafka = rt.settings.kafka
+    app_id = app_id or kafka.group_id
+    names = Topics.of(kafka)
     app = faust.App(
         app_id,
-        broker=f"kafka://{kafka.bootstrap}",
+        **faust_broker_options(kafka),
         store="memory://",
         autodiscover=False,
         value_serializer="raw",
@@ -73,10 +80,6 @@ def create_app(rt: Runtime, *, app_id: str = "sluice", hooks: HookSet | None = N
         processing_guarantee="at_least_once",
         table_standby_replicas=0,
         consumer_auto_offset_reset="earliest",
-        producer_request_timeout=30,
-        producer_max_request_size=max(1_048_576, kafka.max_message_bytes + 65536),
-        broker_session_timeout=kafka.session_timeout,
-        broker_heartbeat_interval=min(3.0, kafka.session_timeout / 3),
         broker_commit_every=1000,
         broker_commit_interval=1.0,
         web_enabled=False,
@@ -96,12 +99,12 @@ def create_app(rt: Runtime, *, app_id: str = "sluice", hooks: HookSet | None = N
             partitions=partitions,
         )
 
-    requests = topic(topics.REQUESTS, kafka.partitions)
-    batches = topic(topics.BATCHES, kafka.partitions)
-    dead = topic(topics.DEADLETTER, 1)
+    requests = topic(names.requests, kafka.partitions)
+    batches = topic(names.batches, kafka.partitions)
+    dead = topic(names.deadletter, 1)
     out_topics = {
-        topics.LIFECYCLE: topic(topics.LIFECYCLE, kafka.partitions),
-        topics.DEADLETTER: dead,
+        Topic.LIFECYCLE: topic(names.lifecycle, kafka.partitions),
+        Topic.DEADLETTER: dead,
     }
     plans = PlanCache()
 
@@ -143,7 +146,7 @@ def create_app(rt: Runtime, *, app_id: str = "sluice", hooks: HookSet | None = N
             "split", request.run_id, event, lambda: split_file(rt, request, send, flush)
         )
 
-    triggers = topic(topics.TRIGGERS, kafka.partitions)
+    triggers = topic(names.triggers, kafka.partitions)
 
     @app.agent(requests, name="split")
     async def split_agent(stream: Any) -> None:
@@ -190,7 +193,7 @@ def create_app(rt: Runtime, *, app_id: str = "sluice", hooks: HookSet | None = N
         finally:
             await lanes.close()
 
-    item_pages = topic(topics.ITEMS, kafka.partitions)
+    item_pages = topic(names.items, kafka.partitions)
 
     async def publish_request(request: ImportRequested) -> None:
         await requests.send(
@@ -258,8 +261,8 @@ def create_app(rt: Runtime, *, app_id: str = "sluice", hooks: HookSet | None = N
         except Exception:
             log.exception("schedule tick failed; will try again")
 
-    firehose = topic(topics.FIREHOSE, kafka.partitions)
-    backfills = topic(topics.BACKFILL, kafka.partitions)
+    firehose = topic(names.firehose, kafka.partitions)
+    backfills = topic(names.backfill, kafka.partitions)
 
     @app.task  # type: ignore[untyped-decorator]
     async def firehose_applier() -> None:
@@ -267,19 +270,13 @@ def create_app(rt: Runtime, *, app_id: str = "sluice", hooks: HookSet | None = N
         rather than a Faust agent: Faust's per-message machinery cost five times what the
         apply does, and its long fetch wait held small batches back (bench/firehose.py).
         Offsets are committed after the batch's transaction; a replay changes nothing."""
-        from aiokafka import AIOKafkaConsumer
-
         attempts = rt.settings.pipeline.apply_attempts
-        consumer = AIOKafkaConsumer(
-            topics.FIREHOSE,
-            bootstrap_servers=kafka.bootstrap,
+        consumer = clients.consumer(
+            kafka,
+            names.firehose,
             group_id=f"{app_id}-firehose",
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
             max_poll_records=2000,
             fetch_max_wait_ms=100,
-            session_timeout_ms=int(kafka.session_timeout * 1000),
-            heartbeat_interval_ms=int(min(3.0, kafka.session_timeout / 3) * 1000),
         )
         await consumer.start()
         try:
@@ -347,7 +344,8 @@ def create_app(rt: Runtime, *, app_id: str = "sluice", hooks: HookSet | None = N
     @app.timer(rt.settings.pipeline.relay_interval)  # type: ignore[untyped-decorator]
     async def relay() -> None:
         async def send(topic_name: str, key: str | None, value: bytes) -> Any:
-            return await out_topics[topic_name].send(key=key.encode() if key else None, value=value)
+            out = out_topics[outbox_topic(topic_name)]
+            return await out.send(key=key.encode() if key else None, value=value)
 
         try:
             await relay_outbox(rt, send, flush)
@@ -355,13 +353,13 @@ def create_app(rt: Runtime, *, app_id: str = "sluice", hooks: HookSet | None = N
             log.exception("outbox relay failed; will retry")
             # A broker that restarted lost its topics: the next relay needs them back.
             try:
-                await ensure_topics(kafka.bootstrap, kafka.partitions, kafka.replication)
+                await ensure_topics(kafka)
             except Exception:
                 log.warning("could not check the topics; will retry")
 
     webhooks = WebhookDispatcher(rt, hooks or HookSet())
 
-    @app.agent(out_topics[topics.LIFECYCLE], name="webhooks")
+    @app.agent(out_topics[Topic.LIFECYCLE], name="webhooks")
     async def webhooks_agent(stream: Any) -> None:
         """Reactions to lifecycle events: webhooks, and moving pulled files after import."""
         async for event in stream.events():
@@ -415,7 +413,7 @@ def create_app(rt: Runtime, *, app_id: str = "sluice", hooks: HookSet | None = N
                 if not stalled:
                     return
                 # A broker that restarted may have lost the topics with everything on them.
-                await ensure_topics(kafka.bootstrap, kafka.partitions, kafka.replication)
+                await ensure_topics(kafka)
                 for run, recoveries in stalled:
                     if recoveries >= pipeline.max_recoveries:
                         await fail_stalled(

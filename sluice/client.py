@@ -33,8 +33,9 @@ from sluice.schemas.events import FileRef, ImportRequested, TriggerRequested
 from sluice.schemas.runs import Run
 from sluice.sources.base import UrlSource
 from sluice.storage.filestore import iter_path
+from sluice.streams import kafka as clients
 from sluice.streams.admin import ensure_topics
-from sluice.streams.topics import BACKFILL, REQUESTS, TRIGGERS
+from sluice.streams.topics import Topics
 
 PULL_KINDS = ("url", "ftp", "sftp", "filesystem", "api")
 
@@ -67,6 +68,7 @@ class Client:
     def __init__(self, settings: Settings, runtime: Runtime | None = None) -> None:
         self.settings = settings
         self.rt = runtime or Runtime(settings)
+        self.topics = Topics.of(settings.kafka)
         self._producer: AIOKafkaProducer | None = None
 
     async def __aenter__(self) -> Client:
@@ -88,16 +90,8 @@ class Client:
 
     async def producer(self) -> AIOKafkaProducer:
         if self._producer is None:
-            await ensure_topics(
-                self.settings.kafka.bootstrap,
-                self.settings.kafka.partitions,
-                self.settings.kafka.replication,
-            )
-            producer = AIOKafkaProducer(
-                bootstrap_servers=self.settings.kafka.bootstrap,
-                acks="all",
-                request_timeout_ms=30000,
-            )
+            await ensure_topics(self.settings.kafka)
+            producer = clients.producer(self.settings.kafka)
             await producer.start()
             self._producer = producer
         return self._producer
@@ -167,7 +161,7 @@ class Client:
         request = ImportRequested.for_run(run, ref)
         producer = await self.producer()
         await producer.send_and_wait(
-            REQUESTS, request.model_dump_json().encode(), key=str(run.id).encode()
+            self.topics.requests, request.model_dump_json().encode(), key=str(run.id).encode()
         )
 
     async def trigger(
@@ -209,7 +203,7 @@ class Client:
         trigger = TriggerRequested.for_run(run, kind, params)
         producer = await self.producer()
         await producer.send_and_wait(
-            TRIGGERS, trigger.model_dump_json().encode(), key=str(run.id).encode()
+            self.topics.triggers, trigger.model_dump_json().encode(), key=str(run.id).encode()
         )
 
     async def backfill(
@@ -241,7 +235,7 @@ class Client:
         producer = await self.producer()
         for request in requests:
             await producer.send_and_wait(
-                BACKFILL, request.model_dump_json().encode(), key=request.did.encode()
+                self.topics.backfill, request.model_dump_json().encode(), key=request.did.encode()
             )
         return [r.did for r in requests]
 

@@ -9,14 +9,24 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import Literal, Self
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sluice.schemas.webhooks import DEFAULT_WEBHOOK_EVENTS, check_webhook_target
 
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+_TOPIC_PREFIX = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
+DEFAULT_TOPIC_PREFIX = "sluice"
 
 
 @dataclass(frozen=True)
@@ -46,16 +56,90 @@ class Schemas:
 
 
 class KafkaSettings(BaseSettings):
-    """The broker. Empty bootstrap means: use the embedded stack of ``SLUICE_HOME``."""
+    """The brokers, how to reach them (TLS, SASL) and the names this deployment uses on them.
+    An empty bootstrap means: use the embedded stack of ``SLUICE_HOME``."""
 
-    model_config = SettingsConfigDict(env_prefix="SLUICE_KAFKA_", frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="SLUICE_KAFKA_", frozen=True, extra="ignore", populate_by_name=True
+    )
 
-    bootstrap: str = ""
+    bootstrap: str = Field(default="", description="comma-separated host:port of brokers")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    sasl_username: str = ""
+    sasl_password: SecretStr = SecretStr("")
+    ssl_cafile: str = Field(
+        default="", description="PEM file of the CAs to trust (default: the system's)"
+    )
+    ssl_certfile: str = Field(default="", description="client certificate (mutual TLS)")
+    ssl_keyfile: str = Field(default="", description="the client certificate's key")
+    ssl_key_password: SecretStr = SecretStr("")
+    ssl_check_hostname: bool = Field(
+        default=True, description="check that the broker's certificate names the host"
+    )
+    client_id: str = "sluice"
+    request_timeout: float = Field(
+        default=30.0, gt=0, description="seconds a produce or admin request may take"
+    )
     partitions: int = Field(default=4, ge=1, description="partitions of every Sluice topic")
-    replication: int = Field(default=1, ge=1)
+    replication: int = Field(default=1, ge=1, description="replication factor of new topics")
     # Our own bound: Tansu does not check message.max.bytes, real Kafka rejects above ~1 MB.
-    max_message_bytes: int = Field(default=900_000, ge=10_000)
-    session_timeout: float = Field(default=10.0, gt=0)
+    max_message_bytes: int = Field(
+        default=900_000, ge=10_000, description="largest message produced (the client refuses more)"
+    )
+    session_timeout: float = Field(
+        default=10.0, gt=0, description="seconds before a silent consumer leaves its group"
+    )
+    topic_prefix: str = Field(
+        default=DEFAULT_TOPIC_PREFIX,
+        validation_alias=AliasChoices("SLUICE_TOPIC_PREFIX", "topic_prefix"),
+        description="every topic is <prefix>.<name>, e.g. sluice.requests",
+    )
+    group_id: str = Field(
+        default="sluice",
+        validation_alias=AliasChoices("SLUICE_GROUP_ID", "group_id"),
+        description="consumer group of the workers (others derive from it)",
+    )
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        if not _TOPIC_PREFIX.fullmatch(value) or value.endswith("."):
+            raise ValueError(
+                f"SLUICE_TOPIC_PREFIX={value!r} cannot start Kafka topic names: use letters, "
+                "digits, '.', '_' and '-' (at most 200, not ending with '.')"
+            )
+        return value
+
+    @field_validator("group_id")
+    @classmethod
+    def _check_group(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("SLUICE_GROUP_ID must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _check_security(self) -> Self:
+        if self.uses_sasl and not self.sasl_username:
+            raise ValueError(
+                f"SLUICE_KAFKA_SECURITY_PROTOCOL={self.security_protocol} needs "
+                "SLUICE_KAFKA_SASL_USERNAME and SLUICE_KAFKA_SASL_PASSWORD"
+            )
+        if self.ssl_keyfile and not self.ssl_certfile:
+            raise ValueError("SLUICE_KAFKA_SSL_KEYFILE needs SLUICE_KAFKA_SSL_CERTFILE")
+        return self
+
+    @property
+    def bootstrap_servers(self) -> list[str]:
+        return [s.strip() for s in self.bootstrap.split(",") if s.strip()]
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.security_protocol in ("SSL", "SASL_SSL")
+
+    @property
+    def uses_sasl(self) -> bool:
+        return self.security_protocol in ("SASL_PLAINTEXT", "SASL_SSL")
 
 
 class DatabaseSettings(BaseSettings):

@@ -8,11 +8,13 @@ import hashlib
 from dataclasses import dataclass
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import TopicPartition
 from pydantic import ValidationError
 
+from sluice.config import KafkaSettings
 from sluice.schemas.events import DeadLetter
-from sluice.streams.topics import DEADLETTER, all_topics
+from sluice.streams import kafka as clients
+from sluice.streams.topics import Topic, Topics
 
 
 @dataclass(frozen=True)
@@ -24,19 +26,18 @@ class Letter:
 
 
 async def read_letters(
-    bootstrap: str, *, topic: str | None = None, limit: int | None = None
+    kafka: KafkaSettings, *, topic: str | None = None, limit: int | None = None
 ) -> list[Letter]:
     """The letters on the dead-letter topic now, oldest first per partition."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
-    )
+    deadletter = Topics.of(kafka).deadletter
+    consumer = clients.consumer(kafka)
     await consumer.start()
     try:
-        partitions = consumer.partitions_for_topic(DEADLETTER) or set()
+        partitions = consumer.partitions_for_topic(deadletter) or set()
         if not partitions:
             await consumer.topics()
-            partitions = consumer.partitions_for_topic(DEADLETTER) or set()
-        tps = [TopicPartition(DEADLETTER, p) for p in sorted(partitions)]
+            partitions = consumer.partitions_for_topic(deadletter) or set()
+        tps = [TopicPartition(deadletter, p) for p in sorted(partitions)]
         if not tps:
             return []
         consumer.assign(tps)
@@ -63,14 +64,15 @@ async def read_letters(
 
 
 async def replay(
-    bootstrap: str, pool: asyncpg.Pool, letters: list[Letter]
+    kafka: KafkaSettings, pool: asyncpg.Pool, letters: list[Letter]
 ) -> tuple[list[Letter], list[tuple[Letter, str]]]:
     """Send each letter's message back to its topic, at most once per letter. Returns the
     letters replayed and (letter, why not) for the others."""
-    ours = {t.name for t in all_topics(1)} - {DEADLETTER}
+    names = Topics.of(kafka)
+    ours = {names.name(t) for t in Topic} - {names.deadletter}
     replayed: list[Letter] = []
     skipped: list[tuple[Letter, str]] = []
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    producer = clients.producer(kafka)
     await producer.start()
     try:
         for item in letters:

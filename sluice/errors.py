@@ -12,9 +12,11 @@
     │   ├── MappingError         the file's columns do not fit the importer
     │   ├── NoPullSource         a trigger for an importer that cannot pull
     │   ├── SourceError          a pull source refused (sluice.sources.base)
-    │   └── InvalidConfig        the settings contradict each other (a webhook without a secret)
+    │   ├── InvalidConfig        the settings contradict each other (a webhook without a secret)
+    │   └── KafkaConfigError     the broker refused the TLS or SASL settings (names which)
     └── TransientError           the database or broker failed; retry with backoff
-        └── SourceUnavailable    a pull source did not answer (sluice.sources.base)
+        ├── SourceUnavailable    a pull source did not answer (sluice.sources.base)
+        └── KafkaUnavailable     no bootstrap server answered
 
 File-level format problems are ``sluice.formats.FileFormatError`` (terminal too).
 """
@@ -72,3 +74,12 @@ class NoPullSource(TerminalError):
 
 class InvalidConfig(TerminalError):
     pass
+
+
+class KafkaConfigError(InvalidConfig):
+    """The broker answered but refused how we connect: an untrusted certificate, a client
+    certificate it does not accept, a wrong password, a mechanism it does not offer."""
+
+
+class KafkaUnavailable(TransientError):
+    """No bootstrap server answered."""

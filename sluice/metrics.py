@@ -9,15 +9,14 @@ from __future__ import annotations
 import logging
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 
 from sluice.config import Settings
 from sluice.schemas.runs import RunStatus
-from sluice.streams.topics import BATCHES, REQUESTS
+from sluice.streams import kafka as clients
+from sluice.streams.topics import Topics
 
 log = logging.getLogger(__name__)
-
-GROUP = "sluice"
 
 
 def _line(name: str, value: float, **labels: str) -> str:
@@ -70,29 +69,29 @@ async def render_metrics(pool: asyncpg.Pool, settings: Settings) -> str:
         out.append("# consumer lag unavailable: the broker did not answer")
     else:
         for topic, value in sorted(lag.items()):
-            out.append(_line("sluice_consumer_lag", value, topic=topic, group=GROUP))
+            out.append(
+                _line("sluice_consumer_lag", value, topic=topic, group=settings.kafka.group_id)
+            )
     return "\n".join(out) + "\n"
 
 
 async def consumer_lag(settings: Settings) -> dict[str, int] | None:
     # A consumer of the workers' group that never subscribes: it reads the group's committed
     # offsets without joining the group.
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka.bootstrap,
-        group_id=GROUP,
-        enable_auto_commit=False,
-        request_timeout_ms=5000,
+    names = Topics.of(settings.kafka)
+    consumer = clients.consumer(
+        settings.kafka, group_id=settings.kafka.group_id, request_timeout_ms=5000
     )
     try:
         await consumer.start()
         await consumer.topics()  # fetches the metadata partitions_for_topic reads
         parts = [
             TopicPartition(topic, p)
-            for topic in (REQUESTS, BATCHES)
+            for topic in (names.requests, names.batches)
             for p in (consumer.partitions_for_topic(topic) or set())
         ]
         ends = await consumer.end_offsets(parts) if parts else {}
-        lag: dict[str, int] = {REQUESTS: 0, BATCHES: 0}
+        lag: dict[str, int] = {names.requests: 0, names.batches: 0}
         for tp, end in ends.items():
             done = await consumer.committed(tp) or 0
             lag[tp.topic] += max(0, end - done)

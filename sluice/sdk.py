@@ -28,6 +28,7 @@ from sluice.client import Client
 from sluice.config import Settings
 from sluice.errors import InvalidRequest, StackNotFound, TransientError
 from sluice.schemas.runs import Run, RunStatus
+from sluice.streams import kafka as clients
 from sluice.streams.admin import ensure_topics
 from sluice.subscription import Subscription
 
@@ -265,11 +266,9 @@ class Publisher:
     async def start(self) -> Publisher:
         if self._producer is None:
             kafka = self.settings.kafka
-            producer = AIOKafkaProducer(
-                bootstrap_servers=kafka.bootstrap, acks="all", request_timeout_ms=30000
-            )
+            producer = clients.producer(kafka)
             try:
-                await ensure_topics(kafka.bootstrap, kafka.partitions, kafka.replication)
+                await ensure_topics(kafka)
                 await producer.start()
             except KafkaError as exc:
                 await producer.stop()

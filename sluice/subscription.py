@@ -19,8 +19,9 @@ from pydantic import ValidationError
 from sluice.config import Settings
 from sluice.errors import TransientError
 from sluice.schemas.events import LifecycleEvent
+from sluice.streams import kafka as clients
 from sluice.streams.admin import ensure_topics
-from sluice.streams.topics import LIFECYCLE
+from sluice.streams.topics import Topics
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,10 @@ class Subscription(AsyncIterator[LifecycleEvent]):
         run_id: uuid.UUID | str | None = None,
         types: str | Iterable[str] | None = None,
         from_beginning: bool = False,
-        topic: str = LIFECYCLE,
+        topic: str | None = None,
     ) -> None:
         self.settings = settings
-        self.topic = topic
+        self.topic = topic or Topics.of(settings.kafka).lifecycle
         self.group_id = group_id
         self.importers = _names(importers)
         self.run_id = uuid.UUID(str(run_id)) if run_id is not None else None
@@ -86,16 +87,12 @@ class Subscription(AsyncIterator[LifecycleEvent]):
 
     async def _connect(self) -> None:
         kafka = self.settings.kafka
-        await ensure_topics(kafka.bootstrap, kafka.partitions, kafka.replication)
-        session_ms = int(kafka.session_timeout * 1000)
-        consumer = AIOKafkaConsumer(
+        await ensure_topics(kafka)
+        consumer = clients.consumer(
+            kafka,
             self.topic,
-            bootstrap_servers=kafka.bootstrap,
             group_id=self.group_id,
-            enable_auto_commit=False,
             auto_offset_reset="earliest" if self.from_beginning else "latest",
-            session_timeout_ms=session_ms,
-            heartbeat_interval_ms=max(session_ms // 3, 100),
         )
         self._consumer = consumer
         try:

@@ -16,6 +16,7 @@ from sluice.runtime import Runtime
 from sluice.storage.db import connect, migrate
 from sluice.storage.tables import ensure_table
 from sluice.streams.admin import ensure_topics
+from sluice.streams.kafka import check_connection
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +26,8 @@ async def prepare(rt: Runtime) -> None:
     from sluice.agents.split import plan_for
 
     settings = rt.settings
-    await ensure_topics(
-        settings.kafka.bootstrap, settings.kafka.partitions, settings.kafka.replication
-    )
+    await check_connection(settings.kafka)
+    await ensure_topics(settings.kafka)
     schemas = settings.database.schemas
     conn = await connect(settings.database_url, schemas=schemas)
     try:

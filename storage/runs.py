@@ -16,7 +16,7 @@ import orjson
 
 from sluice.schemas.events import FileRef, LifecycleEvent, LifecycleEventType
 from sluice.schemas.runs import Run, RunStatus
-from sluice.streams.topics import LIFECYCLE
+from sluice.streams.topics import Topic
 
 RUN_COLUMNS = (
     "id, importer, source, status, dry_run, total_rows, processed_rows, created_rows, updated_rows,"
@@ -65,7 +65,7 @@ async def emit_event(
         event.event_id,
         run.id,
         event.type,
-        LIFECYCLE,
+        Topic.LIFECYCLE.value,
         str(run.id),
         orjson.loads(event.model_dump_json()),
     )

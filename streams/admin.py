@@ -5,28 +5,33 @@ from __future__ import annotations
 
 import logging
 
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from sluice.streams.topics import all_topics
+from sluice.config import KafkaSettings
+from sluice.streams import kafka as clients
+from sluice.streams.topics import Topics
 
 log = logging.getLogger(__name__)
 
 
-async def ensure_topics(bootstrap: str, partitions: int, replication: int = 1) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+async def ensure_topics(kafka: KafkaSettings) -> list[str]:
+    """Create this deployment's topics that are missing; returns their names."""
+    admin = clients.admin(kafka)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        missing = [t for t in all_topics(partitions) if t.name not in existing]
+        specs = Topics.of(kafka).specs(kafka.partitions)
+        missing = [t for t in specs if t.name not in existing]
         if not missing:
-            return
+            return []
         try:
             await admin.create_topics(
-                [NewTopic(t.name, t.partitions, replication) for t in missing]
+                [NewTopic(t.name, t.partitions, kafka.replication) for t in missing]
             )
         except TopicAlreadyExistsError:
             pass  # another worker won the race
         log.info("created topics %s", ", ".join(t.name for t in missing))
+        return [t.name for t in missing]
     finally:
         await admin.close()

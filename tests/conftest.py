@@ -28,10 +28,13 @@ from sluice.config import (
 from sluice.runtime import Runtime
 from sluice.schemas.runs import Run
 from sluice.stack import EmbeddedBroker, EmbeddedPostgres, free_port
+from sluice.streams.topics import Topics
 from sluice.worker import prepare
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTITIONS = 4
+TOPICS = Topics()
+"""The topic names of the test stack (the default prefix)."""
 WEBHOOK_SECRET = "test-webhook-secret"
 FTP_PASSWORD = "s3cret-ftp"
 

@@ -19,8 +19,7 @@ from aiokafka import AIOKafkaConsumer
 
 from sluice.client import Client
 from sluice.stack import find_process_alive, read_state
-from sluice.streams.topics import LIFECYCLE
-from tests.conftest import ROOT, Stack
+from tests.conftest import ROOT, TOPICS, Stack
 
 pytestmark = pytest.mark.stack
 
@@ -154,7 +153,7 @@ async def test_lifecycle_events_reach_the_topic_in_order(
     path.write_text(FILE)
     run = await client.submit_file("t_cli", path)
     consumer = AIOKafkaConsumer(
-        LIFECYCLE,
+        TOPICS.lifecycle,
         bootstrap_servers=stack.broker.bootstrap,
         auto_offset_reset="earliest",
         enable_auto_commit=False,

@@ -27,8 +27,7 @@ from sluice.importers.dsl import Field
 from sluice.mapping import RecordMapper
 from sluice.schemas.events import COPY_BATCH, RowBatch, decode_copy_rows, encode_copy_batch
 from sluice.schemas.runs import RunStatus
-from sluice.streams.topics import BATCHES
-from tests.conftest import Stack, finish, unique
+from tests.conftest import TOPICS, Stack, finish, unique
 
 COLUMNS = ("_sluice_row", "_sluice_sub", "a", "b", "c")
 # Any text but NUL (a delimited file holding one is refused as a whole).
@@ -87,7 +86,7 @@ def test_map_text_gives_what_map_rows_gives_without_a_dict_per_row() -> None:
 async def _batch_values(stack: Stack, run_id: str) -> list[bytes]:
     """The values of the run's messages on the batches topic, read back from the broker."""
     consumer = AIOKafkaConsumer(
-        BATCHES, bootstrap_servers=stack.broker.bootstrap, auto_offset_reset="earliest"
+        TOPICS.batches, bootstrap_servers=stack.broker.bootstrap, auto_offset_reset="earliest"
     )
     await consumer.start()
     found: list[bytes] = []

@@ -28,8 +28,7 @@ from sluice.schemas.firehose import BackfillRequested
 from sluice.schemas.runs import RunStatus
 from sluice.stack import free_port
 from sluice.storage.db import create_pool
-from sluice.streams.topics import DEADLETTER, FIREHOSE
-from tests.conftest import ROOT, Stack, Worker
+from tests.conftest import ROOT, TOPICS, Stack, Worker
 from tests.servers.atproto import FakeJetstream, FakePds, World
 
 pytestmark = pytest.mark.stack
@@ -365,7 +364,7 @@ async def test_malformed_events_are_dead_lettered_and_the_consumer_goes_on(
     scene: Scene, stack: Stack, db: asyncpg.Connection
 ) -> None:
     consumer = AIOKafkaConsumer(
-        DEADLETTER, bootstrap_servers=stack.broker.bootstrap, auto_offset_reset="earliest"
+        TOPICS.deadletter, bootstrap_servers=stack.broker.bootstrap, auto_offset_reset="earliest"
     )
     await consumer.start()
     try:
@@ -382,7 +381,7 @@ async def test_malformed_events_are_dead_lettered_and_the_consumer_goes_on(
         producer = AIOKafkaProducer(bootstrap_servers=stack.broker.bootstrap)
         await producer.start()
         try:
-            await producer.send_and_wait(FIREHOSE, b'{"did": 42}', key=b"did:plc:x")
+            await producer.send_and_wait(TOPICS.firehose, b'{"did": 42}', key=b"did:plc:x")
         finally:
             await producer.stop()
         deadline = time.monotonic() + 60
@@ -403,7 +402,7 @@ async def test_malformed_events_are_dead_lettered_and_the_consumer_goes_on(
             assert raw in by_payload, letters[-5:]
             assert by_payload[raw]["topic"] == "jetstream" and by_payload[raw]["reason"]
         agent = by_payload['{"did": 42}']
-        assert agent["topic"] == FIREHOSE and agent["offset"] >= 0
+        assert agent["topic"] == TOPICS.firehose and agent["offset"] >= 0
         assert "did" in agent["reason"]
     finally:
         await consumer.stop()

@@ -423,7 +423,7 @@ async def test_poison_batches_go_to_the_dead_letter_topic_and_fail_their_run(
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
     from sluice.agents.split import plan_for
-    from sluice.streams.topics import BATCHES, DEADLETTER
+    from tests.conftest import TOPICS
     from tests.importers import malformed
 
     runs = await client.rt.runs()
@@ -434,9 +434,9 @@ async def test_poison_batches_go_to_the_dead_letter_topic_and_fail_their_run(
     producer = AIOKafkaProducer(bootstrap_servers=stack.broker.bootstrap)
     await producer.start()
     try:
-        await producer.send_and_wait(BATCHES, f"no key {marker}".encode(), partition=0)
+        await producer.send_and_wait(TOPICS.batches, f"no key {marker}".encode(), partition=0)
         await producer.send_and_wait(
-            BATCHES, b"[{not json", key=f"{run.id}:7".encode(), partition=1
+            TOPICS.batches, b"[{not json", key=f"{run.id}:7".encode(), partition=1
         )
     finally:
         await producer.stop()
@@ -446,7 +446,7 @@ async def test_poison_batches_go_to_the_dead_letter_topic_and_fail_their_run(
     assert failed.error and "batch 7" in failed.error and "dead-letter" in failed.error
 
     consumer = AIOKafkaConsumer(
-        DEADLETTER, bootstrap_servers=stack.broker.bootstrap, auto_offset_reset="earliest"
+        TOPICS.deadletter, bootstrap_servers=stack.broker.bootstrap, auto_offset_reset="earliest"
     )
     await consumer.start()
     letters: list[dict[str, object]] = []
@@ -460,7 +460,7 @@ async def test_poison_batches_go_to_the_dead_letter_topic_and_fail_their_run(
                             letters.append(letter)
     finally:
         await consumer.stop()
-    assert {letter["topic"] for letter in letters} == {BATCHES}
+    assert {letter["topic"] for letter in letters} == {TOPICS.batches}
     reasons = " | ".join(str(letter["reason"]) for letter in letters)
     assert "not a row batch" in reasons and "not JSON" in reasons
     assert all(isinstance(letter["offset"], int) for letter in letters)

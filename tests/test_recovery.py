@@ -16,8 +16,7 @@ from sluice.client import Client
 from sluice.schemas.events import DeadLetter, ImportRequested
 from sluice.schemas.runs import RunStatus
 from sluice.storage.filestore import iter_bytes
-from sluice.streams.topics import DEADLETTER, REQUESTS
-from tests.conftest import ROOT, Stack, finish
+from tests.conftest import ROOT, TOPICS, Stack, finish
 
 pytestmark = pytest.mark.stack
 
@@ -89,7 +88,7 @@ async def test_dead_letters_are_listed_and_replayed_once(
     await producer.start()
     try:
         garbage = b"\xff\xfe not a request " + uuid.uuid4().hex.encode()
-        await producer.send_and_wait(REQUESTS, garbage, key=b"x")
+        await producer.send_and_wait(TOPICS.requests, garbage, key=b"x")
         # A request that failed for a cause since fixed, as the split agent dead-letters it.
         run, ref = await stored_run(client)
         request = ImportRequested(
@@ -99,14 +98,14 @@ async def test_dead_letters_are_listed_and_replayed_once(
             requested_at=datetime.now(UTC),
         )
         letter = DeadLetter.of(
-            REQUESTS,
+            TOPICS.requests,
             0,
             12345,
             "split failed: the database was down",
             request.model_dump_json().encode(),
         )
         await producer.send_and_wait(
-            DEADLETTER,
+            TOPICS.deadletter,
             letter.model_dump_json().encode(),
             key=str(run.id).encode(),  # type: ignore[attr-defined]
         )
@@ -116,7 +115,7 @@ async def test_dead_letters_are_listed_and_replayed_once(
 
     deadline = asyncio.get_running_loop().time() + 30
     while True:
-        listed = sluice("dlq", "--topic", REQUESTS, "--json", env=stack.env)
+        listed = sluice("dlq", "--topic", TOPICS.requests, "--json", env=stack.env)
         assert listed.returncode == 0, listed.stderr
         letters = [orjson.loads(line) for line in listed.stdout.splitlines()]
         mine = [x for x in letters if x["payload_encoding"] == "base64"]
@@ -124,17 +123,17 @@ async def test_dead_letters_are_listed_and_replayed_once(
             break
         assert asyncio.get_running_loop().time() < deadline, letters
         await asyncio.sleep(0.5)
-    assert all(x["topic"] == REQUESTS for x in letters)
+    assert all(x["topic"] == TOPICS.requests for x in letters)
     assert "not a valid import request" in mine[-1]["reason"] and mine[-1]["offset"] >= 0
 
-    replayed = sluice("dlq", "--topic", REQUESTS, "--replay", env=stack.env)
+    replayed = sluice("dlq", "--topic", TOPICS.requests, "--replay", env=stack.env)
     assert replayed.returncode == 0, replayed.stderr
     done = await finish(client, run, stack, timeout=60)  # type: ignore[arg-type]
     assert done.status is RunStatus.COMPLETED, done.error
     assert await db.fetchval("SELECT recoveries FROM sluice.runs WHERE id = $1", run.id) == 0  # type: ignore[attr-defined]
     # The garbage came back as a new letter; neither it nor the request is sent again.
     await asyncio.sleep(2)
-    again = sluice("dlq", "--topic", REQUESTS, "--replay", env=stack.env)
+    again = sluice("dlq", "--topic", TOPICS.requests, "--replay", env=stack.env)
     assert "replayed 0 letters" in again.stderr, again.stderr
     assert "replayed before" in again.stderr
 
@@ -146,9 +145,17 @@ async def test_poison_on_every_topic_is_dead_lettered_and_the_agents_go_on(
 
     from aiokafka import AIOKafkaConsumer
 
-    from sluice.streams.topics import BACKFILL, BATCHES, FIREHOSE, ITEMS, LIFECYCLE, TRIGGERS
+    from tests.conftest import TOPICS
 
-    topics = [REQUESTS, BATCHES, TRIGGERS, ITEMS, FIREHOSE, BACKFILL, LIFECYCLE]
+    topics = [
+        TOPICS.requests,
+        TOPICS.batches,
+        TOPICS.triggers,
+        TOPICS.items,
+        TOPICS.firehose,
+        TOPICS.backfill,
+        TOPICS.lifecycle,
+    ]
     marker = uuid.uuid4().hex
     producer = AIOKafkaProducer(bootstrap_servers=stack.broker.bootstrap)
     await producer.start()
@@ -158,7 +165,7 @@ async def test_poison_on_every_topic_is_dead_lettered_and_the_agents_go_on(
     finally:
         await producer.stop()
     consumer = AIOKafkaConsumer(
-        DEADLETTER, bootstrap_servers=stack.broker.bootstrap, auto_offset_reset="earliest"
+        TOPICS.deadletter, bootstrap_servers=stack.broker.bootstrap, auto_offset_reset="earliest"
     )
     await consumer.start()
     try:

@@ -20,8 +20,7 @@ from sluice.schemas.generate import (
     schema_file_name,
     write_schemas,
 )
-from sluice.streams.topics import LIFECYCLE
-from tests.conftest import Stack, finish
+from tests.conftest import TOPICS, Stack, finish
 
 
 def test_committed_schemas_match_the_models() -> None:
@@ -58,7 +57,7 @@ def test_lifecycle_event_schema_names_the_contract_fields() -> None:
 
 async def _raw_events(bootstrap: str, run_ids: set[str], until: int) -> list[dict[str, object]]:
     consumer = AIOKafkaConsumer(
-        LIFECYCLE, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None
+        TOPICS.lifecycle, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None
     )
     await consumer.start()
     seen: list[dict[str, object]] = []

@@ -464,7 +464,7 @@ async def test_any_producer_starts_an_import_with_one_raw_message(
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
     from sluice.schemas.events import TriggerRequested
-    from sluice.streams.topics import DEADLETTER, TRIGGERS
+    from tests.conftest import TOPICS
 
     (stack.files / "raw.csv").write_text(CSV)
     request_id = uuid.uuid4().hex
@@ -474,9 +474,9 @@ async def test_any_producer_starts_an_import_with_one_raw_message(
     producer = AIOKafkaProducer(bootstrap_servers=stack.broker.bootstrap)
     await producer.start()
     try:
-        await producer.send_and_wait(TRIGGERS, raw)
-        await producer.send_and_wait(TRIGGERS, raw)  # produced twice: one run
-        await producer.send_and_wait(TRIGGERS, b'{"importer": "no_such_importer"}')
+        await producer.send_and_wait(TOPICS.triggers, raw)
+        await producer.send_and_wait(TOPICS.triggers, raw)  # produced twice: one run
+        await producer.send_and_wait(TOPICS.triggers, b'{"importer": "no_such_importer"}')
     finally:
         await producer.stop()
     run_id = TriggerRequested(importer="t_fs", request_id=request_id).run_id_for_request()
@@ -496,7 +496,7 @@ async def test_any_producer_starts_an_import_with_one_raw_message(
         == 1
     )
     consumer = AIOKafkaConsumer(
-        DEADLETTER, bootstrap_servers=stack.broker.bootstrap, auto_offset_reset="earliest"
+        TOPICS.deadletter, bootstrap_servers=stack.broker.bootstrap, auto_offset_reset="earliest"
     )
     await consumer.start()
     try:
@@ -521,7 +521,7 @@ async def test_a_raw_message_on_the_requests_topic_starts_an_import(
     from aiokafka import AIOKafkaProducer
 
     from sluice.schemas.events import TriggerRequested
-    from sluice.streams.topics import REQUESTS
+    from tests.conftest import TOPICS
 
     (stack.files / "raw-req.csv").write_text(CSV)
     request_id = uuid.uuid4().hex
@@ -529,7 +529,7 @@ async def test_a_raw_message_on_the_requests_topic_starts_an_import(
     producer = AIOKafkaProducer(bootstrap_servers=stack.broker.bootstrap)
     await producer.start()
     try:
-        await producer.send_and_wait(REQUESTS, orjson.dumps(raw))
+        await producer.send_and_wait(TOPICS.requests, orjson.dumps(raw))
     finally:
         await producer.stop()
     run_id = TriggerRequested(importer="t_fs", request_id=request_id).run_id_for_request()

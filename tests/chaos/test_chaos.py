@@ -37,9 +37,8 @@ from sluice.client import Client
 from sluice.firehose.backfill import IMPORTER as BACKFILL
 from sluice.schemas.runs import Run, RunStatus
 from sluice.storage.runs import RUN_COLUMNS, run_from_record
-from sluice.streams.topics import LIFECYCLE
 from tests.chaos.conftest import SEED, ChaosStack, Db, Report, Supervisor, case_rng
-from tests.conftest import PARTITIONS, ROOT, Worker
+from tests.conftest import PARTITIONS, ROOT, TOPICS, Worker
 from tests.servers.atproto import FakeJetstream, FakePds, World
 from tests.servers.paginated_api import EPOCH, FakeApi
 
@@ -327,9 +326,9 @@ async def lifecycle_lost(
     )
     await consumer.start()
     try:
-        exists = LIFECYCLE in await consumer.topics()
+        exists = TOPICS.lifecycle in await consumer.topics()
         if relayed and exists:
-            consumer.subscribe([LIFECYCLE])
+            consumer.subscribe([TOPICS.lifecycle])
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
                 batch = await consumer.getmany(timeout_ms=500)
