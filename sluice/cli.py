@@ -18,9 +18,9 @@ from typing import Any, NoReturn
 
 import click
 import orjson
-from pydantic import SecretStr
 
-from sluice.config import ApiSettings, DatabaseSettings, KafkaSettings, PipelineSettings, Settings
+from sluice import __version__
+from sluice.config import ApiSettings, KafkaSettings, PipelineSettings, Settings
 from sluice.errors import SluiceError
 from sluice.formats import FileFormatError
 from sluice.schemas.runs import Run, RunStatus
@@ -40,31 +40,14 @@ def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
 
 
 def load_settings(*, require_stack: bool = True) -> Settings:
-    """Environment first; what it leaves empty comes from the stack running under SLUICE_HOME."""
-    from sluice.stack import read_api_token, read_state
+    """The settings (sluice.env.load_settings); a problem with them ends the command with its
+    message."""
+    from sluice.env import load_settings as load
 
-    pipeline = PipelineSettings()
-    kafka = KafkaSettings()
-    database = DatabaseSettings()
-    api = ApiSettings()
-    if not kafka.bootstrap or not database.url.get_secret_value():
-        state = read_state(pipeline.home)
-        if state is None:
-            if require_stack:
-                fail(
-                    f"no Sluice stack is running under {pipeline.home.resolve()}: start one with "
-                    "`sluice up --detach`, or set SLUICE_KAFKA_BOOTSTRAP and SLUICE_DATABASE_URL"
-                )
-        else:
-            if not kafka.bootstrap:
-                kafka = kafka.model_copy(update={"bootstrap": state.kafka_bootstrap})
-            if not database.url.get_secret_value():
-                database = database.model_copy(update={"url": SecretStr(state.database_url)})
-            if not api.url and state.api_url:
-                api = api.model_copy(update={"url": state.api_url})
-            if not api.all_tokens() and (token := read_api_token(pipeline.home)):
-                api = api.model_copy(update={"token": SecretStr(token)})
-    return Settings(kafka=kafka, database=database, api=api, pipeline=pipeline)
+    try:
+        return load(require_stack=require_stack)
+    except SluiceError as exc:
+        fail(str(exc))
 
 
 def run_async(coro: Any) -> Any:
@@ -195,6 +178,9 @@ def _user() -> str:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(
+    __version__, "-V", "--version", prog_name="sluice", package_name="sluice-ingest"
+)
 @click.option("-v", "--verbose", is_flag=True, help="log at debug level")
 def cli(verbose: bool) -> None:
     """Sluice: import files, triggers and firehoses into PostgreSQL, through Kafka.
@@ -1077,5 +1063,45 @@ def failed_rows(run_id: str, as_csv: bool, as_json: bool, limit: int | None) -> 
     sys.exit(run_async(show()))
 
 
+@cli.command("config")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per setting")
+@click.option("--all", "show_all", is_flag=True, help="also the settings left at their default")
+@click.option("--markdown", is_flag=True, help="the table of every setting and its default")
+def config_cmd(as_json: bool, show_all: bool, markdown: bool) -> None:
+    """Print the effective settings (environment, .env file, the running stack), secrets masked.
+
+    Example: `sluice config --all` lists every setting with its default.
+    """
+    from sluice.config import setting_rows, settings_markdown
+
+    if markdown:
+        click.echo(settings_markdown(), nl=False)
+        return
+    settings = load_settings(require_stack=False)
+    for row in setting_rows(settings):
+        if not show_all and row.value == row.default:
+            continue
+        if as_json:
+            click.echo(
+                orjson.dumps(
+                    {
+                        "name": row.env,
+                        "value": row.value,
+                        "default": row.default,
+                        "secret": row.secret,
+                        "description": row.description,
+                    }
+                ).decode()
+            )
+        else:
+            click.echo(f"{row.env}={row.value}")
+
+
 def main() -> None:
+    from sluice.env import load_env_file
+
+    try:
+        load_env_file()
+    except SluiceError as exc:
+        fail(str(exc))
     cli(prog_name="sluice")

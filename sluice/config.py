@@ -6,10 +6,12 @@ Every variable starts with ``SLUICE_``. Library code receives these objects; it 
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Self
+from urllib.parse import urlsplit
 
 from pydantic import (
     AliasChoices,
@@ -64,20 +66,26 @@ class KafkaSettings(BaseSettings):
     )
 
     bootstrap: str = Field(default="", description="comma-separated host:port of brokers")
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
-    sasl_username: str = ""
-    sasl_password: SecretStr = SecretStr("")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        default="PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        default="PLAIN", description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (SASL protocols)"
+    )
+    sasl_username: str = Field(default="", description="SASL user")
+    sasl_password: SecretStr = Field(default=SecretStr(""), description="SASL password")
     ssl_cafile: str = Field(
         default="", description="PEM file of the CAs to trust (default: the system's)"
     )
     ssl_certfile: str = Field(default="", description="client certificate (mutual TLS)")
     ssl_keyfile: str = Field(default="", description="the client certificate's key")
-    ssl_key_password: SecretStr = SecretStr("")
+    ssl_key_password: SecretStr = Field(
+        default=SecretStr(""), description="password of an encrypted client key"
+    )
     ssl_check_hostname: bool = Field(
         default=True, description="check that the broker's certificate names the host"
     )
-    client_id: str = "sluice"
+    client_id: str = Field(default="sluice", description="client id the brokers see (quotas, logs)")
     request_timeout: float = Field(
         default=30.0, gt=0, description="seconds a produce or admin request may take"
     )
@@ -149,7 +157,10 @@ class DatabaseSettings(BaseSettings):
         env_prefix="SLUICE_DATABASE_", frozen=True, extra="ignore", populate_by_name=True
     )
 
-    url: SecretStr = SecretStr("")
+    url: SecretStr = Field(
+        default=SecretStr(""),
+        description="postgresql://user:password@host:port/db (empty: the embedded stack's)",
+    )
     pool_min: int = Field(default=1, ge=0, description="connections a pool keeps open")
     pool_max: int = Field(default=8, ge=1, description="connections a pool opens at most")
     core_schema: str = Field(
@@ -175,13 +186,15 @@ class DatabaseSettings(BaseSettings):
 class ApiSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SLUICE_API_", frozen=True, extra="ignore")
 
-    host: str = "127.0.0.1"
-    port: int = 8000
-    url: str = ""
-    token: SecretStr = SecretStr("")
-    # More tokens, comma-separated (rotation, one per client).
-    tokens: SecretStr = SecretStr("")
-    max_upload_bytes: int = 2 * 2**30
+    host: str = Field(default="127.0.0.1", description="address `sluice api` listens on")
+    port: int = Field(default=8000, description="port `sluice api` listens on")
+    url: str = Field(default="", description="where clients reach the API (for `sluice env`)")
+    token: SecretStr = Field(default=SecretStr(""), description="a bearer token the API accepts")
+    tokens: SecretStr = Field(
+        default=SecretStr(""),
+        description="more tokens, comma-separated (rotation, one per client)",
+    )
+    max_upload_bytes: int = Field(default=2 * 2**30, description="largest upload accepted")
     public_health: bool = Field(default=True, description="/healthz and /readyz without a token")
     public_metrics: bool = Field(default=False, description="/metrics without a token")
     wait_timeout: float = Field(default=60.0, gt=0, description="longest ?wait=true, in seconds")
@@ -202,20 +215,28 @@ class ApiSettings(BaseSettings):
 class PipelineSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SLUICE_", frozen=True, extra="ignore")
 
-    home: Path = Path(".sluice")
+    home: Path = Field(
+        default=Path(".sluice"), description="the embedded stack's folder (data, logs, stack.json)"
+    )
     importers: str = Field(
         default="",
         description="comma-separated module paths that define importers (besides the bundled ones)",
     )
-    batch_size: int = Field(default=5000, ge=1, le=50_000)
+    batch_size: int = Field(
+        default=5000, ge=1, le=50_000, description="rows per batch (importers may set their own)"
+    )
     copy_batches: bool = Field(
         default=True,
         description="send rows of text as COPY batches (off while workers older than them run)",
     )
     apply_attempts: int = Field(default=5, ge=1, description="tries of a batch before dead-letter")
-    progress_interval: float = Field(default=1.0, gt=0)
-    relay_interval: float = Field(default=0.2, gt=0)
-    file_chunk_bytes: int = 1 << 20
+    progress_interval: float = Field(
+        default=1.0, gt=0, description="seconds between a run's progress events"
+    )
+    relay_interval: float = Field(
+        default=0.2, gt=0, description="seconds between outbox relays to the lifecycle topic"
+    )
+    file_chunk_bytes: int = Field(default=1 << 20, description="bytes per stored file chunk")
     # Retention: workers prune on this schedule, `sluice prune-files` / `prune-rows` on demand.
     file_retention_hours: float = Field(default=24.0, gt=0, description="stored files of runs")
     run_retention_days: float = Field(default=30.0, gt=0, description="finished runs, row logs")
@@ -256,9 +277,9 @@ class UrlSettings(BaseSettings):
         description="allow loopback, private, link-local and metadata addresses",
     )
     max_bytes: int = Field(default=2 * 2**30, ge=1, description="largest body fetched")
-    connect_timeout: float = Field(default=10.0, gt=0)
+    connect_timeout: float = Field(default=10.0, gt=0, description="seconds to connect")
     read_timeout: float = Field(default=60.0, gt=0, description="seconds without a byte")
-    max_redirects: int = Field(default=5, ge=0)
+    max_redirects: int = Field(default=5, ge=0, description="redirects followed, each checked")
 
     @staticmethod
     def _split(raw: str) -> tuple[str, ...]:
@@ -345,7 +366,7 @@ class WebhookSettings(BaseSettings):
     secret: SecretStr = Field(
         default=SecretStr(""), description="signs every hook that names no secret_env"
     )
-    max_attempts: int = Field(default=8, ge=1)
+    max_attempts: int = Field(default=8, ge=1, description="tries of a delivery")
     backoff: float = Field(default=1.0, gt=0, description="seconds before the first retry")
     backoff_max: float = Field(default=300.0, gt=0, description="the doubling stops here")
     timeout: float = Field(default=10.0, gt=0, description="seconds for a whole request")
@@ -381,3 +402,111 @@ class Settings:
     @property
     def database_url(self) -> str:
         return self.database.url.get_secret_value()
+
+    @staticmethod
+    def parts() -> tuple[type[BaseSettings], ...]:
+        """The settings classes, in the order ``sluice config`` shows them."""
+        return (
+            KafkaSettings,
+            DatabaseSettings,
+            ApiSettings,
+            PipelineSettings,
+            UrlSettings,
+            FirehoseSettings,
+            WebhookSettings,
+        )
+
+    def components(self) -> list[BaseSettings]:
+        return [
+            self.kafka,
+            self.database,
+            self.api,
+            self.pipeline,
+            self.url,
+            self.firehose,
+            self.webhooks,
+        ]
+
+
+@dataclass(frozen=True)
+class SettingRow:
+    """One setting as ``sluice config`` and the README show it."""
+
+    env: str
+    value: str
+    default: str
+    description: str
+    secret: bool
+
+
+MASK = "**********"
+
+
+def env_name(cls: type[BaseSettings], field: str) -> str:
+    """The environment variable a settings field is read from."""
+    info = cls.model_fields[field]
+    alias = info.validation_alias
+    if isinstance(alias, AliasChoices):
+        first = alias.choices[0]
+        if isinstance(first, str):
+            return first
+    if isinstance(alias, str):
+        return alias
+    prefix = cls.model_config.get("env_prefix", "")
+    return f"{prefix}{field}".upper()
+
+
+def _shown(value: object, secret: bool) -> str:
+    if isinstance(value, SecretStr):
+        raw = value.get_secret_value()
+        if not raw:
+            return ""
+        return _mask_url(raw) if "://" in raw else MASK
+    if isinstance(value, BaseModel):
+        return value.model_dump_json()
+    if isinstance(value, tuple | list):
+        items = [v.model_dump(mode="json") if isinstance(v, BaseModel) else v for v in value]
+        return json.dumps(items) if items else ""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def _mask_url(url: str) -> str:
+    """A URL with its password masked (the rest helps tell which server it is)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", f":{MASK}@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+def setting_rows(settings: Settings) -> list[SettingRow]:
+    """Every setting with its effective value (secrets masked) and its default."""
+    rows = []
+    for part in settings.components():
+        cls = type(part)
+        for name, info in cls.model_fields.items():
+            default = info.get_default(call_default_factory=True)
+            secret = info.annotation is SecretStr
+            rows.append(
+                SettingRow(
+                    env=env_name(cls, name),
+                    value=_shown(getattr(part, name), secret),
+                    default=_shown(default, secret),
+                    description=info.description or "",
+                    secret=secret,
+                )
+            )
+    return rows
+
+
+def settings_markdown() -> str:
+    """The table of every setting with its default, for the README (``sluice config
+    --markdown``; a test keeps the README's copy current)."""
+    lines = ["| setting | default | what |", "|---|---|---|"]
+    for row in setting_rows(Settings()):
+        default = f"`{row.default}`".replace("|", "\\|") if row.default else ""
+        what = row.description.replace("|", "\\|")
+        lines.append(f"| `{row.env}` | {default} | {what} |")
+    return "\n".join(lines) + "\n"

@@ -43,7 +43,7 @@ def resolve_settings(settings: Settings | None = None, *, database: bool = True)
     """``settings`` as given, else from the environment and the stack under ``SLUICE_HOME``."""
     if settings is not None:
         return settings
-    from sluice.cli import load_settings
+    from sluice.env import load_settings
 
     found = load_settings(require_stack=False)
     if not found.kafka.bootstrap or (database and not found.database_url):
