@@ -13,6 +13,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from sluice.agents.split import plan_for
 from sluice.runtime import Runtime
@@ -21,12 +22,14 @@ from sluice.sources.base import ApiSource, SourceError, dig
 from sluice.storage.db import advisory_key
 from sluice.storage.ratelimit import RateStats
 from sluice.storage.tables import ensure_table
+from sluice.streams.publish import Deliveries
 
 log = logging.getLogger(__name__)
 DISCOVERY_LOCK = advisory_key("discovery", "$1")
 """One discovery per run at a time (the run id is $1)."""
 
-SendPage = Callable[[uuid.UUID, int], Awaitable[None]]
+SendPage = Callable[[uuid.UUID, int], Awaitable[Awaitable[Any]]]
+"""Sends one item page; returns the message's delivery (see streams.publish)."""
 Flush = Callable[[], Awaitable[None]]
 
 
@@ -65,13 +68,15 @@ async def discover(rt: Runtime, run: Run, send_page: SendPage, flush: Flush) -> 
         await ensure_table(conn, plan)
     await runs.save_plan(run.id, plan.to_json(), {})
     async with discovery_lock(rt, run.id):
+        deliveries = Deliveries(f"discovery of run {run.id}")
         parent = run.options.get("retry_of")
         if parent:
             # A retry: the parent's failed items, fetched again.
             batches = await items.copy_failed(run.id, uuid.UUID(parent), source.pagination.size)
             for unfinished in await items.unfinished_pages(run.id):
-                await send_page(run.id, unfinished)
+                deliveries.track(await send_page(run.id, unfinished))
             await flush()
+            await deliveries.confirm()
             total = (await items.discovery(run.id, {})).items
             await runs.finish_split(run.id, total, batches)
             return
@@ -81,7 +86,7 @@ async def discover(rt: Runtime, run: Run, send_page: SendPage, flush: Flush) -> 
             log.info("run %s: discovery resumes after %d pages", run.id, found.pages)
         # Pages recorded before a crash may never have been sent, or never applied.
         for unfinished in await items.unfinished_pages(run.id):
-            await send_page(run.id, unfinished)
+            deliveries.track(await send_page(run.id, unfinished))
         stats = RateStats()
         while not found.done:
             status = await runs.record_split_progress(run.id, found.items, 0.0)
@@ -109,7 +114,11 @@ async def discover(rt: Runtime, run: Run, send_page: SendPage, flush: Flush) -> 
                 (spent.hits, spent.sleeps, spent.slept),
             )
             if seq is not None:
-                await send_page(run.id, seq)
-        await flush()  # the pages must be on the broker before the totals say they exist
+                deliveries.track(await send_page(run.id, seq))
+            deliveries.check()
+        await flush()
+        # The pages confirmed by the broker before the totals say they exist; a refused one
+        # raises, and discovery is done again (it sends the pages not applied yet once more).
+        await deliveries.confirm()
         await runs.finish_split(run.id, found.items, found.batches)
         log.info("run %s: discovered %d items on %d pages", run.id, found.items, found.pages)

@@ -39,11 +39,13 @@ from sluice.storage.runs import RunRepository
 from sluice.storage.tables import describe_table, ensure_table, has_unique_key
 from sluice.storage.writer import ROW, SUB, Refresh, TargetPlan
 from sluice.streams.kafka import RECORD_OVERHEAD
+from sluice.streams.publish import Deliveries
 from sluice.streams.topics import partition_for_key
 
 log = logging.getLogger(__name__)
 
-SendBatch = Callable[[int, bytes, bytes], Awaitable[None]]
+SendBatch = Callable[[int, bytes, bytes], Awaitable[Awaitable[Any]]]
+"""Sends one batch to a partition; returns the message's delivery (see streams.publish)."""
 Flush = Callable[[], Awaitable[None]]
 
 SAMPLE_ROWS = 1000
@@ -363,10 +365,11 @@ async def _split(
     )
     as_text = router.text_columns is not None
     run_key = str(run_id)
+    deliveries = Deliveries(f"split of run {run_id}")
 
     async def emit(partition: int, rows: list[Record]) -> None:
         for key, value in router.encode(run_key, rows):
-            await send(partition, key, value)
+            deliveries.track(await send(partition, key, value))
 
     total = 0
     last_report = time.monotonic()
@@ -387,6 +390,7 @@ async def _split(
         if now - last_report >= settings.pipeline.progress_interval:
             last_report = now
             fraction = parsed.bytes_read / request.file.size if request.file.size else 0.0
+            deliveries.check()  # a refused batch fails the split now, not at the end
             status = await runs.record_split_progress(run_id, total, min(fraction, 1.0))
             if status is None or status.terminal:
                 log.info("run %s is %s; the split stops at row %d", run_id, status, total)
@@ -399,6 +403,9 @@ async def _split(
         raise FileFormatError(
             "the file has a header but no data rows" if parsed.header else "the file has no rows"
         )
-    await flush()  # batches must be on the broker before the totals say they exist
+    await flush()
+    # Every batch confirmed by the broker before the totals say they exist: a refused one
+    # raises DeliveryFailed, and the split is done again (applied batches are skipped).
+    await deliveries.confirm()
     await runs.finish_split(run_id, total, router.seq)
     log.info("run %s split: %d rows in %d batches", run_id, total, router.seq)

@@ -23,6 +23,8 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DID_PATTERN = r"^did:[a-z]+:[A-Za-z0-9._:%-]+$"
+BACKFILL_IMPORTER = "atproto.backfill"
+"""The importer name of a backfill's run (one run per repository)."""
 """What a DID looks like (did:plc:..., did:web:...)."""
 
 

@@ -9,6 +9,9 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
 
+PULL_KINDS = ("url", "ftp", "sftp", "filesystem", "api")
+"""The sources a run pulls its data from (``Run.source``); other runs were given a file."""
+
 
 class RunStatus(StrEnum):
     QUEUED = "queued"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable
 from functools import partial
 from typing import Any
 
@@ -16,13 +17,12 @@ from sluice.agents.fetch import adopt_trigger, after_import, handle_trigger
 from sluice.agents.firehose import apply_firehose, parse_events
 from sluice.agents.lanes import Lanes
 from sluice.agents.lifecycle import relay_outbox
+from sluice.agents.recover import Recovery
 from sluice.agents.retry import retrying
 from sluice.agents.split import split_file
 from sluice.agents.upsert import PlanCache, upsert_batch
 from sluice.agents.webhooks import HookSet, WebhookDispatcher
-from sluice.client import PULL_KINDS
 from sluice.errors import TerminalError
-from sluice.firehose.backfill import IMPORTER as BACKFILL_IMPORTER
 from sluice.runtime import Runtime
 from sluice.schedule import fire_due
 from sluice.schemas.events import (
@@ -34,7 +34,6 @@ from sluice.schemas.events import (
 )
 from sluice.schemas.firehose import BackfillRequested
 from sluice.schemas.runs import Run
-from sluice.storage.recovery import RECOVERY_LOCK, fail_stalled, mark_resumed, stalled_runs
 from sluice.streams import kafka as clients
 from sluice.streams.admin import ensure_topics
 from sluice.streams.kafka import faust_broker_options
@@ -113,7 +112,8 @@ def create_app(
         topic_name, partition, offset = record.topic, record.partition, record.offset
         letter = DeadLetter.of(topic_name, partition, offset, reason, record.value or b"")
         log.error("dead letter from %s[%d]@%d: %s", topic_name, partition, offset, reason)
-        await dead.send(key=record.key, value=letter.model_dump_json().encode())
+        # Confirmed: the caller moves on (commits the offset) once the letter is on the broker.
+        await (await dead.send(key=record.key, value=letter.model_dump_json().encode()))
 
     async def dead_letter(event: Any, reason: str) -> None:
         await record_dead_letter(event.message, reason)
@@ -159,7 +159,7 @@ def create_app(
                     # A producer outside Sluice asked for an import of a pull source: the
                     # fetch agent creates its run (idempotent by request_id).
                     key = (start.request_id or start.importer).encode()
-                    await triggers.send(key=key, value=event.value)
+                    await (await triggers.send(key=key, value=event.value))
                 elif start is not None:
                     await dead_letter(
                         event, f"not a valid start message (a trigger): {start.errors()[:3]}"
@@ -168,8 +168,11 @@ def create_app(
                     await dead_letter(event, f"not a valid import request: {exc.errors()[:3]}")
                 continue
 
-            async def send(partition: int, key: bytes, value: bytes) -> None:
-                await batches.send(key=key, value=value, partition=partition)
+            async def send(partition: int, key: bytes, value: bytes) -> Awaitable[Any]:
+                delivery: Awaitable[Any] = await batches.send(
+                    key=key, value=value, partition=partition
+                )
+                return delivery
 
             await split_with_retry(request, send, event)
 
@@ -196,13 +199,17 @@ def create_app(
     item_pages = topic(names.items, kafka.partitions)
 
     async def publish_request(request: ImportRequested) -> None:
-        await requests.send(
+        delivery = await requests.send(
             key=str(request.run_id).encode(), value=request.model_dump_json().encode()
         )
+        await delivery  # the trigger is done only once its import request is on the broker
 
-    async def send_page(run_id: Any, seq: int) -> None:
+    async def send_page(run_id: Any, seq: int) -> Awaitable[Any]:
         page = ItemPage(run_id=run_id, seq=seq)
-        await item_pages.send(key=f"{run_id}:{seq}".encode(), value=page.model_dump_json().encode())
+        delivery: Awaitable[Any] = await item_pages.send(
+            key=f"{run_id}:{seq}".encode(), value=page.model_dump_json().encode()
+        )
+        return delivery
 
     @app.agent(triggers, name="fetch")
     async def fetch_agent(stream: Any) -> None:
@@ -252,7 +259,9 @@ def create_app(
 
     async def publish_trigger(run: Run, kind: str, params: dict[str, Any]) -> None:
         trigger = TriggerRequested.for_run(run, kind, params)
-        await triggers.send(key=str(run.id).encode(), value=trigger.model_dump_json().encode())
+        await (
+            await triggers.send(key=str(run.id).encode(), value=trigger.model_dump_json().encode())
+        )
 
     @app.timer(rt.settings.pipeline.schedule_interval)  # type: ignore[untyped-decorator]
     async def schedule_tick() -> None:
@@ -337,7 +346,7 @@ def create_app(
 
             async def to_dead_letter(raw: bytes, reason: str) -> None:
                 letter = DeadLetter.of("jetstream", -1, -1, reason, raw)
-                await dead.send(key=None, value=letter.model_dump_json().encode())
+                await (await dead.send(key=None, value=letter.model_dump_json().encode()))
 
             await run_leader_consumer(rt, publish, flush, to_dead_letter)
 
@@ -379,60 +388,35 @@ def create_app(
     async def retry_webhooks() -> None:
         await webhooks.retry_due()
 
-    async def resume(run: Run) -> str:
-        """Publish what a stalled run needs to go on; returns how it was resumed."""
-        options = run.options
-        if run.importer == BACKFILL_IMPORTER:
-            request = BackfillRequested(
-                did=options["did"], collections=options.get("collections") or []
-            )
-            await backfills.send(key=request.did.encode(), value=request.model_dump_json().encode())
-            return f"backfill of {request.did} requested again"
-        if run.file_id is not None:
-            ref = await (await rt.files()).ref(run.file_id)
-            if ref is None:
-                raise RuntimeError("its stored file is gone (pruned?); import the file again")
-            await publish_request(ImportRequested.for_run(run, ref))
-            return "import request published again; applied batches are skipped"
-        if run.source in PULL_KINDS:
-            await publish_trigger(run, run.source, dict(options.get("params") or {}))
-            return f"{run.source} trigger published again"
-        # The file store's foreign key clears file_id when the file is pruned.
-        raise RuntimeError("its stored file is gone (pruned?); import the file again")
+    async def publish_backfill(did: str, collections: list[str]) -> None:
+        request = BackfillRequested(did=did, collections=collections)
+        await (await backfills.send(key=did.encode(), value=request.model_dump_json().encode()))
+
+    recovery = Recovery(
+        rt,
+        publish_request=publish_request,
+        publish_trigger=publish_trigger,
+        publish_backfill=publish_backfill,
+        flush=flush,
+    )
 
     @app.timer(rt.settings.pipeline.recovery_interval)  # type: ignore[untyped-decorator]
     async def recover() -> None:
         """One worker at a time resumes stalled runs from what PostgreSQL holds."""
-        pipeline = rt.settings.pipeline
         try:
-            pool = await rt.pool()
-            async with pool.acquire() as conn, conn.transaction():
-                if not await conn.fetchval(f"SELECT pg_try_advisory_xact_lock({RECOVERY_LOCK})"):
-                    return
-                stalled = await stalled_runs(conn, pipeline.stall_timeout)
-                if not stalled:
-                    return
-                # A broker that restarted may have lost the topics with everything on them.
-                await ensure_topics(kafka)
-                for run, recoveries in stalled:
-                    if recoveries >= pipeline.max_recoveries:
-                        await fail_stalled(
-                            conn,
-                            run,
-                            f"stalled: no progress after {recoveries} resumptions; see the "
-                            "workers' logs, then import again",
-                        )
-                        continue
-                    try:
-                        how = await resume(run)
-                    except Exception as exc:
-                        await fail_stalled(conn, run, f"stalled and cannot be resumed: {exc}")
-                        continue
-                    await mark_resumed(conn, run, how)
-                    log.warning("run %s was stalled: %s", run.id, how)
-                await flush()
+            await recovery.resume_stalled()
         except Exception:
             log.exception("recovery of stalled runs failed; will try again")
+
+    @app.timer(rt.settings.pipeline.topic_check_interval)  # type: ignore[untyped-decorator]
+    async def watch_topics() -> None:
+        """A broker that lost its topics: recreate them and resume the runs in flight."""
+        try:
+            await recovery.check_topics()
+        except Exception as exc:
+            log.warning(
+                "could not check the topics (%s: %s); will try again", type(exc).__name__, exc
+            )
 
     @app.timer(rt.settings.pipeline.prune_interval)  # type: ignore[untyped-decorator]
     async def prune() -> None:

@@ -30,14 +30,12 @@ from sluice.importers.adhoc import ADHOC
 from sluice.importers.dsl import Importer
 from sluice.runtime import Runtime
 from sluice.schemas.events import FileRef, ImportRequested, TriggerRequested
-from sluice.schemas.runs import Run
+from sluice.schemas.runs import PULL_KINDS, Run
 from sluice.sources.base import UrlSource
 from sluice.storage.filestore import iter_path
 from sluice.streams import kafka as clients
 from sluice.streams.admin import ensure_topics
 from sluice.streams.topics import Topics
-
-PULL_KINDS = ("url", "ftp", "sftp", "filesystem", "api")
 
 
 def pull_kind(importer: Importer, params: dict[str, Any]) -> str:

@@ -245,6 +245,12 @@ class PipelineSettings(BaseSettings):
         default=120.0, gt=0, description="seconds without change before a run is resumed"
     )
     recovery_interval: float = Field(default=15.0, gt=0, description="seconds between checks")
+    topic_check_interval: float = Field(
+        default=2.0,
+        gt=0,
+        description="seconds between checks that the broker still has the topics (a broker "
+        "that lost them gets them back and the runs in flight are resumed at once)",
+    )
     max_recoveries: int = Field(default=5, ge=0, description="resumptions before a run fails")
     schedule_interval: float = Field(default=1.0, gt=0, description="seconds between ticks")
     schedule_grace: float = Field(

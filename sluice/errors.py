@@ -16,7 +16,8 @@
     │   └── KafkaConfigError     the broker refused the TLS or SASL settings (names which)
     └── TransientError           the database or broker failed; retry with backoff
         ├── SourceUnavailable    a pull source did not answer (sluice.sources.base)
-        └── KafkaUnavailable     no bootstrap server answered
+        ├── KafkaUnavailable     no bootstrap server answered
+        └── DeliveryFailed       the broker did not confirm messages a stage produced
 
 File-level format problems are ``sluice.formats.FileFormatError`` (terminal too).
 """
@@ -83,3 +84,8 @@ class KafkaConfigError(InvalidConfig):
 
 class KafkaUnavailable(TransientError):
     """No bootstrap server answered."""
+
+
+class DeliveryFailed(TransientError):
+    """Messages a stage produced were refused or never confirmed by the broker: the stage's
+    step is not done and is tried again."""

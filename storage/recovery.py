@@ -10,6 +10,8 @@ fails with the reason.
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import asyncpg
 
 from sluice.schemas.runs import Run
@@ -41,10 +43,29 @@ async def stalled_runs(
     return out
 
 
-async def mark_resumed(conn: asyncpg.Connection, run: Run, how: str) -> None:
+async def in_flight_runs(conn: asyncpg.Connection) -> list[Run]:
+    """Every queued or running run, oldest first."""
+    rows = await conn.fetch(
+        f"SELECT {RUN_COLUMNS} FROM runs WHERE status IN ('queued', 'running')"
+        " ORDER BY queued_at FOR UPDATE SKIP LOCKED"
+    )
+    return [run_from_record(r) for r in rows]
+
+
+async def relay_again_since(conn: asyncpg.Connection, since: datetime) -> int:
+    """Have the outbox relay again the events it relayed since ``since`` (they went to topics
+    the broker lost); consumers de-duplicate on event_id."""
+    done = await conn.execute("UPDATE events SET relayed_at = NULL WHERE relayed_at >= $1", since)
+    return int(done.split()[-1])
+
+
+async def mark_resumed(conn: asyncpg.Connection, run: Run, how: str, *, count: bool = True) -> None:
+    """Record a resumption (``run.resumed``); ``count``: it uses up one of the run's
+    resumptions (not when the broker lost the run's messages: that is not the run's doing)."""
     record = await conn.fetchrow(
-        f"UPDATE runs SET recoveries = recoveries + 1 WHERE id = $1 RETURNING {RUN_COLUMNS}",
+        f"UPDATE runs SET recoveries = recoveries + $2::int WHERE id = $1 RETURNING {RUN_COLUMNS}",
         run.id,
+        1 if count else 0,
     )
     resumed = run_from_record(record).model_copy(update={"error": f"resumed: {how}"})
     await emit_event(conn, resumed, RESUMED)

@@ -30,7 +30,7 @@ async def ensure_topics(kafka: KafkaSettings) -> list[str]:
                 [NewTopic(t.name, t.partitions, kafka.replication) for t in missing]
             )
         except TopicAlreadyExistsError:
-            pass  # another worker won the race
+            return []  # another worker won the race (and does what follows a creation)
         log.info("created topics %s", ", ".join(t.name for t in missing))
         return [t.name for t in missing]
     finally:

@@ -30,7 +30,7 @@ import httpx
 
 from sluice.config import FirehoseSettings
 from sluice.errors import TerminalError, TransientError
-from sluice.schemas.firehose import BackfillRequested, BackfillState
+from sluice.schemas.firehose import BACKFILL_IMPORTER, BackfillRequested, BackfillState
 from sluice.schemas.runs import Run
 from sluice.sources.api import RETRYABLE, retry_after
 from sluice.storage.atproto import RecordWrite, write_records
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-IMPORTER = "atproto.backfill"
+IMPORTER = BACKFILL_IMPORTER
 REPO_LOCK = advisory_key("backfill", "$1")
 """One backfill per repository at a time (the DID is $1)."""
 # At most per_pds repositories of one PDS at a time: (PDS key, slot) locks; int4 pairs.

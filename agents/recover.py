@@ -1,0 +1,183 @@
+"""Recovery: runs that PostgreSQL says are in flight are resumed from what it holds.
+
+Two ways in:
+
+- **Stalled runs** (the backstop): a queued or running run with no change for
+  ``SLUICE_STALL_TIMEOUT`` seconds (doubling with every resumption) is resumed; after
+  ``SLUICE_MAX_RECOVERIES`` it fails with the reason.
+- **A broker that lost its topics** (a restart of an in-memory broker, a cluster rebuilt): every
+  worker checks every ``SLUICE_TOPIC_CHECK_INTERVAL`` seconds that the deployment's topics exist.
+  The worker that recreates missing topics resumes every run in flight at once, without waiting
+  for a stall, and has the outbox relay again what it relayed since the topics were last seen:
+  those messages went to topics that no longer exist (some brokers even acknowledge a produce
+  to a missing topic).
+
+Resuming publishes the run's import request, trigger or backfill request again; every stage
+skips what was done (batch markers, the discovery cursor and item states, backfill cursors), so
+resuming a run that was not lost costs work, never correctness.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+from sluice.errors import SluiceError
+from sluice.runtime import Runtime
+from sluice.schemas.events import ImportRequested
+from sluice.schemas.firehose import BACKFILL_IMPORTER
+from sluice.schemas.runs import PULL_KINDS, Run
+from sluice.storage.recovery import (
+    RECOVERY_LOCK,
+    fail_stalled,
+    in_flight_runs,
+    mark_resumed,
+    relay_again_since,
+    stalled_runs,
+)
+from sluice.streams import kafka as clients
+from sluice.streams.admin import ensure_topics
+from sluice.streams.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+class CannotResume(SluiceError):
+    """What a run needs to go on is gone (its stored file was pruned)."""
+
+
+PublishRequest = Callable[[ImportRequested], Awaitable[None]]
+PublishTrigger = Callable[[Run, str, dict[str, Any]], Awaitable[None]]
+PublishBackfill = Callable[[str, list[str]], Awaitable[None]]
+Flush = Callable[[], Awaitable[None]]
+
+
+class Recovery:
+    """Resumes runs; the publishers confirm each message before they return."""
+
+    def __init__(
+        self,
+        rt: Runtime,
+        *,
+        publish_request: PublishRequest,
+        publish_trigger: PublishTrigger,
+        publish_backfill: PublishBackfill,
+        flush: Flush,
+    ) -> None:
+        self.rt = rt
+        self.publish_request = publish_request
+        self.publish_trigger = publish_trigger
+        self.publish_backfill = publish_backfill
+        self.flush = flush
+        self._admin: Any = None
+        self._topics_seen_at: datetime | None = None
+
+    async def resume(self, run: Run) -> str:
+        """Publish what ``run`` needs to go on; returns how it was resumed."""
+        options = run.options
+        if run.importer == BACKFILL_IMPORTER:
+            did = options["did"]
+            await self.publish_backfill(did, list(options.get("collections") or []))
+            return f"backfill of {did} requested again"
+        if run.file_id is not None:
+            ref = await (await self.rt.files()).ref(run.file_id)
+            if ref is None:
+                raise CannotResume("its stored file is gone (pruned?); import the file again")
+            await self.publish_request(ImportRequested.for_run(run, ref))
+            return "import request published again; applied batches are skipped"
+        if run.source in PULL_KINDS:
+            await self.publish_trigger(run, run.source, dict(options.get("params") or {}))
+            return f"{run.source} trigger published again"
+        # The file store's foreign key clears file_id when the file is pruned.
+        raise CannotResume("its stored file is gone (pruned?); import the file again")
+
+    async def resume_stalled(self) -> None:
+        """One worker at a time resumes stalled runs."""
+        pipeline = self.rt.settings.pipeline
+        pool = await self.rt.pool()
+        async with pool.acquire() as conn, conn.transaction():
+            if not await conn.fetchval(f"SELECT pg_try_advisory_xact_lock({RECOVERY_LOCK})"):
+                return
+            stalled = await stalled_runs(conn, pipeline.stall_timeout)
+            if not stalled:
+                return
+            # A broker that restarted may have lost the topics with everything on them.
+            await ensure_topics(self.rt.settings.kafka)
+            for run, recoveries in stalled:
+                if recoveries >= pipeline.max_recoveries:
+                    await fail_stalled(
+                        conn,
+                        run,
+                        f"stalled: no progress after {recoveries} resumptions; see the "
+                        "workers' logs, then import again",
+                    )
+                    continue
+                try:
+                    how = await self.resume(run)
+                except CannotResume as exc:
+                    await fail_stalled(conn, run, f"stalled and cannot be resumed: {exc}")
+                    continue
+                await mark_resumed(conn, run, how)
+                log.warning("run %s was stalled: %s", run.id, how)
+            await self.flush()
+
+    async def check_topics(self) -> None:
+        """Recreate the deployment's topics when the broker lost them; the worker that did
+        resumes every run in flight at once."""
+        kafka = self.rt.settings.kafka
+        ours = {spec.name for spec in Topics.of(kafka).specs(kafka.partitions)}
+        pool = await self.rt.pool()
+        if self._admin is None:
+            admin = clients.admin(kafka)
+            await admin.start()
+            self._admin = admin
+            self._topics_seen_at = await pool.fetchval("SELECT now()")
+        try:
+            existing = set(await self._admin.list_topics())
+        except Exception:
+            await self.close()  # a new connection next time
+            raise
+        missing = ours - existing
+        if not missing:
+            self._topics_seen_at = await pool.fetchval("SELECT now()")
+            return
+        created = await ensure_topics(kafka)
+        log.warning(
+            "the broker lost topics %s; %s",
+            ", ".join(sorted(missing)),
+            "recreated them" if created else "another worker recreated them",
+        )
+        if created:
+            await self._after_topic_loss(sorted(missing))
+
+    async def _after_topic_loss(self, lost: list[str]) -> None:
+        since = self._topics_seen_at
+        reason = f"the broker lost topics {', '.join(lost)}"
+        pool = await self.rt.pool()
+        async with pool.acquire() as conn, conn.transaction():
+            # The stall recovery waits: the runs are resumed here.
+            await conn.execute(f"SELECT pg_advisory_xact_lock({RECOVERY_LOCK})")
+            if since is not None:
+                again = await relay_again_since(conn, since)
+                if again:
+                    log.warning("%s: %d lifecycle events will be relayed again", reason, again)
+            runs = await in_flight_runs(conn)
+            for run in runs:
+                try:
+                    how = await self.resume(run)
+                except CannotResume as exc:
+                    await fail_stalled(conn, run, f"{reason} and it cannot be resumed: {exc}")
+                    continue
+                await mark_resumed(conn, run, f"{reason}: {how}", count=False)
+            await self.flush()
+        log.warning("%s: resumed %d runs in flight", reason, len(runs))
+
+    async def close(self) -> None:
+        admin, self._admin = self._admin, None
+        if admin is not None:
+            try:
+                await admin.close()
+            except Exception:
+                log.debug("closing the topic watch's admin client failed", exc_info=True)
