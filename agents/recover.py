@@ -37,6 +37,7 @@ from sluice.storage.recovery import (
     relay_again_since,
     stalled_runs,
 )
+from sluice.storage.outbox import record_topic_loss
 from sluice.streams import kafka as clients
 from sluice.streams.admin import ensure_topics
 from sluice.streams.topics import Topics
@@ -159,6 +160,8 @@ class Recovery:
         async with pool.acquire() as conn, conn.transaction():
             # The stall recovery waits: the runs are resumed here.
             await conn.execute(f"SELECT pg_advisory_xact_lock({RECOVERY_LOCK})")
+            # Subscribers of the lifecycle topic watch for this (sluice.subscription).
+            await record_topic_loss(conn, lost, since)
             if since is not None:
                 again = await relay_again_since(conn, since)
                 if again:

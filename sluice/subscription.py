@@ -2,16 +2,26 @@
 
 Delivery is at least once: after a crash or a rebalance an event can come again. Every event
 has an ``event_id``; a consumer that must not act twice keys on it.
+
+A broker can lose its topics (an in-memory broker restarted, a cluster rebuilt): the workers
+recreate them and record the loss in PostgreSQL. A subscription that can reach the database
+(``SLUICE_DATABASE_URL``) watches for that; after a loss it reads the new topic from its start
+and takes from the outbox every event it may have missed (those written since it started and
+relayed since it last had read everything), so a subscriber following a run still sees the
+run's terminal event. Without the database it cannot fill such a gap.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Iterable
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 
+import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from pydantic import ValidationError
@@ -19,6 +29,8 @@ from pydantic import ValidationError
 from sluice.config import Settings
 from sluice.errors import TransientError
 from sluice.schemas.events import LifecycleEvent
+from sluice.storage.db import connect
+from sluice.storage.outbox import events_since, last_topic_loss
 from sluice.streams import kafka as clients
 from sluice.streams.admin import ensure_topics
 from sluice.streams.topics import Topics
@@ -26,6 +38,13 @@ from sluice.streams.topics import Topics
 log = logging.getLogger(__name__)
 
 POLL_MS = 1000
+LOSS_CHECK_SECONDS = 2.0
+"""How often a subscription asks PostgreSQL whether the broker lost its topics."""
+CLOCK_MARGIN = timedelta(seconds=5)
+"""Slack between this machine's clock and the database's when reading the outbox back."""
+SEEN = 20_000
+"""Event ids remembered, so an event taken from the outbox and read again from the topic is
+delivered once."""
 
 
 def _names(value: str | Iterable[str] | None) -> frozenset[str] | None:
@@ -70,6 +89,14 @@ class Subscription(AsyncIterator[LifecycleEvent]):
         self._last: ConsumerRecord[bytes, bytes] | None = None
         self._pending: dict[TopicPartition, int] = {}
         self._committed: dict[TopicPartition, int] = {}
+        # Filling a gap after the broker lost its topics (see the module's docstring).
+        self._started_at = datetime.now(UTC)
+        self._caught_up: dict[TopicPartition, datetime] = {}
+        self._db: asyncpg.Connection | None = None
+        self._losses_seen: int | None = None
+        self._next_check = 0.0
+        self._replay: deque[LifecycleEvent] = deque()
+        self._seen: OrderedDict[uuid.UUID, None] = OrderedDict()
 
     async def start(self) -> Subscription:
         """Join the group (when there is one) and resolve the starting offsets."""
@@ -88,19 +115,22 @@ class Subscription(AsyncIterator[LifecycleEvent]):
     async def _connect(self) -> None:
         kafka = self.settings.kafka
         await ensure_topics(kafka)
-        consumer = clients.consumer(
-            kafka,
-            self.topic,
-            group_id=self.group_id,
-            auto_offset_reset="earliest" if self.from_beginning else "latest",
-        )
+        # "earliest" for a position that is gone (a truncated or recreated topic, a group the
+        # broker forgot): reading the new log from its start loses nothing. Where to start the
+        # first time is decided below.
+        consumer = clients.consumer(kafka, self.topic, group_id=self.group_id)
         self._consumer = consumer
         try:
-            # start() returns with partitions assigned; position() resolves "latest" now rather
+            # start() returns with partitions assigned; position() resolves the start now rather
             # than at the first fetch, so nothing published after this returns is skipped.
             await consumer.start()
+            if not self.from_beginning:
+                for tp in consumer.assignment():
+                    if self.group_id is None or await consumer.committed(tp) is None:
+                        await consumer.seek_to_end(tp)
             positions = {tp: await consumer.position(tp) for tp in consumer.assignment()}
             await self._commit(start_positions=True)
+            await self._watch_losses()  # the losses so far: only later ones are gaps
         except BaseException:
             self._consumer = None
             await consumer.stop()
@@ -136,18 +166,98 @@ class Subscription(AsyncIterator[LifecycleEvent]):
         assert consumer is not None
         self._handled()
         while True:
+            if self._replay:
+                missed = self._replay.popleft()
+                if self._fresh(missed):
+                    return missed
+                continue
             if not self._buffer:
+                await self._watch_losses()
+                if self._replay:
+                    continue
                 await self._commit(start_positions=True)
                 batch = await consumer.getmany(timeout_ms=POLL_MS)
                 for records in batch.values():
                     self._buffer.extend(records)
+                await self._note_caught_up(consumer)
                 continue
             record = self._buffer.popleft()
             event = self._decode(record)
-            if event is not None and self._wanted(event):
+            if event is not None and self._wanted(event) and self._fresh(event):
                 self._last = record
                 return event
             self._done(record)
+
+    def _fresh(self, event: LifecycleEvent) -> bool:
+        """Not delivered before by this subscription (the outbox and the topic can both hold
+        it after a gap was filled)."""
+        if event.event_id in self._seen:
+            return False
+        self._seen[event.event_id] = None
+        if len(self._seen) > SEEN:
+            self._seen.popitem(last=False)
+        return True
+
+    async def _note_caught_up(self, consumer: AIOKafkaConsumer) -> None:
+        """Remember when each partition was read to its end: what was relayed before then
+        reached this subscriber."""
+        now = datetime.now(UTC)
+        pending = {r.partition for r in self._buffer}
+        for tp in consumer.assignment():
+            highwater = consumer.highwater(tp)
+            if highwater is None or tp.partition in pending:
+                continue
+            # Some brokers under-report the high watermark: at or past it counts as the end.
+            if await consumer.position(tp) >= highwater:
+                self._caught_up[tp] = now
+
+    async def _watch_losses(self) -> None:
+        """Every few seconds: did the broker lose its topics since the last look? Then read the
+        new topic from its start and queue what the outbox holds that may have been missed."""
+        url = self.settings.database_url
+        if not url or time.monotonic() < self._next_check:
+            return
+        self._next_check = time.monotonic() + LOSS_CHECK_SECONDS
+        try:
+            if self._db is None or self._db.is_closed():
+                self._db = await connect(url, schemas=self.settings.database.schemas)
+            latest = await last_topic_loss(self._db)
+            if self._losses_seen is None or latest <= self._losses_seen:
+                self._losses_seen = latest
+                return
+            await self._fill_gap(self._db)
+            self._losses_seen = latest
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("cannot check for lost topics in the database (%s); will try again", exc)
+
+    async def _fill_gap(self, db: asyncpg.Connection) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        assigned = consumer.assignment()
+        caught_up = [self._caught_up.get(tp, self._started_at) for tp in assigned]
+        relayed = min(caught_up, default=self._started_at) - CLOCK_MARGIN
+        created = self._started_at - CLOCK_MARGIN if not self.from_beginning else datetime.min
+        missed = await events_since(
+            db,
+            created=created.replace(tzinfo=UTC) if created.tzinfo is None else created,
+            relayed=relayed,
+            run_id=self.run_id,
+            importers=self.importers,
+            types=self.types,
+        )
+        self._replay.extend(LifecycleEvent.model_validate(m) for m in missed)
+        # The positions belong to the old log: start the new one from its beginning.
+        self._buffer.clear()
+        self._last = None
+        self._pending.clear()
+        self._committed.clear()
+        if assigned:
+            await consumer.seek_to_beginning(*assigned)
+        log.warning(
+            "the broker lost %s; reading it again from its start, with %d events from the outbox",
+            self.topic,
+            len(missed),
+        )
 
     def _decode(self, record: ConsumerRecord[bytes, bytes]) -> LifecycleEvent | None:
         try:
@@ -220,3 +330,6 @@ class Subscription(AsyncIterator[LifecycleEvent]):
         finally:
             consumer, self._consumer = self._consumer, None
             await consumer.stop()
+            if self._db is not None:
+                db, self._db = self._db, None
+                await db.close()

@@ -24,7 +24,9 @@ log = logging.getLogger(__name__)
 
 
 def search_path(schemas: Schemas) -> str:
-    return f"{quote_ident(schemas.core)}, {quote_ident(schemas.atproto)}"
+    # public last: a name of Sluice's resolves to the deployment's schemas first, and SQL of
+    # users' own (a transform's query, a script on the pool) still finds public's tables.
+    return f"{quote_ident(schemas.core)}, {quote_ident(schemas.atproto)}, public"
 
 
 def rewrite_for(schemas: Schemas, sql: str) -> str:

@@ -31,12 +31,13 @@ from typing import Any
 import asyncpg
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from sluice.client import Client
 from sluice.firehose.backfill import IMPORTER as BACKFILL
 from sluice.schemas.runs import Run, RunStatus
 from sluice.storage.runs import RUN_COLUMNS, run_from_record
+from sluice.subscription import Subscription
 from tests.chaos.conftest import SEED, ChaosStack, Db, Report, Supervisor, case_rng
 from tests.conftest import PARTITIONS, ROOT, TOPICS, Worker
 from tests.servers.atproto import FakeJetstream, FakePds, World
@@ -763,6 +764,22 @@ async def test_broker_restart_losing_its_topics_during_a_file_import(
     with recorded(chaos_report, "broker restart (topics lost), file import", chaos_round) as result:
         conn = await chaos_db.get()
         await conn.execute("TRUNCATE chaos_broker")
+        # Two subscribers follow the importer's runs across the restart, one in a group.
+        followers = [
+            Follower(Subscription(chaos_stack.settings(), importers="chaos_broker")),
+            Follower(
+                Subscription(
+                    chaos_stack.settings(),
+                    importers="chaos_broker",
+                    group_id=f"chaos-follower-{uuid.uuid4().hex[:6]}",
+                )
+            ),
+        ]
+        for follower in followers:
+            await follower.start()
+        # Long histories on every partition: after the restart the followers' positions are
+        # far past the end of the new, empty log, as for a subscriber of a busy cluster.
+        await pad_lifecycle_topic(chaos_stack, chaos_db, per_partition=300)
         run = await chaos_client.submit_file("chaos_broker", path)
         target = int(n * rng.uniform(0.1, 0.6))
         down = rng.uniform(0.5, 3.0)
@@ -805,6 +822,65 @@ async def test_broker_restart_losing_its_topics_during_a_file_import(
         assert_clean(result, chaos_stack)
         assert result.events_lost == 0, f"lifecycle events lost: {detail}"
         assert await table_checksum(conn, "chaos_broker") == (n, checksum(rows))
+        # The subscribers that followed the run saw it complete, once each.
+        for follower in followers:
+            completed = await follower.wait_for(run.id, "run.completed", timeout=30)
+            await follower.stop()
+            assert completed == 1, (
+                f"a subscriber (group {follower.subscription.group_id}) saw run.completed "
+                f"{completed} times; it saw {follower.types(run.id)}"
+            )
+
+
+async def pad_lifecycle_topic(chaos_stack: ChaosStack, chaos_db: Db, per_partition: int) -> None:
+    """Lifecycle events of another importer (copies of a real one), on every partition."""
+    conn = await chaos_db.get()
+    model = await conn.fetchval("SELECT payload FROM sluice.events ORDER BY id DESC LIMIT 1")
+    template = orjson.loads(model) if isinstance(model, str) else dict(model)
+    template["importer"] = "chaos_padding"
+    producer = AIOKafkaProducer(bootstrap_servers=chaos_stack.broker.bootstrap, linger_ms=20)
+    await producer.start()
+    try:
+        for partition in range(PARTITIONS):
+            for _ in range(per_partition):
+                value = orjson.dumps({**template, "event_id": str(uuid.uuid4())})
+                await producer.send(TOPICS.lifecycle, value, partition=partition)
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+class Follower:
+    """A lifecycle subscription read in the background, as a downstream service reads it."""
+
+    def __init__(self, subscription: Subscription) -> None:
+        self.subscription = subscription
+        self.events: list[tuple[uuid.UUID, str]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.subscription.start()
+        self._task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for event in self.subscription:
+            self.events.append((event.run_id, event.type))
+
+    def types(self, run_id: uuid.UUID) -> list[str]:
+        return [t for r, t in self.events if r == run_id]
+
+    async def wait_for(self, run_id: uuid.UUID, type_: str, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while type_ not in self.types(run_id) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        return self.types(run_id).count(type_)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.subscription.aclose()
 
 
 async def test_postgres_restart_during_a_file_import(

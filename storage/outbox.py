@@ -1,0 +1,53 @@
+"""The outbox (``events``) read back: what a lifecycle subscriber may have missed when the
+broker lost its topics, and the record of those losses."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Collection
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+
+async def record_topic_loss(
+    conn: asyncpg.Connection, topics: list[str], seen_whole: datetime | None
+) -> None:
+    await conn.execute(
+        "INSERT INTO topic_losses (topics, seen_whole) VALUES ($1, $2)", topics, seen_whole
+    )
+
+
+async def last_topic_loss(conn: asyncpg.Connection) -> int:
+    """The id of the latest loss, 0 when there was none."""
+    return int(await conn.fetchval("SELECT coalesce(max(id), 0) FROM topic_losses"))
+
+
+async def events_since(
+    conn: asyncpg.Connection,
+    *,
+    created: datetime,
+    relayed: datetime,
+    run_id: uuid.UUID | None = None,
+    importers: Collection[str] | None = None,
+    types: Collection[str] | None = None,
+    limit: int = 10_000,
+) -> list[dict[str, Any]]:
+    """Lifecycle events written since ``created`` and relayed since ``relayed`` (or not yet),
+    oldest first, filtered as a subscriber is."""
+    rows = await conn.fetch(
+        "SELECT payload FROM events WHERE created_at >= $1"
+        " AND (relayed_at IS NULL OR relayed_at >= $2)"
+        " AND ($3::uuid IS NULL OR run_id = $3)"
+        " AND ($4::text[] IS NULL OR payload->>'importer' = ANY($4))"
+        " AND ($5::text[] IS NULL OR type = ANY($5))"
+        " ORDER BY id LIMIT $6",
+        created,
+        relayed,
+        run_id,
+        sorted(importers) if importers is not None else None,
+        sorted(types) if types is not None else None,
+        limit,
+    )
+    return [dict(r["payload"]) for r in rows]
