@@ -32,6 +32,7 @@ from tests.chaos import API_URL_ENV
 from tests.conftest import ROOT, Stack, Worker
 
 ROUNDS = int(os.environ.get("CHAOS_ROUNDS") or "1")
+STALL_TIMEOUT = os.environ.get("CHAOS_STALL_TIMEOUT") or "15"
 SEED = int(os.environ.get("CHAOS_SEED") or random.SystemRandom().randrange(1, 2**31))
 REPORT = Path(os.environ.get("CHAOS_REPORT") or ROOT / "tests" / "artifacts" / "chaos.jsonl")
 IMPORTERS = "tests.chaos"
@@ -66,6 +67,9 @@ class ChaosStack(Stack):
             **{API_URL_ENV: f"http://127.0.0.1:{self.api_port}"},
             # Backfills of a few hundred records take many pages: a kill lands mid-way.
             SLUICE_FIREHOSE_PAGE_LIMIT="25",
+            # bench/reliability.py measures at the product's default (120 s): recovery must not
+            # wait for a stall when a worker knows what was lost.
+            SLUICE_STALL_TIMEOUT=STALL_TIMEOUT,
         )
         return env
 

@@ -422,6 +422,53 @@ async def test_sigkill_of_one_of_two_workers_during_a_file_import(
         assert await table_checksum(conn, "chaos_kill") == (n, checksum(rows))
 
 
+async def test_sigkill_of_both_workers_one_restarted_during_a_file_import(
+    chaos_stack: ChaosStack,
+    chaos_client: Client,
+    chaos_report: Report,
+    chaos_round: int,
+    workers_up: None,
+    chaos_db: Db,
+    tmp_path: Path,
+) -> None:
+    """Both workers are SIGKILLed at once in the middle of an import; after a random pause one
+    of them starts again and finishes the run alone (the other stays down until the end)."""
+    rng = case_rng("kill-both", chaos_round)
+    n = 40_000
+    rows = make_rows(n, rng)
+    path = write_csv(tmp_path / "kill-both.csv", rows)
+    with recorded(chaos_report, "SIGKILL of both workers, one restarted", chaos_round) as result:
+        conn = await chaos_db.get()
+        await conn.execute("TRUNCATE chaos_kill")
+        run = await chaos_client.submit_file("chaos_kill", path)
+        target = int(n * rng.uniform(0.1, 0.6))
+        pause = rng.uniform(0.0, 3.0)
+        await progress_to(chaos_db, run.id, target, chaos_stack, "chaos_kill")
+        at = await conn.fetchval("SELECT processed_rows FROM sluice.runs WHERE id = $1", run.id)
+        for worker in chaos_stack.workers:
+            worker.kill()
+        fault_at = time.time()
+        await asyncio.sleep(pause)
+        back = rng.choice(chaos_stack.workers)
+        back.start()
+        result.notes.append(
+            f"killed both at {at}/{n} rows; {back.name} restarted {pause:.1f}s later, alone"
+        )
+        done = await finished(chaos_db, run.id, chaos_stack, timeout=240)
+        result.recover_seconds = seconds_since(fault_at, done)
+        conn = await chaos_db.get()
+        recoveries = await conn.fetchval("SELECT recoveries FROM sluice.runs WHERE id = $1", run.id)
+        result.notes.append(f"resumed {recoveries} time(s) by the stall recovery")
+        result.lost, result.duplicated = await compare_items(conn, "chaos_kill", rows)
+        wrong = await file_counters(conn, done, n)
+        result.counters_wrong = len(wrong)
+        result.notes.extend(wrong)
+        assert done.status is RunStatus.COMPLETED, done.error
+        assert recoveries == 0, "the run waited for the stall recovery"
+        assert_clean(result, chaos_stack)
+        assert await table_checksum(conn, "chaos_kill") == (n, checksum(rows))
+
+
 async def test_sigkill_of_a_worker_during_an_api_run(
     chaos_stack: ChaosStack,
     chaos_client: Client,
@@ -822,6 +869,10 @@ async def test_broker_restart_losing_its_topics_during_a_file_import(
         assert_clean(result, chaos_stack)
         assert result.events_lost == 0, f"lifecycle events lost: {detail}"
         assert await table_checksum(conn, "chaos_broker") == (n, checksum(rows))
+        # One round: the worker that recreated the topics resumed the run at once; the stall
+        # recovery (the backstop) had nothing left to do.
+        hows = [r["how"] for r in resumed]
+        assert len(hows) == 1 and "the broker lost topics" in hows[0], hows
         # The subscribers that followed the run saw it complete, once each.
         for follower in followers:
             completed = await follower.wait_for(run.id, "run.completed", timeout=30)
@@ -931,6 +982,52 @@ async def test_postgres_restart_during_a_file_import(
         result.counters_wrong = len(wrong)
         result.notes.extend(wrong)
         assert done.status is RunStatus.COMPLETED, done.error
+        assert all(w.alive for w in chaos_stack.workers), chaos_stack.logs()
+        assert_clean(result, chaos_stack)
+        assert await table_checksum(conn, "chaos_pg") == (n, checksum(rows))
+
+
+async def test_postgres_sigkill_during_a_file_import(
+    chaos_stack: ChaosStack,
+    chaos_client: Client,
+    chaos_report: Report,
+    chaos_round: int,
+    workers_up: None,
+    chaos_db: Db,
+    tmp_path: Path,
+) -> None:
+    """PostgreSQL is SIGKILLed (no shutdown: crash recovery at the next start) and started
+    again after a random pause; the workers wait it out and the run ends exact."""
+    rng = case_rng("postgres-kill", chaos_round)
+    n = 30_000
+    rows = make_rows(n, rng)
+    path = write_csv(tmp_path / "pg-kill.csv", rows)
+    with recorded(chaos_report, "PostgreSQL SIGKILL, file import", chaos_round) as result:
+        conn = await chaos_db.get()
+        await conn.execute("TRUNCATE chaos_pg")
+        run = await chaos_client.submit_file("chaos_pg", path)
+        target = int(n * rng.uniform(0.1, 0.6))
+        down = rng.uniform(0.2, 4.0)
+        await progress_to(chaos_db, run.id, target, chaos_stack, "chaos_pg")
+        at = await conn.fetchval("SELECT processed_rows FROM sluice.runs WHERE id = $1", run.id)
+        await chaos_db.close()
+        fault_at = time.time()
+        await asyncio.to_thread(chaos_stack.postgres.kill)
+        await asyncio.sleep(down)
+        await asyncio.to_thread(chaos_stack.postgres.start)
+        back = time.time() - fault_at
+        result.notes.append(f"SIGKILLed at {at}/{n} rows, back after {back:.1f}s")
+        done = await finished(chaos_db, run.id, chaos_stack, timeout=180)
+        result.recover_seconds = seconds_since(fault_at, done)
+        conn = await chaos_db.get()
+        recoveries = await conn.fetchval("SELECT recoveries FROM sluice.runs WHERE id = $1", run.id)
+        result.notes.append(f"resumed {recoveries} time(s) by the stall recovery")
+        result.lost, result.duplicated = await compare_items(conn, "chaos_pg", rows)
+        wrong = await file_counters(conn, done, n)
+        result.counters_wrong = len(wrong)
+        result.notes.extend(wrong)
+        assert done.status is RunStatus.COMPLETED, done.error
+        assert recoveries == 0, "the run waited for the stall recovery"
         assert all(w.alive for w in chaos_stack.workers), chaos_stack.logs()
         assert_clean(result, chaos_stack)
         assert await table_checksum(conn, "chaos_pg") == (n, checksum(rows))
