@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CHAOS_ROUNDS ?= 5
 
-.PHONY: setup demo test check lint typecheck bench bench-formats bench-firehose chaos reliability clean schemas browser
+.PHONY: setup demo test check lint typecheck bench bench-formats bench-firehose chaos reliability clean schemas browser stunnel
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,12 +26,25 @@ browser:
 		fi; \
 	}
 
-setup: $(STAMP) browser
+# Debian's stunnel4 for the TLS tests (tests/support/secure_broker.py): the TLS endpoint in
+# front of Tansu, which serves no TLS itself. Installed when missing and we are root with
+# apt-get; otherwise the TLS tests skip and say why (the SASL_PLAINTEXT ones still run).
+stunnel:
+	@command -v stunnel4 >/dev/null 2>&1 || command -v stunnel >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing stunnel4 (apt-get)"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq stunnel4 >/dev/null; \
+		else \
+			echo "stunnel4 not installed and cannot install it here (needs root and apt-get): the TLS tests will skip"; \
+		fi; \
+	}
+
+setup: $(STAMP) browser stunnel
 
 demo: $(STAMP)
 	$(BIN)/python -m sluice.demo
 
-test: $(STAMP) browser
+test: $(STAMP) browser stunnel
 	$(BIN)/pytest -q --durations=10
 
 lint: $(STAMP)

@@ -61,8 +61,14 @@ class KafkaSettings(BaseSettings):
     """The brokers, how to reach them (TLS, SASL) and the names this deployment uses on them.
     An empty bootstrap means: use the embedded stack of ``SLUICE_HOME``."""
 
+    # hide_input_in_errors: a validation error would otherwise print every value given,
+    # the SASL password and the key's pass phrase included.
     model_config = SettingsConfigDict(
-        env_prefix="SLUICE_KAFKA_", frozen=True, extra="ignore", populate_by_name=True
+        env_prefix="SLUICE_KAFKA_",
+        frozen=True,
+        extra="ignore",
+        populate_by_name=True,
+        hide_input_in_errors=True,
     )
 
     bootstrap: str = Field(default="", description="comma-separated host:port of brokers")
@@ -153,8 +159,13 @@ class KafkaSettings(BaseSettings):
 class DatabaseSettings(BaseSettings):
     """PostgreSQL. Empty url means: use the embedded stack of ``SLUICE_HOME``."""
 
+    # The URL holds the password: keep the values out of validation errors.
     model_config = SettingsConfigDict(
-        env_prefix="SLUICE_DATABASE_", frozen=True, extra="ignore", populate_by_name=True
+        env_prefix="SLUICE_DATABASE_",
+        frozen=True,
+        extra="ignore",
+        populate_by_name=True,
+        hide_input_in_errors=True,
     )
 
     url: SecretStr = Field(

@@ -11,7 +11,7 @@ import faust
 from sluice.agents.webhooks import resolve_hooks
 from sluice.app import create_app
 from sluice.config import Settings
-from sluice.errors import InvalidConfig
+from sluice.errors import InvalidConfig, SluiceError
 from sluice.runtime import Runtime
 from sluice.storage.db import connect, migrate
 from sluice.storage.tables import ensure_table
@@ -49,7 +49,11 @@ def run_worker(settings: Settings, *, loglevel: str = "info") -> None:
         hooks = resolve_hooks(settings.webhooks, rt.registry.all(), os.environ)
     except InvalidConfig as exc:
         raise SystemExit(f"error: {exc}") from None
-    loop.run_until_complete(prepare(rt))
+    try:
+        loop.run_until_complete(prepare(rt))
+    except SluiceError as exc:
+        # A wrong password, an untrusted certificate, no broker: one line that says what to fix.
+        raise SystemExit(f"error: {exc}") from None
     app = create_app(rt, hooks=hooks)
     worker = faust.Worker(app, loglevel=loglevel, loop=loop)
     worker.execute_from_commandline()

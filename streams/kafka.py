@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
 from typing import Any
 
@@ -23,6 +24,7 @@ from aiokafka.errors import (
     SaslAuthenticationFailed,
     UnsupportedSaslMechanismError,
 )
+from aiokafka.protocol.metadata import MetadataRequest
 
 from sluice.config import KafkaSettings
 from sluice.errors import KafkaConfigError, KafkaUnavailable
@@ -38,26 +40,52 @@ def ssl_context(kafka: KafkaSettings) -> ssl.SSLContext | None:
     """The TLS context for SSL and SASL_SSL, None for plaintext protocols."""
     if not kafka.uses_tls:
         return None
+    for setting, path in (
+        ("SLUICE_KAFKA_SSL_CAFILE", kafka.ssl_cafile),
+        ("SLUICE_KAFKA_SSL_CERTFILE", kafka.ssl_certfile),
+        ("SLUICE_KAFKA_SSL_KEYFILE", kafka.ssl_keyfile),
+    ):
+        if path and not os.path.isfile(path):
+            raise KafkaConfigError(f"{setting}={path} is not a file: give the path of a PEM file")
     try:
         context = ssl.create_default_context(cafile=kafka.ssl_cafile or None)
         if kafka.ssl_certfile:
-            password = kafka.ssl_key_password.get_secret_value() or None
+            # Always a string: with None, OpenSSL asks for the pass phrase of an encrypted key on
+            # the terminal (a worker would hang there) instead of failing.
             context.load_cert_chain(
-                kafka.ssl_certfile, kafka.ssl_keyfile or None, password=password
+                kafka.ssl_certfile,
+                kafka.ssl_keyfile or None,
+                password=kafka.ssl_key_password.get_secret_value(),
             )
-    except FileNotFoundError as exc:
-        raise KafkaConfigError(
-            f"cannot read {exc.filename}: check SLUICE_KAFKA_SSL_CAFILE, "
-            "SLUICE_KAFKA_SSL_CERTFILE and SLUICE_KAFKA_SSL_KEYFILE"
-        ) from None
     except ssl.SSLError as exc:
+        if exc.reason != "KEY_VALUES_MISMATCH" and _key_is_encrypted(
+            kafka.ssl_keyfile or kafka.ssl_certfile
+        ):
+            raise KafkaConfigError(
+                "the client certificate's key is encrypted and cannot be opened: set "
+                "SLUICE_KAFKA_SSL_KEY_PASSWORD to its pass phrase (it is missing or wrong)"
+            ) from None
         raise KafkaConfigError(
             f"the TLS files are not usable ({exc.reason or exc}): SLUICE_KAFKA_SSL_CAFILE must "
             "be PEM certificates, SLUICE_KAFKA_SSL_CERTFILE and SLUICE_KAFKA_SSL_KEYFILE the "
             "client certificate and its key (SLUICE_KAFKA_SSL_KEY_PASSWORD if it is encrypted)"
         ) from None
+    except OSError as exc:
+        raise KafkaConfigError(
+            f"cannot read {exc.filename or 'a TLS file'} ({exc.strerror or exc}): check "
+            "SLUICE_KAFKA_SSL_CAFILE, SLUICE_KAFKA_SSL_CERTFILE and SLUICE_KAFKA_SSL_KEYFILE"
+        ) from None
     context.check_hostname = kafka.ssl_check_hostname
     return context
+
+
+def _key_is_encrypted(path: str) -> bool:
+    """Whether the PEM file holds an encrypted private key (PKCS#8 or the older Proc-Type)."""
+    try:
+        with open(path, "rb") as fh:
+            return b"ENCRYPTED" in fh.read(1 << 20)
+    except OSError:
+        return False
 
 
 def client_options(kafka: KafkaSettings) -> dict[str, Any]:
@@ -150,7 +178,8 @@ async def check_connection(kafka: KafkaSettings, *, within: float = 15.0) -> Non
     Raises :class:`KafkaConfigError` for what a retry cannot mend (an untrusted certificate,
     a refused password, a mechanism the broker does not offer) and :class:`KafkaUnavailable`
     when no bootstrap server answers. aiokafka itself reports all of these as "Unable to
-    bootstrap", so this opens one connection by hand to see the cause."""
+    bootstrap", so this opens one connection by hand to see the cause, and asks it for the
+    cluster's metadata as aiokafka's bootstrap does."""
     options = client_options(kafka)
     options.pop("bootstrap_servers")
     options.pop("client_id")
@@ -176,12 +205,32 @@ async def check_connection(kafka: KafkaSettings, *, within: float = 15.0) -> Non
                 raise problem from None
             errors.append(str(problem))
             continue
-        conn.close()
+        try:
+            # A broker answers ApiVersions before authentication (KIP-43): a listener that
+            # wants SASL from a client that sent none accepts the connection and closes it at
+            # the next request, the metadata request aiokafka's bootstrap sends.
+            await asyncio.wait_for(conn.send(MetadataRequest([])), within)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            if not kafka.uses_sasl:
+                raise KafkaConfigError(
+                    f"the broker at {server} closed the connection at the first request after "
+                    f"connecting with {kafka.security_protocol}: it wants authentication; check "
+                    "SLUICE_KAFKA_SECURITY_PROTOCOL (SASL_PLAINTEXT or SASL_SSL) and the "
+                    "SLUICE_KAFKA_SASL_* settings"
+                ) from None
+            errors.append(f"{server}: the metadata request failed ({_short(exc)})")
+            continue
+        finally:
+            conn.close()
         return
     raise KafkaUnavailable(
         f"no Kafka broker answered at {kafka.bootstrap} ({'; '.join(errors)}); check "
         "SLUICE_KAFKA_BOOTSTRAP and that the broker is running and reachable"
-        + (" (`sluice up` starts an embedded one)" if not kafka.uses_tls else "")
+        + (
+            " (`sluice up` starts an embedded one)"
+            if kafka.security_protocol == "PLAINTEXT"
+            else ""
+        )
     )
 
 
@@ -229,8 +278,8 @@ def _explain(kafka: KafkaSettings, server: str, exc: BaseException) -> KafkaConf
     if isinstance(exc, UnsupportedSaslMechanismError):
         return KafkaConfigError(
             f"the broker at {server} does not offer SASL mechanism {kafka.sasl_mechanism}: "
-            "set SLUICE_KAFKA_SASL_MECHANISM to one it enables (PLAIN, SCRAM-SHA-256, "
-            "SCRAM-SHA-512)"
+            "set SLUICE_KAFKA_SASL_MECHANISM to one it enables (Sluice speaks PLAIN, "
+            "SCRAM-SHA-256 and SCRAM-SHA-512)"
         )
     if isinstance(exc, TimeoutError | asyncio.TimeoutError) and kafka.uses_tls:
         return (

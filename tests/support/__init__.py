@@ -1,0 +1,1 @@
+"""Test servers and fixtures' helpers that are not tests: certificates, secured brokers."""
