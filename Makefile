@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CHAOS_ROUNDS ?= 5
 
-.PHONY: setup demo test check lint typecheck bench bench-formats bench-firehose chaos reliability clean schemas browser stunnel
+.PHONY: setup demo test check lint typecheck bench bench-formats bench-firehose chaos reliability clean schemas browser readme-settings stunnel
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -77,3 +77,8 @@ reliability: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .sluice .pytest_cache .mypy_cache .ruff_cache
+
+# The README's table of settings, generated from the settings classes (tests/test_config.py
+# fails when it is stale).
+readme-settings: $(STAMP)
+	$(BIN)/python -c "import re, pathlib; from sluice.config import settings_markdown as t; p = pathlib.Path('README.md'); s = p.read_text(); a = s.index('<!-- settings:start'); a = s.index(chr(10), a) + 1; b = s.index('<!-- settings:end -->'); p.write_text(s[:a] + t() + s[b:])"

@@ -29,6 +29,7 @@ from sluice.runtime import Runtime
 from sluice.schemas.events import ImportRequested
 from sluice.schemas.firehose import BACKFILL_IMPORTER
 from sluice.schemas.runs import PULL_KINDS, Run
+from sluice.storage.outbox import record_topic_loss
 from sluice.storage.recovery import (
     RECOVERY_LOCK,
     fail_stalled,
@@ -37,7 +38,6 @@ from sluice.storage.recovery import (
     relay_again_since,
     stalled_runs,
 )
-from sluice.storage.outbox import record_topic_loss
 from sluice.streams import kafka as clients
 from sluice.streams.admin import ensure_topics
 from sluice.streams.topics import Topics
