@@ -618,7 +618,7 @@ def create_api(settings: Settings) -> FastAPI:
         """Backfill state per repository and collection."""
         from sluice.firehose.backfill import Backfiller
 
-        backfiller = Backfiller(await client.rt.pool(), settings.firehose)
+        backfiller = Backfiller(await client.rt.pool(), settings.firehose, settings.url)
         try:
             states = await backfiller.states(did, status.value if status else None)
         finally:
