@@ -2,7 +2,9 @@
 docs at ``/api/v1/docs``.
 
 Every endpoint but the health checks (and, when configured, the metrics) needs
-``Authorization: Bearer <token>``. Errors are ``{"error": {"code": ..., "message": ...}}``.
+``Authorization: Bearer <token>``; a run started through the API records the token's name
+(``SLUICE_API_TOKENS=name:token``) as ``requested_by``. Errors are
+``{"error": {"code": ..., "message": ...}}``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sluice.client import Client
-from sluice.config import Settings
+from sluice.config import DEFAULT_TOKEN_NAME, Settings
 from sluice.errors import (
     FileTooLarge,
     ImporterNotFound,
@@ -248,7 +250,8 @@ def _page(page: int, limit: int, total: int) -> Pagination:
 
 def create_api(settings: Settings) -> FastAPI:
     client = Client(settings)
-    tokens = [t.encode() for t in settings.api.all_tokens()]
+    named = [(t.name, t.secret.get_secret_value().encode()) for t in settings.api.named_tokens()]
+    tokens = [secret for _, secret in named]
     if not tokens:
         log.warning("no API token configured (SLUICE_API_TOKEN): the API is open to anyone")
     bearer = HTTPBearer(auto_error=False)
@@ -257,17 +260,16 @@ def create_api(settings: Settings) -> FastAPI:
     async def authorized(
         request: Request,
         credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
-    ) -> None:
+    ) -> str:
+        """The name of the caller's token (``api`` when the API has none)."""
         if not tokens:
-            return
+            return DEFAULT_TOKEN_NAME
         # The dashboard's pages call the API with the session cookie set at sign-in.
         cookie = None if credentials else request.cookies.get(SESSION_COOKIE)
         given = (credentials.credentials if credentials else cookie or "").encode()
         # compare_digest against every token, so the time taken says nothing about any of them
-        ok = False
-        for token in tokens:
-            ok |= hmac.compare_digest(given, token)
-        if not ok:
+        matched = [name for name, secret in named if hmac.compare_digest(given, secret)]
+        if not matched:
             what = "wrong API token" if credentials or cookie else "missing API token"
             raise ApiError(
                 401,
@@ -275,6 +277,7 @@ def create_api(settings: Settings) -> FastAPI:
                 f"{what}: send the header 'Authorization: Bearer <token>'"
                 " with a token from SLUICE_API_TOKEN (`sluice env` prints it)",
             )
+        return matched[0]
 
     auth = [Depends(authorized)]
     health_auth = [] if settings.api.public_health else auth
@@ -427,6 +430,7 @@ def create_api(settings: Settings) -> FastAPI:
             ),
         ] = False,
         wait: Annotated[bool, Query(description="answer when the run finishes")] = False,
+        caller: str = Depends(authorized),
     ) -> Response:
         """Upload a file and start its import. The body is streamed to the file store."""
         if unsupported_type(file.content_type):
@@ -451,7 +455,7 @@ def create_api(settings: Settings) -> FastAPI:
             content_type=file.content_type,
             max_bytes=settings.api.max_upload_bytes,
             source="upload",
-            requested_by="api",
+            requested_by=caller,
         )
         status = 202
         if wait:
@@ -479,6 +483,7 @@ def create_api(settings: Settings) -> FastAPI:
             ),
         ] = None,
         wait: Annotated[bool, Query(description="answer when the run finishes")] = False,
+        caller: str = Depends(authorized),
     ) -> Response:
         """Start an import that pulls its data: a URL (``url``), an FTP/SFTP file (``file`` or
         ``pattern``), a file under the configured roots (``path``), or the importer's paginated
@@ -490,7 +495,7 @@ def create_api(settings: Settings) -> FastAPI:
             slug,
             params,
             dry_run=dry_run,
-            requested_by="api",
+            requested_by=caller,
             options={"fresh": True} if fresh else None,
         )
         status = 202
@@ -533,9 +538,11 @@ def create_api(settings: Settings) -> FastAPI:
         return await client.cancel(run_id)
 
     @app.post("/api/v1/runs/{run_id}/retry", status_code=202, dependencies=auth, tags=["runs"])
-    async def retry_run(run_id: uuid.UUID, dry_run: bool = False) -> Run:
+    async def retry_run(
+        run_id: uuid.UUID, dry_run: bool = False, caller: str = Depends(authorized)
+    ) -> Run:
         """A child run with the rows this run rejected (409 when it rejected none)."""
-        return await client.retry(run_id, dry_run=dry_run)
+        return await client.retry(run_id, dry_run=dry_run, requested_by=caller)
 
     @app.get(
         "/api/v1/runs/{run_id}/failed-rows",
@@ -603,11 +610,13 @@ def create_api(settings: Settings) -> FastAPI:
         return {"data": found}
 
     @app.post("/api/v1/backfill", status_code=202, dependencies=auth, tags=["firehose"])
-    async def queue_backfill(body: BackfillBody) -> dict[str, list[str]]:
+    async def queue_backfill(
+        body: BackfillBody, caller: str = Depends(authorized)
+    ) -> dict[str, list[str]]:
         """Queue the backfill of AT Protocol repositories for the workers. A backfill continues
         from its stored cursors; ``reset`` starts over."""
         dids = await client.backfill(
-            body.dids, collections=body.collections, reset=body.reset, requested_by="api"
+            body.dids, collections=body.collections, reset=body.reset, requested_by=caller
         )
         return {"queued": dids}
 
@@ -618,7 +627,7 @@ def create_api(settings: Settings) -> FastAPI:
         """Backfill state per repository and collection."""
         from sluice.firehose.backfill import Backfiller
 
-        backfiller = Backfiller(await client.rt.pool(), settings.firehose)
+        backfiller = Backfiller(await client.rt.pool(), settings.firehose, settings.url)
         try:
             states = await backfiller.states(did, status.value if status else None)
         finally:

@@ -323,7 +323,7 @@ def create_app(
                 continue
             if backfiller is None:
                 backfiller = Backfiller(
-                    await rt.pool(), rt.settings.firehose, await rt.projections()
+                    await rt.pool(), rt.settings.firehose, rt.settings.url, await rt.projections()
                 )
             try:
                 await retrying(

@@ -456,7 +456,9 @@ def backfill(
     async def go() -> int:
         async with Client(settings) as client:
             pool = await client.rt.pool()
-            backfiller = Backfiller(pool, settings.firehose, await client.rt.projections())
+            backfiller = Backfiller(
+                pool, settings.firehose, settings.url, await client.rt.projections()
+            )
             try:
                 todo = wanted + [d for d in await backfiller.unfinished_dids() if resume]
                 todo = list(dict.fromkeys(todo))
@@ -508,7 +510,7 @@ def backfill_status(did: str | None, pending: bool, failed: bool, as_json: bool)
             settings.database_url, schemas=settings.database.schemas, min_size=1, max_size=2
         )
         try:
-            states = await Backfiller(pool, settings.firehose).states(
+            states = await Backfiller(pool, settings.firehose, settings.url).states(
                 did, "failed" if failed else None
             )
         finally:

@@ -178,7 +178,8 @@ class Client:
         params = dict(params or {})
         kind = pull_kind(definition, params)
         if kind == "url":
-            from sluice.sources.url import check_url, url_request_parts
+            from sluice.sources.guard import check_url
+            from sluice.sources.url import url_request_parts
 
             source = definition.pull if isinstance(definition.pull, UrlSource) else UrlSource()
             # Only the URL matters here: the workers hold the secrets, not this process.

@@ -194,16 +194,50 @@ class DatabaseSettings(BaseSettings):
         return Schemas(core=self.core_schema, atproto=self.atproto_schema)
 
 
+DEFAULT_TOKEN_NAME = "api"
+"""The name of an API token given without one (``SLUICE_API_TOKEN=secret``)."""
+_TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
+
+
+@dataclass(frozen=True)
+class ApiToken:
+    """One API token and the name runs started with it record as ``requested_by``."""
+
+    name: str
+    secret: SecretStr
+
+
+def parse_api_token(entry: str, setting: str) -> ApiToken:
+    """``name:secret``, or a bare ``secret`` (named ``api``). Everything before the first
+    ``:`` is the name, so a secret that holds a ``:`` needs a name in front of it. Errors
+    name the setting and never quote the secret."""
+    entry = entry.strip()
+    if ":" not in entry:
+        return ApiToken(DEFAULT_TOKEN_NAME, SecretStr(entry))
+    name, _, secret = entry.partition(":")
+    name, secret = name.strip(), secret.strip()
+    if not _TOKEN_NAME.fullmatch(name):
+        raise ValueError(
+            f"{setting}: an entry's name (before the ':') must be 1-64 letters, digits and "
+            "'_.@-', starting with a letter or digit; write name:token (a token holding a "
+            "':' needs a name in front of it)"
+        )
+    if not secret:
+        raise ValueError(f"{setting}: the token named {name!r} is empty; write name:token")
+    return ApiToken(name, SecretStr(secret))
+
+
 class ApiSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SLUICE_API_", frozen=True, extra="ignore")
 
     host: str = Field(default="127.0.0.1", description="address `sluice api` listens on")
     port: int = Field(default=8000, description="port `sluice api` listens on")
     url: str = Field(default="", description="where clients reach the API (for `sluice env`)")
-    token: SecretStr = Field(default=SecretStr(""), description="a bearer token the API accepts")
+    token: SecretStr = Field(default=SecretStr(""), description="a token, bare or as name:token")
     tokens: SecretStr = Field(
         default=SecretStr(""),
-        description="more tokens, comma-separated (rotation, one per client)",
+        description="more tokens, comma-separated, each bare or name:token (one per client, "
+        "rotation); runs started with one record its name as requested_by",
     )
     max_upload_bytes: int = Field(default=2 * 2**30, description="largest upload accepted")
     public_health: bool = Field(default=True, description="/healthz and /readyz without a token")
@@ -218,9 +252,33 @@ class ApiSettings(BaseSettings):
         default=100, ge=1, description="requests a client may send at once, above the rate"
     )
 
+    @model_validator(mode="after")
+    def _check_tokens(self) -> Self:
+        self.named_tokens()
+        return self
+
+    def named_tokens(self) -> list[ApiToken]:
+        """Every token with its name, ``SLUICE_API_TOKEN`` first; the same token given twice
+        under one name counts once, under two names is an error."""
+        entries = [("SLUICE_API_TOKEN", self.token.get_secret_value())] + [
+            ("SLUICE_API_TOKENS", entry) for entry in self.tokens.get_secret_value().split(",")
+        ]
+        found: dict[str, ApiToken] = {}
+        for setting, entry in entries:
+            if not entry.strip():
+                continue
+            token = parse_api_token(entry, setting)
+            seen = found.setdefault(token.secret.get_secret_value(), token)
+            if seen.name != token.name:
+                raise ValueError(
+                    f"SLUICE_API_TOKEN(S) give one token two names ({seen.name!r} and "
+                    f"{token.name!r}); a token has one name"
+                )
+        return list(found.values())
+
     def all_tokens(self) -> list[str]:
-        raw = [self.token.get_secret_value(), *self.tokens.get_secret_value().split(",")]
-        return [t.strip() for t in raw if t.strip()]
+        """The tokens' secrets, ``SLUICE_API_TOKEN``'s first."""
+        return [t.secret.get_secret_value() for t in self.named_tokens()]
 
 
 class PipelineSettings(BaseSettings):
@@ -284,7 +342,8 @@ class UrlSettings(BaseSettings):
 
     allow_hosts: str = Field(
         default="",
-        description="comma-separated hosts, IPs or CIDRs; when set, only these may be fetched",
+        description="comma-separated hosts, IPs or CIDRs; when set, URL sources, API sources "
+        "and the backfill reach only these (even private ones)",
     )
     deny_hosts: str = Field(
         default="", description="comma-separated hosts, IPs or CIDRs that are always refused"
@@ -293,7 +352,12 @@ class UrlSettings(BaseSettings):
         default=False,
         description="allow loopback, private, link-local and metadata addresses",
     )
-    max_bytes: int = Field(default=2 * 2**30, ge=1, description="largest body fetched")
+    max_bytes: int = Field(
+        default=2 * 2**30,
+        ge=1,
+        description="largest body a URL source fetches; also the largest answer read from an "
+        "API source or a PDS",
+    )
     connect_timeout: float = Field(default=10.0, gt=0, description="seconds to connect")
     read_timeout: float = Field(default=60.0, gt=0, description="seconds without a byte")
     max_redirects: int = Field(default=5, ge=0, description="redirects followed, each checked")

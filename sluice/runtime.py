@@ -84,7 +84,9 @@ class Runtime:
         if client is None:
             if self._limiter is None:
                 self._limiter = RateLimiter(await self.pool())
-            client = self._api_clients[slug] = ApiClient(source, self._limiter, self.secrets)
+            client = self._api_clients[slug] = ApiClient(
+                source, self._limiter, self.secrets, self.settings.url
+            )
         return client
 
     async def close(self) -> None:

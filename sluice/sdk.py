@@ -156,7 +156,9 @@ async def backfill_status(
     from sluice.firehose.backfill import Backfiller
 
     async with _client(settings) as client:
-        backfiller = Backfiller(await client.rt.pool(), client.settings.firehose)
+        backfiller = Backfiller(
+            await client.rt.pool(), client.settings.firehose, client.settings.url
+        )
         try:
             return list(await backfiller.states(did, status))
         finally:

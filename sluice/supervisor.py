@@ -86,7 +86,9 @@ def supervise(
         postgres.start()
         api_port = free_port(api.port if api.port != DEFAULT_API_PORT else DEFAULT_API_PORT)
         api_url = f"http://127.0.0.1:{api_port}"
-        token = api.all_tokens()[0] if api.all_tokens() else api_token(home)
+        # The configured tokens reach the children through the environment as they were
+        # written (names included); without any, the stack's own token (named "api").
+        own_token = {} if api.all_tokens() else {"SLUICE_API_TOKEN": api_token(home)}
         settings = Settings(
             kafka=kafka.model_copy(update={"bootstrap": broker.bootstrap}),
             database=DatabaseSettings(url=SecretStr(postgres.url)),
@@ -99,7 +101,7 @@ def supervise(
             "SLUICE_KAFKA_BOOTSTRAP": broker.bootstrap,
             "SLUICE_DATABASE_URL": postgres.url,
             "SLUICE_API_URL": api_url,
-            "SLUICE_API_TOKEN": token,
+            **own_token,
             "SLUICE_API_PORT": str(api_port),
         }
         worker = _spawn(["worker"], env, logs / "worker.log")

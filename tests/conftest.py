@@ -36,6 +36,8 @@ PARTITIONS = 4
 TOPICS = Topics()
 """The topic names of the test stack (the default prefix)."""
 WEBHOOK_SECRET = "test-webhook-secret"
+TRAP_HOST = "127.0.0.2"
+"""Loopback, so a test can serve there (Linux routes 127/8 to lo), and not on the allow list."""
 FTP_PASSWORD = "s3cret-ftp"
 
 
@@ -99,6 +101,10 @@ class Stack:
         self.ftp_port = free_port()
         self.sftp_port = free_port()
         self.pds_port = free_port()  # tests/test_firehose.py: the fake PDS and PLC directory
+        # tests/test_security.py: an API on 127.0.0.1 (allowed) that redirects to the trap, a
+        # loopback address the workers' host policy refuses.
+        self.guard_port = free_port()
+        self.trap_port = free_port()
         self.files = root / "files"
         self.files.mkdir()
         self.workers: list[Worker] = []
@@ -131,6 +137,8 @@ class Stack:
             SLUICE_FILE_ROOTS=str(self.files),
             SLUICE_TEST_API_URL=f"http://127.0.0.1:{self.api_port}",
             SLUICE_TEST_HTTP_URL=f"http://127.0.0.1:{self.http_port}",
+            SLUICE_TEST_GUARD_URL=f"http://127.0.0.1:{self.guard_port}",
+            SLUICE_TEST_TRAP_URL=f"http://{TRAP_HOST}:{self.trap_port}",
             SLUICE_TEST_FTP_PORT=str(self.ftp_port),
             SLUICE_TEST_SFTP_PORT=str(self.sftp_port),
             SLUICE_TEST_SFTP_KNOWN_HOSTS=str(self.root / "known_hosts"),

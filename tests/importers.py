@@ -23,6 +23,8 @@ from sluice.storage.lookups import Lookup
 # Where the tests serve the sources (tests/conftest.py picks the ports).
 API_URL = os.environ.get("SLUICE_TEST_API_URL", "http://127.0.0.1:9")
 HTTP_URL = os.environ.get("SLUICE_TEST_HTTP_URL", "http://127.0.0.1:9")
+GUARD_URL = os.environ.get("SLUICE_TEST_GUARD_URL", "http://127.0.0.1:9")
+TRAP_URL = os.environ.get("SLUICE_TEST_TRAP_URL", "http://127.0.0.2:9")
 FTP_PORT = int(os.environ.get("SLUICE_TEST_FTP_PORT", "21"))
 SFTP_PORT = int(os.environ.get("SLUICE_TEST_SFTP_PORT", "22"))
 KNOWN_HOSTS = os.environ.get("SLUICE_TEST_SFTP_KNOWN_HOSTS", "/nonexistent")
@@ -183,6 +185,28 @@ def api_importer(slug: str, per_second: float, burst: int, page_size: int = 100)
 api_rated = api_importer("t_api_rated", per_second=200, burst=20)
 api_killed = api_importer("t_api_killed", per_second=150, burst=10, page_size=50)
 api_small = api_importer("t_api_small", per_second=100, burst=10, page_size=10)
+
+
+def guarded_api(slug: str, base_url: str, list_path: str, detail_path: str) -> Importer:
+    """tests/test_security.py: an API source that reaches, or is redirected to, the trap."""
+    importer = api_importer(slug, per_second=100, burst=10)
+    assert isinstance(importer.pull, ApiSource)
+    pull = dataclasses.replace(
+        importer.pull,
+        base_url=base_url,
+        list_path=list_path,
+        detail_path=detail_path,
+        headers={"X-Api-Key": "guarded-secret"},
+        max_attempts=2,
+    )
+    return dataclasses.replace(importer, pull=pull)
+
+
+api_trapped = guarded_api("t_api_trapped", TRAP_URL, "/items", "/items/{id}")
+api_list_redirect = guarded_api("t_api_list_redirect", GUARD_URL, "/to-trap", "/items/{id}")
+api_detail_redirect = guarded_api(
+    "t_api_detail_redirect", GUARD_URL, "/items", "/detail-to-trap/{id}"
+)
 
 
 # ---------------------------------------------------------------- AT Protocol projection

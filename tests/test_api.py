@@ -12,13 +12,16 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
+from pydantic import SecretStr, ValidationError
 
 from sluice.client import Client
+from sluice.config import ApiSettings
 from tests.conftest import Stack, api_process
 
 pytestmark = pytest.mark.stack
 
-TOKEN = "test-token-" + uuid.uuid4().hex
+TOKEN = "test-token-" + uuid.uuid4().hex  # no name: runs started with it say "api"
+CI, OPS = (f"test-{name}-{uuid.uuid4().hex}" for name in ("ci", "ops"))  # named ci and ops
 LIMIT = 200_000  # bytes: the upload limit of this API process
 
 GOOD = b"id,name,price,qty,day,version\n1,a,1.00,1,2024-01-01,1\n2,b,2.00,2,2024-01-02,1\n"
@@ -31,6 +34,7 @@ def api(stack: Stack, client: Client, tmp_path_factory: pytest.TempPathFactory) 
         stack,
         tmp_path_factory.mktemp("api") / "api.log",
         SLUICE_API_TOKEN=TOKEN,
+        SLUICE_API_TOKENS=f"ci:{CI},ops:{OPS}",
         SLUICE_API_MAX_UPLOAD_BYTES=str(LIMIT),
         SLUICE_API_WAIT_TIMEOUT="60",
         # The contract test sends requests as fast as it can; tests/hostile covers the limit.
@@ -78,6 +82,74 @@ def test_tokens(api: str) -> None:
         assert_error(anon.get("/metrics"), 401)  # metrics need a token unless configured
         assert_error(anon.post("/api/v1/imports/t_api/upload", files={"file": b"x"}), 401)
         assert anon.get("/api/v1/openapi.json").status_code == 200
+
+
+def as_token(api: str, token: str) -> httpx.Client:
+    return httpx.Client(base_url=api, headers={"Authorization": f"Bearer {token}"}, timeout=90)
+
+
+def test_a_run_records_the_name_of_the_token_that_started_it(
+    api: str, http: httpx.Client, stack: Stack
+) -> None:
+    with as_token(api, CI) as ci, as_token(api, OPS) as ops:
+        uploaded = upload(ci, "t_api", WITH_BAD, wait="true")
+        assert uploaded.status_code == 200, uploaded.text
+        parent = uploaded.json()
+        assert parent["requested_by"] == "ci"
+        retried = ops.post(f"/api/v1/runs/{parent['id']}/retry")
+        assert retried.status_code == 202, retried.text
+        assert retried.json()["requested_by"] == "ops"
+        assert retried.json()["parent_run_id"] == parent["id"]
+
+        (stack.files / "named-trigger.csv").write_bytes(GOOD)
+        triggered = ops.post(
+            "/api/v1/imports/t_fs/trigger", json={"path": "named-trigger.csv", "dry_run": True}
+        )
+        assert triggered.status_code == 202, triggered.text
+        assert triggered.json()["requested_by"] == "ops"
+
+        # A backfill's run is made by the worker that takes the request (it fails at once
+        # here: no firehose consumer covers the DID).
+        did = f"did:plc:named{uuid.uuid4().hex[:12]}"
+        assert ci.post("/api/v1/backfill", json={"dids": [did]}).status_code == 202
+        deadline = time.monotonic() + 120
+        while True:
+            runs = ci.get("/api/v1/runs", params={"importer": "atproto.backfill"}).json()
+            mine = [r for r in runs["data"] if r["options"].get("did") == did]
+            if mine:
+                break
+            assert time.monotonic() < deadline, "the workers made no run for the backfill"
+            time.sleep(0.5)
+        assert [r["requested_by"] for r in mine] == ["ci"]
+
+    plain = upload(http, "t_api", GOOD)
+    assert plain.status_code == 202 and plain.json()["requested_by"] == "api"
+
+
+def test_token_settings_name_tokens_and_refuse_what_is_ambiguous() -> None:
+    api = ApiSettings(
+        token=SecretStr("plain-one"),
+        tokens=SecretStr("ci:abc, ops:with:colon ,ci:rotated,plain-one"),
+    )
+    assert [(t.name, t.secret.get_secret_value()) for t in api.named_tokens()] == [
+        ("api", "plain-one"),
+        ("ci", "abc"),
+        ("ops", "with:colon"),
+        ("ci", "rotated"),
+    ]
+    assert api.all_tokens() == ["plain-one", "abc", "with:colon", "rotated"]
+    assert "abc" not in repr(api.named_tokens())
+    for bad, fix in (
+        ("two words:s3cr3t-x", "name (before the ':')"),
+        (":s3cr3t-x", "name (before the ':')"),
+        ("ci:", "is empty"),
+    ):
+        with pytest.raises(ValidationError, match=r"SLUICE_API_TOKENS") as caught:
+            ApiSettings(tokens=SecretStr(f"ok:1,{bad}"))
+        assert fix in str(caught.value) and "s3cr3t-x" not in str(caught.value)
+    with pytest.raises(ValidationError, match="two names") as caught:
+        ApiSettings(token=SecretStr("s3cr3t-dup"), tokens=SecretStr("ci:s3cr3t-dup"))
+    assert "s3cr3t-dup" not in str(caught.value)
 
 
 def test_upload_wait_and_follow(http: httpx.Client, api: str) -> None:

@@ -255,6 +255,9 @@ def test_up_in_the_foreground_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
     env["SLUICE_HOME"] = str(home)
+    # A named token of its own: the stack's API takes it as configured, name included.
+    token = f"up-{uuid.uuid4().hex}"
+    env["SLUICE_API_TOKENS"] = f"operator:{token}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "sluice", "up"],
         cwd=ROOT,
@@ -268,6 +271,16 @@ def test_up_in_the_foreground_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
         while (state := read_state(home)) is None:
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()  # type: ignore[union-attr]
             time.sleep(0.2)
+        sent = httpx.post(
+            f"{state.api_url}/api/v1/imports/products/upload",
+            files={"file": ("p.csv", b"sku,name\n", "text/csv")},
+            data={"dry_run": "true"},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=30,
+        )
+        assert sent.status_code == 202, sent.text
+        assert sent.json()["requested_by"] == "operator"
+        assert not (home / "api_token").exists()  # no token made: one is configured
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=90)
     finally:

@@ -22,7 +22,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from sluice.client import Client
-from sluice.config import FirehoseSettings
+from sluice.config import FirehoseSettings, UrlSettings
 from sluice.firehose.backfill import IMPORTER, Backfiller
 from sluice.schemas.firehose import BackfillRequested
 from sluice.schemas.runs import RunStatus
@@ -344,7 +344,7 @@ async def test_a_pds_answering_429_slows_the_backfill_and_does_not_fail_it(
     with FakePds(world, throttle_every=3) as pds:
         settings = FirehoseSettings(plc_url=pds.plc_url, page_limit=50)
         pool = await create_pool(stack.postgres.url, min_size=1, max_size=4)
-        backfiller = Backfiller(pool, settings)
+        backfiller = Backfiller(pool, settings, UrlSettings(allow_hosts="127.0.0.1"))
         try:
             started = time.monotonic()
             run = await backfiller.backfill(BackfillRequested(did=did, collections=[POST]))

@@ -42,7 +42,9 @@ pytestmark = [
     ),
 ]
 
-TOKEN = "web-token-" + uuid.uuid4().hex
+TOKEN = "web-token-" + uuid.uuid4().hex  # the test's own API calls; no name ("api")
+SESSION_TOKEN = "web-session-" + uuid.uuid4().hex  # the browser signs in with this one
+SESSION_NAME = "dashboard"
 ARTIFACTS = ROOT / "tests" / "artifacts"
 HEADER = "id,name,price,qty,day,version\n"
 DESKTOP: ViewportSize = {"width": 1280, "height": 860}
@@ -67,7 +69,10 @@ def shot(page: Page, name: str, *, full_page: bool = True) -> None:
 @pytest.fixture(scope="module")
 def api(stack: Stack, client: Client, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with api_process(
-        stack, tmp_path_factory.mktemp("web") / "api.log", SLUICE_API_TOKEN=TOKEN
+        stack,
+        tmp_path_factory.mktemp("web") / "api.log",
+        SLUICE_API_TOKEN=TOKEN,
+        SLUICE_API_TOKENS=f"{SESSION_NAME}:{SESSION_TOKEN}",
     ) as url:
         yield url
 
@@ -94,7 +99,7 @@ def session(api: str, browser: Browser) -> Any:
     context = browser.new_context(base_url=api)
     page = context.new_page()
     page.goto("/ui/login")
-    page.fill("#token", TOKEN)
+    page.fill("#token", SESSION_TOKEN)
     page.click("button[type=submit]")
     page.wait_for_url("**/ui/runs")
     state = context.storage_state()
@@ -288,7 +293,9 @@ def test_live_stream_keeps_alive_and_stops_when_the_client_leaves(stack: Stack) 
 # ----------------------------------------------------------------------------- pages
 
 
-def test_upload_through_the_page_and_watch_it_reach_100_percent(page: Page, tmp_path: Path) -> None:
+def test_upload_through_the_page_and_watch_it_reach_100_percent(
+    page: Page, http: httpx.Client, tmp_path: Path
+) -> None:
     path = tmp_path / "web-upload.csv"
     path.write_bytes(csv_rows(100_001, 30_000))
     page.goto("/ui/upload")
@@ -313,6 +320,8 @@ def test_upload_through_the_page_and_watch_it_reach_100_percent(page: Page, tmp_
     expect(page.locator("#cancel")).to_be_hidden()
     assert did_not_reload(page) and navigations == []
     shot(page, "run")
+    run = http.get(f"/api/v1/runs/{page.url.rsplit('/', 1)[-1]}").json()
+    assert run["requested_by"] == SESSION_NAME  # the name of the token signed in with
 
 
 def test_runs_page_follows_new_runs_live(page: Page, http: httpx.Client) -> None:
@@ -367,6 +376,8 @@ def test_rejected_rows_with_reasons_csv_and_retry(page: Page, http: httpx.Client
     expect(page.locator("#run-status .badge")).to_have_text("completed with errors", timeout=60_000)
     child = http.get(f"/api/v1/runs/{page.url.rsplit('/', 1)[-1]}").json()
     assert child["parent_run_id"] == run["id"] and child["source"] == "retry"
+    # Uploaded with the test's unnamed token, retried from the page signed in as dashboard.
+    assert (run["requested_by"], child["requested_by"]) == ("api", SESSION_NAME)
     page.goto(f"/ui/runs/{run['id']}")
     expect(page.locator("#related li.child a")).to_have_attribute("href", f"/ui/runs/{child['id']}")
 

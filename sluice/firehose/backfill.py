@@ -10,6 +10,10 @@ backfill keeps its newer version. The cursor per (did, collection) is stored wit
 an interrupted backfill resumes where it stopped. A 429 backs the PDS off for the whole cluster
 and is never terminal.
 
+Every request (the PLC directory, a did:web document, the PDS, and each redirect) goes through
+the host policy of ``SLUICE_URL_*`` (``sluice.sources.guard``): a DID document cannot point
+the workers at an internal address.
+
 Each repository's backfill is a run (importer ``atproto.backfill``) with lifecycle events
 ``backfill.started``, ``backfill.progress`` (per page), ``backfill.completed`` and
 ``backfill.failed``.
@@ -26,13 +30,14 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 import asyncpg
-import httpx
 
-from sluice.config import FirehoseSettings
+from sluice.config import FirehoseSettings, UrlSettings
 from sluice.errors import TerminalError, TransientError
 from sluice.schemas.firehose import BACKFILL_IMPORTER, BackfillRequested, BackfillState
 from sluice.schemas.runs import Run
 from sluice.sources.api import RETRYABLE, retry_after
+from sluice.sources.base import SourceError, SourceUnavailable
+from sluice.sources.guard import GuardedClient, check_url
 from sluice.storage.atproto import RecordWrite, write_records
 from sluice.storage.db import advisory_key
 from sluice.storage.ratelimit import RateLimiter, RateStats
@@ -59,21 +64,24 @@ class PdsUnavailable(TransientError):
 
 
 class PdsClient:
-    """XRPC calls to PDSes and DID resolution, under a per-PDS rate limit shared by the cluster."""
+    """XRPC calls to PDSes and DID resolution, under a per-PDS rate limit shared by the cluster
+    and the host policy (``policy``) for every request and redirect."""
 
-    def __init__(self, settings: FirehoseSettings, limiter: RateLimiter) -> None:
+    def __init__(
+        self, settings: FirehoseSettings, policy: UrlSettings, limiter: RateLimiter
+    ) -> None:
         self.settings = settings
+        self.policy = policy
         self.limiter = limiter
-        self.http = httpx.AsyncClient(
-            timeout=30, headers={"User-Agent": "sluice-backfill/0.1"}, follow_redirects=True
-        )
+        self.http = GuardedClient(policy, timeout=30, headers={"User-Agent": "sluice-backfill/0.1"})
 
     async def close(self) -> None:
         await self.http.aclose()
 
     async def get(self, url: str, stats: RateStats, params: dict[str, Any] | None = None) -> Any:
         """GET JSON; 429s wait (never terminal), 5xx and network errors retried, other 4xx
-        raise BackfillError with the server's error."""
+        raise BackfillError with the server's error, and so does a URL or redirect the host
+        policy refuses (nothing is sent to it)."""
         key = f"pds:{urlsplit(url).netloc}"
         delay = 0.5
         reason = ""
@@ -82,16 +90,21 @@ class PdsClient:
                 await self.limiter.acquire(key, self.settings.pds_rate, 5, stats)
                 try:
                     response = await self.http.get(url, params=params)
-                except httpx.TransportError as exc:
+                except SourceUnavailable as exc:
                     response = None
-                    reason = f"{type(exc).__name__}: {exc}"
+                    reason = str(exc)
+                except SourceError as exc:
+                    raise BackfillError(f"GET {url}: {exc}") from exc
                 if response is None or response.status_code != 429:
                     break
                 stats.hits += 1
                 await self.limiter.block(key, retry_after(response))
             if response is not None:
                 if response.is_success:
-                    return response.json()
+                    try:
+                        return response.json()
+                    except ValueError:
+                        raise BackfillError(f"GET {url} answered with invalid JSON") from None
                 if response.status_code not in RETRYABLE:
                     try:
                         body = response.json()
@@ -115,9 +128,22 @@ class PdsClient:
             doc = await self.get(self.settings.did_web_url.format(host=host), stats)
         else:
             raise BackfillError(f"{did}: only did:plc and did:web can be resolved")
-        for service in doc.get("service") or []:
-            if str(service.get("id", "")).endswith("#atproto_pds"):
-                return str(service["serviceEndpoint"]).rstrip("/")
+        services = doc.get("service") if isinstance(doc, dict) else None
+        for service in services if isinstance(services, list) else []:
+            if isinstance(service, dict) and str(service.get("id", "")).endswith("#atproto_pds"):
+                endpoint = service.get("serviceEndpoint")
+                if not isinstance(endpoint, str):
+                    raise BackfillError(f"{did}: its #atproto_pds serviceEndpoint is not a URL")
+                pds = endpoint.rstrip("/")
+                try:
+                    await check_url(pds, self.policy)
+                except SourceUnavailable as exc:
+                    raise PdsUnavailable(f"{did}: its PDS {pds}: {exc}") from exc
+                except SourceError as exc:
+                    raise BackfillError(
+                        f"{did}: its DID document names the PDS {pds}, which is refused: {exc}"
+                    ) from exc
+                return pds
         raise BackfillError(f"{did}: its DID document names no #atproto_pds service")
 
     async def latest_rev(self, pds: str, did: str, stats: RateStats) -> str:
@@ -176,13 +202,17 @@ def _matches(collection: str, wanted: Sequence[str]) -> bool:
 
 class Backfiller:
     def __init__(
-        self, pool: asyncpg.Pool, settings: FirehoseSettings, projections: Projections | None = None
+        self,
+        pool: asyncpg.Pool,
+        settings: FirehoseSettings,
+        policy: UrlSettings,
+        projections: Projections | None = None,
     ) -> None:
         self.pool = pool
         self.settings = settings
         self.projections = projections
         self.limiter = RateLimiter(pool)
-        self.pds = PdsClient(settings, self.limiter)
+        self.pds = PdsClient(settings, policy, self.limiter)
 
     async def close(self) -> None:
         await self.pds.close()

@@ -1,5 +1,6 @@
 """The paginated API source's HTTP side: list pages and fetch item details under the cluster's
-rate limit, retrying what may pass and never giving up on a 429.
+rate limit, retrying what may pass and never giving up on a 429. Every request and redirect
+goes through the host policy of ``SLUICE_URL_*`` (``sluice.sources.guard``).
 
     ApiClient.list_page(state)   -> Page (items, next state, done)
     ApiClient.fetch_detail(id)   -> DetailResult (the detail, or why it failed for good)
@@ -18,7 +19,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from sluice.config import UrlSettings
 from sluice.sources.base import ApiSource, Secrets, SourceError, SourceUnavailable, dig, secret
+from sluice.sources.guard import GuardedClient
 from sluice.storage.ratelimit import RateLimiter, RateStats
 
 log = logging.getLogger(__name__)
@@ -65,12 +68,15 @@ class DetailResult:
 
 @dataclass
 class ApiClient:
-    """One per (worker, importer): keeps its connections between requests."""
+    """One per (worker, importer): keeps its connections between requests. The source's
+    headers go only to the origin of its base URL; a redirect elsewhere gets none of them."""
 
     source: ApiSource
     limiter: RateLimiter
     secrets: Secrets
-    _http: httpx.AsyncClient | None = None
+    policy: UrlSettings
+    _http: GuardedClient | None = None
+    _headers: dict[str, str] | None = None
 
     @property
     def base_url(self) -> str:
@@ -82,20 +88,29 @@ class ApiClient:
     def limiter_key(self) -> str:
         return self.source.limiter_key or (urlsplit(self.base_url).netloc or self.base_url)
 
-    def http(self) -> httpx.AsyncClient:
+    def url(self, path: str) -> httpx.URL:
+        """``path`` under the base URL (an absolute URL stays as it is, as with httpx)."""
+        given = httpx.URL(path)
+        if not given.is_relative_url:
+            return given
+        base = httpx.URL(self.base_url + "/")
+        return base.copy_with(raw_path=base.raw_path + given.raw_path.lstrip(b"/"))
+
+    def http(self) -> GuardedClient:
         if self._http is None:
-            # The worker's pid in the User-Agent lets an API's operator (and our tests) tell
-            # the workers of a cluster apart.
-            headers = {"User-Agent": f"sluice/0.1 pid/{os.getpid()}", **self.source.headers}
+            headers = dict(self.source.headers)
             for name, env in self.source.secret_headers.items():
                 value = secret(self.secrets, env, f"header {name}")
                 assert value is not None
                 headers[name] = value
-            self._http = httpx.AsyncClient(
-                base_url=self.base_url,
-                headers=headers,
+            self._headers = headers
+            self._http = GuardedClient(
+                self.policy,
+                # The worker's pid in the User-Agent lets an API's operator (and our tests)
+                # tell the workers of a cluster apart.
+                headers={"User-Agent": f"sluice/0.1 pid/{os.getpid()}"},
                 timeout=self.source.timeout,
-                limits=httpx.Limits(max_connections=max(4, self.source.concurrency)),
+                max_connections=max(4, self.source.concurrency),
             )
         return self._http
 
@@ -107,11 +122,16 @@ class ApiClient:
     async def _get(
         self, path: str, stats: RateStats, params: dict[str, Any] | None = None
     ) -> httpx.Response:
-        """One GET under the rate limit; a 429 blocks the source and is asked again, forever."""
+        """One GET under the rate limit; a 429 blocks the source and is asked again, forever.
+        SourceError when the host policy refuses the URL or a redirect; SourceUnavailable when
+        the API does not answer."""
         rate = self.source.rate
+        http = self.http()
         while True:
             await self.limiter.acquire(self.limiter_key, rate.per_second, rate.burst, stats)
-            response = await self.http().get(path, params=params)
+            response = await http.get(
+                self.url(path), params=params, headers=self._headers, trusted=self.base_url
+            )
             if response.status_code != 429:
                 return response
             stats.hits += 1
@@ -167,8 +187,10 @@ class ApiClient:
         for attempt in range(1, self.source.max_attempts + 1):
             try:
                 response = await self._get(path, stats, params)
-            except httpx.TransportError as exc:
-                reason = f"{type(exc).__name__}: {exc}"
+            except SourceUnavailable as exc:
+                reason = str(exc)
+            except SourceError as exc:
+                raise SourceError(f"GET {path}: {exc}") from exc
             else:
                 if response.is_success:
                     try:
@@ -191,7 +213,8 @@ class ApiClient:
 
     async def fetch_detail(self, external_id: str, stats: RateStats) -> DetailResult:
         """The item's detail; transient failures are retried with exponential backoff up to
-        ``max_attempts``; a 4xx other than 429 fails the item at once."""
+        ``max_attempts``; a 4xx other than 429, or a host the policy refuses, fails the item at
+        once."""
         assert self.source.detail_path is not None
         path = self.source.detail_path.format(id=external_id)
         delay = self.source.backoff
@@ -199,8 +222,13 @@ class ApiClient:
         for attempt in range(1, self.source.max_attempts + 1):
             try:
                 response = await self._get(path, stats)
-            except httpx.TransportError as exc:
-                reason = f"GET {path}: {type(exc).__name__}: {exc}"
+            except SourceUnavailable as exc:
+                reason = f"GET {path}: {exc}"
+            except SourceError as exc:
+                # A refused host or redirect: asking again cannot help.
+                result.failures += 1
+                result.error = result.last_error = f"GET {path}: {exc}"
+                return result
             else:
                 if response.is_success:
                     try:
