@@ -744,6 +744,7 @@ def _free_port() -> int:
     return free_port()
 
 
+@pytest.mark.embedded
 async def test_broker_restart_losing_its_topics_during_a_file_import(
     chaos_stack: ChaosStack,
     chaos_client: Client,
@@ -807,6 +808,7 @@ async def test_broker_restart_losing_its_topics_during_a_file_import(
         assert await table_checksum(conn, "chaos_broker") == (n, checksum(rows))
 
 
+@pytest.mark.embedded
 async def test_postgres_restart_during_a_file_import(
     chaos_stack: ChaosStack,
     chaos_client: Client,
