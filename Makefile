@@ -44,7 +44,7 @@ setup: $(STAMP) browser compose
 demo: $(STAMP)
 	$(BIN)/python -m sluice.demo
 
-test: $(STAMP) browser
+test: $(STAMP) browser compose
 	$(BIN)/pytest -q --durations=10
 
 lint: $(STAMP) compose-check
@@ -54,7 +54,7 @@ lint: $(STAMP) compose-check
 # docker-compose.yml parses and interpolates, with every tool at hand (Compose v1 and v2). The
 # file requires SLUICE_API_TOKEN; a placeholder stands in for it when it is unset.
 COMPOSE_ENV := SLUICE_API_TOKEN=$${SLUICE_API_TOKEN:-lint-placeholder}
-compose-check:
+compose-check: compose
 	@checked=; \
 	if command -v docker-compose >/dev/null 2>&1; then \
 		$(COMPOSE_ENV) docker-compose -f docker-compose.yml config -q || exit 1; \
