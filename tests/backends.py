@@ -138,6 +138,8 @@ class KafkaInDocker(_InDocker):
     ``KafkaContainer(...).with_kraft()``: it advertises the host and mapped port the local
     workers connect to."""
 
+    _bootstrap = ""
+
     def _build(self) -> Any:
         try:
             from testcontainers.community.kafka import KafkaContainer
@@ -152,16 +154,21 @@ class KafkaInDocker(_InDocker):
         )
 
     def _started(self, container: Any) -> Any:
-        return container.start(timeout=START_TIMEOUT)
+        container.start(timeout=START_TIMEOUT)
+        self._bootstrap = str(container.get_bootstrap_server())
+        return container
 
     @property
     def bootstrap(self) -> str:
-        return str(self.container.get_bootstrap_server())
+        self.container  # noqa: B018 - raises when not started
+        return self._bootstrap
 
 
 class PostgresInDocker(_InDocker):
     """PostgreSQL 17 with trust authentication, like the embedded server: the superuser
     ``postgres`` and roles the tests create log in without a password."""
+
+    _url = ""
 
     def _build(self) -> Any:
         try:
@@ -183,8 +190,14 @@ class PostgresInDocker(_InDocker):
             .with_kwargs(shm_size="256m")
         )
 
+    def _started(self, container: Any) -> Any:
+        container.start()
+        host = container.get_container_host_ip()
+        port = container.get_exposed_port(5432)
+        self._url = f"postgresql://postgres@{host}:{port}/{DATABASE}"
+        return container
+
     @property
     def url(self) -> str:
-        host = self.container.get_container_host_ip()
-        port = self.container.get_exposed_port(5432)
-        return f"postgresql://postgres@{host}:{port}/{DATABASE}"
+        self.container  # noqa: B018 - raises when not started
+        return self._url

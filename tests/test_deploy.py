@@ -66,7 +66,9 @@ def compose(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     command = TOOLS[request.param]
     if command is None:
         pytest.skip(
-            f"{request.param} is not installed (`make setup` installs docker-compose as root)"
+            "docker-compose is not installed (`make setup` installs it as root with apt-get)"
+            if request.param == "docker-compose"
+            else "Compose v2 (`docker compose`) is not installed; docker-compose checks the file"
         )
     empty_env_file = tmp_path / "empty.env"
     empty_env_file.write_text("")
