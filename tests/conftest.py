@@ -1,5 +1,9 @@
-"""A real embedded stack for the pipeline tests: the Tansu broker, PostgreSQL and two Faust
-workers as separate processes, started once per test session. Nothing is mocked."""
+"""A real stack for the pipeline tests: a broker, PostgreSQL and two Faust workers as separate
+processes, started once per test session. Nothing is mocked.
+
+The broker and the database come from ``SLUICE_TEST_BACKEND`` (tests/backends.py): the embedded
+Tansu and PostgreSQL by default, Apache Kafka and PostgreSQL 17 in Docker with ``containers``.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -27,9 +32,10 @@ from sluice.config import (
 )
 from sluice.runtime import Runtime
 from sluice.schemas.runs import Run
-from sluice.stack import EmbeddedBroker, EmbeddedPostgres, free_port
+from sluice.stack import free_port
 from sluice.streams.topics import Topics
 from sluice.worker import prepare
+from tests import backends
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTITIONS = 4
@@ -39,6 +45,42 @@ WEBHOOK_SECRET = "test-webhook-secret"
 TRAP_HOST = "127.0.0.2"
 """Loopback, so a test can serve there (Linux routes 127/8 to lo), and not on the allow list."""
 FTP_PASSWORD = "s3cret-ftp"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    try:
+        backends.backend_name()
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    if backends.backend_name() == "containers":
+        return (
+            f"backend: containers ({backends.KAFKA_IMAGE}, {backends.POSTGRES_IMAGE}; "
+            "SLUICE_TEST_BACKEND)"
+        )
+    return "backend: embedded (Tansu, PostgreSQL 18; SLUICE_TEST_BACKEND=containers for Docker)"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if backends.backend_name() != "containers":
+        return
+    missing = backends.docker_unavailable()
+    if missing is not None:
+        everything = pytest.mark.skip(
+            reason=f"SLUICE_TEST_BACKEND=containers needs a Docker engine: {missing}"
+        )
+        for item in items:
+            item.add_marker(everything)
+        return
+    embedded_only = pytest.mark.skip(
+        reason="starts, kills or restarts embedded broker or PostgreSQL processes: runs on "
+        "SLUICE_TEST_BACKEND=embedded"
+    )
+    for item in items:
+        if item.get_closest_marker("embedded") is not None:
+            item.add_marker(embedded_only)
 
 
 class Worker:
@@ -92,8 +134,10 @@ class Worker:
 class Stack:
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.broker = EmbeddedBroker(free_port(), root / "broker.log")
-        self.postgres = EmbeddedPostgres(root / "pg", free_port(), root / "pg.log")
+        # EmbeddedBroker and EmbeddedPostgres on the embedded backend (tests marked `embedded`
+        # kill and restart them), containers on the other.
+        self.broker: Any = backends.make_broker(root)
+        self.postgres: Any = backends.make_database(root)
         self.webhook_port = free_port()  # tests/test_webhooks.py serves the hook here
         # Pull-source tests serve here; the test importers read these from the environment.
         self.api_port = free_port()
@@ -163,10 +207,10 @@ class Stack:
         )
 
     def start(self) -> None:
-        # The test importers read their servers' addresses from the environment at import.
-        os.environ.update({k: v for k, v in self.env.items() if k.startswith("SLUICE_TEST_")})
         self.broker.start()
         self.postgres.start()
+        # The test importers read their servers' addresses from the environment at import.
+        os.environ.update({k: v for k, v in self.env.items() if k.startswith("SLUICE_TEST_")})
         import asyncio
 
         rt = Runtime(self.settings())

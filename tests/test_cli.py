@@ -187,6 +187,7 @@ async def test_lifecycle_events_reach_the_topic_in_order(
     assert len({e["event_id"] for e in seen}) == len(seen)
 
 
+@pytest.mark.embedded
 def test_up_env_run_down(tmp_path: Path) -> None:
     """`sluice up --detach` starts everything under SLUICE_HOME; other commands find it."""
     home = tmp_path / "home"
@@ -248,6 +249,7 @@ def test_up_env_run_down(tmp_path: Path) -> None:
     assert (home / "pg").is_dir()  # the data stays for the next `sluice up`
 
 
+@pytest.mark.embedded
 def test_up_in_the_foreground_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     import signal
     import time

@@ -100,6 +100,7 @@ async def _roundtrip(bootstrap: str) -> bytes:
 
 
 @pytest.mark.stack
+@pytest.mark.embedded
 def test_broker_produce_consume_stop(tmp_path: Path) -> None:
     broker = EmbeddedBroker(free_port(), tmp_path / "broker.log")
     broker.start()
@@ -116,6 +117,7 @@ def test_broker_produce_consume_stop(tmp_path: Path) -> None:
 
 
 @pytest.mark.stack
+@pytest.mark.embedded
 def test_broker_kill_and_busy_port(tmp_path: Path) -> None:
     broker = EmbeddedBroker(free_port(), tmp_path / "broker.log")
     broker.start()
@@ -153,6 +155,7 @@ def _sql(pg: EmbeddedPostgres, sql: str) -> object:
 
 
 @pytest.mark.stack
+@pytest.mark.embedded
 def test_postgres_restart_keeps_data_and_survives_kill(tmp_path: Path) -> None:
     data = tmp_path / "pgdata"
     pg = EmbeddedPostgres(data, free_port(), tmp_path / "pg.log")
@@ -196,6 +199,7 @@ def test_postgres_restart_keeps_data_and_survives_kill(tmp_path: Path) -> None:
 
 
 @pytest.mark.stack
+@pytest.mark.embedded
 async def test_postgres_start_from_inside_an_event_loop(tmp_path: Path) -> None:
     # start() is sync; called from async code it must not trip over the running loop.
     pg = EmbeddedPostgres(tmp_path / "pgdata", free_port(), tmp_path / "pg.log")

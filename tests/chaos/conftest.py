@@ -28,6 +28,7 @@ from sluice.config import PipelineSettings, Settings
 from sluice.runtime import Runtime
 from sluice.storage.db import connect
 from sluice.worker import prepare
+from tests.backends import log_tail
 from tests.chaos import API_URL_ENV
 from tests.conftest import ROOT, Stack, Worker
 
@@ -95,8 +96,7 @@ class ChaosStack(Stack):
 
     def logs(self, lines: int = 40) -> str:
         parts = [f"--- {w.name} (alive: {w.alive})\n{w.tail(lines)}" for w in self.workers]
-        broker = self.broker.log_path.read_text(errors="replace").splitlines()[-lines:]
-        parts.append("--- broker\n" + "\n".join(broker))
+        parts.append("--- broker\n" + log_tail(self.broker, lines))
         return "\n".join(parts)
 
 

@@ -792,6 +792,7 @@ def _free_port() -> int:
     return free_port()
 
 
+@pytest.mark.embedded
 async def test_broker_restart_losing_its_topics_during_a_file_import(
     chaos_stack: ChaosStack,
     chaos_client: Client,
@@ -934,6 +935,7 @@ class Follower:
         await self.subscription.aclose()
 
 
+@pytest.mark.embedded
 async def test_postgres_restart_during_a_file_import(
     chaos_stack: ChaosStack,
     chaos_client: Client,

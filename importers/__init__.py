@@ -1,0 +1,1 @@
+"""Your importers, for the Docker image: see README.md in this folder."""
