@@ -9,7 +9,7 @@ COPY streams ./streams
 COPY agents ./agents
 COPY schemas ./schemas
 COPY storage ./storage
-RUN pip install . && useradd --system --home /app sluice
+RUN pip install '.[s3]' && useradd --system --home /app sluice
 USER sluice
 
 # Override with `sluice api` for the HTTP API service.

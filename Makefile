@@ -10,7 +10,7 @@ CHAOS_ROUNDS ?= 5
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,parquet]'
+	$(BIN)/pip install -q -e '.[dev,parquet,s3]'
 	touch $(STAMP)
 
 # Debian's Chromium for the dashboard's browser tests (Playwright drives it; it downloads no

@@ -9,14 +9,17 @@
     │   ├── InvalidRequest       a request that cannot be carried out as given
     │   ├── StackNotFound        no broker and database configured, no stack running
     │   ├── FileTooLarge         a file over the configured size limit
+    │   ├── FileGone             a stored file (or its object) is no longer there
     │   ├── MappingError         the file's columns do not fit the importer
     │   ├── NoPullSource         a trigger for an importer that cannot pull
     │   ├── SourceError          a pull source refused (sluice.sources.base)
     │   ├── InvalidConfig        the settings contradict each other (a webhook without a secret)
-    │   └── KafkaConfigError     the broker refused the TLS or SASL settings (names which)
+    │   ├── KafkaConfigError     the broker refused the TLS or SASL settings (names which)
+    │   └── ObjectStoreRefused   the object store refused: no bucket, wrong keys, a bad request
     └── TransientError           the database or broker failed; retry with backoff
         ├── SourceUnavailable    a pull source did not answer (sluice.sources.base)
-        └── KafkaUnavailable     no bootstrap server answered
+        ├── KafkaUnavailable     no bootstrap server answered
+        └── ObjectStoreUnavailable  the object store did not answer, or failed (5xx)
 
 File-level format problems are ``sluice.formats.FileFormatError`` (terminal too).
 """
@@ -64,6 +67,10 @@ class FileTooLarge(TerminalError):
     pass
 
 
+class FileGone(TerminalError):
+    """A stored file was pruned or deleted, or its object is missing from the object store."""
+
+
 class MappingError(TerminalError):
     pass
 
@@ -83,3 +90,11 @@ class KafkaConfigError(InvalidConfig):
 
 class KafkaUnavailable(TransientError):
     """No bootstrap server answered."""
+
+
+class ObjectStoreRefused(TerminalError):
+    """The object store answered but refused: no such bucket, wrong keys, no permission."""
+
+
+class ObjectStoreUnavailable(TransientError):
+    """The object store did not answer, or answered with a server error."""
