@@ -11,7 +11,7 @@ import faust
 from sluice.agents.webhooks import resolve_hooks
 from sluice.app import create_app
 from sluice.config import Settings
-from sluice.errors import InvalidConfig
+from sluice.errors import InvalidConfig, ObjectStoreRefused
 from sluice.runtime import Runtime
 from sluice.storage.db import connect, migrate
 from sluice.storage.tables import ensure_table
@@ -28,6 +28,9 @@ async def prepare(rt: Runtime) -> None:
     settings = rt.settings
     await check_connection(settings.kafka)
     await ensure_topics(settings.kafka)
+    if settings.files.uses_s3:
+        # A missing bucket or refused keys stop the worker here, not the first upload.
+        await (await rt.objects()).check_bucket(settings.files.bucket)
     schemas = settings.database.schemas
     conn = await connect(settings.database_url, schemas=schemas)
     try:
@@ -49,7 +52,11 @@ def run_worker(settings: Settings, *, loglevel: str = "info") -> None:
         hooks = resolve_hooks(settings.webhooks, rt.registry.all(), os.environ)
     except InvalidConfig as exc:
         raise SystemExit(f"error: {exc}") from None
-    loop.run_until_complete(prepare(rt))
+    try:
+        loop.run_until_complete(prepare(rt))
+    except (InvalidConfig, ObjectStoreRefused) as exc:
+        # Settings to fix (a bucket that is not there, refused keys): say so, no traceback.
+        raise SystemExit(f"error: {exc}") from None
     app = create_app(rt, hooks=hooks)
     worker = faust.Worker(app, loglevel=loglevel, loop=loop)
     worker.execute_from_commandline()
