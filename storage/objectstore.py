@@ -308,6 +308,7 @@ class ObjectSink:
         self._started = started
         self._buf = bytearray()
         self._upload_id: str | None = None
+        self._stored = False  # a PUT or a completion was sent: the object may exist
         self.etags: list[str] = []
 
     async def write(self, data: bytes) -> None:
@@ -337,16 +338,19 @@ class ObjectSink:
     async def finish(self) -> None:
         tail, self._buf = bytes(self._buf), bytearray()
         if self._upload_id is None:
+            self._stored = True
             await self._objects.put_object(self._bucket, self._key, tail, self._content_type)
             return
         if tail:
             await self._send(tail)
+        self._stored = True
         await self._objects.complete_upload(self._bucket, self._key, self._upload_id, self.etags)
 
     async def abort(self) -> None:
         self._buf = bytearray()
         if self._upload_id is not None:
             await self._objects.abort_upload(self._bucket, self._key, self._upload_id)
-        # The object exists when the PUT or the completion went through and a later step (the
-        # row's update) failed.
-        await self._objects.delete_object(self._bucket, self._key)
+        if self._stored:
+            # The PUT or the completion may have gone through before a later step (the row's
+            # update) failed.
+            await self._objects.delete_object(self._bucket, self._key)
