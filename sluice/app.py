@@ -426,7 +426,7 @@ def create_app(
 
         pipeline = rt.settings.pipeline
         try:
-            files, size = await prune_files(await rt.pool(), pipeline.file_retention_hours)
+            files, size = await prune_files(await rt.files(), pipeline.file_retention_hours)
             runs, rows = await (await rt.runs()).prune(pipeline.run_retention_days)
             if files or runs:
                 log.info(

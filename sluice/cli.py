@@ -1003,7 +1003,7 @@ def prune_files_cmd(hours: float | None) -> None:
 
         rt = Runtime(settings)
         try:
-            n, size = await prune_files(await rt.pool(), keep)
+            n, size = await prune_files(await rt.files(), keep)
         finally:
             await rt.close()
         click.echo(f"deleted {n} stored file(s), {size:,} bytes, older than {keep:g} hours")

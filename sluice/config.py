@@ -335,6 +335,84 @@ class PipelineSettings(BaseSettings):
         return tuple(Path(p) for p in self.file_roots.split(":") if p.strip())
 
 
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+S3_MIN_PART_BYTES = 5 * 2**20
+"""S3's smallest part of a multipart upload (all but the last)."""
+
+
+class FileStoreSettings(BaseSettings):
+    """Where stored files go (``SLUICE_FILE_STORE``) and how to reach the S3-compatible object
+    store. The connection settings are used to read objects whatever this process writes to:
+    a worker that stores in PostgreSQL still reads a file another process put in S3."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SLUICE_S3_", frozen=True, extra="ignore", populate_by_name=True
+    )
+
+    store: str = Field(
+        default="",
+        validation_alias=AliasChoices("SLUICE_FILE_STORE", "store"),
+        description="s3://bucket/prefix to store files as objects; empty: in PostgreSQL",
+    )
+    endpoint_url: str = Field(
+        default="", description="the S3 API's URL (MinIO, Ceph, R2, ...); empty: AWS"
+    )
+    region: str = Field(default="", description="empty: the standard credential chain's")
+    access_key_id: str = Field(
+        default="", description="empty: the standard credential chain (AWS_*, profile, role)"
+    )
+    secret_access_key: SecretStr = SecretStr("")
+    session_token: SecretStr = SecretStr("")
+    addressing_style: Literal["auto", "path", "virtual"] = Field(
+        default="auto", description="path: http://host/bucket/key (most self-hosted stores)"
+    )
+    part_bytes: int = Field(
+        default=8 * 2**20,
+        ge=S3_MIN_PART_BYTES,
+        le=5 * 2**30,
+        description="bytes per multipart upload part, held in memory while it is sent",
+    )
+
+    @field_validator("store")
+    @classmethod
+    def _check_store(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            return value
+        scheme, sep, rest = value.partition("://")
+        bucket = rest.split("/", 1)[0]
+        if scheme != "s3" or not sep or not _BUCKET_NAME.fullmatch(bucket):
+            raise ValueError(
+                f"SLUICE_FILE_STORE={value!r} is not an object store location: write "
+                "s3://BUCKET or s3://BUCKET/PREFIX (bucket names: 3-63 lower-case letters, "
+                "digits, '.' and '-'), or leave it empty to store files in PostgreSQL"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_keys(self) -> Self:
+        if bool(self.access_key_id) != bool(self.secret_access_key.get_secret_value()):
+            raise ValueError(
+                "set SLUICE_S3_ACCESS_KEY_ID and SLUICE_S3_SECRET_ACCESS_KEY together, or "
+                "neither to use the standard AWS credential chain"
+            )
+        return self
+
+    @property
+    def uses_s3(self) -> bool:
+        return bool(self.store)
+
+    @property
+    def bucket(self) -> str:
+        return self.store.partition("://")[2].split("/", 1)[0]
+
+    @property
+    def prefix(self) -> str:
+        """The key prefix of new objects, '' or ending with '/'."""
+        rest = self.store.partition("://")[2].partition("/")[2].strip("/")
+        return f"{rest}/" if rest else ""
+
+
 class UrlSettings(BaseSettings):
     """What URL sources may fetch (SSRF guard) and how much."""
 
@@ -471,6 +549,7 @@ class Settings:
         webhooks: WebhookSettings | None = None,
         url: UrlSettings | None = None,
         firehose: FirehoseSettings | None = None,
+        files: FileStoreSettings | None = None,
     ) -> None:
         self.kafka = kafka or KafkaSettings()
         self.database = database or DatabaseSettings()
@@ -479,6 +558,7 @@ class Settings:
         self.webhooks = webhooks or WebhookSettings()
         self.url = url or UrlSettings()
         self.firehose = firehose or FirehoseSettings()
+        self.files = files or FileStoreSettings()
 
     @property
     def database_url(self) -> str:

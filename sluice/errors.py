@@ -9,16 +9,19 @@
     │   ├── InvalidRequest       a request that cannot be carried out as given
     │   ├── StackNotFound        no broker and database configured, no stack running
     │   ├── FileTooLarge         a file over the configured size limit
+    │   ├── FileGone             a stored file (or its object) is no longer there
     │   ├── MappingError         the file's columns do not fit the importer
     │   ├── NoPullSource         a trigger for an importer that cannot pull
     │   ├── SourceError          a pull source refused (sluice.sources.base)
     │   ├── InvalidConfig        the settings contradict each other (a webhook without a secret)
     │   ├── KafkaConfigError     the broker refused the TLS or SASL settings (names which)
-    │   └── EmbeddedStackMissing `sluice up` without the `embedded` extra installed
+    │   ├── EmbeddedStackMissing `sluice up` without the `embedded` extra installed
+    │   └── ObjectStoreRefused   the object store refused: no bucket, wrong keys, a bad request
     └── TransientError           the database or broker failed; retry with backoff
         ├── SourceUnavailable    a pull source did not answer (sluice.sources.base)
         ├── KafkaUnavailable     no bootstrap server answered
-        └── DeliveryFailed       the broker did not confirm messages a stage produced
+        ├── DeliveryFailed       the broker did not confirm messages a stage produced
+        └── ObjectStoreUnavailable  the object store did not answer, or failed (5xx)
 
 File-level format problems are ``sluice.formats.FileFormatError`` (terminal too).
 """
@@ -66,6 +69,10 @@ class FileTooLarge(TerminalError):
     pass
 
 
+class FileGone(TerminalError):
+    """A stored file was pruned or deleted, or its object is missing from the object store."""
+
+
 class MappingError(TerminalError):
     pass
 
@@ -94,3 +101,11 @@ class KafkaUnavailable(TransientError):
 class DeliveryFailed(TransientError):
     """Messages a stage produced were refused or never confirmed by the broker: the stage's
     step is not done and is tried again."""
+
+
+class ObjectStoreRefused(TerminalError):
+    """The object store answered but refused: no such bucket, wrong keys, no permission."""
+
+
+class ObjectStoreUnavailable(TransientError):
+    """The object store did not answer, or answered with a server error."""

@@ -13,7 +13,7 @@ from sluice.importers.registry import Registry, build_registry
 from sluice.sources.api import ApiClient
 from sluice.sources.base import ApiSource
 from sluice.storage.db import create_pool
-from sluice.storage.filestore import PgFileStore
+from sluice.storage.filestore import FileStore, Objects, PgFileStore
 from sluice.storage.items import ItemRepository
 from sluice.storage.ratelimit import RateLimiter
 from sluice.storage.runs import RunRepository
@@ -21,6 +21,7 @@ from sluice.storage.writer import BatchApplier
 
 if TYPE_CHECKING:
     from sluice.agents.project import Projections
+    from sluice.storage.objectstore import S3Objects
 
 
 class Runtime:
@@ -40,6 +41,8 @@ class Runtime:
         self._lock = asyncio.Lock()
         self._api_clients: dict[str, ApiClient] = {}
         self._limiter: RateLimiter | None = None
+        self._objects: S3Objects | None = None
+        self._objects_lock = asyncio.Lock()
 
     async def pool(self) -> asyncpg.Pool:
         if self._pool is None:
@@ -57,8 +60,35 @@ class Runtime:
     async def runs(self) -> RunRepository:
         return RunRepository(await self.pool())
 
-    async def files(self) -> PgFileStore:
-        return PgFileStore(await self.pool(), chunk_bytes=self.settings.pipeline.file_chunk_bytes)
+    async def files(self) -> FileStore:
+        """The configured file store (``SLUICE_FILE_STORE``): new files go there; files of
+        either store are read and deleted from wherever their row says they are."""
+        pool = await self.pool()
+        store = self.settings.files
+        if store.uses_s3:
+            from sluice.storage.objectstore import S3FileStore
+
+            return S3FileStore(
+                pool,
+                self.objects,
+                bucket=store.bucket,
+                prefix=store.prefix,
+                part_bytes=store.part_bytes,
+            )
+        return PgFileStore(
+            pool, chunk_bytes=self.settings.pipeline.file_chunk_bytes, objects=self.objects
+        )
+
+    async def objects(self) -> Objects:
+        """The process's S3 client, connected on first use (a PostgreSQL-only deployment never
+        needs the ``s3`` extra)."""
+        if self._objects is None:
+            async with self._objects_lock:
+                if self._objects is None:
+                    from sluice.storage.objectstore import S3Objects
+
+                    self._objects = await S3Objects.connect(self.settings.files)
+        return self._objects
 
     async def applier(self) -> BatchApplier:
         pool = await self.pool()  # no await between the test and the assignment: one applier
@@ -93,6 +123,9 @@ class Runtime:
         for client in self._api_clients.values():
             await client.close()
         self._api_clients.clear()
+        if self._objects is not None:
+            await self._objects.close()
+            self._objects = None
         if self._pool is not None:
             await self._pool.close()
             self._pool = None

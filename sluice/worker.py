@@ -28,6 +28,9 @@ async def prepare(rt: Runtime) -> None:
     settings = rt.settings
     await check_connection(settings.kafka)
     await ensure_topics(settings.kafka)
+    if settings.files.uses_s3:
+        # A missing bucket or refused keys stop the worker here, not the first upload.
+        await (await rt.objects()).check_bucket(settings.files.bucket)
     schemas = settings.database.schemas
     conn = await connect(settings.database_url, schemas=schemas)
     try:

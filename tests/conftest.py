@@ -24,7 +24,9 @@ import pytest
 
 from sluice.client import Client
 from sluice.config import (
+    S3_MIN_PART_BYTES,
     DatabaseSettings,
+    FileStoreSettings,
     KafkaSettings,
     PipelineSettings,
     Settings,
@@ -45,6 +47,9 @@ WEBHOOK_SECRET = "test-webhook-secret"
 TRAP_HOST = "127.0.0.2"
 """Loopback, so a test can serve there (Linux routes 127/8 to lo), and not on the allow list."""
 FTP_PASSWORD = "s3cret-ftp"
+S3_ACCESS_KEY = "sluice-test-key"
+S3_SECRET_KEY = "sluice-test-secret"
+S3_REGION = "us-east-1"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -149,6 +154,9 @@ class Stack:
         # loopback address the workers' host policy refuses.
         self.guard_port = free_port()
         self.trap_port = free_port()
+        # tests/storage: the S3 server (moto) serves here, started by the tests that use it.
+        # The workers store in PostgreSQL; with these settings they read files stored in S3.
+        self.s3_port = free_port()
         self.files = root / "files"
         self.files.mkdir()
         self.workers: list[Worker] = []
@@ -193,10 +201,34 @@ class Stack:
             SLUICE_FIREHOSE_DID_WEB_URL=f"http://127.0.0.1:{self.pds_port}/.well-known/did.json",
             SLUICE_WEBHOOK_BACKOFF="0.5",
             SLUICE_WEBHOOK_RETRY_INTERVAL="0.2",
+            SLUICE_S3_ENDPOINT_URL=self.s3_url,
+            SLUICE_S3_REGION=S3_REGION,
+            SLUICE_S3_ACCESS_KEY_ID=S3_ACCESS_KEY,
+            SLUICE_S3_SECRET_ACCESS_KEY=S3_SECRET_KEY,
+            SLUICE_S3_ADDRESSING_STYLE="path",
         )
         return env
 
-    def settings(self) -> Settings:
+    @property
+    def s3_url(self) -> str:
+        return f"http://127.0.0.1:{self.s3_port}"
+
+    def file_store(
+        self, store: str = "", *, part_bytes: int = S3_MIN_PART_BYTES
+    ) -> FileStoreSettings:
+        """The stack's object store connection; ``store`` selects where new files go (empty:
+        PostgreSQL, the default of the whole session)."""
+        return FileStoreSettings(
+            store=store,
+            endpoint_url=self.s3_url,
+            region=S3_REGION,
+            access_key_id=S3_ACCESS_KEY,
+            secret_access_key=S3_SECRET_KEY,
+            addressing_style="path",
+            part_bytes=part_bytes,
+        )
+
+    def settings(self, files: FileStoreSettings | None = None) -> Settings:
         return Settings(
             kafka=KafkaSettings(
                 bootstrap=self.broker.bootstrap, partitions=PARTITIONS, session_timeout=6
@@ -204,6 +236,7 @@ class Stack:
             database=DatabaseSettings(url=self.postgres.url),
             pipeline=PipelineSettings(importers="tests.importers", home=self.root / "home"),
             url=UrlSettings(allow_hosts="127.0.0.1"),
+            files=files or self.file_store(),
         )
 
     def start(self) -> None:

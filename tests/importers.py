@@ -67,6 +67,11 @@ retried = items("t_retry")
 api_items = items("t_api")
 sdk_items = items("t_sdk", batch_size=200)
 hooked = items("t_hook")
+# tests/storage/test_objectstore.py: the same import from each file store, side by side.
+s3_from_pg = items("t_s3_pg")
+s3_from_objects = items("t_s3_obj")
+s3_killed = items("t_s3_killed", batch_size=100)
+s3_items = items("t_s3")
 
 
 # ---------------------------------------------------------------- pull sources
