@@ -65,6 +65,9 @@ retried = items("t_retry")
 api_items = items("t_api")
 sdk_items = items("t_sdk", batch_size=200)
 hooked = items("t_hook")
+# tests/test_metrics.py: small batches into one table, under two policies.
+metered = items("t_metrics", batch_size=20)
+metered_skip = dataclasses.replace(items("t_metrics_skip", DuplicatePolicy.SKIP), table="t_metrics")
 
 
 # ---------------------------------------------------------------- pull sources
