@@ -147,6 +147,10 @@ def create_app(
         Topic.DEADLETTER: dead,
     }
     plans = PlanCache()
+    rt.metrics.dead_letters_from(
+        names.requests, names.batches, names.triggers, names.items, names.lifecycle,
+        names.backfill, names.firehose,
+    )  # fmt: skip
 
     async def record_dead_letter(record: Any, reason: str) -> None:
         """``record``: a Kafka message (aiokafka's, or a Faust event's ``message``)."""
@@ -397,6 +401,8 @@ def create_app(
 
             async def publish(did: str, raw: bytes) -> None:
                 await firehose.send(key=did.encode(), value=raw)
+
+            rt.metrics.dead_letters_from("jetstream")
 
             async def to_dead_letter(raw: bytes, reason: str) -> None:
                 letter = DeadLetter.of("jetstream", -1, -1, reason, raw)

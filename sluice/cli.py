@@ -376,6 +376,7 @@ def firehose(url: str | None, collections: tuple[str, ...], dids: tuple[str, ...
 
     settings = load_settings()
     metrics = WorkerMetrics()
+    metrics.dead_letters_from("jetstream")
     try:
         serve(metrics.registry, settings.metrics)
     except InvalidConfig as exc:

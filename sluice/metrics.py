@@ -45,6 +45,7 @@ TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"
 BATCH_OUTCOMES = ("applied", "duplicate", "inactive", "dead")
 ROW_OUTCOMES = ("created", "updated", "unchanged", "skipped", "failed")
 FIREHOSE_OUTCOMES = ("applied", "skipped", "deleted", "malformed")
+RETRY_STAGES = ("split", "fetch", "detail", "trigger", "backfill", "upsert", "lane", "firehose")
 APPLY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 TANSU_LAG_NOTE = (
@@ -146,6 +147,9 @@ class WorkerMetrics:
                 self.rows.labels(outcome, dry)
         for outcome in FIREHOSE_OUTCOMES:
             self.firehose_events.labels(outcome)
+        # Series that exist at 0 from the start: increase() and rate() see their first step.
+        for stage in RETRY_STAGES:
+            self.retries.labels(stage)
         self._lag_series: dict[str, set[tuple[str, str]]] = {}
 
     # ---------------------------------------------------------------- batches and rows
@@ -173,6 +177,11 @@ class WorkerMetrics:
 
     def dead_letter(self, topic: str) -> None:
         self.dead_letters.labels(topic).inc()
+
+    def dead_letters_from(self, *topics: str) -> None:
+        """Show the dead letters of ``topics`` at 0 until there are some."""
+        for topic in topics:
+            self.dead_letters.labels(topic)
 
     def retried(self, stage: str) -> None:
         self.retries.labels(stage).inc()

@@ -41,6 +41,16 @@ class Samples:
     def has(self, name: str, **labels: str) -> bool:
         return bool(self.series(name, **labels))
 
+    def names(self) -> set[str]:
+        """Every metric name a query may use: counters with _total, histograms with _bucket,
+        _count and _sum (a family with no series yet included)."""
+        found = set()
+        for family, kind in self.types.items():
+            found.add(family + "_total" if kind == "counter" else family)
+            if kind == "histogram":
+                found |= {f"{family}_bucket", f"{family}_count", f"{family}_sum"}
+        return found
+
 
 def scrape(*urls: str, headers: dict[str, str] | None = None) -> Samples:
     """GET every URL (each must answer 200 with the Prometheus text format) and add them up."""

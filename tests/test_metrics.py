@@ -4,6 +4,8 @@ ports (tests/conftest.py gives each one), the API serves the runs queued and run
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import socket
 import subprocess
 import sys
@@ -273,3 +275,24 @@ def test_metrics_of_a_worker_are_plain_http(stack: Stack) -> None:
     samples = Samples([response.text])
     assert samples.types["sluice_batches"] == "counter"
     assert samples.total("process_resident_memory_bytes") > 0
+
+
+def test_the_dashboard_and_the_readme_name_the_metrics_served(
+    stack: Stack, public_api: str
+) -> None:
+    served = workers(stack).names() | scrape(f"{public_api}/metrics").names()
+    ours = {name for name in served if name.startswith("sluice_")}
+    dashboard = json.loads((ROOT / "docs" / "grafana-dashboard.json").read_text())
+    (variable,) = dashboard["templating"]["list"]
+    assert (variable["type"], variable["query"]) == ("datasource", "prometheus")
+    queries = [t for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(queries) >= 10
+    for target in queries:
+        assert target["datasource"]["uid"] == "${datasource}"
+        used = set(re.findall(r"\bsluice_[a-z_]+", target["expr"]))
+        assert used and used <= ours, target["expr"]
+    readme = (ROOT / "README.md").read_text()
+    metrics = readme[readme.index("## Metrics") : readme.index("## Configuration")]
+    listed = {name for name in ours if not name.endswith(("_bucket", "_count", "_sum"))}
+    for name in listed:
+        assert f"`{name}`" in metrics, f"{name} is not in the README's Metrics section"
