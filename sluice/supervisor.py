@@ -147,6 +147,8 @@ def supervise(
             time.sleep(0.3)
             if worker.poll() is not None and not stopping:
                 log.warning("worker exited with %s; starting a new one", worker.returncode)
+                if metrics.port:  # its port again, unless another process took it meanwhile
+                    env["SLUICE_METRICS_PORT"] = str(free_port(int(env["SLUICE_METRICS_PORT"])))
                 worker = _spawn(["worker"], env, logs / "worker.log")
                 state.pids["worker"] = worker.pid
                 write_state(home, state)
