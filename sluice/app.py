@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from functools import partial
 from typing import Any
@@ -40,12 +39,10 @@ from sluice.storage.recovery import RECOVERY_LOCK, fail_stalled, mark_resumed, s
 from sluice.streams import kafka as clients
 from sluice.streams.admin import ensure_topics
 from sluice.streams.kafka import faust_broker_options
+from sluice.streams.lag import aiokafka_lag, faust_lag
 from sluice.streams.topics import Topic, Topics, outbox_topic
 
 log = logging.getLogger(__name__)
-
-LAG_WAIT = 1.0
-"""Seconds a lag measurement waits for a consumer's position."""
 
 
 def start_message(value: bytes | None) -> TriggerRequested | ValidationError | None:
@@ -62,41 +59,6 @@ def start_message(value: bytes | None) -> TriggerRequested | ValidationError | N
         return TriggerRequested.model_validate(data)
     except ValidationError as exc:
         return exc
-
-
-async def faust_lag(consumer: Any) -> dict[tuple[str, int], int]:
-    """Lag per partition assigned to a Faust consumer: the end offset its last fetch saw minus
-    the offset it committed (or, when it has committed nothing, its position)."""
-    # Faust keeps the committed offsets of its assigned partitions here: set from the group's
-    # offsets on assignment, moved on every commit, dropped on revocation (faust-streaming 0.15).
-    committed: Any = getattr(consumer, "_committed_offset", {})
-    lags: dict[tuple[str, int], int] = {}
-    for tp in consumer.assignment():
-        try:
-            end = consumer.highwater(tp)
-            done = committed.get(tp)
-            if done is None:
-                done = await asyncio.wait_for(consumer.position(tp), LAG_WAIT)
-        except Exception:  # revoked meanwhile, or no position yet: next time
-            continue
-        if end is not None and done is not None:
-            lags[(tp.topic, tp.partition)] = end - done
-    return lags
-
-
-async def aiokafka_lag(consumer: Any) -> dict[tuple[str, int], int]:
-    """Lag per partition assigned to an aiokafka consumer that commits what it polled once it
-    applied it (the firehose applier): the end offset its last fetch saw minus its position."""
-    lags: dict[tuple[str, int], int] = {}
-    for tp in consumer.assignment():
-        try:
-            end = consumer.highwater(tp)
-            done = await asyncio.wait_for(consumer.position(tp), LAG_WAIT)
-        except Exception:
-            continue
-        if end is not None:
-            lags[(tp.topic, tp.partition)] = end - done
-    return lags
 
 
 def create_app(
