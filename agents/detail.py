@@ -17,7 +17,7 @@ from sluice.agents.upsert import PlanCache
 from sluice.formats import ParsedRow
 from sluice.mapping import RecordMapper
 from sluice.runtime import Runtime
-from sluice.schemas.events import ItemPage, RowBatch
+from sluice.schemas.events import BatchOutcome, ItemPage, RowBatch
 from sluice.sources.api import DetailResult
 from sluice.storage.items import ItemOutcome, finish_items
 from sluice.storage.ratelimit import RateStats
@@ -30,23 +30,27 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-async def fetch_page(rt: Runtime, page: ItemPage, plans: PlanCache) -> str:
-    """Returns applied, duplicate (nothing left to do) or inactive (the run is finished)."""
+async def fetch_page(rt: Runtime, page: ItemPage, plans: PlanCache) -> BatchOutcome:
+    """Returns APPLIED, DUPLICATE (nothing left to do) or INACTIVE (the run is finished), and
+    counts the page as a batch in ``rt.metrics``."""
     status, plan, dry_run = await plans.get(rt, page.run_id)
     if plan is None:
         if status.terminal:
-            return "inactive"
+            rt.metrics.batch_done(BatchOutcome.INACTIVE)
+            return BatchOutcome.INACTIVE
         raise RuntimeError(f"run {page.run_id} has no plan yet")
     run = await (await rt.runs()).get(page.run_id)
     if run is None or run.status.terminal:
-        return "inactive"
+        rt.metrics.batch_done(BatchOutcome.INACTIVE)
+        return BatchOutcome.INACTIVE
     importer = rt.registry.get(run.importer)
     source = api_source_of(rt, run.importer)
     repo = await rt.items()
     items = await repo.page(page.run_id, page.seq)
     todo = [i for i in items if i.status in ("pending", "processing")]
     if not todo:
-        return "duplicate"
+        rt.metrics.batch_done(BatchOutcome.DUPLICATE)
+        return BatchOutcome.DUPLICATE
     await repo.mark_processing(page.run_id, [i.external_id for i in todo])
     client = await rt.api_client(importer.slug, source)
     stats = RateStats()
@@ -90,15 +94,23 @@ async def fetch_page(rt: Runtime, page: ItemPage, plans: PlanCache) -> str:
             )
         )
     spent = stats.take()
+    logged = 0  # failures newly in the row log (none when the page was applied before)
 
     async def also(conn: Any) -> None:
+        nonlocal logged
         if failures:
-            await insert_row_failures(conn, page.run_id, failures, count_processed=True)
+            logged = await insert_row_failures(conn, page.run_id, failures, count_processed=True)
         await finish_items(conn, page.run_id, outcomes, (spent.hits, spent.sleeps, spent.slept))
 
     batch = RowBatch(page.run_id, page.seq, orjson.dumps(records, default=_json_default).decode())
     applier = await rt.applier()
-    outcome = await applier.apply(batch, plan, dry_run=dry_run, also=also)
+    applied = await applier.apply(batch, plan, dry_run=dry_run, also=also)
+    outcome = applied.outcome
+    if outcome is BatchOutcome.APPLIED:
+        rt.metrics.batch_done(outcome, applied, dry_run=dry_run)
+        rt.metrics.rows_rejected(logged, dry_run=dry_run)
+    else:
+        rt.metrics.batch_done(outcome)
     log.info(
         "run %s page %d: %d items, %d failed: %s",
         page.run_id,

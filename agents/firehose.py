@@ -42,13 +42,21 @@ def describe(exc: ValidationError) -> str:
 
 
 async def apply_firehose(rt: Runtime, events: Sequence[JetstreamEvent]) -> ApplyCounts:
+    """Apply ``events`` in one transaction, and count them in ``rt.metrics``."""
     if not events:
         return ApplyCounts()
+    counts = await _apply_serializable(rt, events)
+    rt.metrics.firehose_applied(counts.applied, counts.skipped, counts.deleted)
+    return counts
+
+
+async def _apply_serializable(rt: Runtime, events: Sequence[JetstreamEvent]) -> ApplyCounts:
     for attempt in range(1, 21):
         try:
             return await _apply_once(rt, events)
         except asyncpg.exceptions.SerializationError:
             # A concurrent write of the same record (a backfill page) won: apply again.
+            rt.metrics.retried("firehose")
             await asyncio.sleep(0.02 * attempt)
     return await _apply_once(rt, events)
 

@@ -24,9 +24,16 @@ T = TypeVar("T")
 
 class Lanes(Generic[T]):
     def __init__(
-        self, work: Callable[[T], Awaitable[None]], *, depth: int = 2, retry_delay: float = 1.0
+        self,
+        work: Callable[[T], Awaitable[None]],
+        *,
+        depth: int = 2,
+        retry_delay: float = 1.0,
+        on_retry: Callable[[], None] | None = None,
     ) -> None:
+        """``on_retry`` is called each time an item is tried again (a metrics counter)."""
         self._work = work
+        self._on_retry = on_retry
         self._depth = depth
         self._retry_delay = retry_delay
         self._queues: dict[Hashable, asyncio.Queue[T]] = {}
@@ -53,6 +60,8 @@ class Lanes(Generic[T]):
                     # refusing a message, say) is tried again. Never skipped: the next item of
                     # the lane must not be worked on before this one.
                     log.exception("lane %s: unhandled error; trying again in %.1fs", lane, delay)
+                    if self._on_retry is not None:
+                        self._on_retry()
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 30.0)
             del item  # not kept alive while the lane waits: Faust waits for it on a rebalance

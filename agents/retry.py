@@ -25,10 +25,12 @@ async def retrying(
     delay: float = 0.5,
     max_delay: float = 10.0,
     outage: float = 120.0,
+    on_retry: Callable[[], None] | None = None,
 ) -> T:
     """``work()``, tried up to ``attempts`` times while it raises anything but a TerminalError;
     the last exception propagates. While the database cannot be reached, tries do not count,
-    for up to ``outage`` seconds: a restart of PostgreSQL is waited out, not failed."""
+    for up to ``outage`` seconds: a restart of PostgreSQL is waited out, not failed.
+    ``on_retry`` is called before each wait to try again (a metrics counter)."""
     attempt = 0
     waited = 0.0
     while True:
@@ -40,6 +42,8 @@ async def retrying(
             if is_connection_error(exc) and waited < outage:
                 pause = min(delay, max_delay, 2.0)
                 log.warning("%s: the database is unreachable (%s); waiting", what, exc)
+                if on_retry is not None:
+                    on_retry()
                 await asyncio.sleep(pause)
                 waited += pause
                 continue
@@ -54,5 +58,7 @@ async def retrying(
                 exc,
                 delay,
             )
+            if on_retry is not None:
+                on_retry()
             await asyncio.sleep(delay)
             delay = min(delay * 2, max_delay)

@@ -383,7 +383,8 @@ async def _split(
         records, failures = mapper.map_text(chunk) if as_text else mapper.map_rows(chunk)
         total += len(records) + len(failures)
         if failures:
-            await runs.record_rejections(run_id, failures)
+            logged = await runs.record_rejections(run_id, failures)
+            rt.metrics.rows_rejected(logged, dry_run=request.dry_run)
         for partition, batch in router.add(records):
             await emit(partition, batch)
         now = time.monotonic()

@@ -12,10 +12,10 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 from sluice.runtime import Runtime
-from sluice.schemas.events import PoisonBatch, RowBatch
+from sluice.schemas.events import BatchOutcome, PoisonBatch, RowBatch
 from sluice.schemas.runs import RunStatus
 from sluice.storage.db import is_connection_error
-from sluice.storage.writer import TargetPlan
+from sluice.storage.writer import BatchResult, TargetPlan
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +48,26 @@ class PlanCache:
 
 async def upsert_batch(
     rt: Runtime, key: bytes | None, value: bytes | None, plans: PlanCache, dead_letter: DeadLetterFn
-) -> str:
-    """Apply one batch message. Returns what happened: applied, duplicate, inactive, dead."""
+) -> BatchOutcome:
+    """Apply one batch message; returns what became of it, and counts it in ``rt.metrics``."""
+    result, dry_run = await _upsert(rt, key, value, plans, dead_letter)
+    applied = result if result.outcome is BatchOutcome.APPLIED else None
+    rt.metrics.batch_done(result.outcome, applied, dry_run=dry_run)
+    return result.outcome
+
+
+async def _upsert(
+    rt: Runtime, key: bytes | None, value: bytes | None, plans: PlanCache, dead_letter: DeadLetterFn
+) -> tuple[BatchResult, bool]:
+    """The batch's result, and whether its run is a dry run."""
+    dead = BatchResult(BatchOutcome.DEAD)
     try:
         batch = RowBatch.parse(key, value)
     except PoisonBatch as exc:
         await dead_letter(str(exc))
-        return "dead"
+        return dead, False
     attempts = rt.settings.pipeline.apply_attempts
+    dry_run = False
     delay = 0.2
     attempt = 0
     waited = 0.0
@@ -64,15 +76,15 @@ async def upsert_batch(
             status, plan, dry_run = await plans.get(rt, batch.run_id)
             if plan is None:
                 if status.terminal:
-                    return "inactive"
+                    return BatchResult(BatchOutcome.INACTIVE), dry_run
                 raise RuntimeError(f"run {batch.run_id} has no plan yet")
             applier = await rt.applier()
-            return await applier.apply(batch, plan, dry_run=dry_run)
+            return await applier.apply(batch, plan, dry_run=dry_run), dry_run
         except asyncio.CancelledError:
             raise
         except PoisonBatch as exc:
             await _give_up(rt, batch, dead_letter, f"{exc}", retried=False)
-            return "dead"
+            return dead, dry_run
         except Exception as exc:
             if is_connection_error(exc) and waited < OUTAGE_SECONDS:
                 # PostgreSQL restarting is waited out; it does not use up the batch's tries.
@@ -82,6 +94,7 @@ async def upsert_batch(
                     batch.seq,
                     exc,
                 )
+                rt.metrics.retried("upsert")
                 await asyncio.sleep(1.0)
                 waited += 1.0
                 continue
@@ -94,7 +107,7 @@ async def upsert_batch(
                     attempts,
                 )
                 await _give_up(rt, batch, dead_letter, f"{type(exc).__name__}: {exc}", retried=True)
-                return "dead"
+                return dead, dry_run
             log.warning(
                 "batch %s/%d attempt %d failed (%s: %s); retrying in %.1fs",
                 batch.run_id,
@@ -104,6 +117,7 @@ async def upsert_batch(
                 exc,
                 delay,
             )
+            rt.metrics.retried("upsert")
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 

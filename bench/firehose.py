@@ -753,13 +753,17 @@ async def run(args: argparse.Namespace, home: Path, work: Path, env: dict[str, s
             print(f"\n--- {path} (tail)\n{tail(path)}", file=sys.stderr)
 
     try:
+        from sluice.stack import free_port
+
         worker_env = {**env, "SLUICE_KAFKA_BOOTSTRAP": bootstrap, "SLUICE_DATABASE_URL": url}
         for n in range(2, args.workers + 1):
             worker_logs.append(work / f"worker-{n}.log")
-            extra.append(spawn(["worker"], worker_env, worker_logs[-1]))
+            # Each process next to `sluice up`'s worker needs a metrics port of its own.
+            metrics = {"SLUICE_METRICS_PORT": str(free_port())}
+            extra.append(spawn(["worker"], {**worker_env, **metrics}, worker_logs[-1]))
         await server.start()
         await probe.start()
-        fh_env = {**env, "SLUICE_FIREHOSE_NAME": "bench"}
+        fh_env = {**env, "SLUICE_FIREHOSE_NAME": "bench", "SLUICE_METRICS_PORT": str(free_port())}
         firehose = spawn(["firehose", "--url", server.url], fh_env, firehose_log)
         workers = [int(pids["worker"]), *(p.pid for p in extra)]
         meter = CpuMeter(

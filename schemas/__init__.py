@@ -1,6 +1,7 @@
 """Pydantic models of every event and record that crosses a process boundary."""
 
 from sluice.schemas.events import (
+    BatchOutcome,
     DeadLetter,
     FileRef,
     ImportRequested,
@@ -13,6 +14,7 @@ from sluice.schemas.runs import DuplicatePolicy, Run, RunCounters, RunStatus
 from sluice.schemas.webhooks import DeliveryStatus, WebhookDelivery
 
 __all__ = [
+    "BatchOutcome",
     "DeadLetter",
     "DeliveryStatus",
     "DuplicatePolicy",

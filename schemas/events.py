@@ -120,6 +120,19 @@ class PoisonBatch(ValueError):
     """A message on the batches topic that is not a batch: it goes to the dead-letter topic."""
 
 
+class BatchOutcome(StrEnum):
+    """What became of one row batch (a message of the batches topic, or a page of API items)."""
+
+    APPLIED = "applied"
+    """Its rows were written and counted, in one transaction with its marker."""
+    DUPLICATE = "duplicate"
+    """Delivered again: its marker was there already, so nothing was written or counted."""
+    INACTIVE = "inactive"
+    """Its run was cancelled or had finished: nothing was written."""
+    DEAD = "dead"
+    """Sent to the dead-letter topic (not a batch, or still failing after its tries)."""
+
+
 COPY_BATCH = b"sluice-copy "
 """Start of a batch in PostgreSQL's COPY text format (see RowBatch)."""
 

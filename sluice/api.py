@@ -44,7 +44,7 @@ from sluice.errors import (
     TransientError,
 )
 from sluice.formats import FileFormatError
-from sluice.metrics import render_metrics
+from sluice.metrics import TEXT_FORMAT, ApiMetrics
 from sluice.ratelimit_http import RateLimitMiddleware, TokenBuckets
 from sluice.schedule import ScheduleInfo
 from sluice.schemas.firehose import DID_PATTERN, BackfillState, BackfillStatus
@@ -282,6 +282,7 @@ def create_api(settings: Settings) -> FastAPI:
     auth = [Depends(authorized)]
     health_auth = [] if settings.api.public_health else auth
     metrics_auth = [] if settings.api.public_metrics else auth
+    api_metrics = ApiMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -326,6 +327,19 @@ def create_api(settings: Settings) -> FastAPI:
                 )
         response: Response = await call_next(request)
         return response
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next: Any) -> Response:
+        # Outermost: counts every answer, the 401s, 413s and 429s included. The route template
+        # (not the path) keeps the label values few.
+        status = 500
+        try:
+            response: Response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = getattr(request.scope.get("route"), "path", None) or "unmatched"
+            api_metrics.request_done(request.method, route, status)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -400,9 +414,12 @@ def create_api(settings: Settings) -> FastAPI:
         response_class=PlainTextResponse,
     )
     async def metrics() -> PlainTextResponse:
-        """Prometheus text format: rows, batches, failures, runs by status, consumer lag."""
-        text = await render_metrics(await client.rt.pool(), settings)
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+        """Prometheus text format: runs queued and running, the outbox backlog, this process's
+        requests. The pipeline's counters are the workers' (SLUICE_METRICS_PORT)."""
+        runs = await client.rt.runs()
+        api_metrics.set_runs(await runs.count_active())
+        api_metrics.outbox.set(await runs.count_unrelayed_events())
+        return PlainTextResponse(api_metrics.render(), media_type=TEXT_FORMAT)
 
     # ------------------------------------------------------------------ importers and imports
 

@@ -26,6 +26,7 @@ from sluice.errors import TerminalError
 from sluice.runtime import Runtime
 from sluice.schedule import fire_due
 from sluice.schemas.events import (
+    BatchOutcome,
     DeadLetter,
     ImportRequested,
     ItemPage,
@@ -37,6 +38,7 @@ from sluice.schemas.runs import Run
 from sluice.streams import kafka as clients
 from sluice.streams.admin import ensure_topics
 from sluice.streams.kafka import faust_broker_options
+from sluice.streams.lag import aiokafka_lag, faust_lag
 from sluice.streams.topics import Topic, Topics, outbox_topic
 
 log = logging.getLogger(__name__)
@@ -106,6 +108,10 @@ def create_app(
         Topic.DEADLETTER: dead,
     }
     plans = PlanCache()
+    rt.metrics.dead_letters_from(
+        names.requests, names.batches, names.triggers, names.items, names.lifecycle,
+        names.backfill, names.firehose,
+    )  # fmt: skip
 
     async def record_dead_letter(record: Any, reason: str) -> None:
         """``record``: a Kafka message (aiokafka's, or a Faust event's ``message``)."""
@@ -114,6 +120,7 @@ def create_app(
         log.error("dead letter from %s[%d]@%d: %s", topic_name, partition, offset, reason)
         # Confirmed: the caller moves on (commits the offset) once the letter is on the broker.
         await (await dead.send(key=record.key, value=letter.model_dump_json().encode()))
+        rt.metrics.dead_letter(topic_name)
 
     async def dead_letter(event: Any, reason: str) -> None:
         await record_dead_letter(event.message, reason)
@@ -121,14 +128,17 @@ def create_app(
     async def flush() -> None:
         await app.producer.flush()
 
-    async def with_retries(what: str, run_id: Any, event: Any, work: Any) -> None:
+    async def with_retries(what: str, stage: str, run_id: Any, event: Any, work: Any) -> bool:
         """Work that fails for a reason other than its input (database, broker or source
         trouble) is tried again: splitting, fetching and applying are idempotent. After the last
         try the run fails with the cause and the message goes to the dead-letter topic, to be
-        replayed once the cause is fixed."""
+        replayed once the cause is fixed. Returns False then. ``stage`` labels the retries."""
         attempts = rt.settings.pipeline.apply_attempts
         try:
-            await retrying(f"{what} of run {run_id}", attempts, work)
+            await retrying(
+                f"{what} of run {run_id}", attempts, work, on_retry=rt.metrics.on_retry(stage)
+            )
+            return True
         except Exception as exc:
             log.exception("%s of run %s failed %d times", what, run_id, attempts)
             await dead_letter(event, f"{what} failed: {type(exc).__name__}: {exc}")
@@ -140,10 +150,11 @@ def create_app(
                 )
             except Exception:
                 log.exception("could not mark run %s failed", run_id)
+            return False
 
     async def split_with_retry(request: ImportRequested, send: Any, event: Any) -> None:
         await with_retries(
-            "split", request.run_id, event, lambda: split_file(rt, request, send, flush)
+            "split", "split", request.run_id, event, lambda: split_file(rt, request, send, flush)
         )
 
     triggers = topic(names.triggers, kafka.partitions)
@@ -189,7 +200,7 @@ def create_app(
     async def upsert_agent(stream: Any) -> None:
         # One lane per partition: in order within a partition (its keys, in file order), side
         # by side across partitions (see agents.lanes).
-        lanes: Lanes[Any] = Lanes(apply_batch, depth=2)
+        lanes: Lanes[Any] = Lanes(apply_batch, depth=2, on_retry=rt.metrics.on_retry("lane"))
         try:
             async for event in stream.noack().events():
                 await lanes.put(event.message.partition, event)
@@ -225,6 +236,7 @@ def create_app(
                         "a run for a produced trigger",
                         rt.settings.pipeline.apply_attempts,
                         partial(adopt_trigger, rt, trigger),
+                        on_retry=rt.metrics.on_retry("trigger"),
                     )
                 except TerminalError as exc:
                     await dead_letter(event, f"cannot start a run: {exc}")
@@ -234,6 +246,7 @@ def create_app(
                 await discover(rt, run, send_page, flush)
 
             await with_retries(
+                "fetch",
                 "fetch",
                 trigger.run_id,
                 event,
@@ -250,12 +263,15 @@ def create_app(
             except ValidationError as exc:
                 await dead_letter(event, f"not a valid item page: {exc.errors()[:3]}")
                 continue
-            await with_retries(
+            done = await with_retries(
                 "item details",
+                "detail",
                 page.run_id,
                 event,
                 lambda page=page: fetch_page(rt, page, plans),
             )
+            if not done:
+                rt.metrics.batch_done(BatchOutcome.DEAD)
 
     async def publish_trigger(run: Run, kind: str, params: dict[str, Any]) -> None:
         trigger = TriggerRequested.for_run(run, kind, params)
@@ -273,6 +289,9 @@ def create_app(
     firehose = topic(names.firehose, kafka.partitions)
     backfills = topic(names.backfill, kafka.partitions)
 
+    # The firehose applier's consumer, for the lag gauges (measure_lag).
+    firehose_consumers: list[Any] = []
+
     @app.task  # type: ignore[untyped-decorator]
     async def firehose_applier() -> None:
         """Apply the firehose topic in batches of up to 2,000 events. A plain consumer group
@@ -288,6 +307,7 @@ def create_app(
             fetch_max_wait_ms=100,
         )
         await consumer.start()
+        firehose_consumers.append(consumer)
         try:
             while True:
                 polled = await consumer.getmany(timeout_ms=1000, max_records=2000)
@@ -295,10 +315,17 @@ def create_app(
                 if not records:
                     continue
                 events, bad = parse_events([r.value for r in records])
+                if bad:
+                    rt.metrics.firehose_malformed(len(bad))
                 for index, reason in bad:
                     await record_dead_letter(records[index], reason)
                 try:
-                    await retrying("firehose batch", attempts, partial(apply_firehose, rt, events))
+                    await retrying(
+                        "firehose batch",
+                        attempts,
+                        partial(apply_firehose, rt, events),
+                        on_retry=rt.metrics.on_retry("firehose"),
+                    )
                 except Exception as exc:
                     log.exception("firehose batch of %d failed %d times", len(events), attempts)
                     for record in records:
@@ -308,6 +335,7 @@ def create_app(
                 await flush()  # the dead letters are out before the offsets move on
                 await consumer.commit()
         finally:
+            firehose_consumers.remove(consumer)
             await consumer.stop()
 
     @app.agent(backfills, name="backfill")
@@ -330,6 +358,7 @@ def create_app(
                     f"backfill of {request.did}",
                     rt.settings.pipeline.apply_attempts,
                     partial(backfiller.backfill, request),
+                    on_retry=rt.metrics.on_retry("backfill"),
                 )
             except Exception as exc:
                 log.exception("backfill of %s failed", request.did)
@@ -344,9 +373,13 @@ def create_app(
             async def publish(did: str, raw: bytes) -> None:
                 await firehose.send(key=did.encode(), value=raw)
 
+            rt.metrics.dead_letters_from("jetstream")
+
             async def to_dead_letter(raw: bytes, reason: str) -> None:
                 letter = DeadLetter.of("jetstream", -1, -1, reason, raw)
                 await (await dead.send(key=None, value=letter.model_dump_json().encode()))
+                rt.metrics.dead_letter("jetstream")
+                rt.metrics.firehose_malformed()
 
             await run_leader_consumer(rt, publish, flush, to_dead_letter)
 
@@ -417,6 +450,17 @@ def create_app(
             log.warning(
                 "could not check the topics (%s: %s); will try again", type(exc).__name__, exc
             )
+
+    @app.timer(rt.settings.metrics.lag_interval)  # type: ignore[untyped-decorator]
+    async def measure_lag() -> None:
+        """The consumer lag gauges, from what the consumers know already (the end offsets of
+        their last fetches, the offsets committed): no request to the broker."""
+        try:
+            rt.metrics.set_lag(app_id, await faust_lag(app.consumer))
+            for consumer in firehose_consumers:
+                rt.metrics.set_lag(f"{app_id}-firehose", await aiokafka_lag(consumer))
+        except Exception as exc:
+            log.debug("consumer lag not measured: %s: %s", type(exc).__name__, exc)
 
     @app.timer(rt.settings.pipeline.prune_interval)  # type: ignore[untyped-decorator]
     async def prune() -> None:

@@ -352,11 +352,14 @@ def firehose(url: str | None, collections: tuple[str, ...], dids: tuple[str, ...
 
     The cursor (time_us) is kept in PostgreSQL at least every second; a restart resumes a few
     seconds (SLUICE_FIREHOSE_REWIND) before it. The workers apply the events to
-    atproto.records.
+    atproto.records. Metrics (the cursor lag, malformed events) are served like a worker's, on
+    SLUICE_METRICS_PORT.
     """
     import signal
 
+    from sluice.errors import InvalidConfig
     from sluice.firehose.run import build_consumer, run_consumer
+    from sluice.metrics import WorkerMetrics, serve
     from sluice.schemas.events import DeadLetter
     from sluice.storage.db import create_pool
     from sluice.streams import kafka as clients
@@ -364,6 +367,12 @@ def firehose(url: str | None, collections: tuple[str, ...], dids: tuple[str, ...
     from sluice.streams.topics import Topics
 
     settings = load_settings()
+    metrics = WorkerMetrics()
+    metrics.dead_letters_from("jetstream")
+    try:
+        serve(metrics.registry, settings.metrics)
+    except InvalidConfig as exc:
+        fail(str(exc))
 
     async def go() -> int:
         kafka = settings.kafka
@@ -389,6 +398,8 @@ def firehose(url: str | None, collections: tuple[str, ...], dids: tuple[str, ...
         async def dead_letter(raw: bytes, reason: str) -> None:
             letter = DeadLetter.of("jetstream", -1, -1, reason, raw)
             await producer.send(names.deadletter, letter.model_dump_json().encode())
+            metrics.dead_letter("jetstream")
+            metrics.firehose_malformed()
 
         consumer = build_consumer(
             pool,
@@ -400,6 +411,7 @@ def firehose(url: str | None, collections: tuple[str, ...], dids: tuple[str, ...
             collections=collections or None,
             dids=dids or None,
         )
+        metrics.watch_cursor(consumer.name, consumer.saved_cursor)
         click.echo(f"firehose {consumer.name}: {consumer.url} (Ctrl-C stops)", err=True)
         try:
             stats = await run_consumer(pool, consumer, stop)

@@ -489,6 +489,23 @@ class FirehoseSettings(BaseSettings):
         return tuple(x.strip() for x in raw.split(",") if x.strip())
 
 
+class MetricsSettings(BaseSettings):
+    """Where a worker (and ``sluice firehose``) serves its Prometheus metrics."""
+
+    model_config = SettingsConfigDict(env_prefix="SLUICE_METRICS_", frozen=True, extra="ignore")
+
+    host: str = Field(default="127.0.0.1", description="address /metrics is served on")
+    port: int = Field(
+        default=9464,
+        ge=0,
+        le=65535,
+        description="port /metrics is served on; 0 turns the worker's metrics off",
+    )
+    lag_interval: float = Field(
+        default=5.0, gt=0, description="seconds between updates of the consumer lag gauges"
+    )
+
+
 class WebhookTarget(BaseModel):
     """One entry of ``SLUICE_WEBHOOKS``: a URL and the lifecycle events it receives."""
 
@@ -550,6 +567,7 @@ class Settings:
         url: UrlSettings | None = None,
         firehose: FirehoseSettings | None = None,
         files: FileStoreSettings | None = None,
+        metrics: MetricsSettings | None = None,
     ) -> None:
         self.kafka = kafka or KafkaSettings()
         self.database = database or DatabaseSettings()
@@ -559,6 +577,7 @@ class Settings:
         self.url = url or UrlSettings()
         self.firehose = firehose or FirehoseSettings()
         self.files = files or FileStoreSettings()
+        self.metrics = metrics or MetricsSettings()
 
     @property
     def database_url(self) -> str:

@@ -10,6 +10,7 @@ import asyncpg
 
 from sluice.config import Settings
 from sluice.importers.registry import Registry, build_registry
+from sluice.metrics import WorkerMetrics
 from sluice.sources.api import ApiClient
 from sluice.sources.base import ApiSource
 from sluice.storage.db import create_pool
@@ -26,15 +27,19 @@ if TYPE_CHECKING:
 
 class Runtime:
     """``secrets``: the environment variables pull sources name for credentials, read by the
-    entry point (library code never reads ``os.environ``)."""
+    entry point (library code never reads ``os.environ``); ``metrics``: where the agents count
+    what they do (a registry of its own by default)."""
 
     def __init__(
         self,
         settings: Settings,
         registry: Registry | None = None,
         secrets: Mapping[str, str] | None = None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or WorkerMetrics()
+        """What this process did, for Prometheus (served by workers)."""
         self.registry = registry or build_registry(settings.pipeline.importers)
         self.secrets: Mapping[str, str] = secrets or {}
         self._pool: asyncpg.Pool | None = None

@@ -13,7 +13,14 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from sluice.config import ApiSettings, DatabaseSettings, KafkaSettings, PipelineSettings, Settings
+from sluice.config import (
+    ApiSettings,
+    DatabaseSettings,
+    KafkaSettings,
+    MetricsSettings,
+    PipelineSettings,
+    Settings,
+)
 from sluice.errors import EmbeddedStackMissing
 from sluice.runtime import Runtime
 from sluice.stack import (
@@ -59,10 +66,16 @@ def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 15) -> None:
 
 
 def supervise(
-    home: Path, pipeline: PipelineSettings, kafka: KafkaSettings, api: ApiSettings
+    home: Path,
+    pipeline: PipelineSettings,
+    kafka: KafkaSettings,
+    api: ApiSettings,
+    metrics: MetricsSettings | None = None,
 ) -> int:
     """Start everything, print how to connect, and wait for Ctrl-C or SIGTERM."""
     from sluice.worker import prepare
+
+    metrics = metrics or MetricsSettings()
 
     home.mkdir(parents=True, exist_ok=True)
     if read_state(home) is not None:
@@ -98,6 +111,9 @@ def supervise(
             pipeline=pipeline,
         )
         asyncio.run(prepare(Runtime(settings)))
+        # The worker's metrics port: the configured one, or another when it is taken (a worker
+        # that cannot serve its metrics exits, and this loop would start it again and again).
+        metrics_port = str(metrics.port and free_port(metrics.port))
         env = {
             **os.environ,
             "SLUICE_KAFKA_BOOTSTRAP": broker.bootstrap,
@@ -105,6 +121,7 @@ def supervise(
             "SLUICE_API_URL": api_url,
             **own_token,
             "SLUICE_API_PORT": str(api_port),
+            "SLUICE_METRICS_PORT": metrics_port,
         }
         worker = _spawn(["worker"], env, logs / "worker.log")
         api_proc = _spawn(["api", "--port", str(api_port)], env, logs / "api.log")
@@ -127,11 +144,15 @@ def supervise(
         print(f"SLUICE_KAFKA_BOOTSTRAP={broker.bootstrap}")
         print(f"SLUICE_DATABASE_URL={postgres.url}")
         print(f"SLUICE_API_URL={api_url}")
+        if metrics_port != "0":
+            print(f"worker metrics on http://{metrics.host}:{metrics_port}/metrics")
         print(f"logs in {logs.resolve()}; Ctrl-C stops everything", flush=True)
         while not stopping:
             time.sleep(0.3)
             if worker.poll() is not None and not stopping:
                 log.warning("worker exited with %s; starting a new one", worker.returncode)
+                if metrics.port:  # its port again, unless another process took it meanwhile
+                    env["SLUICE_METRICS_PORT"] = str(free_port(int(env["SLUICE_METRICS_PORT"])))
                 worker = _spawn(["worker"], env, logs / "worker.log")
                 state.pids["worker"] = worker.pid
                 write_state(home, state)

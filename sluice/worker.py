@@ -1,10 +1,12 @@
-"""``sluice worker``: one Faust worker process (split, upsert, outbox relay, webhooks)."""
+"""``sluice worker``: one Faust worker process (split, upsert, outbox relay, webhooks), with its
+Prometheus metrics on SLUICE_METRICS_HOST:SLUICE_METRICS_PORT."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
+import sys
 
 import faust
 
@@ -12,6 +14,7 @@ from sluice.agents.webhooks import resolve_hooks
 from sluice.app import create_app
 from sluice.config import Settings
 from sluice.errors import InvalidConfig, SluiceError
+from sluice.metrics import serve
 from sluice.runtime import Runtime
 from sluice.storage.db import connect, migrate
 from sluice.storage.tables import ensure_table
@@ -47,11 +50,16 @@ def run_worker(settings: Settings, *, loglevel: str = "info") -> None:
     # Pull sources and hooks name the variables holding their secrets; this entry point is
     # where they are read.
     rt = Runtime(settings, secrets=dict(os.environ))
-    # Hooks name the variables holding their secrets; this entry point is where they are read.
     try:
         hooks = resolve_hooks(settings.webhooks, rt.registry.all(), os.environ)
+        # First, so that a port taken by another process stops the worker before it joins.
+        server = serve(rt.metrics.registry, settings.metrics)
     except InvalidConfig as exc:
         raise SystemExit(f"error: {exc}") from None
+    if server is not None:
+        # Faust sets up logging only when it starts: this line goes straight to the log.
+        where = f"{settings.metrics.host}:{settings.metrics.port}"
+        print(f"metrics on http://{where}/metrics", file=sys.stderr, flush=True)
     try:
         loop.run_until_complete(prepare(rt))
     except SluiceError as exc:

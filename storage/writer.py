@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from sluice.schemas.events import LifecycleEventType, RowBatch, decode_rows
+from sluice.schemas.events import BatchOutcome, LifecycleEventType, RowBatch, decode_rows
 from sluice.schemas.runs import DuplicatePolicy
 from sluice.storage.lookups import Lookup, LookupResolver
 from sluice.storage.runs import (
@@ -146,6 +147,23 @@ class Counts:
         self.unchanged += other.unchanged
         self.skipped += other.skipped
         self.failures.extend(other.failures)
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """What applying one batch did: its outcome and, when it was applied, its rows by outcome
+    (the numbers added to the run's counters)."""
+
+    outcome: BatchOutcome
+    created: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    skipped: int = 0
+    failed: int = 0
+    """rows PostgreSQL refused, isolated and put in the row log"""
+    seconds: float = 0.0
+    """time in PostgreSQL on the batch's connection: its transaction, and the second one when
+    bad rows had to be isolated"""
 
 
 class Statements:
@@ -344,15 +362,16 @@ class BatchApplier:
 
     async def apply(
         self, batch: RowBatch, plan: TargetPlan, *, dry_run: bool, also: Also | None = None
-    ) -> str:
-        """Apply ``batch``. Returns ``applied``, ``duplicate`` (already applied) or ``inactive``
+    ) -> BatchResult:
+        """Apply ``batch``. The outcome is APPLIED, DUPLICATE (already applied) or INACTIVE
         (the run was cancelled or failed: nothing is written). Raises PoisonBatch when the
         message is not an array of row objects. ``also`` writes more in the same transaction
         (before the run's counters, so a completion event counts it), once per batch."""
         stmts = self.statements(plan)
         async with self.pool.acquire() as conn:
+            started = time.perf_counter()
 
-            async def attempt() -> str:
+            async def attempt() -> BatchResult:
                 try:
                     return await self._apply_once(conn, batch, stmts, dry_run, also, isolate=False)
                 except ROW_ERRORS:
@@ -361,7 +380,7 @@ class BatchApplier:
                     return await self._apply_once(conn, batch, stmts, dry_run, also, isolate=True)
 
             try:
-                return await attempt()
+                result = await attempt()
             except asyncpg.InsufficientPrivilegeError:
                 if not self.use_temp or not _copyable(batch, stmts):
                     raise
@@ -369,7 +388,8 @@ class BatchApplier:
                 # this applier reads every batch from JSON from now on.
                 log.warning("no TEMPORARY privilege on the database: batches are read as JSON")
                 self.use_temp = False
-                return await attempt()
+                result = await attempt()
+            return dataclasses.replace(result, seconds=time.perf_counter() - started)
 
     async def _apply_once(
         self,
@@ -380,7 +400,7 @@ class BatchApplier:
         also: Also | None,
         *,
         isolate: bool,
-    ) -> str:
+    ) -> BatchResult:
         try:
             async with conn.transaction():
                 fresh = await conn.fetchval(
@@ -390,7 +410,7 @@ class BatchApplier:
                     batch.seq,
                 )
                 if not fresh:
-                    return "duplicate"
+                    return BatchResult(BatchOutcome.DUPLICATE)
                 if also is not None:
                     await also(conn)
                 if not isolate and self.use_temp and _copyable(batch, stmts):
@@ -404,8 +424,15 @@ class BatchApplier:
                     )
                 await self._count(conn, batch, counts, failed)
         except _Inactive:
-            return "inactive"
-        return "applied"
+            return BatchResult(BatchOutcome.INACTIVE)
+        return BatchResult(
+            BatchOutcome.APPLIED,
+            created=counts.created,
+            updated=counts.updated,
+            unchanged=counts.unchanged,
+            skipped=counts.skipped,
+            failed=failed,
+        )
 
     async def _apply_copied(
         self, conn: asyncpg.Connection, batch: RowBatch, stmts: Statements, dry_run: bool

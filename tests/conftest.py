@@ -89,11 +89,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 class Worker:
-    """One ``sluice worker`` process, its output in a log file the tests can show."""
+    """One ``sluice worker`` process, its output in a log file the tests can show. Each has a
+    metrics port of its own (kept across restarts) unless ``env`` names one."""
 
     def __init__(self, name: str, env: dict[str, str], log_dir: Path) -> None:
         self.name = name
-        self.env = env
+        self.metrics_port = int(env.get("SLUICE_METRICS_PORT") or free_port())
+        self.env = {**env, "SLUICE_METRICS_PORT": str(self.metrics_port)}
         self.log_path = log_dir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -130,6 +132,10 @@ class Worker:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def tail(self, lines: int = 40) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

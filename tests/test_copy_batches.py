@@ -25,7 +25,13 @@ from sluice.formats import ParsedRow, RowProblem
 from sluice.importers.adhoc import DEFAULT_NULL_MARKERS, adhoc_importer
 from sluice.importers.dsl import Field
 from sluice.mapping import RecordMapper
-from sluice.schemas.events import COPY_BATCH, RowBatch, decode_copy_rows, encode_copy_batch
+from sluice.schemas.events import (
+    COPY_BATCH,
+    BatchOutcome,
+    RowBatch,
+    decode_copy_rows,
+    encode_copy_batch,
+)
 from sluice.schemas.runs import RunStatus
 from tests.conftest import TOPICS, Stack, finish, unique
 
@@ -242,7 +248,8 @@ async def test_without_the_temporary_privilege_batches_go_the_json_way(
         for seq, rows in enumerate(([["1", "0", "1", "a"]], [["2", "0", "2", ""]])):
             value = encode_copy_batch(columns, rows)
             batch = RowBatch.parse(f"{run.id}:{seq}".encode(), value)
-            assert await applier.apply(batch, plan, dry_run=False) == "applied"
+            result = await applier.apply(batch, plan, dry_run=False)
+            assert result.outcome is BatchOutcome.APPLIED and result.created == 1
         assert applier.use_temp is False
     finally:
         await pool.close()

@@ -29,6 +29,7 @@ from sluice.schemas.runs import RunStatus
 from sluice.stack import free_port
 from sluice.storage.db import create_pool
 from tests.conftest import ROOT, TOPICS, Stack, Worker
+from tests.prometheus import scrape
 from tests.servers.atproto import FakeJetstream, FakePds, World
 
 pytestmark = pytest.mark.stack
@@ -46,13 +47,20 @@ class Firehose:
     def __init__(self, stack: Stack, url: str, log: Path) -> None:
         self.stack, self.url, self.log = stack, url, log
         self.proc: subprocess.Popen[bytes] | None = None
+        self.metrics_port = free_port()
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def start(self) -> None:
+        env = {
+            **self.stack.env,
+            "SLUICE_FIREHOSE_CURSOR_INTERVAL": "0.5",
+            "SLUICE_METRICS_PORT": str(self.metrics_port),
+        }
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "sluice", "firehose", "--url", self.url],
                 cwd=ROOT,
-                env={**self.stack.env, "SLUICE_FIREHOSE_CURSOR_INTERVAL": "0.5"},
+                env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -363,6 +371,18 @@ async def test_a_pds_answering_429_slows_the_backfill_and_does_not_fail_it(
 async def test_malformed_events_are_dead_lettered_and_the_consumer_goes_on(
     scene: Scene, stack: Stack, db: asyncpg.Connection
 ) -> None:
+    def counted() -> tuple[float, ...]:
+        """Malformed events and dead letters, by `sluice firehose` and by the workers."""
+        fh = scrape(scene.firehose.metrics_url)
+        workers = scrape(*(w.metrics_url for w in stack.workers))
+        return (
+            fh.total("sluice_firehose_events_total", outcome="malformed"),
+            fh.total("sluice_dead_letters_total", topic="jetstream"),
+            workers.total("sluice_firehose_events_total", outcome="malformed"),
+            workers.total("sluice_dead_letters_total", topic=TOPICS.firehose),
+        )
+
+    before = counted()
     consumer = AIOKafkaConsumer(
         TOPICS.deadletter, bootstrap_servers=stack.broker.bootstrap, auto_offset_reset="earliest"
     )
@@ -404,6 +424,7 @@ async def test_malformed_events_are_dead_lettered_and_the_consumer_goes_on(
         agent = by_payload['{"did": 42}']
         assert agent["topic"] == TOPICS.firehose and agent["offset"] >= 0
         assert "did" in agent["reason"]
+        assert [a - b for a, b in zip(counted(), before, strict=True)] == [3, 3, 1, 1]
     finally:
         await consumer.stop()
     output = scene.firehose.stop()
@@ -489,5 +510,19 @@ async def test_the_consumer_runs_inside_a_worker_by_configuration(
         ):
             assert worker.alive and time.monotonic() < deadline, worker.tail()
             await asyncio.sleep(0.5)
+        # The worker running the consumer reports its cursor lag; so does `sluice firehose`.
+        lags = {
+            name: scrape(url).series("sluice_firehose_cursor_lag_seconds", consumer=name)
+            for name, url in (
+                ("in-worker", worker.metrics_url),
+                ("default", scene.firehose.metrics_url),
+            )
+        }
+        for name, series in lags.items():
+            (lag,) = series.values()
+            assert 0 <= lag < 600, (name, lag)
+        # The session workers applied the firehose's events and counted them.
+        applied = scrape(*(w.metrics_url for w in stack.workers))
+        assert applied.total("sluice_firehose_events_total", outcome="applied") > 0
     finally:
         worker.stop()

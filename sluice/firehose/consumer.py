@@ -210,6 +210,10 @@ class JetstreamConsumer:
             self.stats.malformed,
         )
 
+    def saved_cursor(self) -> int | None:
+        """The last cursor saved (or loaded at the start); None before there is one."""
+        return self._saved_us if self._saved_us >= 0 else None
+
     def resume_cursor(self) -> int | None:
         """Where a (re)connection starts: the latest saved-or-published cursor minus rewind;
         None (live only) when there is none."""

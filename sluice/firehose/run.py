@@ -100,4 +100,5 @@ async def run_leader_consumer(
         await conn.execute(f"SELECT pg_advisory_lock({LEADER_LOCK})")
         log.info("this worker runs the firehose consumer (%s)", rt.settings.firehose.url)
         consumer = build_consumer(pool, rt.settings.firehose, publish, flush, dead_letter)
+        rt.metrics.watch_cursor(consumer.name, consumer.saved_cursor)
         await run_consumer(pool, consumer)
