@@ -331,3 +331,75 @@ async def test_several_gzip_members_are_read_whole(
     assert run.status is RunStatus.COMPLETED, run.error
     landed = await db.fetch(f'SELECT id, name FROM "{table}" ORDER BY id')
     assert [tuple(r) for r in landed] == [(1, "a"), (2, "é"), (3, "c")]
+
+
+# --- files with nothing to infer a table from -----------------------------------------------
+
+ROWS = "id,name,price,qty,day\n1,apple,1.50,3,2024-01-05\n2,pear,2.25,10,2024-02-29\n"
+
+
+async def column_types(db: asyncpg.Connection, table: str) -> list[tuple[str, str]]:
+    records = await db.fetch(
+        "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute"
+        " WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+        f'public."{table}"',
+    )
+    return [(r[0], r[1]) for r in records]
+
+
+async def test_a_header_only_file_leaves_no_table_and_the_next_file_infers_afresh(
+    stack: Stack, client: Client, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """A failed header-only import used to leave a table of text columns behind: the next real
+    file kept them, and sum(price) failed."""
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("id,name,price,qty,day\n")
+    real = tmp_path / "rows.csv"
+    real.write_text(ROWS)
+    table, fresh = unique("h_hdr"), unique("h_hdr_fresh")
+
+    failed = await adhoc(client, stack, header_only, table)
+    assert assert_failed_cleanly(failed) == "the file has a header but no data rows"
+    assert not await table_exists(db, table)
+
+    after = await adhoc(client, stack, real, table)
+    assert after.status is RunStatus.COMPLETED, after.error
+    assert after.provenance and after.provenance["schema_changes"] == []
+    first = await adhoc(client, stack, real, fresh)
+    assert first.status is RunStatus.COMPLETED, first.error
+    types = await column_types(db, table)
+    assert types == await column_types(db, fresh)
+    assert types == [
+        ("id", "bigint"),
+        ("name", "text"),
+        ("price", "numeric"),
+        ("qty", "bigint"),
+        ("day", "date"),
+    ]
+    total = await db.fetchval(f'SELECT sum(price) FROM "{table}"')
+    assert str(total) == "3.75"
+
+
+async def test_a_file_whose_sample_has_no_readable_record_creates_no_table(
+    stack: Stack, client: Client, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """Every record has the wrong number of fields: nothing to infer the types from."""
+    path = tmp_path / "ragged.csv"
+    path.write_text("id,name,price\n1,a\n2,b\n3,c,1.5,extra\n")
+    table = unique("h_ragged")
+    run = await adhoc(client, stack, path, table)
+    assert assert_failed_cleanly(run) == (
+        f"none of the first 3 records could be read, so there is nothing to infer the columns "
+        f"of public.{table} from (record 1: expected 3 fields as in the header, found 2 "
+        f"(record ending on line 2)). Fix the file, or create the table yourself and import "
+        f"into it"
+    )
+    assert not await table_exists(db, table)
+    # Into a table that exists, the same file rejects its rows one by one, as before.
+    await db.execute(
+        f'CREATE TABLE public."{table}" (id bigint PRIMARY KEY, name text, price numeric)'
+    )
+    into = await adhoc(client, stack, path, table)
+    assert into.status is RunStatus.COMPLETED_WITH_ERRORS, into.error
+    assert (into.failed_rows, into.created_rows) == (3, 0)
+
