@@ -65,6 +65,7 @@ retried = items("t_retry")
 api_items = items("t_api")
 sdk_items = items("t_sdk", batch_size=200)
 hooked = items("t_hook")
+dates = items("t_dates")
 
 
 # ---------------------------------------------------------------- pull sources

@@ -5,6 +5,9 @@ status are checked)."""
 from __future__ import annotations
 
 import gzip
+import io
+import tarfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -403,3 +406,79 @@ async def test_a_file_whose_sample_has_no_readable_record_creates_no_table(
     assert into.status is RunStatus.COMPLETED_WITH_ERRORS, into.error
     assert (into.failed_rows, into.created_rows) == (3, 0)
 
+
+# --- files that are something else than they seem -------------------------------------------
+
+
+async def test_a_zip_of_a_csv_says_to_unzip_it(
+    stack: Stack, client: Client, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """It used to be called a damaged XLSX workbook, to be saved again as .xlsx."""
+    path = tmp_path / "export.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("orders.csv", ROWS)
+    table = unique("h_zip")
+    run = await adhoc(client, stack, path, table)
+    error = assert_failed_cleanly(run)
+    assert error == "this is a ZIP archive of orders.csv: unzip it and import the file"
+    assert not await table_exists(db, table)
+
+
+async def test_a_tar_gz_says_it_is_a_tar_archive_to_extract(
+    stack: Stack, client: Client, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """It used to be "a NUL byte at offset 12 ... re-save it as UTF-8"."""
+    path = tmp_path / "export.tar.gz"
+    with tarfile.open(path, "w:gz") as archive:
+        data = ROWS.encode()
+        member = tarfile.TarInfo("orders.csv")
+        member.size = len(data)
+        archive.addfile(member, io.BytesIO(data))
+    table = unique("h_tgz")
+    run = await adhoc(client, stack, path, table)
+    error = assert_failed_cleanly(run)
+    assert error == (
+        "the file is a gzip-compressed tar archive (.tar.gz) whose first member is "
+        "'orders.csv', not a data file: extract it (tar -xzf FILE, or any archive tool) and "
+        "import the file it holds"
+    )
+    assert not await table_exists(db, table)
+
+
+@pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be"])
+async def test_utf16_with_a_byte_order_mark_is_imported(
+    stack: Stack, client: Client, db: asyncpg.Connection, tmp_path: Path, codec: str
+) -> None:
+    """It used to be refused: "byte 0xFF is not valid UTF-8"."""
+    path = tmp_path / f"{codec}.csv"
+    path.write_bytes(("\ufeffid,name\r\n1,Zoë\r\n2,東京\r\n").encode(codec))
+    table = unique("h_utf16")
+    run = await adhoc(client, stack, path, table)
+    assert run.status is RunStatus.COMPLETED, run.error
+    assert (run.created_rows, run.failed_rows) == (2, 0)
+    assert run.provenance and run.provenance["encoding"] == codec
+    assert run.provenance["header"] == ["id", "name"]
+    landed = await db.fetch(f'SELECT id, name FROM "{table}" ORDER BY id')
+    assert [tuple(r) for r in landed] == [(1, "Zoë"), (2, "東京")]
+
+
+async def test_a_year_past_9999_is_said_to_be_out_of_range(
+    stack: Stack, client: Client, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """It used to be "invalid date separator, expected `-`"."""
+    await db.execute("TRUNCATE t_dates")
+    path = tmp_path / "dates.csv"
+    path.write_text(
+        "id,name,price,qty,day,version\n"
+        "1,a,1.00,1,2024-01-05,1\n"
+        "2,b,1.00,1,10000-01-01,1\n"
+        "3,c,1.00,1,9999-12-31,1\n"
+    )
+    run = await finish(client, await client.submit_file("t_dates", path), stack)
+    assert run.status is RunStatus.COMPLETED_WITH_ERRORS, run.error
+    assert (run.created_rows, run.failed_rows) == (2, 1)
+    assert_counters_add_up(run)
+    (failure,) = await (await client.rt.runs()).failed_rows(run.id)
+    assert failure.row_number == 2
+    assert failure.reason == "day: year 10000 is out of range (1 to 9999) (got '10000-01-01')"
+    assert [r[0] for r in await db.fetch("SELECT id FROM t_dates ORDER BY id")] == [1, 3]
