@@ -21,7 +21,14 @@ from typing import Any
 import orjson
 
 from sluice.errors import MappingError, TerminalError
-from sluice.formats import FileFormatError, FormatOptions, ParsedFile, ParsedRow, parse_file
+from sluice.formats import (
+    FileFormatError,
+    FormatOptions,
+    ParsedFile,
+    ParsedRow,
+    RowProblem,
+    parse_file,
+)
 from sluice.importers.adhoc import (
     ADHOC,
     DEFAULT_NULL_MARKERS,
@@ -237,6 +244,23 @@ async def _table_plan(
     return dataclasses.replace(plan, columns=columns), changes
 
 
+async def _refuse_table_without_sample(
+    rt: Runtime, importer: Importer, head: list[ParsedRow | RowProblem]
+) -> None:
+    """An ad-hoc table is made from the rows of the sample: when none of them could be read,
+    there is nothing to infer its types from, and a table of text columns would stay behind.
+    A table that exists already takes the rows (and rejects the bad ones) as usual."""
+    async with (await rt.pool()).acquire() as conn:
+        if await describe_table(conn, importer.schema, importer.table) is not None:
+            return
+    first = next(r for r in head if isinstance(r, RowProblem))
+    raise FileFormatError(
+        f"none of the first {len(head)} records could be read, so there is nothing to infer "
+        f"the columns of {importer.schema}.{importer.table} from (record {first.number}: "
+        f"{first.reason}). Fix the file, or create the table yourself and import into it"
+    )
+
+
 async def describe_source(
     rt: Runtime, request: ImportRequested, parsed: ParsedFile, mapper: RecordMapper
 ) -> dict[str, Any]:
@@ -329,6 +353,14 @@ async def _split(
         log.info("run %s: the same file as run %s; skipped", run_id, provenance["duplicate_of"])
         await runs.finish_split(run_id, 0, 0)
         return
+    # Nothing is created from a file without a row: an ad-hoc table made from a header alone
+    # would have only text columns, and every later file into it would keep them.
+    if not head:
+        raise FileFormatError(
+            "the file has a header but no data rows" if parsed.header else "the file has no rows"
+        )
+    if importer.slug == ADHOC and not sample:
+        await _refuse_table_without_sample(rt, importer, head)
     plan, changes = await _table_plan(rt, importer, request, mapper, sample)
     if plan.lookups:
         # A lookup that cannot work (no such table or column) fails the run here, before any
@@ -400,10 +432,6 @@ async def _split(
     for partition, rows in enumerate(router.buffers):
         if rows:
             await emit(partition, rows)
-    if total == 0:
-        raise FileFormatError(
-            "the file has a header but no data rows" if parsed.header else "the file has no rows"
-        )
     await flush()
     # Every batch confirmed by the broker before the totals say they exist: a refused one
     # raises DeliveryFailed, and the split is done again (applied batches are skipped).

@@ -46,6 +46,7 @@ from sluice.errors import (
 from sluice.formats import FileFormatError
 from sluice.metrics import TEXT_FORMAT, ApiMetrics
 from sluice.ratelimit_http import RateLimitMiddleware, TokenBuckets
+from sluice.request_body import BodyProblem, RequestBodyGuard
 from sluice.schedule import ScheduleInfo
 from sluice.schemas.firehose import DID_PATTERN, BackfillState, BackfillStatus
 from sluice.schemas.runs import Run, RunStatus
@@ -150,7 +151,8 @@ def error(status: int, code: str, message: str) -> JSONResponse:
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 413, 415, 422, 429, 503)
+    status: {"model": ErrorResponse}
+    for status in (400, 401, 404, 408, 409, 413, 415, 422, 429, 503)
 }
 
 # Not rate limited: load balancers and scrapers call these often, and they cost nothing.
@@ -300,6 +302,9 @@ def create_api(settings: Settings) -> FastAPI:
         responses=ERRORS,
     )
 
+    # Innermost: the routes read every body through it (timeouts, bodies cut short, RFC 5987
+    # file names), and its errors reach the exception handlers unwrapped.
+    app.add_middleware(RequestBodyGuard, timeout=settings.api.body_timeout)
     # Added before the middleware below, so it sits inside it: the route reads the body through
     # it directly, and its 413 reaches the exception handlers unwrapped.
     app.add_middleware(UploadBodyLimit, limit=settings.api.max_upload_bytes)
@@ -382,7 +387,8 @@ def create_api(settings: Settings) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         codes = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
-        return error(exc.status_code, codes.get(exc.status_code, "error"), str(exc.detail))
+        code = exc.code if isinstance(exc, BodyProblem) else codes.get(exc.status_code, "error")
+        return error(exc.status_code, code, str(exc.detail))
 
     # ------------------------------------------------------------------ health and metrics
 

@@ -253,6 +253,7 @@ def api(host: str | None, port: int | None) -> None:
     import uvicorn
 
     from sluice.api import create_api
+    from sluice.http_server import protocol_with_timeouts
 
     settings = load_settings()
     uvicorn.run(
@@ -260,6 +261,7 @@ def api(host: str | None, port: int | None) -> None:
         host=host or settings.api.host,
         port=port or settings.api.port,
         log_level="warning",
+        http=protocol_with_timeouts(settings.api.header_timeout),
     )
 
 

@@ -251,6 +251,16 @@ class ApiSettings(BaseSettings):
     rate_burst: int = Field(
         default=100, ge=1, description="requests a client may send at once, above the rate"
     )
+    header_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="seconds a connection has to send a request's line and headers (else 408)",
+    )
+    body_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        description="seconds without a byte of a request body before it is cut off (408)",
+    )
 
     @model_validator(mode="after")
     def _check_tokens(self) -> Self:

@@ -72,6 +72,28 @@ _RATIO_FLOOR = 128 * 2**20
 _FIX_ENCODING = (
     "Re-save the file as UTF-8 (in Excel: 'CSV UTF-8 (Comma delimited)') and upload it again."
 )
+# Byte-order marks that prove a Unicode encoding whose text is not ASCII-compatible, longest
+# first (a UTF-32 LE mark starts like a UTF-16 LE one). Such a file is read through a UTF-8
+# transcoder, so every parser still sees UTF-8.
+_WIDE_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32-le"),
+    (codecs.BOM_UTF32_BE, "utf-32-be"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
+_WIDE_NAMES = {
+    "utf-16": "UTF-16",
+    "utf-16-le": "UTF-16 LE",
+    "utf-16-be": "UTF-16 BE",
+    "utf-32": "UTF-32",
+    "utf-32-le": "UTF-32 LE",
+    "utf-32-be": "UTF-32 BE",
+}
+_LONGEST_BOM = 4
+# A tar archive is 512-byte blocks; a member's header has "ustar" at offset 257 (POSIX and GNU).
+_TAR_BLOCK = 512
+_TAR_MAGIC_AT = 257
+_TAR_MAGIC = b"ustar"
 
 # Bytes that no Windows-1252 text file contains: C0 controls other than tab/LF/CR (NUL
 # included), and the five code points cp1252 leaves undefined.
@@ -223,12 +245,24 @@ class EncodingSniffer:
     its accented letters would turn into mojibake). Anything else raises
     :class:`UndecodableFile`. A NUL byte is refused in UTF-8 too: it means UTF-16 or binary
     data, and PostgreSQL cannot store it.
+
+    A UTF-16 or UTF-32 byte-order mark proves its encoding: the answer is then ``"utf-16-le"``,
+    ``"utf-16-be"``, ``"utf-32-le"`` or ``"utf-32-be"`` when the whole file decodes so. A tar
+    archive (``ustar`` at offset 257) is refused as one, with how to extract it; `compression`
+    says whether the bytes fed were decompressed from gzip.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, compression: str = "none") -> None:
+        self._compression = compression
         self._decoder = codecs.getincrementaldecoder("utf-8")("strict")
         self._size = 0
-        self._start = b""
+        # The first bytes of the file: a byte-order mark, a tar header.
+        self._head = b""
+        # Bytes held back until there are enough to tell whether a wide BOM starts the file.
+        self._lead: bytes | None = b""
+        self._wide: str | None = None
+        self._wide_decoder: codecs.IncrementalDecoder | None = None
+        self._wide_error: tuple[int, int] | None = None
         self._utf8_error: tuple[int, int] | None = None
         # A multi-byte UTF-8 character decoded before the first error: the file is UTF-8 that is
         # damaged or mixes encodings, not Windows-1252 text (which hardly ever forms one).
@@ -241,8 +275,46 @@ class EncodingSniffer:
         """Add the next chunk of the file."""
         if self._answer is not None:
             raise RuntimeError("EncodingSniffer.feed() called after result()")
-        if len(self._start) < len(_BOM):
-            self._start += chunk[: len(_BOM) - len(self._start)]
+        if len(self._head) < _TAR_BLOCK:
+            self._head += chunk[: _TAR_BLOCK - len(self._head)]
+        if self._lead is not None:
+            self._lead += chunk
+            if len(self._lead) < _LONGEST_BOM:
+                return
+            chunk = self._start_reading()
+        if self._wide_decoder is not None:
+            self._feed_wide(chunk)
+        else:
+            self._feed_utf8(chunk)
+
+    def _start_reading(self) -> bytes:
+        """Decide from the first bytes whether the file is UTF-16 or UTF-32; returns them."""
+        lead, self._lead = self._lead or b"", None
+        for bom, name in _WIDE_BOMS:
+            if lead.startswith(bom):
+                self._wide = name
+                self._wide_decoder = codecs.getincrementaldecoder(name)("strict")
+                break
+        return lead
+
+    def _feed_wide(self, chunk: bytes) -> None:
+        assert self._wide is not None and self._wide_decoder is not None
+        end = self._size + len(chunk)
+        self._size = end
+        if self._wide_error is not None:
+            return
+        try:
+            text = self._wide_decoder.decode(chunk)
+        except UnicodeDecodeError as exc:
+            self._wide_error = self._locate(exc, end)
+            return
+        nul = text.find("\x00")
+        if nul >= 0 and self._nul_at is None:
+            # The decoder may hold back the start of a character: the text ends before it.
+            held = len(self._wide_decoder.getstate()[0])
+            self._nul_at = end - held - len(text[nul:].encode(self._wide))
+
+    def _feed_utf8(self, chunk: bytes) -> None:
         if self._utf8_error is None:
             try:
                 # Only validity matters, and whether a non-ASCII character came before the first
@@ -281,12 +353,23 @@ class EncodingSniffer:
         return end - len(exc.object) + exc.start, exc.object[exc.start]
 
     def _decide(self, *, final: bool) -> str:
+        if self._lead is not None:  # fewer bytes than the longest byte-order mark
+            lead = self._start_reading()
+            if self._wide_decoder is not None:
+                self._feed_wide(lead)
+            else:
+                self._feed_utf8(lead)
+        if self._wide is not None:
+            return self._decide_wide(final=final)
+        tar = _tar_refusal(self._head, self._compression)
+        if tar is not None:
+            raise UndecodableFile(tar)
         if final and self._utf8_error is None:
             try:
                 self._decoder.decode(b"", final=True)
             except UnicodeDecodeError as exc:
                 self._utf8_error = self._locate(exc, self._size)
-        has_bom = self._start == _BOM
+        has_bom = self._head.startswith(_BOM)
         if self._utf8_error is None:
             if self._nul_at is not None:
                 raise UndecodableFile(
@@ -317,6 +400,49 @@ class EncodingSniffer:
             f"rules out Windows-1252. It may be a binary file (a spreadsheet, PDF or image) or "
             f"use another encoding. {_FIX_ENCODING}"
         )
+
+    def _decide_wide(self, *, final: bool) -> str:
+        assert self._wide is not None and self._wide_decoder is not None
+        label = _WIDE_NAMES[self._wide]
+        if final and self._wide_error is None:
+            try:
+                self._wide_decoder.decode(b"", final=True)
+            except UnicodeDecodeError as exc:
+                self._wide_error = self._locate(exc, self._size)
+        if self._wide_error is not None:
+            offset, byte = self._wide_error
+            raise UndecodableFile(
+                f"the file starts with a {label} byte-order mark but byte 0x{byte:02X} at byte "
+                f"offset {offset} is not valid {label}: the file is damaged, cut short or mixes "
+                f"encodings. {_FIX_ENCODING}"
+            )
+        if self._nul_at is not None:
+            raise UndecodableFile(
+                f"the file is {label} text with a NUL character (U+0000) at byte offset "
+                f"{self._nul_at}, which PostgreSQL cannot store: remove it, or re-save the file "
+                f"as UTF-8 (in Excel: 'CSV UTF-8 (Comma delimited)'), and upload it again."
+            )
+        return self._wide
+
+
+def _tar_refusal(head: bytes, compression: str) -> str | None:
+    """Why the file is not text, when its first block is a tar member's header."""
+    block = head[:_TAR_BLOCK]
+    if block[_TAR_MAGIC_AT : _TAR_MAGIC_AT + len(_TAR_MAGIC)] != _TAR_MAGIC or b"\x00" not in block:
+        return None
+    name = block[:100].split(b"\x00", 1)[0].decode("utf-8", "replace")
+    prefix = block[345:500].split(b"\x00", 1)[0].decode("utf-8", "replace")  # POSIX ustar
+    if prefix:
+        name = f"{prefix}/{name}"
+    if compression == "gzip":
+        what, how = "a gzip-compressed tar archive (.tar.gz)", "tar -xzf FILE"
+    else:
+        what, how = "a tar archive (.tar)", "tar -xf FILE"
+    member = f" whose first member is {name!r}" if name else ""
+    return (
+        f"the file is {what}{member}, not a data file: extract it ({how}, or any archive tool) "
+        f"and import the file it holds"
+    )
 
 
 def _first_non_ascii(text: str) -> str:
@@ -374,7 +500,8 @@ class _Source(io.RawIOBase):
     """Decompressed bytes of an upload, with the size guards and a put-back head.
 
     Guards: the total decompressed size (gzip bombs), and, once `limit_lines` is called, the
-    length of a physical line, so a huge line fails before it is assembled in memory.
+    length of a physical line, so a huge line fails before it is assembled in memory. Once
+    `transcode` is called, the bytes delivered are the file's UTF-16 or UTF-32 text as UTF-8.
     """
 
     def __init__(
@@ -409,6 +536,9 @@ class _Source(io.RawIOBase):
         self._line_limit: int | None = None
         self._run = 0  # bytes since the last line break read from _inner
         self._eof = False
+        self._transcoder: codecs.IncrementalDecoder | None = None
+        self._encoding = ""
+        self._at_start = True  # the transcoder has not delivered text yet (a BOM to drop)
 
     @property
     def compressed_bytes_read(self) -> int:
@@ -431,6 +561,26 @@ class _Source(io.RawIOBase):
         """Drop `size` bytes that `peek_head` returned."""
         self._pending = self._pending[size:]
         self.position += size
+
+    def transcode(self, encoding: str) -> None:
+        """From now on, read the content as `encoding` (UTF-16 or UTF-32) and deliver it as
+        UTF-8, without the byte-order mark. Only before anything was delivered."""
+        assert self.position == 0, "transcode() after bytes were delivered"
+        self._transcoder = codecs.getincrementaldecoder(encoding)("strict")
+        self._encoding = encoding
+        raw, self._pending = self._pending, b""
+        self._pending = self._as_utf8(raw, final=self._eof)
+
+    def _as_utf8(self, raw: bytes, *, final: bool) -> bytes:
+        assert self._transcoder is not None
+        try:
+            text = self._transcoder.decode(raw, final=final)
+        except UnicodeDecodeError as exc:
+            raise _decode_error(exc, self._total, self._encoding) from exc
+        if self._at_start and text:
+            self._at_start = False
+            text = text.removeprefix("\ufeff")
+        return text.encode("utf-8")
 
     def limit_lines(self, limit: int) -> None:
         """From now on, fail on a physical line (CR or LF ended) longer than `limit` bytes."""
@@ -455,8 +605,8 @@ class _Source(io.RawIOBase):
     def _read_inner(self, size: int) -> bytes:
         if self._line_limit is not None:
             # A line wholly inside one read would escape the run check below: keep reads shorter
-            # than the limit.
-            size = min(size, self._line_limit)
+            # than the limit (transcoded to UTF-8, a read may grow up to 1.5 times).
+            size = min(size, self._line_limit // 2 if self._transcoder else self._line_limit)
         try:
             data = self._inner.read(size)
         except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
@@ -467,6 +617,8 @@ class _Source(io.RawIOBase):
             ) from exc
         if not data:
             self._eof = True
+            if self._transcoder is not None:
+                self._as_utf8(b"", final=True)  # a character cut off at the end fails here
             return data
         self._total += len(data)
         if self.compression == "gzip" or self._total > self._max_total:
@@ -476,6 +628,10 @@ class _Source(io.RawIOBase):
                 max_decompressed_bytes=self._max_total,
                 max_compression_ratio=self._max_ratio,
             )
+        if self._transcoder is not None:
+            data = self._as_utf8(data, final=False)
+            if not data:  # half a character: read on (an empty read means the end)
+                return self._read_inner(size)
         # Line breaks are LF, CRLF or a lone CR. Each search for CR stops at the nearest LF, so
         # a chunk is scanned about once, not four times.
         lf = data.rfind(b"\n")
@@ -501,6 +657,8 @@ class _Source(io.RawIOBase):
             self._pending = self._pending[size:]
         else:
             data = b"" if self._eof else self._read_inner(size)
+            if len(data) > size:  # transcoded text can be longer than the bytes it came from
+                data, self._pending = data[:size], data[size:]
         self.position += len(data)
         return data
 
@@ -610,6 +768,12 @@ def parse_file(
             return read_xlsx(seekable, options)
         return read_parquet(seekable, options)
     if kind is not None:
+        if kind == "xlsx" and raw.seekable():
+            from sluice.tabular import zip_archive_refusal
+
+            refusal = zip_archive_refusal(raw)
+            if refusal is not None:
+                raise FileFormatError(refusal)
         what = "an XLSX workbook" if kind == "xlsx" else "a Parquet file"
         raise FileFormatError(
             f"the file is {what}, but this import reads {options.format} (format is set to "
@@ -622,10 +786,10 @@ def parse_file(
         chosen = _normalize_encoding(chosen)
     elif raw.seekable():
         start = raw.tell()
-        sniffer = EncodingSniffer()
         sniff_source = _Source(
             raw, options.compression, options.max_decompressed_bytes, options.max_compression_ratio
         )
+        sniffer = EncodingSniffer(compression=sniff_source.compression)
         for chunk in iter(lambda: sniff_source.read(_READ_BYTES), b""):
             sniffer.feed(chunk)
         sniff_source.close()
@@ -639,30 +803,25 @@ def parse_file(
         options.max_compression_ratio,
         head=taken,
     )
-    head, at_end = source.peek_head(_HEAD_BYTES)
-    content = head.removeprefix(_BOM).lstrip(_SPACE_BYTES)
-    while not content and not at_end:
-        # Leading whitespace carries nothing in any format: drop it, and keep only a bounded
-        # head in memory.
-        source.skip(len(head))
-        head, at_end = source.peek_head(_HEAD_BYTES)
-        content = head.lstrip(_SPACE_BYTES)
-    if not content:
-        raise FileFormatError(
-            "the file is empty: it holds no data, only whitespace or nothing at all. "
-            "Check that the right file was chosen and that it was saved before uploading"
-        )
+    if chosen in _WIDE_NAMES:
+        source.transcode(chosen)
+    head, at_end, content = _content_head(source)
 
     if chosen is None:
-        sniffer = EncodingSniffer()
+        sniffer = EncodingSniffer(compression=source.compression)
         sniffer.feed(head)
         # The head may end inside a character: judge what it holds, not how it ends.
         chosen = sniffer._decide(final=at_end)
+        if chosen in _WIDE_NAMES:
+            # Nothing was skipped: UTF-16 and UTF-32 text holds a NUL byte in any whitespace.
+            source.transcode(chosen)
+            head, at_end, content = _content_head(source)
     if head.startswith(_BOM) and chosen in _UTF8_FAMILY:
         source.skip(len(_BOM))
         head = head[len(_BOM) :]
-    # The BOM is gone from the stream: decoding as plain UTF-8 is exact from here on.
-    decode_as = "utf-8" if chosen == "utf-8-sig" else chosen
+    # The BOM is gone from the stream: decoding as plain UTF-8 is exact from here on. (UTF-16
+    # and UTF-32 arrive transcoded to UTF-8.)
+    decode_as = "utf-8" if chosen == "utf-8-sig" or chosen in _WIDE_NAMES else chosen
 
     fmt: Literal["csv", "jsonl", "json"]
     if options.format in ("csv", "jsonl", "json"):
@@ -699,6 +858,25 @@ def parse_file(
     return ParsedFile(
         sniffed, header, _delimited_rows(records, len(header), source, decode_as), source
     )
+
+
+def _content_head(source: _Source) -> tuple[bytes, bool, bytes]:
+    """The head of the content (leading whitespace dropped), whether it is the whole file, and
+    the head from its first character that is not a BOM or a space. An empty file raises."""
+    head, at_end = source.peek_head(_HEAD_BYTES)
+    content = head.removeprefix(_BOM).lstrip(_SPACE_BYTES)
+    while not content and not at_end:
+        # Leading whitespace carries nothing in any format: drop it, and keep only a bounded
+        # head in memory.
+        source.skip(len(head))
+        head, at_end = source.peek_head(_HEAD_BYTES)
+        content = head.lstrip(_SPACE_BYTES)
+    if not content:
+        raise FileFormatError(
+            "the file is empty: it holds no data, only whitespace or nothing at all. "
+            "Check that the right file was chosen and that it was saved before uploading"
+        )
+    return head, at_end, content
 
 
 _NOT_BINARY = {

@@ -474,10 +474,29 @@ def _required_empty(names: list[str]) -> str:
     return f"required field empty: {', '.join(names)}"
 
 
+# pydantic's errors for a date or timestamp it cannot parse; a year past 9999 reads to it as a
+# wrong separator after four digits ("invalid date separator, expected `-`").
+_DATE_ERRORS = frozenset(
+    {"date_parsing", "date_from_datetime_parsing", "datetime_parsing", "datetime_from_date_parsing"}
+)
+_YEAR = re.compile(r"\s*([+-]?\d+)-")
+_MAX_YEAR = 9999
+
+
+def _message(err: Any) -> str:
+    """pydantic's message, or a clearer one where it points the wrong way."""
+    got = err.get("input")
+    if err["type"] in _DATE_ERRORS and isinstance(got, str):
+        year = _YEAR.match(got)
+        if year is not None and not 1 <= int(year.group(1)) <= _MAX_YEAR:
+            return f"year {int(year.group(1))} is out of range (1 to {_MAX_YEAR})"
+    return str(err["msg"])
+
+
 def describe_validation(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors(include_url=False):
         where = ".".join(str(p) for p in err["loc"])
         got = err.get("input")
-        parts.append(f"{where}: {err['msg']} (got {got!r})")
+        parts.append(f"{where}: {_message(err)} (got {got!r})")
     return "; ".join(parts)

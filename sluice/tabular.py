@@ -86,6 +86,46 @@ def _unreadable_xlsx(exc: Exception) -> FileFormatError:
     )
 
 
+# A ZIP that is an Office document has one of these; a plain archive (of CSV files, say) has
+# neither, nor the workbook's folder.
+_OFFICE_PARTS = ("[Content_Types].xml", "mimetype")
+_WORKBOOK_FOLDER = "xl/"
+_NAMES_SHOWN = 5
+
+
+def _archive_refusal(entries: Sequence[zipfile.ZipInfo]) -> str | None:
+    """What to do with a ZIP archive that is no Office document at all (None for one that
+    is: a workbook, or another kind said to be so by :func:`_unreadable_xlsx`)."""
+    names = [entry.filename for entry in entries]
+    if any(n in _OFFICE_PARTS or n.startswith(_WORKBOOK_FOLDER) for n in names):
+        return None
+    # macOS adds __MACOSX/ resource forks to the archives it makes: not files anyone chose.
+    files = [
+        e.filename for e in entries if not e.is_dir() and not e.filename.startswith("__MACOSX/")
+    ]
+    if not files:
+        return "this is an empty ZIP archive, not an XLSX workbook: it holds no file to import"
+    shown = ", ".join(files[:_NAMES_SHOWN])
+    if len(files) > _NAMES_SHOWN:
+        shown += f" and {len(files) - _NAMES_SHOWN} more"
+    what = "the file" if len(files) == 1 else "each file on its own"
+    return f"this is a ZIP archive of {shown}: unzip it and import {what}"
+
+
+def zip_archive_refusal(raw: BinaryIO) -> str | None:
+    """For a seekable file that starts as a ZIP: what to do when it is a plain archive, not a
+    workbook; None otherwise (or when it cannot be read as a ZIP at all). `raw` is left where
+    it was."""
+    start = raw.tell()
+    try:
+        with zipfile.ZipFile(raw) as archive:
+            return _archive_refusal(archive.infolist())
+    except Exception:  # damaged: the reader says so
+        return None
+    finally:
+        raw.seek(start)
+
+
 def _cell_value(value: Any) -> Any:
     """A cell as a record carries it. Excel has no integer and no date type: an integral float
     is an int, and a date and time at midnight a date, as a CSV of the same sheet spells them.
@@ -142,6 +182,9 @@ def read_xlsx(raw: BinaryIO, options: FormatOptions) -> ParsedFile:
             entries = archive.infolist()
     except Exception as exc:  # a damaged file fails in zipfile in many ways: all mean the same
         raise _unreadable_xlsx(exc) from exc
+    refusal = _archive_refusal(entries)
+    if refusal is not None:
+        raise FileFormatError(refusal)
     # zipfile stops every entry at its declared size (and fails its checksum past it), so the
     # declared sizes bound what reading the workbook can unpack.
     check_decompression(

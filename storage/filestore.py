@@ -157,6 +157,8 @@ class _Inspector:
         self.compression = "gzip" if head[:2] == GZIP_MAGIC else "none"
         if self.compression == "gzip":
             self._gunzip = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        # What it says of a tar archive depends on the compression around it.
+        self._sniffer = EncodingSniffer(compression=self.compression)
         self.binary = binary_format(head)
         if self.binary == "xls":
             self.error = XLS_REFUSED

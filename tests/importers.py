@@ -75,6 +75,7 @@ s3_items = items("t_s3")
 # tests/test_metrics.py: small batches into one table, under two policies.
 metered = items("t_metrics", batch_size=20)
 metered_skip = dataclasses.replace(items("t_metrics_skip", DuplicatePolicy.SKIP), table="t_metrics")
+dates = items("t_dates")
 
 
 # ---------------------------------------------------------------- pull sources

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import io
 import random
+import tarfile
 import time
 import tracemalloc
 from pathlib import Path
@@ -213,9 +215,9 @@ def test_cp1252_file_is_detected_and_decoded() -> None:
     [
         bytes(range(256)) * 4,
         b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(200),
-        "a,b\n1,2\n".encode("utf-16"),
+        "a,b\n1,2\n".encode("utf-16-le"),  # without a byte-order mark nothing proves UTF-16
     ],
-    ids=["all-bytes", "png", "utf-16"],
+    ids=["all-bytes", "png", "utf-16-without-bom"],
 )
 def test_binary_file_is_undecodable_with_a_fix(data: bytes) -> None:
     with pytest.raises(UndecodableFile) as info:
@@ -271,6 +273,85 @@ def test_sniffer_cp1252_and_failures() -> None:
     sniffer.feed(b"a\x00b")
     with pytest.raises(UndecodableFile, match="NUL byte"):
         sniffer.result()
+
+
+WIDE = "id,name\n1,Zoë\n2,東京 😀\n"
+
+
+@pytest.mark.parametrize(
+    ("codec", "reported"),
+    [
+        ("utf-16-le", "utf-16-le"),
+        ("utf-16-be", "utf-16-be"),
+        ("utf-32-le", "utf-32-le"),
+        ("utf-32-be", "utf-32-be"),
+    ],
+)
+def test_a_utf16_or_utf32_byte_order_mark_is_read_as_that_encoding(
+    codec: str, reported: str
+) -> None:
+    """The BOM proves the encoding: the file is read (not refused for its 0xFF or NUL bytes),
+    plain, gzip-compressed or from a stream that cannot seek, and the encoding is reported."""
+    data = ("\ufeff" + WIDE).encode(codec)
+    sniffer = EncodingSniffer()
+    for byte in data:  # a BOM and characters split over chunks
+        sniffer.feed(bytes([byte]))
+    assert sniffer.result() == reported
+    for raw in (io.BytesIO(data), io.BytesIO(gzip.compress(data)), Unseekable(data, chunk=7)):
+        parsed = parse_file(raw)  # type: ignore[arg-type]
+        assert parsed.sniffed.encoding == reported
+        assert parsed.header == ["id", "name"]
+        assert values(parsed) == [["1", "Zoë"], ["2", "東京 😀"]]
+    # As stored: the encoding found at upload is passed in.
+    assert values(parse_file(io.BytesIO(data), encoding=reported)) == [
+        ["1", "Zoë"],
+        ["2", "東京 😀"],
+    ]
+    json_lines = ("\ufeff" + '{"id": 1, "name": "Zoë"}\n').encode(codec)
+    parsed = parse(json_lines)
+    assert parsed.sniffed.format == "jsonl" and values(parsed) == [{"id": 1, "name": "Zoë"}]
+
+
+def test_utf16_that_does_not_decode_or_holds_a_nul_is_refused() -> None:
+    cut = ("\ufeff" + WIDE).encode("utf-16-le") + b"x"  # an odd byte at the end
+    with pytest.raises(UndecodableFile) as info:
+        parse(cut)
+    assert str(info.value).startswith(
+        f"the file starts with a UTF-16 LE byte-order mark but byte 0x78 at byte offset "
+        f"{len(cut) - 1} is not valid UTF-16 LE"
+    )
+    nul = "\ufeffa,b\n1,\x002\n".encode("utf-16-be")
+    with pytest.raises(UndecodableFile) as info:
+        parse(nul)
+    assert str(info.value).startswith(
+        "the file is UTF-16 BE text with a NUL character (U+0000) at byte offset 14, "
+        "which PostgreSQL cannot store"
+    )
+    with pytest.raises(FileFormatError, match="the file is empty"):
+        parse(codecs.BOM_UTF16_LE + " \n".encode("utf-16-le"))
+
+
+def test_a_tar_archive_is_refused_as_one() -> None:
+    """It used to be "a NUL byte at offset 12 ... re-save it as UTF-8"."""
+    payload = b"id,name\n1,a\n"
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        member = tarfile.TarInfo("export/data.csv")
+        member.size = len(payload)
+        archive.addfile(member, io.BytesIO(payload))
+    tar = buffer.getvalue()
+    with pytest.raises(UndecodableFile) as info:
+        parse(tar)
+    assert str(info.value) == (
+        "the file is a tar archive (.tar) whose first member is 'export/data.csv', not a data "
+        "file: extract it (tar -xf FILE, or any archive tool) and import the file it holds"
+    )
+    with pytest.raises(UndecodableFile) as info:
+        parse(gzip.compress(tar))
+    assert str(info.value).startswith(
+        "the file is a gzip-compressed tar archive (.tar.gz) whose first member is "
+        "'export/data.csv', not a data file: extract it (tar -xzf FILE"
+    )
 
 
 # --- JSON Lines -----------------------------------------------------------------------------

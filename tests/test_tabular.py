@@ -228,12 +228,38 @@ def test_a_corrupt_workbook_says_to_save_it_again(data: bytes) -> None:
     assert "save it again as .xlsx" in message
 
 
-def test_a_zip_that_is_not_a_workbook(tmp_path: Path) -> None:
+def test_a_zip_of_data_files_says_to_unzip_it(tmp_path: Path) -> None:
+    """It used to be called a damaged workbook, to be saved again as .xlsx."""
     path = tmp_path / "data.zip"
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("data.csv", "id,name\n1,a\n")
-    with pytest.raises(FileFormatError, match="cannot be read as an XLSX workbook"):
+        archive.writestr("__MACOSX/._data.csv", b"\x00\x05")
+    with pytest.raises(FileFormatError) as info:
         read(path)
+    assert str(info.value) == "this is a ZIP archive of data.csv: unzip it and import the file"
+    # The same whatever format the import asks for.
+    with path.open("rb") as raw, pytest.raises(FileFormatError) as info:
+        parse_file(raw, FormatOptions(format="csv"))
+    assert str(info.value) == "this is a ZIP archive of data.csv: unzip it and import the file"
+
+    several = tmp_path / "several.zip"
+    with zipfile.ZipFile(several, "w") as archive:
+        for i in range(7):
+            archive.writestr(f"part-{i}.json", "[]")
+    with pytest.raises(FileFormatError) as info:
+        read(several)
+    assert str(info.value) == (
+        "this is a ZIP archive of part-0.json, part-1.json, part-2.json, part-3.json, "
+        "part-4.json and 2 more: unzip it and import each file on its own"
+    )
+
+    # An Office document that is not a workbook is still said to be one.
+    docx = tmp_path / "letter.docx"
+    with zipfile.ZipFile(docx, "w") as archive:
+        archive.writestr("[Content_Types].xml", "<Types/>")
+        archive.writestr("word/document.xml", "<document/>")
+    with pytest.raises(FileFormatError, match="cannot be read as an XLSX workbook"):
+        read(docx)
 
 
 def test_an_xls_file_is_refused_with_a_fix() -> None:

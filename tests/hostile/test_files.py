@@ -5,6 +5,9 @@ status are checked)."""
 from __future__ import annotations
 
 import gzip
+import io
+import tarfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -331,3 +334,151 @@ async def test_several_gzip_members_are_read_whole(
     assert run.status is RunStatus.COMPLETED, run.error
     landed = await db.fetch(f'SELECT id, name FROM "{table}" ORDER BY id')
     assert [tuple(r) for r in landed] == [(1, "a"), (2, "é"), (3, "c")]
+
+
+# --- files with nothing to infer a table from -----------------------------------------------
+
+ROWS = "id,name,price,qty,day\n1,apple,1.50,3,2024-01-05\n2,pear,2.25,10,2024-02-29\n"
+
+
+async def column_types(db: asyncpg.Connection, table: str) -> list[tuple[str, str]]:
+    records = await db.fetch(
+        "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute"
+        " WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+        f'public."{table}"',
+    )
+    return [(r[0], r[1]) for r in records]
+
+
+async def test_a_header_only_file_leaves_no_table_and_the_next_file_infers_afresh(
+    stack: Stack, client: Client, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """A failed header-only import used to leave a table of text columns behind: the next real
+    file kept them, and sum(price) failed."""
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("id,name,price,qty,day\n")
+    real = tmp_path / "rows.csv"
+    real.write_text(ROWS)
+    table, fresh = unique("h_hdr"), unique("h_hdr_fresh")
+
+    failed = await adhoc(client, stack, header_only, table)
+    assert assert_failed_cleanly(failed) == "the file has a header but no data rows"
+    assert not await table_exists(db, table)
+
+    after = await adhoc(client, stack, real, table)
+    assert after.status is RunStatus.COMPLETED, after.error
+    assert after.provenance and after.provenance["schema_changes"] == []
+    first = await adhoc(client, stack, real, fresh)
+    assert first.status is RunStatus.COMPLETED, first.error
+    types = await column_types(db, table)
+    assert types == await column_types(db, fresh)
+    assert types == [
+        ("id", "bigint"),
+        ("name", "text"),
+        ("price", "numeric"),
+        ("qty", "bigint"),
+        ("day", "date"),
+    ]
+    total = await db.fetchval(f'SELECT sum(price) FROM "{table}"')
+    assert str(total) == "3.75"
+
+
+async def test_a_file_whose_sample_has_no_readable_record_creates_no_table(
+    stack: Stack, client: Client, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """Every record has the wrong number of fields: nothing to infer the types from."""
+    path = tmp_path / "ragged.csv"
+    path.write_text("id,name,price\n1,a\n2,b\n3,c,1.5,extra\n")
+    table = unique("h_ragged")
+    run = await adhoc(client, stack, path, table)
+    assert assert_failed_cleanly(run) == (
+        f"none of the first 3 records could be read, so there is nothing to infer the columns "
+        f"of public.{table} from (record 1: expected 3 fields as in the header, found 2 "
+        f"(record ending on line 2)). Fix the file, or create the table yourself and import "
+        f"into it"
+    )
+    assert not await table_exists(db, table)
+    # Into a table that exists, the same file rejects its rows one by one, as before.
+    await db.execute(
+        f'CREATE TABLE public."{table}" (id bigint PRIMARY KEY, name text, price numeric)'
+    )
+    into = await adhoc(client, stack, path, table)
+    assert into.status is RunStatus.COMPLETED_WITH_ERRORS, into.error
+    assert (into.failed_rows, into.created_rows) == (3, 0)
+
+
+# --- files that are something else than they seem -------------------------------------------
+
+
+async def test_a_zip_of_a_csv_says_to_unzip_it(
+    stack: Stack, client: Client, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """It used to be called a damaged XLSX workbook, to be saved again as .xlsx."""
+    path = tmp_path / "export.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("orders.csv", ROWS)
+    table = unique("h_zip")
+    run = await adhoc(client, stack, path, table)
+    error = assert_failed_cleanly(run)
+    assert error == "this is a ZIP archive of orders.csv: unzip it and import the file"
+    assert not await table_exists(db, table)
+
+
+async def test_a_tar_gz_says_it_is_a_tar_archive_to_extract(
+    stack: Stack, client: Client, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """It used to be "a NUL byte at offset 12 ... re-save it as UTF-8"."""
+    path = tmp_path / "export.tar.gz"
+    with tarfile.open(path, "w:gz") as archive:
+        data = ROWS.encode()
+        member = tarfile.TarInfo("orders.csv")
+        member.size = len(data)
+        archive.addfile(member, io.BytesIO(data))
+    table = unique("h_tgz")
+    run = await adhoc(client, stack, path, table)
+    error = assert_failed_cleanly(run)
+    assert error == (
+        "the file is a gzip-compressed tar archive (.tar.gz) whose first member is "
+        "'orders.csv', not a data file: extract it (tar -xzf FILE, or any archive tool) and "
+        "import the file it holds"
+    )
+    assert not await table_exists(db, table)
+
+
+@pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be"])
+async def test_utf16_with_a_byte_order_mark_is_imported(
+    stack: Stack, client: Client, db: asyncpg.Connection, tmp_path: Path, codec: str
+) -> None:
+    """It used to be refused: "byte 0xFF is not valid UTF-8"."""
+    path = tmp_path / f"{codec}.csv"
+    path.write_bytes(("\ufeffid,name\r\n1,Zoë\r\n2,東京\r\n").encode(codec))
+    table = unique("h_utf16")
+    run = await adhoc(client, stack, path, table)
+    assert run.status is RunStatus.COMPLETED, run.error
+    assert (run.created_rows, run.failed_rows) == (2, 0)
+    assert run.provenance and run.provenance["encoding"] == codec
+    assert run.provenance["header"] == ["id", "name"]
+    landed = await db.fetch(f'SELECT id, name FROM "{table}" ORDER BY id')
+    assert [tuple(r) for r in landed] == [(1, "Zoë"), (2, "東京")]
+
+
+async def test_a_year_past_9999_is_said_to_be_out_of_range(
+    stack: Stack, client: Client, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """It used to be "invalid date separator, expected `-`"."""
+    await db.execute("TRUNCATE t_dates")
+    path = tmp_path / "dates.csv"
+    path.write_text(
+        "id,name,price,qty,day,version\n"
+        "1,a,1.00,1,2024-01-05,1\n"
+        "2,b,1.00,1,10000-01-01,1\n"
+        "3,c,1.00,1,9999-12-31,1\n"
+    )
+    run = await finish(client, await client.submit_file("t_dates", path), stack)
+    assert run.status is RunStatus.COMPLETED_WITH_ERRORS, run.error
+    assert (run.created_rows, run.failed_rows) == (2, 1)
+    assert_counters_add_up(run)
+    (failure,) = await (await client.rt.runs()).failed_rows(run.id)
+    assert failure.row_number == 2
+    assert failure.reason == "day: year 10000 is out of range (1 to 9999) (got '10000-01-01')"
+    assert [r[0] for r in await db.fetch("SELECT id FROM t_dates ORDER BY id")] == [1, 3]

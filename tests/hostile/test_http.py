@@ -272,3 +272,49 @@ def test_requests_without_a_valid_token_are_limited_by_address(api: str) -> None
         assert len(statuses) - 1 <= BURST + math.ceil(RATE * elapsed) + 1, (statuses, elapsed)
         assert calm.get("/api/v1/runs", params={"limit": 1}).status_code == 200
     time.sleep(BURST / RATE)  # leave the address's bucket full for whatever runs next
+
+
+def multipart(disposition: str, data: bytes, boundary: str) -> bytes:
+    return (
+        f"--{boundary}\r\nContent-Disposition: {disposition}\r\n"
+        f"Content-Type: text/csv\r\n\r\n".encode()
+        + data
+        + f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="dry_run"\r\n\r\n'
+        f"true\r\n--{boundary}--\r\n".encode()
+    )
+
+
+@pytest.mark.parametrize(
+    ("disposition", "kept"),
+    [
+        # RFC 5987 alone: used to be "Expected UploadFile, received: <class 'str'>".
+        ("form-data; name=\"file\"; filename*=UTF-8''pr%C3%BCfung.csv", "prüfung.csv"),
+        # Beside a plain ASCII fallback, the extended name wins (RFC 6266).
+        (
+            'form-data; name="file"; filename="pruefung.csv"; '
+            "filename*=utf-8'de'Pr%C3%BCfung%20%E2%82%AC.csv",
+            "Prüfung €.csv",
+        ),
+        ("form-data; name=\"file\"; filename*=ISO-8859-1''caf%E9.csv", "café.csv"),
+    ],
+)
+async def test_an_rfc5987_file_name_is_a_file_with_the_decoded_name(
+    api: str, db: asyncpg.Connection, disposition: str, kept: str
+) -> None:
+    boundary = uuid.uuid4().hex
+    with session(api, UPLOADS) as http:
+        response = http.post(
+            "/api/v1/imports/t_api/upload",
+            content=multipart(disposition, GOOD, boundary),
+            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+            params={"wait": "true"},
+        )
+    assert response.status_code == 200, response.text
+    run = response.json()
+    assert run["status"] == "completed" and run["total_rows"] == 2, run
+    assert run["file_name"] == kept
+    name = await db.fetchval(
+        "SELECT f.name FROM sluice.files f JOIN sluice.runs r ON r.file_id = f.id WHERE r.id = $1",
+        uuid.UUID(run["id"]),
+    )
+    assert name == kept
