@@ -18,6 +18,7 @@
     │   ├── EmbeddedStackMissing `sluice up` without the `embedded` extra installed
     │   └── ObjectStoreRefused   the object store refused: no bucket, wrong keys, a bad request
     └── TransientError           the database or broker failed; retry with backoff
+        ├── DatabaseUnavailable  PostgreSQL cannot be reached (down, restarting)
         ├── SourceUnavailable    a pull source did not answer (sluice.sources.base)
         ├── KafkaUnavailable     no bootstrap server answered
         ├── DeliveryFailed       the broker did not confirm messages a stage produced
@@ -109,3 +110,8 @@ class ObjectStoreRefused(TerminalError):
 
 class ObjectStoreUnavailable(TransientError):
     """The object store did not answer, or answered with a server error."""
+
+
+class DatabaseUnavailable(TransientError):
+    """PostgreSQL cannot be reached (down, restarting, refusing connections): waited out
+    without using up the tries of the work that needs it (sluice.retry)."""
