@@ -117,9 +117,17 @@ def page(api: str, browser: Browser, session: Any) -> Iterator[Page]:
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(f"script error: {exc}"))
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    # The console says "Failed to load resource" without the address: keep the addresses.
+    refused: list[str] = []
+    page.on(
+        "response",
+        lambda r: (
+            refused.append(f"{r.status} {r.request.method} {r.url}") if r.status >= 400 else None
+        ),
+    )
     yield page
     context.close()
-    assert not errors, errors
+    assert not errors, (errors, refused)
 
 
 def sql(stack: Stack, query: str, *args: Any) -> None:
