@@ -27,7 +27,7 @@ from sluice.config import (
 )
 from sluice.runtime import Runtime
 from sluice.schemas.runs import Run
-from sluice.stack import EmbeddedBroker, EmbeddedPostgres, free_port
+from sluice.stack import EmbeddedBroker, EmbeddedPostgres, free_port, terminate
 from sluice.streams.topics import Topics
 from sluice.worker import prepare
 
@@ -73,14 +73,8 @@ class Worker:
         self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        if self.proc is not None:
+            terminate(self.proc, timeout=20, name=self.name)
 
     def tail(self, lines: int = 40) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
