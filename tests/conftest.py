@@ -42,10 +42,11 @@ FTP_PASSWORD = "s3cret-ftp"
 class Worker:
     """One ``sluice worker`` process, its output in a log file the tests can show."""
 
-    def __init__(self, name: str, env: dict[str, str], log_dir: Path) -> None:
+    def __init__(self, name: str, env: dict[str, str], log_dir: Path, *, cwd: Path = ROOT) -> None:
         self.name = name
         self.env = env
         self.log_path = log_dir / f"{name}.log"
+        self.cwd = cwd
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -53,7 +54,7 @@ class Worker:
         log.write(f"\n===== start {time.strftime('%H:%M:%S')}\n".encode())
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sluice", "worker", "--loglevel", "info"],
-            cwd=ROOT,
+            cwd=self.cwd,
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
