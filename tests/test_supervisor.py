@@ -121,9 +121,10 @@ def test_postgres_sigkilled_under_sluice_up_is_back_and_serves_an_import(
     assert postgres.last_restart_at is not None and postgres.last_exit_at is not None
     assert postgres.last_exit_at <= postgres.last_restart_at
     assert after.pids["postgres"] == postgres.pid
-    events = up.events()
-    assert f"postgres (pid {before.pid}) was killed by SIGKILL" in events
-    assert f"postgres started again (pid {postgres.pid}), restart {postgres.restarts}" in events
+    output = (up.home / "logs" / "up.log").read_text()  # what `sluice up` printed
+    for events in (up.events(), output):
+        assert f"postgres (pid {before.pid}) was killed by SIGKILL" in events
+        assert f"postgres started again (pid {postgres.pid}), restart {postgres.restarts}" in events
     assert not up.zombies()
 
     # The stack view and `sluice env --stack` show it; `sluice env` is unchanged.
