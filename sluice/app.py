@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -60,11 +62,29 @@ def start_message(value: bytes | None) -> TriggerRequested | ValidationError | N
         return exc
 
 
+async def acknowledged(event: Any, work: Callable[[Any], Awaitable[None]]) -> None:
+    """``work(event)``, then acknowledge the event (its offset may be committed) however the
+    work ended, unless it was cancelled: a worker that stops cancels its work in flight rather
+    than waiting for it (see sluice.worker.Worker), and an event whose work was cancelled must
+    be delivered again. The agents read their streams with ``noack()`` and acknowledge here;
+    Faust's own acknowledgement would also cover a cancelled event."""
+    try:
+        await work(event)
+    except asyncio.CancelledError:
+        raise
+    except BaseException:
+        event.ack()
+        raise
+    event.ack()
+
+
 def create_app(
-    rt: Runtime, *, app_id: str | None = None, hooks: HookSet | None = None
+    rt: Runtime, *, datadir: Path, app_id: str | None = None, hooks: HookSet | None = None
 ) -> faust.App:
-    """``app_id``: the consumer group (default ``SLUICE_GROUP_ID``); ``hooks``: the webhooks,
-    their secrets resolved by the entry point; none by default."""
+    """``datadir``: Faust's data directory (Faust creates ``v1/tables`` in it; with tables in
+    memory nothing else), which the caller makes and removes; ``app_id``: the consumer group
+    (default ``SLUICE_GROUP_ID``); ``hooks``: the webhooks, their secrets resolved by the entry
+    point; none by default."""
     kafka = rt.settings.kafka
     app_id = app_id or kafka.group_id
     names = Topics.of(kafka)
@@ -72,6 +92,7 @@ def create_app(
         app_id,
         **faust_broker_options(kafka),
         store="memory://",
+        datadir=datadir,
         autodiscover=False,
         value_serializer="raw",
         key_serializer="raw",
@@ -159,33 +180,34 @@ def create_app(
 
     triggers = topic(names.triggers, kafka.partitions)
 
+    async def split_event(event: Any) -> None:
+        try:
+            request = ImportRequested.model_validate_json(event.value)
+        except ValidationError as exc:
+            start = start_message(event.value)
+            if isinstance(start, TriggerRequested):
+                # A producer outside Sluice asked for an import of a pull source: the
+                # fetch agent creates its run (idempotent by request_id).
+                key = (start.request_id or start.importer).encode()
+                await (await triggers.send(key=key, value=event.value))
+            elif start is not None:
+                await dead_letter(
+                    event, f"not a valid start message (a trigger): {start.errors()[:3]}"
+                )
+            else:
+                await dead_letter(event, f"not a valid import request: {exc.errors()[:3]}")
+            return
+
+        async def send(partition: int, key: bytes, value: bytes) -> Awaitable[Any]:
+            delivery: Awaitable[Any] = await batches.send(key=key, value=value, partition=partition)
+            return delivery
+
+        await split_with_retry(request, send, event)
+
     @app.agent(requests, name="split")
     async def split_agent(stream: Any) -> None:
-        async for event in stream.events():
-            try:
-                request = ImportRequested.model_validate_json(event.value)
-            except ValidationError as exc:
-                start = start_message(event.value)
-                if isinstance(start, TriggerRequested):
-                    # A producer outside Sluice asked for an import of a pull source: the
-                    # fetch agent creates its run (idempotent by request_id).
-                    key = (start.request_id or start.importer).encode()
-                    await (await triggers.send(key=key, value=event.value))
-                elif start is not None:
-                    await dead_letter(
-                        event, f"not a valid start message (a trigger): {start.errors()[:3]}"
-                    )
-                else:
-                    await dead_letter(event, f"not a valid import request: {exc.errors()[:3]}")
-                continue
-
-            async def send(partition: int, key: bytes, value: bytes) -> Awaitable[Any]:
-                delivery: Awaitable[Any] = await batches.send(
-                    key=key, value=value, partition=partition
-                )
-                return delivery
-
-            await split_with_retry(request, send, event)
+        async for event in stream.noack().events():
+            await acknowledged(event, split_event)
 
     async def apply_batch(event: Any) -> None:
         async def to_dead(reason: str) -> None:
@@ -222,56 +244,56 @@ def create_app(
         )
         return delivery
 
+    async def fetch_event(event: Any) -> None:
+        try:
+            trigger = TriggerRequested.model_validate_json(event.value)
+        except ValidationError as exc:
+            await dead_letter(event, f"not a valid trigger: {exc.errors()[:3]}")
+            return
+        if trigger.run_id is None:
+            try:
+                trigger = await retrying(
+                    "a run for a produced trigger",
+                    rt.settings.pipeline.apply_attempts,
+                    partial(adopt_trigger, rt, trigger),
+                    on_retry=rt.metrics.on_retry("trigger"),
+                )
+            except TerminalError as exc:
+                await dead_letter(event, f"cannot start a run: {exc}")
+                return
+
+        async def run_discovery(run: Run, trigger: TriggerRequested) -> None:
+            await discover(rt, run, send_page, flush)
+
+        await with_retries(
+            "fetch",
+            "fetch",
+            trigger.run_id,
+            event,
+            lambda: handle_trigger(rt, trigger, publish_request, run_discovery),
+        )
+
     @app.agent(triggers, name="fetch")
     async def fetch_agent(stream: Any) -> None:
-        async for event in stream.events():
-            try:
-                trigger = TriggerRequested.model_validate_json(event.value)
-            except ValidationError as exc:
-                await dead_letter(event, f"not a valid trigger: {exc.errors()[:3]}")
-                continue
-            if trigger.run_id is None:
-                try:
-                    trigger = await retrying(
-                        "a run for a produced trigger",
-                        rt.settings.pipeline.apply_attempts,
-                        partial(adopt_trigger, rt, trigger),
-                        on_retry=rt.metrics.on_retry("trigger"),
-                    )
-                except TerminalError as exc:
-                    await dead_letter(event, f"cannot start a run: {exc}")
-                    continue
+        async for event in stream.noack().events():
+            await acknowledged(event, fetch_event)
 
-            async def run_discovery(run: Run, trigger: TriggerRequested) -> None:
-                await discover(rt, run, send_page, flush)
-
-            await with_retries(
-                "fetch",
-                "fetch",
-                trigger.run_id,
-                event,
-                lambda trigger=trigger, run_discovery=run_discovery: handle_trigger(
-                    rt, trigger, publish_request, run_discovery
-                ),
-            )
+    async def detail_event(event: Any) -> None:
+        try:
+            page = ItemPage.model_validate_json(event.value)
+        except ValidationError as exc:
+            await dead_letter(event, f"not a valid item page: {exc.errors()[:3]}")
+            return
+        done = await with_retries(
+            "item details", "detail", page.run_id, event, lambda: fetch_page(rt, page, plans)
+        )
+        if not done:
+            rt.metrics.batch_done(BatchOutcome.DEAD)
 
     @app.agent(item_pages, name="detail")
     async def detail_agent(stream: Any) -> None:
-        async for event in stream.events():
-            try:
-                page = ItemPage.model_validate_json(event.value)
-            except ValidationError as exc:
-                await dead_letter(event, f"not a valid item page: {exc.errors()[:3]}")
-                continue
-            done = await with_retries(
-                "item details",
-                "detail",
-                page.run_id,
-                event,
-                lambda page=page: fetch_page(rt, page, plans),
-            )
-            if not done:
-                rt.metrics.batch_done(BatchOutcome.DEAD)
+        async for event in stream.noack().events():
+            await acknowledged(event, detail_event)
 
     async def publish_trigger(run: Run, kind: str, params: dict[str, Any]) -> None:
         trigger = TriggerRequested.for_run(run, kind, params)
@@ -343,12 +365,14 @@ def create_app(
         from sluice.firehose.backfill import Backfiller
 
         backfiller: Backfiller | None = None
-        async for event in stream.events():
+
+        async def backfill_event(event: Any) -> None:
+            nonlocal backfiller
             try:
                 request = BackfillRequested.model_validate_json(event.value)
             except ValidationError as exc:
                 await dead_letter(event, f"not a valid backfill request: {exc.errors()[:3]}")
-                continue
+                return
             if backfiller is None:
                 backfiller = Backfiller(
                     await rt.pool(), rt.settings.firehose, rt.settings.url, await rt.projections()
@@ -363,6 +387,9 @@ def create_app(
             except Exception as exc:
                 log.exception("backfill of %s failed", request.did)
                 await dead_letter(event, f"backfill failed: {type(exc).__name__}: {exc}")
+
+        async for event in stream.noack().events():
+            await acknowledged(event, backfill_event)
 
     if rt.settings.firehose.enabled:
 
@@ -401,21 +428,24 @@ def create_app(
 
     webhooks = WebhookDispatcher(rt, hooks or HookSet())
 
+    async def react_to(event: Any) -> None:
+        try:
+            LifecycleEvent.model_validate_json(event.value or b"")
+        except ValidationError as exc:
+            await dead_letter(event, f"not a lifecycle event: {exc.errors()[:3]}")
+            return
+        for react in (webhooks.on_event, partial(after_import, rt)):
+            try:
+                await react(event.value)
+            except Exception:
+                # The delivery log and the next event go on; a webhook retried later.
+                log.exception("reacting to a lifecycle event failed")
+
     @app.agent(out_topics[Topic.LIFECYCLE], name="webhooks")
     async def webhooks_agent(stream: Any) -> None:
         """Reactions to lifecycle events: webhooks, and moving pulled files after import."""
-        async for event in stream.events():
-            try:
-                LifecycleEvent.model_validate_json(event.value or b"")
-            except ValidationError as exc:
-                await dead_letter(event, f"not a lifecycle event: {exc.errors()[:3]}")
-                continue
-            for react in (webhooks.on_event, partial(after_import, rt)):
-                try:
-                    await react(event.value)
-                except Exception:
-                    # The delivery log and the next event go on; a webhook retried later.
-                    log.exception("reacting to a lifecycle event failed")
+        async for event in stream.noack().events():
+            await acknowledged(event, react_to)
 
     @app.timer(rt.settings.webhooks.retry_interval)  # type: ignore[untyped-decorator]
     async def retry_webhooks() -> None:

@@ -224,7 +224,13 @@ def down() -> None:
 
 
 @cli.command()
-def env() -> None:
+@click.option(
+    "--stack",
+    "with_stack",
+    is_flag=True,
+    help="then, as shell comments, the processes of the embedded stack (as `sluice stack`)",
+)
+def env(with_stack: bool) -> None:
     """Print the connection settings of the running stack, as shell assignments."""
     settings = load_settings()
     click.echo(f"SLUICE_KAFKA_BOOTSTRAP={settings.kafka.bootstrap}")
@@ -233,6 +239,34 @@ def env() -> None:
         click.echo(f"SLUICE_API_URL={settings.api.url}")
     if settings.api.all_tokens():
         click.echo(f"SLUICE_API_TOKEN={settings.api.all_tokens()[0]}")
+    if with_stack:
+        from sluice.stack import read_state
+        from sluice.supervisor import describe_stack
+
+        home = settings.pipeline.home
+        state = read_state(home)
+        lines = describe_stack(home, state) if state else [f"no stack runs under {home}"]
+        for line in lines:
+            click.echo(f"# {line}")
+
+
+@cli.command("stack")
+@click.option("--json", "as_json", is_flag=True, help="the state file (stack.json) as it is")
+def stack_cmd(as_json: bool) -> None:
+    """Show the embedded stack started by `sluice up`: each process with its pid, status,
+    restarts and how it last ended. Exit code 1 when no stack runs under SLUICE_HOME."""
+    from sluice.stack import read_state
+    from sluice.supervisor import describe_stack
+
+    home = PipelineSettings().home
+    state = read_state(home)
+    if state is None:
+        fail(f"no stack is running under {home.resolve()}: start one with `sluice up --detach`")
+    if as_json:
+        click.echo(state.model_dump_json(indent=2))
+        return
+    for line in describe_stack(home, state):
+        click.echo(line)
 
 
 @cli.command()

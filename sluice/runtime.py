@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from sluice.agents.project import Projections
     from sluice.storage.objectstore import S3Objects
 
+POOL_CLOSE_TIMEOUT = 5.0
+
 
 class Runtime:
     """``secrets``: the environment variables pull sources name for credentials, read by the
@@ -125,6 +127,9 @@ class Runtime:
         return client
 
     async def close(self) -> None:
+        """Close the HTTP clients and the pool. The pool waits up to POOL_CLOSE_TIMEOUT seconds
+        for its connections to be released and closed politely (a server that is down never
+        answers the goodbye), then drops them."""
         for client in self._api_clients.values():
             await client.close()
         self._api_clients.clear()
@@ -132,5 +137,8 @@ class Runtime:
             await self._objects.close()
             self._objects = None
         if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), POOL_CLOSE_TIMEOUT)
+            except TimeoutError:
+                pool.terminate()

@@ -7,7 +7,10 @@ own session, so a Ctrl-C in the terminal reaches only the supervisor, which then
 order.
 
 The running stack is described by ``SLUICE_HOME/stack.json`` (:class:`StackState`), which lets
-other commands find the broker, the database and the process ids.
+other commands find the broker, the database and the process ids, and tells what the supervisor
+saw happen to each process (deaths, restarts).
+
+Every process is stopped the same way, by :func:`terminate`: a signal, a wait, then SIGKILL.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import time
 import warnings
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from enum import StrEnum
 from pathlib import Path
 from typing import IO, Any
 
@@ -101,9 +106,45 @@ def wait_for_port(host: str, port: int, timeout: float) -> None:
         time.sleep(_POLL_INTERVAL)
 
 
-def stop_process(pid: int, sig: int = signal.SIGTERM, timeout: float = 10.0) -> bool:
-    """Send ``sig`` to ``pid``, wait up to ``timeout`` s, then SIGKILL. For processes that are not
-    our children (found through :class:`StackState`). True if the process is gone afterwards."""
+_KILL_WAIT = 10.0
+
+
+def terminate(
+    target: subprocess.Popen[bytes] | int,
+    *,
+    sig: int = signal.SIGTERM,
+    timeout: float = 10.0,
+    name: str = "process",
+) -> bool:
+    """Stop a process: send ``sig`` (SIGTERM; PostgreSQL's fast shutdown is SIGINT), wait up to
+    ``timeout`` seconds, then SIGKILL it and wait for it. The one way Sluice stops a process.
+
+    ``target`` is a child (a ``Popen``, started in its own session: it is reaped, and SIGKILL
+    goes to its whole process group, so helpers it forked do not outlive it) or the pid of a
+    process that is not our child (a detached supervisor found through :class:`StackState`).
+    True if it ended on ``sig`` within ``timeout`` (or had already ended), False if it had to be
+    killed."""
+    if isinstance(target, int):
+        return _terminate_pid(target, sig, timeout, name)
+    proc = target
+    if proc.poll() is not None:
+        return True
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        logger.warning("%s (pid %d) did not stop within %g s, killing it", name, proc.pid, timeout)
+    _signal_group(proc, signal.SIGKILL)
+    try:
+        proc.wait(_KILL_WAIT)
+    except subprocess.TimeoutExpired:
+        logger.error("%s (pid %d) survived SIGKILL for %g s", name, proc.pid, _KILL_WAIT)
+    return False
+
+
+def _terminate_pid(pid: int, sig: int, timeout: float, name: str) -> bool:
     try:
         proc = psutil.Process(pid)
         proc.send_signal(sig)
@@ -113,14 +154,26 @@ def stop_process(pid: int, sig: int = signal.SIGTERM, timeout: float = 10.0) -> 
         proc.wait(timeout)
         return True
     except psutil.TimeoutExpired:
-        logger.warning("pid %d ignored signal %d for %g s, killing it", pid, sig, timeout)
+        logger.warning("%s (pid %d) did not stop within %g s, killing it", name, pid, timeout)
     with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
         proc.kill()
     try:
-        proc.wait(5)
+        proc.wait(_KILL_WAIT)
     except psutil.TimeoutExpired:
-        return False
-    return True
+        logger.error("%s (pid %d) survived SIGKILL for %g s", name, pid, _KILL_WAIT)
+    return False
+
+
+def describe_exit(code: int) -> str:
+    """How a process ended, from its ``Popen.returncode``: "exited with code 1", "was killed by
+    SIGKILL"."""
+    if code < 0:
+        try:
+            signame = signal.Signals(-code).name
+        except ValueError:
+            signame = f"signal {-code}"
+        return f"was killed by {signame}"
+    return f"exited with code {code}"
 
 
 def _log_tail(path: Path) -> str:
@@ -135,10 +188,11 @@ def _log_tail(path: Path) -> str:
     return "\n".join(lines) if lines else "(log is empty)"
 
 
-def _open_log(path: Path) -> IO[bytes]:
+def open_log(path: Path) -> IO[bytes]:
+    """``path`` opened for appending a child's output, after a line that marks this start."""
     path.parent.mkdir(parents=True, exist_ok=True)
     log = path.open("ab")
-    # Restarts append to the same file; a header makes each run easy to find.
+    # Restarts append to the same file; a header makes each start easy to find.
     log.write(f"\n=== sluice: starting at {time.strftime('%Y-%m-%d %H:%M:%S')} ===\n".encode())
     log.flush()
     return log
@@ -154,21 +208,6 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
     except PermissionError:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(sig)
-
-
-def _terminate(proc: subprocess.Popen[bytes], sig: int, timeout: float, name: str) -> None:
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(sig)
-    try:
-        proc.wait(timeout)
-        return
-    except subprocess.TimeoutExpired:
-        logger.warning("%s (pid %d) did not stop within %g s, killing it", name, proc.pid, timeout)
-    # The whole group, so helpers the leader forked do not outlive it.
-    _signal_group(proc, signal.SIGKILL)
-    proc.wait()
 
 
 def _run_coro(factory: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
@@ -234,6 +273,11 @@ class EmbeddedBroker:
         """True while the broker process is alive."""
         return self._proc is not None and self._proc.poll() is None
 
+    def poll(self) -> int | None:
+        """None while the broker runs (or was never started); once it ended, its exit status
+        (``Popen.returncode``), the process reaped."""
+        return self._proc.poll() if self._proc is not None else None
+
     def start(self) -> None:
         """Spawn the broker and wait until its port accepts connections."""
         if self.running:
@@ -262,7 +306,7 @@ class EmbeddedBroker:
         ]
         logger.info("starting broker on %s", self.bootstrap)
         started = time.monotonic()
-        with _open_log(self.log_path) as log:
+        with open_log(self.log_path) as log:
             self._proc = subprocess.Popen(
                 cmd,
                 stdin=subprocess.DEVNULL,
@@ -298,7 +342,7 @@ class EmbeddedBroker:
         if self._proc is None:
             return
         logger.info("stopping broker (pid %d)", self._proc.pid)
-        _terminate(self._proc, signal.SIGTERM, timeout, "broker")
+        terminate(self._proc, timeout=timeout, name="broker")
 
     def kill(self) -> None:
         """SIGKILL without shutdown, to simulate a crash."""
@@ -363,6 +407,11 @@ class EmbeddedPostgres:
         """True while the postmaster is alive."""
         return self._proc is not None and self._proc.poll() is None
 
+    def poll(self) -> int | None:
+        """None while the postmaster runs (or was never started); once it ended, its exit
+        status (``Popen.returncode``), the process reaped."""
+        return self._proc.poll() if self._proc is not None else None
+
     @property
     def socket_dir(self) -> Path:
         """Directory of the unix socket; short, because socket paths are limited to ~107 bytes."""
@@ -392,6 +441,7 @@ class EmbeddedPostgres:
         sock_dir.mkdir(mode=0o700, exist_ok=True)
         if owner is not None:
             os.chown(sock_dir, *owner)
+        self._clear_stale_socket_lock()
         if _port_accepts(LOCALHOST, self.port):
             raise RuntimeError(
                 f"cannot start postgres: port {self.port} is already in use on {LOCALHOST}"
@@ -426,7 +476,7 @@ class EmbeddedPostgres:
             "log_min_messages=warning",
         ]
         logger.info("starting postgres on %s:%d (data %s)", LOCALHOST, self.port, self.data_dir)
-        with _open_log(self.log_path) as log:
+        with open_log(self.log_path) as log:
             if owner is not None:
                 os.chown(self.log_path, *owner)
             self._proc = subprocess.Popen(
@@ -456,7 +506,7 @@ class EmbeddedPostgres:
         if self._proc is None:
             return
         logger.info("stopping postgres (pid %d)", self._proc.pid)
-        _terminate(self._proc, signal.SIGINT, timeout, "postgres")
+        terminate(self._proc, sig=signal.SIGINT, timeout=timeout, name="postgres")
         # Empty after a clean shutdown (the server removes its socket); keeps /tmp tidy.
         with contextlib.suppress(OSError):
             self.socket_dir.rmdir()
@@ -525,7 +575,7 @@ class EmbeddedPostgres:
             "--no-sync",
             "--no-instructions",
         ]
-        with _open_log(self.log_path) as log:
+        with open_log(self.log_path) as log:
             if owner is not None:
                 os.chown(self.log_path, *owner)
             result = subprocess.run(
@@ -544,24 +594,40 @@ class EmbeddedPostgres:
             )
         logger.info("initdb done in %.2f s", time.monotonic() - started)
 
+    @property
+    def socket_lock(self) -> Path:
+        """The lock file PostgreSQL keeps next to its unix socket; its first line is the pid."""
+        return self.socket_dir / f".s.PGSQL.{self.port}.lock"
+
     def _clear_stale_pid_file(self) -> None:
-        pid_file = self.data_dir / "postmaster.pid"
+        if self._clear_stale_lock(self.data_dir / "postmaster.pid"):
+            self._kill_orphan_backends()
+
+    def _clear_stale_socket_lock(self) -> None:
+        # PostgreSQL refuses to start while the pid in this file is alive: after a crash that
+        # pid may belong to a zombie or, reused, to any process ("Is another postmaster
+        # running?"). The socket directory is this data directory's own.
+        self._clear_stale_lock(self.socket_lock)
+
+    def _clear_stale_lock(self, path: Path) -> bool:
+        """Remove ``path`` (postmaster.pid or the socket lock) unless its pid is a live postgres
+        of this data directory, which is then left alone and reported. True if removed."""
         try:
-            first = pid_file.read_text().splitlines()[0].strip()
+            first = path.read_text().splitlines()[0].strip()
             pid = int(first)
         except FileNotFoundError:
-            return
+            return False
         except (OSError, IndexError, ValueError):
-            logger.warning("unreadable %s, removing it", pid_file)
-            pid_file.unlink(missing_ok=True)
-            return
+            logger.warning("unreadable %s, removing it", path)
+            path.unlink(missing_ok=True)
+            return True
         if self._is_our_postmaster(pid):
             raise RuntimeError(
                 f"a postgres server (pid {pid}) is already running on {self.data_dir}"
             )
-        logger.warning("removing stale %s (pid %d is not a live postmaster)", pid_file, pid)
-        pid_file.unlink(missing_ok=True)
-        self._kill_orphan_backends()
+        logger.warning("removing stale %s (pid %d is not a live postmaster)", path, pid)
+        path.unlink(missing_ok=True)
+        return True
 
     def _is_our_postmaster(self, pid: int) -> bool:
         # A pid can be reused after a crash or a reboot: alive only counts if it is a postgres
@@ -648,7 +714,86 @@ class EmbeddedPostgres:
 
 
 # --------------------------------------------------------------------------------------------
+# Sluice's own processes
+
+
+class SluiceProcess:
+    """A ``python -m sluice ARGS`` child (the worker, the API) in its own session, its output
+    appended to ``log_path``."""
+
+    def __init__(
+        self,
+        name: str,
+        args: Sequence[str],
+        env: Mapping[str, str],
+        log_path: Path,
+        *,
+        stop_timeout: float = 15.0,
+    ) -> None:
+        self.name = name
+        self.args = list(args)
+        self.env = dict(env)
+        self.log_path = log_path
+        self.stop_timeout = stop_timeout
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """Pid of the current process, None before start."""
+        return self._proc.pid if self._proc is not None else None
+
+    def start(self) -> None:
+        """Spawn the process (it is not waited for: it reports its own readiness)."""
+        with open_log(self.log_path) as log:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "sluice", *self.args],
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        logger.info("started %s (pid %d)", self.name, self._proc.pid)
+
+    def poll(self) -> int | None:
+        """None while it runs (or was never started); once it ended, its exit status, the
+        process reaped."""
+        return self._proc.poll() if self._proc is not None else None
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after ``stop_timeout`` seconds."""
+        if self._proc is not None:
+            terminate(self._proc, timeout=self.stop_timeout, name=self.name)
+
+
+# --------------------------------------------------------------------------------------------
 # state file
+
+
+class ComponentStatus(StrEnum):
+    """What the supervisor last saw of one process of the stack."""
+
+    RUNNING = "running"
+    """Started, and not seen ending since."""
+    RESTARTING = "restarting"
+    """It ended; the supervisor starts it again at ``next_restart_at``."""
+
+
+class ComponentState(BaseModel):
+    """One process of the stack (broker, postgres, worker, api) as its supervisor saw it.
+    Times are Unix timestamps."""
+
+    pid: int = 0
+    status: ComponentStatus = ComponentStatus.RUNNING
+    started_at: float = Field(default_factory=time.time)
+    """When the current process was started."""
+    restarts: int = 0
+    """How many times it was started again after it ended."""
+    last_exit: str | None = None
+    """How it last ended: "exited with code 1", "was killed by SIGKILL"."""
+    last_exit_at: float | None = None
+    last_restart_at: float | None = None
+    next_restart_at: float | None = None
 
 
 class StackState(BaseModel):
@@ -660,6 +805,9 @@ class StackState(BaseModel):
     # Keys: broker, postgres, worker, api, supervisor.
     pids: dict[str, int] = Field(default_factory=dict)
     started_at: float = Field(default_factory=time.time)
+    components: dict[str, ComponentState] = Field(default_factory=dict)
+    """Keys: broker, postgres, worker, api; written by the supervisor at every start, death
+    and restart."""
 
 
 def state_path(home: Path) -> Path:

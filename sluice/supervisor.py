@@ -1,16 +1,32 @@
-"""``sluice up`` / ``sluice down``: run the embedded stack and its processes under SLUICE_HOME."""
+"""``sluice up`` / ``sluice down`` / ``sluice stack``: run the embedded stack under SLUICE_HOME
+and keep it running.
+
+The supervisor starts the broker, PostgreSQL, one worker and the HTTP API, then watches them.
+A process that ends is reaped at once (a zombie keeps its pid alive, and PostgreSQL takes a
+live pid in its lock files for a running server), reported (one line on the output and in
+``logs/supervisor.log``: what ended, its exit code or signal, when it starts again) and started
+again after a :class:`Backoff`. The broker comes back on its port, empty (the workers recreate
+the topics); PostgreSQL on its port and data, its stale lock files cleared. Every start, death
+and restart is recorded in ``stack.json`` (:class:`~sluice.stack.StackState`), which
+``sluice stack`` and ``sluice env --stack`` show.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
+import psutil
 from pydantic import SecretStr
 
 from sluice.config import (
@@ -24,14 +40,20 @@ from sluice.config import (
 from sluice.errors import EmbeddedStackMissing
 from sluice.runtime import Runtime
 from sluice.stack import (
+    LOCALHOST,
+    ComponentState,
+    ComponentStatus,
     EmbeddedBroker,
     EmbeddedPostgres,
+    SluiceProcess,
     StackState,
     api_token,
+    describe_exit,
     find_process_alive,
     free_port,
     read_state,
     require_embedded,
+    terminate,
     wait_for_port,
     write_state,
 )
@@ -42,27 +64,193 @@ DEFAULT_KAFKA_PORT = 9092
 DEFAULT_PG_PORT = 5432
 DEFAULT_API_PORT = 8000
 
-
-def _spawn(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    out = log_path.open("ab")
-    return subprocess.Popen(
-        [sys.executable, "-m", "sluice", *args],
-        env=env,
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+CHECK_INTERVAL = 0.5
+"""Seconds between two looks at the processes."""
+EVENT_LOG = "supervisor.log"
 
 
-def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 15) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
+@dataclass
+class Backoff:
+    """How long to wait before starting again a process that ended.
+
+    ``base`` seconds after the first death, doubling with each death that follows quickly (within
+    ``stable_after`` seconds of the start), never more than ``cap``, plus up to ``jitter`` of the
+    delay at random (restarts of several processes do not fall in step). A process that stayed
+    up ``stable_after`` seconds starts over from ``base``.
+    """
+
+    base: float = 1.0
+    cap: float = 30.0
+    jitter: float = 0.2
+    stable_after: float = 60.0
+    failures: int = 0
+
+    def next_delay(self, uptime: float, rand: Callable[[], float] = random.random) -> float:
+        """The wait before the next start of a process that ended after ``uptime`` seconds
+        up (0 for a start that failed); ``rand`` returns a float in [0, 1)."""
+        if uptime >= self.stable_after:
+            self.failures = 0
+        nominal = min(self.cap, self.base * 2.0 ** min(self.failures, 32))
+        self.failures += 1
+        return nominal * (1 + self.jitter * rand())
+
+
+class Component(Protocol):
+    """A process of the stack: EmbeddedBroker, EmbeddedPostgres, SluiceProcess."""
+
+    log_path: Path
+
+    @property
+    def pid(self) -> int | None: ...
+
+    def start(self) -> None: ...
+
+    def poll(self) -> int | None: ...
+
+    def stop(self) -> None: ...
+
+
+@dataclass
+class _Watched:
+    name: str
+    component: Component
+    backoff: Backoff
+    state: ComponentState
+    started: float
+    """The monotonic time the current process started."""
+    due: float | None = None
+    """While it is down: the monotonic time of its next start."""
+
+
+def _create_time(pid: int | None) -> float:
+    """When process ``pid`` started, as a Unix timestamp (now when it cannot be told)."""
+    if not pid:
+        return time.time()
     try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        return min(float(psutil.Process(pid).create_time()), time.time())
+    except (psutil.Error, ValueError):
+        return time.time()
+
+
+class Supervisor:
+    """Keeps ``components`` (already started) running; :meth:`check` looks at them once.
+
+    ``say`` receives one line per event; ``on_change`` is called after every change of
+    :attr:`states`."""
+
+    def __init__(
+        self,
+        components: Mapping[str, Component],
+        *,
+        say: Callable[[str], None],
+        on_change: Callable[[], None] = lambda: None,
+        backoff: Callable[[], Backoff] = Backoff,
+    ) -> None:
+        self._say = say
+        self._on_change = on_change
+        self._watched = []
+        for name, c in components.items():
+            created = _create_time(c.pid)
+            self._watched.append(
+                _Watched(
+                    name,
+                    c,
+                    backoff(),
+                    ComponentState(pid=c.pid or 0, started_at=created),
+                    started=time.monotonic() - (time.time() - created),
+                )
+            )
+
+    @property
+    def states(self) -> dict[str, ComponentState]:
+        """What was seen of each process, by name (live objects, updated by :meth:`check`)."""
+        return {w.name: w.state for w in self._watched}
+
+    def check(self) -> None:
+        """Reap and report the processes that ended; start those whose wait is over."""
+        for watched in self._watched:
+            if watched.due is None:
+                code = watched.component.poll()
+                if code is not None:
+                    self._ended(watched, code)
+            elif time.monotonic() >= watched.due:
+                self._restart(watched)
+
+    def _ended(self, watched: _Watched, code: int) -> None:
+        uptime = time.monotonic() - watched.started
+        delay = watched.backoff.next_delay(uptime)
+        watched.due = time.monotonic() + delay
+        how = describe_exit(code)
+        state = watched.state
+        state.status = ComponentStatus.RESTARTING
+        state.last_exit = how
+        state.last_exit_at = time.time()
+        state.next_restart_at = time.time() + delay
+        self._say(
+            f"{watched.name} (pid {state.pid}) {how} after {uptime:.1f} s up;"
+            f" starting it again in {delay:.1f} s (its log: {watched.component.log_path})"
+        )
+        self._on_change()
+
+    def _restart(self, watched: _Watched) -> None:
+        state = watched.state
+        try:
+            watched.component.start()
+        except Exception as exc:
+            # A start that fails counts as one more quick death.
+            log.warning("%s could not be started", watched.name, exc_info=True)
+            delay = watched.backoff.next_delay(0.0)
+            watched.due = time.monotonic() + delay
+            state.next_restart_at = time.time() + delay
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            self._say(
+                f"{watched.name} could not be started ({reason}); trying again in {delay:.1f} s"
+            )
+            self._on_change()
+            return
+        watched.started = time.monotonic()
+        watched.due = None
+        state.pid = watched.component.pid or 0
+        state.status = ComponentStatus.RUNNING
+        state.restarts += 1
+        state.started_at = state.last_restart_at = time.time()
+        state.next_restart_at = None
+        self._say(f"{watched.name} started again (pid {state.pid}), restart {state.restarts}")
+        self._on_change()
+
+
+def _event_logger(path: Path) -> logging.Logger:
+    """``logs/supervisor.log``: the event lines, as printed. This is the supervisor process's
+    entry point, where its handlers are configured."""
+    events = logging.getLogger(f"{__name__}.events")
+    events.setLevel(logging.INFO)
+    events.propagate = False  # printed already; not a second time on stderr
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    events.addHandler(handler)
+    return events
+
+
+def _stamp() -> str:
+    now = time.time()
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f".{int(now % 1 * 1000):03d}"
+
+
+def _wait_for_api(
+    api: SluiceProcess, port: int, timeout: float, stopping: Callable[[], bool]
+) -> None:
+    """Until the API answers on ``port``, or ends (the supervisor starts it again), or the
+    supervisor is told to stop. TimeoutError when it lives on and does not answer."""
+    deadline = time.monotonic() + timeout
+    while not stopping() and api.poll() is None:
+        try:
+            wait_for_port(LOCALHOST, port, timeout=0.5)
+            return
+        except TimeoutError:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"the API did not answer on port {port} within {timeout:g} s"
+                ) from None
 
 
 def supervise(
@@ -72,7 +260,8 @@ def supervise(
     api: ApiSettings,
     metrics: MetricsSettings | None = None,
 ) -> int:
-    """Start everything, print how to connect, and wait for Ctrl-C or SIGTERM."""
+    """Start everything, print how to connect, keep it running until Ctrl-C or SIGTERM."""
+    from sluice.importers.registry import build_registry
     from sluice.worker import prepare
 
     metrics = metrics or MetricsSettings()
@@ -83,6 +272,7 @@ def supervise(
         return 1
     logs = home / "logs"
     logs.mkdir(exist_ok=True)
+    events = _event_logger(logs / EVENT_LOG)
     stopping = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -92,10 +282,14 @@ def supervise(
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
+    def say(message: str) -> None:
+        line = f"{_stamp()} {message}"
+        print(line, flush=True)
+        events.info(line)
+
     broker = EmbeddedBroker(free_port(DEFAULT_KAFKA_PORT), logs / "broker.log")
     postgres = EmbeddedPostgres(home / "pg", free_port(DEFAULT_PG_PORT), logs / "postgres.log")
-    worker: subprocess.Popen[bytes] | None = None
-    api_proc: subprocess.Popen[bytes] | None = None
+    processes: list[SluiceProcess] = []
     try:
         broker.start()
         postgres.start()
@@ -110,7 +304,10 @@ def supervise(
             api=api.model_copy(update={"url": api_url, "port": api_port}),
             pipeline=pipeline,
         )
-        asyncio.run(prepare(Runtime(settings)))
+        # The bundled importers only: a worker prepares the tables of SLUICE_IMPORTERS itself,
+        # and a module there that fails to import must not keep the stack from starting (the
+        # worker says why in its log, and is started again with backoff).
+        asyncio.run(prepare(Runtime(settings, registry=build_registry())))
         # The worker's metrics port: the configured one, or another when it is taken (a worker
         # that cannot serve its metrics exits, and this loop would start it again and again).
         metrics_port = str(metrics.port and free_port(metrics.port))
@@ -123,44 +320,53 @@ def supervise(
             "SLUICE_API_PORT": str(api_port),
             "SLUICE_METRICS_PORT": metrics_port,
         }
-        worker = _spawn(["worker"], env, logs / "worker.log")
-        api_proc = _spawn(["api", "--port", str(api_port)], env, logs / "api.log")
-        # The stack is announced (state file, `sluice up --detach` returning) once it answers.
-        wait_for_port("127.0.0.1", api_port, timeout=60)
+        worker = SluiceProcess("worker", ["worker"], env, logs / "worker.log")
+        api_proc = SluiceProcess("api", ["api", "--port", str(api_port)], env, logs / "api.log")
+        processes = [worker, api_proc]
+        for proc in processes:
+            proc.start()
         state = StackState(
             kafka_bootstrap=broker.bootstrap,
             database_url=postgres.url,
             api_url=api_url,
-            pids={
-                "supervisor": os.getpid(),
-                "broker": broker.pid or 0,
-                "postgres": postgres.pid or 0,
-                "worker": worker.pid,
-                "api": api_proc.pid,
-            },
             started_at=time.time(),
         )
-        write_state(home, state)
+
+        def record() -> None:
+            state.components = supervisor.states
+            state.pids = {"supervisor": os.getpid()}
+            state.pids.update({name: c.pid for name, c in state.components.items()})
+            write_state(home, state)
+
+        supervisor = Supervisor(
+            {"broker": broker, "postgres": postgres, "worker": worker, "api": api_proc},
+            say=say,
+            on_change=record,
+        )
+        # The stack is announced (state file, `sluice up --detach` returning) once the API
+        # answers, or has ended: then it is started again like any process that ends.
+        _wait_for_api(api_proc, api_port, timeout=60, stopping=lambda: stopping)
+        if stopping:
+            return 0
+        record()
         print(f"SLUICE_KAFKA_BOOTSTRAP={broker.bootstrap}")
         print(f"SLUICE_DATABASE_URL={postgres.url}")
         print(f"SLUICE_API_URL={api_url}")
         if metrics_port != "0":
             print(f"worker metrics on http://{metrics.host}:{metrics_port}/metrics")
         print(f"logs in {logs.resolve()}; Ctrl-C stops everything", flush=True)
+        say(
+            f"stack up: broker pid {broker.pid}, postgres pid {postgres.pid},"
+            f" worker pid {worker.pid}, api pid {api_proc.pid}"
+        )
         while not stopping:
-            time.sleep(0.3)
-            if worker.poll() is not None and not stopping:
-                log.warning("worker exited with %s; starting a new one", worker.returncode)
-                if metrics.port:  # its port again, unless another process took it meanwhile
-                    env["SLUICE_METRICS_PORT"] = str(free_port(int(env["SLUICE_METRICS_PORT"])))
-                worker = _spawn(["worker"], env, logs / "worker.log")
-                state.pids["worker"] = worker.pid
-                write_state(home, state)
+            supervisor.check()
+            time.sleep(CHECK_INTERVAL)
         return 0
     finally:
         (home / "stack.json").unlink(missing_ok=True)
-        _stop(api_proc)
-        _stop(worker)
+        for proc in reversed(processes):
+            proc.stop()
         postgres.stop()
         broker.stop()
 
@@ -177,14 +383,14 @@ def start_detached(home: Path, timeout: float = 120) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     (home / "logs").mkdir(exist_ok=True)
-    out = (home / "logs" / "up.log").open("ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sluice", "up"],
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    with (home / "logs" / "up.log").open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sluice", "up"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         state = read_state(home)
@@ -197,7 +403,7 @@ def start_detached(home: Path, timeout: float = 120) -> int:
             break
         time.sleep(0.2)
     print(f"the stack did not start; see {(home / 'logs' / 'up.log').resolve()}", file=sys.stderr)
-    _stop(proc)
+    terminate(proc, timeout=60, name="sluice up")
     return 1
 
 
@@ -206,14 +412,55 @@ def stop_detached(home: Path, timeout: float = 60) -> int:
     if state is None:
         print(f"no stack is running under {home.resolve()}")
         return 0
-    pid = state.pids.get("supervisor", 0)
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and find_process_alive(pid):
-        time.sleep(0.2)
-    if find_process_alive(pid):
-        print("the stack did not stop in time; killing it", file=sys.stderr)
-        os.kill(pid, signal.SIGKILL)
+    pid = state.pids["supervisor"]  # read_state checked it is alive
+    if not terminate(pid, timeout=timeout, name="the supervisor"):
+        print("the stack did not stop in time; it was killed", file=sys.stderr)
         return 1
     print("stopped")
     return 0
+
+
+# --------------------------------------------------------------------------------------------
+# sluice stack
+
+
+def _ago(ts: float | None, now: float) -> str:
+    if ts is None:
+        return "-"
+    clock = time.strftime("%H:%M:%S", time.localtime(ts))
+    secs = now - ts
+    if secs < 0:
+        return f"{clock} (in {-secs:.0f} s)"
+    return f"{clock} ({_duration(secs)} ago)"
+
+
+def _duration(secs: float) -> str:
+    if secs < 120:
+        return f"{secs:.0f} s"
+    if secs < 7200:
+        return f"{secs / 60:.0f} min"
+    return f"{secs / 3600:.1f} h"
+
+
+def describe_stack(home: Path, state: StackState, now: float | None = None) -> list[str]:
+    """``sluice stack``: one line for the stack, one per process (pid, status, restarts, how
+    it last ended and when it was started again)."""
+    now = time.time() if now is None else now
+    supervisor = state.pids.get("supervisor", 0)
+    lines = [
+        f"stack under {home.resolve()}: supervisor pid {supervisor},"
+        f" up since {_ago(state.started_at, now)}"
+    ]
+    for name, comp in state.components.items():
+        status = comp.status.value
+        if comp.status is ComponentStatus.RUNNING and not find_process_alive(comp.pid):
+            status = "gone"  # ended since the supervisor last looked, or the supervisor is gone
+        line = f"{name:<9} pid {comp.pid:<8} {status:<11} restarts {comp.restarts}"
+        if comp.last_exit is not None:
+            line += f"  last: {comp.last_exit} at {_ago(comp.last_exit_at, now)}"
+        if comp.status is ComponentStatus.RESTARTING:
+            line += f", next start at {_ago(comp.next_restart_at, now)}"
+        elif comp.last_restart_at is not None:
+            line += f", started again at {_ago(comp.last_restart_at, now)}"
+        lines.append(line)
+    return lines

@@ -7,6 +7,8 @@ import asyncio
 import logging
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 import faust
 
@@ -44,6 +46,32 @@ async def prepare(rt: Runtime) -> None:
         await conn.close()
 
 
+class Worker(faust.Worker):
+    """A Faust worker that stops promptly.
+
+    Faust waits, when it stops, until every event being worked on is acknowledged. Work that is
+    waiting for a database that is down (retries riding out an outage, a connection attempt)
+    would hold the worker for minutes, so on shutdown the work in flight is cancelled instead:
+    the agents acknowledge an event only once its work is done, so what was cancelled is
+    delivered again (to this worker after its restart, or to another one), and every write is
+    idempotent. Rebalances still wait for the work in flight (partitions must not move under
+    a batch being applied). Once the app has stopped, the runtime's pool is closed.
+    """
+
+    runtime: Runtime | None = None
+
+    async def on_stop(self) -> None:
+        # Runs before the app (a child of the worker) stops; rebalances read the setting at
+        # their own time and are over by now.
+        self.app.conf.stream_wait_empty = False
+        await super().on_stop()
+
+    async def on_shutdown(self) -> None:
+        if self.runtime is not None:
+            await self.runtime.close()
+        await super().on_shutdown()
+
+
 def run_worker(settings: Settings, *, loglevel: str = "info") -> None:
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
@@ -65,6 +93,11 @@ def run_worker(settings: Settings, *, loglevel: str = "info") -> None:
     except SluiceError as exc:
         # A wrong password, an untrusted certificate, no broker: one line that says what to fix.
         raise SystemExit(f"error: {exc}") from None
-    app = create_app(rt, hooks=hooks)
-    worker = faust.Worker(app, loglevel=loglevel, loop=loop)
-    worker.execute_from_commandline()
+    # Faust's data directory (it holds RocksDB tables; Sluice's tables are in memory, so it
+    # stays empty): private to this process and removed when it exits, never in the current
+    # folder.
+    with tempfile.TemporaryDirectory(prefix="sluice-faust-") as datadir:
+        app = create_app(rt, hooks=hooks, datadir=Path(datadir))
+        worker = Worker(app, loglevel=loglevel, loop=loop)
+        worker.runtime = rt
+        worker.execute_from_commandline()

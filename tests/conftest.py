@@ -34,7 +34,7 @@ from sluice.config import (
 )
 from sluice.runtime import Runtime
 from sluice.schemas.runs import Run
-from sluice.stack import free_port
+from sluice.stack import free_port, terminate
 from sluice.streams.topics import Topics
 from sluice.worker import prepare
 from tests import backends
@@ -92,11 +92,12 @@ class Worker:
     """One ``sluice worker`` process, its output in a log file the tests can show. Each has a
     metrics port of its own (kept across restarts) unless ``env`` names one."""
 
-    def __init__(self, name: str, env: dict[str, str], log_dir: Path) -> None:
+    def __init__(self, name: str, env: dict[str, str], log_dir: Path, *, cwd: Path = ROOT) -> None:
         self.name = name
         self.metrics_port = int(env.get("SLUICE_METRICS_PORT") or free_port())
         self.env = {**env, "SLUICE_METRICS_PORT": str(self.metrics_port)}
         self.log_path = log_dir / f"{name}.log"
+        self.cwd = cwd
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -104,7 +105,7 @@ class Worker:
         log.write(f"\n===== start {time.strftime('%H:%M:%S')}\n".encode())
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sluice", "worker", "--loglevel", "info"],
-            cwd=ROOT,
+            cwd=self.cwd,
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -124,14 +125,8 @@ class Worker:
         self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        if self.proc is not None:
+            terminate(self.proc, timeout=20, name=self.name)
 
     @property
     def metrics_url(self) -> str:

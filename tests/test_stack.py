@@ -16,6 +16,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from sluice.stack import (
+    PG_SYSTEM_USER,
     EmbeddedBroker,
     EmbeddedPostgres,
     StackState,
@@ -198,8 +199,43 @@ def test_postgres_restart_keeps_data_and_survives_kill(tmp_path: Path) -> None:
     assert not pg.running
 
 
-@pytest.mark.stack
 @pytest.mark.embedded
+@pytest.mark.stack
+def test_postgres_clears_stale_lock_files_and_never_a_live_servers(tmp_path: Path) -> None:
+    data = tmp_path / "pgdata"
+    pg = EmbeddedPostgres(data, free_port(), tmp_path / "pg.log")
+    pg.start()
+    try:
+        lock = pg.socket_lock
+        assert int(lock.read_text().split()[0]) == pg.pid
+        # A second server on the same data is refused; the live server keeps its files.
+        other = EmbeddedPostgres(data, pg.port, tmp_path / "other.log")
+        with pytest.raises(RuntimeError, match="already running"):
+            other.start()
+        assert lock.exists() and (data / "postmaster.pid").exists()
+        assert _sql(pg, "SELECT 1") == 1
+        pg.stop()
+
+        # Left by a crash, naming a pid that is now another process of the server's user (a
+        # reused pid, or the dead server as a zombie nobody reaped): PostgreSQL itself refuses
+        # to start ("Is another postmaster (PID n) running?").
+        as_server = {"user": PG_SYSTEM_USER} if os.geteuid() == 0 else {}
+        with subprocess.Popen(["sleep", "30"], **as_server) as squatter:  # type: ignore[call-overload]
+            try:
+                pg.socket_dir.mkdir(exist_ok=True)
+                for path in (data / "postmaster.pid", lock):
+                    path.write_text(f"{squatter.pid}\n{data}\n")
+                pg.start()
+                assert int(lock.read_text().split()[0]) == pg.pid
+                assert _sql(pg, "SELECT 1") == 1
+            finally:
+                squatter.kill()
+    finally:
+        pg.stop()
+
+
+@pytest.mark.embedded
+@pytest.mark.stack
 async def test_postgres_start_from_inside_an_event_loop(tmp_path: Path) -> None:
     # start() is sync; called from async code it must not trip over the running loop.
     pg = EmbeddedPostgres(tmp_path / "pgdata", free_port(), tmp_path / "pg.log")
