@@ -40,9 +40,9 @@ from pydantic import SecretStr, ValidationError
 
 from sluice.config import WebhookSettings
 from sluice.errors import InvalidConfig
-from sluice.importers.dsl import Importer
 from sluice.runtime import Runtime
 from sluice.schemas.events import LifecycleEvent
+from sluice.schemas.importers import Importer
 from sluice.schemas.webhooks import WebhookDelivery
 from sluice.storage.webhooks import DeliveryLog
 

@@ -624,7 +624,7 @@ async def stage_costs(bootstrap: str, pool: asyncpg.Pool, dids: int) -> None:
     """Per-event costs of the Python stages, measured here on fresh events: what the consumer
     and the worker spend besides Faust, and a worker's loop without Faust (a plain aiokafka
     consumer taking batches of up to 2,000) for comparison with the worker's CPU per event."""
-    from sluice.agents.firehose import parse_events
+    from sluice.agents.firehose.apply import parse_events
     from sluice.schemas.firehose import JetstreamEvent
     from sluice.storage.atproto import apply_events, delete_records, newest_per_uri, write_records
 

@@ -1,5 +1,5 @@
-"""How fast XLSX rows are read: sluice's reader (sluice.tabular.read_xlsx) against openpyxl's
-read-only row iteration, on one workbook, in cells per second.
+"""How fast XLSX rows are read: sluice's reader (sluice.agents.split.parse.tabular.read_xlsx)
+against openpyxl's read-only row iteration, on one workbook, in cells per second.
 
     python bench/xlsx_reader.py WORKBOOK.xlsx [--rows N] [--skip-openpyxl] [--check]
 
@@ -18,8 +18,8 @@ from typing import Any
 
 import openpyxl
 
-from sluice.formats import FormatOptions
-from sluice.tabular import _sheet_rows, read_xlsx
+from sluice.agents.split.parse.tabular import _sheet_rows, read_xlsx
+from sluice.schemas.formats import FormatOptions
 
 
 def openpyxl_rows(path: Path, limit: int | None) -> tuple[int, float]:

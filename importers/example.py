@@ -8,7 +8,7 @@ The workers create the target table at start.
 
 from __future__ import annotations
 
-from sluice.importers.dsl import Field, Importer
+from sluice.schemas.importers import Field, Importer
 
 contacts = Importer(
     slug="contacts",

@@ -94,3 +94,15 @@ class Run(RunCounters):
 
     def counters(self) -> RunCounters:
         return RunCounters.model_validate(self.model_dump(include=set(RunCounters.model_fields)))
+
+
+class RowFailure:
+    """A rejected record: where it came from, what it held and why it was refused."""
+
+    __slots__ = ("raw", "reason", "row_number", "sub")
+
+    def __init__(self, row_number: int, sub: int, raw: Any, reason: str) -> None:
+        self.row_number = row_number
+        self.sub = sub
+        self.raw = raw
+        self.reason = reason

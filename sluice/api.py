@@ -30,9 +30,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sluice.client import Client
+from sluice.agents.schedule import ScheduleInfo
 from sluice.config import DEFAULT_TOKEN_NAME, Settings
 from sluice.errors import (
+    FileFormatError,
     FileTooLarge,
     ImporterNotFound,
     InvalidRequest,
@@ -41,16 +42,15 @@ from sluice.errors import (
     RunNotCancellable,
     RunNotFound,
     SluiceError,
+    SourceError,
     TransientError,
 )
-from sluice.formats import FileFormatError
 from sluice.metrics import TEXT_FORMAT, ApiMetrics
 from sluice.ratelimit_http import RateLimitMiddleware, TokenBuckets
 from sluice.request_body import BodyProblem, RequestBodyGuard
-from sluice.schedule import ScheduleInfo
 from sluice.schemas.firehose import DID_PATTERN, BackfillState, BackfillStatus
 from sluice.schemas.runs import Run, RunStatus
-from sluice.sources.base import SourceError
+from sluice.service import Client
 from sluice.web import SESSION_COOKIE, create_web_router
 
 log = logging.getLogger(__name__)
@@ -627,7 +627,7 @@ def create_api(settings: Settings) -> FastAPI:
     @app.get("/api/v1/schedules", dependencies=auth, tags=["importers"])
     async def list_schedules() -> dict[str, list[ScheduleInfo]]:
         """The importers' schedules: cron, paused or not, next and last scheduled time."""
-        from sluice.schedule import schedules
+        from sluice.agents.schedule import schedules
 
         found = await schedules(client.rt)
         return {"data": found}
@@ -648,7 +648,7 @@ def create_api(settings: Settings) -> FastAPI:
         did: str | None = None, status: BackfillStatus | None = None
     ) -> dict[str, list[BackfillState]]:
         """Backfill state per repository and collection."""
-        from sluice.firehose.backfill import Backfiller
+        from sluice.agents.firehose.backfill import Backfiller
 
         backfiller = Backfiller(await client.rt.pool(), settings.firehose, settings.url)
         try:

@@ -13,20 +13,20 @@ import faust
 import orjson
 from pydantic import ValidationError
 
-from sluice.agents.detail import fetch_page
-from sluice.agents.discover import discover
-from sluice.agents.fetch import adopt_trigger, after_import, handle_trigger
-from sluice.agents.firehose import apply_firehose, parse_events
+from sluice.agents.fetch.detail import fetch_page
+from sluice.agents.fetch.discover import discover
+from sluice.agents.fetch.trigger import adopt_trigger, after_import, handle_trigger
+from sluice.agents.firehose.apply import apply_firehose, parse_events
 from sluice.agents.lanes import Lanes
 from sluice.agents.lifecycle import relay_outbox
 from sluice.agents.recover import Recovery
 from sluice.agents.retry import retrying
-from sluice.agents.split import split_file
+from sluice.agents.schedule import fire_due
+from sluice.agents.split.split import split_file
 from sluice.agents.upsert import PlanCache, upsert_batch
 from sluice.agents.webhooks import HookSet, WebhookDispatcher
 from sluice.errors import TerminalError
 from sluice.runtime import Runtime
-from sluice.schedule import fire_due
 from sluice.schemas.events import (
     BatchOutcome,
     DeadLetter,
@@ -362,7 +362,7 @@ def create_app(
 
     @app.agent(backfills, name="backfill")
     async def backfill_agent(stream: Any) -> None:
-        from sluice.firehose.backfill import Backfiller
+        from sluice.agents.firehose.backfill import Backfiller
 
         backfiller: Backfiller | None = None
 
@@ -395,7 +395,7 @@ def create_app(
 
         @app.task  # type: ignore[untyped-decorator]
         async def firehose_consumer() -> None:
-            from sluice.firehose.run import run_leader_consumer
+            from sluice.agents.firehose.leader import run_leader_consumer
 
             async def publish(did: str, raw: bytes) -> None:
                 await firehose.send(key=did.encode(), value=raw)

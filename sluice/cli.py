@@ -21,8 +21,7 @@ import orjson
 
 from sluice import __version__
 from sluice.config import ApiSettings, KafkaSettings, PipelineSettings, Settings
-from sluice.errors import SluiceError
-from sluice.formats import FileFormatError
+from sluice.errors import FileFormatError, SluiceError
 from sluice.schemas.runs import Run, RunStatus
 
 EXIT_ERROR = 1
@@ -98,7 +97,7 @@ def summary(run: Run) -> str:
             lines.append(f"  ignored columns: {', '.join(p['ignored'])}")
         if p.get("duplicate_of"):
             lines.append(f"  the same file as run {p['duplicate_of']}")
-        from sluice.importers.evolve import SchemaChange
+        from sluice.agents.split.evolve import SchemaChange
 
         for change in p.get("schema_changes") or []:
             lines.append(f"  schema: {SchemaChange(**change).describe()}")
@@ -159,7 +158,7 @@ async def _submit_and_maybe_wait(
     as_json: bool,
     options: dict[str, Any] | None = None,
 ) -> int:
-    from sluice.client import Client
+    from sluice.service import Client
 
     settings = load_settings()
     async with Client(settings) as client:
@@ -350,7 +349,7 @@ def trigger_cmd(
     as_json: bool,
 ) -> None:
     """Start a run of SLUG that pulls its data (URL, FTP/SFTP, filesystem, paginated API)."""
-    from sluice.client import Client
+    from sluice.service import Client
 
     params: dict[str, Any] = {}
     for item in extra:
@@ -393,8 +392,8 @@ def firehose(url: str | None, collections: tuple[str, ...], dids: tuple[str, ...
     """
     import signal
 
+    from sluice.agents.firehose.leader import build_consumer, run_consumer
     from sluice.errors import InvalidConfig
-    from sluice.firehose.run import build_consumer, run_consumer
     from sluice.metrics import WorkerMetrics, serve
     from sluice.schemas.events import DeadLetter
     from sluice.storage.db import create_pool
@@ -501,8 +500,8 @@ def backfill(
     A backfill continues from its stored cursor; completed collections are skipped unless
     --reset. Without --queue it runs here and prints each repository's outcome.
     """
-    from sluice.client import Client
-    from sluice.firehose.backfill import Backfiller
+    from sluice.agents.firehose.backfill import Backfiller
+    from sluice.service import Client
 
     settings = load_settings()
     wanted = _dids_from(dids, file)
@@ -554,7 +553,7 @@ def backfill(
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
 def backfill_status(did: str | None, pending: bool, failed: bool, as_json: bool) -> None:
     """Backfill state per repository and collection."""
-    from sluice.firehose.backfill import Backfiller
+    from sluice.agents.firehose.backfill import Backfiller
     from sluice.storage.db import create_pool
 
     settings = load_settings()
@@ -679,7 +678,7 @@ def import_cmd(
     A later file for the same table may add columns (they are added) or hold values that no
     longer fit a column's type (it is widened: integer to bigint to numeric, anything to text).
     """
-    from sluice.importers.adhoc import ADHOC
+    from sluice.schemas.importers import ADHOC
 
     keys = [k.strip() for k in key.split(",") if k.strip()]
     if not keys:
@@ -707,7 +706,7 @@ def import_cmd(
 @click.option("--json", "as_json", is_flag=True, help="print the run object as JSON")
 def status(run_id: str, as_json: bool) -> None:
     """Show a run's status and counters."""
-    from sluice.client import Client
+    from sluice.service import Client
 
     rid = _parse_run_id(run_id)
 
@@ -732,7 +731,7 @@ def _parse_run_id(run_id: str) -> uuid.UUID:
 @click.option("--json", "as_json", is_flag=True, help="print the cancelled run as JSON")
 def cancel(run_id: str, as_json: bool) -> None:
     """Stop a queued or running run. Rows already applied stay; no batch is applied after."""
-    from sluice.client import Client
+    from sluice.service import Client
 
     rid = _parse_run_id(run_id)
 
@@ -752,7 +751,7 @@ def cancel(run_id: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print the child run as JSON")
 def retry(run_id: str, dry_run: bool, wait: bool, as_json: bool) -> None:
     """Import a run's rejected rows again, as a child run linked by parent_run_id."""
-    from sluice.client import Client
+    from sluice.service import Client
 
     rid = _parse_run_id(run_id)
 
@@ -774,7 +773,7 @@ def retry(run_id: str, dry_run: bool, wait: bool, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="a JSON array of run objects")
 def runs(status: str | None, importer: str | None, limit: int, as_json: bool) -> None:
     """List runs, newest first."""
-    from sluice.client import Client
+    from sluice.service import Client
 
     async def go() -> int:
         async with Client(load_settings()) as client:
@@ -824,8 +823,8 @@ def schedules(ctx: click.Context, as_json: bool) -> None:
     """List the importers' schedules: cron, paused or not, next and last time."""
     if ctx.invoked_subcommand is not None:
         return
+    from sluice.agents.schedule import schedules as list_schedules
     from sluice.runtime import Runtime
-    from sluice.schedule import schedules as list_schedules
 
     async def show() -> int:
         rt = Runtime(load_settings())
@@ -849,8 +848,8 @@ def schedules(ctx: click.Context, as_json: bool) -> None:
 
 
 def _set_paused(slug: str, paused: bool) -> None:
+    from sluice.agents.schedule import set_paused
     from sluice.runtime import Runtime
-    from sluice.schedule import set_paused
 
     async def go() -> int:
         rt = Runtime(load_settings())
@@ -889,7 +888,7 @@ def schedules_resume(slug: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
 def items(run_id: str, status: str | None, limit: int, as_json: bool) -> None:
     """The items of a paginated API run: state, failures and the last error of each."""
-    from sluice.client import Client
+    from sluice.service import Client
 
     rid = _parse_run_id(run_id)
 
@@ -972,8 +971,8 @@ def tail(
 @click.option("--json", "as_json", is_flag=True, help="a JSON array of delivery log rows")
 def webhooks(failed: bool, limit: int, as_json: bool) -> None:
     """List webhook deliveries, newest first: status, attempts and the last answer."""
-    from sluice.client import Client
     from sluice.schemas.webhooks import DeliveryStatus
+    from sluice.service import Client
     from sluice.storage.webhooks import DeliveryLog
 
     async def show() -> int:
@@ -1097,7 +1096,7 @@ def prune_rows_cmd(days: float | None) -> None:
 @click.option("--limit", type=int, default=None, help="at most this many rows")
 def failed_rows(run_id: str, as_csv: bool, as_json: bool, limit: int | None) -> None:
     """Print the rows a run rejected, with their reasons."""
-    from sluice.client import Client
+    from sluice.service import Client
 
     rid = _parse_run_id(run_id)
 

@@ -11,9 +11,9 @@ from importlib import resources
 from pathlib import Path
 
 from sluice.cli import ProgressBar, load_settings, summary
-from sluice.client import Client
 from sluice.config import PipelineSettings
 from sluice.schemas.runs import RunStatus
+from sluice.service import Client
 from sluice.stack import read_state
 from sluice.supervisor import start_detached, stop_detached
 

@@ -12,19 +12,19 @@
     │   ├── FileGone             a stored file (or its object) is no longer there
     │   ├── MappingError         the file's columns do not fit the importer
     │   ├── NoPullSource         a trigger for an importer that cannot pull
-    │   ├── SourceError          a pull source refused (sluice.sources.base)
+    │   ├── SourceError          a pull source refused (sluice.schemas.sources)
     │   ├── InvalidConfig        the settings contradict each other (a webhook without a secret)
     │   ├── KafkaConfigError     the broker refused the TLS or SASL settings (names which)
     │   ├── EmbeddedStackMissing `sluice up` without the `embedded` extra installed
     │   └── ObjectStoreRefused   the object store refused: no bucket, wrong keys, a bad request
     └── TransientError           the database or broker failed; retry with backoff
         ├── DatabaseUnavailable  PostgreSQL cannot be reached (down, restarting)
-        ├── SourceUnavailable    a pull source did not answer (sluice.sources.base)
+        ├── SourceUnavailable    a pull source did not answer (sluice.schemas.sources)
         ├── KafkaUnavailable     no bootstrap server answered
         ├── DeliveryFailed       the broker did not confirm messages a stage produced
         └── ObjectStoreUnavailable  the object store did not answer, or failed (5xx)
 
-File-level format problems are ``sluice.formats.FileFormatError`` (terminal too).
+File-level format problems are ``sluice.agents.split.parse.formats.FileFormatError`` (terminal too).
 """
 
 from __future__ import annotations
@@ -115,3 +115,20 @@ class ObjectStoreUnavailable(TransientError):
 class DatabaseUnavailable(TransientError):
     """PostgreSQL cannot be reached (down, restarting, refusing connections): waited out
     without using up the tries of the work that needs it (sluice.retry)."""
+
+
+class FileFormatError(TerminalError):
+    """The file as a whole cannot be read; the message says what is wrong and what to do."""
+
+
+class UndecodableFile(FileFormatError):
+    """The file's bytes are not text in a supported encoding."""
+
+
+class SourceError(TerminalError):
+    """The source refused or cannot serve the request as configured (bad URL, refused host,
+    wrong password, no matching file, path outside the roots): retrying cannot help."""
+
+
+class SourceUnavailable(TransientError):
+    """The source did not answer or failed in a way that may pass (timeout, 5xx, reset)."""

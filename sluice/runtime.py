@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 
+from sluice.agents.fetch.api import ApiClient
 from sluice.config import Settings
 from sluice.importers.registry import Registry, build_registry
 from sluice.metrics import WorkerMetrics
-from sluice.sources.api import ApiClient
-from sluice.sources.base import ApiSource
+from sluice.schemas.sources import ApiSource
 from sluice.storage.db import create_pool
 from sluice.storage.filestore import FileStore, Objects, PgFileStore
 from sluice.storage.items import ItemRepository
@@ -21,7 +21,7 @@ from sluice.storage.runs import RunRepository
 from sluice.storage.writer import BatchApplier
 
 if TYPE_CHECKING:
-    from sluice.agents.project import Projections
+    from sluice.agents.firehose.project import Projections
     from sluice.storage.objectstore import S3Objects
 
 POOL_CLOSE_TIMEOUT = 5.0
@@ -107,7 +107,7 @@ class Runtime:
 
     async def projections(self) -> Projections:
         """The importers that project AT Protocol collections into their tables."""
-        from sluice.agents.project import Projections
+        from sluice.agents.firehose.project import Projections
 
         importers = [i for i in self.registry.all() if i.firehose]
         return Projections(importers, await self.applier())

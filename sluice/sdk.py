@@ -24,10 +24,10 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from pydantic import BaseModel
 
-from sluice.client import Client
 from sluice.config import Settings
 from sluice.errors import InvalidRequest, StackNotFound, TransientError
 from sluice.schemas.runs import Run, RunStatus
+from sluice.service import Client
 from sluice.streams import kafka as clients
 from sluice.streams.admin import ensure_topics
 from sluice.subscription import Subscription
@@ -153,7 +153,7 @@ async def backfill_status(
     did: str | None = None, status: str | None = None, *, settings: Settings | None = None
 ) -> list[Any]:
     """Backfill state per (did, collection): ``BackfillState`` objects."""
-    from sluice.firehose.backfill import Backfiller
+    from sluice.agents.firehose.backfill import Backfiller
 
     async with _client(settings) as client:
         backfiller = Backfiller(

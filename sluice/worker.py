@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 async def prepare(rt: Runtime) -> None:
     """What must exist before any agent runs: topics, Sluice's tables, importers' tables."""
-    from sluice.agents.split import plan_for
+    from sluice.agents.split.split import plan_for
 
     settings = rt.settings
     await check_connection(settings.kafka)

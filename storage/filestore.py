@@ -19,17 +19,16 @@ from typing import ClassVar, Protocol, TypeAlias
 
 import asyncpg
 
-from sluice.errors import FileGone, FileTooLarge, InvalidConfig, SluiceError
-from sluice.formats import (
+from sluice.agents.split.parse.formats import (
     MAGIC_BYTES,
     XLS_REFUSED,
     EncodingSniffer,
-    FileFormatError,
-    FormatOptions,
     binary_format,
     check_decompression,
 )
+from sluice.errors import FileFormatError, FileGone, FileTooLarge, InvalidConfig, SluiceError
 from sluice.schemas.events import FileRef
+from sluice.schemas.formats import FormatOptions
 
 log = logging.getLogger(__name__)
 

@@ -26,37 +26,12 @@ import asyncpg
 import orjson
 
 from sluice.errors import MappingError
-from sluice.storage.runs import RowFailure
+from sluice.schemas.importers import Lookup
+from sluice.schemas.runs import RowFailure
 from sluice.storage.sql import ROW, ROW_ERRORS, SUB, quote_ident
 
-# sluice.mapping.Record; not imported from there, as sluice.mapping imports this module (dsl).
+# sluice.agents.split.map.Record (not imported from there: the split imports this module).
 Record = dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Lookup:
-    """Fill ``target`` with ``table.returns`` of the row whose ``table.match`` equals the
-    record's ``field``.
-
-    ``field`` is mapped from the file like any field and stays in the record; ``target`` is a
-    column of the importing table (of ``target_type`` when Sluice creates the table). With
-    ``create_missing`` a code that is not in ``table`` is inserted (only its ``match`` column:
-    ``table`` needs a unique index on ``match`` and defaults for its other NOT NULL columns) and
-    its new key is used; without it, the record is rejected.
-    """
-
-    field: str
-    table: str
-    match: str
-    target: str
-    returns: str = "id"
-    schema: str = "public"
-    create_missing: bool = False
-    target_type: str = "bigint"
-
-    @property
-    def qualified(self) -> str:
-        return f"{self.schema}.{self.table}"
 
 
 # The match column types a lookup compares by (the base type of a domain): integers are

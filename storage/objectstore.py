@@ -26,8 +26,8 @@ from sluice.errors import (
     ObjectStoreRefused,
     ObjectStoreUnavailable,
 )
-from sluice.formats import FormatOptions
 from sluice.schemas.events import FileRef
+from sluice.schemas.formats import FormatOptions
 from sluice.storage.filestore import Objects, ObjectsProvider, StoredFiles, StoreKind
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ import asyncpg
 import orjson
 
 from sluice.schemas.events import FileRef, LifecycleEvent, LifecycleEventType
-from sluice.schemas.runs import Run, RunStatus
+from sluice.schemas.runs import RowFailure, Run, RunStatus
 from sluice.streams.topics import Topic
 
 RUN_COLUMNS = (
@@ -30,18 +30,6 @@ RUN_COLUMNS = (
 
 def run_from_record(record: asyncpg.Record) -> Run:
     return Run.model_validate(dict(record))
-
-
-class RowFailure:
-    """A rejected record: where it came from, what it held and why it was refused."""
-
-    __slots__ = ("raw", "reason", "row_number", "sub")
-
-    def __init__(self, row_number: int, sub: int, raw: Any, reason: str) -> None:
-        self.row_number = row_number
-        self.sub = sub
-        self.raw = raw
-        self.reason = reason
 
 
 async def emit_event(

@@ -22,11 +22,11 @@ import asyncpg
 import orjson
 
 from sluice.schemas.events import BatchOutcome, LifecycleEventType, RowBatch, decode_rows
-from sluice.schemas.runs import DuplicatePolicy
-from sluice.storage.lookups import Lookup, LookupResolver
+from sluice.schemas.importers import Lookup
+from sluice.schemas.runs import DuplicatePolicy, RowFailure
+from sluice.storage.lookups import LookupResolver
 from sluice.storage.runs import (
     RUN_COLUMNS,
-    RowFailure,
     emit_event,
     finalize_if_done,
     insert_row_failures,

@@ -22,7 +22,6 @@ from typing import Any
 import asyncpg
 import pytest
 
-from sluice.client import Client
 from sluice.config import (
     S3_MIN_PART_BYTES,
     DatabaseSettings,
@@ -34,6 +33,7 @@ from sluice.config import (
 )
 from sluice.runtime import Runtime
 from sluice.schemas.runs import Run
+from sluice.service import Client
 from sluice.stack import free_port, terminate
 from sluice.streams.topics import Topics
 from sluice.worker import prepare

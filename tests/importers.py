@@ -8,9 +8,9 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from sluice.importers.dsl import Field, Importer, Schedule, UriKey
+from sluice.schemas.importers import Field, Importer, Lookup, Schedule, UriKey
 from sluice.schemas.runs import DuplicatePolicy
-from sluice.sources.base import (
+from sluice.schemas.sources import (
     ApiSource,
     FilesystemSource,
     FtpSource,
@@ -18,7 +18,6 @@ from sluice.sources.base import (
     RateLimit,
     UrlSource,
 )
-from sluice.storage.lookups import Lookup
 
 # Where the tests serve the sources (tests/conftest.py picks the ports).
 API_URL = os.environ.get("SLUICE_TEST_API_URL", "http://127.0.0.1:9")

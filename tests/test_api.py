@@ -14,8 +14,8 @@ import orjson
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from sluice.client import Client
 from sluice.config import ApiSettings
+from sluice.service import Client
 from tests.conftest import Stack, api_process
 from tests.prometheus import scrape
 

@@ -17,7 +17,7 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from sluice.client import Client
+from sluice.service import Client
 from sluice.stack import find_process_alive, read_state
 from tests.conftest import ROOT, TOPICS, Stack
 

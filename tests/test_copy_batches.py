@@ -19,12 +19,9 @@ from aiokafka import AIOKafkaConsumer
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from sluice.agents.split import BatchRouter
-from sluice.client import Client
-from sluice.formats import ParsedRow, RowProblem
-from sluice.importers.adhoc import DEFAULT_NULL_MARKERS, adhoc_importer
-from sluice.importers.dsl import Field
-from sluice.mapping import RecordMapper
+from sluice.agents.split.infer import DEFAULT_NULL_MARKERS, adhoc_importer
+from sluice.agents.split.map import RecordMapper
+from sluice.agents.split.split import BatchRouter
 from sluice.schemas.events import (
     COPY_BATCH,
     BatchOutcome,
@@ -32,7 +29,10 @@ from sluice.schemas.events import (
     decode_copy_rows,
     encode_copy_batch,
 )
+from sluice.schemas.formats import ParsedRow, RowProblem
+from sluice.schemas.importers import Field
 from sluice.schemas.runs import RunStatus
+from sluice.service import Client
 from tests.conftest import TOPICS, Stack, finish, unique
 
 COLUMNS = ("_sluice_row", "_sluice_sub", "a", "b", "c")

@@ -393,7 +393,7 @@ async def test_a_deployment_without_the_embedded_extra_imports_through_its_api(
     folder = tmp_path / "importers_dir"
     (folder / "mine").mkdir(parents=True)
     (folder / "mine" / "shop.py").write_text(
-        "from sluice.importers.dsl import Field, Importer\n"
+        "from sluice.schemas.importers import Field, Importer\n"
         f"shop = Importer(slug={name!r}, table={table!r}, key=('sku',), fields=(\n"
         "    Field('sku', 'text'),\n"
         "    Field('name', 'text', aliases=('product name',), required=True),\n"

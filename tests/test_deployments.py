@@ -14,11 +14,11 @@ import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from sluice.client import Client
 from sluice.config import DatabaseSettings, KafkaSettings, Settings
-from sluice.importers.adhoc import ADHOC
 from sluice.runtime import Runtime
+from sluice.schemas.importers import ADHOC
 from sluice.schemas.runs import RunStatus
+from sluice.service import Client
 from sluice.streams.topics import Topic, Topics
 from sluice.worker import prepare
 from tests.conftest import PARTITIONS, Stack, Worker

@@ -9,12 +9,12 @@ from typing import Any
 import asyncpg
 import pytest
 
+from sluice.agents.split.evolve import SchemaChange, evolve_table, plan_changes, widen
+from sluice.agents.split.infer import DEFAULT_NULL_MARKERS, infer_type
 from sluice.cli import summary
-from sluice.client import Client
-from sluice.importers.adhoc import DEFAULT_NULL_MARKERS, infer_type
-from sluice.importers.dsl import Field
-from sluice.importers.evolve import SchemaChange, evolve_table, plan_changes, widen
+from sluice.schemas.importers import Field
 from sluice.schemas.runs import RunStatus
+from sluice.service import Client
 from tests.conftest import Stack, finish, unique
 
 

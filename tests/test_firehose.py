@@ -21,11 +21,11 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from sluice.client import Client
+from sluice.agents.firehose.backfill import IMPORTER, Backfiller
 from sluice.config import FirehoseSettings, UrlSettings
-from sluice.firehose.backfill import IMPORTER, Backfiller
 from sluice.schemas.firehose import BackfillRequested
 from sluice.schemas.runs import RunStatus
+from sluice.service import Client
 from sluice.stack import free_port
 from sluice.storage.db import create_pool
 from tests.conftest import ROOT, TOPICS, Stack, Worker

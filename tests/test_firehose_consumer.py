@@ -13,12 +13,12 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
-from sluice.errors import InvalidConfig
-from sluice.firehose.consumer import (
+from sluice.agents.firehose.consume import (
     BINARY_FRAME_REASON,
     JetstreamConsumer,
     subscribe_url,
 )
+from sluice.errors import InvalidConfig
 from sluice.schemas.firehose import JetstreamEvent
 
 BASE_US = 1_725_911_162_329_308

@@ -16,17 +16,14 @@ from typing import Any
 import orjson
 import pytest
 
-from sluice.formats import (
+from sluice.agents.split.parse.formats import (
     EncodingSniffer,
-    FileFormatError,
-    FormatOptions,
     ParsedFile,
-    ParsedRow,
-    RowProblem,
-    UndecodableFile,
     open_decompressed,
     parse_file,
 )
+from sluice.errors import FileFormatError, UndecodableFile
+from sluice.schemas.formats import FormatOptions, ParsedRow, RowProblem
 from tests.unseekable import Unseekable
 
 

@@ -11,10 +11,11 @@ from typing import Any
 import asyncpg
 import pytest
 
-from sluice.client import Client
 from sluice.errors import MappingError
+from sluice.schemas.importers import Lookup
 from sluice.schemas.runs import RunStatus
-from sluice.storage.lookups import Lookup, LookupResolver
+from sluice.service import Client
+from sluice.storage.lookups import LookupResolver
 from sluice.storage.writer import ROW, SUB
 from tests.conftest import Stack, finish, unique
 

@@ -19,8 +19,8 @@ import asyncpg
 import httpx
 import pytest
 
-from sluice.client import Client
 from sluice.schemas.runs import Run
+from sluice.service import Client
 from sluice.streams import kafka as clients
 from tests.conftest import ROOT, TOPICS, Stack, api_process, finish
 from tests.prometheus import Samples, scrape

@@ -14,8 +14,8 @@ import asyncpg
 import orjson
 import pytest
 
-from sluice.client import Client
 from sluice.schemas.runs import RunStatus
+from sluice.service import Client
 from tests.conftest import Stack, finish
 
 pytestmark = pytest.mark.stack
@@ -422,7 +422,7 @@ async def test_poison_batches_go_to_the_dead_letter_topic_and_fail_their_run(
 ) -> None:
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-    from sluice.agents.split import plan_for
+    from sluice.agents.split.split import plan_for
     from tests.conftest import TOPICS
     from tests.importers import malformed
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sluice.client import Client
 from sluice.schemas.runs import RunStatus
+from sluice.service import Client
 from tests.conftest import Stack, finish
 
 pytestmark = pytest.mark.stack

@@ -12,9 +12,9 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from sluice.client import Client
 from sluice.schemas.events import DeadLetter, ImportRequested
 from sluice.schemas.runs import RunStatus
+from sluice.service import Client
 from sluice.storage.filestore import iter_bytes
 from tests.conftest import ROOT, TOPICS, Stack, finish
 

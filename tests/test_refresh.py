@@ -10,8 +10,8 @@ import asyncpg
 import orjson
 import pytest
 
-from sluice.client import Client
 from sluice.schemas.runs import RunStatus
+from sluice.service import Client
 from tests.conftest import Stack, finish, unique
 
 pytestmark = pytest.mark.stack

@@ -12,7 +12,6 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from jsonschema import Draft202012Validator
 
-from sluice.client import Client
 from sluice.schemas.generate import (
     JSON_DIR,
     MODELS,
@@ -20,6 +19,7 @@ from sluice.schemas.generate import (
     schema_file_name,
     write_schemas,
 )
+from sluice.service import Client
 from tests.conftest import TOPICS, Stack, finish
 
 

@@ -20,10 +20,10 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 import sluice
 import sluice.sync
 from sluice import sdk
-from sluice.client import Client
 from sluice.errors import InvalidRequest, RunNotCancellable, StackNotFound
 from sluice.schemas.events import LifecycleEvent, LifecycleEventType
 from sluice.schemas.runs import RunStatus
+from sluice.service import Client
 from sluice.storage.filestore import iter_bytes
 from sluice.subscription import Subscription
 from tests.conftest import ROOT, Stack, finish, unique

@@ -18,11 +18,11 @@ from urllib.parse import urlencode
 import asyncpg
 import pytest
 
-from sluice.client import Client
+from sluice.agents.firehose.backfill import IMPORTER, Backfiller
 from sluice.config import FirehoseSettings, UrlSettings
-from sluice.firehose.backfill import IMPORTER, Backfiller
 from sluice.schemas.firehose import BackfillRequested
 from sluice.schemas.runs import RunStatus
+from sluice.service import Client
 from sluice.storage.db import create_pool
 from tests.conftest import TRAP_HOST, Stack, finish
 from tests.servers.atproto import did_document

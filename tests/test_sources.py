@@ -16,10 +16,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from sluice.client import Client
-from sluice.errors import NoPullSource
+from sluice.errors import NoPullSource, SourceError
 from sluice.schemas.runs import RunStatus
-from sluice.sources.base import SourceError
+from sluice.service import Client
 from tests.conftest import Stack, Worker, finish
 from tests.servers.paginated_api import FakeApi
 
@@ -417,7 +416,7 @@ async def test_api_run_survives_killed_workers_without_refetching(
 async def test_a_schedule_fires_once_per_time_across_two_workers(
     client: Client, stack: Stack, db: asyncpg.Connection, files_server: Any
 ) -> None:
-    from sluice.schedule import set_paused
+    from sluice.agents.schedule import set_paused
 
     assert all(w.alive for w in stack.workers)
     await set_paused(client.rt, "t_sched", False)

@@ -21,18 +21,12 @@ import pytest
 from openpyxl.chart import BarChart
 from openpyxl.utils.datetime import CALENDAR_MAC_1904, CALENDAR_WINDOWS_1900
 
-import sluice.tabular
-from sluice.client import Client
-from sluice.formats import (
-    XLS_REFUSED,
-    FileFormatError,
-    FormatOptions,
-    ParsedFile,
-    ParsedRow,
-    RowProblem,
-    parse_file,
-)
+import sluice.agents.split.parse.tabular
+from sluice.agents.split.parse.formats import XLS_REFUSED, ParsedFile, parse_file
+from sluice.errors import FileFormatError
+from sluice.schemas.formats import FormatOptions, ParsedRow, RowProblem
 from sluice.schemas.runs import RunStatus
+from sluice.service import Client
 from sluice.storage.filestore import _Inspector
 from tests.conftest import Stack, finish, unique
 from tests.test_formats import values
@@ -353,7 +347,7 @@ def _failure(exc: Exception | None) -> tuple[Any, str]:
 def _reader_rows(book: Any, sheet: Any, chunk: int) -> tuple[list[Any], Exception | None]:
     rows: list[Any] = []
     try:
-        values = sluice.tabular._sheet_values(
+        values = sluice.agents.split.parse.tabular._sheet_values(
             book._archive,
             sheet._worksheet_path,
             sheet._shared_strings,
@@ -370,7 +364,8 @@ def _reader_rows(book: Any, sheet: Any, chunk: int) -> tuple[list[Any], Exceptio
 
 
 def assert_reader_agrees(
-    data: bytes, chunks: tuple[int, ...] = (sluice.tabular._SHEET_CHUNK, 1, 7, 100)
+    data: bytes,
+    chunks: tuple[int, ...] = (sluice.agents.split.parse.tabular._SHEET_CHUNK, 1, 7, 100),
 ) -> int:
     """Every worksheet of the workbook in `data` reads the same with the XLSX reader, parsing
     `chunks` bytes at a time, as with openpyxl's read-only rows: the same rows, numbers, values
@@ -381,7 +376,7 @@ def assert_reader_agrees(
             book = openpyxl.load_workbook(io.BytesIO(data), read_only=True, data_only=True)
         except Exception:
             with pytest.raises(Exception):  # noqa: B017 - any failure, as openpyxl's
-                sluice.tabular._WorkbookReader(
+                sluice.agents.split.parse.tabular._WorkbookReader(
                     io.BytesIO(data), read_only=True, keep_vba=False, data_only=True
                 ).read()
             return 0
@@ -511,7 +506,10 @@ def test_the_reader_reads_every_kind_of_cell_as_openpyxl(tmp_path: Path, epoch_1
     with warnings.catch_warnings(action="ignore"):
         book = openpyxl.load_workbook(path, read_only=True, data_only=True)
     assert book.epoch == (CALENDAR_MAC_1904 if epoch_1904 else CALENDAR_WINDOWS_1900)
-    rows = {number: cells for number, cells, _ in sluice.tabular._sheet_rows(book, book.active)}
+    rows = {
+        number: cells
+        for number, cells, _ in sluice.agents.split.parse.tabular._sheet_rows(book, book.active)
+    }
     book.close()
     # What the cases are (openpyxl agreeing is checked above).
     assert rows[1] == ["plain", "rich text", "_x000D_ and Ünïcødé", " padded "]
@@ -654,14 +652,17 @@ def test_a_corrupt_sheet_in_the_archive_fails_where_openpyxl_does(tmp_path: Path
     )
     stored = tmp_path / "stored.xlsx"
     with zipfile.ZipFile(path) as source, zipfile.ZipFile(stored, "w") as archive:
-        assert len(source.read("xl/worksheets/sheet1.xml")) > 3 * sluice.tabular._SHEET_CHUNK
+        assert (
+            len(source.read("xl/worksheets/sheet1.xml"))
+            > 3 * sluice.agents.split.parse.tabular._SHEET_CHUNK
+        )
         for entry in source.infolist():
             archive.writestr(entry.filename, source.read(entry), zipfile.ZIP_STORED)
     data = stored.read_bytes()
     assert data.count(b"<v>2998</v>") == 1
     corrupt = data.replace(b"<v>2998</v>", b"<v>2999</v>")
     # Read as openpyxl reads, a chunk at a time: the last one, which fails, is lost.
-    given = assert_reader_agrees(corrupt, chunks=(sluice.tabular._SHEET_CHUNK,))
+    given = assert_reader_agrees(corrupt, chunks=(sluice.agents.split.parse.tabular._SHEET_CHUNK,))
     assert 1000 < given < 3000
     with pytest.raises(FileFormatError, match="Bad CRC-32"):
         list(parse_file(io.BytesIO(corrupt)))
@@ -674,7 +675,12 @@ def test_the_reader_agrees_with_openpyxl_on_written_workbooks(tmp_path: Path) ->
     _, typed, _ = _write_all(tmp_path)
     assert assert_reader_agrees(typed.read_bytes()) == 51
     path = workbook(tmp_path / "more.xlsx", ("Data", [COLUMNS, *rows]))
-    assert assert_reader_agrees(path.read_bytes(), chunks=(sluice.tabular._SHEET_CHUNK, 1000)) == 53
+    assert (
+        assert_reader_agrees(
+            path.read_bytes(), chunks=(sluice.agents.split.parse.tabular._SHEET_CHUNK, 1000)
+        )
+        == 53
+    )
     streamed = openpyxl.Workbook(write_only=True)  # inline strings, no <dimension>
     sheet = streamed.create_sheet("Data")
     for row in [COLUMNS, *rows]:
@@ -685,7 +691,8 @@ def test_the_reader_agrees_with_openpyxl_on_written_workbooks(tmp_path: Path) ->
     )
     assert (
         assert_reader_agrees(
-            (tmp_path / "streamed.xlsx").read_bytes(), (sluice.tabular._SHEET_CHUNK, 999)
+            (tmp_path / "streamed.xlsx").read_bytes(),
+            (sluice.agents.split.parse.tabular._SHEET_CHUNK, 999),
         )
         == 53
     )
@@ -702,7 +709,7 @@ def test_the_workbook_reader_finds_the_sheets_openpyxl_does(tmp_path: Path) -> N
     data = (tmp_path / "t.xlsx").read_bytes()
     with warnings.catch_warnings(action="ignore"):
         theirs = openpyxl.load_workbook(io.BytesIO(data), read_only=True, data_only=True)
-        reader = sluice.tabular._WorkbookReader(
+        reader = sluice.agents.split.parse.tabular._WorkbookReader(
             io.BytesIO(data), read_only=True, keep_vba=False, data_only=True
         )
         reader.read()
@@ -869,7 +876,7 @@ def test_the_parquet_reader_holds_one_batch_at_a_time(
     """Batches are pulled as the rows are consumed: never the whole file, never more than the
     one batch being handed out."""
     path = parquet(tmp_path / "t.parquet", pa.table({"id": list(range(1000))}))
-    monkeypatch.setattr(sluice.tabular, "PARQUET_BATCH_ROWS", 10)
+    monkeypatch.setattr(sluice.agents.split.parse.tabular, "PARQUET_BATCH_ROWS", 10)
     pulled: list[int] = []
     original = pq.ParquetFile.iter_batches
 

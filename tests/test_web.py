@@ -17,7 +17,7 @@ import httpx
 import orjson
 import pytest
 
-from sluice.client import Client
+from sluice.service import Client
 from tests.conftest import ROOT, Stack, api_process
 
 pytest.importorskip("playwright", reason="playwright is not installed: `make setup` installs it")

@@ -26,15 +26,15 @@ from sluice.agents.webhooks import (
     sign,
     verify_signature,
 )
-from sluice.client import Client
 from sluice.config import DatabaseSettings, Settings, WebhookSettings, WebhookTarget
 from sluice.errors import InvalidConfig
-from sluice.importers.dsl import Webhook
 from sluice.importers.registry import Registry
 from sluice.runtime import Runtime
 from sluice.schemas.events import LifecycleEvent
+from sluice.schemas.importers import Webhook
 from sluice.schemas.runs import RunCounters, RunStatus
 from sluice.schemas.webhooks import DeliveryStatus
+from sluice.service import Client
 from sluice.storage.db import connect, migrate
 from sluice.storage.webhooks import DeliveryLog
 from tests.conftest import WEBHOOK_SECRET, Stack, finish

@@ -1,267 +1,30 @@
-"""Declarative importer definitions.
+"""The importer DSL, as importer modules import it (``from sluice.importers.dsl import
+Field, Importer``). The definitions are in :mod:`sluice.schemas.importers`."""
 
-An importer says where rows come from, how their columns map to a target table, how values are
-typed and validated, what the key is, and what to do when a key already exists::
+from sluice.schemas.formats import FormatOptions
+from sluice.schemas.importers import (
+    ADHOC,
+    Field,
+    Importer,
+    Lookup,
+    Schedule,
+    Transform,
+    Unpivot,
+    UriKey,
+    Webhook,
+    normalize_header,
+)
 
-    products = Importer(
-        slug="products",
-        table="products",
-        key=("sku",),
-        fields=(
-            Field("sku", "text", aliases=("SKU code", "item")),
-            Field("price", "numeric", required=True),
-        ),
-    )
-"""
-
-from __future__ import annotations
-
-import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import date, datetime
-from decimal import Decimal
-from typing import Any
-
-from sluice.formats import FormatOptions
-from sluice.schemas.runs import DuplicatePolicy
-from sluice.schemas.webhooks import DEFAULT_WEBHOOK_EVENTS, check_webhook_target
-from sluice.sources.base import PullSource
-from sluice.storage.lookups import Lookup as Lookup  # re-exported: importers declare lookups
-
-# Column types an importer can declare: the Python type pydantic validates into, and the
-# PostgreSQL type of the target column.
-TYPES: dict[str, tuple[Any, str]] = {
-    "text": (str, "text"),
-    "integer": (int, "integer"),
-    "bigint": (int, "bigint"),
-    "numeric": (Decimal, "numeric"),
-    "double": (float, "double precision"),
-    "boolean": (bool, "boolean"),
-    "date": (date, "date"),
-    "timestamptz": (datetime, "timestamptz"),
-    "jsonb": (Any, "jsonb"),
-}
-
-Transform = Callable[[dict[str, Any]], dict[str, Any]]
-
-
-def normalize_header(name: str) -> str:
-    """How header names are compared: case- and space-insensitively."""
-    return re.sub(r"[\s_\-]+", "", name).casefold()
-
-
-@dataclass(frozen=True)
-class Field:
-    """One target column.
-
-    ``aliases`` are other header names that mean this field; ``annotation`` replaces the type's
-    default pydantic annotation (for constraints such as ``Annotated[Decimal, Field(ge=0)]``).
-    """
-
-    name: str
-    type: str = "text"
-    aliases: tuple[str, ...] = ()
-    required: bool = False
-    annotation: Any = None
-    default: Any = None
-
-    def __post_init__(self) -> None:
-        if self.type not in TYPES:
-            raise ValueError(
-                f"field {self.name!r}: unknown type {self.type!r}; use one of {', '.join(TYPES)}"
-            )
-
-    @property
-    def pg_type(self) -> str:
-        return TYPES[self.type][1]
-
-    @property
-    def python_type(self) -> Any:
-        return self.annotation if self.annotation is not None else TYPES[self.type][0]
-
-
-@dataclass(frozen=True)
-class Unpivot:
-    """Turn one wide row into one record per matching column.
-
-    ``columns`` is a regular expression over header names with one group, the period: with
-    ``r"HH(\\d+)"`` the column ``HH07`` becomes a record with ``index_field`` = 7 and
-    ``value_field`` = the cell's value. Columns not matching stay common to every record.
-    """
-
-    columns: str
-    index_field: str
-    value_field: str
-    index_type: str = "integer"
-    value_type: str = "numeric"
-    skip_empty: bool = True
-
-
-@dataclass(frozen=True)
-class UriKey:
-    """A key computed from fields with a template, e.g. ``at://{did}/{collection}/{rkey}``."""
-
-    column: str
-    template: str
-
-
-@dataclass(frozen=True)
-class Webhook:
-    """A URL that receives this importer's run lifecycle events as signed JSON POSTs.
-
-    ``secret_env`` names the environment variable holding the signing secret; without it the
-    default secret (``SLUICE_WEBHOOK_SECRET``) signs. The secret itself never sits in code.
-    """
-
-    url: str
-    events: tuple[str, ...] = DEFAULT_WEBHOOK_EVENTS
-    secret_env: str | None = None
-
-    def __post_init__(self) -> None:
-        check_webhook_target(self.url, self.events)
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """Start a run of the importer's pull source at the times of a cron expression (five
-    fields, or six with seconds last, as croniter reads them; UTC). ``params`` are the
-    trigger's parameters. Exactly one run per time across the cluster, and none while the
-    previous scheduled run is still going. ``enabled=False`` declares it paused:
-    ``sluice schedules resume SLUG`` starts it."""
-
-    cron: str
-    params: dict[str, Any] = field(default_factory=dict)
-    enabled: bool = True
-
-    def __post_init__(self) -> None:
-        from croniter import croniter
-
-        if not croniter.is_valid(self.cron):
-            raise ValueError(
-                f"schedule {self.cron!r} is not a cron expression; write five fields "
-                "(minute hour day month weekday) or six with seconds last"
-            )
-
-
-@dataclass(frozen=True)
-class Importer:
-    slug: str
-    table: str
-    fields: tuple[Field, ...]
-    key: tuple[str, ...] | UriKey
-    description: str = ""
-    sources: tuple[str, ...] = ("upload", "file")
-    format: FormatOptions = field(default_factory=FormatOptions)
-    policy: DuplicatePolicy = DuplicatePolicy.UPSERT
-    version_column: str | None = None
-    batch_size: int | None = None
-    transforms: tuple[Transform, ...] = ()
-    unpivot: Unpivot | None = None
-    schema: str = "public"
-    # Ad-hoc imports leave typing to PostgreSQL's casts: values travel as text.
-    validate_in_database: bool = False
-    # Cell values read as null besides a blank cell (after trimming spaces), e.g. ("NA", "-").
-    null_markers: tuple[str, ...] = ()
-    webhooks: tuple[Webhook, ...] = ()
-    pull: PullSource | None = None
-    schedule: Schedule | None = None
-    # AT Protocol collections (NSIDs) projected into this importer's table: each record the
-    # firehose or a backfill writes to atproto.records goes through the mapping as a row with
-    # the record's fields plus did, collection, rkey, uri, rev and cid.
-    firehose: tuple[str, ...] = ()
-    # Full refresh: every run (``fresh``) or runs started with --fresh delete, at their end,
-    # the rows they did not contain; within ``refresh_scope`` (the scope values the import
-    # contained: one supplier's file refreshes that supplier); ``soft_delete_column`` marks
-    # them (a timestamptz set to now()) instead; nothing is deleted when the run rejected more
-    # than ``refresh_max_failed`` rows.
-    # A file with the sha256 of the importer's last completed run is reported as a duplicate
-    # (provenance.duplicate_of) and, with this, skipped: the run completes with no rows.
-    skip_duplicate_files: bool = False
-    fresh: bool = False
-    refresh_scope: tuple[str, ...] = ()
-    soft_delete_column: str | None = None
-    refresh_max_failed: int = 0
-    # Columns filled from another table by a natural key (supplier_id from suppliers.code),
-    # resolved per batch by one query each (storage.lookups).
-    lookups: tuple[Lookup, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.pull is not None and self.pull.kind not in self.sources:
-            # The pull source's kind is always an accepted source of its importer.
-            object.__setattr__(self, "sources", (*self.sources, self.pull.kind))
-        for column in self.refresh_scope:
-            if column not in {f.name for f in self.output_fields()}:
-                raise ValueError(f"importer {self.slug!r}: refresh scope {column!r} is not a field")
-        if self.firehose and self.key_columns != ("uri",):
-            raise ValueError(
-                f"importer {self.slug!r}: a firehose projection is keyed by the record's URI;"
-                " use key=UriKey('uri', 'at://{did}/{collection}/{rkey}') or key=('uri',)"
-            )
-        if self.schedule is not None and self.pull is None:
-            raise ValueError(f"importer {self.slug!r}: a schedule needs a pull source (pull=...)")
-        names = [f.name for f in self.output_fields()]
-        if len(set(names)) != len(names):
-            raise ValueError(f"importer {self.slug!r}: a field name appears twice in {names}")
-        for lookup in self.lookups:
-            if lookup.field not in {f.name for f in self.fields}:
-                raise ValueError(
-                    f"importer {self.slug!r}: lookup field {lookup.field!r} is not a field;"
-                    " the natural key is read from the file like any field: declare it"
-                )
-            if lookup.target == lookup.field:
-                raise ValueError(
-                    f"importer {self.slug!r}: lookup target {lookup.target!r} is its natural-key"
-                    " field; name the column that receives the key differently"
-                )
-            if lookup.target in self.key_columns:
-                raise ValueError(
-                    f"importer {self.slug!r}: lookup target {lookup.target!r} is a key column,"
-                    " but batches are routed by key before lookups run; key the table by the"
-                    f" natural key {lookup.field!r} instead"
-                )
-        for k in self.key_columns:
-            if k not in names:
-                raise ValueError(f"importer {self.slug!r}: key column {k!r} is not a field")
-        if self.version_column and self.version_column not in names:
-            raise ValueError(f"importer {self.slug!r}: version column is not a field")
-        if self.policy is DuplicatePolicy.UPDATE_IF_NEWER and not self.version_column:
-            raise ValueError(f"importer {self.slug!r}: policy update_if_newer needs version_column")
-
-    @property
-    def key_columns(self) -> tuple[str, ...]:
-        return (self.key.column,) if isinstance(self.key, UriKey) else self.key
-
-    def output_fields(self) -> list[Field]:
-        """The target table's columns, in order."""
-        out = list(self.fields)
-        if self.unpivot is not None:
-            out.append(Field(self.unpivot.index_field, self.unpivot.index_type))
-            out.append(Field(self.unpivot.value_field, self.unpivot.value_type))
-        if isinstance(self.key, UriKey):
-            out.insert(0, Field(self.key.column, "text"))
-        if self.soft_delete_column is not None:
-            out.append(Field(self.soft_delete_column, "timestamptz"))
-        for lookup in self.lookups:
-            if lookup.target not in {f.name for f in out}:
-                out.append(Field(lookup.target, lookup.target_type))
-        return out
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "slug": self.slug,
-            "description": self.description,
-            "table": f"{self.schema}.{self.table}",
-            "sources": list(self.sources),
-            "key": list(self.key_columns),
-            "key_template": self.key.template if isinstance(self.key, UriKey) else None,
-            "policy": str(self.policy),
-            "version_column": self.version_column,
-            "pull": self.pull.kind if self.pull is not None else None,
-            "schedule": self.schedule.cron if self.schedule is not None else None,
-            "firehose": list(self.firehose),
-            "fields": [
-                {"name": f.name, "type": f.type, "aliases": list(f.aliases), "required": f.required}
-                for f in self.output_fields()
-            ],
-        }
+__all__ = [
+    "ADHOC",
+    "Field",
+    "FormatOptions",
+    "Importer",
+    "Lookup",
+    "Schedule",
+    "Transform",
+    "Unpivot",
+    "UriKey",
+    "Webhook",
+    "normalize_header",
+]

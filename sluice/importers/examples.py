@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sluice.importers.dsl import Field, Importer, Unpivot
+from sluice.schemas.importers import Field, Importer, Unpivot
 
 products = Importer(
     slug="products",

@@ -6,7 +6,7 @@ import importlib
 from collections.abc import Iterable
 
 from sluice.errors import ImporterNotFound
-from sluice.importers.dsl import Importer
+from sluice.schemas.importers import Importer
 
 BUNDLED = ("sluice.importers.examples",)
 

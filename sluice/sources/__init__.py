@@ -1,0 +1,1 @@
+"""Pull sources for importer modules: see :mod:`sluice.sources.base`."""

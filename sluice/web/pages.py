@@ -27,10 +27,10 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from markupsafe import Markup
 
-from sluice.client import Client
 from sluice.config import Settings
 from sluice.errors import RunNotFound
 from sluice.schemas.runs import Run, RunStatus
+from sluice.service import Client
 from sluice.storage.runs import RUN_COLUMNS, run_from_record
 from sluice.web.events import create_events_router
 
@@ -332,7 +332,7 @@ def create_web_router(
     async def importers_page(request: Request) -> Response:
         if not signed_in(request):
             return to_login(request)
-        from sluice.schedule import schedules
+        from sluice.agents.schedule import schedules
 
         by_slug = {s.importer: s for s in await schedules(client.rt)}
         found = [

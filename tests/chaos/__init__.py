@@ -8,8 +8,8 @@ the API source names the variable that holds its address, which only the workers
 
 from __future__ import annotations
 
-from sluice.importers.dsl import Field, Importer
-from sluice.sources.base import ApiSource, Pagination, RateLimit
+from sluice.schemas.importers import Field, Importer
+from sluice.schemas.sources import ApiSource, Pagination, RateLimit
 
 API_URL_ENV = "SLUICE_CHAOS_API_URL"
 

@@ -23,9 +23,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from sluice.client import Client
 from sluice.config import PipelineSettings, Settings
 from sluice.runtime import Runtime
+from sluice.service import Client
 from sluice.storage.db import connect
 from sluice.worker import prepare
 from tests.backends import log_tail

@@ -33,9 +33,9 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from sluice.client import Client
-from sluice.firehose.backfill import IMPORTER as BACKFILL
+from sluice.agents.firehose.backfill import IMPORTER as BACKFILL
 from sluice.schemas.runs import Run, RunStatus
+from sluice.service import Client
 from sluice.storage.runs import RUN_COLUMNS, run_from_record
 from sluice.subscription import Subscription
 from tests.chaos.conftest import SEED, ChaosStack, Db, Report, Supervisor, case_rng

@@ -14,9 +14,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from sluice.client import Client
-from sluice.importers.adhoc import ADHOC
+from sluice.schemas.importers import ADHOC
 from sluice.schemas.runs import Run, RunStatus
+from sluice.service import Client
 from tests.conftest import Stack, finish, unique
 
 pytestmark = [pytest.mark.hostile, pytest.mark.stack]

@@ -20,24 +20,22 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from sluice.formats import (
-    MAGIC_BYTES,
-    EncodingSniffer,
-    FileFormatError,
-    FormatOptions,
-    ParsedRow,
-    RowProblem,
-    binary_format,
-    parse_file,
-)
-from sluice.importers.adhoc import (
+from sluice.agents.split.infer import (
     MAX_IDENTIFIER_BYTES,
     adhoc_importer,
     infer_fields,
     normalize_identifier,
 )
-from sluice.importers.dsl import Field, Importer
-from sluice.mapping import RecordMapper
+from sluice.agents.split.map import RecordMapper
+from sluice.agents.split.parse.formats import (
+    MAGIC_BYTES,
+    EncodingSniffer,
+    binary_format,
+    parse_file,
+)
+from sluice.errors import FileFormatError
+from sluice.schemas.formats import FormatOptions, ParsedRow, RowProblem
+from sluice.schemas.importers import Field, Importer
 from sluice.storage.filestore import _Inspector
 from sluice.storage.writer import ROW, SUB
 from tests.unseekable import Unseekable

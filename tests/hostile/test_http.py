@@ -16,7 +16,7 @@ import asyncpg
 import httpx
 import pytest
 
-from sluice.client import Client
+from sluice.service import Client
 from tests.conftest import ROOT, Stack, api_process
 
 pytestmark = [pytest.mark.hostile, pytest.mark.stack]

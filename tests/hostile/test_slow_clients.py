@@ -18,7 +18,7 @@ import httpx
 import orjson
 import pytest
 
-from sluice.client import Client
+from sluice.service import Client
 from tests.conftest import Stack, api_process
 
 pytestmark = [pytest.mark.hostile, pytest.mark.stack]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from sluice.sources.base import SourceError
-from sluice.sources.filesystem import CHUNK_BYTES, confine, open_path
+from sluice.agents.fetch.filesystem import CHUNK_BYTES, confine, open_path
+from sluice.errors import SourceError
 
 DATA = random.Random(3).randbytes(2 * CHUNK_BYTES + 777)
 

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from sluice.agents.fetch.guard import GuardedClient
 from sluice.config import UrlSettings
-from sluice.sources.base import SourceError
-from sluice.sources.guard import GuardedClient
+from sluice.errors import SourceError
 from tests.conftest import TRAP_HOST
 from tests.servers.recorder import Recorder, Reply, Request, redirect
 

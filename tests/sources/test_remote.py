@@ -22,8 +22,9 @@ from pyftpdlib.handlers import FTPHandler
 from pyftpdlib.ioloop import IOLoop
 from pyftpdlib.servers import FTPServer
 
-from sluice.sources.base import FtpSource, SourceError, SourceUnavailable
-from sluice.sources.remote import CHUNK_BYTES, finish_remote, open_remote
+from sluice.agents.fetch.remote import CHUNK_BYTES, finish_remote, open_remote
+from sluice.errors import SourceError, SourceUnavailable
+from sluice.schemas.sources import FtpSource
 
 USER = "alice"
 PASSWORD = "pw-Sup3r-s3cret!"

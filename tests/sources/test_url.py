@@ -15,10 +15,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from sluice.agents.fetch.guard import check_address, check_url
+from sluice.agents.fetch.url import CHUNK_BYTES, fetch_url, url_request_parts
 from sluice.config import UrlSettings
-from sluice.sources.base import SourceError, SourceUnavailable, UrlSource
-from sluice.sources.guard import check_address, check_url
-from sluice.sources.url import CHUNK_BYTES, fetch_url, url_request_parts
+from sluice.errors import SourceError, SourceUnavailable
+from sluice.schemas.sources import UrlSource
 
 FILE = random.Random(7).randbytes(2 * CHUNK_BYTES + 12345)
 BIG = 64 * 2**20  # far more than the socket buffers between server and client can hold

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from sluice.client import Client
+from sluice.service import Client
 from sluice.stack import wait_for_port
 from tests.conftest import S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, Stack
 

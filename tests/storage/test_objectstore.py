@@ -23,10 +23,10 @@ from typing import Any
 import asyncpg
 import pytest
 
-from sluice.client import Client
 from sluice.config import S3_MIN_PART_BYTES
 from sluice.errors import FileGone, FileTooLarge
 from sluice.schemas.runs import Run, RunStatus
+from sluice.service import Client
 from sluice.storage.filestore import READ_CHUNK_BYTES, PgFileStore, iter_bytes
 from sluice.storage.objectstore import S3FileStore
 from tests.conftest import ROOT, Stack, finish, unique

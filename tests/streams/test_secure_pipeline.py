@@ -25,11 +25,11 @@ import orjson
 import pytest
 
 import sluice
-from sluice.client import Client
 from sluice.config import DatabaseSettings, PipelineSettings, Settings, UrlSettings
 from sluice.dlq import read_letters
 from sluice.runtime import Runtime
 from sluice.schemas.runs import Run, RunStatus
+from sluice.service import Client
 from sluice.stack import free_port
 from sluice.streams import kafka as clients
 from sluice.streams.topics import Topics

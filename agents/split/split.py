@@ -20,27 +20,20 @@ from typing import Any
 
 import orjson
 
-from sluice.errors import MappingError, TerminalError
-from sluice.formats import (
-    FileFormatError,
-    FormatOptions,
-    ParsedFile,
-    ParsedRow,
-    RowProblem,
-    parse_file,
-)
-from sluice.importers.adhoc import (
-    ADHOC,
+from sluice.agents.split.evolve import SchemaChange, evolve_table
+from sluice.agents.split.infer import (
     DEFAULT_NULL_MARKERS,
     adhoc_importer,
     infer_fields,
     to_existing_columns,
 )
-from sluice.importers.dsl import Importer, normalize_header
-from sluice.importers.evolve import SchemaChange, evolve_table
-from sluice.mapping import Record, RecordMapper, cell_text
+from sluice.agents.split.map import Record, RecordMapper, cell_text
+from sluice.agents.split.parse.formats import ParsedFile, parse_file
+from sluice.errors import FileFormatError, MappingError, TerminalError
 from sluice.runtime import Runtime
 from sluice.schemas.events import ImportRequested, encode_copy_batch
+from sluice.schemas.formats import FormatOptions, ParsedRow, RowProblem
+from sluice.schemas.importers import ADHOC, Importer, normalize_header
 from sluice.storage.lookups import LookupResolver
 from sluice.storage.runs import RunRepository
 from sluice.storage.tables import describe_table, ensure_table, has_unique_key
@@ -219,7 +212,7 @@ async def _table_plan(
     sample: list[ParsedRow],
 ) -> tuple[TargetPlan, list[SchemaChange]]:
     """The run's target, created when missing. An ad-hoc import first evolves the table for the
-    file (see sluice.importers.evolve) and targets the columns the table then has."""
+    file (see sluice.agents.split.evolve) and targets the columns the table then has."""
     plan = dataclasses.replace(plan_for(importer), refresh=refresh_for(importer, request))
     pool = await rt.pool()
     if importer.slug != ADHOC:

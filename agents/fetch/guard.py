@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 
 from sluice.config import UrlSettings
-from sluice.sources.base import SourceError, SourceUnavailable
+from sluice.errors import SourceError, SourceUnavailable
 
 logger = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import asyncpg
 import orjson
 
-from sluice.formats import ParsedRow
-from sluice.importers.dsl import Importer
-from sluice.mapping import RecordMapper
+from sluice.agents.split.map import RecordMapper
+from sluice.schemas.formats import ParsedRow
+from sluice.schemas.importers import Importer
 from sluice.storage.atproto import ApplyCounts, RecordWrite
 from sluice.storage.writer import BatchApplier, TargetPlan, quote_ident
 
@@ -46,7 +46,7 @@ class Projections:
     plans: dict[str, TargetPlan] = field(default_factory=dict)
 
     def plan(self, importer: Importer) -> TargetPlan:
-        from sluice.agents.split import plan_for
+        from sluice.agents.split.split import plan_for
 
         found = self.plans.get(importer.slug)
         if found is None:

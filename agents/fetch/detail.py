@@ -12,16 +12,17 @@ from typing import Any
 
 import orjson
 
-from sluice.agents.discover import api_source_of
+from sluice.agents.fetch.api import DetailResult
+from sluice.agents.fetch.discover import api_source_of
+from sluice.agents.split.map import RecordMapper
 from sluice.agents.upsert import PlanCache
-from sluice.formats import ParsedRow
-from sluice.mapping import RecordMapper
 from sluice.runtime import Runtime
 from sluice.schemas.events import BatchOutcome, ItemPage, RowBatch
-from sluice.sources.api import DetailResult
+from sluice.schemas.formats import ParsedRow
+from sluice.schemas.runs import RowFailure
 from sluice.storage.items import ItemOutcome, finish_items
 from sluice.storage.ratelimit import RateStats
-from sluice.storage.runs import RowFailure, insert_row_failures
+from sluice.storage.runs import insert_row_failures
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import asyncpg
 
+from sluice.agents.firehose.consume import ConsumerStats, JetstreamConsumer, PgCursorStore
 from sluice.config import FirehoseSettings
-from sluice.firehose.consumer import ConsumerStats, JetstreamConsumer, PgCursorStore
 from sluice.runtime import Runtime
 from sluice.schemas.firehose import JetstreamEvent
 from sluice.storage.db import advisory_key

@@ -19,9 +19,9 @@ from pydantic import TypeAdapter, ValidationError
 from typing_extensions import TypedDict
 
 from sluice.errors import MappingError
-from sluice.formats import ParsedRow, RowProblem
-from sluice.importers.dsl import Field, Importer, UriKey, normalize_header
-from sluice.storage.runs import RowFailure
+from sluice.schemas.formats import ParsedRow, RowProblem
+from sluice.schemas.importers import Field, Importer, UriKey, normalize_header
+from sluice.schemas.runs import RowFailure
 from sluice.storage.writer import ROW, SUB
 
 Record = dict[str, Any]

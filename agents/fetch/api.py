@@ -1,6 +1,6 @@
 """The paginated API source's HTTP side: list pages and fetch item details under the cluster's
 rate limit, retrying what may pass and never giving up on a 429. Every request and redirect
-goes through the host policy of ``SLUICE_URL_*`` (``sluice.sources.guard``).
+goes through the host policy of ``SLUICE_URL_*`` (``sluice.agents.fetch.guard``).
 
     ApiClient.list_page(state)   -> Page (items, next state, done)
     ApiClient.fetch_detail(id)   -> DetailResult (the detail, or why it failed for good)
@@ -19,9 +19,11 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from sluice.agents.fetch.base import Secrets, dig, secret
+from sluice.agents.fetch.guard import GuardedClient
 from sluice.config import UrlSettings
-from sluice.sources.base import ApiSource, Secrets, SourceError, SourceUnavailable, dig, secret
-from sluice.sources.guard import GuardedClient
+from sluice.errors import SourceError, SourceUnavailable
+from sluice.schemas.sources import ApiSource
 from sluice.storage.ratelimit import RateLimiter, RateStats
 
 log = logging.getLogger(__name__)

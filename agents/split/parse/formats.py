@@ -1,5 +1,5 @@
 """Streaming parsers for uploaded files: delimited text, JSON Lines and JSON arrays, plain or gzip;
-and, through :mod:`sluice.tabular`, XLSX workbooks and Parquet files.
+and, through :mod:`sluice.agents.split.parse.tabular`, XLSX workbooks and Parquet files.
 
 Memory stays flat whatever the size of the file: the file is read in chunks, and one record
 (a line, a CSV record, a JSON array element) may not exceed ``FormatOptions.max_record_bytes``.
@@ -19,10 +19,12 @@ import shutil
 import tempfile
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, Literal
 
 import orjson
+
+from sluice.errors import FileFormatError, UndecodableFile
+from sluice.schemas.formats import FormatOptions, ParsedRow, RowProblem, Sniffed, normalize_encoding
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -105,96 +107,6 @@ _JSON_SEPARATOR = re.compile(r"[ \t\r\n]*([,\]])")
 # reads as two adjacent quoted runs, which counts the same), a line break ends a record.
 _SNIFF_TOKEN = re.compile(r'"[^"]*"|[,\t;|]|\r\n|\r|\n')
 _LINE_BREAK = re.compile(rb"[\r\n]")
-
-
-class FileFormatError(Exception):
-    """The file as a whole cannot be read; the message says what is wrong and what to do."""
-
-
-class UndecodableFile(FileFormatError):
-    """The file's bytes are not text in a supported encoding."""
-
-
-@dataclass(frozen=True)
-class FormatOptions:
-    """How to read an uploaded file; every ``None`` or ``"auto"`` is detected from the bytes."""
-
-    format: Literal["auto", "csv", "jsonl", "json", "xlsx", "parquet"] = "auto"
-    delimiter: str | None = None
-    encoding: str | None = None
-    compression: Literal["auto", "gzip", "none"] = "auto"
-    # The worksheet of an XLSX workbook to read; None reads the first visible one.
-    sheet: str | None = None
-    max_record_bytes: int = 16 * 2**20
-    max_decompressed_bytes: int = 20 * 2**30
-    # Deflate cannot do better than about 1030:1 (long runs of one byte); real delimited text and
-    # JSON stay far below 100:1. A higher ratio past the first 128 MiB is a compression bomb.
-    max_compression_ratio: int = 500
-
-    def __post_init__(self) -> None:
-        if self.format not in ("auto", "csv", "jsonl", "json", "xlsx", "parquet"):
-            raise ValueError(
-                f"unknown format {self.format!r}: use 'auto', 'csv', 'jsonl', 'json', 'xlsx' "
-                f"or 'parquet'"
-            )
-        if self.sheet is not None and not self.sheet.strip():
-            raise ValueError("sheet must be a sheet's name, or None for the first sheet")
-        if self.compression not in ("auto", "gzip", "none"):
-            raise ValueError(
-                f"unknown compression {self.compression!r}: use 'auto', 'gzip' or 'none'"
-            )
-        if self.delimiter is not None and (len(self.delimiter) != 1 or self.delimiter in '"\r\n'):
-            raise ValueError(
-                f"delimiter must be a single character other than a quote or a line break, "
-                f"got {self.delimiter!r}"
-            )
-        if self.encoding is not None:
-            _normalize_encoding(self.encoding)
-        if self.max_record_bytes < 1 or self.max_decompressed_bytes < 1:
-            raise ValueError("max_record_bytes and max_decompressed_bytes must be positive")
-        if self.max_compression_ratio < 1:
-            raise ValueError("max_compression_ratio must be positive")
-
-
-@dataclass(frozen=True)
-class Sniffed:
-    """What a file turned out to be. A binary format (XLSX, Parquet) has no text encoding."""
-
-    format: Literal["csv", "jsonl", "json", "xlsx", "parquet"]
-    delimiter: str | None
-    encoding: str | None
-    compression: Literal["gzip", "none"]
-    sheet: str | None = None  # the worksheet read, for XLSX
-
-
-@dataclass(slots=True)
-class ParsedRow:
-    """One record: ``number`` is 1-based and counts data records (blank lines excluded).
-
-    ``values`` is a list with one entry per header column (str for delimited text, typed Python
-    values for XLSX and Parquet), or the object of a JSON record.
-    """
-
-    number: int
-    values: list[Any] | dict[str, Any]
-
-
-@dataclass(slots=True)
-class RowProblem:
-    """One record that cannot be used; the rest of the file is still read."""
-
-    number: int
-    raw: Any
-    reason: str
-
-
-def _normalize_encoding(name: str) -> str:
-    try:
-        return codecs.lookup(name).name
-    except LookupError:
-        raise ValueError(
-            f"unknown encoding {name!r}: use a Python codec name such as 'utf-8' or 'cp1252'"
-        ) from None
 
 
 def _human(size: int) -> str:
@@ -743,8 +655,8 @@ def parse_file(
     """Start reading an uploaded file from its current position.
 
     XLSX workbooks and Parquet files are told by their first bytes, before anything else, and
-    read by :mod:`sluice.tabular`. For text, `encoding` (else ``options.encoding``) is the
-    encoding found when the file was stored. If neither is given, a seekable `raw` is read once
+    read by the tabular module. For text, `encoding` (else ``options.encoding``) is the encoding
+    found when the file was stored. If neither is given, a seekable `raw` is read once
     through :class:`EncodingSniffer` and rewound; a stream that cannot seek is judged on its
     first 64 KiB. The header is read here, so header problems and an empty file raise at once;
     record problems come out of the iteration as :class:`RowProblem`.
@@ -756,9 +668,9 @@ def parse_file(
     if kind == "xls":
         raise FileFormatError(XLS_REFUSED)
     if options.format in ("xlsx", "parquet") or (kind is not None and options.format == "auto"):
-        # sluice.tabular imports this module; loading it here also keeps openpyxl (and pyarrow)
-        # out of the processes that only ever read text.
-        from sluice.tabular import read_parquet, read_xlsx
+        # The tabular module imports this one; loading it here also keeps openpyxl (and
+        # pyarrow) out of the processes that only ever read text.
+        from sluice.agents.split.parse.tabular import read_parquet, read_xlsx
 
         wanted = kind if options.format == "auto" else options.format
         if kind != wanted:
@@ -769,7 +681,7 @@ def parse_file(
         return read_parquet(seekable, options)
     if kind is not None:
         if kind == "xlsx" and raw.seekable():
-            from sluice.tabular import zip_archive_refusal
+            from sluice.agents.split.parse.tabular import zip_archive_refusal
 
             refusal = zip_archive_refusal(raw)
             if refusal is not None:
@@ -783,7 +695,7 @@ def parse_file(
 
     chosen = encoding if encoding is not None else options.encoding
     if chosen is not None:
-        chosen = _normalize_encoding(chosen)
+        chosen = normalize_encoding(chosen)
     elif raw.seekable():
         start = raw.tell()
         sniff_source = _Source(

@@ -11,7 +11,7 @@ an interrupted backfill resumes where it stopped. A 429 backs the PDS off for th
 and is never terminal.
 
 Every request (the PLC directory, a did:web document, the PDS, and each redirect) goes through
-the host policy of ``SLUICE_URL_*`` (``sluice.sources.guard``): a DID document cannot point
+the host policy of ``SLUICE_URL_*`` (``sluice.agents.fetch.guard``): a DID document cannot point
 the workers at an internal address.
 
 Each repository's backfill is a run (importer ``atproto.backfill``) with lifecycle events
@@ -31,20 +31,19 @@ from urllib.parse import unquote, urlsplit
 
 import asyncpg
 
+from sluice.agents.fetch.api import RETRYABLE, retry_after
+from sluice.agents.fetch.guard import GuardedClient, check_url
 from sluice.config import FirehoseSettings, UrlSettings
-from sluice.errors import TerminalError, TransientError
+from sluice.errors import SourceError, SourceUnavailable, TerminalError, TransientError
 from sluice.schemas.firehose import BACKFILL_IMPORTER, BackfillRequested, BackfillState
 from sluice.schemas.runs import Run
-from sluice.sources.api import RETRYABLE, retry_after
-from sluice.sources.base import SourceError, SourceUnavailable
-from sluice.sources.guard import GuardedClient, check_url
 from sluice.storage.atproto import RecordWrite, write_records
 from sluice.storage.db import advisory_key
 from sluice.storage.ratelimit import RateLimiter, RateStats
 from sluice.storage.runs import RUN_COLUMNS, emit_event, run_from_record
 
 if TYPE_CHECKING:
-    from sluice.agents.project import Projections
+    from sluice.agents.firehose.project import Projections
 
 log = logging.getLogger(__name__)
 

@@ -28,14 +28,9 @@ from typing import Any, Protocol
 import aioftp
 import asyncssh
 
-from sluice.sources.base import (
-    Fetched,
-    FtpSource,
-    Secrets,
-    SourceError,
-    SourceUnavailable,
-    secret,
-)
+from sluice.agents.fetch.base import Fetched, Secrets, secret
+from sluice.errors import SourceError, SourceUnavailable
+from sluice.schemas.sources import FtpSource
 
 logger = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from typing import Any, Literal
 
 import asyncpg
 
+from sluice.agents.split.infer import DATE, INTEGER, NUMBER, TIMESTAMP
 from sluice.errors import MappingError
-from sluice.importers.adhoc import DATE, INTEGER, NUMBER, TIMESTAMP
-from sluice.importers.dsl import Field
+from sluice.schemas.importers import Field
 from sluice.storage.tables import describe_table
 from sluice.storage.writer import quote_ident
 

@@ -14,17 +14,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from sluice.importers.dsl import Importer
+from sluice.agents.fetch.base import Fetched
+from sluice.errors import SourceError
 from sluice.runtime import Runtime
 from sluice.schemas.events import FileRef, ImportRequested, LifecycleEvent, TriggerRequested
+from sluice.schemas.importers import Importer
 from sluice.schemas.runs import Run, RunStatus
-from sluice.sources.base import (
-    Fetched,
-    FilesystemSource,
-    FtpSource,
-    SourceError,
-    UrlSource,
-)
+from sluice.schemas.sources import FilesystemSource, FtpSource, UrlSource
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +34,7 @@ async def open_source(
     """The file a trigger names, as a stream of chunks, whatever its source."""
     pull = importer.pull
     if kind == "url":
-        from sluice.sources.url import fetch_url, url_request_parts
+        from sluice.agents.fetch.url import fetch_url, url_request_parts
 
         source = pull if isinstance(pull, UrlSource) else UrlSource()
         url, headers, auth = url_request_parts(source, params, rt.secrets)
@@ -47,14 +43,14 @@ async def open_source(
         ) as fetched:
             yield fetched
     elif kind in ("ftp", "sftp"):
-        from sluice.sources.remote import open_remote
+        from sluice.agents.fetch.remote import open_remote
 
         if not isinstance(pull, FtpSource):
             raise SourceError(f"importer {importer.slug!r} has no FTP/SFTP source")
         async with open_remote(pull, params, rt.secrets) as fetched:
             yield fetched
     elif kind == "filesystem":
-        from sluice.sources.filesystem import open_path
+        from sluice.agents.fetch.filesystem import open_path
 
         path = params.get("path") or (pull.path if isinstance(pull, FilesystemSource) else None)
         if not path:
@@ -103,7 +99,7 @@ async def fetch_into_store(rt: Runtime, run: Run, trigger: TriggerRequested) -> 
 async def adopt_trigger(rt: Runtime, trigger: TriggerRequested) -> TriggerRequested:
     """A trigger produced without a run (by any Kafka producer): create its run, once per
     ``request_id``. TerminalError (unknown importer, no pull source) when it cannot start."""
-    from sluice.client import pull_kind
+    from sluice.service import pull_kind
 
     importer = rt.registry.get(trigger.importer)
     params = dict(trigger.params)
@@ -167,7 +163,7 @@ async def after_import(rt: Runtime, payload: bytes) -> str | None:
     pull = importer.pull
     if not isinstance(pull, FtpSource) or pull.after == "keep" or not run.source_location:
         return None
-    from sluice.sources.remote import finish_remote
+    from sluice.agents.fetch.remote import finish_remote
 
     try:
         done = await finish_remote(pull, run.source_location, rt.secrets)

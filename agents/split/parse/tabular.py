@@ -1,8 +1,8 @@
 """XLSX workbooks and Parquet files, read into the same rows as delimited text.
 
 Both formats are binary and read from their end (the ZIP central directory, the Parquet
-footer), so they need a seekable file: :func:`sluice.formats.parse_file` tells them by their
-first bytes and hands them over here. Cells keep their type (str, int, float, Decimal, bool,
+footer), so they need a seekable file: ``parse_file`` tells them by their first bytes and
+hands them over here. Cells keep their type (str, int, float, Decimal, bool,
 date, datetime, time, None, and lists or dicts for nested Parquet columns): the mapper fits
 them to the fields, so a date column reads the same from a workbook as from a CSV.
 """
@@ -27,16 +27,13 @@ from openpyxl.utils.cell import coordinate_to_tuple
 from openpyxl.utils.datetime import from_excel, from_ISO8601
 from openpyxl.worksheet._read_only import ReadOnlyWorksheet
 
-from sluice.formats import (
-    FileFormatError,
-    FormatOptions,
+from sluice.agents.split.parse.formats import (
     ParsedFile,
-    ParsedRow,
-    RowProblem,
-    Sniffed,
     check_decompression,
     refuse_duplicate_names,
 )
+from sluice.errors import FileFormatError
+from sluice.schemas.formats import FormatOptions, ParsedRow, RowProblem, Sniffed
 
 __all__ = ["PARQUET_BATCH_ROWS", "PARQUET_EXTRA", "duration_text", "read_parquet", "read_xlsx"]
 

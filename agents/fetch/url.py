@@ -1,5 +1,5 @@
 """The URL pull source: a file behind an http(s) URL, streamed, behind the SSRF guard of
-``sluice.sources.guard`` (every hop checked, the connection made to the checked address).
+``sluice.agents.fetch.guard`` (every hop checked, the connection made to the checked address).
 
     fetch_url          stream a URL's body as a ``Fetched``, following redirects by hand
     url_request_parts  the URL, headers and basic auth a ``UrlSource`` asks for
@@ -17,9 +17,11 @@ from urllib.parse import unquote
 
 import httpx
 
+from sluice.agents.fetch.base import Fetched, Secrets, secret
+from sluice.agents.fetch.guard import GuardedClient, Resolver, system_resolver, translating
 from sluice.config import UrlSettings
-from sluice.sources.base import Fetched, Secrets, SourceError, SourceUnavailable, UrlSource, secret
-from sluice.sources.guard import GuardedClient, Resolver, system_resolver, translating
+from sluice.errors import SourceError, SourceUnavailable
+from sluice.schemas.sources import UrlSource
 
 logger = logging.getLogger(__name__)
 

@@ -6,9 +6,7 @@ import re
 from collections.abc import Collection, Iterable, Sequence
 
 from sluice.errors import MappingError
-from sluice.importers.dsl import Field, Importer
-
-ADHOC = "adhoc"
+from sluice.schemas.importers import ADHOC, Field, Importer
 
 # Cell values an ad-hoc import reads as null, besides a blank cell; ``null_markers`` in the
 # import's options replaces them.
@@ -23,7 +21,7 @@ MAX_IDENTIFIER_BYTES = 63
 # Names PostgreSQL keeps for the system columns of every table.
 _SYSTEM_COLUMNS = frozenset({"tableoid", "xmin", "cmin", "xmax", "cmax", "ctid", "oid"})
 
-# Value shapes, shared with sluice.importers.evolve (which judges what still fits a column).
+# Value shapes, shared with sluice.agents.split.evolve (which judges what still fits a column).
 INTEGER = re.compile(r"[+-]?\d+")
 NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 DATE = re.compile(r"\d{4}-\d{2}-\d{2}")

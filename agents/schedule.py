@@ -17,8 +17,8 @@ from typing import Any
 from croniter import croniter
 from pydantic import BaseModel, ConfigDict
 
-from sluice.importers.dsl import Importer
 from sluice.runtime import Runtime
+from sluice.schemas.importers import Importer
 from sluice.schemas.runs import Run
 from sluice.storage.runs import RUN_COLUMNS, run_from_record
 
@@ -66,7 +66,7 @@ async def fire_due(
 ) -> list[tuple[str, datetime, str]]:
     """Start the runs that are due. Returns (importer, time, outcome) for each time this
     worker claimed."""
-    from sluice.client import pull_kind
+    from sluice.service import pull_kind
 
     now = now or datetime.now(UTC)
     scheduled = [i for i in rt.registry.all() if i.schedule is not None]

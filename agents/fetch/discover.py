@@ -15,10 +15,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from sluice.agents.split import plan_for
+from sluice.agents.fetch.base import dig
+from sluice.agents.split.split import plan_for
+from sluice.errors import SourceError
 from sluice.runtime import Runtime
 from sluice.schemas.runs import Run
-from sluice.sources.base import ApiSource, SourceError, dig
+from sluice.schemas.sources import ApiSource
 from sluice.storage.db import advisory_key
 from sluice.storage.ratelimit import RateStats
 from sluice.storage.tables import ensure_table

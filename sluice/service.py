@@ -26,12 +26,11 @@ from sluice.errors import (
     RunNotCancellable,
     RunNotFound,
 )
-from sluice.importers.adhoc import ADHOC
-from sluice.importers.dsl import Importer
 from sluice.runtime import Runtime
 from sluice.schemas.events import FileRef, ImportRequested, TriggerRequested
+from sluice.schemas.importers import ADHOC, Importer
 from sluice.schemas.runs import PULL_KINDS, Run
-from sluice.sources.base import UrlSource
+from sluice.schemas.sources import UrlSource
 from sluice.storage.filestore import iter_path
 from sluice.streams import kafka as clients
 from sluice.streams.admin import ensure_topics
@@ -178,8 +177,8 @@ class Client:
         params = dict(params or {})
         kind = pull_kind(definition, params)
         if kind == "url":
-            from sluice.sources.guard import check_url
-            from sluice.sources.url import url_request_parts
+            from sluice.agents.fetch.guard import check_url
+            from sluice.agents.fetch.url import url_request_parts
 
             source = definition.pull if isinstance(definition.pull, UrlSource) else UrlSource()
             # Only the URL matters here: the workers hold the secrets, not this process.

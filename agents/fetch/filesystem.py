@@ -15,7 +15,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from sluice.sources.base import Fetched, SourceError, SourceUnavailable
+from sluice.agents.fetch.base import Fetched
+from sluice.errors import SourceError, SourceUnavailable
 
 logger = logging.getLogger(__name__)
 
