@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from sluice.runtime import Runtime
+from sluice.agents.deps import Deps
 from sluice.storage.db import advisory_key
 
 log = logging.getLogger(__name__)
@@ -24,9 +24,9 @@ Send = Callable[[str, str | None, bytes], Awaitable[Awaitable[Any] | None]]
 Flush = Callable[[], Awaitable[None]]
 
 
-async def relay_outbox(rt: Runtime, send: Send, flush: Flush, limit: int = 500) -> int:
+async def relay_outbox(deps: Deps, send: Send, flush: Flush, limit: int = 500) -> int:
     """Send pending events; returns how many were relayed (0 when another worker holds the lock)."""
-    pool = await rt.pool()
+    pool = deps.pool
     async with pool.acquire() as conn, conn.transaction():
         if not await conn.fetchval(f"SELECT pg_try_advisory_xact_lock({RELAY_LOCK})"):
             return 0

@@ -24,8 +24,8 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
+from sluice.agents.deps import Deps
 from sluice.errors import SluiceError
-from sluice.runtime import Runtime
 from sluice.schemas.events import ImportRequested
 from sluice.schemas.firehose import BACKFILL_IMPORTER
 from sluice.schemas.runs import PULL_KINDS, Run
@@ -60,14 +60,14 @@ class Recovery:
 
     def __init__(
         self,
-        rt: Runtime,
+        deps: Deps,
         *,
         publish_request: PublishRequest,
         publish_trigger: PublishTrigger,
         publish_backfill: PublishBackfill,
         flush: Flush,
     ) -> None:
-        self.rt = rt
+        self.deps = deps
         self.publish_request = publish_request
         self.publish_trigger = publish_trigger
         self.publish_backfill = publish_backfill
@@ -83,7 +83,7 @@ class Recovery:
             await self.publish_backfill(did, list(options.get("collections") or []))
             return f"backfill of {did} requested again"
         if run.file_id is not None:
-            ref = await (await self.rt.files()).ref(run.file_id)
+            ref = await self.deps.files.ref(run.file_id)
             if ref is None:
                 raise CannotResume("its stored file is gone (pruned?); import the file again")
             await self.publish_request(ImportRequested.for_run(run, ref))
@@ -96,8 +96,8 @@ class Recovery:
 
     async def resume_stalled(self) -> None:
         """One worker at a time resumes stalled runs."""
-        pipeline = self.rt.settings.pipeline
-        pool = await self.rt.pool()
+        pipeline = self.deps.settings.pipeline
+        pool = self.deps.pool
         async with pool.acquire() as conn, conn.transaction():
             if not await conn.fetchval(f"SELECT pg_try_advisory_xact_lock({RECOVERY_LOCK})"):
                 return
@@ -105,7 +105,7 @@ class Recovery:
             if not stalled:
                 return
             # A broker that restarted may have lost the topics with everything on them.
-            await ensure_topics(self.rt.settings.kafka)
+            await ensure_topics(self.deps.settings.kafka)
             for run, recoveries in stalled:
                 if recoveries >= pipeline.max_recoveries:
                     await fail_stalled(
@@ -127,9 +127,9 @@ class Recovery:
     async def check_topics(self) -> None:
         """Recreate the deployment's topics when the broker lost them; the worker that did
         resumes every run in flight at once."""
-        kafka = self.rt.settings.kafka
+        kafka = self.deps.settings.kafka
         ours = {spec.name for spec in Topics.of(kafka).specs(kafka.partitions)}
-        pool = await self.rt.pool()
+        pool = self.deps.pool
         if self._admin is None:
             admin = clients.admin(kafka)
             await admin.start()
@@ -156,7 +156,7 @@ class Recovery:
     async def _after_topic_loss(self, lost: list[str]) -> None:
         since = self._topics_seen_at
         reason = f"the broker lost topics {', '.join(lost)}"
-        pool = await self.rt.pool()
+        pool = self.deps.pool
         async with pool.acquire() as conn, conn.transaction():
             # The stall recovery waits: the runs are resumed here.
             await conn.execute(f"SELECT pg_advisory_xact_lock({RECOVERY_LOCK})")

@@ -17,8 +17,8 @@ from typing import Any
 from croniter import croniter
 from pydantic import BaseModel, ConfigDict
 
-from sluice.runtime import Runtime
-from sluice.schemas.importers import Importer
+from sluice.agents.deps import Deps
+from sluice.schemas.importers import Importer, pull_kind
 from sluice.schemas.runs import Run
 from sluice.storage.runs import RUN_COLUMNS, run_from_record
 
@@ -51,8 +51,8 @@ def next_time(cron: str, now: datetime) -> datetime:
     return nxt
 
 
-async def paused_importers(rt: Runtime) -> dict[str, bool]:
-    rows = await (await rt.pool()).fetch("SELECT importer, paused FROM schedule_state")
+async def paused_importers(deps: Deps) -> dict[str, bool]:
+    rows = await deps.pool.fetch("SELECT importer, paused FROM schedule_state")
     return {r["importer"]: r["paused"] for r in rows}
 
 
@@ -62,18 +62,16 @@ def is_paused(importer: Importer, states: dict[str, bool]) -> bool:
 
 
 async def fire_due(
-    rt: Runtime, publish: Publish, *, now: datetime | None = None, grace: float = 60.0
+    deps: Deps, publish: Publish, *, now: datetime | None = None, grace: float = 60.0
 ) -> list[tuple[str, datetime, str]]:
     """Start the runs that are due. Returns (importer, time, outcome) for each time this
     worker claimed."""
-    from sluice.service import pull_kind
-
     now = now or datetime.now(UTC)
-    scheduled = [i for i in rt.registry.all() if i.schedule is not None]
+    scheduled = [i for i in deps.registry.all() if i.schedule is not None]
     if not scheduled:
         return []
-    states = await paused_importers(rt)
-    pool = await rt.pool()
+    states = await paused_importers(deps)
+    pool = deps.pool
     fired = []
     for importer in scheduled:
         assert importer.schedule is not None
@@ -133,12 +131,12 @@ async def fire_due(
     return fired
 
 
-async def schedules(rt: Runtime, *, now: datetime | None = None) -> list[ScheduleInfo]:
+async def schedules(deps: Deps, *, now: datetime | None = None) -> list[ScheduleInfo]:
     now = now or datetime.now(UTC)
-    states = await paused_importers(rt)
-    pool = await rt.pool()
+    states = await paused_importers(deps)
+    pool = deps.pool
     out = []
-    for importer in rt.registry.all():
+    for importer in deps.registry.all():
         if importer.schedule is None:
             continue
         last = await pool.fetchrow(
@@ -160,13 +158,13 @@ async def schedules(rt: Runtime, *, now: datetime | None = None) -> list[Schedul
     return out
 
 
-async def set_paused(rt: Runtime, slug: str, paused: bool) -> None:
-    importer = rt.registry.get(slug)
+async def set_paused(deps: Deps, slug: str, paused: bool) -> None:
+    importer = deps.registry.get(slug)
     if importer.schedule is None:
         from sluice.errors import InvalidRequest
 
         raise InvalidRequest(f"importer {slug!r} has no schedule")
-    await (await rt.pool()).execute(
+    await deps.pool.execute(
         "INSERT INTO schedule_state (importer, paused) VALUES ($1, $2)"
         " ON CONFLICT (importer) DO UPDATE SET paused = $2, updated_at = now()",
         slug,

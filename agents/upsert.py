@@ -11,7 +11,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 
-from sluice.runtime import Runtime
+from sluice.agents.deps import Deps
 from sluice.schemas.events import BatchOutcome, PoisonBatch, RowBatch
 from sluice.schemas.runs import RunStatus
 from sluice.storage.db import is_connection_error
@@ -30,13 +30,11 @@ class PlanCache:
     def __init__(self) -> None:
         self._plans: dict[uuid.UUID, tuple[TargetPlan, bool]] = {}
 
-    async def get(
-        self, rt: Runtime, run_id: uuid.UUID
-    ) -> tuple[RunStatus, TargetPlan | None, bool]:
+    async def get(self, deps: Deps, run_id: uuid.UUID) -> tuple[RunStatus, TargetPlan | None, bool]:
         cached = self._plans.get(run_id)
         if cached is not None:
             return RunStatus.RUNNING, cached[0], cached[1]
-        status, dry_run, plan = await (await rt.runs()).plan(run_id)
+        status, dry_run, plan = await deps.runs.plan(run_id)
         if plan is None:
             return status, None, dry_run
         target = TargetPlan.from_json(plan)
@@ -47,17 +45,17 @@ class PlanCache:
 
 
 async def upsert_batch(
-    rt: Runtime, key: bytes | None, value: bytes | None, plans: PlanCache, dead_letter: DeadLetterFn
+    deps: Deps, key: bytes | None, value: bytes | None, plans: PlanCache, dead_letter: DeadLetterFn
 ) -> BatchOutcome:
-    """Apply one batch message; returns what became of it, and counts it in ``rt.metrics``."""
-    result, dry_run = await _upsert(rt, key, value, plans, dead_letter)
+    """Apply one batch message; returns what became of it, and counts it in ``deps.metrics``."""
+    result, dry_run = await _upsert(deps, key, value, plans, dead_letter)
     applied = result if result.outcome is BatchOutcome.APPLIED else None
-    rt.metrics.batch_done(result.outcome, applied, dry_run=dry_run)
+    deps.metrics.batch_done(result.outcome, applied, dry_run=dry_run)
     return result.outcome
 
 
 async def _upsert(
-    rt: Runtime, key: bytes | None, value: bytes | None, plans: PlanCache, dead_letter: DeadLetterFn
+    deps: Deps, key: bytes | None, value: bytes | None, plans: PlanCache, dead_letter: DeadLetterFn
 ) -> tuple[BatchResult, bool]:
     """The batch's result, and whether its run is a dry run."""
     dead = BatchResult(BatchOutcome.DEAD)
@@ -66,24 +64,24 @@ async def _upsert(
     except PoisonBatch as exc:
         await dead_letter(str(exc))
         return dead, False
-    attempts = rt.settings.pipeline.apply_attempts
+    attempts = deps.settings.pipeline.apply_attempts
     dry_run = False
     delay = 0.2
     attempt = 0
     waited = 0.0
     while True:
         try:
-            status, plan, dry_run = await plans.get(rt, batch.run_id)
+            status, plan, dry_run = await plans.get(deps, batch.run_id)
             if plan is None:
                 if status.terminal:
                     return BatchResult(BatchOutcome.INACTIVE), dry_run
                 raise RuntimeError(f"run {batch.run_id} has no plan yet")
-            applier = await rt.applier()
+            applier = deps.applier
             return await applier.apply(batch, plan, dry_run=dry_run), dry_run
         except asyncio.CancelledError:
             raise
         except PoisonBatch as exc:
-            await _give_up(rt, batch, dead_letter, f"{exc}", retried=False)
+            await _give_up(deps, batch, dead_letter, f"{exc}", retried=False)
             return dead, dry_run
         except Exception as exc:
             if is_connection_error(exc) and waited < OUTAGE_SECONDS:
@@ -94,7 +92,7 @@ async def _upsert(
                     batch.seq,
                     exc,
                 )
-                rt.metrics.retried("upsert")
+                deps.metrics.retried("upsert")
                 await asyncio.sleep(1.0)
                 waited += 1.0
                 continue
@@ -106,7 +104,9 @@ async def _upsert(
                     batch.seq,
                     attempts,
                 )
-                await _give_up(rt, batch, dead_letter, f"{type(exc).__name__}: {exc}", retried=True)
+                await _give_up(
+                    deps, batch, dead_letter, f"{type(exc).__name__}: {exc}", retried=True
+                )
                 return dead, dry_run
             log.warning(
                 "batch %s/%d attempt %d failed (%s: %s); retrying in %.1fs",
@@ -117,20 +117,20 @@ async def _upsert(
                 exc,
                 delay,
             )
-            rt.metrics.retried("upsert")
+            deps.metrics.retried("upsert")
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
 
 async def _give_up(
-    rt: Runtime, batch: RowBatch, dead_letter: DeadLetterFn, cause: str, *, retried: bool
+    deps: Deps, batch: RowBatch, dead_letter: DeadLetterFn, cause: str, *, retried: bool
 ) -> None:
     """Dead-letter the batch and fail its run: a run with a missing batch can never complete,
     so it says why instead of hanging."""
     await dead_letter(f"run {batch.run_id} batch {batch.seq}: {cause}")
-    tries = f" after {rt.settings.pipeline.apply_attempts} attempts" if retried else ""
+    tries = f" after {deps.settings.pipeline.apply_attempts} attempts" if retried else ""
     try:
-        await (await rt.runs()).fail(
+        await deps.runs.fail(
             batch.run_id,
             f"batch {batch.seq} could not be applied{tries} ({cause}); it is on the dead-letter "
             "topic, and the rows applied before it stay",

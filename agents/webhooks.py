@@ -38,9 +38,9 @@ import httpx
 import orjson
 from pydantic import SecretStr, ValidationError
 
+from sluice.agents.deps import Deps
 from sluice.config import WebhookSettings
 from sluice.errors import InvalidConfig
-from sluice.runtime import Runtime
 from sluice.schemas.events import LifecycleEvent
 from sluice.schemas.importers import Importer
 from sluice.schemas.webhooks import WebhookDelivery
@@ -199,18 +199,18 @@ class WebhookDispatcher:
 
     def __init__(
         self,
-        rt: Runtime,
+        deps: Deps,
         hooks: HookSet,
         *,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self.rt = rt
+        self.deps = deps
         self.hooks = hooks
-        self.settings = rt.settings.webhooks
+        self.settings = deps.settings.webhooks
         self.transport = transport
 
     async def deliveries(self) -> DeliveryLog:
-        return DeliveryLog(await self.rt.pool())
+        return DeliveryLog(self.deps.pool)
 
     async def on_event(self, value: bytes | None) -> None:
         """Record the deliveries one lifecycle message asks for, then try each once."""
@@ -275,7 +275,7 @@ class WebhookDispatcher:
     ) -> list[int]:
         # Giving up on a passing database error would lose the event for good: the agent's
         # offset moves on. A few tries ride out a restart or failover.
-        attempts = self.rt.settings.pipeline.apply_attempts
+        attempts = self.deps.settings.pipeline.apply_attempts
         delay = 0.5
         for attempt in range(1, attempts + 1):
             try:

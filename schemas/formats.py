@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import codecs
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 
 @dataclass(frozen=True)
@@ -88,3 +88,20 @@ def normalize_encoding(name: str) -> str:
         raise ValueError(
             f"unknown encoding {name!r}: use a Python codec name such as 'utf-8' or 'cp1252'"
         ) from None
+
+
+class FileInspection(Protocol):
+    """A pass over a file's bytes as it is stored: what the claim check records of it."""
+
+    size: int
+    compression: str | None
+    error: str | None
+    """Why the file cannot be read as text (it is refused when split), or None."""
+
+    def feed(self, chunk: bytes) -> None: ...
+
+    def sha256(self) -> str: ...
+
+    def encoding(self) -> str | None:
+        """The text encoding found (None for binary formats and unreadable files)."""
+        ...

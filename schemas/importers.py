@@ -23,8 +23,9 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
+from sluice.errors import NoPullSource
 from sluice.schemas.formats import FormatOptions
-from sluice.schemas.runs import DuplicatePolicy
+from sluice.schemas.runs import PULL_KINDS, DuplicatePolicy
 from sluice.schemas.sources import PullSource
 from sluice.schemas.webhooks import DEFAULT_WEBHOOK_EVENTS, check_webhook_target
 
@@ -293,3 +294,27 @@ class Importer:
                 for f in self.output_fields()
             ],
         }
+
+
+def pull_kind(importer: Importer, params: dict[str, Any]) -> str:
+    """Which source a trigger of ``importer`` pulls from: ``params["source"]`` when given,
+    else the importer's pull source, else a URL or path the params name (for importers that
+    accept ``url`` or ``filesystem`` without declaring a pull source)."""
+    kind = params.get("source")
+    if kind is None and importer.pull is not None:
+        kind = importer.pull.kind
+    if kind is None:
+        kind = next((k for k, p in (("url", "url"), ("filesystem", "path")) if p in params), None)
+    if kind is None or kind not in PULL_KINDS or kind not in importer.sources:
+        accepted = [k for k in importer.sources if k in PULL_KINDS]
+        if not accepted:
+            raise NoPullSource(
+                f"importer {importer.slug!r} has no pull source (it accepts: "
+                f"{', '.join(importer.sources)}); upload a file to "
+                f"/api/v1/imports/{importer.slug}/upload instead"
+            )
+        raise NoPullSource(
+            f"importer {importer.slug!r} pulls from {', '.join(accepted)}, not {kind!r}; "
+            "give the matching parameters (url for url, path for filesystem)"
+        )
+    return str(kind)

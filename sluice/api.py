@@ -406,7 +406,7 @@ def create_api(settings: Settings) -> FastAPI:
     async def readyz() -> JSONResponse:
         """The broker and the database are reachable."""
         try:
-            pool = await client.rt.pool()
+            pool = (await client.deps()).pool
             await pool.fetchval("SELECT 1")
             await client.producer()
         except Exception as exc:
@@ -422,7 +422,7 @@ def create_api(settings: Settings) -> FastAPI:
     async def metrics() -> PlainTextResponse:
         """Prometheus text format: runs queued and running, the outbox backlog, this process's
         requests. The pipeline's counters are the workers' (SLUICE_METRICS_PORT)."""
-        runs = await client.rt.runs()
+        runs = (await client.deps()).runs
         api_metrics.set_runs(await runs.count_active())
         api_metrics.outbox.set(await runs.count_unrelayed_events())
         return PlainTextResponse(api_metrics.render(), media_type=TEXT_FORMAT)
@@ -432,7 +432,7 @@ def create_api(settings: Settings) -> FastAPI:
     @app.get("/api/v1/importers", dependencies=auth, tags=["importers"])
     async def importers() -> dict[str, Any]:
         """The registered importers: table, key, policy, fields."""
-        return {"data": [i.describe() for i in client.rt.registry.all()]}
+        return {"data": [i.describe() for i in client.registry.all()]}
 
     @app.post(
         "/api/v1/imports/{slug}/upload",
@@ -537,7 +537,7 @@ def create_api(settings: Settings) -> FastAPI:
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
     ) -> RunPage:
         """Runs, newest first, with pagination."""
-        runs = await client.rt.runs()
+        runs = (await client.deps()).runs
         state = status.value if status else None
         total = await runs.count(status=state, importer=importer)
         data = await runs.list(
@@ -580,10 +580,10 @@ def create_api(settings: Settings) -> FastAPI:
         format: Annotated[str, Query(pattern="^(json|csv)$")] = "json",
     ) -> Response:
         """The rejected rows with their reasons: paginated JSON, or all of them as CSV."""
-        from sluice.cli import failed_rows_csv
+        from sluice.service import failed_rows_csv
 
         await client.get_run(run_id)
-        runs = await client.rt.runs()
+        runs = (await client.deps()).runs
         if format == "csv":
             rows = await runs.failed_rows(run_id)
             out = io.StringIO()
@@ -613,7 +613,7 @@ def create_api(settings: Settings) -> FastAPI:
     ) -> ItemPageResponse:
         """The items of a paginated API run with their states, failures and last errors."""
         await client.get_run(run_id)
-        repo = await client.rt.items()
+        repo = (await client.deps()).items
         counts = await repo.counts(run_id)
         state = status.value if status else None
         total = counts[state] if state else sum(counts.values())
@@ -629,7 +629,7 @@ def create_api(settings: Settings) -> FastAPI:
         """The importers' schedules: cron, paused or not, next and last scheduled time."""
         from sluice.agents.schedule import schedules
 
-        found = await schedules(client.rt)
+        found = await schedules(await client.deps())
         return {"data": found}
 
     @app.post("/api/v1/backfill", status_code=202, dependencies=auth, tags=["firehose"])
@@ -650,7 +650,7 @@ def create_api(settings: Settings) -> FastAPI:
         """Backfill state per repository and collection."""
         from sluice.agents.firehose.backfill import Backfiller
 
-        backfiller = Backfiller(await client.rt.pool(), settings.firehose, settings.url)
+        backfiller = Backfiller((await client.deps()).pool, settings.firehose, settings.url)
         try:
             states = await backfiller.states(did, status.value if status else None)
         finally:
@@ -672,7 +672,7 @@ def create_api(settings: Settings) -> FastAPI:
             after = int(request.headers.get("last-event-id", "0"))
         except ValueError:
             after = 0
-        runs = await client.rt.runs()
+        runs = (await client.deps()).runs
 
         async def stream() -> AsyncIterator[bytes]:
             nonlocal after

@@ -1,4 +1,4 @@
-"""The Faust application: topics, agents and the outbox relay, bound to one ``Runtime``."""
+"""The Faust application: topics, agents and the outbox relay, bound to one ``Deps``."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ import faust
 import orjson
 from pydantic import ValidationError
 
+from sluice.agents.deps import Deps
 from sluice.agents.fetch.detail import fetch_page
 from sluice.agents.fetch.discover import discover
 from sluice.agents.fetch.trigger import adopt_trigger, after_import, handle_trigger
 from sluice.agents.firehose.apply import apply_firehose, parse_events
+from sluice.agents.firehose.project import projections_for
 from sluice.agents.lanes import Lanes
 from sluice.agents.lifecycle import relay_outbox
 from sluice.agents.recover import Recovery
@@ -26,7 +28,6 @@ from sluice.agents.split.split import split_file
 from sluice.agents.upsert import PlanCache, upsert_batch
 from sluice.agents.webhooks import HookSet, WebhookDispatcher
 from sluice.errors import TerminalError
-from sluice.runtime import Runtime
 from sluice.schemas.events import (
     BatchOutcome,
     DeadLetter,
@@ -79,13 +80,13 @@ async def acknowledged(event: Any, work: Callable[[Any], Awaitable[None]]) -> No
 
 
 def create_app(
-    rt: Runtime, *, datadir: Path, app_id: str | None = None, hooks: HookSet | None = None
+    deps: Deps, *, datadir: Path, app_id: str | None = None, hooks: HookSet | None = None
 ) -> faust.App:
     """``datadir``: Faust's data directory (Faust creates ``v1/tables`` in it; with tables in
     memory nothing else), which the caller makes and removes; ``app_id``: the consumer group
     (default ``SLUICE_GROUP_ID``); ``hooks``: the webhooks, their secrets resolved by the entry
     point; none by default."""
-    kafka = rt.settings.kafka
+    kafka = deps.settings.kafka
     app_id = app_id or kafka.group_id
     names = Topics.of(kafka)
     app = faust.App(
@@ -129,7 +130,8 @@ def create_app(
         Topic.DEADLETTER: dead,
     }
     plans = PlanCache()
-    rt.metrics.dead_letters_from(
+    projections = projections_for(deps.registry.all(), deps.applier)
+    deps.metrics.dead_letters_from(
         names.requests, names.batches, names.triggers, names.items, names.lifecycle,
         names.backfill, names.firehose,
     )  # fmt: skip
@@ -141,7 +143,7 @@ def create_app(
         log.error("dead letter from %s[%d]@%d: %s", topic_name, partition, offset, reason)
         # Confirmed: the caller moves on (commits the offset) once the letter is on the broker.
         await (await dead.send(key=record.key, value=letter.model_dump_json().encode()))
-        rt.metrics.dead_letter(topic_name)
+        deps.metrics.dead_letter(topic_name)
 
     async def dead_letter(event: Any, reason: str) -> None:
         await record_dead_letter(event.message, reason)
@@ -154,17 +156,17 @@ def create_app(
         trouble) is tried again: splitting, fetching and applying are idempotent. After the last
         try the run fails with the cause and the message goes to the dead-letter topic, to be
         replayed once the cause is fixed. Returns False then. ``stage`` labels the retries."""
-        attempts = rt.settings.pipeline.apply_attempts
+        attempts = deps.settings.pipeline.apply_attempts
         try:
             await retrying(
-                f"{what} of run {run_id}", attempts, work, on_retry=rt.metrics.on_retry(stage)
+                f"{what} of run {run_id}", attempts, work, on_retry=deps.metrics.on_retry(stage)
             )
             return True
         except Exception as exc:
             log.exception("%s of run %s failed %d times", what, run_id, attempts)
             await dead_letter(event, f"{what} failed: {type(exc).__name__}: {exc}")
             try:
-                await (await rt.runs()).fail(
+                await deps.runs.fail(
                     run_id,
                     f"{what} failed {attempts} times ({type(exc).__name__}: {exc}); "
                     "the message is on the dead-letter topic",
@@ -175,7 +177,7 @@ def create_app(
 
     async def split_with_retry(request: ImportRequested, send: Any, event: Any) -> None:
         await with_retries(
-            "split", "split", request.run_id, event, lambda: split_file(rt, request, send, flush)
+            "split", "split", request.run_id, event, lambda: split_file(deps, request, send, flush)
         )
 
     triggers = topic(names.triggers, kafka.partitions)
@@ -213,7 +215,7 @@ def create_app(
         async def to_dead(reason: str) -> None:
             await dead_letter(event, reason)
 
-        await upsert_batch(rt, event.key, event.value, plans, to_dead)
+        await upsert_batch(deps, event.key, event.value, plans, to_dead)
         # Only now may the offset be committed; Faust commits a partition up to its first
         # offset not yet acknowledged, so batches finishing out of order lose nothing.
         event.ack()
@@ -222,7 +224,7 @@ def create_app(
     async def upsert_agent(stream: Any) -> None:
         # One lane per partition: in order within a partition (its keys, in file order), side
         # by side across partitions (see agents.lanes).
-        lanes: Lanes[Any] = Lanes(apply_batch, depth=2, on_retry=rt.metrics.on_retry("lane"))
+        lanes: Lanes[Any] = Lanes(apply_batch, depth=2, on_retry=deps.metrics.on_retry("lane"))
         try:
             async for event in stream.noack().events():
                 await lanes.put(event.message.partition, event)
@@ -254,23 +256,23 @@ def create_app(
             try:
                 trigger = await retrying(
                     "a run for a produced trigger",
-                    rt.settings.pipeline.apply_attempts,
-                    partial(adopt_trigger, rt, trigger),
-                    on_retry=rt.metrics.on_retry("trigger"),
+                    deps.settings.pipeline.apply_attempts,
+                    partial(adopt_trigger, deps, trigger),
+                    on_retry=deps.metrics.on_retry("trigger"),
                 )
             except TerminalError as exc:
                 await dead_letter(event, f"cannot start a run: {exc}")
                 return
 
         async def run_discovery(run: Run, trigger: TriggerRequested) -> None:
-            await discover(rt, run, send_page, flush)
+            await discover(deps, run, send_page, flush)
 
         await with_retries(
             "fetch",
             "fetch",
             trigger.run_id,
             event,
-            lambda: handle_trigger(rt, trigger, publish_request, run_discovery),
+            lambda: handle_trigger(deps, trigger, publish_request, run_discovery),
         )
 
     @app.agent(triggers, name="fetch")
@@ -285,10 +287,10 @@ def create_app(
             await dead_letter(event, f"not a valid item page: {exc.errors()[:3]}")
             return
         done = await with_retries(
-            "item details", "detail", page.run_id, event, lambda: fetch_page(rt, page, plans)
+            "item details", "detail", page.run_id, event, lambda: fetch_page(deps, page, plans)
         )
         if not done:
-            rt.metrics.batch_done(BatchOutcome.DEAD)
+            deps.metrics.batch_done(BatchOutcome.DEAD)
 
     @app.agent(item_pages, name="detail")
     async def detail_agent(stream: Any) -> None:
@@ -301,10 +303,10 @@ def create_app(
             await triggers.send(key=str(run.id).encode(), value=trigger.model_dump_json().encode())
         )
 
-    @app.timer(rt.settings.pipeline.schedule_interval)  # type: ignore[untyped-decorator]
+    @app.timer(deps.settings.pipeline.schedule_interval)  # type: ignore[untyped-decorator]
     async def schedule_tick() -> None:
         try:
-            await fire_due(rt, publish_trigger, grace=rt.settings.pipeline.schedule_grace)
+            await fire_due(deps, publish_trigger, grace=deps.settings.pipeline.schedule_grace)
         except Exception:
             log.exception("schedule tick failed; will try again")
 
@@ -320,7 +322,7 @@ def create_app(
         rather than a Faust agent: Faust's per-message machinery cost five times what the
         apply does, and its long fetch wait held small batches back (bench/firehose.py).
         Offsets are committed after the batch's transaction; a replay changes nothing."""
-        attempts = rt.settings.pipeline.apply_attempts
+        attempts = deps.settings.pipeline.apply_attempts
         consumer = clients.consumer(
             kafka,
             names.firehose,
@@ -338,15 +340,15 @@ def create_app(
                     continue
                 events, bad = parse_events([r.value for r in records])
                 if bad:
-                    rt.metrics.firehose_malformed(len(bad))
+                    deps.metrics.firehose_malformed(len(bad))
                 for index, reason in bad:
                     await record_dead_letter(records[index], reason)
                 try:
                     await retrying(
                         "firehose batch",
                         attempts,
-                        partial(apply_firehose, rt, events),
-                        on_retry=rt.metrics.on_retry("firehose"),
+                        partial(apply_firehose, deps, projections, events),
+                        on_retry=deps.metrics.on_retry("firehose"),
                     )
                 except Exception as exc:
                     log.exception("firehose batch of %d failed %d times", len(events), attempts)
@@ -375,14 +377,14 @@ def create_app(
                 return
             if backfiller is None:
                 backfiller = Backfiller(
-                    await rt.pool(), rt.settings.firehose, rt.settings.url, await rt.projections()
+                    deps.pool, deps.settings.firehose, deps.settings.url, projections
                 )
             try:
                 await retrying(
                     f"backfill of {request.did}",
-                    rt.settings.pipeline.apply_attempts,
+                    deps.settings.pipeline.apply_attempts,
                     partial(backfiller.backfill, request),
-                    on_retry=rt.metrics.on_retry("backfill"),
+                    on_retry=deps.metrics.on_retry("backfill"),
                 )
             except Exception as exc:
                 log.exception("backfill of %s failed", request.did)
@@ -391,7 +393,7 @@ def create_app(
         async for event in stream.noack().events():
             await acknowledged(event, backfill_event)
 
-    if rt.settings.firehose.enabled:
+    if deps.settings.firehose.enabled:
 
         @app.task  # type: ignore[untyped-decorator]
         async def firehose_consumer() -> None:
@@ -400,24 +402,24 @@ def create_app(
             async def publish(did: str, raw: bytes) -> None:
                 await firehose.send(key=did.encode(), value=raw)
 
-            rt.metrics.dead_letters_from("jetstream")
+            deps.metrics.dead_letters_from("jetstream")
 
             async def to_dead_letter(raw: bytes, reason: str) -> None:
                 letter = DeadLetter.of("jetstream", -1, -1, reason, raw)
                 await (await dead.send(key=None, value=letter.model_dump_json().encode()))
-                rt.metrics.dead_letter("jetstream")
-                rt.metrics.firehose_malformed()
+                deps.metrics.dead_letter("jetstream")
+                deps.metrics.firehose_malformed()
 
-            await run_leader_consumer(rt, publish, flush, to_dead_letter)
+            await run_leader_consumer(deps, publish, flush, to_dead_letter)
 
-    @app.timer(rt.settings.pipeline.relay_interval)  # type: ignore[untyped-decorator]
+    @app.timer(deps.settings.pipeline.relay_interval)  # type: ignore[untyped-decorator]
     async def relay() -> None:
         async def send(topic_name: str, key: str | None, value: bytes) -> Any:
             out = out_topics[outbox_topic(topic_name)]
             return await out.send(key=key.encode() if key else None, value=value)
 
         try:
-            await relay_outbox(rt, send, flush)
+            await relay_outbox(deps, send, flush)
         except Exception:
             log.exception("outbox relay failed; will retry")
             # A broker that restarted lost its topics: the next relay needs them back.
@@ -426,7 +428,7 @@ def create_app(
             except Exception:
                 log.warning("could not check the topics; will retry")
 
-    webhooks = WebhookDispatcher(rt, hooks or HookSet())
+    webhooks = WebhookDispatcher(deps, hooks or HookSet())
 
     async def react_to(event: Any) -> None:
         try:
@@ -434,7 +436,7 @@ def create_app(
         except ValidationError as exc:
             await dead_letter(event, f"not a lifecycle event: {exc.errors()[:3]}")
             return
-        for react in (webhooks.on_event, partial(after_import, rt)):
+        for react in (webhooks.on_event, partial(after_import, deps)):
             try:
                 await react(event.value)
             except Exception:
@@ -447,7 +449,7 @@ def create_app(
         async for event in stream.noack().events():
             await acknowledged(event, react_to)
 
-    @app.timer(rt.settings.webhooks.retry_interval)  # type: ignore[untyped-decorator]
+    @app.timer(deps.settings.webhooks.retry_interval)  # type: ignore[untyped-decorator]
     async def retry_webhooks() -> None:
         await webhooks.retry_due()
 
@@ -456,14 +458,14 @@ def create_app(
         await (await backfills.send(key=did.encode(), value=request.model_dump_json().encode()))
 
     recovery = Recovery(
-        rt,
+        deps,
         publish_request=publish_request,
         publish_trigger=publish_trigger,
         publish_backfill=publish_backfill,
         flush=flush,
     )
 
-    @app.timer(rt.settings.pipeline.recovery_interval)  # type: ignore[untyped-decorator]
+    @app.timer(deps.settings.pipeline.recovery_interval)  # type: ignore[untyped-decorator]
     async def recover() -> None:
         """One worker at a time resumes stalled runs from what PostgreSQL holds."""
         try:
@@ -471,7 +473,7 @@ def create_app(
         except Exception:
             log.exception("recovery of stalled runs failed; will try again")
 
-    @app.timer(rt.settings.pipeline.topic_check_interval)  # type: ignore[untyped-decorator]
+    @app.timer(deps.settings.pipeline.topic_check_interval)  # type: ignore[untyped-decorator]
     async def watch_topics() -> None:
         """A broker that lost its topics: recreate them and resume the runs in flight."""
         try:
@@ -481,27 +483,27 @@ def create_app(
                 "could not check the topics (%s: %s); will try again", type(exc).__name__, exc
             )
 
-    @app.timer(rt.settings.metrics.lag_interval)  # type: ignore[untyped-decorator]
+    @app.timer(deps.settings.metrics.lag_interval)  # type: ignore[untyped-decorator]
     async def measure_lag() -> None:
         """The consumer lag gauges, from what the consumers know already (the end offsets of
         their last fetches, the offsets committed): no request to the broker."""
         try:
-            rt.metrics.set_lag(app_id, await faust_lag(app.consumer))
+            deps.metrics.set_lag(app_id, await faust_lag(app.consumer))
             for consumer in firehose_consumers:
-                rt.metrics.set_lag(f"{app_id}-firehose", await aiokafka_lag(consumer))
+                deps.metrics.set_lag(f"{app_id}-firehose", await aiokafka_lag(consumer))
         except Exception as exc:
             log.debug("consumer lag not measured: %s: %s", type(exc).__name__, exc)
 
-    @app.timer(rt.settings.pipeline.prune_interval)  # type: ignore[untyped-decorator]
+    @app.timer(deps.settings.pipeline.prune_interval)  # type: ignore[untyped-decorator]
     async def prune() -> None:
         """Retention: stored files and finished runs older than configured go. Deleting is
         idempotent, so workers pruning at the same time do no harm."""
         from sluice.storage.filestore import prune_files
 
-        pipeline = rt.settings.pipeline
+        pipeline = deps.settings.pipeline
         try:
-            files, size = await prune_files(await rt.files(), pipeline.file_retention_hours)
-            runs, rows = await (await rt.runs()).prune(pipeline.run_retention_days)
+            files, size = await prune_files(deps.files, pipeline.file_retention_hours)
+            runs, rows = await deps.runs.prune(pipeline.run_retention_days)
             if files or runs:
                 log.info(
                     "pruned %d files (%d bytes), %d runs, %d rejected rows",

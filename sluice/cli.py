@@ -12,17 +12,20 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 import orjson
 
 from sluice import __version__
 from sluice.config import ApiSettings, KafkaSettings, PipelineSettings, Settings
+
+if TYPE_CHECKING:
+    from sluice.agents.deps import Deps
 from sluice.errors import FileFormatError, SluiceError
 from sluice.schemas.runs import Run, RunStatus
+from sluice.service import failed_rows_csv
 
 EXIT_ERROR = 1
 EXIT_STATUS = {
@@ -47,6 +50,17 @@ def load_settings(*, require_stack: bool = True) -> Settings:
         return load(require_stack=require_stack)
     except SluiceError as exc:
         fail(str(exc))
+
+
+async def command_deps(settings: Settings) -> Deps:
+    """The pool and repositories for one command (two connections, the bundled and configured
+    importers); close them when done."""
+    from sluice.agents.deps import build_deps
+    from sluice.importers.registry import build_registry
+
+    return await build_deps(
+        settings, registry=build_registry(settings.pipeline.importers), pool_size=(1, 2)
+    )
 
 
 def run_async(coro: Any) -> Any:
@@ -501,6 +515,7 @@ def backfill(
     --reset. Without --queue it runs here and prints each repository's outcome.
     """
     from sluice.agents.firehose.backfill import Backfiller
+    from sluice.agents.firehose.project import projections_for
     from sluice.service import Client
 
     settings = load_settings()
@@ -508,9 +523,12 @@ def backfill(
 
     async def go() -> int:
         async with Client(settings) as client:
-            pool = await client.rt.pool()
+            deps = await client.deps()
             backfiller = Backfiller(
-                pool, settings.firehose, settings.url, await client.rt.projections()
+                deps.pool,
+                settings.firehose,
+                settings.url,
+                projections_for(deps.registry.all(), deps.applier),
             )
             try:
                 todo = wanted + [d for d in await backfiller.unfinished_dids() if resume]
@@ -824,14 +842,13 @@ def schedules(ctx: click.Context, as_json: bool) -> None:
     if ctx.invoked_subcommand is not None:
         return
     from sluice.agents.schedule import schedules as list_schedules
-    from sluice.runtime import Runtime
 
     async def show() -> int:
-        rt = Runtime(load_settings())
+        deps = await command_deps(load_settings())
         try:
-            found = await list_schedules(rt)
+            found = await list_schedules(deps)
         finally:
-            await rt.close()
+            await deps.close()
         if as_json:
             data = [f.model_dump(mode="json") for f in found]
             click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
@@ -849,14 +866,13 @@ def schedules(ctx: click.Context, as_json: bool) -> None:
 
 def _set_paused(slug: str, paused: bool) -> None:
     from sluice.agents.schedule import set_paused
-    from sluice.runtime import Runtime
 
     async def go() -> int:
-        rt = Runtime(load_settings())
+        deps = await command_deps(load_settings())
         try:
-            await set_paused(rt, slug, paused)
+            await set_paused(deps, slug, paused)
         finally:
-            await rt.close()
+            await deps.close()
         click.echo(f"schedule of {slug} {'paused' if paused else 'resumed'}")
         return 0
 
@@ -895,7 +911,7 @@ def items(run_id: str, status: str | None, limit: int, as_json: bool) -> None:
     async def show() -> int:
         async with Client(load_settings()) as client:
             await client.get_run(rid)
-            repo = await client.rt.items()
+            repo = (await client.deps()).items
             counts = await repo.counts(rid)
             found = await repo.list(rid, status=status, limit=limit)
         if as_json:
@@ -977,7 +993,7 @@ def webhooks(failed: bool, limit: int, as_json: bool) -> None:
 
     async def show() -> int:
         async with Client(load_settings()) as client:
-            found = await DeliveryLog(await client.rt.pool()).list(
+            found = await DeliveryLog((await client.deps()).pool).list(
                 status=DeliveryStatus.FAILED if failed else None, limit=limit
             )
         if as_json:
@@ -1003,34 +1019,6 @@ def webhooks(failed: bool, limit: int, as_json: bool) -> None:
     sys.exit(run_async(show()))
 
 
-def _csv_cell(value: Any) -> str:
-    """A cell safe to open in a spreadsheet: text starting with = + - @ is not a formula."""
-    text = (
-        "" if value is None else value if isinstance(value, str) else orjson.dumps(value).decode()
-    )
-    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
-
-
-def failed_rows_csv(failures: Sequence[Any], out: Any) -> None:
-    import csv
-
-    columns: list[str] = []
-    for f in failures:
-        if isinstance(f.raw, dict):
-            columns += [k for k in f.raw if not k.startswith("_sluice") and k not in columns]
-    writer = csv.writer(out)
-    writer.writerow(
-        ["row_number", "reason", *columns] if columns else ["row_number", "reason", "raw"]
-    )
-    for f in failures:
-        if columns:
-            raw = f.raw if isinstance(f.raw, dict) else {}
-            cells = [raw.get(c) for c in columns]
-        else:
-            cells = [f.raw]
-        writer.writerow([f.row_number, _csv_cell(f.reason), *(_csv_cell(c) for c in cells)])
-
-
 @cli.command("prune-files")
 @click.option(
     "--hours",
@@ -1046,13 +1034,11 @@ def prune_files_cmd(hours: float | None) -> None:
     keep = settings.pipeline.file_retention_hours if hours is None else hours
 
     async def go() -> int:
-        from sluice.runtime import Runtime
-
-        rt = Runtime(settings)
+        deps = await command_deps(settings)
         try:
-            n, size = await prune_files(await rt.files(), keep)
+            n, size = await prune_files(deps.files, keep)
         finally:
-            await rt.close()
+            await deps.close()
         click.echo(f"deleted {n} stored file(s), {size:,} bytes, older than {keep:g} hours")
         return 0
 
@@ -1072,13 +1058,11 @@ def prune_rows_cmd(days: float | None) -> None:
     keep = settings.pipeline.run_retention_days if days is None else days
 
     async def go() -> int:
-        from sluice.runtime import Runtime
-
-        rt = Runtime(settings)
+        deps = await command_deps(settings)
         try:
-            runs, rows = await (await rt.runs()).prune(keep)
+            runs, rows = await deps.runs.prune(keep)
         finally:
-            await rt.close()
+            await deps.close()
         click.echo(
             f"deleted {runs} finished run(s) and {rows} rejected row(s), older than {keep:g} days"
         )
@@ -1103,7 +1087,7 @@ def failed_rows(run_id: str, as_csv: bool, as_json: bool, limit: int | None) -> 
     async def show() -> int:
         async with Client(load_settings()) as client:
             await client.get_run(rid)  # a clear error for an unknown run
-            rows = await (await client.rt.runs()).failed_rows(rid, limit=limit)
+            rows = await (await client.deps()).runs.failed_rows(rid, limit=limit)
         if as_csv:
             failed_rows_csv(rows, sys.stdout)
         elif as_json:

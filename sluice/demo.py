@@ -33,7 +33,7 @@ async def import_samples() -> bool:
             run = await client.wait(run.id, timeout=300, on_update=ProgressBar(sys.stderr.isatty()))
             print(summary(run))
             if run.failed_rows:
-                for failure in await (await client.rt.runs()).failed_rows(run.id, limit=5):
+                for failure in await (await client.deps()).runs.failed_rows(run.id, limit=5):
                     print(f"    row {failure.row_number}: {failure.reason}")
             ok = ok and run.status in (RunStatus.COMPLETED, RunStatus.COMPLETED_WITH_ERRORS)
     return ok

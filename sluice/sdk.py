@@ -157,7 +157,7 @@ async def backfill_status(
 
     async with _client(settings) as client:
         backfiller = Backfiller(
-            await client.rt.pool(), client.settings.firehose, client.settings.url
+            (await client.deps()).pool, client.settings.firehose, client.settings.url
         )
         try:
             return list(await backfiller.states(did, status))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -18,18 +18,18 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaProducer
 
+from sluice.agents.deps import Deps, Importers, build_deps
 from sluice.config import Settings
 from sluice.errors import (
     InvalidRequest,
-    NoPullSource,
     NothingToRetry,
     RunNotCancellable,
     RunNotFound,
 )
-from sluice.runtime import Runtime
+from sluice.importers.registry import build_registry
 from sluice.schemas.events import FileRef, ImportRequested, TriggerRequested
-from sluice.schemas.importers import ADHOC, Importer
-from sluice.schemas.runs import PULL_KINDS, Run
+from sluice.schemas.importers import ADHOC, pull_kind
+from sluice.schemas.runs import Run
 from sluice.schemas.sources import UrlSource
 from sluice.storage.filestore import iter_path
 from sluice.streams import kafka as clients
@@ -37,36 +37,31 @@ from sluice.streams.admin import ensure_topics
 from sluice.streams.topics import Topics
 
 
-def pull_kind(importer: Importer, params: dict[str, Any]) -> str:
-    """Which source a trigger of ``importer`` pulls from: ``params["source"]`` when given,
-    else the importer's pull source, else a URL or path the params name (for importers that
-    accept ``url`` or ``filesystem`` without declaring a pull source)."""
-    kind = params.get("source")
-    if kind is None and importer.pull is not None:
-        kind = importer.pull.kind
-    if kind is None:
-        kind = next((k for k, p in (("url", "url"), ("filesystem", "path")) if p in params), None)
-    if kind is None or kind not in PULL_KINDS or kind not in importer.sources:
-        accepted = [k for k in importer.sources if k in PULL_KINDS]
-        if not accepted:
-            raise NoPullSource(
-                f"importer {importer.slug!r} has no pull source (it accepts: "
-                f"{', '.join(importer.sources)}); upload a file to "
-                f"/api/v1/imports/{importer.slug}/upload instead"
-            )
-        raise NoPullSource(
-            f"importer {importer.slug!r} pulls from {', '.join(accepted)}, not {kind!r}; "
-            "give the matching parameters (url for url, path for filesystem)"
-        )
-    return str(kind)
-
-
 class Client:
-    def __init__(self, settings: Settings, runtime: Runtime | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        registry: Importers | None = None,
+        secrets: Mapping[str, str] | None = None,
+    ) -> None:
         self.settings = settings
-        self.rt = runtime or Runtime(settings)
+        self.registry = registry or build_registry(settings.pipeline.importers)
         self.topics = Topics.of(settings.kafka)
+        self._secrets = secrets
+        self._deps: Deps | None = None
+        self._deps_lock = asyncio.Lock()
         self._producer: AIOKafkaProducer | None = None
+
+    async def deps(self) -> Deps:
+        """The pool and the repositories, connected on first use and kept until close()."""
+        if self._deps is None:
+            async with self._deps_lock:
+                if self._deps is None:
+                    self._deps = await build_deps(
+                        self.settings, registry=self.registry, secrets=self._secrets
+                    )
+        return self._deps
 
     async def __aenter__(self) -> Client:
         return self
@@ -83,7 +78,9 @@ class Client:
         if self._producer is not None:
             await self._producer.stop()
             self._producer = None
-        await self.rt.close()
+        if self._deps is not None:
+            deps, self._deps = self._deps, None
+            await deps.close()
 
     async def producer(self) -> AIOKafkaProducer:
         if self._producer is None:
@@ -132,15 +129,15 @@ class Client:
         """Store the file (claim check), create a queued run and publish the request."""
         if importer != ADHOC:
             # Unknown importers and sources it does not accept fail before anything is stored.
-            definition = self.rt.registry.get(importer)
+            definition = self.registry.get(importer)
             if source not in (*definition.sources, "retry"):
                 raise InvalidRequest(
                     f"importer {importer!r} does not accept {source!r} imports; it accepts: "
                     f"{', '.join(definition.sources)}"
                 )
-        files = await self.rt.files()
+        files = (await self.deps()).files
         ref = await files.put(chunks, name=name, content_type=content_type, max_bytes=max_bytes)
-        runs = await self.rt.runs()
+        runs = (await self.deps()).runs
         run = await runs.create(
             importer=importer,
             source=source,
@@ -173,7 +170,7 @@ class Client:
     ) -> Run:
         """Queue a run that pulls its data (URL, FTP/SFTP, filesystem, paginated API). A URL is
         checked against the host policy now, so a refused target fails the request itself."""
-        definition = self.rt.registry.get(importer)
+        definition = self.registry.get(importer)
         params = dict(params or {})
         kind = pull_kind(definition, params)
         if kind == "url":
@@ -185,7 +182,7 @@ class Client:
             bare = dataclasses.replace(source, secret_headers={}, basic_auth_env=None)
             url, _, _ = url_request_parts(bare, params, {})
             await check_url(url, self.settings.url)
-        runs = await self.rt.runs()
+        runs = (await self.deps()).runs
         run = await runs.create(
             importer=importer,
             source=kind,
@@ -238,7 +235,7 @@ class Client:
         return [r.did for r in requests]
 
     async def get_run(self, run_id: uuid.UUID) -> Run:
-        run = await (await self.rt.runs()).get(run_id)
+        run = await (await self.deps()).runs.get(run_id)
         if run is None:
             raise RunNotFound(f"no run {run_id}; list runs with `sluice runs`")
         return run
@@ -252,13 +249,13 @@ class Client:
         offset: int = 0,
     ) -> list[Run]:
         """Runs, newest first."""
-        return await (await self.rt.runs()).list(
+        return await (await self.deps()).runs.list(
             status=status, importer=importer, limit=limit, offset=offset
         )
 
     async def cancel(self, run_id: uuid.UUID) -> Run:
         """Stop a queued or running run: no batch is applied after this returns."""
-        runs = await self.rt.runs()
+        runs = (await self.deps()).runs
         cancelled = await runs.cancel(run_id)
         if cancelled is None:
             run = await self.get_run(run_id)
@@ -276,7 +273,7 @@ class Client:
         parent = await self.get_run(run_id)
         if parent.source == "api":
             return await self._retry_items(parent, dry_run=dry_run, requested_by=requested_by)
-        runs = await self.rt.runs()
+        runs = (await self.deps()).runs
         failures = await runs.failed_rows(run_id)
         if not failures:
             raise NothingToRetry(f"run {run_id} has no rejected rows to retry")
@@ -302,11 +299,11 @@ class Client:
 
     async def _retry_items(self, parent: Run, *, dry_run: bool, requested_by: str | None) -> Run:
         """An API run's failed items, fetched again in a child run."""
-        counts = await (await self.rt.items()).counts(parent.id)
+        counts = await (await self.deps()).items.counts(parent.id)
         if not counts["failed"]:
             raise NothingToRetry(f"run {parent.id} has no failed items to retry")
         params = dict(parent.options.get("params") or {})
-        runs = await self.rt.runs()
+        runs = (await self.deps()).runs
         run = await runs.create(
             importer=parent.importer,
             source="api",
@@ -338,3 +335,31 @@ class Client:
             if deadline is not None and loop.time() > deadline:
                 return run
             await asyncio.sleep(poll)
+
+
+def failed_rows_csv(failures: Sequence[Any], out: Any) -> None:
+    import csv
+
+    columns: list[str] = []
+    for f in failures:
+        if isinstance(f.raw, dict):
+            columns += [k for k in f.raw if not k.startswith("_sluice") and k not in columns]
+    writer = csv.writer(out)
+    writer.writerow(
+        ["row_number", "reason", *columns] if columns else ["row_number", "reason", "raw"]
+    )
+    for f in failures:
+        if columns:
+            raw = f.raw if isinstance(f.raw, dict) else {}
+            cells = [raw.get(c) for c in columns]
+        else:
+            cells = [f.raw]
+        writer.writerow([f.row_number, _csv_cell(f.reason), *(_csv_cell(c) for c in cells)])
+
+
+def _csv_cell(value: Any) -> str:
+    """A cell safe to open in a spreadsheet: text starting with = + - @ is not a formula."""
+    text = (
+        "" if value is None else value if isinstance(value, str) else orjson.dumps(value).decode()
+    )
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text

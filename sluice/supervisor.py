@@ -38,7 +38,6 @@ from sluice.config import (
     Settings,
 )
 from sluice.errors import EmbeddedStackMissing
-from sluice.runtime import Runtime
 from sluice.stack import (
     LOCALHOST,
     ComponentState,
@@ -307,7 +306,7 @@ def supervise(
         # The bundled importers only: a worker prepares the tables of SLUICE_IMPORTERS itself,
         # and a module there that fails to import must not keep the stack from starting (the
         # worker says why in its log, and is started again with backoff).
-        asyncio.run(prepare(Runtime(settings, registry=build_registry())))
+        asyncio.run(prepare(settings, build_registry()))
         # The worker's metrics port: the configured one, or another when it is taken (a worker
         # that cannot serve its metrics exits, and this loop would start it again and again).
         metrics_port = str(metrics.port and free_port(metrics.port))

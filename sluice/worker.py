@@ -12,12 +12,13 @@ from pathlib import Path
 
 import faust
 
+from sluice.agents.deps import Deps, Importers, LazyObjects, build_deps
 from sluice.agents.webhooks import resolve_hooks
 from sluice.app import create_app
 from sluice.config import Settings
 from sluice.errors import InvalidConfig, SluiceError
-from sluice.metrics import serve
-from sluice.runtime import Runtime
+from sluice.importers.registry import build_registry
+from sluice.metrics import WorkerMetrics, serve
 from sluice.storage.db import connect, migrate
 from sluice.storage.tables import ensure_table
 from sluice.streams.admin import ensure_topics
@@ -26,21 +27,25 @@ from sluice.streams.kafka import check_connection
 log = logging.getLogger(__name__)
 
 
-async def prepare(rt: Runtime) -> None:
-    """What must exist before any agent runs: topics, Sluice's tables, importers' tables."""
+async def prepare(settings: Settings, registry: Importers) -> None:
+    """What must exist before any agent runs: the broker's topics, the bucket of the object
+    store, Sluice's tables and the importers' tables."""
     from sluice.agents.split.split import plan_for
 
-    settings = rt.settings
     await check_connection(settings.kafka)
     await ensure_topics(settings.kafka)
     if settings.files.uses_s3:
         # A missing bucket or refused keys stop the worker here, not the first upload.
-        await (await rt.objects()).check_bucket(settings.files.bucket)
+        objects = LazyObjects(settings.files)
+        try:
+            await (await objects()).check_bucket(settings.files.bucket)
+        finally:
+            await objects.close()
     schemas = settings.database.schemas
     conn = await connect(settings.database_url, schemas=schemas)
     try:
         await migrate(conn, schemas)
-        for importer in rt.registry.all():
+        for importer in registry.all():
             await ensure_table(conn, plan_for(importer))
     finally:
         await conn.close()
@@ -58,7 +63,7 @@ class Worker(faust.Worker):
     a batch being applied). Once the app has stopped, the runtime's pool is closed.
     """
 
-    runtime: Runtime | None = None
+    deps: Deps | None = None
 
     async def on_stop(self) -> None:
         # Runs before the app (a child of the worker) stops; rebalances read the setting at
@@ -67,8 +72,8 @@ class Worker(faust.Worker):
         await super().on_stop()
 
     async def on_shutdown(self) -> None:
-        if self.runtime is not None:
-            await self.runtime.close()
+        if self.deps is not None:
+            await self.deps.close()
         await super().on_shutdown()
 
 
@@ -77,11 +82,13 @@ def run_worker(settings: Settings, *, loglevel: str = "info") -> None:
     asyncio.set_event_loop(loop)
     # Pull sources and hooks name the variables holding their secrets; this entry point is
     # where they are read.
-    rt = Runtime(settings, secrets=dict(os.environ))
+    secrets = dict(os.environ)
+    registry = build_registry(settings.pipeline.importers)
+    metrics = WorkerMetrics()
     try:
-        hooks = resolve_hooks(settings.webhooks, rt.registry.all(), os.environ)
+        hooks = resolve_hooks(settings.webhooks, registry.all(), secrets)
         # First, so that a port taken by another process stops the worker before it joins.
-        server = serve(rt.metrics.registry, settings.metrics)
+        server = serve(metrics.registry, settings.metrics)
     except InvalidConfig as exc:
         raise SystemExit(f"error: {exc}") from None
     if server is not None:
@@ -89,7 +96,10 @@ def run_worker(settings: Settings, *, loglevel: str = "info") -> None:
         where = f"{settings.metrics.host}:{settings.metrics.port}"
         print(f"metrics on http://{where}/metrics", file=sys.stderr, flush=True)
     try:
-        loop.run_until_complete(prepare(rt))
+        loop.run_until_complete(prepare(settings, registry))
+        deps = loop.run_until_complete(
+            build_deps(settings, registry=registry, secrets=secrets, metrics=metrics)
+        )
     except SluiceError as exc:
         # A wrong password, an untrusted certificate, no broker: one line that says what to fix.
         raise SystemExit(f"error: {exc}") from None
@@ -97,7 +107,7 @@ def run_worker(settings: Settings, *, loglevel: str = "info") -> None:
     # stays empty): private to this process and removed when it exits, never in the current
     # folder.
     with tempfile.TemporaryDirectory(prefix="sluice-faust-") as datadir:
-        app = create_app(rt, hooks=hooks, datadir=Path(datadir))
+        app = create_app(deps, hooks=hooks, datadir=Path(datadir))
         worker = Worker(app, loglevel=loglevel, loop=loop)
-        worker.runtime = rt
+        worker.deps = deps
         worker.execute_from_commandline()

@@ -27,8 +27,8 @@ from sluice.errors import (
     ObjectStoreUnavailable,
 )
 from sluice.schemas.events import FileRef
-from sluice.schemas.formats import FormatOptions
-from sluice.storage.filestore import Objects, ObjectsProvider, StoredFiles, StoreKind
+from sluice.schemas.formats import FileInspection
+from sluice.storage.filestore import Objects, ObjectsProvider, Sha256Only, StoredFiles, StoreKind
 
 log = logging.getLogger(__name__)
 
@@ -230,15 +230,9 @@ class S3FileStore(StoredFiles):
         bucket: str,
         prefix: str = "",
         part_bytes: int = 8 * 2**20,
-        max_decompressed: int = FormatOptions.max_decompressed_bytes,
-        max_compression_ratio: int = FormatOptions.max_compression_ratio,
+        inspect: Callable[[], FileInspection] = Sha256Only,
     ) -> None:
-        super().__init__(
-            pool,
-            objects=objects,
-            max_decompressed=max_decompressed,
-            max_compression_ratio=max_compression_ratio,
-        )
+        super().__init__(pool, objects=objects, inspect=inspect)
         self._provider = objects
         self.bucket = bucket
         self.prefix = prefix

@@ -31,7 +31,7 @@ from sluice.config import (
     Settings,
     UrlSettings,
 )
-from sluice.runtime import Runtime
+from sluice.importers.registry import build_registry
 from sluice.schemas.runs import Run
 from sluice.service import Client
 from sluice.stack import free_port, terminate
@@ -247,8 +247,8 @@ class Stack:
         os.environ.update({k: v for k, v in self.env.items() if k.startswith("SLUICE_TEST_")})
         import asyncio
 
-        rt = Runtime(self.settings())
-        asyncio.run(prepare(rt))
+        settings = self.settings()
+        asyncio.run(prepare(settings, build_registry(settings.pipeline.importers)))
         for i in range(2):
             worker = Worker(f"worker{i}", self.env, self.root)
             worker.start()

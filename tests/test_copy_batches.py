@@ -234,7 +234,7 @@ async def test_without_the_temporary_privilege_batches_go_the_json_way(
         f'REVOKE TEMPORARY ON DATABASE "{database}" FROM PUBLIC',
     ):
         await db.execute(grant)
-    runs = await client.rt.runs()
+    runs = (await client.deps()).runs
     run = await runs.create(importer="adhoc", source="file")
     await runs.start(run.id)
     plan = TargetPlan(table=table, columns=(("id", "bigint"), ("note", "text")), key=("id",))

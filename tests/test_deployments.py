@@ -15,7 +15,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from sluice.config import DatabaseSettings, KafkaSettings, Settings
-from sluice.runtime import Runtime
+from sluice.importers.registry import build_registry
 from sluice.schemas.importers import ADHOC
 from sluice.schemas.runs import RunStatus
 from sluice.service import Client
@@ -71,7 +71,7 @@ def deployments(stack: Stack) -> Iterator[list[Deployment]]:
                 pipeline=base.pipeline,
                 url=base.url,
             )
-            asyncio.run(prepare(Runtime(settings)))
+            asyncio.run(prepare(settings, build_registry(settings.pipeline.importers)))
             worker = Worker(f"worker-{name}", {**stack.env, **env}, stack.root)
             worker.start()
             made.append(Deployment(name, settings, worker))

@@ -168,7 +168,7 @@ async def test_without_evolution_values_that_do_not_fit_are_rejected_with_the_re
         },
         {"column": "extra", "change": "added", "type": "text", "previous": None, "applied": False},
     ]
-    failed = await (await client.rt.runs()).failed_rows(done.id)
+    failed = await (await client.deps()).runs.failed_rows(done.id)
     assert len(failed) == 1 and failed[0].row_number == 2
     assert "bigint" in failed[0].reason and "2.5" in failed[0].reason
 

@@ -236,7 +236,7 @@ async def test_the_api_counts_queued_and_running_runs(
         )
 
     queued, running = active()
-    runs = await client.rt.runs()
+    runs = (await client.deps()).runs
     # A run nobody asks a worker for: it stays queued until it is cancelled.
     run = await runs.create(importer="t_metrics", source="file")
     try:

@@ -426,7 +426,7 @@ async def test_poison_batches_go_to_the_dead_letter_topic_and_fail_their_run(
     from tests.conftest import TOPICS
     from tests.importers import malformed
 
-    runs = await client.rt.runs()
+    runs = (await client.deps()).runs
     run = await runs.create(importer="t_malformed", source="file")
     await runs.start(run.id)
     await runs.save_plan(run.id, plan_for(malformed).to_json(), {})

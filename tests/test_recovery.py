@@ -26,9 +26,9 @@ CSV = b"id,name,price\n1,one,1.00\n2,two,2.00\n3,three,3.00\n"
 async def stored_run(client: Client, importer: str = "t_exact") -> tuple[object, object]:
     """A queued run with its file stored whose request never reached the broker: a lost
     message."""
-    files = await client.rt.files()
+    files = (await client.deps()).files
     ref = await files.put(iter_bytes([CSV]), name="lost.csv")
-    run = await (await client.rt.runs()).create(
+    run = await (await client.deps()).runs.create(
         importer=importer, source="file", file_id=ref.id, file_name="lost.csv"
     )
     return run, ref
@@ -63,7 +63,7 @@ async def test_a_lost_trigger_is_resumed(
     client: Client, stack: Stack, db: asyncpg.Connection
 ) -> None:
     (stack.files / "lost-trigger.csv").write_bytes(CSV)
-    run = await (await client.rt.runs()).create(
+    run = await (await client.deps()).runs.create(
         importer="t_fs", source="filesystem", options={"params": {"path": "lost-trigger.csv"}}
     )
     done = await finish(client, run, stack, timeout=90)
@@ -75,7 +75,7 @@ async def test_a_run_that_cannot_be_resumed_fails_with_the_reason(
     client: Client, stack: Stack
 ) -> None:
     run, ref = await stored_run(client)
-    await (await client.rt.files()).delete(ref.id)  # pruned while the message was lost
+    await (await client.deps()).files.delete(ref.id)  # pruned while the message was lost
     done = await finish(client, run, stack, timeout=90)
     assert done.status is RunStatus.FAILED
     assert "stored file is gone" in (done.error or "")
@@ -193,10 +193,10 @@ async def test_a_split_done_again_cuts_the_batches_as_the_first_one_did(
     """The batching of a run's first split is kept with its plan; a later split of the same run
     (here: resumed by recovery) uses it, whatever this worker's settings say."""
     table = f"recut_{uuid.uuid4().hex[:8]}"
-    files = await client.rt.files()
+    files = (await client.deps()).files
     body = b"id,name\n" + b"".join(f"{i},n{i}\n".encode() for i in range(1, 21))
     ref = await files.put(iter_bytes([body]), name="recut.csv")
-    runs = await client.rt.runs()
+    runs = (await client.deps()).runs
     run = await runs.create(
         importer="adhoc",
         source="file",

@@ -309,9 +309,9 @@ async def tail(stack: Stack, *args: str) -> asyncio.subprocess.Process:
 
 async def test_sluice_tail_prints_a_runs_events(stack: Stack, client: Client) -> None:
     # The run exists (queued) before tail starts; its request is published after.
-    files = await client.rt.files()
+    files = (await client.deps()).files
     ref = await files.put(iter_bytes([SMALL]), name="tail.csv")
-    run = await (await client.rt.runs()).create(importer="t_sdk", source="upload", file_id=ref.id)
+    run = await (await client.deps()).runs.create(importer="t_sdk", source="upload", file_id=ref.id)
     noise = await sluice.start("t_sdk", SMALL, settings=stack.settings())
     json_tail = await tail(stack, "--run", str(run.id), "--json")
     text_tail = await tail(stack, "--run", str(run.id))

@@ -419,11 +419,11 @@ async def test_a_schedule_fires_once_per_time_across_two_workers(
     from sluice.agents.schedule import set_paused
 
     assert all(w.alive for w in stack.workers)
-    await set_paused(client.rt, "t_sched", False)
+    await set_paused(await client.deps(), "t_sched", False)
     try:
         await asyncio.sleep(9)
     finally:
-        await set_paused(client.rt, "t_sched", True)
+        await set_paused(await client.deps(), "t_sched", True)
     await asyncio.sleep(4)  # the last run (3 s per fetch) finishes
     fires = await db.fetch(
         "SELECT fire_time, run_id, outcome FROM sluice.schedule_fires WHERE importer = 't_sched'"
@@ -480,7 +480,7 @@ async def test_any_producer_starts_an_import_with_one_raw_message(
         await producer.stop()
     run_id = TriggerRequested(importer="t_fs", request_id=request_id).run_id_for_request()
     deadline = time.monotonic() + 60
-    while (run := await client.rt.runs()) and (found := await run.get(run_id)) is None:
+    while (run := (await client.deps()).runs) and (found := await run.get(run_id)) is None:
         assert time.monotonic() < deadline, "no run was created for the produced trigger"
         await asyncio.sleep(0.2)
     done = await finish(client, found, stack)
@@ -532,7 +532,7 @@ async def test_a_raw_message_on_the_requests_topic_starts_an_import(
     finally:
         await producer.stop()
     run_id = TriggerRequested(importer="t_fs", request_id=request_id).run_id_for_request()
-    runs = await client.rt.runs()
+    runs = (await client.deps()).runs
     deadline = time.monotonic() + 60
     while (found := await runs.get(run_id)) is None:
         assert time.monotonic() < deadline, "no run was created for the produced request"

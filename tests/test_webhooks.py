@@ -18,6 +18,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from sluice.agents.deps import build_deps
 from sluice.agents.webhooks import (
     HookSet,
     WebhookDispatcher,
@@ -29,7 +30,6 @@ from sluice.agents.webhooks import (
 from sluice.config import DatabaseSettings, Settings, WebhookSettings, WebhookTarget
 from sluice.errors import InvalidConfig
 from sluice.importers.registry import Registry
-from sluice.runtime import Runtime
 from sluice.schemas.events import LifecycleEvent
 from sluice.schemas.importers import Webhook
 from sluice.schemas.runs import RunCounters, RunStatus
@@ -183,15 +183,15 @@ async def test_a_failing_receiver_is_tried_max_attempts_times_then_failed(
             backoff_max=0.1,
         ),
     )
-    rt = Runtime(settings, Registry())
+    deps = await build_deps(settings, registry=Registry())
     try:
         dispatcher = WebhookDispatcher(
-            rt,
+            deps,
             resolve_hooks(settings.webhooks, [], {}),
             transport=httpx.MockTransport(receiver),
         )
-        dlog = DeliveryLog(await rt.pool())
-        run = await (await rt.runs()).create(importer="t_any", source="file")
+        dlog = DeliveryLog(deps.pool)
+        run = await deps.runs.create(importer="t_any", source="file")
         value = lifecycle_event("run.failed", run.id)
         await dispatcher.on_event(value)
         await dispatcher.on_event(value)  # at least once: the same event again
@@ -218,14 +218,15 @@ async def test_a_failing_receiver_is_tried_max_attempts_times_then_failed(
         assert len(requests) == 3
         assert [d.id for d in await dlog.list(status=DeliveryStatus.FAILED)] == [delivery.id]
     finally:
-        await rt.close()
+        await deps.close()
 
 
 @pytest.mark.stack
 async def test_two_workers_never_claim_the_same_attempt(scratch_url: str) -> None:
-    rt = Runtime(Settings(database=DatabaseSettings(url=SecretStr(scratch_url))), Registry())
+    settings = Settings(database=DatabaseSettings(url=SecretStr(scratch_url)))
+    deps = await build_deps(settings, registry=Registry())
     try:
-        dlog = DeliveryLog(await rt.pool())
+        dlog = DeliveryLog(deps.pool)
         urls = [f"http://receiver.test/{i}" for i in range(20)]
         ids = await dlog.record(
             event_id=uuid.uuid4(), run_id=None, event_type="run.completed", payload={}, urls=urls
@@ -240,7 +241,7 @@ async def test_two_workers_never_claim_the_same_attempt(scratch_url: str) -> Non
         assert all(d.attempts == 1 for d in first + second)
         assert await dlog.claim(lease=60, max_attempts=8) == []  # leased, not due
     finally:
-        await rt.close()
+        await deps.close()
 
 
 # --- a real receiver on the real stack ----------------------------------------------------------

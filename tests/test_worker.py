@@ -18,7 +18,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from sluice.runtime import Runtime
+from sluice.importers.registry import build_registry
 from sluice.worker import prepare
 from tests.conftest import ROOT, Stack, Worker
 
@@ -31,7 +31,7 @@ async def own_stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[S
     try:
         await asyncio.to_thread(stack.broker.start)
         await asyncio.to_thread(stack.postgres.start)
-        await prepare(Runtime(stack.settings()))
+        await prepare(stack.settings(), build_registry(stack.settings().pipeline.importers))
         yield stack
     finally:
         for worker in stack.workers:

@@ -259,3 +259,26 @@ class ApiClient:
                 delay = min(delay * 2, self.source.backoff_max)
         result.error = f"{result.last_error} ({self.source.max_attempts} attempts)"
         return result
+
+
+class ApiClients:
+    """One ApiClient per API importer and process, all under the cluster's rate limiter."""
+
+    def __init__(self, limiter: RateLimiter, secrets: Secrets, policy: UrlSettings) -> None:
+        self.limiter = limiter
+        self.secrets = secrets
+        self.policy = policy
+        self._clients: dict[str, ApiClient] = {}
+
+    def get(self, slug: str, source: ApiSource) -> ApiClient:
+        client = self._clients.get(slug)
+        if client is None:
+            client = self._clients[slug] = ApiClient(
+                source, self.limiter, self.secrets, self.policy
+            )
+        return client
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            await client.close()
+        self._clients.clear()

@@ -12,11 +12,11 @@ from typing import Any
 
 import orjson
 
+from sluice.agents.deps import Deps
 from sluice.agents.fetch.api import DetailResult
 from sluice.agents.fetch.discover import api_source_of
 from sluice.agents.split.map import RecordMapper
 from sluice.agents.upsert import PlanCache
-from sluice.runtime import Runtime
 from sluice.schemas.events import BatchOutcome, ItemPage, RowBatch
 from sluice.schemas.formats import ParsedRow
 from sluice.schemas.runs import RowFailure
@@ -31,29 +31,29 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-async def fetch_page(rt: Runtime, page: ItemPage, plans: PlanCache) -> BatchOutcome:
+async def fetch_page(deps: Deps, page: ItemPage, plans: PlanCache) -> BatchOutcome:
     """Returns APPLIED, DUPLICATE (nothing left to do) or INACTIVE (the run is finished), and
-    counts the page as a batch in ``rt.metrics``."""
-    status, plan, dry_run = await plans.get(rt, page.run_id)
+    counts the page as a batch in ``deps.metrics``."""
+    status, plan, dry_run = await plans.get(deps, page.run_id)
     if plan is None:
         if status.terminal:
-            rt.metrics.batch_done(BatchOutcome.INACTIVE)
+            deps.metrics.batch_done(BatchOutcome.INACTIVE)
             return BatchOutcome.INACTIVE
         raise RuntimeError(f"run {page.run_id} has no plan yet")
-    run = await (await rt.runs()).get(page.run_id)
+    run = await deps.runs.get(page.run_id)
     if run is None or run.status.terminal:
-        rt.metrics.batch_done(BatchOutcome.INACTIVE)
+        deps.metrics.batch_done(BatchOutcome.INACTIVE)
         return BatchOutcome.INACTIVE
-    importer = rt.registry.get(run.importer)
-    source = api_source_of(rt, run.importer)
-    repo = await rt.items()
+    importer = deps.registry.get(run.importer)
+    source = api_source_of(deps, run.importer)
+    repo = deps.items
     items = await repo.page(page.run_id, page.seq)
     todo = [i for i in items if i.status in ("pending", "processing")]
     if not todo:
-        rt.metrics.batch_done(BatchOutcome.DUPLICATE)
+        deps.metrics.batch_done(BatchOutcome.DUPLICATE)
         return BatchOutcome.DUPLICATE
     await repo.mark_processing(page.run_id, [i.external_id for i in todo])
-    client = await rt.api_client(importer.slug, source)
+    client = deps.api_clients.get(importer.slug, source)
     stats = RateStats()
     gate = asyncio.Semaphore(source.concurrency)
 
@@ -104,14 +104,14 @@ async def fetch_page(rt: Runtime, page: ItemPage, plans: PlanCache) -> BatchOutc
         await finish_items(conn, page.run_id, outcomes, (spent.hits, spent.sleeps, spent.slept))
 
     batch = RowBatch(page.run_id, page.seq, orjson.dumps(records, default=_json_default).decode())
-    applier = await rt.applier()
+    applier = deps.applier
     applied = await applier.apply(batch, plan, dry_run=dry_run, also=also)
     outcome = applied.outcome
     if outcome is BatchOutcome.APPLIED:
-        rt.metrics.batch_done(outcome, applied, dry_run=dry_run)
-        rt.metrics.rows_rejected(logged, dry_run=dry_run)
+        deps.metrics.batch_done(outcome, applied, dry_run=dry_run)
+        deps.metrics.rows_rejected(logged, dry_run=dry_run)
     else:
-        rt.metrics.batch_done(outcome)
+        deps.metrics.batch_done(outcome)
     log.info(
         "run %s page %d: %d items, %d failed: %s",
         page.run_id,

@@ -15,10 +15,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+from sluice.agents.deps import Deps
 from sluice.agents.fetch.base import dig
 from sluice.agents.split.split import plan_for
 from sluice.errors import SourceError
-from sluice.runtime import Runtime
 from sluice.schemas.runs import Run
 from sluice.schemas.sources import ApiSource
 from sluice.storage.db import advisory_key
@@ -36,8 +36,8 @@ Flush = Callable[[], Awaitable[None]]
 
 
 @asynccontextmanager
-async def discovery_lock(rt: Runtime, run_id: uuid.UUID) -> AsyncIterator[None]:
-    pool = await rt.pool()
+async def discovery_lock(deps: Deps, run_id: uuid.UUID) -> AsyncIterator[None]:
+    pool = deps.pool
     async with pool.acquire() as conn:
         await conn.execute(
             f"SELECT pg_advisory_lock({DISCOVERY_LOCK})",
@@ -52,24 +52,24 @@ async def discovery_lock(rt: Runtime, run_id: uuid.UUID) -> AsyncIterator[None]:
             )
 
 
-def api_source_of(rt: Runtime, slug: str) -> ApiSource:
-    pull = rt.registry.get(slug).pull
+def api_source_of(deps: Deps, slug: str) -> ApiSource:
+    pull = deps.registry.get(slug).pull
     if not isinstance(pull, ApiSource):
         raise SourceError(f"importer {slug!r} has no paginated API source (pull=ApiSource(...))")
     return pull
 
 
-async def discover(rt: Runtime, run: Run, send_page: SendPage, flush: Flush) -> None:
-    importer = rt.registry.get(run.importer)
-    source = api_source_of(rt, run.importer)
-    runs = await rt.runs()
-    items = await rt.items()
+async def discover(deps: Deps, run: Run, send_page: SendPage, flush: Flush) -> None:
+    importer = deps.registry.get(run.importer)
+    source = api_source_of(deps, run.importer)
+    runs = deps.runs
+    items = deps.items
     plan = plan_for(importer)
-    pool = await rt.pool()
+    pool = deps.pool
     async with pool.acquire() as conn:
         await ensure_table(conn, plan)
     await runs.save_plan(run.id, plan.to_json(), {})
-    async with discovery_lock(rt, run.id):
+    async with discovery_lock(deps, run.id):
         deliveries = Deliveries(f"discovery of run {run.id}")
         parent = run.options.get("retry_of")
         if parent:
@@ -82,7 +82,7 @@ async def discover(rt: Runtime, run: Run, send_page: SendPage, flush: Flush) -> 
             total = (await items.discovery(run.id, {})).items
             await runs.finish_split(run.id, total, batches)
             return
-        client = await rt.api_client(importer.slug, source)
+        client = deps.api_clients.get(importer.slug, source)
         found = await items.discovery(run.id, client.first_state())
         if found.pages:
             log.info("run %s: discovery resumes after %d pages", run.id, found.pages)

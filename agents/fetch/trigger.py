@@ -14,11 +14,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+from sluice.agents.deps import Deps
 from sluice.agents.fetch.base import Fetched
 from sluice.errors import SourceError
-from sluice.runtime import Runtime
 from sluice.schemas.events import FileRef, ImportRequested, LifecycleEvent, TriggerRequested
-from sluice.schemas.importers import Importer
+from sluice.schemas.importers import Importer, pull_kind
 from sluice.schemas.runs import Run, RunStatus
 from sluice.schemas.sources import FilesystemSource, FtpSource, UrlSource
 
@@ -29,7 +29,7 @@ PublishRequest = Callable[[ImportRequested], Awaitable[None]]
 
 @asynccontextmanager
 async def open_source(
-    rt: Runtime, importer: Importer, kind: str, params: dict[str, Any]
+    deps: Deps, importer: Importer, kind: str, params: dict[str, Any]
 ) -> AsyncIterator[Fetched]:
     """The file a trigger names, as a stream of chunks, whatever its source."""
     pull = importer.pull
@@ -37,9 +37,9 @@ async def open_source(
         from sluice.agents.fetch.url import fetch_url, url_request_parts
 
         source = pull if isinstance(pull, UrlSource) else UrlSource()
-        url, headers, auth = url_request_parts(source, params, rt.secrets)
+        url, headers, auth = url_request_parts(source, params, deps.secrets)
         async with fetch_url(
-            url, rt.settings.url, headers=headers, auth=auth, max_bytes=source.max_bytes
+            url, deps.settings.url, headers=headers, auth=auth, max_bytes=source.max_bytes
         ) as fetched:
             yield fetched
     elif kind in ("ftp", "sftp"):
@@ -47,7 +47,7 @@ async def open_source(
 
         if not isinstance(pull, FtpSource):
             raise SourceError(f"importer {importer.slug!r} has no FTP/SFTP source")
-        async with open_remote(pull, params, rt.secrets) as fetched:
+        async with open_remote(pull, params, deps.secrets) as fetched:
             yield fetched
     elif kind == "filesystem":
         from sluice.agents.fetch.filesystem import open_path
@@ -55,17 +55,17 @@ async def open_source(
         path = params.get("path") or (pull.path if isinstance(pull, FilesystemSource) else None)
         if not path:
             raise SourceError("a filesystem trigger needs a 'path' (inside SLUICE_FILE_ROOTS)")
-        async with open_path(str(path), rt.settings.pipeline.roots) as fetched:
+        async with open_path(str(path), deps.settings.pipeline.roots) as fetched:
             yield fetched
     else:
         raise SourceError(f"unknown source {kind!r}; use url, ftp, sftp, filesystem or api")
 
 
 @asynccontextmanager
-async def keep_alive(rt: Runtime, run_id: Any) -> AsyncIterator[None]:
+async def keep_alive(deps: Deps, run_id: Any) -> AsyncIterator[None]:
     """Touch the run while a long download goes on, so it is not taken for stalled."""
-    runs = await rt.runs()
-    every = rt.settings.pipeline.stall_timeout / 4
+    runs = deps.runs
+    every = deps.settings.pipeline.stall_timeout / 4
 
     async def beat() -> None:
         while True:
@@ -80,33 +80,34 @@ async def keep_alive(rt: Runtime, run_id: Any) -> AsyncIterator[None]:
         await asyncio.wait((task,))
 
 
-async def fetch_into_store(rt: Runtime, run: Run, trigger: TriggerRequested) -> FileRef:
+async def fetch_into_store(deps: Deps, run: Run, trigger: TriggerRequested) -> FileRef:
     """Store the trigger's file (claim check) and attach it to the run."""
-    importer = rt.registry.get(trigger.importer)
-    files = await rt.files()
+    importer = deps.registry.get(trigger.importer)
+    files = deps.files
     if run.file_id is not None:
         ref = await files.ref(run.file_id)
         if ref is not None:
             return ref
     kind = trigger.source or run.source
-    async with keep_alive(rt, run.id), open_source(rt, importer, kind, trigger.params) as fetched:
+    async with (
+        keep_alive(deps, run.id),
+        open_source(deps, importer, kind, trigger.params) as fetched,
+    ):
         ref = await files.put(fetched.chunks, name=fetched.name, content_type=fetched.content_type)
-    await (await rt.runs()).attach_file(run.id, ref, fetched.location)
+    await deps.runs.attach_file(run.id, ref, fetched.location)
     log.info("run %s: fetched %s (%d bytes) from %s", run.id, ref.name, ref.size, fetched.location)
     return ref
 
 
-async def adopt_trigger(rt: Runtime, trigger: TriggerRequested) -> TriggerRequested:
+async def adopt_trigger(deps: Deps, trigger: TriggerRequested) -> TriggerRequested:
     """A trigger produced without a run (by any Kafka producer): create its run, once per
     ``request_id``. TerminalError (unknown importer, no pull source) when it cannot start."""
-    from sluice.service import pull_kind
-
-    importer = rt.registry.get(trigger.importer)
+    importer = deps.registry.get(trigger.importer)
     params = dict(trigger.params)
     if trigger.source is not None:
         params.setdefault("source", trigger.source)
     kind = pull_kind(importer, params)
-    run = await (await rt.runs()).create(
+    run = await deps.runs.create(
         run_id=trigger.run_id_for_request(),
         importer=importer.slug,
         source=kind,
@@ -119,11 +120,11 @@ async def adopt_trigger(rt: Runtime, trigger: TriggerRequested) -> TriggerReques
 
 
 async def handle_trigger(
-    rt: Runtime, trigger: TriggerRequested, publish: PublishRequest, discover: Any
+    deps: Deps, trigger: TriggerRequested, publish: PublishRequest, discover: Any
 ) -> None:
     """Terminal source problems fail the run with the source's message; anything else
     propagates, to be retried by the caller."""
-    runs = await rt.runs()
+    runs = deps.runs
     assert trigger.run_id is not None, "adopt_trigger gives a run to run-less triggers"
     run = await runs.start(trigger.run_id)
     if run is None:
@@ -133,7 +134,7 @@ async def handle_trigger(
         if trigger.source == "api":
             await discover(run, trigger)
             return
-        ref = await fetch_into_store(rt, run, trigger)
+        ref = await fetch_into_store(deps, run, trigger)
     except SourceError as exc:
         log.warning("run %s failed: %s", run.id, exc)
         await runs.fail(run.id, f"{trigger.source} source: {exc}")
@@ -141,7 +142,7 @@ async def handle_trigger(
     await publish(ImportRequested.for_run(run, ref))
 
 
-async def after_import(rt: Runtime, payload: bytes) -> str | None:
+async def after_import(deps: Deps, payload: bytes) -> str | None:
     """React to a lifecycle event: once a run pulled from FTP/SFTP completed, move or delete
     the remote file as its importer asks. Idempotent: the event may come twice."""
     try:
@@ -153,11 +154,11 @@ async def after_import(rt: Runtime, payload: bytes) -> str | None:
         RunStatus.COMPLETED_WITH_ERRORS,
     ):
         return None
-    run = await (await rt.runs()).get(event.run_id)
+    run = await deps.runs.get(event.run_id)
     if run is None or run.source not in ("ftp", "sftp") or run.dry_run:
         return None
     try:
-        importer = rt.registry.get(run.importer)
+        importer = deps.registry.get(run.importer)
     except Exception:
         return None
     pull = importer.pull
@@ -166,7 +167,7 @@ async def after_import(rt: Runtime, payload: bytes) -> str | None:
     from sluice.agents.fetch.remote import finish_remote
 
     try:
-        done = await finish_remote(pull, run.source_location, rt.secrets)
+        done = await finish_remote(pull, run.source_location, deps.secrets)
     except Exception as exc:  # the import stands; the operator sees why the file stayed
         log.error("run %s: %s of %s failed: %s", run.id, pull.after, run.source_location, exc)
         return None

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 import asyncpg
 from pydantic import ValidationError
 
-from sluice.runtime import Runtime
+from sluice.agents.deps import Deps
+from sluice.agents.firehose.project import Projections
 from sluice.schemas.firehose import JetstreamEvent
 from sluice.storage.atproto import ApplyCounts, apply_events
 
@@ -41,29 +42,35 @@ def describe(exc: ValidationError) -> str:
     return "not a Jetstream event: " + "; ".join(parts)
 
 
-async def apply_firehose(rt: Runtime, events: Sequence[JetstreamEvent]) -> ApplyCounts:
-    """Apply ``events`` in one transaction, and count them in ``rt.metrics``."""
+async def apply_firehose(
+    deps: Deps, projections: Projections, events: Sequence[JetstreamEvent]
+) -> ApplyCounts:
+    """Apply ``events`` in one transaction (with the importers' projections of them), and count
+    them in ``deps.metrics``."""
     if not events:
         return ApplyCounts()
-    counts = await _apply_serializable(rt, events)
-    rt.metrics.firehose_applied(counts.applied, counts.skipped, counts.deleted)
+    counts = await _apply_serializable(deps, projections, events)
+    deps.metrics.firehose_applied(counts.applied, counts.skipped, counts.deleted)
     return counts
 
 
-async def _apply_serializable(rt: Runtime, events: Sequence[JetstreamEvent]) -> ApplyCounts:
+async def _apply_serializable(
+    deps: Deps, projections: Projections, events: Sequence[JetstreamEvent]
+) -> ApplyCounts:
     for attempt in range(1, 21):
         try:
-            return await _apply_once(rt, events)
+            return await _apply_once(deps, projections, events)
         except asyncpg.exceptions.SerializationError:
             # A concurrent write of the same record (a backfill page) won: apply again.
-            rt.metrics.retried("firehose")
+            deps.metrics.retried("firehose")
             await asyncio.sleep(0.02 * attempt)
-    return await _apply_once(rt, events)
+    return await _apply_once(deps, projections, events)
 
 
-async def _apply_once(rt: Runtime, events: Sequence[JetstreamEvent]) -> ApplyCounts:
-    pool = await rt.pool()
-    projections = await rt.projections()
+async def _apply_once(
+    deps: Deps, projections: Projections, events: Sequence[JetstreamEvent]
+) -> ApplyCounts:
+    pool = deps.pool
     # Serializable: a backfill page and a live delete of the same record in two concurrent
     # transactions would each miss the other's uncommitted row (write skew) and bring the
     # record back; PostgreSQL aborts one of them instead, and it is applied again.

@@ -10,9 +10,9 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import asyncpg
 
+from sluice.agents.deps import Deps
 from sluice.agents.firehose.consume import ConsumerStats, JetstreamConsumer, PgCursorStore
 from sluice.config import FirehoseSettings
-from sluice.runtime import Runtime
 from sluice.schemas.firehose import JetstreamEvent
 from sluice.storage.db import advisory_key
 
@@ -90,15 +90,15 @@ async def run_consumer(
 
 
 async def run_leader_consumer(
-    rt: Runtime, publish: PublishRaw, flush: Flush, dead_letter: DeadLetter
+    deps: Deps, publish: PublishRaw, flush: Flush, dead_letter: DeadLetter
 ) -> None:
     """Inside a worker: the worker holding the leader lock runs the consumer; the others wait
     and take over when the leader's connection (and so its lock) goes away."""
-    pool = await rt.pool()
+    pool = deps.pool
     async with pool.acquire() as conn:
         # Blocks until the leader's session ends; the lock goes with its connection.
         await conn.execute(f"SELECT pg_advisory_lock({LEADER_LOCK})")
-        log.info("this worker runs the firehose consumer (%s)", rt.settings.firehose.url)
-        consumer = build_consumer(pool, rt.settings.firehose, publish, flush, dead_letter)
-        rt.metrics.watch_cursor(consumer.name, consumer.saved_cursor)
+        log.info("this worker runs the firehose consumer (%s)", deps.settings.firehose.url)
+        consumer = build_consumer(pool, deps.settings.firehose, publish, flush, dead_letter)
+        deps.metrics.watch_cursor(consumer.name, consumer.saved_cursor)
         await run_consumer(pool, consumer)

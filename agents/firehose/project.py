@@ -82,3 +82,9 @@ class Projections:
                 )
             projected += len(records) - len(result.failures)
         return projected
+
+
+def projections_for(importers: Sequence[Importer], applier: BatchApplier) -> Projections:
+    """The importers among ``importers`` that project AT Protocol collections into their
+    tables."""
+    return Projections([i for i in importers if i.firehose], applier)

@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from sluice.agents.deps import Deps
 from sluice.agents.split.evolve import SchemaChange, evolve_table
 from sluice.agents.split.infer import (
     DEFAULT_NULL_MARKERS,
@@ -30,7 +31,6 @@ from sluice.agents.split.infer import (
 from sluice.agents.split.map import Record, RecordMapper, cell_text
 from sluice.agents.split.parse.formats import ParsedFile, parse_file
 from sluice.errors import FileFormatError, MappingError, TerminalError
-from sluice.runtime import Runtime
 from sluice.schemas.events import ImportRequested, encode_copy_batch
 from sluice.schemas.formats import FormatOptions, ParsedRow, RowProblem
 from sluice.schemas.importers import ADHOC, Importer, normalize_header
@@ -152,10 +152,10 @@ def text_batch_columns(
 
 
 async def resolve_importer(
-    rt: Runtime, request: ImportRequested, parsed_header: list[str] | None, sample: list[ParsedRow]
+    deps: Deps, request: ImportRequested, parsed_header: list[str] | None, sample: list[ParsedRow]
 ) -> Importer:
     if request.importer != ADHOC:
-        return rt.registry.get(request.importer)
+        return deps.registry.get(request.importer)
     table = request.options.get("table")
     key = request.options.get("key") or []
     schema = request.options.get("schema", "public")
@@ -175,7 +175,7 @@ async def resolve_importer(
         rows = [[cell_text(v) for v in r.values] for r in sample if isinstance(r.values, list)]
     # JSON keeps its strings ("NA" is a value there; JSON has null): no markers for it.
     fields = infer_fields(header, rows, nulls if parsed_header is not None else ())
-    pool = await rt.pool()
+    pool = deps.pool
     async with pool.acquire() as conn:
         existing = await describe_table(conn, schema, table)
         if existing is not None:
@@ -205,7 +205,7 @@ def refresh_for(importer: Importer, request: ImportRequested) -> Refresh | None:
 
 
 async def _table_plan(
-    rt: Runtime,
+    deps: Deps,
     importer: Importer,
     request: ImportRequested,
     mapper: RecordMapper,
@@ -214,7 +214,7 @@ async def _table_plan(
     """The run's target, created when missing. An ad-hoc import first evolves the table for the
     file (see sluice.agents.split.evolve) and targets the columns the table then has."""
     plan = dataclasses.replace(plan_for(importer), refresh=refresh_for(importer, request))
-    pool = await rt.pool()
+    pool = deps.pool
     if importer.slug != ADHOC:
         async with pool.acquire() as conn:
             await ensure_table(conn, plan)
@@ -238,12 +238,12 @@ async def _table_plan(
 
 
 async def _refuse_table_without_sample(
-    rt: Runtime, importer: Importer, head: list[ParsedRow | RowProblem]
+    deps: Deps, importer: Importer, head: list[ParsedRow | RowProblem]
 ) -> None:
     """An ad-hoc table is made from the rows of the sample: when none of them could be read,
     there is nothing to infer its types from, and a table of text columns would stay behind.
     A table that exists already takes the rows (and rejects the bad ones) as usual."""
-    async with (await rt.pool()).acquire() as conn:
+    async with deps.pool.acquire() as conn:
         if await describe_table(conn, importer.schema, importer.table) is not None:
             return
     first = next(r for r in head if isinstance(r, RowProblem))
@@ -255,14 +255,12 @@ async def _refuse_table_without_sample(
 
 
 async def describe_source(
-    rt: Runtime, request: ImportRequested, parsed: ParsedFile, mapper: RecordMapper
+    deps: Deps, request: ImportRequested, parsed: ParsedFile, mapper: RecordMapper
 ) -> dict[str, Any]:
     """The run's provenance: what it read and how the columns were mapped."""
     ref = request.file
-    runs = await rt.runs()
-    content_type = await (await rt.pool()).fetchval(
-        "SELECT content_type FROM files WHERE id = $1", ref.id
-    )
+    runs = deps.runs
+    content_type = await deps.pool.fetchval("SELECT content_type FROM files WHERE id = $1", ref.id)
     columns = dict(mapper.mapping)
     duplicate = await runs.same_file_run(request.importer, ref.sha256, request.run_id)
     return {
@@ -290,10 +288,10 @@ async def describe_source(
     }
 
 
-async def split_file(rt: Runtime, request: ImportRequested, send: SendBatch, flush: Flush) -> None:
+async def split_file(deps: Deps, request: ImportRequested, send: SendBatch, flush: Flush) -> None:
     """Split one requested import into batches. Terminal problems fail the run with a message
     that says what to fix; anything else propagates (and is retried by the caller)."""
-    runs = await rt.runs()
+    runs = deps.runs
     run = await runs.start(request.run_id)
     if run is None:
         log.info("run %s is finished or unknown; request ignored", request.run_id)
@@ -303,26 +301,26 @@ async def split_file(rt: Runtime, request: ImportRequested, send: SendBatch, flu
             raise FileFormatError(request.file.encoding_error)
         with tempfile.TemporaryDirectory(prefix="sluice-split-") as tmp:
             path = Path(tmp) / "file"
-            await (await rt.files()).download(request.file.id, path)
+            await deps.files.download(request.file.id, path)
             with path.open("rb") as raw:
-                await _split(rt, runs, request, raw, send, flush)
+                await _split(deps, runs, request, raw, send, flush)
     except (FileFormatError, TerminalError) as exc:
         log.warning("run %s failed: %s", request.run_id, exc)
         await runs.fail(request.run_id, str(exc))
 
 
 async def _split(
-    rt: Runtime,
+    deps: Deps,
     runs: RunRepository,
     request: ImportRequested,
     raw: Any,
     send: SendBatch,
     flush: Flush,
 ) -> None:
-    settings = rt.settings
+    settings = deps.settings
     run_id = request.run_id
     if request.importer != ADHOC:
-        options = rt.registry.get(request.importer).format
+        options = deps.registry.get(request.importer).format
     else:
         try:
             options = FormatOptions(sheet=request.options.get("sheet"))
@@ -334,12 +332,12 @@ async def _split(
     items = iter(parsed)
     head = list(itertools.islice(items, SAMPLE_ROWS))
     sample = [r for r in head if isinstance(r, ParsedRow)]
-    importer = await resolve_importer(rt, request, parsed.header, sample)
+    importer = await resolve_importer(deps, request, parsed.header, sample)
     mapper = RecordMapper(importer, parsed.header)
     # A split done again (after a crash, or a retry) finds its schema changes made already:
     # the first report stands.
     earlier_changes = list(await runs.schema_changes(run_id))
-    provenance = await describe_source(rt, request, parsed, mapper)
+    provenance = await describe_source(deps, request, parsed, mapper)
     provenance["schema_changes"] = earlier_changes
     await runs.save_provenance(run_id, provenance)
     if provenance["duplicate_of"] and importer.skip_duplicate_files:
@@ -353,12 +351,12 @@ async def _split(
             "the file has a header but no data rows" if parsed.header else "the file has no rows"
         )
     if importer.slug == ADHOC and not sample:
-        await _refuse_table_without_sample(rt, importer, head)
-    plan, changes = await _table_plan(rt, importer, request, mapper, sample)
+        await _refuse_table_without_sample(deps, importer, head)
+    plan, changes = await _table_plan(deps, importer, request, mapper, sample)
     if plan.lookups:
         # A lookup that cannot work (no such table or column) fails the run here, before any
         # batch: batches resolve their lookups as they are applied.
-        async with (await rt.pool()).acquire() as conn:
+        async with deps.pool.acquire() as conn:
             await LookupResolver(plan.lookups).prepare(conn)
     provenance["schema_changes"] = [c.to_json() for c in changes] or earlier_changes
     await runs.save_provenance(run_id, provenance)
@@ -409,7 +407,7 @@ async def _split(
         total += len(records) + len(failures)
         if failures:
             logged = await runs.record_rejections(run_id, failures)
-            rt.metrics.rows_rejected(logged, dry_run=request.dry_run)
+            deps.metrics.rows_rejected(logged, dry_run=request.dry_run)
         for partition, batch in router.add(records):
             await emit(partition, batch)
         now = time.monotonic()

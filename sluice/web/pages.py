@@ -254,7 +254,7 @@ def create_web_router(
         state = status if status in {s.value for s in RunStatus} else None
         importer = importer or None
         number = max(1, min(page_number, 1_000_000))
-        runs = await client.rt.runs()
+        runs = (await client.deps()).runs
         total = await runs.count(status=state, importer=importer)
         found = await runs.list(
             status=state,
@@ -262,7 +262,7 @@ def create_web_router(
             limit=RUNS_PER_PAGE,
             offset=(number - 1) * RUNS_PER_PAGE,
         )
-        slugs = [i.slug for i in client.rt.registry.all()]
+        slugs = [i.slug for i in client.registry.all()]
         if importer and importer not in slugs:
             slugs.insert(0, importer)
         return page(
@@ -292,7 +292,7 @@ def create_web_router(
                 parent = await client.get_run(run.parent_run_id)
             except RunNotFound:  # pruned
                 parent = None
-        pool = await client.rt.pool()
+        pool = (await client.deps()).pool
         children = [
             run_from_record(r)
             for r in await pool.fetch(
@@ -316,7 +316,7 @@ def create_web_router(
     async def upload_page(request: Request, importer: str | None = None) -> Response:
         if not signed_in(request):
             return to_login(request)
-        choices = [i for i in client.rt.registry.all() if "upload" in i.sources]
+        choices = [i for i in client.registry.all() if "upload" in i.sources]
         return page(
             "upload.html",
             "upload",
@@ -334,10 +334,9 @@ def create_web_router(
             return to_login(request)
         from sluice.agents.schedule import schedules
 
-        by_slug = {s.importer: s for s in await schedules(client.rt)}
+        by_slug = {s.importer: s for s in await schedules(await client.deps())}
         found = [
-            {**i.describe(), "schedule_state": by_slug.get(i.slug)}
-            for i in client.rt.registry.all()
+            {**i.describe(), "schedule_state": by_slug.get(i.slug)} for i in client.registry.all()
         ]
         return page("importers.html", "importers", importers=found)
 

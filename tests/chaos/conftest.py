@@ -24,7 +24,7 @@ import asyncpg
 import pytest
 
 from sluice.config import PipelineSettings, Settings
-from sluice.runtime import Runtime
+from sluice.importers.registry import build_registry
 from sluice.service import Client
 from sluice.storage.db import connect
 from sluice.worker import prepare
@@ -88,7 +88,7 @@ class ChaosStack(Stack):
         # As Stack.start, without exporting SLUICE_TEST_* into this process's environment.
         self.broker.start()
         self.postgres.start()
-        asyncio.run(prepare(Runtime(self.settings())))
+        asyncio.run(prepare(self.settings(), build_registry(IMPORTERS)))
         for i in range(2):
             worker = Worker(f"chaos-worker{i}", self.worker_env(f"chaos-worker{i}"), self.root)
             worker.start()

@@ -128,7 +128,7 @@ async def test_an_integer_beyond_bigint_rejects_its_row(
     assert run.status is RunStatus.COMPLETED_WITH_ERRORS, run.error
     assert (run.created_rows, run.failed_rows) == (2, 2)
     assert_counters_add_up(run)
-    runs = await client.rt.runs()
+    runs = (await client.deps()).runs
     reasons = {f.row_number: f.reason for f in await runs.failed_rows(run.id)}
     assert "id" in reasons[2] and "less than or equal to 9223372036854775807" in reasons[2]
     assert "qty" in reasons[3] and "price" in reasons[3]
@@ -149,7 +149,7 @@ async def test_a_key_too_big_for_the_index_rejects_its_row(
     assert run.status is RunStatus.COMPLETED_WITH_ERRORS, run.error
     assert (run.created_rows, run.failed_rows) == (2, 1)
     assert_counters_add_up(run)
-    (failure,) = await (await client.rt.runs()).failed_rows(run.id)
+    (failure,) = await (await client.deps()).runs.failed_rows(run.id)
     assert failure.row_number == 2 and "index row" in failure.reason, failure.reason
     assert await db.fetchval(f"SELECT count(*) FROM {table}") == 2
 
@@ -478,7 +478,7 @@ async def test_a_year_past_9999_is_said_to_be_out_of_range(
     assert run.status is RunStatus.COMPLETED_WITH_ERRORS, run.error
     assert (run.created_rows, run.failed_rows) == (2, 1)
     assert_counters_add_up(run)
-    (failure,) = await (await client.rt.runs()).failed_rows(run.id)
+    (failure,) = await (await client.deps()).runs.failed_rows(run.id)
     assert failure.row_number == 2
     assert failure.reason == "day: year 10000 is out of range (1 to 9999) (got '10000-01-01')"
     assert [r[0] for r in await db.fetch("SELECT id FROM t_dates ORDER BY id")] == [1, 3]

@@ -236,9 +236,9 @@ async def test_a_run_whose_request_was_lost_is_resumed_from_its_object(
     stack: Stack, client: Client, s3_client: Client, db: asyncpg.Connection
 ) -> None:
     await reset(db, "t_s3")
-    ref = await (await s3_client.rt.files()).put(iter_bytes([CSV]), name="lost.csv")
+    ref = await (await s3_client.deps()).files.put(iter_bytes([CSV]), name="lost.csv")
     # A queued run whose request never reached the broker: recovery publishes it from the ref.
-    run = await (await s3_client.rt.runs()).create(
+    run = await (await s3_client.deps()).runs.create(
         importer="t_s3", source="file", file_id=ref.id, file_name="lost.csv"
     )
     done = await finish(client, run, stack, timeout=120)
@@ -283,7 +283,7 @@ async def test_prune_deletes_the_object_then_the_row_and_keeps_what_it_could_not
     key = f"imports/{run.file_id}"
     # A second old file whose object cannot be deleted now: its row names a bucket the store
     # refuses (as if the store were down or the keys wrong during the prune).
-    stuck = await (await s3_client.rt.files()).put(iter_bytes([CSV]), name=unique("stuck"))
+    stuck = await (await s3_client.deps()).files.put(iter_bytes([CSV]), name=unique("stuck"))
     stuck_key = f"imports/{stuck.id}"
     await db.execute("UPDATE sluice.files SET bucket = 'no-such-bucket' WHERE id = $1", stuck.id)
     await age(db, run.file_id)
@@ -315,7 +315,7 @@ async def test_prune_deletes_the_object_then_the_row_and_keeps_what_it_could_not
 async def test_each_store_reads_and_deletes_the_files_of_the_other(
     client: Client, s3_client: Client, s3: S3, db: asyncpg.Connection
 ) -> None:
-    pg, objects = await client.rt.files(), await s3_client.rt.files()
+    pg, objects = (await client.deps()).files, (await s3_client.deps()).files
     assert isinstance(pg, PgFileStore) and isinstance(objects, S3FileStore)
     in_pg = await pg.put(iter_bytes([b"id,name\n", b"1,in postgres\n"]), name="pg.csv")
     in_s3 = await objects.put(iter_bytes([b"id,name\n", b"1,in s3\n"]), name="s3.csv")
@@ -350,11 +350,9 @@ def block(i: int, size: int = 64 * 1024) -> bytes:
 async def test_a_failed_multipart_upload_leaves_no_object_no_upload_and_no_row(
     failure: str, s3_client: Client, s3: S3, db: asyncpg.Connection
 ) -> None:
-    rt = s3_client.rt
+    deps = await s3_client.deps()
     prefix = f"failed-{uuid.uuid4().hex[:8]}/"
-    store = S3FileStore(
-        await rt.pool(), rt.objects, bucket=s3.bucket, prefix=prefix, part_bytes=PART
-    )
+    store = S3FileStore(deps.pool, deps.objects, bucket=s3.bucket, prefix=prefix, part_bytes=PART)
     name = unique("failed")
     seen: dict[str, Any] = {}
 
@@ -387,11 +385,9 @@ async def test_a_failed_multipart_upload_leaves_no_object_no_upload_and_no_row(
 async def test_a_large_file_streams_through_put_and_read_a_part_at_a_time(
     s3_client: Client, s3: S3, db: asyncpg.Connection
 ) -> None:
-    rt = s3_client.rt
+    deps = await s3_client.deps()
     prefix = f"large-{uuid.uuid4().hex[:8]}/"
-    store = S3FileStore(
-        await rt.pool(), rt.objects, bucket=s3.bucket, prefix=prefix, part_bytes=PART
-    )
+    store = S3FileStore(deps.pool, deps.objects, bucket=s3.bucket, prefix=prefix, part_bytes=PART)
     size = 40 * MiB + 123
     sha = hashlib.sha256()
 

@@ -27,7 +27,7 @@ import pytest
 import sluice
 from sluice.config import DatabaseSettings, PipelineSettings, Settings, UrlSettings
 from sluice.dlq import read_letters
-from sluice.runtime import Runtime
+from sluice.importers.registry import build_registry
 from sluice.schemas.runs import Run, RunStatus
 from sluice.service import Client
 from sluice.stack import free_port
@@ -154,11 +154,7 @@ async def secure(
     secured = SecureStack(mode, broker, worker, env, settings, client, api_port)
     try:
         # Topics (through the secured listener) and this deployment's schemas, before the worker.
-        rt = Runtime(settings)
-        try:
-            await prepare(rt)
-        finally:
-            await rt.close()
+        await prepare(settings, build_registry(settings.pipeline.importers))
         worker.start()
         warm = root / "warmup.csv"
         warm.write_text("id,name\n1,warm-up\n")
