@@ -118,16 +118,28 @@ class Subscription(AsyncIterator[LifecycleEvent]):
         # "earliest" for a position that is gone (a truncated or recreated topic, a group the
         # broker forgot): reading the new log from its start loses nothing. Where to start the
         # first time is decided below.
-        consumer = clients.consumer(kafka, self.topic, group_id=self.group_id)
+        if self.group_id is None:
+            consumer = clients.consumer(kafka)
+        else:
+            consumer = clients.consumer(kafka, self.topic, group_id=self.group_id)
         self._consumer = consumer
         try:
-            # start() returns with partitions assigned; position() resolves the start now rather
-            # than at the first fetch, so nothing published after this returns is skipped.
+            # With a group, start() returns with the partitions assigned. Without one, every
+            # partition is assigned here; position() resolves the start now rather than at the
+            # first fetch, so nothing published after this returns is skipped.
             await consumer.start()
-            if not self.from_beginning:
-                for tp in consumer.assignment():
-                    if self.group_id is None or await consumer.committed(tp) is None:
-                        await consumer.seek_to_end(tp)
+            if self.group_id is None:
+                await consumer.topics()  # the metadata partitions_for_topic reads
+                partitions = sorted(consumer.partitions_for_topic(self.topic) or ())
+                consumer.assign([TopicPartition(self.topic, p) for p in partitions])
+            start_at_end = [
+                tp
+                for tp in consumer.assignment()
+                if not self.from_beginning
+                and (self.group_id is None or await consumer.committed(tp) is None)
+            ]
+            if start_at_end:
+                await consumer.seek_to_end(*start_at_end)
             positions = {tp: await consumer.position(tp) for tp in consumer.assignment()}
             await self._commit(start_positions=True)
             await self._watch_losses()  # the losses so far: only later ones are gaps

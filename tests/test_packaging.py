@@ -3,6 +3,7 @@ this checkout on the path."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -18,8 +19,19 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    # From a clean copy of the checkout (its symlinks kept): setuptools would otherwise reuse a
+    # stale build/ folder of the checkout, and leave one behind.
+    source = tmp_path_factory.mktemp("source") / "sluice"
+    shutil.copytree(
+        ROOT,
+        source,
+        symlinks=True,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "*.egg-info", "__pycache__", ".*_cache", "artifacts"
+        ),
+    )
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(source)],
         check=True,
         capture_output=True,
         timeout=300,
@@ -34,7 +46,7 @@ def test_the_wheel_installs_one_namespace(wheel: Path) -> None:
     tops = {n.split("/", 1)[0] for n in names}
     assert tops == {"sluice", f"sluice_ingest-{__version__}.dist-info"}
     for module in (
-        "sluice/agents/split.py",
+        "sluice/agents/split/split.py",
         "sluice/storage/migrations/0001_core.sql",
         "sluice/streams/kafka.py",
         "sluice/schemas/json/Run.schema.json",
