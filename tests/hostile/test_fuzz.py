@@ -33,10 +33,10 @@ from sluice.agents.split.parse.formats import (
     binary_format,
     parse_file,
 )
+from sluice.agents.split.parse.inspect import Inspector
 from sluice.errors import FileFormatError
 from sluice.schemas.formats import FormatOptions, ParsedRow, RowProblem
 from sluice.schemas.importers import Field, Importer
-from sluice.storage.filestore import _Inspector
 from sluice.storage.writer import ROW, SUB
 from tests.unseekable import Unseekable
 
@@ -208,7 +208,7 @@ def test_well_formed_json_arrays_round_trip(
 @FUZZ
 @given(data=_noisy_bytes(), cuts=st.lists(st.integers(0, 700), max_size=6))
 def test_inspector_never_raises_and_agrees_with_the_sniffer(data: bytes, cuts: list[int]) -> None:
-    inspector = _Inspector(2**30, 500)
+    inspector = Inspector(2**30, 500)
     bounds = [0, *sorted(c for c in cuts if c < len(data)), len(data)]
     for start, end in itertools.pairwise(bounds):
         inspector.feed(data[start:end])
@@ -419,7 +419,7 @@ def test_inspector_memory_stays_flat_over_many_gzip_members() -> None:
 
     member = gzip.compress(bytes(2**20), compresslevel=9)
     data = member * 200 + b"\x00" * 100  # zero padding at the end is allowed
-    inspector = _Inspector(2**40, 10**9)  # no limit: read it all
+    inspector = Inspector(2**40, 10**9)  # no limit: read it all
     tracemalloc.start()
     try:
         for start in range(0, len(data), 2**20):
@@ -434,7 +434,7 @@ def test_inspector_memory_stays_flat_over_many_gzip_members() -> None:
 
 def test_inspector_stops_a_bomb_early() -> None:
     member = gzip.compress(bytes(16 * 2**20), compresslevel=9)
-    inspector = _Inspector(2**40, 500)
+    inspector = Inspector(2**40, 500)
     for _ in range(640):  # 10 GiB of zeros
         inspector.feed(member)
         if inspector.error:
