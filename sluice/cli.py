@@ -297,19 +297,9 @@ def worker(loglevel: str) -> None:
 @click.option("--port", type=int, default=None, help="port (default SLUICE_API_PORT)")
 def api(host: str | None, port: int | None) -> None:
     """Serve the HTTP API."""
-    import uvicorn
+    from sluice.api.server import serve
 
-    from sluice.api import create_api
-    from sluice.http_server import protocol_with_timeouts
-
-    settings = load_settings()
-    uvicorn.run(
-        create_api(settings),
-        host=host or settings.api.host,
-        port=port or settings.api.port,
-        log_level="warning",
-        http=protocol_with_timeouts(settings.api.header_timeout),
-    )
+    serve(load_settings(), host=host, port=port)
 
 
 FRESH_HELP = (
