@@ -32,6 +32,17 @@ class RunStatus(StrEnum):
         return self not in (RunStatus.QUEUED, RunStatus.RUNNING)
 
 
+class ItemStatus(StrEnum):
+    PENDING = "pending"
+    """Listed by a paginated API run; its detail not fetched yet."""
+    PROCESSING = "processing"
+    """Its detail is being fetched and applied."""
+    COMPLETED = "completed"
+    """Fetched and applied."""
+    FAILED = "failed"
+    """Failed for good; ``sluice retry`` fetches it again in a child run."""
+
+
 class DuplicatePolicy(StrEnum):
     UPSERT = "upsert"
     """Insert new keys, overwrite existing ones (default)."""

@@ -10,7 +10,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from sluice.cli import ProgressBar, load_settings, summary
+from sluice.cli.common import ProgressBar, load_settings, summary
 from sluice.config import PipelineSettings
 from sluice.schemas.runs import RunStatus
 from sluice.service import Client

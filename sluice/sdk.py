@@ -153,16 +153,8 @@ async def backfill_status(
     did: str | None = None, status: str | None = None, *, settings: Settings | None = None
 ) -> list[Any]:
     """Backfill state per (did, collection): ``BackfillState`` objects."""
-    from sluice.agents.firehose.backfill import Backfiller
-
     async with _client(settings) as client:
-        backfiller = Backfiller(
-            (await client.deps()).pool, client.settings.firehose, client.settings.url
-        )
-        try:
-            return list(await backfiller.states(did, status))
-        finally:
-            await backfiller.close()
+        return list(await client.backfill_states(did, status))
 
 
 async def get_run(run_id: RunId, *, settings: Settings | None = None) -> Run:

@@ -28,13 +28,36 @@ from sluice.errors import (
 )
 from sluice.importers.registry import build_registry
 from sluice.schemas.events import FileRef, ImportRequested, TriggerRequested
+from sluice.schemas.firehose import BackfillRequested, BackfillState
 from sluice.schemas.importers import ADHOC, pull_kind
-from sluice.schemas.runs import Run
+from sluice.schemas.runs import ItemStatus, RowFailure, Run
 from sluice.schemas.sources import UrlSource
 from sluice.storage.filestore import iter_path
 from sluice.streams import kafka as clients
 from sluice.streams.admin import ensure_topics
 from sluice.streams.topics import Topics
+
+
+def run_options(*, fresh: bool = False) -> dict[str, Any] | None:
+    """A run's options from a caller's switches: ``fresh`` asks for a full refresh (once the run
+    completed, the rows it did not contain are deleted)."""
+    return {"fresh": True} if fresh else None
+
+
+def backfill_request(
+    did: str,
+    *,
+    collections: Sequence[str] = (),
+    reset: bool = False,
+    requested_by: str | None = None,
+) -> BackfillRequested:
+    """The backfill of one repository; ``InvalidRequest`` when ``did`` is not a DID."""
+    try:
+        return BackfillRequested(
+            did=did, collections=list(collections), reset=reset, requested_by=requested_by
+        )
+    except ValueError:
+        raise InvalidRequest(f"{did!r} is not a DID; write did:plc:... or did:web:...") from None
 
 
 class Client:
@@ -210,23 +233,12 @@ class Client:
         requested_by: str | None = None,
     ) -> list[str]:
         """Queue the backfill of each DID for the workers; returns the DIDs queued."""
-        from sluice.schemas.firehose import BackfillRequested
-
-        requests = []
-        for did in dids:
-            try:
-                requests.append(
-                    BackfillRequested(
-                        did=did,
-                        collections=collections or [],
-                        reset=reset,
-                        requested_by=requested_by,
-                    )
-                )
-            except ValueError:
-                raise InvalidRequest(
-                    f"{did!r} is not a DID; write did:plc:... or did:web:..."
-                ) from None
+        requests = [
+            backfill_request(
+                did, collections=collections or [], reset=reset, requested_by=requested_by
+            )
+            for did in dids
+        ]
         producer = await self.producer()
         for request in requests:
             await producer.send_and_wait(
@@ -252,6 +264,48 @@ class Client:
         return await (await self.deps()).runs.list(
             status=status, importer=importer, limit=limit, offset=offset
         )
+
+    async def count_runs(self, *, status: str | None = None, importer: str | None = None) -> int:
+        """How many runs ``list_runs`` would find without a limit."""
+        return await (await self.deps()).runs.count(status=status, importer=importer)
+
+    async def failed_rows(
+        self, run_id: uuid.UUID, *, limit: int | None = None, offset: int = 0
+    ) -> Sequence[RowFailure]:
+        """The rows the run rejected, in file order; ``RunNotFound`` for an unknown run."""
+        await self.get_run(run_id)
+        return await (await self.deps()).runs.failed_rows(run_id, limit=limit, offset=offset)
+
+    async def count_failed_rows(self, run_id: uuid.UUID) -> int:
+        return await (await self.deps()).runs.count_failed_rows(run_id)
+
+    async def items(
+        self,
+        run_id: uuid.UUID,
+        *,
+        status: ItemStatus | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> tuple[dict[str, int], list[dict[str, Any]]]:
+        """A paginated API run's items: how many are in each state, and the items themselves
+        (only those in ``status`` when given) with their failures and last errors."""
+        await self.get_run(run_id)
+        repo = (await self.deps()).items
+        counts = await repo.counts(run_id)
+        state = status.value if status else None
+        return counts, await repo.list(run_id, status=state, limit=limit, offset=offset)
+
+    async def backfill_states(
+        self, did: str | None = None, status: str | None = None
+    ) -> list[BackfillState]:
+        """Backfill state per repository and collection (only ``did``'s, or in ``status``)."""
+        from sluice.agents.firehose.backfill import Backfiller
+
+        backfiller = Backfiller((await self.deps()).pool, self.settings.firehose, self.settings.url)
+        try:
+            return list(await backfiller.states(did, status))
+        finally:
+            await backfiller.close()
 
     async def cancel(self, run_id: uuid.UUID) -> Run:
         """Stop a queued or running run: no batch is applied after this returns."""

@@ -11,7 +11,7 @@ import pytest
 
 from sluice.agents.split.evolve import SchemaChange, evolve_table, plan_changes, widen
 from sluice.agents.split.infer import DEFAULT_NULL_MARKERS, infer_type
-from sluice.cli import summary
+from sluice.cli.common import summary
 from sluice.schemas.importers import Field
 from sluice.schemas.runs import RunStatus
 from sluice.service import Client

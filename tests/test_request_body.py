@@ -1,4 +1,4 @@
-"""The multipart scanner of sluice.request_body, however the body is cut into chunks: what it
+"""The multipart scanner of sluice.api.body, however the body is cut into chunks: what it
 passes on is what Starlette's form parser reads. (tests/hostile/test_slow_clients.py and
 tests/hostile/test_http.py run the middleware in a real `sluice api`.)"""
 
@@ -11,7 +11,7 @@ import pytest
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartParser
 
-from sluice.request_body import _MultipartScanner
+from sluice.api.body import _MultipartScanner
 
 BOUNDARY = "b0undary"
 CONTENT_TYPE = f"multipart/form-data; boundary={BOUNDARY}".encode()

@@ -270,8 +270,8 @@ def test_live_events_stream_from_the_lifecycle_topic(api: str, http: httpx.Clien
 
 
 def test_live_stream_keeps_alive_and_stops_when_the_client_leaves(stack: Stack) -> None:
+    from sluice.api.events import stream_events
     from sluice.subscription import Subscription
-    from sluice.web.events import stream_events
 
     class Visitor:
         """The part of a request the stream looks at: whether its client is gone."""

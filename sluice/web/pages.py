@@ -22,7 +22,6 @@ from typing import Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Form, Query, Request
-from fastapi.params import Depends
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from markupsafe import Markup
@@ -32,7 +31,6 @@ from sluice.errors import RunNotFound
 from sluice.schemas.runs import Run, RunStatus
 from sluice.service import Client
 from sluice.storage.runs import RUN_COLUMNS, run_from_record
-from sluice.web.events import create_events_router
 
 log = logging.getLogger(__name__)
 
@@ -144,15 +142,8 @@ def _environment(static: dict[str, StaticFile]) -> Environment:
     return env
 
 
-def create_web_router(
-    settings: Settings,
-    client: Client,
-    tokens: Sequence[bytes],
-    *,
-    api_auth: Sequence[Depends] = (),
-) -> APIRouter:
-    """The pages under ``/ui`` and ``/api/v1/events``. ``tokens`` are the API's; ``api_auth``
-    its dependencies, which guard the event stream like every other API endpoint."""
+def create_web_router(settings: Settings, client: Client, tokens: Sequence[bytes]) -> APIRouter:
+    """The pages under ``/ui``. ``tokens`` are the API's."""
     static = load_static()
     env = _environment(static)
     router = APIRouter(include_in_schema=False)
@@ -254,9 +245,8 @@ def create_web_router(
         state = status if status in {s.value for s in RunStatus} else None
         importer = importer or None
         number = max(1, min(page_number, 1_000_000))
-        runs = (await client.deps()).runs
-        total = await runs.count(status=state, importer=importer)
-        found = await runs.list(
+        total = await client.count_runs(status=state, importer=importer)
+        found = await client.list_runs(
             status=state,
             importer=importer,
             limit=RUNS_PER_PAGE,
@@ -354,5 +344,4 @@ def create_web_router(
             data={"did": did or None, "status": status or None},
         )
 
-    router.include_router(create_events_router(settings, api_auth))
     return router

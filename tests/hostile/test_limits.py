@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sluice.api import safe_filename, unsupported_type
-from sluice.ratelimit_http import RateLimitMiddleware, TokenBuckets
+from sluice.api.ratelimit import RateLimitMiddleware, TokenBuckets
+from sluice.api.uploads import safe_filename, unsupported_type
 
 pytestmark = pytest.mark.hostile
 

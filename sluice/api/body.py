@@ -14,7 +14,7 @@
   middleware writes the decoded name as ``filename="..."`` into the part's headers as they
   stream through (``filename*`` wins over a ``filename`` beside it, as RFC 6266 says).
 
-The server (:mod:`sluice.http_server`) bounds the time to receive a request's head, and
+The server (:mod:`sluice.api.server`) bounds the time to receive a request's head, and
 answers a client that half-closes its connection in the middle of a body.
 """
 
@@ -25,10 +25,10 @@ import codecs
 import logging
 from urllib.parse import unquote
 
-import orjson
 from python_multipart.multipart import parse_options_header
-from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sluice.api.errors import BodyProblem, error_body
 
 __all__ = ["BodyProblem", "RequestBodyGuard"]
 
@@ -37,14 +37,6 @@ log = logging.getLogger(__name__)
 # The headers of one part are a few hundred bytes; past this much, the middleware leaves the
 # part as it is and lets the parser judge it.
 _MAX_PART_HEADERS = 64 * 1024
-
-
-class BodyProblem(HTTPException):
-    """A request body that cannot be used, answered with ``status`` and the error ``code``."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(status, message)
-        self.code = code
 
 
 class RequestBodyGuard:
@@ -77,7 +69,6 @@ class RequestBodyGuard:
             # (another middleware) lets it through to here.
             if exc is not body.problem or started:
                 raise
-            payload = {"error": {"code": exc.code, "message": exc.detail}}
             await send_closing(
                 {
                     "type": "http.response.start",
@@ -85,7 +76,9 @@ class RequestBodyGuard:
                     "headers": [(b"content-type", b"application/json")],
                 }
             )
-            await send_closing({"type": "http.response.body", "body": orjson.dumps(payload)})
+            await send_closing(
+                {"type": "http.response.body", "body": error_body(exc.code, exc.detail)}
+            )
 
 
 class _Body:

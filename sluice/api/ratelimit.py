@@ -15,9 +15,10 @@ import math
 import time
 from collections.abc import Callable, Collection, Sequence
 
-import orjson
 from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from sluice.api.errors import error_body
 
 __all__ = ["RateLimitMiddleware", "TokenBuckets"]
 
@@ -130,17 +131,11 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         retry_after = max(1, math.ceil(wait))
-        body = orjson.dumps(
-            {
-                "error": {
-                    "code": "rate_limited",
-                    "message": (
-                        f"too many requests: the limit is {self.buckets.rate:g} per second with "
-                        f"bursts of {self.buckets.burst} per API token (per address without "
-                        f"one){self._hint}. Retry after {retry_after} s"
-                    ),
-                }
-            }
+        body = error_body(
+            "rate_limited",
+            f"too many requests: the limit is {self.buckets.rate:g} per second with bursts of "
+            f"{self.buckets.burst} per API token (per address without one){self._hint}. "
+            f"Retry after {retry_after} s",
         )
         await send(
             {

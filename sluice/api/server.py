@@ -1,4 +1,4 @@
-"""The HTTP server's connections: uvicorn's h11 protocol with two guards it lacks.
+"""Serving the API: uvicorn, with its h11 protocol given two guards it lacks.
 
 - **A deadline for each request's head.** uvicorn waits for a request line and headers for as
   long as a client takes (its keep-alive timeout starts only after a first response): a client
@@ -12,7 +12,7 @@
   declared length", and the request stops. uvicorn would close the connection without an
   answer.
 
-Reading a body slowly is :class:`sluice.request_body.RequestBodyGuard`'s to bound: only the
+Reading a body slowly is :class:`sluice.api.body.RequestBodyGuard`'s to bound: only the
 app knows when it waits for one.
 """
 
@@ -22,10 +22,26 @@ import asyncio
 from http import HTTPStatus
 
 import h11
-import orjson
+import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-__all__ = ["protocol_with_timeouts"]
+from sluice.api.app import create_api
+from sluice.api.errors import error_body
+from sluice.config import Settings
+
+__all__ = ["protocol_with_timeouts", "serve"]
+
+
+def serve(settings: Settings, *, host: str | None = None, port: int | None = None) -> None:
+    """Serve the API until the process is stopped (``sluice api``); ``host`` and ``port``
+    default to ``SLUICE_API_HOST`` and ``SLUICE_API_PORT``."""
+    uvicorn.run(
+        create_api(settings),
+        host=host or settings.api.host,
+        port=port or settings.api.port,
+        log_level="warning",
+        http=protocol_with_timeouts(settings.api.header_timeout),
+    )
 
 
 def protocol_with_timeouts(header_timeout: float) -> type[asyncio.Protocol]:
@@ -35,7 +51,7 @@ def protocol_with_timeouts(header_timeout: float) -> type[asyncio.Protocol]:
 
 def _error_response(status: int, code: str, message: str) -> bytes:
     """A whole HTTP/1.1 response with the API's error body, for a connection about to close."""
-    body = orjson.dumps({"error": {"code": code, "message": message}})
+    body = error_body(code, message)
     head = (
         f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
         f"content-type: application/json\r\n"

@@ -1,0 +1,89 @@
+"""The app: the resources' routers, the middleware around them and the error handlers, wired
+once for the settings."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.middleware.base import BaseHTTPMiddleware
+
+from sluice.api import backfill, events, health, imports, metrics, runs, schedules
+from sluice.api.auth import TOKEN_REQUIRED, ApiTokens
+from sluice.api.body import RequestBodyGuard
+from sluice.api.deps import ApiState
+from sluice.api.errors import ERRORS, HANDLERS
+from sluice.api.ratelimit import RateLimitMiddleware, TokenBuckets
+from sluice.api.uploads import UploadGuard
+from sluice.config import Settings
+from sluice.metrics import ApiMetrics
+from sluice.service import Client
+from sluice.web import SESSION_COOKIE, create_web_router
+
+log = logging.getLogger(__name__)
+
+# Not rate limited: load balancers and scrapers call these often, and they cost nothing.
+UNLIMITED_PATHS = ("/healthz", "/readyz", "/metrics")
+
+
+def create_api(settings: Settings) -> FastAPI:
+    client = Client(settings)
+    tokens = ApiTokens(settings.api)
+    if not tokens.secrets:
+        log.warning("no API token configured (SLUICE_API_TOKEN): the API is open to anyone")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await client.close()
+
+    app = FastAPI(
+        title="Sluice",
+        version="1",
+        description="Import files into PostgreSQL through Kafka; follow and manage the runs.",
+        openapi_url="/api/v1/openapi.json",
+        docs_url="/api/v1/docs",
+        redoc_url=None,
+        lifespan=lifespan,
+        responses=ERRORS,
+        exception_handlers=HANDLERS,
+    )
+    ApiState(settings=settings, client=client, metrics=ApiMetrics()).attach(app)
+    tokens.attach(app)
+    _add_middleware(app, settings, tokens)
+
+    app.include_router(health.router, dependencies=_unless(settings.api.public_health))
+    app.include_router(metrics.router, dependencies=_unless(settings.api.public_metrics))
+    for resource in (imports, runs, schedules, backfill, events):
+        app.include_router(resource.router)
+    app.include_router(create_web_router(settings, client, tokens.secrets))
+    return app
+
+
+def _unless(public: bool) -> list[Any]:
+    """The dependencies of endpoints that may be public: none when they are."""
+    return [] if public else list(TOKEN_REQUIRED)
+
+
+def _add_middleware(app: FastAPI, settings: Settings, tokens: ApiTokens) -> None:
+    """The last added runs first."""
+    # Innermost: the routes read every body through it (timeouts, bodies cut short, RFC 5987
+    # file names), and its errors reach the exception handlers unwrapped.
+    app.add_middleware(RequestBodyGuard, timeout=settings.api.body_timeout)
+    # Inside the middleware below, so the route reads the body through it directly, and its
+    # 413 reaches the exception handlers unwrapped.
+    app.add_middleware(UploadGuard, limit=settings.api.max_upload_bytes)
+    app.add_middleware(BaseHTTPMiddleware, dispatch=metrics.count_requests)
+    if settings.api.rate_limit > 0:
+        # Added last, so it runs first: a flood is turned away before any other work.
+        app.add_middleware(
+            RateLimitMiddleware,
+            buckets=TokenBuckets(settings.api.rate_limit, settings.api.rate_burst),
+            tokens=tokens.secrets,
+            exempt=UNLIMITED_PATHS,
+            cookie=SESSION_COOKIE,
+            hint=" (SLUICE_API_RATE_LIMIT, SLUICE_API_RATE_BURST)",
+        )

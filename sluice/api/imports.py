@@ -1,0 +1,112 @@
+"""Importers and imports: the registered importers, an upload, a trigger (a run that pulls
+its data). Either answers the queued run at once, or with ``?wait=true`` the finished run."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, File, Form, Query, Response, UploadFile
+
+from sluice.api.auth import TOKEN_REQUIRED, Caller
+from sluice.api.deps import ClientDep, SettingsDep
+from sluice.api.errors import ApiError
+from sluice.api.models import TriggerBody
+from sluice.api.uploads import safe_filename, unsupported_type
+from sluice.schemas.runs import Run
+from sluice.service import Client, run_options
+
+router = APIRouter(dependencies=TOKEN_REQUIRED)
+
+WAITED: dict[int | str, dict[str, Any]] = {
+    200: {"model": Run, "description": "with ?wait=true: the finished run"}
+}
+Wait = Annotated[bool, Query(description="answer when the run finishes")]
+
+
+@router.get("/api/v1/importers", tags=["importers"])
+async def importers(client: ClientDep) -> dict[str, Any]:
+    """The registered importers: table, key, policy, fields."""
+    return {"data": [i.describe() for i in client.registry.all()]}
+
+
+@router.post("/api/v1/imports/{slug}/upload", status_code=202, tags=["imports"], responses=WAITED)
+async def upload(
+    slug: str,
+    file: Annotated[UploadFile, File(description="the file to import")],
+    client: ClientDep,
+    settings: SettingsDep,
+    caller: Caller,
+    dry_run: Annotated[bool, Form()] = False,
+    fresh: Annotated[
+        bool,
+        Form(
+            description="full refresh: once the run completed, delete the rows it did not contain"
+        ),
+    ] = False,
+    wait: Wait = False,
+) -> Response:
+    """Upload a file and start its import. The body is streamed to the file store."""
+    if unsupported_type(file.content_type):
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"the file is declared as {file.content_type!r}, which is not a format Sluice "
+            "imports: upload delimited text (CSV, TSV, ...), JSON Lines or a JSON array "
+            "(plain or gzip-compressed), an XLSX workbook or a Parquet file",
+        )
+
+    async def chunks() -> AsyncIterator[bytes]:
+        while data := await file.read(1 << 20):
+            yield data
+
+    run = await client.submit_stream(
+        slug,
+        chunks(),
+        name=safe_filename(file.filename),
+        dry_run=dry_run,
+        options=run_options(fresh=fresh),
+        content_type=file.content_type,
+        max_bytes=settings.api.max_upload_bytes,
+        source="upload",
+        requested_by=caller,
+    )
+    return await _answer(client, run, wait=wait, wait_timeout=settings.api.wait_timeout)
+
+
+TRIGGER_EXAMPLES = {
+    "url": {"value": {"url": "https://example.com/products.csv"}},
+    "ftp": {"value": {"pattern": "orders-*.csv"}},
+    "api": {"value": {"dry_run": True}},
+}
+
+
+@router.post("/api/v1/imports/{slug}/trigger", status_code=202, tags=["imports"], responses=WAITED)
+async def trigger(
+    slug: str,
+    client: ClientDep,
+    settings: SettingsDep,
+    caller: Caller,
+    body: Annotated[TriggerBody | None, Body(openapi_examples=TRIGGER_EXAMPLES)] = None,
+    wait: Wait = False,
+) -> Response:
+    """Start an import that pulls its data: a URL (``url``), an FTP/SFTP file (``file`` or
+    ``pattern``), a file under the configured roots (``path``), or the importer's paginated
+    API. Every other field is passed to the source as a parameter."""
+    params = (body or TriggerBody()).model_dump(exclude_none=True)
+    dry_run = bool(params.pop("dry_run", False))
+    fresh = bool(params.pop("fresh", False))
+    run = await client.trigger(
+        slug, params, dry_run=dry_run, requested_by=caller, options=run_options(fresh=fresh)
+    )
+    return await _answer(client, run, wait=wait, wait_timeout=settings.api.wait_timeout)
+
+
+async def _answer(client: Client, run: Run, *, wait: bool, wait_timeout: float) -> Response:
+    """The queued run (202), or with ``wait`` the run once finished (200; 202 when it is
+    still going after ``wait_timeout`` seconds)."""
+    status = 202
+    if wait:
+        run = await client.wait(run.id, timeout=wait_timeout)
+        status = 200 if run.status.terminal else 202
+    return Response(run.model_dump_json(), status_code=status, media_type="application/json")
