@@ -3,6 +3,7 @@ this checkout on the path."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -60,8 +61,11 @@ def test_a_fresh_virtualenv_runs_the_installed_command(wheel: Path, tmp_path: Pa
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check", "-q"]
+    # Nothing of this checkout on the path: with PYTHONPATH naming it, pip would take its
+    # egg-info for an installed sluice-ingest and skip the wheel.
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     installed = subprocess.run(
-        [*pip, "install", str(wheel)], capture_output=True, text=True, timeout=900
+        [*pip, "install", str(wheel)], capture_output=True, text=True, timeout=900, env=clean
     )
     assert installed.returncode == 0, installed.stderr[-3000:]
     # Run from an empty folder with a clean environment: nothing of the checkout is importable.

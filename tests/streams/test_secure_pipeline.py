@@ -317,7 +317,8 @@ async def test_a_worker_with_a_wrong_setting_exits_at_start_saying_which(
         "ssl_certfile": {"ssl_certfile": "", "ssl_keyfile": "", "ssl_key_password": ""},
         "sasl_password": {"sasl_password": wrong},
     }[field]
-    env = {**secure.env, **secure.broker.env(**broken)}
+    # No metrics port: a port another process holds would fail the worker for that instead.
+    env = {**secure.env, **secure.broker.env(**broken), "SLUICE_METRICS_PORT": "0"}
     started = time.monotonic()
     result = await asyncio.to_thread(
         subprocess.run,
