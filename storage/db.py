@@ -154,3 +154,12 @@ async def migrate(conn: asyncpg.Connection, schemas: Schemas = DEFAULT_SCHEMAS) 
     finally:
         await conn.execute(f"SELECT pg_advisory_unlock({lock})")
     return applied
+
+
+async def migrate_database(url: str, schemas: Schemas = DEFAULT_SCHEMAS) -> list[str]:
+    """Connect, apply pending migrations (one migrator at a time across processes), close."""
+    conn = await connect(url, schemas=schemas)
+    try:
+        return await migrate(conn, schemas)
+    finally:
+        await conn.close()

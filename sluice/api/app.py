@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import asyncpg
 from fastapi import FastAPI
 from starlette.middleware.base import BaseHTTPMiddleware
 
@@ -21,6 +22,7 @@ from sluice.api.uploads import UploadGuard
 from sluice.config import Settings
 from sluice.metrics import ApiMetrics
 from sluice.service import Client
+from sluice.storage.db import migrate_database
 from sluice.web import SESSION_COOKIE, create_web_router
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,12 @@ def create_api(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # The API may start before any worker: it brings the database's tables up to date
+        # itself (idempotent, one migrator at a time), so its first upload finds them.
+        try:
+            await migrate_database(settings.database_url, settings.database.schemas)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("could not migrate the database at start (%s); /readyz says so", exc)
         yield
         await client.close()
 
