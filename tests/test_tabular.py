@@ -23,11 +23,11 @@ from openpyxl.utils.datetime import CALENDAR_MAC_1904, CALENDAR_WINDOWS_1900
 
 import sluice.agents.split.parse.tabular
 from sluice.agents.split.parse.formats import XLS_REFUSED, ParsedFile, parse_file
+from sluice.agents.split.parse.inspect import Inspector as _Inspector
 from sluice.errors import FileFormatError
 from sluice.schemas.formats import FormatOptions, ParsedRow, RowProblem
 from sluice.schemas.runs import RunStatus
 from sluice.service import Client
-from sluice.storage.filestore import _Inspector
 from tests.conftest import Stack, finish, unique
 from tests.test_formats import values
 from tests.unseekable import Unseekable

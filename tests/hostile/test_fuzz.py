@@ -33,10 +33,10 @@ from sluice.agents.split.parse.formats import (
     binary_format,
     parse_file,
 )
+from sluice.agents.split.parse.inspect import Inspector as _Inspector
 from sluice.errors import FileFormatError
 from sluice.schemas.formats import FormatOptions, ParsedRow, RowProblem
 from sluice.schemas.importers import Field, Importer
-from sluice.storage.filestore import _Inspector
 from sluice.storage.writer import ROW, SUB
 from tests.unseekable import Unseekable
 
