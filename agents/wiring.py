@@ -13,9 +13,10 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer
+from pydantic import BaseModel, ValidationError
 
 from sluice.agents.deps import Deps
 from sluice.agents.plans import PlanCache
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Flush = Callable[[], Awaitable[None]]
+M = TypeVar("M", bound=BaseModel)
 
 
 async def acknowledged(event: Any, work: Callable[[Any], Awaitable[None]]) -> None:
@@ -134,6 +136,15 @@ class Wiring:
     async def dead_letter(self, event: Any, reason: str) -> None:
         """Set a Faust event aside on the dead-letter topic, with the reason."""
         await self.record_dead_letter(event.message, reason)
+
+    async def valid(self, event: Any, model: type[M], what: str) -> M | None:
+        """The event's value as a ``model``; None once the event is on the dead-letter topic
+        for not being ``what`` ("a valid trigger")."""
+        try:
+            return model.model_validate_json(event.value)
+        except ValidationError as exc:
+            await self.dead_letter(event, f"not {what}: {exc.errors()[:3]}")
+            return None
 
     async def with_retries(self, what: str, stage: str, run_id: Any, event: Any, work: Any) -> bool:
         """Work that fails for a reason other than its input (database, broker or source

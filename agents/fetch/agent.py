@@ -9,8 +9,6 @@ from collections.abc import Awaitable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
-
 from sluice.agents.fetch.detail import fetch_page
 from sluice.agents.fetch.discover import discover
 from sluice.agents.fetch.trigger import adopt_trigger, handle_trigger
@@ -39,10 +37,8 @@ def register(app: faust.App, wiring: Wiring) -> None:
         await discover(deps, run, send_page, wiring.flush)
 
     async def fetch_event(event: Any) -> None:
-        try:
-            trigger = TriggerRequested.model_validate_json(event.value)
-        except ValidationError as exc:
-            await wiring.dead_letter(event, f"not a valid trigger: {exc.errors()[:3]}")
+        trigger = await wiring.valid(event, TriggerRequested, "a valid trigger")
+        if trigger is None:
             return
         if trigger.run_id is None:
             try:
@@ -64,10 +60,8 @@ def register(app: faust.App, wiring: Wiring) -> None:
         )
 
     async def detail_event(event: Any) -> None:
-        try:
-            page = ItemPage.model_validate_json(event.value)
-        except ValidationError as exc:
-            await wiring.dead_letter(event, f"not a valid item page: {exc.errors()[:3]}")
+        page = await wiring.valid(event, ItemPage, "a valid item page")
+        if page is None:
             return
         done = await wiring.with_retries(
             "item details",

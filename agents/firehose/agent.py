@@ -9,8 +9,6 @@ import logging
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
-
 from sluice.agents.firehose.apply import apply_firehose, parse_events
 from sluice.agents.firehose.backfill import Backfiller
 from sluice.agents.firehose.leader import run_leader_consumer
@@ -43,10 +41,8 @@ def register(app: faust.App, wiring: Wiring) -> None:
 
         async def backfill_event(event: Any) -> None:
             nonlocal backfiller
-            try:
-                request = BackfillRequested.model_validate_json(event.value)
-            except ValidationError as exc:
-                await wiring.dead_letter(event, f"not a valid backfill request: {exc.errors()[:3]}")
+            request = await wiring.valid(event, BackfillRequested, "a valid backfill request")
+            if request is None:
                 return
             if backfiller is None:
                 backfiller = Backfiller(
