@@ -29,7 +29,7 @@ from sluice.agents.split.infer import (
     to_existing_columns,
 )
 from sluice.agents.split.map import Record, RecordMapper, cell_text
-from sluice.agents.split.parse.formats import ParsedFile, parse_file
+from sluice.agents.split.parse import ParsedFile, parse_file
 from sluice.errors import FileFormatError, MappingError, TerminalError
 from sluice.schemas.events import ImportRequested, encode_copy_batch
 from sluice.schemas.formats import FormatOptions, ParsedRow, RowProblem
