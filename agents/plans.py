@@ -11,7 +11,7 @@ from sluice.storage.writer import TargetPlan
 
 
 class PlanCache:
-    """A run's plan does not change once batches flow; read it once per run and process."""
+    """The plans (and dry-run flags) of the runs seen; at most about a thousand are kept."""
 
     def __init__(self) -> None:
         self._plans: dict[uuid.UUID, tuple[TargetPlan, bool]] = {}
