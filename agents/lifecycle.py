@@ -1,4 +1,5 @@
-"""Lifecycle: relay the outbox (``sluice.events``) to the lifecycle topic.
+"""Lifecycle: relay the outbox (``sluice.events``) to the lifecycle topic (and to the dead-letter
+topic, for the rows that name it), every ``SLUICE_RELAY_INTERVAL`` seconds.
 
 One relay at a time across the cluster (an advisory lock), so events leave in the order they
 were written. A crash between sending and marking sends an event twice: consumers key on
@@ -9,12 +10,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from sluice.agents.deps import Deps
+from sluice.agents.wiring import Wiring
 from sluice.storage.db import advisory_key
+from sluice.streams.admin import ensure_topics
+from sluice.streams.topics import Topic, outbox_topic
+
+if TYPE_CHECKING:
+    import faust
 
 log = logging.getLogger(__name__)
 
@@ -51,3 +58,28 @@ async def relay_outbox(deps: Deps, send: Send, flush: Flush, limit: int = 500) -
             [r["id"] for r in rows],
         )
     return len(rows)
+
+
+def register(app: faust.App, wiring: Wiring) -> None:
+    """The outbox relay's timer."""
+    deps = wiring.deps
+    out_topics = {
+        Topic.LIFECYCLE: wiring.topics.lifecycle,
+        Topic.DEADLETTER: wiring.topics.deadletter,
+    }
+
+    @app.timer(deps.settings.pipeline.relay_interval)  # type: ignore[untyped-decorator]
+    async def relay() -> None:
+        async def send(topic_name: str, key: str | None, value: bytes) -> Any:
+            out = out_topics[outbox_topic(topic_name)]
+            return await out.send(key=key.encode() if key else None, value=value)
+
+        try:
+            await relay_outbox(deps, send, wiring.flush)
+        except Exception:
+            log.exception("outbox relay failed; will retry")
+            # A broker that restarted lost its topics: the next relay needs them back.
+            try:
+                await ensure_topics(deps.settings.kafka)
+            except Exception:
+                log.warning("could not check the topics; will retry")

@@ -22,9 +22,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sluice.agents.deps import Deps
+from sluice.agents.wiring import Wiring
 from sluice.errors import SluiceError
 from sluice.schemas.events import ImportRequested
 from sluice.schemas.firehose import BACKFILL_IMPORTER
@@ -41,6 +42,9 @@ from sluice.storage.recovery import (
 from sluice.streams import kafka as clients
 from sluice.streams.admin import ensure_topics
 from sluice.streams.topics import Topics
+
+if TYPE_CHECKING:
+    import faust
 
 log = logging.getLogger(__name__)
 
@@ -184,3 +188,33 @@ class Recovery:
                 await admin.close()
             except Exception:
                 log.debug("closing the topic watch's admin client failed", exc_info=True)
+
+
+def register(app: faust.App, wiring: Wiring) -> None:
+    """The timers of the stall recovery and of the topic watch."""
+    deps = wiring.deps
+    recovery = Recovery(
+        deps,
+        publish_request=wiring.publish_request,
+        publish_trigger=wiring.publish_trigger,
+        publish_backfill=wiring.publish_backfill,
+        flush=wiring.flush,
+    )
+
+    @app.timer(deps.settings.pipeline.recovery_interval)  # type: ignore[untyped-decorator]
+    async def recover() -> None:
+        """One worker at a time resumes stalled runs from what PostgreSQL holds."""
+        try:
+            await recovery.resume_stalled()
+        except Exception:
+            log.exception("recovery of stalled runs failed; will try again")
+
+    @app.timer(deps.settings.pipeline.topic_check_interval)  # type: ignore[untyped-decorator]
+    async def watch_topics() -> None:
+        """A broker that lost its topics: recreate them and resume the runs in flight."""
+        try:
+            await recovery.check_topics()
+        except Exception as exc:
+            log.warning(
+                "could not check the topics (%s: %s); will try again", type(exc).__name__, exc
+            )

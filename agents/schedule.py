@@ -12,15 +12,19 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from croniter import croniter
 from pydantic import BaseModel, ConfigDict
 
 from sluice.agents.deps import Deps
+from sluice.agents.wiring import Wiring
 from sluice.schemas.importers import Importer, pull_kind
 from sluice.schemas.runs import Run
 from sluice.storage.runs import RUN_COLUMNS, run_from_record
+
+if TYPE_CHECKING:
+    import faust
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +133,20 @@ async def fire_due(
         fired.append((importer.slug, when, "started"))
         log.info("schedule of %s at %s: started run %s", importer.slug, when, run.id)
     return fired
+
+
+def register(app: faust.App, wiring: Wiring) -> None:
+    """The schedule's tick: every worker starts the runs that are due."""
+    deps = wiring.deps
+
+    @app.timer(deps.settings.pipeline.schedule_interval)  # type: ignore[untyped-decorator]
+    async def schedule_tick() -> None:
+        try:
+            await fire_due(
+                deps, wiring.publish_trigger, grace=deps.settings.pipeline.schedule_grace
+            )
+        except Exception:
+            log.exception("schedule tick failed; will try again")
 
 
 async def schedules(deps: Deps, *, now: datetime | None = None) -> list[ScheduleInfo]:

@@ -1,47 +1,33 @@
 """Upsert: apply each row batch in one PostgreSQL transaction, exactly once in effect.
 
 Faust acks an event even when the agent raises, so nothing may escape this loop: transient
-failures are retried with backoff, and what still fails goes to the dead-letter topic.
+failures are retried with backoff, and what still fails goes to the dead-letter topic. The
+``upsert`` agent applies the batches of each partition in their own lane (``agents.lanes``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 from sluice.agents.deps import Deps
+from sluice.agents.lanes import Lanes
+from sluice.agents.plans import PlanCache
+from sluice.agents.wiring import Wiring
 from sluice.schemas.events import BatchOutcome, PoisonBatch, RowBatch
-from sluice.schemas.runs import RunStatus
 from sluice.storage.db import is_connection_error
-from sluice.storage.writer import BatchResult, TargetPlan
+from sluice.storage.writer import BatchResult
+
+if TYPE_CHECKING:
+    import faust
 
 log = logging.getLogger(__name__)
 
 DeadLetterFn = Callable[[str], Awaitable[None]]
 OUTAGE_SECONDS = 120.0
 """How long a batch waits for an unreachable database before its tries count again."""
-
-
-class PlanCache:
-    """A run's plan does not change once batches flow; read it once per run and process."""
-
-    def __init__(self) -> None:
-        self._plans: dict[uuid.UUID, tuple[TargetPlan, bool]] = {}
-
-    async def get(self, deps: Deps, run_id: uuid.UUID) -> tuple[RunStatus, TargetPlan | None, bool]:
-        cached = self._plans.get(run_id)
-        if cached is not None:
-            return RunStatus.RUNNING, cached[0], cached[1]
-        status, dry_run, plan = await deps.runs.plan(run_id)
-        if plan is None:
-            return status, None, dry_run
-        target = TargetPlan.from_json(plan)
-        if len(self._plans) > 1000:
-            self._plans.clear()
-        self._plans[run_id] = (target, dry_run)
-        return status, target, dry_run
 
 
 async def upsert_batch(
@@ -137,3 +123,28 @@ async def _give_up(
         )
     except Exception:
         log.exception("could not mark run %s failed", batch.run_id)
+
+
+def register(app: faust.App, wiring: Wiring) -> None:
+    """The ``upsert`` agent."""
+    deps = wiring.deps
+
+    async def apply_batch(event: Any) -> None:
+        async def to_dead(reason: str) -> None:
+            await wiring.dead_letter(event, reason)
+
+        await upsert_batch(deps, event.key, event.value, wiring.plans, to_dead)
+        # Only now may the offset be committed; Faust commits a partition up to its first
+        # offset not yet acknowledged, so batches finishing out of order lose nothing.
+        event.ack()
+
+    @app.agent(wiring.topics.batches, name="upsert")
+    async def upsert_agent(stream: Any) -> None:
+        # One lane per partition: in order within a partition (its keys, in file order), side
+        # by side across partitions (see agents.lanes).
+        lanes: Lanes[Any] = Lanes(apply_batch, depth=2, on_retry=deps.metrics.on_retry("lane"))
+        try:
+            async for event in stream.noack().events():
+                await lanes.put(event.message.partition, event)
+        finally:
+            await lanes.close()

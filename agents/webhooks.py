@@ -31,7 +31,8 @@ import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import httpx
@@ -39,12 +40,17 @@ import orjson
 from pydantic import SecretStr, ValidationError
 
 from sluice.agents.deps import Deps
+from sluice.agents.fetch.trigger import after_import
+from sluice.agents.wiring import Wiring, acknowledged
 from sluice.config import WebhookSettings
 from sluice.errors import InvalidConfig
 from sluice.schemas.events import LifecycleEvent
 from sluice.schemas.importers import Importer
 from sluice.schemas.webhooks import WebhookDelivery
 from sluice.storage.webhooks import DeliveryLog
+
+if TYPE_CHECKING:
+    import faust
 
 log = logging.getLogger(__name__)
 
@@ -395,3 +401,33 @@ async def _excerpt(response: httpx.Response, limit: int = 200) -> str:
         if len(data) >= limit:
             break
     return data[:limit].decode(errors="replace").strip()
+
+
+def register(app: faust.App, wiring: Wiring, hooks: HookSet) -> None:
+    """The ``webhooks`` agent, which reacts to lifecycle events (the webhooks, and moving
+    pulled files after their import), and the timer that retries webhook deliveries."""
+    deps = wiring.deps
+    webhooks = WebhookDispatcher(deps, hooks)
+
+    async def react_to(event: Any) -> None:
+        try:
+            LifecycleEvent.model_validate_json(event.value or b"")
+        except ValidationError as exc:
+            await wiring.dead_letter(event, f"not a lifecycle event: {exc.errors()[:3]}")
+            return
+        for react in (webhooks.on_event, partial(after_import, deps)):
+            try:
+                await react(event.value)
+            except Exception:
+                # The delivery log and the next event go on; a webhook retried later.
+                log.exception("reacting to a lifecycle event failed")
+
+    @app.agent(wiring.topics.lifecycle, name="webhooks")
+    async def webhooks_agent(stream: Any) -> None:
+        """Reactions to lifecycle events: webhooks, and moving pulled files after import."""
+        async for event in stream.noack().events():
+            await acknowledged(event, react_to)
+
+    @app.timer(deps.settings.webhooks.retry_interval)  # type: ignore[untyped-decorator]
+    async def retry_webhooks() -> None:
+        await webhooks.retry_due()

@@ -1,4 +1,4 @@
-"""How fast XLSX rows are read: sluice's reader (sluice.agents.split.parse.tabular.read_xlsx)
+"""How fast XLSX rows are read: sluice's reader (sluice.agents.split.parse.xlsx.read_xlsx)
 against openpyxl's read-only row iteration, on one workbook, in cells per second.
 
     python bench/xlsx_reader.py WORKBOOK.xlsx [--rows N] [--skip-openpyxl] [--check]
@@ -18,7 +18,7 @@ from typing import Any
 
 import openpyxl
 
-from sluice.agents.split.parse.tabular import _sheet_rows, read_xlsx
+from sluice.agents.split.parse.xlsx import _sheet_rows, read_xlsx
 from sluice.schemas.formats import FormatOptions
 
 

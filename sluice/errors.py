@@ -24,7 +24,8 @@
         ├── DeliveryFailed       the broker did not confirm messages a stage produced
         └── ObjectStoreUnavailable  the object store did not answer, or failed (5xx)
 
-File-level format problems are ``sluice.agents.split.parse.formats.FileFormatError`` (terminal too).
+File-level format problems are ``FileFormatError`` (terminal too), raised by the parsers of
+``sluice.agents.split.parse``.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 async def prepare(settings: Settings, registry: Importers) -> None:
     """What must exist before any agent runs: the broker's topics, the bucket of the object
     store, Sluice's tables and the importers' tables."""
-    from sluice.agents.split.split import plan_for
+    from sluice.agents.split.plan import plan_for
 
     await check_connection(settings.kafka)
     await ensure_topics(settings.kafka)

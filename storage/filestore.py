@@ -54,6 +54,8 @@ class FileStore(Protocol):
 
     async def ref(self, file_id: uuid.UUID) -> FileRef | None: ...
 
+    async def content_type(self, file_id: uuid.UUID) -> str | None: ...
+
     async def download(self, file_id: uuid.UUID, dest: Path) -> None: ...
 
     async def delete(self, file_id: uuid.UUID) -> None: ...
@@ -228,6 +230,14 @@ class StoredFiles:
             file_id,
         )
         return FileRef.model_validate(dict(r)) if r is not None else None
+
+    async def content_type(self, file_id: uuid.UUID) -> str | None:
+        """The content type the file was stored with (as its sender named it); None when it
+        named none, or there is no such file."""
+        content_type: str | None = await self._pool.fetchval(
+            "SELECT content_type FROM files WHERE id = $1", file_id
+        )
+        return content_type
 
     async def read(self, file_id: uuid.UUID) -> AsyncIterator[bytes]:
         """The file's bytes in order, from whichever store its row names. FileGone when the file

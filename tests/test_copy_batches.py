@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from sluice.agents.split.infer import DEFAULT_NULL_MARKERS, adhoc_importer
 from sluice.agents.split.map import RecordMapper
-from sluice.agents.split.split import BatchRouter
+from sluice.agents.split.route import BatchRouter
 from sluice.schemas.events import (
     COPY_BATCH,
     BatchOutcome,

@@ -16,12 +16,9 @@ from typing import Any
 import orjson
 import pytest
 
-from sluice.agents.split.parse.formats import (
-    EncodingSniffer,
-    ParsedFile,
-    open_decompressed,
-    parse_file,
-)
+from sluice.agents.split.parse import ParsedFile, parse_file
+from sluice.agents.split.parse.decompress import open_decompressed
+from sluice.agents.split.parse.encoding import EncodingSniffer
 from sluice.errors import FileFormatError, UndecodableFile
 from sluice.schemas.formats import FormatOptions, ParsedRow, RowProblem
 from tests.unseekable import Unseekable

@@ -422,7 +422,7 @@ async def test_poison_batches_go_to_the_dead_letter_topic_and_fail_their_run(
 ) -> None:
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-    from sluice.agents.split.split import plan_for
+    from sluice.agents.split.plan import plan_for
     from tests.conftest import TOPICS
     from tests.importers import malformed
 

@@ -107,7 +107,7 @@ async def test_real_lifecycle_events_validate(stack: Stack, client: Client) -> N
 def test_the_requests_topic_tells_start_messages_from_broken_import_requests() -> None:
     from pydantic import ValidationError
 
-    from sluice.app import start_message
+    from sluice.agents.split.agent import start_message
     from sluice.schemas.events import TriggerRequested
 
     start = start_message(b'{"importer": "products", "params": {"url": "https://x/p.csv"}}')

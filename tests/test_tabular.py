@@ -21,9 +21,11 @@ import pytest
 from openpyxl.chart import BarChart
 from openpyxl.utils.datetime import CALENDAR_MAC_1904, CALENDAR_WINDOWS_1900
 
-import sluice.agents.split.parse.tabular
-from sluice.agents.split.parse.formats import XLS_REFUSED, ParsedFile, parse_file
+import sluice.agents.split.parse.parquet
+import sluice.agents.split.parse.xlsx
+from sluice.agents.split.parse import ParsedFile, parse_file
 from sluice.agents.split.parse.inspect import Inspector
+from sluice.agents.split.parse.sniff import XLS_REFUSED
 from sluice.errors import FileFormatError
 from sluice.schemas.formats import FormatOptions, ParsedRow, RowProblem
 from sluice.schemas.runs import RunStatus
@@ -347,7 +349,7 @@ def _failure(exc: Exception | None) -> tuple[Any, str]:
 def _reader_rows(book: Any, sheet: Any, chunk: int) -> tuple[list[Any], Exception | None]:
     rows: list[Any] = []
     try:
-        values = sluice.agents.split.parse.tabular._sheet_values(
+        values = sluice.agents.split.parse.xlsx._sheet_values(
             book._archive,
             sheet._worksheet_path,
             sheet._shared_strings,
@@ -365,7 +367,7 @@ def _reader_rows(book: Any, sheet: Any, chunk: int) -> tuple[list[Any], Exceptio
 
 def assert_reader_agrees(
     data: bytes,
-    chunks: tuple[int, ...] = (sluice.agents.split.parse.tabular._SHEET_CHUNK, 1, 7, 100),
+    chunks: tuple[int, ...] = (sluice.agents.split.parse.xlsx._SHEET_CHUNK, 1, 7, 100),
 ) -> int:
     """Every worksheet of the workbook in `data` reads the same with the XLSX reader, parsing
     `chunks` bytes at a time, as with openpyxl's read-only rows: the same rows, numbers, values
@@ -376,7 +378,7 @@ def assert_reader_agrees(
             book = openpyxl.load_workbook(io.BytesIO(data), read_only=True, data_only=True)
         except Exception:
             with pytest.raises(Exception):  # noqa: B017 - any failure, as openpyxl's
-                sluice.agents.split.parse.tabular._WorkbookReader(
+                sluice.agents.split.parse.xlsx._WorkbookReader(
                     io.BytesIO(data), read_only=True, keep_vba=False, data_only=True
                 ).read()
             return 0
@@ -508,7 +510,7 @@ def test_the_reader_reads_every_kind_of_cell_as_openpyxl(tmp_path: Path, epoch_1
     assert book.epoch == (CALENDAR_MAC_1904 if epoch_1904 else CALENDAR_WINDOWS_1900)
     rows = {
         number: cells
-        for number, cells, _ in sluice.agents.split.parse.tabular._sheet_rows(book, book.active)
+        for number, cells, _ in sluice.agents.split.parse.xlsx._sheet_rows(book, book.active)
     }
     book.close()
     # What the cases are (openpyxl agreeing is checked above).
@@ -654,7 +656,7 @@ def test_a_corrupt_sheet_in_the_archive_fails_where_openpyxl_does(tmp_path: Path
     with zipfile.ZipFile(path) as source, zipfile.ZipFile(stored, "w") as archive:
         assert (
             len(source.read("xl/worksheets/sheet1.xml"))
-            > 3 * sluice.agents.split.parse.tabular._SHEET_CHUNK
+            > 3 * sluice.agents.split.parse.xlsx._SHEET_CHUNK
         )
         for entry in source.infolist():
             archive.writestr(entry.filename, source.read(entry), zipfile.ZIP_STORED)
@@ -662,7 +664,7 @@ def test_a_corrupt_sheet_in_the_archive_fails_where_openpyxl_does(tmp_path: Path
     assert data.count(b"<v>2998</v>") == 1
     corrupt = data.replace(b"<v>2998</v>", b"<v>2999</v>")
     # Read as openpyxl reads, a chunk at a time: the last one, which fails, is lost.
-    given = assert_reader_agrees(corrupt, chunks=(sluice.agents.split.parse.tabular._SHEET_CHUNK,))
+    given = assert_reader_agrees(corrupt, chunks=(sluice.agents.split.parse.xlsx._SHEET_CHUNK,))
     assert 1000 < given < 3000
     with pytest.raises(FileFormatError, match="Bad CRC-32"):
         list(parse_file(io.BytesIO(corrupt)))
@@ -677,7 +679,7 @@ def test_the_reader_agrees_with_openpyxl_on_written_workbooks(tmp_path: Path) ->
     path = workbook(tmp_path / "more.xlsx", ("Data", [COLUMNS, *rows]))
     assert (
         assert_reader_agrees(
-            path.read_bytes(), chunks=(sluice.agents.split.parse.tabular._SHEET_CHUNK, 1000)
+            path.read_bytes(), chunks=(sluice.agents.split.parse.xlsx._SHEET_CHUNK, 1000)
         )
         == 53
     )
@@ -692,7 +694,7 @@ def test_the_reader_agrees_with_openpyxl_on_written_workbooks(tmp_path: Path) ->
     assert (
         assert_reader_agrees(
             (tmp_path / "streamed.xlsx").read_bytes(),
-            (sluice.agents.split.parse.tabular._SHEET_CHUNK, 999),
+            (sluice.agents.split.parse.xlsx._SHEET_CHUNK, 999),
         )
         == 53
     )
@@ -709,7 +711,7 @@ def test_the_workbook_reader_finds_the_sheets_openpyxl_does(tmp_path: Path) -> N
     data = (tmp_path / "t.xlsx").read_bytes()
     with warnings.catch_warnings(action="ignore"):
         theirs = openpyxl.load_workbook(io.BytesIO(data), read_only=True, data_only=True)
-        reader = sluice.agents.split.parse.tabular._WorkbookReader(
+        reader = sluice.agents.split.parse.xlsx._WorkbookReader(
             io.BytesIO(data), read_only=True, keep_vba=False, data_only=True
         )
         reader.read()
@@ -876,7 +878,7 @@ def test_the_parquet_reader_holds_one_batch_at_a_time(
     """Batches are pulled as the rows are consumed: never the whole file, never more than the
     one batch being handed out."""
     path = parquet(tmp_path / "t.parquet", pa.table({"id": list(range(1000))}))
-    monkeypatch.setattr(sluice.agents.split.parse.tabular, "PARQUET_BATCH_ROWS", 10)
+    monkeypatch.setattr(sluice.agents.split.parse.parquet, "PARQUET_BATCH_ROWS", 10)
     pulled: list[int] = []
     original = pq.ParquetFile.iter_batches
 

@@ -15,8 +15,8 @@ import orjson
 from sluice.agents.deps import Deps
 from sluice.agents.fetch.api import DetailResult
 from sluice.agents.fetch.discover import api_source_of
+from sluice.agents.plans import PlanCache
 from sluice.agents.split.map import RecordMapper
-from sluice.agents.upsert import PlanCache
 from sluice.schemas.events import BatchOutcome, ItemPage, RowBatch
 from sluice.schemas.formats import ParsedRow
 from sluice.schemas.runs import RowFailure

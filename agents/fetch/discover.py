@@ -17,7 +17,7 @@ from typing import Any
 
 from sluice.agents.deps import Deps
 from sluice.agents.fetch.base import dig
-from sluice.agents.split.split import plan_for
+from sluice.agents.split.plan import plan_for
 from sluice.errors import SourceError
 from sluice.schemas.runs import Run
 from sluice.schemas.sources import ApiSource

@@ -18,6 +18,7 @@ import asyncpg
 import orjson
 
 from sluice.agents.split.map import RecordMapper
+from sluice.agents.split.plan import plan_for
 from sluice.schemas.formats import ParsedRow
 from sluice.schemas.importers import Importer
 from sluice.storage.atproto import ApplyCounts, RecordWrite
@@ -46,8 +47,6 @@ class Projections:
     plans: dict[str, TargetPlan] = field(default_factory=dict)
 
     def plan(self, importer: Importer) -> TargetPlan:
-        from sluice.agents.split.split import plan_for
-
         found = self.plans.get(importer.slug)
         if found is None:
             found = self.plans[importer.slug] = plan_for(importer)

@@ -27,13 +27,10 @@ from sluice.agents.split.infer import (
     normalize_identifier,
 )
 from sluice.agents.split.map import RecordMapper
-from sluice.agents.split.parse.formats import (
-    MAGIC_BYTES,
-    EncodingSniffer,
-    binary_format,
-    parse_file,
-)
+from sluice.agents.split.parse import parse_file
+from sluice.agents.split.parse.encoding import EncodingSniffer
 from sluice.agents.split.parse.inspect import Inspector
+from sluice.agents.split.parse.sniff import MAGIC_BYTES, binary_format
 from sluice.errors import FileFormatError
 from sluice.schemas.formats import FormatOptions, ParsedRow, RowProblem
 from sluice.schemas.importers import Field, Importer

@@ -6,17 +6,11 @@ from __future__ import annotations
 import hashlib
 import zlib
 
-from sluice.agents.split.parse.formats import (
-    MAGIC_BYTES,
-    XLS_REFUSED,
-    EncodingSniffer,
-    binary_format,
-    check_decompression,
-)
+from sluice.agents.split.parse.decompress import GZIP_MAGIC, check_decompression
+from sluice.agents.split.parse.encoding import EncodingSniffer
+from sluice.agents.split.parse.sniff import MAGIC_BYTES, XLS_REFUSED, binary_format
 from sluice.errors import FileFormatError
 from sluice.schemas.formats import FormatOptions
-
-GZIP_MAGIC = b"\x1f\x8b"
 
 
 class Inspector:

@@ -1,0 +1,84 @@
+"""The fetch agents: ``fetch`` carries out each trigger on the triggers topic (a file-like
+source is fetched into the file store and handed to the split; an API source starts its
+discovery, which publishes pages of items), and ``detail`` fetches and applies each page of
+items on the items topic."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from sluice.agents.fetch.detail import fetch_page
+from sluice.agents.fetch.discover import discover
+from sluice.agents.fetch.trigger import adopt_trigger, handle_trigger
+from sluice.agents.retry import retrying
+from sluice.agents.wiring import Wiring, acknowledged
+from sluice.errors import TerminalError
+from sluice.schemas.events import BatchOutcome, ItemPage, TriggerRequested
+from sluice.schemas.runs import Run
+
+if TYPE_CHECKING:
+    import faust
+
+
+def register(app: faust.App, wiring: Wiring) -> None:
+    """The ``fetch`` and ``detail`` agents."""
+    deps, topics = wiring.deps, wiring.topics
+
+    async def send_page(run_id: Any, seq: int) -> Awaitable[Any]:
+        page = ItemPage(run_id=run_id, seq=seq)
+        delivery: Awaitable[Any] = await topics.items.send(
+            key=f"{run_id}:{seq}".encode(), value=page.model_dump_json().encode()
+        )
+        return delivery
+
+    async def run_discovery(run: Run, trigger: TriggerRequested) -> None:
+        await discover(deps, run, send_page, wiring.flush)
+
+    async def fetch_event(event: Any) -> None:
+        trigger = await wiring.valid(event, TriggerRequested, "a valid trigger")
+        if trigger is None:
+            return
+        if trigger.run_id is None:
+            try:
+                trigger = await retrying(
+                    "a run for a produced trigger",
+                    deps.settings.pipeline.apply_attempts,
+                    partial(adopt_trigger, deps, trigger),
+                    on_retry=deps.metrics.on_retry("trigger"),
+                )
+            except TerminalError as exc:
+                await wiring.dead_letter(event, f"cannot start a run: {exc}")
+                return
+        await wiring.with_retries(
+            "fetch",
+            "fetch",
+            trigger.run_id,
+            event,
+            lambda: handle_trigger(deps, trigger, wiring.publish_request, run_discovery),
+        )
+
+    async def detail_event(event: Any) -> None:
+        page = await wiring.valid(event, ItemPage, "a valid item page")
+        if page is None:
+            return
+        done = await wiring.with_retries(
+            "item details",
+            "detail",
+            page.run_id,
+            event,
+            lambda: fetch_page(deps, page, wiring.plans),
+        )
+        if not done:
+            deps.metrics.batch_done(BatchOutcome.DEAD)
+
+    @app.agent(topics.triggers, name="fetch")
+    async def fetch_agent(stream: Any) -> None:
+        async for event in stream.noack().events():
+            await acknowledged(event, fetch_event)
+
+    @app.agent(topics.items, name="detail")
+    async def detail_agent(stream: Any) -> None:
+        async for event in stream.noack().events():
+            await acknowledged(event, detail_event)
