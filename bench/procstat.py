@@ -5,7 +5,9 @@ A snapshot before and one after a run give, per named process, the CPU it spent 
 backends come and go during a run, so a snapshot sums the postmaster's own time, its
 ``cutime``/``cstime`` (the time of every child it has reaped, over their whole lives) and the
 live children's times. A backend that ends during the run is counted in the live sum before and
-in the postmaster's ``cutime`` after, whole: the difference is what the tree spent in between.
+in the postmaster's ``cutime`` after, whole: the difference is what the tree spent in between
+(see tree_cpu for a child that ends while a snapshot is taken: the backend of a command that
+has just exited often does).
 The process that runs the benchmark measures the commands it starts (the sluice CLI, psql,
 Sling, pgloader) with getrusage(RUSAGE_CHILDREN), which holds every child it has waited for.
 """
@@ -52,12 +54,22 @@ def children_of(parent: int) -> list[int]:
     return found
 
 
-def tree_cpu(root: int) -> float:
+def tree_cpu(root: int, attempts: int = 20) -> float:
     """CPU seconds of ``root`` and all its children, live and reaped (one level: PostgreSQL's
-    backends have no children of their own)."""
-    return process_cpu(root, children=True) + sum(
-        process_cpu(child, children=True) for child in children_of(root)
-    )
+    backends have no children of their own).
+
+    A child reaped while /proc is scanned would be missed twice (not yet in the root's
+    ``cutime`` when that was read, gone from /proc when its turn came): the root is read again
+    after the scan, and the scan repeated while the root's figure moved meanwhile. A child that
+    ended but is not reaped yet still shows its times (a zombie keeps them)."""
+    own = process_cpu(root, children=True)
+    for _ in range(attempts):
+        live = sum(process_cpu(child, children=True) for child in children_of(root))
+        again = process_cpu(root, children=True)
+        if again == own:
+            break
+        own = again
+    return own + live
 
 
 def own_children_cpu() -> float:
