@@ -926,7 +926,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     sizes = list(dict.fromkeys([*args.sizes, *([10_000_000] if args.big else [])]))
-    command = "python bench/import_csv.py " + shlex.join(sys.argv[1:])
+    command = shlex.join(["python", "bench/import_csv.py", *sys.argv[1:]])
     started_at = datetime.now(UTC)
     sys.path.insert(0, str(ROOT))
 
