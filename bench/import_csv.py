@@ -49,6 +49,7 @@ import os
 import random
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -957,10 +958,17 @@ def main() -> int:
         for name, version in found.items():
             print(f"{name}: {version}")
         for ds in datasets:
-            results.append(bench.dataset(ds, args.tools))
+            try:
+                results.append(bench.dataset(ds, args.tools))
+            except Exception as exc:  # the figures of the other data sets still print
+                print(f"\n{ds.title}: the benchmark broke off: {type(exc).__name__}: {exc}")
+                print(f"  (the stack's logs: {home / 'logs'}, the extra workers': {work})")
     finally:
         workers.stop_extra()
         sluice("down", env=env)
+        # The database holds every table and stored file of the run (gigabytes at 10,000,000
+        # rows); the logs stay.
+        shutil.rmtree(home / "pg", ignore_errors=True)
     finished_at = datetime.now(UTC)
     lines = [
         "",
