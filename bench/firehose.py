@@ -735,6 +735,8 @@ async def stage_costs(bootstrap: str, pool: asyncpg.Pool, dids: int) -> None:
 
 
 async def run(args: argparse.Namespace, home: Path, work: Path, env: dict[str, str]) -> int:
+    from sluice.storage.db import create_pool
+
     state = json.loads((home / "stack.json").read_text())
     bootstrap, url = state["kafka_bootstrap"], state["database_url"]
     pids = state["pids"]
@@ -743,7 +745,9 @@ async def run(args: argparse.Namespace, home: Path, work: Path, env: dict[str, s
     extra: list[subprocess.Popen[bytes]] = []
     firehose: subprocess.Popen[bytes] | None = None
     server = ReplayServer()
-    pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
+    # Sluice's own pool: its search path names the deployment's schemas (the stage costs
+    # call library SQL that names Sluice's tables unqualified) and it has the JSON codecs.
+    pool = await create_pool(url, min_size=1, max_size=2)
     probe = Probe(bootstrap, pool)
     firehose_log = work / "firehose.log"
 
