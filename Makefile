@@ -45,6 +45,7 @@ test: $(STAMP) system-packages
 lint: $(STAMP) compose-check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 # docker-compose.yml parses and interpolates, with every tool at hand (Compose v1 and v2). The
 # file requires SLUICE_API_TOKEN; a placeholder stands in for it when it is unset.
