@@ -295,8 +295,9 @@ class RunRepository:
         """Note how far the split has read; returns the run's status, so a split can stop when
         the run was cancelled or failed meanwhile."""
         status = await self.pool.fetchval(
-            "UPDATE runs SET rows_read = greatest(rows_read, $2),"
-            " read_fraction = greatest(read_fraction, $3) WHERE id = $1 RETURNING status",
+            "WITH progress AS (UPDATE runs SET rows_read = greatest(rows_read, $2),"
+            " read_fraction = greatest(read_fraction, $3) WHERE id = $1 AND status = 'running')"
+            " SELECT status FROM runs WHERE id = $1",
             run_id,
             rows_read,
             read_fraction,
@@ -319,10 +320,17 @@ class RunRepository:
 
     async def record_rejections(self, run_id: uuid.UUID, failures: Sequence[RowFailure]) -> int:
         """Store rows rejected before any batch (parse and validation errors). Idempotent: a row
-        already logged (a re-split after a crash) is neither stored nor counted again."""
+        already logged (a re-split after a crash) is neither stored nor counted again. Only
+        while the run is running: the row lock orders this after a cancel (or a failure), whose
+        terminal event carries the final counters, so nothing changes them afterwards."""
         if not failures:
             return 0
         async with self.pool.acquire() as conn, conn.transaction():
+            running = await conn.fetchval(
+                "SELECT true FROM runs WHERE id = $1 AND status = 'running' FOR UPDATE", run_id
+            )
+            if not running:
+                return 0
             return await insert_row_failures(conn, run_id, failures, count_processed=True)
 
     async def finish_split(

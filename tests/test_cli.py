@@ -300,7 +300,11 @@ async def test_cancel_in_the_middle_stops_the_run_and_the_counters_match(
     from tests.test_pipeline import make_rows, write_csv
 
     await db.execute("TRUNCATE t_cancel")
-    path = write_csv(tmp_path / "big.csv", make_rows(150_000, seed=21))
+    rows = make_rows(150_000, seed=21)
+    # Rows the split rejects, all through the file: their counters change in the split's own
+    # transactions, which must stop with the cancel as the batches' do.
+    rows = [(*r[:3], "abc", *r[4:]) if r[0] % 500 == 0 else r for r in rows]
+    path = write_csv(tmp_path / "big.csv", rows)
     run = await client.submit_file("t_cancel", path)
     for _ in range(600):
         current = await client.get_run(run.id)
@@ -316,8 +320,20 @@ async def test_cancel_in_the_middle_stops_the_run_and_the_counters_match(
     await asyncio.sleep(3)  # batches still on the topic are consumed and roll back
     final = await client.get_run(run.id)
     assert final.status.value == "cancelled"
-    # The cancel waited for the batch in flight: what it reported is what stays.
+    # The cancel waited for the batch in flight: what it reported is what stays, rejected rows
+    # included, and the run.cancelled event carries the same final counters.
     assert final.processed_rows == snapshot["processed_rows"] < 150_000
+    assert final.failed_rows == snapshot["failed_rows"] > 0
+    event = await db.fetchval(
+        "SELECT payload FROM sluice.events WHERE run_id = $1 AND type = 'run.cancelled'", run.id
+    )
+    counters = (event if isinstance(event, dict) else json.loads(event))["counters"]
+    assert (counters["processed_rows"], counters["failed_rows"]) == (
+        final.processed_rows,
+        final.failed_rows,
+    )
+    logged = await db.fetchval("SELECT count(*) FROM sluice.row_log WHERE run_id = $1", run.id)
+    assert logged == final.failed_rows
     assert await db.fetchval("SELECT count(*) FROM t_cancel") == final.created_rows
     assert final.processed_rows == final.created_rows + final.failed_rows
 
