@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
@@ -30,7 +31,7 @@ from sluice.importers.registry import build_registry
 from sluice.schemas.events import FileRef, ImportRequested, TriggerRequested
 from sluice.schemas.firehose import BackfillRequested, BackfillState
 from sluice.schemas.importers import ADHOC, pull_kind
-from sluice.schemas.runs import ItemStatus, RowFailure, Run
+from sluice.schemas.runs import SOURCE_COLUMNS, ItemStatus, RowFailure, Run
 from sluice.schemas.sources import UrlSource
 from sluice.storage.filestore import iter_path
 from sluice.streams import kafka as clients
@@ -335,8 +336,12 @@ class Client:
         async def lines() -> AsyncIterator[bytes]:
             for f in failures:
                 raw = f.raw
-                if isinstance(raw, dict):
-                    raw = {k: v for k, v in raw.items() if not k.startswith("_sluice")}
+                if isinstance(raw, dict):  # the file's column order stays with a wide row
+                    raw = {
+                        k: v
+                        for k, v in raw.items()
+                        if not k.startswith("_sluice") or k == SOURCE_COLUMNS
+                    }
                 yield orjson.dumps(raw, default=str) + b"\n"
 
         return await self.submit_stream(
@@ -392,12 +397,16 @@ class Client:
 
 
 def failed_rows_csv(failures: Sequence[Any], out: Any) -> None:
+    """The rejected rows as CSV: ``row_number``, ``reason``, then the rows' own columns (an
+    unpivoted row as the file had it: its header's columns), so the file can be fixed and
+    imported again (the two first columns are ignored then)."""
     import csv
 
     columns: list[str] = []
     for f in failures:
         if isinstance(f.raw, dict):
-            columns += [k for k in f.raw if not k.startswith("_sluice") and k not in columns]
+            names = f.raw.get(SOURCE_COLUMNS) or list(f.raw)
+            columns += [k for k in names if not k.startswith("_sluice") and k not in columns]
     writer = csv.writer(out)
     writer.writerow(
         ["row_number", "reason", *columns] if columns else ["row_number", "reason", "raw"]
@@ -411,9 +420,16 @@ def failed_rows_csv(failures: Sequence[Any], out: Any) -> None:
         writer.writerow([f.row_number, _csv_cell(f.reason), *(_csv_cell(c) for c in cells)])
 
 
+# A plain number ("-0.25", "+3"): no spreadsheet reads it as a formula, and a quote before it
+# would make the value wrong when the fixed file is imported again.
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
 def _csv_cell(value: Any) -> str:
     """A cell safe to open in a spreadsheet: text starting with = + - @ is not a formula."""
     text = (
         "" if value is None else value if isinstance(value, str) else orjson.dumps(value).decode()
     )
-    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+    if text[:1] in ("=", "+", "-", "@", "\t", "\r") and not _NUMBER.fullmatch(text):
+        return "'" + text
+    return text

@@ -24,7 +24,7 @@ RUN_COLUMNS = (
     " queued_at, started_at, completed_at, error, parent_run_id, requested_by, file_id, file_name,"
     " total_batches, applied_batches, options, items_discovered, items_completed, items_failed,"
     " source_location, rate_limit_hits, rate_limit_sleeps, total_sleep_seconds, deleted_rows,"
-    " provenance"
+    " provenance, gaps"
 )
 
 
@@ -290,16 +290,18 @@ class RunRepository:
             )
 
     async def record_split_progress(
-        self, run_id: uuid.UUID, rows_read: int, read_fraction: float
+        self, run_id: uuid.UUID, rows_read: int, read_fraction: float, gaps: int = 0
     ) -> RunStatus | None:
-        """Note how far the split has read; returns the run's status, so a split can stop when
-        the run was cancelled or failed meanwhile."""
+        """Note how far the split has read (and the gaps it counted so far); returns the run's
+        status, so a split can stop when the run was cancelled or failed meanwhile."""
         status = await self.pool.fetchval(
             "UPDATE runs SET rows_read = greatest(rows_read, $2),"
-            " read_fraction = greatest(read_fraction, $3) WHERE id = $1 RETURNING status",
+            " read_fraction = greatest(read_fraction, $3), gaps = greatest(gaps, $4)"
+            " WHERE id = $1 RETURNING status",
             run_id,
             rows_read,
             read_fraction,
+            gaps,
         )
         return RunStatus(status) if status is not None else None
 
@@ -326,15 +328,18 @@ class RunRepository:
             return await insert_row_failures(conn, run_id, failures, count_processed=True)
 
     async def finish_split(
-        self, run_id: uuid.UUID, total_rows: int, total_batches: int
+        self, run_id: uuid.UUID, total_rows: int, total_batches: int, gaps: int = 0
     ) -> Run | None:
+        """The split is done: its totals (a re-split after a crash sets the same again)."""
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(
                 "UPDATE runs SET split_done = true, total_rows = $2, total_batches = $3,"
-                " rows_read = $2, read_fraction = 1 WHERE id = $1 AND status = 'running'",
+                " rows_read = $2, read_fraction = 1, gaps = $4"
+                " WHERE id = $1 AND status = 'running'",
                 run_id,
                 total_rows,
                 total_batches,
+                gaps,
             )
             return await finalize_if_done(conn, run_id)
 
