@@ -31,7 +31,7 @@ from sluice.importers.registry import build_registry
 from sluice.schemas.events import FileRef, ImportRequested, TriggerRequested
 from sluice.schemas.firehose import BackfillRequested, BackfillState
 from sluice.schemas.importers import ADHOC, pull_kind
-from sluice.schemas.runs import SOURCE_COLUMNS, ItemStatus, RowFailure, Run
+from sluice.schemas.runs import ItemStatus, RowFailure, Run
 from sluice.schemas.sources import UrlSource
 from sluice.storage.filestore import iter_path
 from sluice.streams import kafka as clients
@@ -336,12 +336,8 @@ class Client:
         async def lines() -> AsyncIterator[bytes]:
             for f in failures:
                 raw = f.raw
-                if isinstance(raw, dict):  # the file's column order stays with a wide row
-                    raw = {
-                        k: v
-                        for k, v in raw.items()
-                        if not k.startswith("_sluice") or k == SOURCE_COLUMNS
-                    }
+                if isinstance(raw, dict):
+                    raw = {k: v for k, v in raw.items() if not k.startswith("_sluice")}
                 yield orjson.dumps(raw, default=str) + b"\n"
 
         return await self.submit_stream(
@@ -405,8 +401,7 @@ def failed_rows_csv(failures: Sequence[Any], out: Any) -> None:
     columns: list[str] = []
     for f in failures:
         if isinstance(f.raw, dict):
-            names = f.raw.get(SOURCE_COLUMNS) or list(f.raw)
-            columns += [k for k in names if not k.startswith("_sluice") and k not in columns]
+            columns += [k for k in f.raw if not k.startswith("_sluice") and k not in columns]
     writer = csv.writer(out)
     writer.writerow(
         ["row_number", "reason", *columns] if columns else ["row_number", "reason", "raw"]

@@ -15,7 +15,7 @@ import asyncpg
 import orjson
 
 from sluice.schemas.events import FileRef, LifecycleEvent, LifecycleEventType
-from sluice.schemas.runs import RowFailure, Run, RunStatus
+from sluice.schemas.runs import SOURCE_COLUMNS, RowFailure, Run, RunStatus
 from sluice.streams.topics import Topic
 
 RUN_COLUMNS = (
@@ -198,7 +198,10 @@ class RunRepository:
             limit,
             offset,
         )
-        return [RowFailure(r["row_number"], r["sub"], r["raw"], r["reason"]) for r in records]
+        return [
+            RowFailure(r["row_number"], r["sub"], in_file_order(r["raw"]), r["reason"])
+            for r in records
+        ]
 
     async def start(self, run_id: uuid.UUID) -> Run | None:
         """Queued -> running. Returns None when the run is finished or unknown (a redelivered
@@ -342,6 +345,16 @@ class RunRepository:
                 gaps,
             )
             return await finalize_if_done(conn, run_id)
+
+
+def in_file_order(raw: Any) -> Any:
+    """A rejected row kept as the file had it, with its keys in the file's order again (jsonb
+    sorts them); the order note itself is dropped."""
+    if not isinstance(raw, dict) or not isinstance(raw.get(SOURCE_COLUMNS), list):
+        return raw
+    order = [c for c in raw[SOURCE_COLUMNS] if isinstance(c, str) and c in raw]
+    rest = [c for c in raw if c not in order and c != SOURCE_COLUMNS]
+    return {c: raw[c] for c in (*order, *rest)}
 
 
 async def insert_row_failures(

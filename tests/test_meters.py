@@ -92,7 +92,7 @@ def test_a_rejected_wide_row_is_read_again_from_json_as_the_retry_sends_it() -> 
     wide = {"MPAN": "m1", "Date": "2024-03-01", "HH01": "0.5", "HH02": "bad", "HH03": ""}
     records, failures = mapper.map_rows([ParsedRow(7, wide)])
     assert records == [] and mapper.gaps == 0  # a rejected row's gaps are not counted
-    assert [(f.row_number, f.raw) for f in failures] == [(7, wide)]
+    assert [(f.row_number, f.raw) for f in failures] == [(7, {**wide, SOURCE_COLUMNS: list(wide)})]
     assert failures[0].reason == "HH02: Input should be a valid decimal (got 'bad')"
 
     fixed = {**wide, "HH02": "0.75"}
@@ -161,6 +161,7 @@ async def test_half_hourly_rejections_are_one_wide_row_each_and_import_again_fix
     assert (child.failed_rows, child.created_rows) == (2, 0), child.error
     again = await client.failed_rows(child.id)
     assert [f.reason for f in again] == [values, date]
+    assert [list(f.raw) for f in again] == [HEADER, HEADER]  # in the file's order, as read
 
     fixed = [lines[0], *lines[1:]]
     fixed[1][lines[0].index("HH09")] = "0.9"

@@ -77,7 +77,10 @@ class _Wide:
         self.empty: list[str] = []  # empty period cells that reject the row (empty="reject")
 
     def raw(self, header: list[str] | None) -> Any:
-        if isinstance(self.values, dict) or header is None:
+        if isinstance(self.values, dict):  # a retry file's row, in its order
+            columns = [k for k in self.values if k != SOURCE_COLUMNS]
+            return {**self.values, SOURCE_COLUMNS: columns}
+        if header is None:
             return self.values
         return {**dict(zip(header, self.values, strict=False)), SOURCE_COLUMNS: header}
 
