@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
+from enum import StrEnum
 from typing import Any
 
 from sluice.errors import NoPullSource
@@ -110,6 +111,17 @@ class Field:
         return self.annotation if self.annotation is not None else TYPES[self.type][0]
 
 
+class EmptyCell(StrEnum):
+    """What an unpivot does with an empty period cell (blank, or one of the null markers)."""
+
+    GAP = "gap"
+    """No record for the period; the run counts it (``gaps`` in the run's counters)."""
+    NULL = "null"
+    """A record whose value is NULL."""
+    REJECT = "reject"
+    """The whole source row is rejected, its row-log entry naming the empty columns."""
+
+
 @dataclass(frozen=True)
 class Unpivot:
     """Turn one wide row into one record per matching column.
@@ -117,6 +129,14 @@ class Unpivot:
     ``columns`` is a regular expression over header names with one group, the period: with
     ``r"HH(\\d+)"`` the column ``HH07`` becomes a record with ``index_field`` = 7 and
     ``value_field`` = the cell's value. Columns not matching stay common to every record.
+
+    ``empty`` says what an empty period cell is: ``"gap"`` (the default: no record, counted by
+    the run), ``"null"`` (a record with a NULL value) or ``"reject"`` (the source row is
+    rejected). ``skip_empty=False`` is the older spelling of ``empty="null"``.
+
+    A source row is imported whole or not at all: when any of its cells is wrong, its records
+    are all rejected as one row-log entry that holds the row as the file had it (so
+    ``sluice failed-rows --csv`` gives the file's own columns back, to fix and import again).
     """
 
     columns: str
@@ -125,6 +145,33 @@ class Unpivot:
     index_type: str = "integer"
     value_type: str = "numeric"
     skip_empty: bool = True
+    empty: EmptyCell | str | None = None
+
+    def __post_init__(self) -> None:
+        if self.empty is None:
+            chosen = EmptyCell.GAP if self.skip_empty else EmptyCell.NULL
+        else:
+            try:
+                chosen = EmptyCell(self.empty)
+            except ValueError:
+                raise ValueError(
+                    f"unpivot empty={self.empty!r}: use one of "
+                    f"{', '.join(repr(str(e)) for e in EmptyCell)}"
+                ) from None
+        object.__setattr__(self, "empty", chosen)
+        try:
+            pattern = re.compile(self.columns)
+        except re.error as exc:
+            raise ValueError(f"unpivot columns {self.columns!r}: {exc}") from None
+        if pattern.groups != 1:
+            raise ValueError(
+                f"unpivot columns {self.columns}: write exactly one group, the period, as in"
+                r" HH(\d{2})"
+            )
+
+    @property
+    def on_empty(self) -> EmptyCell:
+        return EmptyCell(str(self.empty))
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,10 @@ class RunCounters(BaseModel):
     deleted_rows: int = Field(
         default=0, description="full refresh: rows of the target the import did not contain"
     )
+    gaps: int = Field(
+        default=0,
+        description="unpivot: empty period cells that made no record (Unpivot empty='gap')",
+    )
     items_discovered: int = Field(default=0, description="API sources: items listed so far")
     items_completed: int = Field(default=0, description="API sources: items fetched and applied")
     items_failed: int = Field(default=0, description="API sources: items that failed for good")
@@ -105,6 +109,11 @@ class Run(RunCounters):
 
     def counters(self) -> RunCounters:
         return RunCounters.model_validate(self.model_dump(include=set(RunCounters.model_fields)))
+
+
+SOURCE_COLUMNS = "_sluice_columns"
+"""In a rejected row kept as the file had it (an unpivoted source row), its column names in the
+file's order: the row log is jsonb, which keeps an object's keys in an order of its own."""
 
 
 class RowFailure:

@@ -20,6 +20,7 @@ from sluice.supervisor import start_detached, stop_detached
 SAMPLES = (
     ("products", "products.csv", "a product catalogue keyed by SKU, with a few bad rows"),
     ("meter_readings", "meter_readings.csv", "half-hourly readings, 48 columns unpivoted"),
+    ("daily_readings", "daily_readings.csv", "daily readings, one row per meter and day"),
 )
 
 

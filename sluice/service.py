@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
@@ -392,6 +393,9 @@ class Client:
 
 
 def failed_rows_csv(failures: Sequence[Any], out: Any) -> None:
+    """The rejected rows as CSV: ``row_number``, ``reason``, then the rows' own columns (an
+    unpivoted row as the file had it: its header's columns), so the file can be fixed and
+    imported again (the two first columns are ignored then)."""
     import csv
 
     columns: list[str] = []
@@ -411,9 +415,16 @@ def failed_rows_csv(failures: Sequence[Any], out: Any) -> None:
         writer.writerow([f.row_number, _csv_cell(f.reason), *(_csv_cell(c) for c in cells)])
 
 
+# A plain number ("-0.25", "+3"): no spreadsheet reads it as a formula, and a quote before it
+# would make the value wrong when the fixed file is imported again.
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
 def _csv_cell(value: Any) -> str:
     """A cell safe to open in a spreadsheet: text starting with = + - @ is not a formula."""
     text = (
         "" if value is None else value if isinstance(value, str) else orjson.dumps(value).decode()
     )
-    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+    if text[:1] in ("=", "+", "-", "@", "\t", "\r") and not _NUMBER.fullmatch(text):
+        return "'" + text
+    return text

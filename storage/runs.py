@@ -15,7 +15,7 @@ import asyncpg
 import orjson
 
 from sluice.schemas.events import FileRef, LifecycleEvent, LifecycleEventType
-from sluice.schemas.runs import RowFailure, Run, RunStatus
+from sluice.schemas.runs import SOURCE_COLUMNS, RowFailure, Run, RunStatus
 from sluice.streams.topics import Topic
 
 RUN_COLUMNS = (
@@ -24,7 +24,7 @@ RUN_COLUMNS = (
     " queued_at, started_at, completed_at, error, parent_run_id, requested_by, file_id, file_name,"
     " total_batches, applied_batches, options, items_discovered, items_completed, items_failed,"
     " source_location, rate_limit_hits, rate_limit_sleeps, total_sleep_seconds, deleted_rows,"
-    " provenance"
+    " provenance, gaps"
 )
 
 
@@ -198,7 +198,10 @@ class RunRepository:
             limit,
             offset,
         )
-        return [RowFailure(r["row_number"], r["sub"], r["raw"], r["reason"]) for r in records]
+        return [
+            RowFailure(r["row_number"], r["sub"], in_file_order(r["raw"]), r["reason"])
+            for r in records
+        ]
 
     async def start(self, run_id: uuid.UUID) -> Run | None:
         """Queued -> running. Returns None when the run is finished or unknown (a redelivered
@@ -290,17 +293,19 @@ class RunRepository:
             )
 
     async def record_split_progress(
-        self, run_id: uuid.UUID, rows_read: int, read_fraction: float
+        self, run_id: uuid.UUID, rows_read: int, read_fraction: float, gaps: int = 0
     ) -> RunStatus | None:
-        """Note how far the split has read; returns the run's status, so a split can stop when
-        the run was cancelled or failed meanwhile."""
+        """Note how far the split has read (and the gaps it counted so far); returns the run's
+        status, so a split can stop when the run was cancelled or failed meanwhile."""
         status = await self.pool.fetchval(
             "WITH progress AS (UPDATE runs SET rows_read = greatest(rows_read, $2),"
-            " read_fraction = greatest(read_fraction, $3) WHERE id = $1 AND status = 'running')"
+            " read_fraction = greatest(read_fraction, $3), gaps = greatest(gaps, $4)"
+            " WHERE id = $1 AND status = 'running')"
             " SELECT status FROM runs WHERE id = $1",
             run_id,
             rows_read,
             read_fraction,
+            gaps,
         )
         return RunStatus(status) if status is not None else None
 
@@ -334,17 +339,30 @@ class RunRepository:
             return await insert_row_failures(conn, run_id, failures, count_processed=True)
 
     async def finish_split(
-        self, run_id: uuid.UUID, total_rows: int, total_batches: int
+        self, run_id: uuid.UUID, total_rows: int, total_batches: int, gaps: int = 0
     ) -> Run | None:
+        """The split is done: its totals (a re-split after a crash sets the same again)."""
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(
                 "UPDATE runs SET split_done = true, total_rows = $2, total_batches = $3,"
-                " rows_read = $2, read_fraction = 1 WHERE id = $1 AND status = 'running'",
+                " rows_read = $2, read_fraction = 1, gaps = $4"
+                " WHERE id = $1 AND status = 'running'",
                 run_id,
                 total_rows,
                 total_batches,
+                gaps,
             )
             return await finalize_if_done(conn, run_id)
+
+
+def in_file_order(raw: Any) -> Any:
+    """A rejected row kept as the file had it, with its keys in the file's order again (jsonb
+    sorts them); the order note itself is dropped."""
+    if not isinstance(raw, dict) or not isinstance(raw.get(SOURCE_COLUMNS), list):
+        return raw
+    order = [c for c in raw[SOURCE_COLUMNS] if isinstance(c, str) and c in raw]
+    rest = [c for c in raw if c not in order and c != SOURCE_COLUMNS]
+    return {c: raw[c] for c in (*order, *rest)}
 
 
 async def insert_row_failures(

@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable, Iterable
 from datetime import date, datetime, time
 from decimal import Decimal
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, NamedTuple, Optional
 
 import orjson
 from pydantic import Field as Constraint
@@ -20,8 +20,8 @@ from typing_extensions import TypedDict
 
 from sluice.errors import MappingError
 from sluice.schemas.formats import ParsedRow, RowProblem
-from sluice.schemas.importers import Field, Importer, UriKey, normalize_header
-from sluice.schemas.runs import RowFailure
+from sluice.schemas.importers import EmptyCell, Field, Importer, UriKey, normalize_header
+from sluice.schemas.runs import SOURCE_COLUMNS, RowFailure
 from sluice.storage.writer import ROW, SUB
 
 Record = dict[str, Any]
@@ -45,6 +45,49 @@ def _annotation(field: Field) -> Any:
 
 class _TransformFailed(Exception):
     """A user transform raised or returned something other than a dict."""
+
+
+class _Issue(NamedTuple):
+    """One thing wrong with a record: the field (or column) and what is wrong with it."""
+
+    field: str
+    text: str
+
+
+class _Rejected(NamedTuple):
+    """A record refused by the mapper: the row log's reason, and the same as issues."""
+
+    number: int
+    sub: int
+    record: Any
+    reason: str
+    issues: list[_Issue]
+
+
+class _Wide:
+    """One source row an unpivot turned into records: what the row log keeps when any of
+    them is refused (the row as the file had it), and which column each record came from."""
+
+    __slots__ = ("columns", "empty", "gaps", "values")
+
+    def __init__(self, values: list[Any] | dict[str, Any]) -> None:
+        self.values = values
+        self.columns: list[str] = []  # the period column of each record, by sub
+        self.gaps = 0  # empty period cells without a record (empty="gap")
+        self.empty: list[str] = []  # empty period cells that reject the row (empty="reject")
+
+    def raw(self, header: list[str] | None) -> Any:
+        if isinstance(self.values, dict):  # a retry file's row, in its order
+            columns = [k for k in self.values if k != SOURCE_COLUMNS]
+            return {**self.values, SOURCE_COLUMNS: columns}
+        if header is None:
+            return self.values
+        return {**dict(zip(header, self.values, strict=False)), SOURCE_COLUMNS: header}
+
+
+_EMPTY_KEY = "empty, but it is part of the key"
+_EMPTY_REQUIRED = "empty, but the field is required"
+_EMPTY_REJECTED = "empty; this importer rejects a row with an empty period (Unpivot empty='reject')"
 
 
 def _has_nul(value: Any) -> bool:
@@ -153,6 +196,10 @@ class RecordMapper:
                 self.aliases.setdefault(normalize_header(name), name)
         self.unpivot_cols: list[tuple[int | str, Any]] = []
         self.mapping: dict[str, str] = {}
+        up = importer.unpivot
+        self._pattern = re.compile(up.columns) if up is not None else None
+        self.gaps = 0
+        """Empty period cells of the rows mapped so far that made no record (empty="gap")."""
         if header is not None:
             self._index = self._resolve_header(header)
         else:
@@ -187,8 +234,12 @@ class RecordMapper:
         self._coercions = tuple(
             _CELL_COERCIONS.get(types.get(name, ""), _same) for name in self._names
         )
-        up = importer.unpivot
         self._unpivot_cell = _CELL_COERCIONS.get(up.value_type, _same) if up else _same
+        # The file's header name of each field, for messages about a source row.
+        self._columns = {t: header[i] for t, i in self._index.items()} if header else {}
+        self._periods: list[tuple[int, Any, str]] = [
+            (int(i), period, header[int(i)]) for i, period in self.unpivot_cols if header
+        ]
         self._transforms = bool(importer.transforms)
 
     def _validated_fields(self) -> list[Field]:
@@ -200,7 +251,7 @@ class RecordMapper:
 
     def _resolve_header(self, header: list[str]) -> dict[str, int]:
         index: dict[str, int] = {}
-        pattern = re.compile(self.importer.unpivot.columns) if self.importer.unpivot else None
+        pattern = self._pattern
         exact: dict[int, str] = {}
         claimed: set[str] = set()
         for i, name in enumerate(header):
@@ -233,7 +284,10 @@ class RecordMapper:
             )
         if pattern is not None and not self.unpivot_cols:
             raise MappingError(
-                f"no header matches the unpivot pattern {self.importer.unpivot.columns!r}"  # type: ignore[union-attr]
+                f"importer {self.importer.slug!r} makes one record of each column whose name"
+                f" matches the pattern {pattern.pattern} (a regular expression), and no column"
+                " of this file does. The header found was: "
+                f"{', '.join(repr(h) for h in header)}."
             )
         return index
 
@@ -273,7 +327,8 @@ class RecordMapper:
                 loose.discard(target)
         return out
 
-    def _expand(self, row: ParsedRow) -> list[Record]:
+    def _expand(self, row: ParsedRow) -> tuple[list[Record], _Wide | None]:
+        """The row's records; for a wide row an unpivot reads, also what it came from."""
         values = row.values
         if isinstance(values, dict):
             base = self._from_json(values)
@@ -307,15 +362,35 @@ class RecordMapper:
             if not isinstance(base, dict):
                 raise _TransformFailed(f"{transform!r} returned {type(base).__name__}, not a dict")
         up = self.importer.unpivot
-        if up is None or isinstance(values, dict):
-            return [base]
+        if up is None:
+            return [base], None
+        periods: list[tuple[str, Any, Any]]
+        if isinstance(values, dict):
+            assert self._pattern is not None
+            match = self._pattern.fullmatch
+            periods = [
+                (k, m.group(1), v)
+                for k, v in values.items()
+                if isinstance(k, str) and (m := match(k.strip()))
+            ]
+            if not periods:  # records already unpivoted (a retry of an older run's rejections)
+                return [base], None
+        else:
+            periods = [(name, period, values[i]) for i, period, name in self._periods]
+        wide = _Wide(values)
+        on_empty = up.on_empty
         out = []
-        for i, period in self.unpivot_cols:
-            cell = self._unpivot_cell(_blank(values[i], self._nulls))  # type: ignore[index]
-            if cell is None and up.skip_empty:
+        for name, period, value in periods:
+            cell = self._unpivot_cell(_blank(value, self._nulls))
+            if cell is None and on_empty is not EmptyCell.NULL:
+                if on_empty is EmptyCell.GAP:
+                    wide.gaps += 1
+                else:
+                    wide.empty.append(name)
                 continue
             out.append({**base, up.index_field: period, up.value_field: cell})
-        return out
+            wide.columns.append(name)
+        return out, wide
 
     def text_names(self) -> tuple[str, ...] | None:
         """The fields ``map_text`` fills, in order, when this mapper can take that path: cells
@@ -380,12 +455,14 @@ class RecordMapper:
     ) -> tuple[list[Record], list[RowFailure]]:
         candidates: list[tuple[int, int, Record]] = []
         failures: list[RowFailure] = []
+        rejected: list[_Rejected] = []
+        wide: dict[int, _Wide] = {}
         for row in rows:
             if isinstance(row, RowProblem):
                 failures.append(RowFailure(row.number, 0, row.raw, row.reason))
                 continue
             try:
-                expanded = self._expand(row)
+                expanded, source = self._expand(row)
             except _TransformFailed as exc:  # a user transform that raised rejects its row only
                 failures.append(RowFailure(row.number, 0, row.values, f"transform failed: {exc}"))
                 continue
@@ -394,24 +471,28 @@ class RecordMapper:
                     RowFailure(row.number, 0, row.values, f"the row cannot be mapped: {exc!r}")
                 )
                 continue
+            if source is not None:
+                wide[row.number] = source
             # A NUL reaches here from JSON (\u0000), from a transform, or from a caller that
             # did not parse the file (delimited text with a NUL is refused as a whole file).
             suspect = self._transforms or _may_hold_nul(row.values)
             for sub, record in enumerate(expanded):
                 bad = _nul_fields(record) if suspect else None
                 if bad:
-                    failures.append(
-                        RowFailure(
-                            row.number,
-                            sub,
-                            record,
-                            f"{', '.join(bad)}: contains a NUL character (\\u0000), which "
-                            f"PostgreSQL cannot store in text or JSON; remove it from the source",
-                        )
+                    text = (
+                        "contains a NUL character (\\u0000), which PostgreSQL cannot store in"
+                        " text or JSON; remove it from the source"
                     )
+                    reason = f"{', '.join(bad)}: {text}"
+                    issues = [_Issue(name, text) for name in bad]
+                    rejected.append(_Rejected(row.number, sub, record, reason, issues))
                     continue
                 candidates.append((row.number, sub, record))
-        records = self._validate(candidates, failures)
+        records = self._validate(candidates, rejected)
+        if wide:
+            records = self._whole_rows(records, rejected, wide, failures)
+        else:
+            failures += [RowFailure(r.number, r.sub, r.record, r.reason) for r in rejected]
         for failure in failures:
             # The row log is jsonb: it cannot hold a NUL either.
             if _has_nul(failure.raw):
@@ -420,25 +501,70 @@ class RecordMapper:
                 failure.reason = failure.reason.replace("\x00", "\\u0000")
         return records, failures
 
+    def _whole_rows(
+        self,
+        records: list[Record],
+        rejected: list[_Rejected],
+        wide: dict[int, _Wide],
+        failures: list[RowFailure],
+    ) -> list[Record]:
+        """An unpivoted source row is imported whole or not at all: a row with any refused
+        record becomes one failure that holds the row as the file had it and names every
+        column at fault (deduplicated: a bad date is one issue, not one per period)."""
+        bad: dict[int, list[_Issue]] = {
+            n: [_Issue(c, _EMPTY_REJECTED) for c in w.empty] for n, w in wide.items() if w.empty
+        }
+        for r in rejected:
+            source = wide.get(r.number)
+            if source is None:
+                failures.append(RowFailure(r.number, r.sub, r.record, r.reason))
+                continue
+            issues = bad.setdefault(r.number, [])
+            for issue in r.issues:
+                named = _Issue(self._column_of(issue.field, r.sub, source), issue.text)
+                if named not in issues:
+                    issues.append(named)
+        for number, source in wide.items():
+            if number not in bad:
+                self.gaps += source.gaps
+        if not bad:
+            return records
+        for number, issues in bad.items():
+            reason = "; ".join(f"{i.field}: {i.text}" for i in issues)
+            failures.append(RowFailure(number, 0, wide[number].raw(self.header), reason))
+        return [r for r in records if r[ROW] not in bad]
+
+    def _column_of(self, field: str, sub: int, source: _Wide) -> str:
+        """The file's name for ``field`` of record ``sub`` of a wide row."""
+        up = self.importer.unpivot
+        assert up is not None
+        if field in (up.value_field, up.index_field) and sub < len(source.columns):
+            return source.columns[sub]
+        if isinstance(source.values, dict):
+            return next((k for k in source.values if self._json_target(k)[0] == field), field)
+        return self._columns.get(field, field)
+
     def _validate(
-        self, candidates: list[tuple[int, int, Record]], failures: list[RowFailure]
+        self, candidates: list[tuple[int, int, Record]], rejected: list[_Rejected]
     ) -> list[Record]:
         keyed = []
         for number, sub, record in candidates:
             missing = [k for k in self._keys if record.get(k) is None]
             if missing:
-                failures.append(RowFailure(number, sub, record, _empty_key(missing)))
+                issues = [_Issue(k, _EMPTY_KEY) for k in missing]
+                rejected.append(_Rejected(number, sub, record, _empty_key(missing), issues))
                 continue
             required = self._required and [n for n in self._required if record.get(n) is None]
             if required:
                 reason = _required_empty(required)
-                failures.append(RowFailure(number, sub, record, reason))
+                issues = [_Issue(n, _EMPTY_REQUIRED) for n in required]
+                rejected.append(_Rejected(number, sub, record, reason, issues))
                 continue
             keyed.append((number, sub, record))
         if self._adapter is None:
             valid = keyed
         else:
-            valid = self._typed(keyed, failures)
+            valid = self._typed(keyed, rejected)
         out = []
         for number, sub, record in valid:
             if self._uri is not None:
@@ -449,7 +575,7 @@ class RecordMapper:
         return out
 
     def _typed(
-        self, keyed: list[tuple[int, int, Record]], failures: list[RowFailure]
+        self, keyed: list[tuple[int, int, Record]], rejected: list[_Rejected]
     ) -> list[tuple[int, int, Record]]:
         assert self._adapter is not None and self._one is not None
         try:
@@ -462,8 +588,25 @@ class RecordMapper:
             try:
                 out.append((number, sub, self._one.validate_python(record)))
             except ValidationError as exc:
-                failures.append(RowFailure(number, sub, record, describe_validation(exc)))
+                issues = validation_issues(exc)
+                reason = "; ".join(f"{i.field}: {i.text}" for i in issues)
+                rejected.append(_Rejected(number, sub, record, reason, issues))
         return out
+
+
+def fitting_importers(importers: Iterable[Importer], header: list[str]) -> list[str]:
+    """The slugs of the importers that take uploaded files and find every column they need
+    in ``header``: what to suggest when a file does not fit the importer it was sent to."""
+    fits = []
+    for importer in importers:
+        if not {"upload", "file"} & set(importer.sources) or importer.firehose:
+            continue
+        try:
+            RecordMapper(importer, header)
+        except MappingError:
+            continue
+        fits.append(importer.slug)
+    return fits
 
 
 def _empty_key(names: list[str]) -> str:
@@ -493,10 +636,12 @@ def _message(err: Any) -> str:
     return str(err["msg"])
 
 
+def validation_issues(exc: ValidationError) -> list[_Issue]:
+    return [
+        _Issue(".".join(str(p) for p in err["loc"]), f"{_message(err)} (got {err.get('input')!r})")
+        for err in exc.errors(include_url=False)
+    ]
+
+
 def describe_validation(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors(include_url=False):
-        where = ".".join(str(p) for p in err["loc"])
-        got = err.get("input")
-        parts.append(f"{where}: {_message(err)} (got {got!r})")
-    return "; ".join(parts)
+    return "; ".join(f"{i.field}: {i.text}" for i in validation_issues(exc))

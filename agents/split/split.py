@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sluice.agents.deps import Deps
-from sluice.agents.split.map import Record, RecordMapper
+from sluice.agents.split.map import Record, RecordMapper, fitting_importers
 from sluice.agents.split.parse import ParsedFile, parse_file
 from sluice.agents.split.plan import (
     check_lookups,
@@ -32,7 +32,7 @@ from sluice.agents.split.plan import (
 )
 from sluice.agents.split.provenance import record_provenance, record_schema_changes
 from sluice.agents.split.route import BatchRouter
-from sluice.errors import FileFormatError, TerminalError
+from sluice.errors import FileFormatError, MappingError, TerminalError
 from sluice.schemas.events import ImportRequested
 from sluice.schemas.formats import FormatOptions, ParsedRow, RowProblem
 from sluice.schemas.importers import ADHOC
@@ -92,7 +92,10 @@ async def _split(
     head = list(itertools.islice(items, SAMPLE_ROWS))
     sample = [r for r in head if isinstance(r, ParsedRow)]
     importer = await resolve_importer(deps, request, parsed.header, sample)
-    mapper = RecordMapper(importer, parsed.header)
+    try:
+        mapper = RecordMapper(importer, parsed.header)
+    except MappingError as exc:
+        raise MappingError(f"{exc}{_fitting_hint(deps, importer.slug, parsed.header)}") from None
     provenance = await record_provenance(deps, request, parsed, mapper)
     if provenance["duplicate_of"] and importer.skip_duplicate_files:
         log.info("run %s: the same file as run %s; skipped", run_id, provenance["duplicate_of"])
@@ -112,6 +115,19 @@ async def _split(
     router = await kept_batching(deps, request, importer, mapper, plan, parsed)
     rows = itertools.chain(head, items)
     await _send_batches(deps, request, parsed, rows, mapper, router, send, flush)
+
+
+def _fitting_hint(deps: Deps, slug: str, header: list[str] | None) -> str:
+    """Which other importers would read a file that does not fit ``slug``."""
+    if header is None or slug == ADHOC:
+        return ""
+    others = [i for i in deps.registry.all() if i.slug not in (slug, ADHOC)]
+    fits = fitting_importers(others, header)
+    if not fits:
+        return " No other importer reads this header (`sluice importers` lists them)."
+    if len(fits) == 1:
+        return f" Importer {fits[0]!r} fits it: sluice run {fits[0]} --file FILE"
+    return f" These importers fit it: {', '.join(repr(f) for f in fits[:5])}."
 
 
 async def _send_batches(
@@ -157,7 +173,9 @@ async def _send_batches(
             last_report = now
             fraction = parsed.bytes_read / request.file.size if request.file.size else 0.0
             deliveries.check()  # a refused batch fails the split now, not at the end
-            status = await runs.record_split_progress(run_id, total, min(fraction, 1.0))
+            status = await runs.record_split_progress(
+                run_id, total, min(fraction, 1.0), mapper.gaps
+            )
             if status is None or status.terminal:
                 log.info("run %s is %s; the split stops at row %d", run_id, status, total)
                 return
@@ -169,5 +187,5 @@ async def _send_batches(
     # Every batch confirmed by the broker before the totals say they exist: a refused one
     # raises DeliveryFailed, and the split is done again (applied batches are skipped).
     await deliveries.confirm()
-    await runs.finish_split(run_id, total, router.seq)
-    log.info("run %s split: %d rows in %d batches", run_id, total, router.seq)
+    await runs.finish_split(run_id, total, router.seq, mapper.gaps)
+    log.info("run %s split: %d rows in %d batches, %d gaps", run_id, total, router.seq, mapper.gaps)

@@ -121,6 +121,8 @@ def summary(run: Run) -> str:
         lines.append(f"  took {secs:.1f}s ({rate:,.0f} rows/s)")
     if run.provenance:
         lines += _provenance(run.provenance)
+    if run.gaps:
+        lines.append(f"  gaps: {run.gaps:,} empty period cells (no record made for them)")
     if run.deleted_rows:
         lines.append(f"  full refresh: {run.deleted_rows:,} rows absent from the import removed")
     if run.source_location:

@@ -260,7 +260,11 @@ def retry(run_id: str, dry_run: bool, wait: bool, as_json: bool) -> None:
 @click.command("failed-rows")
 @click.argument("run_id")
 @click.option(
-    "--csv", "as_csv", is_flag=True, help="CSV with one column per field, to fix and retry"
+    "--csv",
+    "as_csv",
+    is_flag=True,
+    help="CSV of the rows in their file's columns (a wide meter row stays one line): fix it and"
+    " import it again with `sluice run IMPORTER --file FIXED.csv`",
 )
 @click.option("--json", "as_json", is_flag=True, help="JSON lines: row_number, sub, raw, reason")
 @click.option("--limit", type=int, default=None, help="at most this many rows")

@@ -4,6 +4,7 @@ Field, Importer``). The definitions are in :mod:`sluice.schemas.importers`."""
 from sluice.schemas.formats import FormatOptions
 from sluice.schemas.importers import (
     ADHOC,
+    EmptyCell,
     Field,
     Importer,
     Lookup,
@@ -17,6 +18,7 @@ from sluice.schemas.importers import (
 
 __all__ = [
     "ADHOC",
+    "EmptyCell",
     "Field",
     "FormatOptions",
     "Importer",

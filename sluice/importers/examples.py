@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sluice.schemas.importers import Field, Importer, Unpivot
+from sluice.schemas.importers import EmptyCell, Field, Importer, Unpivot
 
 products = Importer(
     slug="products",
@@ -19,6 +19,8 @@ products = Importer(
     ),
 )
 
+# An empty half-hour is a gap (no reading, counted by the run); say empty="null" to land it as
+# a NULL reading or empty="reject" to reject the day's row.
 meter_readings = Importer(
     slug="meter_readings",
     description="Half-hourly meter readings: 48 columns HH01..HH48 per meter and day",
@@ -28,6 +30,20 @@ meter_readings = Importer(
         Field("meter", "text", aliases=("MPAN", "meter id", "meter_id")),
         Field("day", "date", aliases=("date", "reading date")),
     ),
-    unpivot=Unpivot(columns=r"HH(\d{2})", index_field="period", value_field="kwh"),
+    unpivot=Unpivot(
+        columns=r"HH(\d{2})", index_field="period", value_field="kwh", empty=EmptyCell.GAP
+    ),
     batch_size=2000,
+)
+
+daily_readings = Importer(
+    slug="daily_readings",
+    description="Daily meter readings: one row per meter and day (MPAN, Date, Reading)",
+    table="daily_readings",
+    key=("meter", "day"),
+    fields=(
+        Field("meter", "text", aliases=("MPAN", "meter id", "meter_id")),
+        Field("day", "date", aliases=("date", "reading date")),
+        Field("reading", "numeric", aliases=("kwh", "value"), required=True),
+    ),
 )
