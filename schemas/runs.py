@@ -31,6 +31,20 @@ class RunStatus(StrEnum):
     def terminal(self) -> bool:
         return self not in (RunStatus.QUEUED, RunStatus.RUNNING)
 
+    @classmethod
+    def parse_many(cls, text: str) -> tuple[RunStatus, ...]:
+        """Statuses written as a filter: one, or several separated by commas
+        (``failed,cancelled``). ValueError names what is not a status and what is."""
+        names = [part.strip() for part in text.split(",") if part.strip()]
+        unknown = [n for n in names if n not in cls._value2member_map_]
+        if unknown or not names:
+            valid = ", ".join(s.value for s in cls)
+            raise ValueError(
+                f"unknown run status {', '.join(map(repr, unknown)) or repr(text)}: use one of"
+                f" {valid}, or several separated by commas (failed,cancelled)"
+            )
+        return tuple(dict.fromkeys(cls(n) for n in names))
+
 
 class ItemStatus(StrEnum):
     PENDING = "pending"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
@@ -164,17 +164,24 @@ async def get_run(run_id: RunId, *, settings: Settings | None = None) -> Run:
 
 
 async def list_runs(
-    status: RunStatus | str | None = None,
+    status: RunStatus | str | Sequence[RunStatus | str] | None = None,
     importer: str | None = None,
     limit: int = 50,
     *,
     settings: Settings | None = None,
 ) -> list[Run]:
-    """Runs, newest first."""
+    """Runs, newest first; ``status`` one status, several (a list, or ``"failed,cancelled"``)
+    or None for all. An unknown status raises ``InvalidRequest`` naming the valid ones."""
+    if status is None:
+        wanted = None
+    else:
+        text = status if isinstance(status, str) else ",".join(str(s) for s in status)
+        try:
+            wanted = [s.value for s in RunStatus.parse_many(text)]
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
     async with _client(settings) as client:
-        return await client.list_runs(
-            status=str(status) if status is not None else None, importer=importer, limit=limit
-        )
+        return await client.list_runs(status=wanted, importer=importer, limit=limit)
 
 
 async def cancel(run_id: RunId, *, settings: Settings | None = None) -> Run:

@@ -256,7 +256,7 @@ class Client:
     async def list_runs(
         self,
         *,
-        status: str | None = None,
+        status: str | Sequence[str] | None = None,
         importer: str | None = None,
         limit: int = 50,
         offset: int = 0,
@@ -266,7 +266,9 @@ class Client:
             status=status, importer=importer, limit=limit, offset=offset
         )
 
-    async def count_runs(self, *, status: str | None = None, importer: str | None = None) -> int:
+    async def count_runs(
+        self, *, status: str | Sequence[str] | None = None, importer: str | None = None
+    ) -> int:
         """How many runs ``list_runs`` would find without a limit."""
         return await (await self.deps()).runs.count(status=status, importer=importer)
 

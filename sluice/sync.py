@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
 from sluice import sdk
@@ -78,7 +78,7 @@ def get_run(run_id: sdk.RunId, *, settings: Settings | None = None) -> Run:
 
 
 def list_runs(
-    status: RunStatus | str | None = None,
+    status: RunStatus | str | Sequence[RunStatus | str] | None = None,
     importer: str | None = None,
     limit: int = 50,
     *,

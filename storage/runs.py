@@ -107,28 +107,32 @@ class RunRepository:
     async def list(
         self,
         *,
-        status: str | None = None,
+        status: str | Sequence[str] | None = None,
         importer: str | None = None,
         limit: int = 50,
         offset: int = 0,
     ) -> list[Run]:
         records = await self.pool.fetch(
             f"SELECT {RUN_COLUMNS} FROM runs"
-            " WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR importer = $2)"
+            " WHERE ($1::text[] IS NULL OR status = ANY($1::text[]))"
+            " AND ($2::text IS NULL OR importer = $2)"
             " ORDER BY queued_at DESC, id LIMIT $3 OFFSET $4",
-            status,
+            _statuses(status),
             importer,
             limit,
             offset,
         )
         return [run_from_record(r) for r in records]
 
-    async def count(self, *, status: str | None = None, importer: str | None = None) -> int:
+    async def count(
+        self, *, status: str | Sequence[str] | None = None, importer: str | None = None
+    ) -> int:
         return int(
             await self.pool.fetchval(
                 "SELECT count(*) FROM runs"
-                " WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR importer = $2)",
-                status,
+                " WHERE ($1::text[] IS NULL OR status = ANY($1::text[]))"
+                " AND ($2::text IS NULL OR importer = $2)",
+                _statuses(status),
                 importer,
             )
         )
@@ -363,6 +367,13 @@ def in_file_order(raw: Any) -> Any:
     order = [c for c in raw[SOURCE_COLUMNS] if isinstance(c, str) and c in raw]
     rest = [c for c in raw if c not in order and c != SOURCE_COLUMNS]
     return {c: raw[c] for c in (*order, *rest)}
+
+
+def _statuses(status: str | Sequence[str] | None) -> list[str] | None:
+    """A status filter as the array the queries take (None: any status)."""
+    if status is None:
+        return None
+    return [status] if isinstance(status, str) else [str(s) for s in status]
 
 
 async def insert_row_failures(

@@ -217,7 +217,11 @@ def test_runs_listing(http: httpx.Client) -> None:
     assert all(r["status"] == "completed" for r in done["data"])
     recent = http.get("/api/v1/runs/recent", params={"limit": 3}).json()["data"]
     assert len(recent) == 3
-    assert "status" in assert_error(http.get("/api/v1/runs", params={"status": "zzz"}), 422)
+    several = http.get("/api/v1/runs", params={"status": "completed,failed", "limit": 500}).json()
+    assert {r["status"] for r in several["data"]} <= {"completed", "failed"}
+    assert several["pagination"]["total"] >= done["pagination"]["total"]
+    wrong = assert_error(http.get("/api/v1/runs", params={"status": "failed,zzz"}), 422)
+    assert "'zzz'" in wrong and "cancelled" in wrong  # names the bad one and the valid ones
     assert_error(http.get("/api/v1/runs", params={"page": 0}), 422)
 
 

@@ -361,6 +361,12 @@ def test_importers_and_runs_listing(stack: Stack, client: Client) -> None:
     assert table.returncode == 0 and len(table.stdout.splitlines()) == 6  # header + 5 runs
     bad = sluice("runs", "--status", "sleeping", env=stack.env)
     assert bad.returncode == 2 and "sleeping" in bad.stderr
+    both = sluice(
+        "runs", "--status", "completed,cancelled", "--limit", "500", "--json", env=stack.env
+    )
+    assert both.returncode == 0, both.stderr
+    statuses = {r["status"] for r in json.loads(both.stdout)}
+    assert statuses and statuses <= {"completed", "cancelled"}
 
 
 async def test_retry_lands_rows_once_the_cause_is_fixed(

@@ -8,6 +8,7 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
+from fastapi.exceptions import RequestValidationError
 
 from sluice.api.auth import TOKEN_REQUIRED, Caller
 from sluice.api.deps import ClientDep
@@ -30,13 +31,24 @@ Page = Annotated[int, Query(ge=1, le=1_000_000)]
 @router.get("/api/v1/runs")
 async def list_runs(
     client: ClientDep,
-    status: RunStatus | None = None,
+    status: Annotated[
+        str | None,
+        Query(
+            description="one status, or several separated by commas: failed,cancelled",
+            examples=["failed,cancelled"],
+        ),
+    ] = None,
     importer: str | None = None,
     page: Page = 1,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> RunPage:
-    """Runs, newest first, with pagination."""
-    state = status.value if status else None
+    """Runs, newest first, with pagination; ``status=failed,cancelled`` filters by several
+    statuses."""
+    try:
+        state = [s.value for s in RunStatus.parse_many(status)] if status else None
+    except ValueError as exc:
+        problem = {"loc": ("query", "status"), "msg": str(exc), "type": "value_error"}
+        raise RequestValidationError([problem]) from None
     total = await client.count_runs(status=state, importer=importer)
     data = await client.list_runs(
         status=state, importer=importer, limit=limit, offset=(page - 1) * limit

@@ -205,12 +205,26 @@ def status(run_id: str, as_json: bool) -> None:
     _on_run(run_id, as_json, Client.get_run)
 
 
+def parse_statuses(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    try:
+        return [s.value for s in RunStatus.parse_many(value)]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @click.command()
-@click.option("--status", type=click.Choice([s.value for s in RunStatus]), help="only this status")
+@click.option(
+    "--status",
+    callback=lambda _ctx, _param, value: parse_statuses(value),
+    metavar="STATUS[,STATUS]",
+    help="only these statuses: one, or several separated by commas (failed,cancelled)",
+)
 @click.option("--importer", help="only runs of this importer")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="a JSON array of run objects")
-def runs(status: str | None, importer: str | None, limit: int, as_json: bool) -> None:
+def runs(status: list[str] | None, importer: str | None, limit: int, as_json: bool) -> None:
     """List runs, newest first."""
 
     async def go() -> int:
