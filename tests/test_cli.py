@@ -365,8 +365,13 @@ def test_importers_and_runs_listing(stack: Stack, client: Client) -> None:
         "runs", "--status", "completed,cancelled", "--limit", "500", "--json", env=stack.env
     )
     assert both.returncode == 0, both.stderr
-    statuses = {r["status"] for r in json.loads(both.stdout)}
+    listed = json.loads(both.stdout)
+    statuses = {r["status"] for r in listed}
     assert statuses and statuses <= {"completed", "cancelled"}
+    clean = next(r for r in listed if r["status"] == "completed" and r["failed_rows"] == 0)
+    none = sluice("failed-rows", clean["id"], env=stack.env)
+    assert none.returncode == 0 and none.stdout == ""
+    assert f"run {clean['id']} rejected no rows" in none.stderr and "ended completed" in none.stderr
 
 
 async def test_retry_lands_rows_once_the_cause_is_fixed(

@@ -289,6 +289,14 @@ def failed_rows(run_id: str, as_csv: bool, as_json: bool, limit: int | None) -> 
     async def show() -> int:
         async with Client(load_settings()) as client:
             rows = await client.failed_rows(rid, limit=limit)
+            run = await client.get_run(rid) if not rows else None
+        if run is not None:
+            # Said on stderr: stdout stays an empty CSV or JSON stream for scripts.
+            what = "is still going" if not run.status.terminal else f"ended {run.status.value}"
+            click.echo(
+                f"run {rid} rejected no rows ({run.processed_rows:,} processed; it {what})",
+                err=True,
+            )
         if as_csv:
             failed_rows_csv(rows, sys.stdout)
         elif as_json:
