@@ -252,6 +252,16 @@ def _wait_for_api(
                 ) from None
 
 
+def sign_in_hint(home: Path, api_url: str, *, configured: bool) -> str:
+    """Where the dashboard is and which token signs in to it."""
+    token = (
+        "one of the tokens in SLUICE_API_TOKEN / SLUICE_API_TOKENS"
+        if configured
+        else f"the token in {(home / 'api_token').resolve()} (`sluice env` prints it)"
+    )
+    return f"dashboard: {api_url}/ui/ (sign in with {token})"
+
+
 def supervise(
     home: Path,
     pipeline: PipelineSettings,
@@ -351,6 +361,7 @@ def supervise(
         print(f"SLUICE_KAFKA_BOOTSTRAP={broker.bootstrap}")
         print(f"SLUICE_DATABASE_URL={postgres.url}")
         print(f"SLUICE_API_URL={api_url}")
+        print(sign_in_hint(home, api_url, configured=bool(api.all_tokens())))
         if metrics_port != "0":
             print(f"worker metrics on http://{metrics.host}:{metrics_port}/metrics")
         print(f"logs in {logs.resolve()}; Ctrl-C stops everything", flush=True)
@@ -397,6 +408,9 @@ def start_detached(home: Path, timeout: float = 120) -> int:
             print(f"SLUICE_KAFKA_BOOTSTRAP={state.kafka_bootstrap}")
             print(f"SLUICE_DATABASE_URL={state.database_url}")
             print(f"SLUICE_API_URL={state.api_url}")
+            if state.api_url:
+                configured = bool(ApiSettings().all_tokens())
+                print(sign_in_hint(home, state.api_url, configured=configured))
             return 0
         if proc.poll() is not None:
             break

@@ -198,6 +198,8 @@ def test_up_env_run_down(tmp_path: Path) -> None:
     try:
         state = read_state(home)
         assert state is not None
+        hint = f"dashboard: {state.api_url}/ui/ (sign in with the token in {home.resolve()}"
+        assert hint in up.stdout
         shown = sluice("env", env=env)
         assert f"SLUICE_KAFKA_BOOTSTRAP={state.kafka_bootstrap}" in shown.stdout
         assert f"SLUICE_DATABASE_URL={state.database_url}" in shown.stdout
@@ -290,6 +292,7 @@ def test_up_in_the_foreground_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
             proc.kill()
     assert proc.returncode == 0, out
     assert "SLUICE_DATABASE_URL=" in out and "Ctrl-C" in out
+    assert f"dashboard: {state.api_url}/ui/ (sign in with one of the tokens in" in out
     assert not any(find_process_alive(pid) for pid in state.pids.values())
     assert not (home / "stack.json").exists()
 
