@@ -21,6 +21,7 @@
         ├── DatabaseUnavailable  PostgreSQL cannot be reached (down, restarting)
         ├── SourceUnavailable    a pull source did not answer (sluice.schemas.sources)
         ├── KafkaUnavailable     no bootstrap server answered
+        ├── StackUnreachable     the Python API could not connect to the broker or database
         ├── DeliveryFailed       the broker did not confirm messages a stage produced
         └── ObjectStoreUnavailable  the object store did not answer, or failed (5xx)
 
@@ -116,6 +117,11 @@ class ObjectStoreUnavailable(TransientError):
 class DatabaseUnavailable(TransientError):
     """PostgreSQL cannot be reached (down, restarting, refusing connections): waited out
     without using up the tries of the work that needs it (sluice.retry)."""
+
+
+class StackUnreachable(TransientError):
+    """The Python API could not connect to the broker or the database it was given: the stack
+    is not running, or the settings point elsewhere (the message says which and what to try)."""
 
 
 class FileFormatError(TerminalError):

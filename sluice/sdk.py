@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 from aiokafka import AIOKafkaProducer
@@ -25,7 +26,7 @@ from aiokafka.errors import KafkaError
 from pydantic import BaseModel
 
 from sluice.config import Settings
-from sluice.errors import InvalidRequest, StackNotFound, TransientError
+from sluice.errors import InvalidRequest, StackNotFound, StackUnreachable, TransientError
 from sluice.schemas.runs import Run, RunStatus
 from sluice.service import Client
 from sluice.streams import kafka as clients
@@ -55,10 +56,25 @@ def resolve_settings(settings: Settings | None = None, *, database: bool = True)
     return found
 
 
+FILE_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+"""OSErrors about the caller's own files: those propagate as they are."""
+
+
 @asynccontextmanager
 async def _client(settings: Settings | None) -> AsyncIterator[Client]:
-    async with Client(resolve_settings(settings)) as client:
-        yield client
+    resolved = resolve_settings(settings)
+    try:
+        async with Client(resolved) as client:
+            yield client
+    except FILE_ERRORS:
+        raise
+    except OSError as exc:  # a refused or unresolvable connection (asyncpg, aiokafka sockets)
+        database = urlsplit(resolved.database_url or "").netloc.rpartition("@")[2]
+        raise StackUnreachable(
+            f"cannot reach the broker ({resolved.kafka.bootstrap}) or the database ({database}):"
+            f" {exc}. Is the stack running? `sluice env` prints the settings of the one under"
+            " SLUICE_HOME, `sluice up --detach` starts one"
+        ) from exc
 
 
 def _run_id(run_id: RunId) -> uuid.UUID:

@@ -20,10 +20,11 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 import sluice
 import sluice.sync
 from sluice import sdk
-from sluice.errors import InvalidRequest, RunNotCancellable, StackNotFound
+from sluice.errors import InvalidRequest, RunNotCancellable, StackNotFound, StackUnreachable
 from sluice.schemas.events import LifecycleEvent, LifecycleEventType
 from sluice.schemas.runs import RunStatus
 from sluice.service import Client
+from sluice.stack import free_port
 from sluice.storage.filestore import iter_bytes
 from sluice.subscription import Subscription
 from tests.conftest import ROOT, Stack, finish, unique
@@ -197,6 +198,12 @@ async def test_settings_come_from_the_environment(
     monkeypatch.setenv("SLUICE_KAFKA_BOOTSTRAP", stack.broker.bootstrap)
     monkeypatch.setenv("SLUICE_DATABASE_URL", stack.postgres.url)
     assert (await sluice.get_run(run.id)).id == run.id
+    # A database that refuses connections: the SDK's own error, with what to try.
+    closed = free_port()
+    monkeypatch.setenv("SLUICE_DATABASE_URL", f"postgresql://sluice:secret@127.0.0.1:{closed}/x")
+    with pytest.raises(StackUnreachable, match=f"127.0.0.1:{closed}") as refused:
+        await sluice.get_run(run.id)
+    assert "sluice env" in str(refused.value) and "secret" not in str(refused.value)
 
 
 async def test_the_sync_wrapper_runs_in_a_thread(
