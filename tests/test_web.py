@@ -462,3 +462,25 @@ def test_every_page_fits_a_phone(
     finally:
         signed_in.close()
         anonymous.close()
+
+
+def test_the_api_docs_render_without_internet(api: str, browser: Browser) -> None:
+    """/api/v1/docs loads Swagger UI from the server itself: with every request to another
+    host refused, the operations of the OpenAPI document still show."""
+    context = browser.new_context(base_url=api, viewport=DESKTOP)
+    elsewhere: list[str] = []
+
+    def only_here(route: Any) -> None:
+        if route.request.url.startswith(api):
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", only_here)
+    page = context.new_page()
+    page.goto("/api/v1/docs")
+    expect(page.locator(".swagger-ui .info .title")).to_contain_text("Sluice", timeout=30_000)
+    expect(page.locator(".opblock-summary-path", has_text="/api/v1/runs").first).to_be_visible()
+    context.close()
+    assert not elsewhere, elsewhere

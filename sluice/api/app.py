@@ -6,10 +6,14 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.middleware.base import BaseHTTPMiddleware
 
 from sluice.api import backfill, events, health, imports, metrics, runs, schedules
@@ -53,7 +57,7 @@ def create_api(settings: Settings) -> FastAPI:
         version="1",
         description="Import files into PostgreSQL through Kafka; follow and manage the runs.",
         openapi_url="/api/v1/openapi.json",
-        docs_url="/api/v1/docs",
+        docs_url=None,  # served below from the package: the docs work without internet
         redoc_url=None,
         lifespan=lifespan,
         responses=ERRORS,
@@ -68,7 +72,31 @@ def create_api(settings: Settings) -> FastAPI:
     for resource in (imports, runs, schedules, backfill, events):
         app.include_router(resource.router)
     app.include_router(create_web_router(settings, client, tokens.secrets))
+    _serve_docs(app)
     return app
+
+
+DOCS = "/api/v1/docs"
+
+
+def _serve_docs(app: FastAPI) -> None:
+    """The Swagger UI at ``/api/v1/docs``, its script and styles from the ``fastapi-offline``
+    package (FastAPI's default loads them from a CDN, which a server without internet, or a
+    browser behind a strict proxy, cannot reach)."""
+    import fastapi_offline
+
+    assets = Path(fastapi_offline.__file__).parent / "static"
+    app.mount(f"{DOCS}/assets", StaticFiles(directory=assets), name="docs-assets")
+
+    @app.get(DOCS, include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/api/v1/openapi.json",
+            title="Sluice API",
+            swagger_js_url=f"{DOCS}/assets/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS}/assets/swagger-ui.css",
+            swagger_favicon_url="data:,",  # no icon rather than one from another site
+        )
 
 
 def _unless(public: bool) -> list[Any]:
