@@ -8,6 +8,7 @@ code receives the :class:`~sluice.config.Settings` this builds and never reads `
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import MutableMapping
 from pathlib import Path
 
@@ -116,4 +117,9 @@ def load_settings(*, require_stack: bool = True) -> Settings:
     if not api.all_tokens() and (token := read_api_token(pipeline.home)):
         api = api.model_copy(update={"token": SecretStr(token)})
     settings.api = api
+    if not pipeline.importers and state.importers:
+        # The stack's own importers, found where its workers find them.
+        settings.pipeline = pipeline.model_copy(update={"importers": state.importers})
+        if state.workdir and state.workdir not in sys.path:
+            sys.path.append(state.workdir)
     return settings

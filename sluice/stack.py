@@ -808,6 +808,11 @@ class StackState(BaseModel):
     components: dict[str, ComponentState] = Field(default_factory=dict)
     """Keys: broker, postgres, worker, api; written by the supervisor at every start, death
     and restart."""
+    importers: str = ""
+    """The ``SLUICE_IMPORTERS`` the stack was started with: commands run from another shell
+    find the same importers (``sluice.env.load_settings``)."""
+    workdir: str | None = None
+    """The folder the stack was started from, where the workers import those modules from."""
 
 
 def state_path(home: Path) -> Path:

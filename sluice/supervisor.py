@@ -339,6 +339,8 @@ def supervise(
             database_url=postgres.url,
             api_url=api_url,
             started_at=time.time(),
+            importers=pipeline.importers,
+            workdir=str(Path.cwd()),
         )
 
         def record() -> None:

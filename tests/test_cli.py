@@ -32,11 +32,11 @@ RUN_FIELDS = {
 
 
 def sluice(
-    *args: str, env: dict[str, str], timeout: float = 180
+    *args: str, env: dict[str, str], timeout: float = 180, cwd: Path = ROOT
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "sluice", *args],
-        cwd=ROOT,
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
@@ -189,11 +189,21 @@ async def test_lifecycle_events_reach_the_topic_in_order(
 
 @pytest.mark.embedded
 def test_up_env_run_down(tmp_path: Path) -> None:
-    """`sluice up --detach` starts everything under SLUICE_HOME; other commands find it."""
+    """`sluice up --detach` starts everything under SLUICE_HOME; other commands find it, with
+    the importers it was started with."""
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
     env["SLUICE_HOME"] = str(home)
-    up = sluice("up", "--detach", env=env, timeout=240)
+    # An importer module of the user's own, in the folder the stack is started from.
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "my_meters.py").write_text(
+        "from sluice.schemas.importers import Field, Importer\n"
+        "readings = Importer(slug='my_readings', table='my_readings', key=('mpan',),"
+        " fields=(Field('mpan', 'text', required=True), Field('kwh', 'numeric')))\n"
+    )
+    up_env = {**env, "SLUICE_IMPORTERS": "my_meters"}
+    up = sluice("up", "--detach", env=up_env, cwd=mine, timeout=240)
     assert up.returncode == 0, up.stdout + up.stderr
     try:
         state = read_state(home)
@@ -204,6 +214,11 @@ def test_up_env_run_down(tmp_path: Path) -> None:
         assert f"SLUICE_KAFKA_BOOTSTRAP={state.kafka_bootstrap}" in shown.stdout
         assert f"SLUICE_DATABASE_URL={state.database_url}" in shown.stdout
         assert f"SLUICE_API_URL={state.api_url}" in shown.stdout
+        assert "SLUICE_IMPORTERS=my_meters" in shown.stdout
+        # From another folder and shell, without SLUICE_IMPORTERS: the stack's importers.
+        listed = sluice("importers", "--json", env=env)
+        assert listed.returncode == 0, listed.stderr
+        assert "my_readings" in {i["slug"] for i in json.loads(listed.stdout)}
         token = (home / "api_token").read_text().strip()
         assert f"SLUICE_API_TOKEN={token}" in shown.stdout and len(token) >= 32
         assert (home / "api_token").stat().st_mode & 0o077 == 0  # readable by its owner only

@@ -24,7 +24,6 @@ from sluice.cli.common import (
     report,
     user,
 )
-from sluice.config import PipelineSettings
 from sluice.schemas.runs import ItemStatus, Run, RunStatus
 from sluice.service import Client, failed_rows_csv, run_options
 
@@ -351,7 +350,8 @@ def importers(as_json: bool) -> None:
     """List the registered importers: sources, key and duplicate policy."""
     from sluice.importers.registry import build_registry
 
-    registry = build_registry(PipelineSettings().importers)
+    # The environment's SLUICE_IMPORTERS, else those of the stack running under SLUICE_HOME.
+    registry = build_registry(load_settings(require_stack=False).pipeline.importers)
     found = [i.describe() for i in registry.all()]
     if as_json:
         echo_json(found)
