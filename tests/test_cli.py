@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer
 
+from sluice.schemas.runs import Run
 from sluice.service import Client
 from sluice.stack import find_process_alive, read_state
 from tests.conftest import ROOT, TOPICS, Stack
@@ -363,6 +365,52 @@ async def test_cancel_in_the_middle_stops_the_run_and_the_counters_match(
     assert run.id.hex in {uuid.UUID(r["id"]).hex for r in json.loads(listed.stdout)}
     events = await db.fetch("SELECT type FROM sluice.events WHERE run_id = $1 ORDER BY id", run.id)
     assert events[-1]["type"] == "run.cancelled"
+
+
+async def test_ctrl_c_during_wait_leaves_the_run_going_or_cancels_it_when_asked(
+    stack: Stack, client: Client, tmp_path: Path
+) -> None:
+    from tests.test_pipeline import make_rows, write_csv
+
+    path = write_csv(tmp_path / "long.csv", make_rows(150_000, seed=22))
+
+    async def interrupt(*flags: str) -> tuple[int, str, Run]:
+        command = [sys.executable, "-m", "sluice", "run", "t_cancel", "--file", str(path)]
+        before = {r.id for r in await client.list_runs(importer="t_cancel", limit=500)}
+        proc = subprocess.Popen(
+            [*command, "--wait", *flags],
+            cwd=ROOT,
+            env=stack.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            for _ in range(1200):  # until the run is under way (the command is waiting)
+                new = await client.list_runs(importer="t_cancel", limit=500)
+                run = next((r for r in new if r.id not in before and r.processed_rows), None)
+                if run is not None:
+                    break
+                await asyncio.sleep(0.05)
+            assert run is not None and run.status.value == "running"
+            proc.send_signal(signal.SIGINT)
+            _, err = await asyncio.to_thread(proc.communicate, timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        return proc.returncode, err, run
+
+    code, err, run = await interrupt()
+    assert code == 130, err
+    assert f"run {run.id} goes on in the background" in err
+    assert f"sluice status {run.id}" in err and f"sluice cancel {run.id}" in err
+    done = await client.wait(run.id)
+    assert done.status.value == "completed" and done.processed_rows == 150_000
+
+    code, err, run = await interrupt("--cancel-on-interrupt")
+    assert code == 5, err  # the exit code of a cancelled run
+    assert (await client.get_run(run.id)).status.value == "cancelled"
+    assert f"interrupted: run {run.id} is cancelled" in err
 
 
 def test_importers_and_runs_listing(stack: Stack, client: Client) -> None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+"""Ctrl-C while waiting for a run that goes on in the background (128 + SIGINT, as shells)."""
 EXIT_STATUS = {
     RunStatus.COMPLETED: 0,
     RunStatus.COMPLETED_WITH_ERRORS: 3,
@@ -198,6 +201,67 @@ class ProgressBar:
             click.echo("", err=True)
 
 
+def _remember_cancel_on_interrupt(ctx: click.Context, _param: object, value: bool) -> None:
+    ctx.meta["sluice.cancel_on_interrupt"] = value
+
+
+cancel_on_interrupt_option = click.option(
+    "--cancel-on-interrupt",
+    is_flag=True,
+    expose_value=False,
+    callback=_remember_cancel_on_interrupt,
+    help="with --wait: Ctrl-C cancels the run (by default the run goes on in the background)",
+)
+
+
+async def _wait_unless_interrupted(
+    client: Client, run: Run, bar: Callable[[Run], None]
+) -> Run | None:
+    """The run once it finished, or None when Ctrl-C came first (the run goes on)."""
+    loop = asyncio.get_running_loop()
+    interrupted = asyncio.Event()
+    try:
+        loop.add_signal_handler(signal.SIGINT, interrupted.set)
+    except (NotImplementedError, RuntimeError, ValueError):  # no signals here: wait plainly
+        return await client.wait(run.id, on_update=bar)
+    waiting = asyncio.ensure_future(client.wait(run.id, on_update=bar))
+    stop = asyncio.ensure_future(interrupted.wait())
+    try:
+        await asyncio.wait({waiting, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        stop.cancel()
+    if waiting.done():
+        return waiting.result()
+    waiting.cancel()
+    return None
+
+
+async def _interrupted(client: Client, run: Run, *, as_json: bool) -> int:
+    """Ctrl-C during ``--wait``: cancel the run when asked, else say how to follow it."""
+    from sluice.errors import RunNotCancellable
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.meta.get("sluice.cancel_on_interrupt"):
+        try:
+            run = await client.cancel(run.id)
+        except RunNotCancellable:  # it ended meanwhile
+            run = await client.get_run(run.id)
+        click.echo("", err=True)
+        click.echo(f"interrupted: run {run.id} is {run.status.value}", err=True)
+        click.echo(run_json(run) if as_json else summary(run))
+        return EXIT_STATUS.get(run.status, 0)
+    click.echo("", err=True)
+    click.echo(
+        f"interrupted: run {run.id} goes on in the background.\n"
+        f"  follow it:  sluice status {run.id}\n"
+        f"  cancel it:  sluice cancel {run.id}\n"
+        "  (--cancel-on-interrupt cancels it on Ctrl-C)",
+        err=True,
+    )
+    return EXIT_INTERRUPTED
+
+
 async def report(
     client: Client,
     run: Run,
@@ -207,9 +271,13 @@ async def report(
     progress: ProgressBar | None = None,
 ) -> int:
     """Print the run (with ``wait``: once it finished, following it on ``progress``, by default
-    a bar on a terminal when not printing JSON); returns the command's exit code."""
+    a bar on a terminal when not printing JSON); returns the command's exit code. Ctrl-C while
+    waiting leaves the run going (exit code 130) or, with ``--cancel-on-interrupt``, cancels it."""
     if wait:
         bar = progress or ProgressBar(sys.stderr.isatty() and not as_json)
-        run = await client.wait(run.id, on_update=bar)
+        finished = await _wait_unless_interrupted(client, run, bar)
+        if finished is None:
+            return await _interrupted(client, run, as_json=as_json)
+        run = finished
     click.echo(run_json(run) if as_json else summary(run))
     return EXIT_STATUS.get(run.status, 0) if wait else 0

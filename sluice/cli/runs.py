@@ -15,6 +15,7 @@ import click
 from sluice.cli.common import (
     EXIT_USAGE,
     ProgressBar,
+    cancel_on_interrupt_option,
     echo_json,
     echo_json_line,
     exit_with,
@@ -35,9 +36,17 @@ dry_run_option = click.option(
     "--dry-run", is_flag=True, help="validate and count; write nothing to the table"
 )
 fresh_option = click.option("--fresh", is_flag=True, help=FRESH_HELP)
-wait_option = click.option(
+_wait_flag = click.option(
     "--wait", is_flag=True, help="wait for the run to finish, with a progress bar"
 )
+
+
+def wait_option(command: Callable[..., None]) -> Callable[..., None]:
+    """``--wait`` and ``--cancel-on-interrupt``; the latter is read by ``report`` from the
+    command's context, so the commands' own parameters stay the run's."""
+    return _wait_flag(cancel_on_interrupt_option(command))
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="print the run object as JSON")
 
 
@@ -255,6 +264,7 @@ def cancel(run_id: str, as_json: bool) -> None:
 @click.argument("run_id")
 @dry_run_option
 @click.option("--wait", is_flag=True, help="wait for the child run to finish")
+@cancel_on_interrupt_option
 @click.option("--json", "as_json", is_flag=True, help="print the child run as JSON")
 def retry(run_id: str, dry_run: bool, wait: bool, as_json: bool) -> None:
     """Import a run's rejected rows again, as a child run linked by parent_run_id."""
