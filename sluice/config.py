@@ -291,11 +291,25 @@ class ApiSettings(BaseSettings):
         return [t.secret.get_secret_value() for t in self.named_tokens()]
 
 
+def find_home(start: Path | None = None) -> Path:
+    """The default ``SLUICE_HOME``: the nearest ``.sluice`` folder in ``start`` (the current
+    folder) or one of its parents, so commands run from a subfolder of the project find the
+    stack started at its top; ``./.sluice`` when there is none."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / ".sluice").is_dir():
+            return folder / ".sluice"
+    return Path(".sluice")
+
+
 class PipelineSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SLUICE_", frozen=True, extra="ignore")
 
     home: Path = Field(
-        default=Path(".sluice"), description="the embedded stack's folder (data, logs, stack.json)"
+        default_factory=lambda: find_home(),
+        description="the embedded stack's folder (data, logs, stack.json); by default the"
+        " nearest .sluice folder in this folder or a parent (as git finds .git), else ./.sluice",
+        json_schema_extra={"shown_default": ".sluice"},
     )
     importers: str = Field(
         default="",
@@ -677,7 +691,9 @@ def setting_rows(settings: Settings) -> list[SettingRow]:
     for part in settings.components():
         cls = type(part)
         for name, info in cls.model_fields.items():
-            default = info.get_default(call_default_factory=True)
+            extra = info.json_schema_extra
+            shown = extra.get("shown_default") if isinstance(extra, dict) else None
+            default = shown if shown is not None else info.get_default(call_default_factory=True)
             secret = info.annotation is SecretStr
             rows.append(
                 SettingRow(

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from sluice import __version__
-from sluice.config import KafkaSettings, Schemas, settings_markdown
+from sluice.config import KafkaSettings, Schemas, find_home, settings_markdown
+from sluice.stack import StackState, write_state
 from sluice.streams.topics import Topic, Topics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,3 +118,24 @@ def test_names_of_a_deployment() -> None:
         Schemas(core="same", atproto="same")
     with pytest.raises(ValueError, match="not a usable schema name"):
         Schemas(core="drop table x")
+
+
+def test_the_stack_is_found_from_any_folder_of_the_project(tmp_path: Path) -> None:
+    """Without SLUICE_HOME, the nearest .sluice folder upward is the home (as git finds .git),
+    so `sluice env` in a subfolder finds the stack started at the project's top."""
+    project = tmp_path / "project"
+    deeper = project / "data" / "2026"
+    deeper.mkdir(parents=True)
+    assert find_home(deeper) == Path(".sluice")  # none yet: ./.sluice, as before
+    state = StackState(
+        kafka_bootstrap="127.0.0.1:19092",
+        database_url="postgresql://h:5/d",
+        pids={"supervisor": os.getpid()},  # a live "supervisor": the state is not stale
+    )
+    write_state(project / ".sluice", state)
+    assert find_home(deeper) == (project / ".sluice").resolve()
+    shown = sluice("env", cwd=deeper)
+    assert shown.returncode == 0, shown.stderr
+    assert "SLUICE_KAFKA_BOOTSTRAP=127.0.0.1:19092" in shown.stdout
+    elsewhere = sluice("env", cwd=tmp_path)  # above the project: no stack
+    assert elsewhere.returncode != 0 and "no Sluice stack is running" in elsewhere.stderr
