@@ -425,6 +425,12 @@ def test_importers_and_runs_listing(stack: Stack, client: Client) -> None:
     assert defs["t_skip"]["policy"] == "skip"
     table = sluice("runs", "--limit", "5", env=stack.env)
     assert table.returncode == 0 and len(table.stdout.splitlines()) == 6  # header + 5 runs
+    misplaced = sluice("run", "products", "products.csv", env=stack.env)
+    assert misplaced.returncode == 2
+    assert "the file goes in --file: sluice run products --file products.csv" in misplaced.stderr
+    for command in ("run", "trigger", "status", "runs", "retry", "failed-rows"):
+        helped = sluice(command, "--help", env=stack.env)
+        assert helped.returncode == 0 and "Example" in helped.stdout, (command, helped.stdout)
     bad = sluice("runs", "--status", "sleeping", env=stack.env)
     assert bad.returncode == 2 and "sleeping" in bad.stderr
     both = sluice(

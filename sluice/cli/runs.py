@@ -68,15 +68,30 @@ async def _submit(
 
 @click.command("run")
 @click.argument("slug")
-@click.option(
-    "--file", "path", required=True, type=click.Path(path_type=Path), help="file to import"
-)
+@click.argument("stray", nargs=-1, metavar="")
+@click.option("--file", "path", type=click.Path(path_type=Path), help="file to import")
 @dry_run_option
 @fresh_option
 @wait_option
 @json_option
-def run_cmd(slug: str, path: Path, dry_run: bool, fresh: bool, wait: bool, as_json: bool) -> None:
-    """Import PATH with the importer SLUG."""
+def run_cmd(
+    slug: str,
+    stray: tuple[str, ...],
+    path: Path | None,
+    dry_run: bool,
+    fresh: bool,
+    wait: bool,
+    as_json: bool,
+) -> None:
+    """Import a file with the importer SLUG.
+
+    \b
+    Example:
+      sluice run products --file products.csv --wait
+    """
+    if stray or path is None:
+        given = stray[0] if stray else "FILE"
+        fail(f"the file goes in --file: sluice run {slug} --file {given}", EXIT_USAGE)
     options = run_options(fresh=fresh)
     exit_with(_submit(slug, path, dry_run=dry_run, wait=wait, as_json=as_json, options=options))
 
@@ -173,7 +188,13 @@ def trigger_cmd(
     wait: bool,
     as_json: bool,
 ) -> None:
-    """Start a run of SLUG that pulls its data (URL, FTP/SFTP, filesystem, paginated API)."""
+    """Start a run of SLUG that pulls its data (URL, FTP/SFTP, filesystem, paginated API).
+
+    \b
+    Examples:
+      sluice trigger prices --url https://example.com/prices.csv --wait
+      sluice trigger orders --param since=2026-01-01
+    """
     params = _trigger_params(
         extra, {"url": url, "path": path, "file": remote_file, "pattern": pattern}
     )
@@ -209,7 +230,12 @@ def _on_run(
 @click.argument("run_id")
 @json_option
 def status(run_id: str, as_json: bool) -> None:
-    """Show a run's status and counters."""
+    """Show a run's status and counters.
+
+    \b
+    Example:
+      sluice status 5f0c...e2 --json
+    """
     _on_run(run_id, as_json, Client.get_run)
 
 
@@ -233,7 +259,12 @@ def parse_statuses(value: str | None) -> list[str] | None:
 @click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="a JSON array of run objects")
 def runs(status: list[str] | None, importer: str | None, limit: int, as_json: bool) -> None:
-    """List runs, newest first."""
+    """List runs, newest first.
+
+    \b
+    Example:
+      sluice runs --status failed,cancelled --importer products
+    """
 
     async def go() -> int:
         async with Client(load_settings()) as client:
@@ -267,7 +298,12 @@ def cancel(run_id: str, as_json: bool) -> None:
 @cancel_on_interrupt_option
 @click.option("--json", "as_json", is_flag=True, help="print the child run as JSON")
 def retry(run_id: str, dry_run: bool, wait: bool, as_json: bool) -> None:
-    """Import a run's rejected rows again, as a child run linked by parent_run_id."""
+    """Import a run's rejected rows again, as a child run linked by parent_run_id.
+
+    \b
+    Example:
+      sluice retry RUN_ID --wait
+    """
     rid = parse_run_id(run_id)
 
     async def go() -> int:
@@ -292,7 +328,13 @@ def retry(run_id: str, dry_run: bool, wait: bool, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="JSON lines: row_number, sub, raw, reason")
 @click.option("--limit", type=int, default=None, help="at most this many rows")
 def failed_rows(run_id: str, as_csv: bool, as_json: bool, limit: int | None) -> None:
-    """Print the rows a run rejected, with their reasons."""
+    """Print the rows a run rejected, with their reasons.
+
+    \b
+    Example (fix the rows, import them again):
+      sluice failed-rows RUN_ID --csv > fix.csv
+      sluice run IMPORTER --file fix.csv
+    """
     rid = parse_run_id(run_id)
 
     async def show() -> int:
