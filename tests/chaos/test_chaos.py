@@ -327,7 +327,13 @@ async def lifecycle_lost(
     )
     await consumer.start()
     try:
-        exists = TOPICS.lifecycle in await consumer.topics()
+        # The topic watch recreates a lost lifecycle topic within a few of its intervals and
+        # relays again what went to the lost one: wait for that, as a subscriber would.
+        deadline = time.monotonic() + 20
+        while not (exists := TOPICS.lifecycle in await consumer.topics()):
+            if not relayed or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
         if relayed and exists:
             consumer.subscribe([TOPICS.lifecycle])
             deadline = time.monotonic() + 10
