@@ -372,7 +372,7 @@ async def test_ctrl_c_during_wait_leaves_the_run_going_or_cancels_it_when_asked(
 ) -> None:
     from tests.test_pipeline import make_rows, write_csv
 
-    path = write_csv(tmp_path / "long.csv", make_rows(150_000, seed=22))
+    path = write_csv(tmp_path / "long.csv", make_rows(60_000, seed=22))
 
     async def interrupt(*flags: str) -> tuple[int, str, Run]:
         command = [sys.executable, "-m", "sluice", "run", "t_cancel", "--file", str(path)]
@@ -405,7 +405,7 @@ async def test_ctrl_c_during_wait_leaves_the_run_going_or_cancels_it_when_asked(
     assert f"run {run.id} goes on in the background" in err
     assert f"sluice status {run.id}" in err and f"sluice cancel {run.id}" in err
     done = await client.wait(run.id)
-    assert done.status.value == "completed" and done.processed_rows == 150_000
+    assert done.status.value == "completed" and done.processed_rows == 60_000
 
     code, err, run = await interrupt("--cancel-on-interrupt")
     assert code == 5, err  # the exit code of a cancelled run

@@ -284,11 +284,13 @@ async def test_sftp_newest_matching_file_is_imported_then_moved(
 async def test_rate_limited_api_with_flaky_and_failing_items(
     client: Client, stack: Stack, db: asyncpg.Connection
 ) -> None:
-    n, allowed, burst = 5000, 220, 20  # the importer asks for 200/s with a burst of 20
-    api = FakeApi(n, port=stack.api_port, per_second=allowed, throttle_every=700)
-    flaky = {api.ids[i]: 1 + i % 3 for i in range(10, 4000, 400)}  # fail 1-3 times, then work
-    broken = {api.ids[i] for i in (7, 2500, 4999)}  # 500 for ever
-    missing = {api.ids[i] for i in (42, 3000)}  # 404
+    # About 12 s of fetching at the importer's rate: long enough for the limit to hold over
+    # many windows, 429s and retries from both workers.
+    n, allowed, burst = 2500, 220, 20  # the importer asks for 200/s with a burst of 20
+    api = FakeApi(n, port=stack.api_port, per_second=allowed, throttle_every=500)
+    flaky = {api.ids[i]: 1 + i % 3 for i in range(10, 2000, 200)}  # fail 1-3 times, then work
+    broken = {api.ids[i] for i in (7, 1250, 2499)}  # 500 for ever
+    missing = {api.ids[i] for i in (42, 1500)}  # 404
     api.flaky.update(flaky)
     api.broken = frozenset(broken)
     api.missing = frozenset(missing)
