@@ -124,6 +124,16 @@ class Run(RunCounters):
     def counters(self) -> RunCounters:
         return RunCounters.model_validate(self.model_dump(include=set(RunCounters.model_fields)))
 
+    @property
+    def label(self) -> str:
+        """The importer, or for an import without one its target table (``adhoc:shop``, with
+        the schema when it is not ``public``)."""
+        table = self.options.get("table")
+        if self.importer != "adhoc" or not table:
+            return self.importer
+        schema = self.options.get("schema") or "public"
+        return f"adhoc:{table}" if schema == "public" else f"adhoc:{schema}.{table}"
+
 
 SOURCE_COLUMNS = "_sluice_columns"
 """In a rejected row kept as the file had it (an unpivoted source row), its column names in the

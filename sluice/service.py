@@ -45,6 +45,47 @@ def run_options(*, fresh: bool = False) -> dict[str, Any] | None:
     return {"fresh": True} if fresh else None
 
 
+def adhoc_options(
+    *,
+    table: str | None,
+    key: str | Sequence[str] | None,
+    schema: str = "public",
+    null_markers: Sequence[str] = (),
+    evolve: bool = True,
+    sheet: str | None = None,
+    fresh: bool = False,
+) -> dict[str, Any]:
+    """The options of an import without an importer, as ``sluice import`` and
+    ``POST /api/v1/imports/adhoc/upload`` take them: ``key`` a list or comma-separated. The
+    table's name is normalised as column names are (``My Table`` -> ``my_table``), so it needs
+    no quoting in SQL. ``InvalidRequest`` when the table or the key is missing."""
+    from sluice.agents.split.infer import normalize_identifier
+
+    keys = [k.strip() for k in (key.split(",") if isinstance(key, str) else key or ()) if k.strip()]
+    if not (table or "").strip() or not keys:
+        raise InvalidRequest(
+            "an import without an importer needs the target table and its key: give `table`"
+            " (created when missing) and `key` (one or more column names, comma-separated),"
+            " e.g. table=products, key=sku"
+        )
+    given = [table or "", schema, *keys, *null_markers, sheet or ""]
+    if any("\x00" in value for value in given):
+        raise InvalidRequest("table, schema, key, null markers and sheet may not hold NUL bytes")
+    options: dict[str, Any] = {
+        "table": normalize_identifier(table or "", 0),
+        "key": keys,
+        "schema": schema,
+    }
+    options.update(run_options(fresh=fresh) or {})
+    if null_markers:
+        options["null_markers"] = list(null_markers)
+    if not evolve:
+        options["evolve"] = False
+    if sheet:
+        options["sheet"] = sheet
+    return options
+
+
 def backfill_request(
     did: str,
     *,

@@ -13,8 +13,11 @@ from sluice.api.deps import ClientDep, SettingsDep
 from sluice.api.errors import ApiError
 from sluice.api.models import TriggerBody
 from sluice.api.uploads import safe_filename, unsupported_type
+from sluice.config import Settings
+from sluice.errors import InvalidRequest
+from sluice.schemas.importers import ADHOC
 from sluice.schemas.runs import Run
-from sluice.service import Client, run_options
+from sluice.service import Client, adhoc_options, run_options
 
 router = APIRouter(dependencies=TOKEN_REQUIRED)
 
@@ -28,6 +31,63 @@ Wait = Annotated[bool, Query(description="answer when the run finishes")]
 async def importers(client: ClientDep) -> dict[str, Any]:
     """The registered importers: table, key, policy, fields."""
     return {"data": [i.describe() for i in client.registry.all()]}
+
+
+@router.post("/api/v1/imports/adhoc/upload", status_code=202, tags=["imports"], responses=WAITED)
+async def upload_adhoc(
+    file: Annotated[UploadFile, File(description="the file to import")],
+    client: ClientDep,
+    settings: SettingsDep,
+    caller: Caller,
+    table: Annotated[
+        str,
+        Form(
+            min_length=1,
+            pattern=r".*\S.*",
+            description="target table, created when missing (its name normalised as columns'"
+            " are: My Table -> my_table)",
+        ),
+    ],
+    key: Annotated[
+        str,
+        Form(min_length=1, pattern=r".*[^,\s].*", description="key column(s), comma-separated"),
+    ],
+    schema: Annotated[str, Form(description="schema of the table")] = "public",
+    null_marker: Annotated[
+        list[str] | None,
+        Form(description="a cell value read as null (repeat for several; replaces the defaults)"),
+    ] = None,
+    sheet: Annotated[str | None, Form(description="XLSX: the sheet to read")] = None,
+    evolve: Annotated[
+        bool, Form(description="add new columns and widen types of an existing table")
+    ] = True,
+    dry_run: Annotated[bool, Form()] = False,
+    fresh: Annotated[
+        bool,
+        Form(
+            description="full refresh: once the run completed, delete the rows it did not contain"
+        ),
+    ] = False,
+    wait: Wait = False,
+) -> Response:
+    """Upload a file and import it without an importer, as ``sluice import FILE --into TABLE
+    --key COL`` does: columns and types come from the file."""
+    try:
+        options = adhoc_options(
+            table=table,
+            key=key,
+            schema=schema,
+            null_markers=null_marker or (),
+            evolve=evolve,
+            sheet=sheet,
+            fresh=fresh,
+        )
+    except InvalidRequest as exc:
+        raise ApiError(422, "invalid_parameters", str(exc)) from None
+    run = await _stream_upload(
+        ADHOC, file, client, settings, caller, dry_run=dry_run, options=options
+    )
+    return await _answer(client, run, wait=wait, wait_timeout=settings.api.wait_timeout)
 
 
 @router.post("/api/v1/imports/{slug}/upload", status_code=202, tags=["imports"], responses=WAITED)
@@ -47,6 +107,24 @@ async def upload(
     wait: Wait = False,
 ) -> Response:
     """Upload a file and start its import. The body is streamed to the file store."""
+    options = run_options(fresh=fresh)
+    run = await _stream_upload(
+        slug, file, client, settings, caller, dry_run=dry_run, options=options
+    )
+    return await _answer(client, run, wait=wait, wait_timeout=settings.api.wait_timeout)
+
+
+async def _stream_upload(
+    slug: str,
+    file: UploadFile,
+    client: Client,
+    settings: Settings,
+    caller: str,
+    *,
+    dry_run: bool,
+    options: dict[str, Any] | None,
+) -> Run:
+    """The uploaded file streamed to the file store, and its run queued."""
     if unsupported_type(file.content_type):
         raise ApiError(
             415,
@@ -60,18 +138,17 @@ async def upload(
         while data := await file.read(1 << 20):
             yield data
 
-    run = await client.submit_stream(
+    return await client.submit_stream(
         slug,
         chunks(),
         name=safe_filename(file.filename),
         dry_run=dry_run,
-        options=run_options(fresh=fresh),
+        options=options,
         content_type=file.content_type,
         max_bytes=settings.api.max_upload_bytes,
         source="upload",
         requested_by=caller,
     )
-    return await _answer(client, run, wait=wait, wait_timeout=settings.api.wait_timeout)
 
 
 TRIGGER_EXAMPLES = {

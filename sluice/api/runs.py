@@ -26,6 +26,9 @@ from sluice.service import failed_rows_csv
 router = APIRouter(dependencies=TOKEN_REQUIRED, tags=["runs"])
 
 Page = Annotated[int, Query(ge=1, le=1_000_000)]
+_STATUS = "|".join(s.value for s in RunStatus)
+STATUSES = rf"^\s*({_STATUS})\s*(,\s*({_STATUS})\s*)*$"
+"""A status filter: one or several run statuses, comma-separated."""
 
 
 @router.get("/api/v1/runs")
@@ -36,6 +39,7 @@ async def list_runs(
         Query(
             description="one status, or several separated by commas: failed,cancelled",
             examples=["failed,cancelled"],
+            pattern=STATUSES,
         ),
     ] = None,
     importer: str | None = None,

@@ -111,7 +111,7 @@ def run_json(run: Run) -> str:
 
 def summary(run: Run) -> str:
     lines = [
-        f"run {run.id}  {run.importer}  {run.status.value}",
+        f"run {run.id}  {run.label}  {run.status.value}",
         f"  rows: {run.processed_rows:,} of "
         f"{f'{run.total_rows:,}' if run.total_rows is not None else '?'}"
         f"  created {run.created_rows:,}  updated {run.updated_rows:,}"

@@ -26,7 +26,7 @@ from sluice.cli.common import (
     user,
 )
 from sluice.schemas.runs import ItemStatus, Run, RunStatus
-from sluice.service import Client, failed_rows_csv, run_options
+from sluice.service import Client, adhoc_options, failed_rows_csv, run_options
 
 FRESH_HELP = (
     "full refresh: once the run completed, delete the table's rows it did not contain "
@@ -139,17 +139,17 @@ def import_cmd(
     """
     from sluice.schemas.importers import ADHOC
 
-    keys = [k.strip() for k in key.split(",") if k.strip()]
-    if not keys:
+    if not [k for k in key.split(",") if k.strip()]:
         fail("--key needs at least one column name", EXIT_USAGE)
-    options: dict[str, Any] = {"table": table, "key": keys, "schema": schema}
-    options.update(run_options(fresh=fresh) or {})
-    if null_markers:
-        options["null_markers"] = list(null_markers)
-    if no_evolve:
-        options["evolve"] = False
-    if sheet:
-        options["sheet"] = sheet
+    options = adhoc_options(
+        table=table,
+        key=key,
+        schema=schema,
+        null_markers=null_markers,
+        evolve=not no_evolve,
+        sheet=sheet,
+        fresh=fresh,
+    )
     exit_with(_submit(ADHOC, path, dry_run=dry_run, wait=wait, as_json=as_json, options=options))
 
 
@@ -272,10 +272,10 @@ def runs(status: list[str] | None, importer: str | None, limit: int, as_json: bo
         if as_json:
             echo_json([r.model_dump(mode="json", exclude={"options"}) for r in found])
             return 0
-        click.echo(f"{'run':36}  {'importer':16} {'status':22} {'rows':>10} {'failed':>8}  queued")
+        click.echo(f"{'run':36}  {'importer':24} {'status':22} {'rows':>10} {'failed':>8}  queued")
         for r in found:
             click.echo(
-                f"{r.id}  {r.importer:16.16} {r.status.value:22} {r.processed_rows:>10,}"
+                f"{r.id}  {r.label:24.24} {r.status.value:22} {r.processed_rows:>10,}"
                 f" {r.failed_rows:>8,}  {r.queued_at:%Y-%m-%d %H:%M:%S}"
             )
         return 0
