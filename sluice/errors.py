@@ -132,10 +132,25 @@ class UndecodableFile(FileFormatError):
     """The file's bytes are not text in a supported encoding."""
 
 
+class PoisonBatch(TerminalError, ValueError):
+    """A message on the batches topic that is not a batch, or a batch whose rows cannot be
+    decoded: it goes to the dead-letter topic (also importable from sluice.schemas.events)."""
+
+
 class SourceError(TerminalError):
     """The source refused or cannot serve the request as configured (bad URL, refused host,
     wrong password, no matching file, path outside the roots): retrying cannot help."""
 
 
 class SourceUnavailable(TransientError):
-    """The source did not answer or failed in a way that may pass (timeout, 5xx, reset)."""
+    """The source did not answer or failed in a way that may pass (timeout, 5xx, reset).
+    ``status`` is the HTTP status of an answer that may pass (408, 425, 5xx), and
+    ``retry_after`` the seconds a 429 asked to wait (sluice.retry waits them without using a
+    try)."""
+
+    def __init__(
+        self, message: str, *, status: int | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after

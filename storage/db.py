@@ -10,14 +10,19 @@ rewritten for the configured ones when applied.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from importlib import resources
+from typing import Any, ParamSpec, TypeVar
 
 import asyncpg
 import orjson
 
 from sluice.config import Schemas
+from sluice.errors import DatabaseUnavailable
+from sluice.retry import Policy
 from sluice.storage.sql import quote_ident
 
 log = logging.getLogger(__name__)
@@ -61,12 +66,72 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.AdminShutdownError,
 )
+"""What asyncpg raises when the database cannot be reached (down, restarting, the connection
+lost). The connections and pools made here raise these as
+:class:`~sluice.errors.DatabaseUnavailable` instead, so callers see Sluice's error tree."""
 
 
 def is_connection_error(exc: BaseException) -> bool:
     """The database could not be reached (down, restarting): wait for it rather than count the
     failure against the work."""
-    return isinstance(exc, CONNECTION_ERRORS)
+    return isinstance(exc, DatabaseUnavailable | CONNECTION_ERRORS)
+
+
+def unavailable(exc: BaseException) -> DatabaseUnavailable:
+    """``exc`` (one of CONNECTION_ERRORS) as the error tree's DatabaseUnavailable."""
+    return DatabaseUnavailable(f"the database cannot be reached ({type(exc).__name__}: {exc})")
+
+
+def serialization_conflict(exc: BaseException) -> bool:
+    """A serializable transaction aborted because a concurrent one won: apply it again
+    (``retry_on`` of sluice.retry.CONFLICT loops)."""
+    return isinstance(exc, asyncpg.exceptions.SerializationError)
+
+
+CONFLICT = Policy(attempts=20, first=0.02, cap=0.4, retry_on=serialization_conflict)
+"""For a serializable transaction that lost to a concurrent one: short waits, many tries;
+anything else is not retried here."""
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _mapped(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    @functools.wraps(method)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(*args, **kwargs)
+        except DatabaseUnavailable:
+            raise
+        except CONNECTION_ERRORS as exc:
+            raise unavailable(exc) from exc
+
+    return call
+
+
+class Connection(asyncpg.Connection):  # type: ignore[misc]
+    """asyncpg's connection, with its failures to reach the database raised as
+    DatabaseUnavailable (the seam between asyncpg and the rest of Sluice). Every statement,
+    transactions' BEGIN/COMMIT/ROLLBACK included, goes through one of these methods."""
+
+    execute = _mapped(asyncpg.Connection.execute)
+    executemany = _mapped(asyncpg.Connection.executemany)
+    fetch = _mapped(asyncpg.Connection.fetch)
+    fetchrow = _mapped(asyncpg.Connection.fetchrow)
+    fetchval = _mapped(asyncpg.Connection.fetchval)
+    fetchmany = _mapped(asyncpg.Connection.fetchmany)
+    prepare = _mapped(asyncpg.Connection.prepare)
+    copy_from_table = _mapped(asyncpg.Connection.copy_from_table)
+    copy_from_query = _mapped(asyncpg.Connection.copy_from_query)
+    copy_to_table = _mapped(asyncpg.Connection.copy_to_table)
+    copy_records_to_table = _mapped(asyncpg.Connection.copy_records_to_table)
+
+
+async def _connect(*args: Any, **kwargs: Any) -> asyncpg.Connection:
+    try:
+        return await asyncpg.connect(*args, **kwargs)
+    except CONNECTION_ERRORS as exc:
+        raise unavailable(exc) from exc
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -82,12 +147,16 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 async def create_pool(
     url: str, *, schemas: Schemas = DEFAULT_SCHEMAS, min_size: int = 1, max_size: int = 8
 ) -> asyncpg.Pool:
+    """A pool whose connections raise DatabaseUnavailable when the database cannot be reached
+    (when a connection is opened, and on every statement)."""
     pool = await asyncpg.create_pool(
         url,
         min_size=min_size,
         max_size=max_size,
         init=_init_connection,
         command_timeout=300,
+        connect=_connect,
+        connection_class=Connection,
         # A startup parameter, not a SET: the pool's RESET ALL on release keeps it.
         server_settings={"search_path": search_path(schemas)},
     )
@@ -96,7 +165,10 @@ async def create_pool(
 
 
 async def connect(url: str, *, schemas: Schemas = DEFAULT_SCHEMAS) -> asyncpg.Connection:
-    conn = await asyncpg.connect(url, server_settings={"search_path": search_path(schemas)})
+    """One connection (see create_pool for its errors)."""
+    conn = await _connect(
+        url, connection_class=Connection, server_settings={"search_path": search_path(schemas)}
+    )
     await _init_connection(conn)
     return conn
 
