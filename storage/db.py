@@ -71,12 +71,6 @@ lost). The connections and pools made here raise these as
 :class:`~sluice.errors.DatabaseUnavailable` instead, so callers see Sluice's error tree."""
 
 
-def is_connection_error(exc: BaseException) -> bool:
-    """The database could not be reached (down, restarting): wait for it rather than count the
-    failure against the work."""
-    return isinstance(exc, DatabaseUnavailable | CONNECTION_ERRORS)
-
-
 def unavailable(exc: BaseException) -> DatabaseUnavailable:
     """``exc`` (one of CONNECTION_ERRORS) as the error tree's DatabaseUnavailable."""
     return DatabaseUnavailable(f"the database cannot be reached ({type(exc).__name__}: {exc})")
@@ -127,6 +121,41 @@ class Connection(asyncpg.Connection):  # type: ignore[misc]
     copy_records_to_table = _mapped(asyncpg.Connection.copy_records_to_table)
 
 
+class _Acquired:
+    """``pool.acquire()``: its connection, and failures to reach the database inside the
+    ``async with`` block (a lost connection's proxy refusing to be used, say) raised as
+    DatabaseUnavailable."""
+
+    def __init__(self, acquiring: Any) -> None:
+        self._acquiring = acquiring
+
+    async def __aenter__(self) -> asyncpg.Connection:
+        try:
+            return await self._acquiring.__aenter__()
+        except CONNECTION_ERRORS as exc:
+            raise unavailable(exc) from exc
+
+    async def __aexit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool | None:
+        try:
+            done: bool | None = await self._acquiring.__aexit__(kind, exc, tb)
+        except CONNECTION_ERRORS as failed:
+            raise unavailable(failed) from failed
+        if isinstance(exc, CONNECTION_ERRORS) and not isinstance(exc, DatabaseUnavailable):
+            raise unavailable(exc) from exc
+        return done
+
+    def __await__(self) -> Any:
+        return _mapped(self._acquiring.__aenter__)().__await__()
+
+
+class Pool(asyncpg.Pool):  # type: ignore[misc]
+    """asyncpg's pool, whose connections are :class:`Connection` and whose ``acquire`` raises
+    DatabaseUnavailable when the database cannot be reached."""
+
+    def acquire(self, *, timeout: float | None = None) -> _Acquired:
+        return _Acquired(super().acquire(timeout=timeout))
+
+
 async def _connect(*args: Any, **kwargs: Any) -> asyncpg.Connection:
     try:
         return await asyncpg.connect(*args, **kwargs)
@@ -148,8 +177,8 @@ async def create_pool(
     url: str, *, schemas: Schemas = DEFAULT_SCHEMAS, min_size: int = 1, max_size: int = 8
 ) -> asyncpg.Pool:
     """A pool whose connections raise DatabaseUnavailable when the database cannot be reached
-    (when a connection is opened, and on every statement)."""
-    pool = await asyncpg.create_pool(
+    (when a connection is opened, on every statement, and in an ``acquire`` block)."""
+    pool = await Pool(
         url,
         min_size=min_size,
         max_size=max_size,
@@ -157,6 +186,12 @@ async def create_pool(
         command_timeout=300,
         connect=_connect,
         connection_class=Connection,
+        record_class=asyncpg.Record,
+        max_queries=50000,
+        max_inactive_connection_lifetime=300.0,
+        loop=None,
+        setup=None,
+        reset=None,
         # A startup parameter, not a SET: the pool's RESET ALL on release keeps it.
         server_settings={"search_path": search_path(schemas)},
     )

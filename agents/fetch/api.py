@@ -8,10 +8,8 @@ goes through the host policy of ``SLUICE_URL_*`` (``sluice.agents.fetch.guard``)
 
 from __future__ import annotations
 
-import email.utils
 import logging
 import os
-import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -28,31 +26,6 @@ from sluice.storage.ratelimit import RateLimiter, RateStats
 
 log = logging.getLogger(__name__)
 
-RETRYABLE = frozenset({408, 425, 500, 502, 503, 504})
-"""HTTP statuses that may pass when asked again (a 429 too, after its Retry-After)."""
-
-
-def retry_after(response: httpx.Response, default: float = 1.0) -> float:
-    """Seconds to wait after a 429: ``Retry-After`` (seconds or an HTTP date), else
-    ``RateLimit-Reset`` (seconds), else ``default``."""
-    value = response.headers.get("retry-after")
-    if value:
-        value = value.strip()
-        if value.replace(".", "", 1).isdigit():
-            return max(0.0, float(value))
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            when = None
-        if when is not None:
-            return max(0.0, when.timestamp() - time.time())
-    reset = response.headers.get("ratelimit-reset")
-    if reset and reset.strip().replace(".", "", 1).isdigit():
-        value_s = float(reset.strip())
-        # The IETF draft sends seconds to wait; some servers (Bluesky) send an epoch time.
-        return max(0.0, value_s - time.time() if value_s > 1e9 else value_s)
-    return default
-
 
 async def limited_get(
     http: GuardedClient,
@@ -65,20 +38,18 @@ async def limited_get(
     """One GET under the cluster's rate limit ``limit`` (key, per second, burst): where the
     pull sources' HTTP answers are classified. Returns an answer that is final (a success, or
     a 4xx that asking again cannot change); raises SourceUnavailable for what may pass (no
-    answer, a timeout, a status in RETRYABLE: ``status`` set; a 429: ``retry_after`` set, and
-    the source blocked for that long for the whole cluster) and SourceError when the host
-    policy refuses the URL or a redirect."""
+    answer, a timeout, a status that may pass: ``status`` set; a 429: ``retry_after`` set,
+    and the source blocked for that long for the whole cluster) and SourceError when the host
+    policy refuses the URL or a redirect (the classification is GuardedClient's)."""
     key, per_second, burst = limit
     await limiter.acquire(key, per_second, burst, stats)
-    response = await http.get(url, **request)
-    if response.status_code == 429:
-        stats.hits += 1
-        wait = retry_after(response)
-        await limiter.block(key, wait)
-        raise SourceUnavailable("HTTP 429", status=429, retry_after=wait)
-    if response.status_code in RETRYABLE:
-        raise SourceUnavailable(f"HTTP {response.status_code}", status=response.status_code)
-    return response
+    try:
+        return await http.get(url, **request)
+    except SourceUnavailable as exc:
+        if exc.status == 429 and exc.retry_after is not None:
+            stats.hits += 1
+            await limiter.block(key, exc.retry_after)
+        raise
 
 
 def source_unavailable(exc: BaseException) -> bool:
@@ -237,8 +208,9 @@ class ApiClient:
         try:
             response = await retrying(f"GET {path}", get, self.retries)
         except SourceUnavailable as exc:
+            reason = f"HTTP {exc.status}" if exc.status is not None else str(exc)
             raise SourceUnavailable(
-                f"GET {path} failed {self.source.max_attempts} times, last with {exc}"
+                f"GET {path} failed {self.source.max_attempts} times, last with {reason}"
             ) from exc
         if not response.is_success:
             raise SourceError(
