@@ -38,7 +38,13 @@ from sluice.agents.fetch.guard import GuardedClient, check_url
 from sluice.config import FirehoseSettings, UrlSettings
 from sluice.errors import SourceError, SourceUnavailable, TerminalError, TransientError
 from sluice.retry import Policy, retrying
-from sluice.schemas.firehose import BACKFILL_IMPORTER, BackfillRequested, BackfillState
+from sluice.schemas.firehose import (
+    BACKFILL_IMPORTER,
+    BackfillRequested,
+    BackfillState,
+    BackfillStatus,
+    RecordOrigin,
+)
 from sluice.schemas.runs import Run
 from sluice.storage.atproto import RecordWrite, write_records
 from sluice.storage.db import CONFLICT, advisory_key
@@ -263,8 +269,14 @@ class Backfiller:
         did = request.did
         collections = list(request.collections) or await self.pds.collections(pds, did, stats)
         states = {s.collection: s for s in await self.states(did)}
-        todo = [c for c in collections if states.get(c) is None or states[c].status != "completed"]
-        rev = next((s.rev for s in states.values() if s.rev and s.status != "completed"), None)
+        todo = [
+            c
+            for c in collections
+            if states.get(c) is None or states[c].status != BackfillStatus.COMPLETED
+        ]
+        rev = next(
+            (s.rev for s in states.values() if s.rev and s.status != BackfillStatus.COMPLETED), None
+        )
         if rev is None and todo:
             # Read before the first page: every record of this pass is at least this new.
             rev = await self.pds.latest_rev(pds, did, stats)
@@ -366,7 +378,7 @@ class Backfiller:
     ) -> None:
         # Serializable, like the live path: see agents/firehose.py.
         async with self.pool.acquire() as conn, conn.transaction(isolation="serializable"):
-            counts = await write_records(conn, writes, "backfill")
+            counts = await write_records(conn, writes, RecordOrigin.BACKFILL)
             if self.projections is not None and self.projections.importers:
                 await self.projections.apply(conn, counts)
             await conn.execute(
