@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Hashable
 from functools import partial
 from typing import Generic, TypeVar
 
-from sluice.retry import Policy, retrying
+from sluice.retries import Policy, retrying
 
 log = logging.getLogger(__name__)
 

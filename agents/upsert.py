@@ -16,7 +16,7 @@ from sluice.agents.lanes import Lanes
 from sluice.agents.plans import PlanCache
 from sluice.agents.wiring import Wiring
 from sluice.errors import TerminalError
-from sluice.retry import Policy, retrying
+from sluice.retries import Policy, retrying
 from sluice.schemas.events import BatchOutcome, PoisonBatch, RowBatch
 from sluice.storage.writer import BatchResult
 

@@ -44,7 +44,7 @@ from sluice.agents.fetch.trigger import after_import
 from sluice.agents.wiring import Wiring, acknowledged
 from sluice.config import WebhookSettings
 from sluice.errors import InvalidConfig, TransientError
-from sluice.retry import Policy, backoff, retrying
+from sluice.retries import Policy, backoff, retrying
 from sluice.schemas.events import LifecycleEvent
 from sluice.schemas.importers import Importer
 from sluice.schemas.webhooks import WebhookDelivery

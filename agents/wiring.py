@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 from sluice.agents.deps import Deps
 from sluice.agents.plans import PlanCache
 from sluice.config import KafkaSettings
-from sluice.retry import Policy, retrying
+from sluice.retries import Policy, retrying
 from sluice.schemas.events import DeadLetter, ImportRequested, TriggerRequested
 from sluice.schemas.firehose import BackfillRequested
 from sluice.schemas.runs import Run

@@ -3,7 +3,7 @@ the failures of the libraries underneath are mapped into this tree where Sluice 
 asyncpg's "cannot reach the database" at the pool (``sluice.storage.db``), httpx's failures
 and the answers that may pass at the pull sources' one HTTP client
 (``sluice.agents.fetch.guard``), aiokafka's at the client factory (``sluice.streams``).
-``sluice.retry`` retries a TransientError and never a TerminalError.
+``sluice.retries`` retries a TransientError and never a TerminalError.
 
     SluiceError
     ├── TerminalError            the input or request is wrong: retrying cannot help
@@ -30,7 +30,7 @@ and the answers that may pass at the pull sources' one HTTP client
     │   ├── CannotResume         a stalled run's stored file is gone (sluice.agents.recover)
     │   └── BackfillError        a repository cannot be backfilled as asked
     │                            (sluice.agents.firehose.backfill)
-    └── TransientError           a dependency failed; retry with backoff (sluice.retry)
+    └── TransientError           a dependency failed; retry with backoff (sluice.retries)
         ├── DatabaseUnavailable  PostgreSQL cannot be reached (down, restarting): waited out
         │                        without using up tries
         ├── SourceUnavailable    a pull source did not answer, or answered 408, 425, 429 or
@@ -138,7 +138,7 @@ class ObjectStoreUnavailable(TransientError):
 
 class DatabaseUnavailable(TransientError):
     """PostgreSQL cannot be reached (down, restarting, refusing connections): waited out
-    without using up the tries of the work that needs it (sluice.retry)."""
+    without using up the tries of the work that needs it (sluice.retries)."""
 
 
 class StackUnreachable(TransientError):
@@ -167,7 +167,7 @@ class SourceError(TerminalError):
 class SourceUnavailable(TransientError):
     """The source did not answer or failed in a way that may pass (timeout, 5xx, reset).
     ``status`` is the HTTP status of an answer that may pass (408, 425, 5xx), and
-    ``retry_after`` the seconds a 429 asked to wait (sluice.retry waits them without using a
+    ``retry_after`` the seconds a 429 asked to wait (sluice.retries waits them without using a
     try)."""
 
     def __init__(

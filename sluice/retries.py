@@ -1,4 +1,5 @@
 """One retry policy for every loop in Sluice that waits and tries again (tenacity underneath).
+(``retries``, not ``retry``: ``sluice.retry`` is the Python API's "retry a run".)
 
 - Exponential backoff with jitter (half the delay fixed, half random), capped, so workers that
   failed together do not retry together.

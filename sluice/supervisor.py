@@ -38,7 +38,7 @@ from sluice.config import (
     Settings,
 )
 from sluice.errors import EmbeddedStackMissing
-from sluice.retry import backoff
+from sluice.retries import backoff
 from sluice.stack import (
     LOCALHOST,
     ComponentState,
@@ -91,7 +91,7 @@ class Backoff:
         if uptime >= self.stable_after:
             self.failures = 0
         self.failures += 1
-        # The doubling of sluice.retry; the jitter only adds (a restart never comes sooner).
+        # The doubling of sluice.retries; the jitter only adds (a restart never comes sooner).
         nominal = backoff(self.failures, first=self.base, cap=self.cap, jitter=False)
         return nominal * (1 + self.jitter * rand())
 

@@ -22,7 +22,7 @@ import orjson
 
 from sluice.config import Schemas
 from sluice.errors import DatabaseUnavailable
-from sluice.retry import Policy
+from sluice.retries import Policy
 from sluice.storage.sql import quote_ident
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def unavailable(exc: BaseException) -> DatabaseUnavailable:
 
 def serialization_conflict(exc: BaseException) -> bool:
     """A serializable transaction aborted because a concurrent one won: apply it again
-    (``retry_on`` of sluice.retry.CONFLICT loops)."""
+    (``retry_on`` of sluice.retries CONFLICT loops)."""
     return isinstance(exc, asyncpg.exceptions.SerializationError)
 
 

@@ -1,4 +1,4 @@
-"""sluice.retry, the one retry policy: which failures use up tries, which are not retried, and
+"""sluice.retries, the one retry policy: which failures use up tries, which are not retried, and
 how long an error that says when to come back is waited for. Small real waits; the assertions
 count tries, never time them."""
 
@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from sluice import retry
+from sluice import retries as retry
 from sluice.errors import DatabaseUnavailable, InvalidRequest, SourceUnavailable
-from sluice.retry import Policy, backoff, retrying
+from sluice.retries import Policy, backoff, retrying
 
 FAST = Policy(attempts=3, first=0.001, cap=0.002, outage=120.0)
 
@@ -115,3 +115,12 @@ async def test_work_may_be_any_callable_returning_an_awaitable() -> None:
     work = Flaky(RuntimeError("once"))
     assert await retrying("work", lambda: work(), FAST) == "done"
     assert work.calls == 2
+
+
+def test_the_python_apis_retry_is_still_the_function() -> None:
+    # Importing the submodule must not shadow `sluice.retry(run_id)` of the Python API.
+    import sluice
+    import sluice.retries
+    from sluice import sdk
+
+    assert sluice.retry is sdk.retry

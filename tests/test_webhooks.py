@@ -29,7 +29,7 @@ from sluice.agents.webhooks import (
 from sluice.config import DatabaseSettings, Settings, WebhookSettings, WebhookTarget
 from sluice.errors import InvalidConfig
 from sluice.importers.registry import Registry
-from sluice.retry import backoff
+from sluice.retries import backoff
 from sluice.schemas.events import LifecycleEvent
 from sluice.schemas.importers import Webhook
 from sluice.schemas.runs import RunCounters, RunStatus

@@ -14,7 +14,7 @@ from sluice.agents.fetch.discover import discover
 from sluice.agents.fetch.trigger import adopt_trigger, handle_trigger
 from sluice.agents.wiring import Wiring, acknowledged
 from sluice.errors import TerminalError
-from sluice.retry import Policy, retrying
+from sluice.retries import Policy, retrying
 from sluice.schemas.events import BatchOutcome, ItemPage, TriggerRequested
 from sluice.schemas.runs import Run
 

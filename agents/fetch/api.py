@@ -20,7 +20,7 @@ from sluice.agents.fetch.base import Secrets, dig, secret
 from sluice.agents.fetch.guard import GuardedClient
 from sluice.config import UrlSettings
 from sluice.errors import SourceError, SourceUnavailable
-from sluice.retry import Policy, retrying
+from sluice.retries import Policy, retrying
 from sluice.schemas.sources import ApiSource
 from sluice.storage.ratelimit import RateLimiter, RateStats
 

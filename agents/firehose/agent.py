@@ -14,7 +14,7 @@ from sluice.agents.firehose.backfill import Backfiller
 from sluice.agents.firehose.leader import run_leader_consumer
 from sluice.agents.firehose.project import Projections, projections_for
 from sluice.agents.wiring import Wiring, acknowledged
-from sluice.retry import Policy, retrying
+from sluice.retries import Policy, retrying
 from sluice.schemas.events import DeadLetter
 from sluice.schemas.firehose import BackfillRequested
 from sluice.streams import kafka as clients

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from sluice.agents.deps import Deps
 from sluice.agents.firehose.project import Projections
-from sluice.retry import retrying
+from sluice.retries import retrying
 from sluice.schemas.firehose import JetstreamEvent
 from sluice.storage.atproto import ApplyCounts, apply_events
 from sluice.storage.db import CONFLICT

@@ -37,7 +37,7 @@ from sluice.agents.fetch.api import limited_get, source_unavailable
 from sluice.agents.fetch.guard import GuardedClient, check_url
 from sluice.config import FirehoseSettings, UrlSettings
 from sluice.errors import SourceError, SourceUnavailable, TerminalError, TransientError
-from sluice.retry import Policy, retrying
+from sluice.retries import Policy, retrying
 from sluice.schemas.firehose import (
     BACKFILL_IMPORTER,
     BackfillRequested,

@@ -26,7 +26,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidURI, WebSocketException
 
 from sluice.errors import InvalidConfig
-from sluice.retry import backoff
+from sluice.retries import backoff
 from sluice.schemas.firehose import JetstreamEvent
 
 log = logging.getLogger(__name__)

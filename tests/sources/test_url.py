@@ -250,7 +250,7 @@ async def test_status_codes(serve, status: int, error: type[Exception]) -> None:
         await fetch_all(server.url("/x"))
     assert type(caught.value) is error
     if isinstance(caught.value, SourceUnavailable):
-        # What sluice.retry reads: the status, and for a 429 how long to wait (1 s without a
+        # What sluice.retries reads: the status, and for a 429 how long to wait (1 s without a
         # Retry-After), which is waited out without using a try.
         assert caught.value.status == status
         assert caught.value.retry_after == (1.0 if status == 429 else None)
