@@ -15,7 +15,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Hashable
+from functools import partial
 from typing import Generic, TypeVar
+
+from sluice.retries import Policy, retrying
 
 log = logging.getLogger(__name__)
 
@@ -48,22 +51,15 @@ class Lanes(Generic[T]):
         await queue.put(item)
 
     async def _run(self, lane: Hashable, queue: asyncio.Queue[T]) -> None:
+        # The work handles its own failures; what escapes it (the dead-letter topic refusing a
+        # message, say) is tried again, whatever it is. Never skipped: the next item of the
+        # lane must not be worked on before this one.
+        policy = Policy(attempts=None, first=self._retry_delay, cap=30.0, retry_on=lambda exc: True)
         while True:
             item = await queue.get()
-            delay = self._retry_delay
-            while True:
-                try:
-                    await self._work(item)
-                    break
-                except Exception:
-                    # The work handles its own failures; what escapes it (the dead-letter topic
-                    # refusing a message, say) is tried again. Never skipped: the next item of
-                    # the lane must not be worked on before this one.
-                    log.exception("lane %s: unhandled error; trying again in %.1fs", lane, delay)
-                    if self._on_retry is not None:
-                        self._on_retry()
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 30.0)
+            await retrying(
+                f"lane {lane}", partial(self._work, item), policy, on_retry=self._on_retry
+            )
             del item  # not kept alive while the lane waits: Faust waits for it on a rebalance
             queue.task_done()
 

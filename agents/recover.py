@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from sluice.agents.deps import Deps
 from sluice.agents.wiring import Wiring
-from sluice.errors import SluiceError
+from sluice.errors import TerminalError
 from sluice.schemas.events import ImportRequested
 from sluice.schemas.firehose import BACKFILL_IMPORTER
 from sluice.schemas.runs import PULL_KINDS, Run
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class CannotResume(SluiceError):
+class CannotResume(TerminalError):
     """What a run needs to go on is gone (its stored file was pruned)."""
 
 

@@ -7,7 +7,6 @@ failures are retried with backoff, and what still fails goes to the dead-letter 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -16,8 +15,9 @@ from sluice.agents.deps import Deps
 from sluice.agents.lanes import Lanes
 from sluice.agents.plans import PlanCache
 from sluice.agents.wiring import Wiring
+from sluice.errors import TerminalError
+from sluice.retries import Policy, retrying
 from sluice.schemas.events import BatchOutcome, PoisonBatch, RowBatch
-from sluice.storage.db import is_connection_error
 from sluice.storage.writer import BatchResult
 
 if TYPE_CHECKING:
@@ -52,60 +52,37 @@ async def _upsert(
         return dead, False
     attempts = deps.settings.pipeline.apply_attempts
     dry_run = False
-    delay = 0.2
-    attempt = 0
-    waited = 0.0
-    while True:
-        try:
-            status, plan, dry_run = await plans.get(deps, batch.run_id)
-            if plan is None:
-                if status.terminal:
-                    return BatchResult(BatchOutcome.INACTIVE), dry_run
-                raise RuntimeError(f"run {batch.run_id} has no plan yet")
-            applier = deps.applier
-            return await applier.apply(batch, plan, dry_run=dry_run), dry_run
-        except asyncio.CancelledError:
-            raise
-        except PoisonBatch as exc:
-            await _give_up(deps, batch, dead_letter, f"{exc}", retried=False)
-            return dead, dry_run
-        except Exception as exc:
-            if is_connection_error(exc) and waited < OUTAGE_SECONDS:
-                # PostgreSQL restarting is waited out; it does not use up the batch's tries.
-                log.warning(
-                    "batch %s/%d: the database is unreachable (%s); waiting",
-                    batch.run_id,
-                    batch.seq,
-                    exc,
-                )
-                deps.metrics.retried("upsert")
-                await asyncio.sleep(1.0)
-                waited += 1.0
-                continue
-            attempt += 1
-            if attempt >= attempts:
-                log.exception(
-                    "batch %s/%d failed %d times; sending it to the dead-letter topic",
-                    batch.run_id,
-                    batch.seq,
-                    attempts,
-                )
-                await _give_up(
-                    deps, batch, dead_letter, f"{type(exc).__name__}: {exc}", retried=True
-                )
-                return dead, dry_run
-            log.warning(
-                "batch %s/%d attempt %d failed (%s: %s); retrying in %.1fs",
-                batch.run_id,
-                batch.seq,
-                attempt,
-                type(exc).__name__,
-                exc,
-                delay,
-            )
-            deps.metrics.retried("upsert")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+
+    async def apply() -> BatchResult:
+        nonlocal dry_run
+        status, plan, dry_run = await plans.get(deps, batch.run_id)
+        if plan is None:
+            if status.terminal:
+                return BatchResult(BatchOutcome.INACTIVE)
+            raise RuntimeError(f"run {batch.run_id} has no plan yet")
+        return await deps.applier.apply(batch, plan, dry_run=dry_run)
+
+    try:
+        result = await retrying(
+            f"batch {batch.run_id}/{batch.seq}",
+            apply,
+            Policy(attempts=attempts, first=0.2, cap=5.0, outage=OUTAGE_SECONDS),
+            on_retry=deps.metrics.on_retry("upsert"),
+        )
+        return result, dry_run
+    except TerminalError as exc:  # a poison batch, say: trying again cannot help
+        cause = str(exc) if isinstance(exc, PoisonBatch) else f"{type(exc).__name__}: {exc}"
+        await _give_up(deps, batch, dead_letter, cause, retried=False)
+        return dead, dry_run
+    except Exception as exc:
+        log.exception(
+            "batch %s/%d failed %d times; sending it to the dead-letter topic",
+            batch.run_id,
+            batch.seq,
+            attempts,
+        )
+        await _give_up(deps, batch, dead_letter, f"{type(exc).__name__}: {exc}", retried=True)
+        return dead, dry_run
 
 
 async def _give_up(

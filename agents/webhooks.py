@@ -43,7 +43,8 @@ from sluice.agents.deps import Deps
 from sluice.agents.fetch.trigger import after_import
 from sluice.agents.wiring import Wiring, acknowledged
 from sluice.config import WebhookSettings
-from sluice.errors import InvalidConfig
+from sluice.errors import InvalidConfig, TransientError
+from sluice.retries import Policy, backoff, retrying
 from sluice.schemas.events import LifecycleEvent
 from sluice.schemas.importers import Importer
 from sluice.schemas.webhooks import WebhookDelivery
@@ -60,14 +61,6 @@ HEADER_TIMESTAMP = "Sluice-Timestamp"
 HEADER_SIGNATURE = "Sluice-Signature"
 SIGNATURE_VERSION = "v1"
 
-# Errors worth recording an event again for: the database is away, not refusing the row.
-TRANSIENT = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.OperatorInterventionError,
-)
 # A claimed attempt is leased for the request's timeout plus this margin to record the outcome.
 LEASE_MARGIN = 30.0
 CLAIM_BATCH = 50
@@ -101,9 +94,12 @@ def verify_signature(
     return False
 
 
-def backoff_delay(attempt: int, base: float, cap: float) -> float:
-    """Seconds to wait after failed attempt number ``attempt`` (1-based): base, 2 x base, ..."""
-    return float(min(cap, base * 2 ** min(attempt - 1, 32)))
+def transient(exc: BaseException) -> bool:
+    """Worth recording an event again for: the database is away (or the connection timed
+    out), not refusing the row."""
+    return isinstance(
+        exc, TransientError | OSError | TimeoutError | asyncpg.exceptions.OperatorInterventionError
+    )
 
 
 def origin(url: str) -> str:
@@ -281,30 +277,18 @@ class WebhookDispatcher:
     ) -> list[int]:
         # Giving up on a passing database error would lose the event for good: the agent's
         # offset moves on. A few tries ride out a restart or failover.
-        attempts = self.deps.settings.pipeline.apply_attempts
-        delay = 0.5
-        for attempt in range(1, attempts + 1):
-            try:
-                dlog = await self.deliveries()
-                return await dlog.record(
-                    event_id=event.event_id,
-                    run_id=event.run_id,
-                    event_type=event.type,
-                    payload=payload,
-                    urls=[h.url for h in hooks],
-                )
-            except TRANSIENT as exc:
-                if attempt == attempts:
-                    raise
-                log.warning(
-                    "webhooks: recording event %s failed (%s); retrying in %.1fs",
-                    event.event_id,
-                    exc,
-                    delay,
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-        return []
+        async def record() -> list[int]:
+            dlog = await self.deliveries()
+            return await dlog.record(
+                event_id=event.event_id,
+                run_id=event.run_id,
+                event_type=event.type,
+                payload=payload,
+                urls=[h.url for h in hooks],
+            )
+
+        policy = Policy(attempts=self.deps.settings.pipeline.apply_attempts, retry_on=transient)
+        return await retrying(f"webhooks: recording event {event.event_id}", record, policy)
 
     async def _send(self, due: Sequence[WebhookDelivery]) -> None:
         if not due:
@@ -376,7 +360,10 @@ class WebhookDispatcher:
         retry_in = (
             None
             if final
-            else backoff_delay(attempt, self.settings.backoff, self.settings.backoff_max)
+            # Exact, no jitter: the next attempt is a time stored in PostgreSQL, shown to users.
+            else backoff(
+                attempt, first=self.settings.backoff, cap=self.settings.backoff_max, jitter=False
+            )
         )
         await dlog.attempt_failed(
             delivery.id, attempt, status_code=status_code, error=error[:1000], retry_in=retry_in

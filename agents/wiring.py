@@ -20,8 +20,8 @@ from pydantic import BaseModel, ValidationError
 
 from sluice.agents.deps import Deps
 from sluice.agents.plans import PlanCache
-from sluice.agents.retry import retrying
 from sluice.config import KafkaSettings
+from sluice.retries import Policy, retrying
 from sluice.schemas.events import DeadLetter, ImportRequested, TriggerRequested
 from sluice.schemas.firehose import BackfillRequested
 from sluice.schemas.runs import Run
@@ -155,7 +155,10 @@ class Wiring:
         attempts = deps.settings.pipeline.apply_attempts
         try:
             await retrying(
-                f"{what} of run {run_id}", attempts, work, on_retry=deps.metrics.on_retry(stage)
+                f"{what} of run {run_id}",
+                work,
+                Policy(attempts=attempts),
+                on_retry=deps.metrics.on_retry(stage),
             )
             return True
         except Exception as exc:

@@ -15,6 +15,7 @@ from uuid import UUID, uuid4, uuid5
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
+from sluice.errors import PoisonBatch as PoisonBatch  # its home; imported from here too
 from sluice.schemas.runs import Run, RunCounters, RunStatus
 
 REQUEST_NAMESPACE = UUID("6f1c2b9e-3c1e-4d5a-9a43-5b1d8e2f7a10")
@@ -114,10 +115,6 @@ class ItemPage(BaseModel):
 
     run_id: UUID
     seq: int
-
-
-class PoisonBatch(ValueError):
-    """A message on the batches topic that is not a batch: it goes to the dead-letter topic."""
 
 
 class BatchOutcome(StrEnum):

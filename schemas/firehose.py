@@ -37,6 +37,40 @@ class Operation(StrEnum):
     """The record is gone; it carries no record and no cid."""
 
 
+class EventOutcome(StrEnum):
+    """What became of one firehose event (the ``outcome`` of sluice_firehose_events_total)."""
+
+    APPLIED = "applied"
+    """A record written: newer than the stored one, or new."""
+    SKIPPED = "skipped"
+    """Not written: older than the stored record, or than its tombstone (a replay)."""
+    DELETED = "deleted"
+    """A record removed (a delete, or the records of a deleted account)."""
+    MALFORMED = "malformed"
+    """Not a Jetstream event: on the dead-letter topic."""
+
+
+class RecordOrigin(StrEnum):
+    """Where a stored record came from (``records.origin``)."""
+
+    LIVE = "live"
+    """The live firehose."""
+    BACKFILL = "backfill"
+    """A backfill of its repository from the PDS."""
+
+
+class RepoStatus(StrEnum):
+    """The statuses of ``repos.status`` that Sluice acts on; an inactive account's own reason
+    (``takendown``, ``suspended``, ``deactivated``, ...) is stored as the event gives it."""
+
+    ACTIVE = "active"
+    """The account is active."""
+    INACTIVE = "inactive"
+    """Inactive, and the event said no more."""
+    DELETED = "deleted"
+    """Deleted: its records are removed, and stay removed (later events do not revive it)."""
+
+
 class Commit(BaseModel):
     model_config = ConfigDict(extra="ignore")
 

@@ -31,6 +31,8 @@ from prometheus_client.exposition import start_http_server
 
 from sluice.config import MetricsSettings
 from sluice.errors import InvalidConfig
+from sluice.schemas.events import BatchOutcome
+from sluice.schemas.firehose import EventOutcome
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -42,9 +44,9 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"
 """Content type of the Prometheus text format that :func:`generate_latest` writes."""
 
-BATCH_OUTCOMES = ("applied", "duplicate", "inactive", "dead")
+BATCH_OUTCOMES = tuple(BatchOutcome)
 ROW_OUTCOMES = ("created", "updated", "unchanged", "skipped", "failed")
-FIREHOSE_OUTCOMES = ("applied", "skipped", "deleted", "malformed")
+FIREHOSE_OUTCOMES = tuple(EventOutcome)
 RETRY_STAGES = ("split", "fetch", "detail", "trigger", "backfill", "upsert", "lane", "firehose")
 APPLY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -140,13 +142,13 @@ class WorkerMetrics:
             ["consumer"],
             registry=r,
         )
-        for outcome in BATCH_OUTCOMES:
-            self.batches.labels(outcome)
-        for outcome in ROW_OUTCOMES:
+        for batch_outcome in BATCH_OUTCOMES:
+            self.batches.labels(batch_outcome)
+        for row_outcome in ROW_OUTCOMES:
             for dry in ("false", "true"):
-                self.rows.labels(outcome, dry)
-        for outcome in FIREHOSE_OUTCOMES:
-            self.firehose_events.labels(outcome)
+                self.rows.labels(row_outcome, dry)
+        for event_outcome in FIREHOSE_OUTCOMES:
+            self.firehose_events.labels(event_outcome)
         # Series that exist at 0 from the start: increase() and rate() see their first step.
         for stage in RETRY_STAGES:
             self.retries.labels(stage)
@@ -155,7 +157,7 @@ class WorkerMetrics:
     # ---------------------------------------------------------------- batches and rows
 
     def batch_done(
-        self, outcome: str, rows: AppliedRows | None = None, *, dry_run: bool = False
+        self, outcome: BatchOutcome, rows: AppliedRows | None = None, *, dry_run: bool = False
     ) -> None:
         """One batch handled; ``rows``: what an applied batch counted."""
         self.batches.labels(str(outcome)).inc()
@@ -194,12 +196,16 @@ class WorkerMetrics:
     # ---------------------------------------------------------------- firehose
 
     def firehose_applied(self, applied: int, skipped: int, deleted: int) -> None:
-        for outcome, n in (("applied", applied), ("skipped", skipped), ("deleted", deleted)):
+        for outcome, n in (
+            (EventOutcome.APPLIED, applied),
+            (EventOutcome.SKIPPED, skipped),
+            (EventOutcome.DELETED, deleted),
+        ):
             if n:
                 self.firehose_events.labels(outcome).inc(n)
 
     def firehose_malformed(self, count: int = 1) -> None:
-        self.firehose_events.labels("malformed").inc(count)
+        self.firehose_events.labels(EventOutcome.MALFORMED).inc(count)
 
     def watch_cursor(self, consumer: str, saved_time_us: Callable[[], int | None]) -> None:
         """Report the cursor lag of the named consumer from its last saved ``time_us``, read at

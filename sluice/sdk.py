@@ -26,7 +26,13 @@ from aiokafka.errors import KafkaError
 from pydantic import BaseModel
 
 from sluice.config import Settings
-from sluice.errors import InvalidRequest, StackNotFound, StackUnreachable, TransientError
+from sluice.errors import (
+    DatabaseUnavailable,
+    InvalidRequest,
+    StackNotFound,
+    StackUnreachable,
+    TransientError,
+)
 from sluice.schemas.runs import Run, RunStatus
 from sluice.service import Client
 from sluice.streams import kafka as clients
@@ -68,7 +74,9 @@ async def _client(settings: Settings | None) -> AsyncIterator[Client]:
             yield client
     except FILE_ERRORS:
         raise
-    except OSError as exc:  # a refused or unresolvable connection (asyncpg, aiokafka sockets)
+    except (OSError, DatabaseUnavailable) as exc:
+        # A refused or unresolvable connection: aiokafka's sockets, or the database (which
+        # sluice.storage.db raises as DatabaseUnavailable).
         database = urlsplit(resolved.database_url or "").netloc.rpartition("@")[2]
         raise StackUnreachable(
             f"cannot reach the broker ({resolved.kafka.bootstrap}) or the database ({database}):"

@@ -27,7 +27,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from pydantic import ValidationError
 
 from sluice.config import Settings
-from sluice.errors import TransientError
+from sluice.errors import DatabaseUnavailable, TransientError
 from sluice.schemas.events import LifecycleEvent
 from sluice.storage.db import connect
 from sluice.storage.outbox import events_since, last_topic_loss
@@ -239,7 +239,7 @@ class Subscription(AsyncIterator[LifecycleEvent]):
                 return
             await self._fill_gap(self._db)
             self._losses_seen = latest
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except (OSError, DatabaseUnavailable, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning("cannot check for lost topics in the database (%s); will try again", exc)
 
     async def _fill_gap(self, db: asyncpg.Connection) -> None:

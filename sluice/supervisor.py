@@ -38,6 +38,7 @@ from sluice.config import (
     Settings,
 )
 from sluice.errors import EmbeddedStackMissing
+from sluice.retries import backoff
 from sluice.stack import (
     LOCALHOST,
     ComponentState,
@@ -89,8 +90,9 @@ class Backoff:
         up (0 for a start that failed); ``rand`` returns a float in [0, 1)."""
         if uptime >= self.stable_after:
             self.failures = 0
-        nominal = min(self.cap, self.base * 2.0 ** min(self.failures, 32))
         self.failures += 1
+        # The doubling of sluice.retries; the jitter only adds (a restart never comes sooner).
+        nominal = backoff(self.failures, first=self.base, cap=self.cap, jitter=False)
         return nominal * (1 + self.jitter * rand())
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from sluice.schemas.firehose import JetstreamEvent, Operation, record_uri
+from sluice.schemas.firehose import JetstreamEvent, Operation, RecordOrigin, RepoStatus, record_uri
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +118,7 @@ def newest_per_uri(
 
 
 async def write_records(
-    conn: asyncpg.Connection, writes: Sequence[RecordWrite], origin: str
+    conn: asyncpg.Connection, writes: Sequence[RecordWrite], origin: RecordOrigin
 ) -> ApplyCounts:
     if not writes:
         return ApplyCounts()
@@ -164,7 +164,9 @@ async def apply_events(conn: asyncpg.Connection, events: Sequence[JetstreamEvent
         account = event.account
         if account is None:
             continue
-        status = "active" if account.active else (account.status or "inactive")
+        status: str = (
+            RepoStatus.ACTIVE if account.active else (account.status or RepoStatus.INACTIVE)
+        )
         await conn.execute(
             "INSERT INTO repos (did, status) VALUES ($1, $2) ON CONFLICT (did) DO UPDATE"
             " SET status = CASE WHEN repos.status = 'deleted' THEN 'deleted'"
@@ -172,14 +174,14 @@ async def apply_events(conn: asyncpg.Connection, events: Sequence[JetstreamEvent
             event.did,
             status,
         )
-        if status == "deleted":
+        if status == RepoStatus.DELETED:
             gone = await conn.fetch("DELETE FROM records WHERE did = $1 RETURNING uri", event.did)
             counts.deleted += len(gone)
             counts.removed.extend(g["uri"] for g in gone)
     writes, deletes = newest_per_uri(events)
     # Deletes first: a write in the same batch is newer (collapsed above) or for another URI.
     counts.add(await delete_records(conn, deletes))
-    counts.add(await write_records(conn, writes, "live"))
+    counts.add(await write_records(conn, writes, RecordOrigin.LIVE))
     revs: dict[str, str] = {}
     for event in events:
         if event.commit is not None and revs.get(event.did, "") < event.commit.rev:

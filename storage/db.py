@@ -10,14 +10,19 @@ rewritten for the configured ones when applied.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from importlib import resources
+from typing import Any, ParamSpec, TypeVar
 
 import asyncpg
 import orjson
 
 from sluice.config import Schemas
+from sluice.errors import DatabaseUnavailable
+from sluice.retries import Policy
 from sluice.storage.sql import quote_ident
 
 log = logging.getLogger(__name__)
@@ -61,12 +66,101 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.AdminShutdownError,
 )
+"""What asyncpg raises when the database cannot be reached (down, restarting, the connection
+lost). The connections and pools made here raise these as
+:class:`~sluice.errors.DatabaseUnavailable` instead, so callers see Sluice's error tree."""
 
 
-def is_connection_error(exc: BaseException) -> bool:
-    """The database could not be reached (down, restarting): wait for it rather than count the
-    failure against the work."""
-    return isinstance(exc, CONNECTION_ERRORS)
+def unavailable(exc: BaseException) -> DatabaseUnavailable:
+    """``exc`` (one of CONNECTION_ERRORS) as the error tree's DatabaseUnavailable."""
+    return DatabaseUnavailable(f"the database cannot be reached ({type(exc).__name__}: {exc})")
+
+
+def serialization_conflict(exc: BaseException) -> bool:
+    """A serializable transaction aborted because a concurrent one won: apply it again
+    (``retry_on`` of sluice.retries CONFLICT loops)."""
+    return isinstance(exc, asyncpg.exceptions.SerializationError)
+
+
+CONFLICT = Policy(attempts=20, first=0.02, cap=0.4, retry_on=serialization_conflict)
+"""For a serializable transaction that lost to a concurrent one: short waits, many tries;
+anything else is not retried here."""
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _mapped(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    @functools.wraps(method)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(*args, **kwargs)
+        except DatabaseUnavailable:
+            raise
+        except CONNECTION_ERRORS as exc:
+            raise unavailable(exc) from exc
+
+    return call
+
+
+class Connection(asyncpg.Connection):  # type: ignore[misc]
+    """asyncpg's connection, with its failures to reach the database raised as
+    DatabaseUnavailable (the seam between asyncpg and the rest of Sluice). Every statement,
+    transactions' BEGIN/COMMIT/ROLLBACK included, goes through one of these methods."""
+
+    execute = _mapped(asyncpg.Connection.execute)
+    executemany = _mapped(asyncpg.Connection.executemany)
+    fetch = _mapped(asyncpg.Connection.fetch)
+    fetchrow = _mapped(asyncpg.Connection.fetchrow)
+    fetchval = _mapped(asyncpg.Connection.fetchval)
+    fetchmany = _mapped(asyncpg.Connection.fetchmany)
+    prepare = _mapped(asyncpg.Connection.prepare)
+    copy_from_table = _mapped(asyncpg.Connection.copy_from_table)
+    copy_from_query = _mapped(asyncpg.Connection.copy_from_query)
+    copy_to_table = _mapped(asyncpg.Connection.copy_to_table)
+    copy_records_to_table = _mapped(asyncpg.Connection.copy_records_to_table)
+
+
+class _Acquired:
+    """``pool.acquire()``: its connection, and failures to reach the database inside the
+    ``async with`` block (a lost connection's proxy refusing to be used, say) raised as
+    DatabaseUnavailable."""
+
+    def __init__(self, acquiring: Any) -> None:
+        self._acquiring = acquiring
+
+    async def __aenter__(self) -> asyncpg.Connection:
+        try:
+            return await self._acquiring.__aenter__()
+        except CONNECTION_ERRORS as exc:
+            raise unavailable(exc) from exc
+
+    async def __aexit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool | None:
+        try:
+            done: bool | None = await self._acquiring.__aexit__(kind, exc, tb)
+        except CONNECTION_ERRORS as failed:
+            raise unavailable(failed) from failed
+        if isinstance(exc, CONNECTION_ERRORS) and not isinstance(exc, DatabaseUnavailable):
+            raise unavailable(exc) from exc
+        return done
+
+    def __await__(self) -> Any:
+        return _mapped(self._acquiring.__aenter__)().__await__()
+
+
+class Pool(asyncpg.Pool):  # type: ignore[misc]
+    """asyncpg's pool, whose connections are :class:`Connection` and whose ``acquire`` raises
+    DatabaseUnavailable when the database cannot be reached."""
+
+    def acquire(self, *, timeout: float | None = None) -> _Acquired:
+        return _Acquired(super().acquire(timeout=timeout))
+
+
+async def _connect(*args: Any, **kwargs: Any) -> asyncpg.Connection:
+    try:
+        return await asyncpg.connect(*args, **kwargs)
+    except CONNECTION_ERRORS as exc:
+        raise unavailable(exc) from exc
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -82,12 +176,22 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 async def create_pool(
     url: str, *, schemas: Schemas = DEFAULT_SCHEMAS, min_size: int = 1, max_size: int = 8
 ) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(
+    """A pool whose connections raise DatabaseUnavailable when the database cannot be reached
+    (when a connection is opened, on every statement, and in an ``acquire`` block)."""
+    pool = await Pool(
         url,
         min_size=min_size,
         max_size=max_size,
         init=_init_connection,
         command_timeout=300,
+        connect=_connect,
+        connection_class=Connection,
+        record_class=asyncpg.Record,
+        max_queries=50000,
+        max_inactive_connection_lifetime=300.0,
+        loop=None,
+        setup=None,
+        reset=None,
         # A startup parameter, not a SET: the pool's RESET ALL on release keeps it.
         server_settings={"search_path": search_path(schemas)},
     )
@@ -96,7 +200,10 @@ async def create_pool(
 
 
 async def connect(url: str, *, schemas: Schemas = DEFAULT_SCHEMAS) -> asyncpg.Connection:
-    conn = await asyncpg.connect(url, server_settings={"search_path": search_path(schemas)})
+    """One connection (see create_pool for its errors)."""
+    conn = await _connect(
+        url, connection_class=Connection, server_settings={"search_path": search_path(schemas)}
+    )
     await _init_connection(conn)
     return conn
 

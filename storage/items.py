@@ -16,6 +16,8 @@ from typing import Any
 import asyncpg
 import orjson
 
+from sluice.schemas.runs import ItemStatus
+
 
 @dataclass(frozen=True)
 class Discovery:
@@ -31,7 +33,7 @@ class Discovery:
 class Item:
     external_id: str
     ordinal: int
-    status: str
+    status: ItemStatus
     failure_count: int
     data: dict[str, Any]
 
@@ -170,7 +172,13 @@ class ItemRepository:
             seq,
         )
         return [
-            Item(r["external_id"], r["ordinal"], r["status"], r["failure_count"], r["metadata"])
+            Item(
+                r["external_id"],
+                r["ordinal"],
+                ItemStatus(r["status"]),
+                r["failure_count"],
+                r["metadata"],
+            )
             for r in rows
         ]
 

@@ -9,15 +9,18 @@ import asyncpg
 ROW = "_sluice_row"
 SUB = "_sluice_sub"
 
-# SQLSTATE classes 22 (data exception) and 23 (integrity constraint violation) are the row's
-# fault, and so is class 54 (program limit exceeded: a key too big for its index, a row too
-# big for a page); everything else (connection, serialization, deadlock) is transient. A batch
-# failing with one of these is split until the rows at fault stand alone.
 ROW_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.DataError,
     asyncpg.exceptions.IntegrityConstraintViolationError,
     asyncpg.exceptions.ProgramLimitExceededError,
 )
+"""The "this row is bad" classification (beside the error tree of sluice.errors, on purpose):
+SQLSTATE classes 22 (data exception) and 23 (integrity constraint violation) are the row's
+fault, and so is class 54 (program limit exceeded: a key too big for its index, a row too big
+for a page). A batch failing with one of these is split until the rows at fault stand alone,
+and they are recorded as failed rows; these errors never leave the writer. Everything else is
+not the rows' fault: a connection lost is DatabaseUnavailable (sluice.storage.db), a
+serialization failure or deadlock is retried with the batch."""
 
 
 def quote_ident(name: str) -> str:

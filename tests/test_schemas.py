@@ -118,3 +118,19 @@ def test_the_requests_topic_tells_start_messages_from_broken_import_requests() -
     assert start_message(b'{"importer": "p", "run_id": "x", "file": {}}') is None
     assert start_message(b'{"importer": "p", "file": {"id": 1}}') is None
     assert start_message(b"not json") is None and start_message(b"[1]") is None
+
+
+def test_outcome_enums_keep_the_values_stored_and_served() -> None:
+    # These strings are in PostgreSQL rows, metric labels and JSON: an enum member renamed
+    # must not change them.
+    from sluice.metrics import BATCH_OUTCOMES, FIREHOSE_OUTCOMES
+    from sluice.schemas.events import BatchOutcome
+    from sluice.schemas.firehose import EventOutcome, RecordOrigin, RepoStatus
+
+    assert [str(o) for o in BatchOutcome] == ["applied", "duplicate", "inactive", "dead"]
+    assert list(BATCH_OUTCOMES) == ["applied", "duplicate", "inactive", "dead"]
+    assert list(FIREHOSE_OUTCOMES) == ["applied", "skipped", "deleted", "malformed"]
+    assert [str(o) for o in EventOutcome] == ["applied", "skipped", "deleted", "malformed"]
+    assert [str(o) for o in RecordOrigin] == ["live", "backfill"]
+    assert [str(s) for s in RepoStatus] == ["active", "inactive", "deleted"]
+    assert orjson.dumps({"origin": RecordOrigin.LIVE}) == b'{"origin":"live"}'

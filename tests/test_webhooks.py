@@ -22,7 +22,6 @@ from sluice.agents.deps import build_deps
 from sluice.agents.webhooks import (
     HookSet,
     WebhookDispatcher,
-    backoff_delay,
     resolve_hooks,
     sign,
     verify_signature,
@@ -30,6 +29,7 @@ from sluice.agents.webhooks import (
 from sluice.config import DatabaseSettings, Settings, WebhookSettings, WebhookTarget
 from sluice.errors import InvalidConfig
 from sluice.importers.registry import Registry
+from sluice.retries import backoff
 from sluice.schemas.events import LifecycleEvent
 from sluice.schemas.importers import Webhook
 from sluice.schemas.runs import RunCounters, RunStatus
@@ -65,10 +65,11 @@ def test_signature_verifies_and_rejects_tampering_and_replays() -> None:
 
 
 def test_backoff_doubles_up_to_the_cap() -> None:
-    assert [backoff_delay(n, 1.0, 300.0) for n in range(1, 11)] == [
+    # The webhook schedule: exact, since the next attempt is a time stored in PostgreSQL.
+    assert [backoff(n, first=1.0, cap=300.0, jitter=False) for n in range(1, 11)] == [
         1, 2, 4, 8, 16, 32, 64, 128, 256, 300,
     ]  # fmt: skip
-    assert backoff_delay(10_000, 0.5, 60.0) == 60.0
+    assert backoff(10_000, first=0.5, cap=60.0, jitter=False) == 60.0
 
 
 # --- which hooks get which events -----------------------------------------------------------------

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 from sluice.agents.fetch.detail import fetch_page
 from sluice.agents.fetch.discover import discover
 from sluice.agents.fetch.trigger import adopt_trigger, handle_trigger
-from sluice.agents.retry import retrying
 from sluice.agents.wiring import Wiring, acknowledged
 from sluice.errors import TerminalError
+from sluice.retries import Policy, retrying
 from sluice.schemas.events import BatchOutcome, ItemPage, TriggerRequested
 from sluice.schemas.runs import Run
 
@@ -44,8 +44,8 @@ def register(app: faust.App, wiring: Wiring) -> None:
             try:
                 trigger = await retrying(
                     "a run for a produced trigger",
-                    deps.settings.pipeline.apply_attempts,
                     partial(adopt_trigger, deps, trigger),
+                    Policy(attempts=deps.settings.pipeline.apply_attempts),
                     on_retry=deps.metrics.on_retry("trigger"),
                 )
             except TerminalError as exc:

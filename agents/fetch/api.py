@@ -8,11 +8,8 @@ goes through the host policy of ``SLUICE_URL_*`` (``sluice.agents.fetch.guard``)
 
 from __future__ import annotations
 
-import asyncio
-import email.utils
 import logging
 import os
-import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -23,34 +20,42 @@ from sluice.agents.fetch.base import Secrets, dig, secret
 from sluice.agents.fetch.guard import GuardedClient
 from sluice.config import UrlSettings
 from sluice.errors import SourceError, SourceUnavailable
+from sluice.retries import Policy, retrying
 from sluice.schemas.sources import ApiSource
 from sluice.storage.ratelimit import RateLimiter, RateStats
 
 log = logging.getLogger(__name__)
 
-RETRYABLE = frozenset({408, 425, 500, 502, 503, 504})
+
+async def limited_get(
+    http: GuardedClient,
+    limiter: RateLimiter,
+    limit: tuple[str, float, int],
+    stats: RateStats,
+    url: str | httpx.URL,
+    **request: Any,
+) -> httpx.Response:
+    """One GET under the cluster's rate limit ``limit`` (key, per second, burst): where the
+    pull sources' HTTP answers are classified. Returns an answer that is final (a success, or
+    a 4xx that asking again cannot change); raises SourceUnavailable for what may pass (no
+    answer, a timeout, a status that may pass: ``status`` set; a 429: ``retry_after`` set,
+    and the source blocked for that long for the whole cluster) and SourceError when the host
+    policy refuses the URL or a redirect (the classification is GuardedClient's)."""
+    key, per_second, burst = limit
+    await limiter.acquire(key, per_second, burst, stats)
+    try:
+        return await http.get(url, **request)
+    except SourceUnavailable as exc:
+        if exc.status == 429 and exc.retry_after is not None:
+            stats.hits += 1
+            await limiter.block(key, exc.retry_after)
+        raise
 
 
-def retry_after(response: httpx.Response, default: float = 1.0) -> float:
-    """Seconds to wait after a 429: ``Retry-After`` (seconds or an HTTP date), else
-    ``RateLimit-Reset`` (seconds), else ``default``."""
-    value = response.headers.get("retry-after")
-    if value:
-        value = value.strip()
-        if value.replace(".", "", 1).isdigit():
-            return max(0.0, float(value))
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            when = None
-        if when is not None:
-            return max(0.0, when.timestamp() - time.time())
-    reset = response.headers.get("ratelimit-reset")
-    if reset and reset.strip().replace(".", "", 1).isdigit():
-        value_s = float(reset.strip())
-        # The IETF draft sends seconds to wait; some servers (Bluesky) send an epoch time.
-        return max(0.0, value_s - time.time() if value_s > 1e9 else value_s)
-    return default
+def source_unavailable(exc: BaseException) -> bool:
+    """What the pull sources' own retries ask again for (``retry_on``); anything else goes
+    up to the agent's retries."""
+    return isinstance(exc, SourceUnavailable)
 
 
 @dataclass
@@ -124,20 +129,29 @@ class ApiClient:
     async def _get(
         self, path: str, stats: RateStats, params: dict[str, Any] | None = None
     ) -> httpx.Response:
-        """One GET under the rate limit; a 429 blocks the source and is asked again, forever.
-        SourceError when the host policy refuses the URL or a redirect; SourceUnavailable when
-        the API does not answer."""
+        """One GET under the rate limit (see ``limited_get``)."""
         rate = self.source.rate
-        http = self.http()
-        while True:
-            await self.limiter.acquire(self.limiter_key, rate.per_second, rate.burst, stats)
-            response = await http.get(
-                self.url(path), params=params, headers=self._headers, trusted=self.base_url
-            )
-            if response.status_code != 429:
-                return response
-            stats.hits += 1
-            await self.limiter.block(self.limiter_key, retry_after(response))
+        return await limited_get(
+            self.http(),
+            self.limiter,
+            (self.limiter_key, rate.per_second, rate.burst),
+            stats,
+            self.url(path),
+            params=params,
+            headers=self._headers,
+            trusted=self.base_url,
+        )
+
+    @property
+    def retries(self) -> Policy:
+        """Transient failures are asked again ``max_attempts`` times in all; a 429 waits its
+        Retry-After and is asked again, forever."""
+        return Policy(
+            attempts=self.source.max_attempts,
+            first=self.source.backoff,
+            cap=self.source.backoff_max,
+            retry_on=source_unavailable,
+        )
 
     def first_state(self) -> dict[str, Any]:
         p = self.source.pagination
@@ -185,33 +199,28 @@ class ApiClient:
         return Page(items=items, next_state=nxt, done=done)
 
     async def _get_json(self, path: str, params: dict[str, Any], stats: RateStats) -> Any:
-        delay = self.source.backoff
-        for attempt in range(1, self.source.max_attempts + 1):
+        async def get() -> httpx.Response:
             try:
-                response = await self._get(path, stats, params)
-            except SourceUnavailable as exc:
-                reason = str(exc)
+                return await self._get(path, stats, params)
             except SourceError as exc:
                 raise SourceError(f"GET {path}: {exc}") from exc
-            else:
-                if response.is_success:
-                    try:
-                        return response.json()
-                    except ValueError as exc:
-                        raise SourceError(f"GET {path} answered with invalid JSON: {exc}") from None
-                if response.status_code not in RETRYABLE:
-                    raise SourceError(
-                        f"GET {path} answered HTTP {response.status_code}; check the "
-                        "importer's ApiSource settings and credentials"
-                    )
-                reason = f"HTTP {response.status_code}"
-            if attempt < self.source.max_attempts:
-                log.warning("GET %s failed (%s); retrying in %.1fs", path, reason, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.source.backoff_max)
-        raise SourceUnavailable(
-            f"GET {path} failed {self.source.max_attempts} times, last with {reason}"
-        )
+
+        try:
+            response = await retrying(f"GET {path}", get, self.retries)
+        except SourceUnavailable as exc:
+            reason = f"HTTP {exc.status}" if exc.status is not None else str(exc)
+            raise SourceUnavailable(
+                f"GET {path} failed {self.source.max_attempts} times, last with {reason}"
+            ) from exc
+        if not response.is_success:
+            raise SourceError(
+                f"GET {path} answered HTTP {response.status_code}; check the "
+                "importer's ApiSource settings and credentials"
+            )
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise SourceError(f"GET {path} answered with invalid JSON: {exc}") from None
 
     async def fetch_detail(self, external_id: str, stats: RateStats) -> DetailResult:
         """The item's detail; transient failures are retried with exponential backoff up to
@@ -219,45 +228,48 @@ class ApiClient:
         once."""
         assert self.source.detail_path is not None
         path = self.source.detail_path.format(id=external_id)
-        delay = self.source.backoff
         result = DetailResult(detail=None)
-        for attempt in range(1, self.source.max_attempts + 1):
+
+        async def get() -> httpx.Response:
             try:
-                response = await self._get(path, stats)
+                return await self._get(path, stats)
             except SourceUnavailable as exc:
-                reason = f"GET {path}: {exc}"
-            except SourceError as exc:
-                # A refused host or redirect: asking again cannot help.
-                result.failures += 1
-                result.error = result.last_error = f"GET {path}: {exc}"
-                return result
-            else:
-                if response.is_success:
-                    try:
-                        body = response.json()
-                    except ValueError as exc:
-                        result.error = f"GET {path} answered with invalid JSON: {exc}"
-                        return result
-                    detail = dig(body, self.source.detail_data_path)
-                    if not isinstance(detail, dict):
-                        result.error = (
-                            f"GET {path}: no object at {self.source.detail_data_path!r} in the "
-                            "answer; set ApiSource.detail_data_path"
-                        )
-                        return result
-                    result.detail = detail
-                    return result
-                reason = f"GET {path} answered HTTP {response.status_code}"
-                if response.status_code not in RETRYABLE:
+                if exc.retry_after is None:  # a 429 is not the item's failure
                     result.failures += 1
-                    result.error = result.last_error = reason
-                    return result
+                    result.last_error = (
+                        f"GET {path} answered HTTP {exc.status}"
+                        if exc.status is not None
+                        else f"GET {path}: {exc}"
+                    )
+                raise
+
+        try:
+            response = await retrying(f"GET {path}", get, self.retries)
+        except SourceUnavailable:
+            result.error = f"{result.last_error} ({self.source.max_attempts} attempts)"
+            return result
+        except SourceError as exc:
+            # A refused host or redirect: asking again cannot help.
             result.failures += 1
-            result.last_error = reason
-            if attempt < self.source.max_attempts:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.source.backoff_max)
-        result.error = f"{result.last_error} ({self.source.max_attempts} attempts)"
+            result.error = result.last_error = f"GET {path}: {exc}"
+            return result
+        if not response.is_success:
+            result.failures += 1
+            result.error = result.last_error = f"GET {path} answered HTTP {response.status_code}"
+            return result
+        try:
+            body = response.json()
+        except ValueError as exc:
+            result.error = f"GET {path} answered with invalid JSON: {exc}"
+            return result
+        detail = dig(body, self.source.detail_data_path)
+        if not isinstance(detail, dict):
+            result.error = (
+                f"GET {path}: no object at {self.source.detail_data_path!r} in the "
+                "answer; set ApiSource.detail_data_path"
+            )
+            return result
+        result.detail = detail
         return result
 
 

@@ -19,7 +19,7 @@ from sluice.agents.plans import PlanCache
 from sluice.agents.split.map import RecordMapper
 from sluice.schemas.events import BatchOutcome, ItemPage, RowBatch
 from sluice.schemas.formats import ParsedRow
-from sluice.schemas.runs import RowFailure
+from sluice.schemas.runs import ItemStatus, RowFailure
 from sluice.storage.items import ItemOutcome, finish_items
 from sluice.storage.ratelimit import RateStats
 from sluice.storage.runs import insert_row_failures
@@ -48,7 +48,7 @@ async def fetch_page(deps: Deps, page: ItemPage, plans: PlanCache) -> BatchOutco
     source = api_source_of(deps, run.importer)
     repo = deps.items
     items = await repo.page(page.run_id, page.seq)
-    todo = [i for i in items if i.status in ("pending", "processing")]
+    todo = [i for i in items if i.status in (ItemStatus.PENDING, ItemStatus.PROCESSING)]
     if not todo:
         deps.metrics.batch_done(BatchOutcome.DUPLICATE)
         return BatchOutcome.DUPLICATE

@@ -16,9 +16,11 @@ the real host, so DNS cannot answer differently between the check and the connec
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import logging
 import re
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -36,6 +38,37 @@ Resolver = Callable[[str, int], Awaitable[list[str]]]
 """(host, port) -> the IP addresses the host resolves to, as strings."""
 
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+
+def may_pass(status: int) -> bool:
+    """The one classification of HTTP answers for the pull sources: an answer that may pass
+    when asked again (408 timeout, 425 too early, 429 too many requests, a 5xx other than 501
+    not implemented and 505 version not supported). Other 4xx are the request's fault."""
+    return status in (408, 425, 429) or (status >= 500 and status not in (501, 505))
+
+
+def retry_after(response: httpx.Response, default: float = 1.0) -> float:
+    """Seconds to wait after a 429: ``Retry-After`` (seconds or an HTTP date), else
+    ``RateLimit-Reset`` (seconds), else ``default``."""
+    value = response.headers.get("retry-after")
+    if value:
+        value = value.strip()
+        if value.replace(".", "", 1).isdigit():
+            return max(0.0, float(value))
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            when = None
+        if when is not None:
+            return max(0.0, when.timestamp() - time.time())
+    reset = response.headers.get("ratelimit-reset")
+    if reset and reset.strip().replace(".", "", 1).isdigit():
+        value_s = float(reset.strip())
+        # The IETF draft sends seconds to wait; some servers (Bluesky) send an epoch time.
+        return max(0.0, value_s - time.time() if value_s > 1e9 else value_s)
+    return default
+
+
 # Names that reach a cloud provider's instance metadata (credentials) from inside a VM.
 _METADATA_HOSTS = frozenset(
     {
@@ -176,8 +209,9 @@ class GuardedClient:
 
     Connections are kept per origin (scheme, host, port), each pool keyed by the checked
     address it connected to, so a connection made with one host's TLS name is never reused for
-    another host at the same address. Refusals and answers that cannot succeed are SourceError;
-    timeouts and connection failures are SourceUnavailable."""
+    another host at the same address. Refusals are SourceError; timeouts, connection failures
+    and answers that may pass (``may_pass``: 5xx, 408, 425, 429 with its ``retry_after``) are
+    SourceUnavailable; other answers are returned, whatever their status."""
 
     def __init__(
         self,
@@ -227,7 +261,7 @@ class GuardedClient:
         trusted: str | httpx.URL | None = None,
     ) -> AsyncIterator[Answer]:
         """GET ``url`` (with ``params`` added to its query); the first answer that is not a
-        redirect, whatever its status, open until the context closes."""
+        redirect, open until the context closes (SourceUnavailable if it may pass)."""
         sent = dict(headers or {})
         check_headers(sent)
         target = parse_url(url)
@@ -265,6 +299,13 @@ class GuardedClient:
                 raise SourceError(
                     f"more than {self.policy.max_redirects} redirects fetching {target}; link "
                     "to the resource directly or raise SLUICE_URL_MAX_REDIRECTS"
+                )
+            if may_pass(response.status_code):
+                raise SourceUnavailable(
+                    f"HTTP {response.status_code} {response.reason_phrase} from {target}; the "
+                    "server may answer later",
+                    status=response.status_code,
+                    retry_after=retry_after(response) if response.status_code == 429 else None,
                 )
             yield Answer(response, target)
 

@@ -20,7 +20,7 @@ import httpx
 from sluice.agents.fetch.base import Fetched, Secrets, secret
 from sluice.agents.fetch.guard import GuardedClient, Resolver, system_resolver, translating
 from sluice.config import UrlSettings
-from sluice.errors import SourceError, SourceUnavailable
+from sluice.errors import SourceError
 from sluice.schemas.sources import UrlSource
 
 logger = logging.getLogger(__name__)
@@ -43,8 +43,9 @@ async def fetch_url(
     Redirects are followed up to ``policy.max_redirects``, each hop checked like the first.
     ``headers`` and ``auth`` go only to the scheme, host and port of ``url``: a redirect
     elsewhere is followed without them. More than ``max_bytes`` (default
-    ``policy.max_bytes``) is a SourceError; so are 4xx answers and refused hosts. 408, 429,
-    5xx, timeouts and connection failures are SourceUnavailable."""
+    ``policy.max_bytes``) is a SourceError; so are 4xx answers and refused hosts. Answers that
+    may pass (``guard.may_pass``: 408, 425, 429, 5xx), timeouts and connection failures are
+    SourceUnavailable."""
     limit = policy.max_bytes if max_bytes is None else max_bytes
     async with AsyncExitStack() as stack:
         http = await stack.enter_async_context(GuardedClient(policy, resolver=resolver))
@@ -118,8 +119,6 @@ def _check_status(response: httpx.Response, url: httpx.URL) -> None:
     if 200 <= status < 300:
         return
     what = f"HTTP {status} {response.reason_phrase} from {url}"
-    if status in (408, 429) or status >= 500:
-        raise SourceUnavailable(f"{what}; the server may answer later")
     if status in (401, 403):
         hint = "check the credentials (UrlSource.secret_headers or basic_auth_env)"
     elif status in (404, 410):

@@ -13,8 +13,8 @@ from sluice.agents.firehose.apply import apply_firehose, parse_events
 from sluice.agents.firehose.backfill import Backfiller
 from sluice.agents.firehose.leader import run_leader_consumer
 from sluice.agents.firehose.project import Projections, projections_for
-from sluice.agents.retry import retrying
 from sluice.agents.wiring import Wiring, acknowledged
+from sluice.retries import Policy, retrying
 from sluice.schemas.events import DeadLetter
 from sluice.schemas.firehose import BackfillRequested
 from sluice.streams import kafka as clients
@@ -51,8 +51,8 @@ def register(app: faust.App, wiring: Wiring) -> None:
             try:
                 await retrying(
                     f"backfill of {request.did}",
-                    deps.settings.pipeline.apply_attempts,
                     partial(backfiller.backfill, request),
+                    Policy(attempts=deps.settings.pipeline.apply_attempts),
                     on_retry=deps.metrics.on_retry("backfill"),
                 )
             except Exception as exc:
@@ -101,8 +101,8 @@ async def apply_topic(wiring: Wiring, projections: Projections) -> None:
             try:
                 await retrying(
                     "firehose batch",
-                    attempts,
                     partial(apply_firehose, deps, projections, events),
+                    Policy(attempts=attempts),
                     on_retry=deps.metrics.on_retry("firehose"),
                 )
             except Exception as exc:

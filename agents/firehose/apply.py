@@ -5,17 +5,19 @@ nothing). Events that do not validate go to the dead-letter topic with the reaso
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
+from functools import partial
 
-import asyncpg
 from pydantic import ValidationError
 
 from sluice.agents.deps import Deps
 from sluice.agents.firehose.project import Projections
+from sluice.retries import retrying
 from sluice.schemas.firehose import JetstreamEvent
 from sluice.storage.atproto import ApplyCounts, apply_events
+from sluice.storage.db import CONFLICT
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +59,13 @@ async def apply_firehose(
 async def _apply_serializable(
     deps: Deps, projections: Projections, events: Sequence[JetstreamEvent]
 ) -> ApplyCounts:
-    for attempt in range(1, 21):
-        try:
-            return await _apply_once(deps, projections, events)
-        except asyncpg.exceptions.SerializationError:
-            # A concurrent write of the same record (a backfill page) won: apply again.
-            deps.metrics.retried("firehose")
-            await asyncio.sleep(0.02 * attempt)
-    return await _apply_once(deps, projections, events)
+    # A concurrent write of the same record (a backfill page) won: apply again.
+    return await retrying(
+        "firehose batch (serializable)",
+        partial(_apply_once, deps, projections, events),
+        replace(CONFLICT, attempts=21),
+        on_retry=deps.metrics.on_retry("firehose"),
+    )
 
 
 async def _apply_once(

@@ -26,19 +26,28 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 import asyncpg
+import httpx
 
-from sluice.agents.fetch.api import RETRYABLE, retry_after
+from sluice.agents.fetch.api import limited_get, source_unavailable
 from sluice.agents.fetch.guard import GuardedClient, check_url
 from sluice.config import FirehoseSettings, UrlSettings
 from sluice.errors import SourceError, SourceUnavailable, TerminalError, TransientError
-from sluice.schemas.firehose import BACKFILL_IMPORTER, BackfillRequested, BackfillState
+from sluice.retries import Policy, retrying
+from sluice.schemas.firehose import (
+    BACKFILL_IMPORTER,
+    BackfillRequested,
+    BackfillState,
+    BackfillStatus,
+    RecordOrigin,
+)
 from sluice.schemas.runs import Run
 from sluice.storage.atproto import RecordWrite, write_records
-from sluice.storage.db import advisory_key
+from sluice.storage.db import CONFLICT, advisory_key
 from sluice.storage.ratelimit import RateLimiter, RateStats
 from sluice.storage.runs import RUN_COLUMNS, emit_event, run_from_record
 
@@ -81,43 +90,32 @@ class PdsClient:
         """GET JSON; 429s wait (never terminal), 5xx and network errors retried, other 4xx
         raise BackfillError with the server's error, and so does a URL or redirect the host
         policy refuses (nothing is sent to it)."""
-        key = f"pds:{urlsplit(url).netloc}"
-        delay = 0.5
-        reason = ""
-        for attempt in range(1, self.settings.max_attempts + 1):
-            while True:
-                await self.limiter.acquire(key, self.settings.pds_rate, 5, stats)
-                try:
-                    response = await self.http.get(url, params=params)
-                except SourceUnavailable as exc:
-                    response = None
-                    reason = str(exc)
-                except SourceError as exc:
-                    raise BackfillError(f"GET {url}: {exc}") from exc
-                if response is None or response.status_code != 429:
-                    break
-                stats.hits += 1
-                await self.limiter.block(key, retry_after(response))
-            if response is not None:
-                if response.is_success:
-                    try:
-                        return response.json()
-                    except ValueError:
-                        raise BackfillError(f"GET {url} answered with invalid JSON") from None
-                if response.status_code not in RETRYABLE:
-                    try:
-                        body = response.json()
-                        detail = f"{body.get('error')}: {body.get('message')}"
-                    except ValueError:
-                        detail = response.text[:200]
-                    raise BackfillError(
-                        f"GET {url} answered HTTP {response.status_code} ({detail})"
-                    )
-                reason = f"HTTP {response.status_code}"
-            if attempt < self.settings.max_attempts:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30)
-        raise PdsUnavailable(f"GET {url} failed {self.settings.max_attempts} times ({reason})")
+        limit = (f"pds:{urlsplit(url).netloc}", self.settings.pds_rate, 5)
+
+        async def get() -> httpx.Response:
+            try:
+                return await limited_get(self.http, self.limiter, limit, stats, url, params=params)
+            except SourceError as exc:
+                raise BackfillError(f"GET {url}: {exc}") from exc
+
+        policy = Policy(attempts=self.settings.max_attempts, cap=30.0, retry_on=source_unavailable)
+        try:
+            response = await retrying(f"GET {url}", get, policy)
+        except SourceUnavailable as exc:
+            raise PdsUnavailable(
+                f"GET {url} failed {self.settings.max_attempts} times ({exc})"
+            ) from exc
+        if not response.is_success:
+            try:
+                body = response.json()
+                detail = f"{body.get('error')}: {body.get('message')}"
+            except ValueError:
+                detail = response.text[:200]
+            raise BackfillError(f"GET {url} answered HTTP {response.status_code} ({detail})")
+        try:
+            return response.json()
+        except ValueError:
+            raise BackfillError(f"GET {url} answered with invalid JSON") from None
 
     async def resolve_pds(self, did: str, stats: RateStats) -> str:
         if did.startswith("did:plc:"):
@@ -271,8 +269,14 @@ class Backfiller:
         did = request.did
         collections = list(request.collections) or await self.pds.collections(pds, did, stats)
         states = {s.collection: s for s in await self.states(did)}
-        todo = [c for c in collections if states.get(c) is None or states[c].status != "completed"]
-        rev = next((s.rev for s in states.values() if s.rev and s.status != "completed"), None)
+        todo = [
+            c
+            for c in collections
+            if states.get(c) is None or states[c].status != BackfillStatus.COMPLETED
+        ]
+        rev = next(
+            (s.rev for s in states.values() if s.rev and s.status != BackfillStatus.COMPLETED), None
+        )
         if rev is None and todo:
             # Read before the first page: every record of this pass is at least this new.
             rev = await self.pds.latest_rev(pds, did, stats)
@@ -342,16 +346,25 @@ class Backfiller:
                 failed += 1
                 continue
             writes.append(RecordWrite(did, parts[1], parts[2], rev, r.get("cid"), value))
-        for attempt in range(1, 21):
-            try:
-                await self._write_page(
-                    run, did, collection, writes, failed, next_cursor, len(records)
-                )
-                return
-            except asyncpg.exceptions.SerializationError:
-                # A live write of the same record committed meanwhile: go again.
-                await asyncio.sleep(0.05 * attempt)
-        raise PdsUnavailable(f"{did}: page of {collection} kept conflicting with live writes")
+        try:
+            await retrying(
+                f"backfill page of {did} {collection}",
+                partial(
+                    self._write_page,
+                    run,
+                    did,
+                    collection,
+                    writes,
+                    failed,
+                    next_cursor,
+                    len(records),
+                ),
+                CONFLICT,  # a live write of the same record committed meanwhile: go again
+            )
+        except asyncpg.exceptions.SerializationError as exc:
+            raise PdsUnavailable(
+                f"{did}: page of {collection} kept conflicting with live writes"
+            ) from exc
 
     async def _write_page(
         self,
@@ -365,7 +378,7 @@ class Backfiller:
     ) -> None:
         # Serializable, like the live path: see agents/firehose.py.
         async with self.pool.acquire() as conn, conn.transaction(isolation="serializable"):
-            counts = await write_records(conn, writes, "backfill")
+            counts = await write_records(conn, writes, RecordOrigin.BACKFILL)
             if self.projections is not None and self.projections.importers:
                 await self.projections.apply(conn, counts)
             await conn.execute(

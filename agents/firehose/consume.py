@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidURI, WebSocketException
 
 from sluice.errors import InvalidConfig
+from sluice.retries import backoff
 from sluice.schemas.firehose import JetstreamEvent
 
 log = logging.getLogger(__name__)
@@ -253,9 +253,10 @@ class JetstreamConsumer:
                 return
             if self.stats.published > published_before:
                 failures = 0
-            delay = min(self.backoff * 2 ** min(failures, 32), self.backoff_max)
-            delay *= random.uniform(0.5, 1.0)
             failures += 1
+            # A loop that runs on between failures (and resets them on progress), so the
+            # policy's delay rather than its loop: the same backoff with jitter.
+            delay = backoff(failures, first=self.backoff, cap=self.backoff_max)
             log.info(
                 "firehose %s: %s; reconnecting in %.2fs (%d published so far)",
                 self.name,

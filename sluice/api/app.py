@@ -24,6 +24,7 @@ from sluice.api.errors import ERRORS, HANDLERS
 from sluice.api.ratelimit import RateLimitMiddleware, TokenBuckets
 from sluice.api.uploads import UploadGuard
 from sluice.config import Settings
+from sluice.errors import DatabaseUnavailable
 from sluice.metrics import ApiMetrics
 from sluice.service import Client
 from sluice.storage.db import migrate_database
@@ -47,7 +48,7 @@ def create_api(settings: Settings) -> FastAPI:
         # itself (idempotent, one migrator at a time), so its first upload finds them.
         try:
             await migrate_database(settings.database_url, settings.database.schemas)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except (OSError, DatabaseUnavailable, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning("could not migrate the database at start (%s); /readyz says so", exc)
         yield
         await client.close()

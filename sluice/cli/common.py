@@ -16,7 +16,7 @@ import click
 import orjson
 
 from sluice.config import Settings
-from sluice.errors import FileFormatError, SluiceError
+from sluice.errors import DatabaseUnavailable, FileFormatError, SluiceError
 from sluice.schemas.runs import Run, RunStatus
 
 if TYPE_CHECKING:
@@ -70,6 +70,8 @@ async def command_deps(settings: Settings) -> AsyncIterator[Deps]:
 def run_async(coro: Coroutine[Any, Any, int]) -> int:
     try:
         return asyncio.run(coro)
+    except DatabaseUnavailable as exc:
+        fail(f"{exc}; is the stack running? try `sluice env`")
     except (SluiceError, FileFormatError) as exc:
         fail(str(exc))
     except (OSError, ConnectionError) as exc:

@@ -240,6 +240,8 @@ async def test_policy_max_bytes_is_the_default_limit(serve) -> None:
         (503, SourceUnavailable),
         (500, SourceUnavailable),
         (429, SourceUnavailable),
+        (408, SourceUnavailable),
+        (501, SourceError),
     ],
 )
 async def test_status_codes(serve, status: int, error: type[Exception]) -> None:
@@ -247,6 +249,11 @@ async def test_status_codes(serve, status: int, error: type[Exception]) -> None:
     with pytest.raises(error, match=f"HTTP {status}.*/x") as caught:
         await fetch_all(server.url("/x"))
     assert type(caught.value) is error
+    if isinstance(caught.value, SourceUnavailable):
+        # What sluice.retries reads: the status, and for a 429 how long to wait (1 s without a
+        # Retry-After), which is waited out without using a try.
+        assert caught.value.status == status
+        assert caught.value.retry_after == (1.0 if status == 429 else None)
 
 
 async def test_missing_file_is_a_source_error(serve) -> None:
