@@ -368,7 +368,8 @@ async def test_an_adhoc_upload_lands_the_table_the_cli_lands(
     sent = http.post(
         "/api/v1/imports/adhoc/upload",
         files={"file": ("shop.csv", SHOP, "text/csv")},
-        data={"table": f"Shop Items {suffix}", "key": "Product Code", "null_marker": ["-"]},
+        data={"table": f"Shop Items {suffix}", "key": "Product Code", "schema": "public"}
+        | {"null_marker": ["-"]},
         params={"wait": "true"},
     )
     assert sent.status_code == 200, sent.text

@@ -52,7 +52,9 @@ async def upload_adhoc(
         str,
         Form(min_length=1, pattern=r".*[^,\s].*", description="key column(s), comma-separated"),
     ],
-    schema: Annotated[str, Form(description="schema of the table")] = "public",
+    table_schema: Annotated[
+        str, Form(alias="schema", description="schema of the table")
+    ] = "public",
     null_marker: Annotated[
         list[str] | None,
         Form(description="a cell value read as null (repeat for several; replaces the defaults)"),
@@ -76,7 +78,7 @@ async def upload_adhoc(
         options = adhoc_options(
             table=table,
             key=key,
-            schema=schema,
+            schema=table_schema,
             null_markers=null_marker or (),
             evolve=evolve,
             sheet=sheet,
