@@ -68,9 +68,10 @@ def adhoc_options(
             " (created when missing) and `key` (one or more column names, comma-separated),"
             " e.g. table=products, key=sku"
         )
-    given = [table or "", schema, *keys, *null_markers, sheet or ""]
-    if any("\x00" in value for value in given):
-        raise InvalidRequest("table, schema, key, null markers and sheet may not hold NUL bytes")
+    if any("\x00" in value for value in (table or "", schema, *keys, sheet or "")):
+        raise InvalidRequest("table, schema, key and sheet may not hold NUL bytes")
+    # PostgreSQL's text holds no NUL, so no stored cell can equal a marker holding one.
+    null_markers = [m for m in null_markers if "\x00" not in m]
     options: dict[str, Any] = {
         "table": normalize_identifier(table or "", 0),
         "key": keys,

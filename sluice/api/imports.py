@@ -25,6 +25,8 @@ WAITED: dict[int | str, dict[str, Any]] = {
     200: {"model": Run, "description": "with ?wait=true: the finished run"}
 }
 Wait = Annotated[bool, Query(description="answer when the run finishes")]
+NO_NUL = r"^[^\x00]*$"
+"""Names and values PostgreSQL can store (text holds no NUL)."""
 
 
 @router.get("/api/v1/importers", tags=["importers"])
@@ -43,23 +45,29 @@ async def upload_adhoc(
         str,
         Form(
             min_length=1,
-            pattern=r".*\S.*",
+            pattern=r"^[^\x00]*[^\s\x00][^\x00]*$",
             description="target table, created when missing (its name normalised as columns'"
             " are: My Table -> my_table)",
         ),
     ],
     key: Annotated[
         str,
-        Form(min_length=1, pattern=r".*[^,\s].*", description="key column(s), comma-separated"),
+        Form(
+            min_length=1,
+            pattern=r"^[^\x00]*[^,\s\x00][^\x00]*$",
+            description="key column(s), comma-separated",
+        ),
     ],
     table_schema: Annotated[
-        str, Form(alias="schema", description="schema of the table")
+        str, Form(alias="schema", pattern=NO_NUL, description="schema of the table")
     ] = "public",
     null_marker: Annotated[
         list[str] | None,
         Form(description="a cell value read as null (repeat for several; replaces the defaults)"),
     ] = None,
-    sheet: Annotated[str | None, Form(description="XLSX: the sheet to read")] = None,
+    sheet: Annotated[
+        str | None, Form(pattern=NO_NUL, description="XLSX: the sheet to read")
+    ] = None,
     evolve: Annotated[
         bool, Form(description="add new columns and widen types of an existing table")
     ] = True,
