@@ -25,6 +25,11 @@ WAITED: dict[int | str, dict[str, Any]] = {
     200: {"model": Run, "description": "with ?wait=true: the finished run"}
 }
 Wait = Annotated[bool, Query(description="answer when the run finishes")]
+DryRun = Annotated[bool, Form()]
+Fresh = Annotated[
+    bool,
+    Form(description="full refresh: once the run completed, delete the rows it did not contain"),
+]
 NO_NUL = r"^[^\x00]*$"
 """Names and values PostgreSQL can store (text holds no NUL)."""
 
@@ -71,13 +76,8 @@ async def upload_adhoc(
     evolve: Annotated[
         bool, Form(description="add new columns and widen types of an existing table")
     ] = True,
-    dry_run: Annotated[bool, Form()] = False,
-    fresh: Annotated[
-        bool,
-        Form(
-            description="full refresh: once the run completed, delete the rows it did not contain"
-        ),
-    ] = False,
+    dry_run: DryRun = False,
+    fresh: Fresh = False,
     wait: Wait = False,
 ) -> Response:
     """Upload a file and import it without an importer, as ``sluice import FILE --into TABLE
@@ -107,13 +107,8 @@ async def upload(
     client: ClientDep,
     settings: SettingsDep,
     caller: Caller,
-    dry_run: Annotated[bool, Form()] = False,
-    fresh: Annotated[
-        bool,
-        Form(
-            description="full refresh: once the run completed, delete the rows it did not contain"
-        ),
-    ] = False,
+    dry_run: DryRun = False,
+    fresh: Fresh = False,
     wait: Wait = False,
 ) -> Response:
     """Upload a file and start its import. The body is streamed to the file store."""
