@@ -138,6 +138,9 @@ class Recovery:
             admin = clients.admin(kafka)
             await admin.start()
             self._admin = admin
+        if self._topics_seen_at is None:
+            # Only the first look starts the clock. A reconnection after the broker went away
+            # keeps it: what was relayed while it was away may have gone to lost topics.
             self._topics_seen_at = await pool.fetchval("SELECT now()")
         try:
             existing = set(await self._admin.list_topics())

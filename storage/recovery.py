@@ -44,10 +44,14 @@ async def stalled_runs(
 
 
 async def in_flight_runs(conn: asyncpg.Connection) -> list[Run]:
-    """Every queued or running run, oldest first."""
+    """Every queued or running run, oldest first, locked until the transaction ends. A run
+    whose row a batch transaction holds is waited for, not skipped: the runs being written at
+    this moment are exactly the ones a broker that lost its topics leaves without batches."""
+    # A batch transaction holds the row only until it commits; never wait on it for long.
+    await conn.execute("SET LOCAL lock_timeout = '30s'")
     rows = await conn.fetch(
         f"SELECT {RUN_COLUMNS} FROM runs WHERE status IN ('queued', 'running')"
-        " ORDER BY queued_at FOR UPDATE SKIP LOCKED"
+        " ORDER BY queued_at FOR UPDATE"
     )
     return [run_from_record(r) for r in rows]
 

@@ -38,7 +38,7 @@ from sluice.schemas.runs import Run, RunStatus
 from sluice.service import Client
 from sluice.storage.runs import RUN_COLUMNS, run_from_record
 from sluice.subscription import Subscription
-from tests.chaos.conftest import ROUNDS, SEED, ChaosStack, Db, Report, Supervisor, case_rng
+from tests.chaos.conftest import SEED, ChaosStack, Db, Report, Supervisor, case_rng
 from tests.conftest import PARTITIONS, ROOT, TOPICS, Worker
 from tests.servers.atproto import FakeJetstream, FakePds, World
 from tests.servers.paginated_api import EPOCH, FakeApi
@@ -800,11 +800,6 @@ def _free_port() -> int:
 
 
 @pytest.mark.embedded
-@pytest.mark.skipif(
-    ROUNDS < 2 and not os.environ.get("CHAOS_SEED"),
-    reason="flaky in the single round of make test (twice on 2026-12-02, a run finishing before"
-    " the topic watch's next look); it runs in make chaos / bench/reliability.py (5/5 passed)",
-)
 async def test_broker_restart_losing_its_topics_during_a_file_import(
     chaos_stack: ChaosStack,
     chaos_client: Client,
@@ -882,10 +877,11 @@ async def test_broker_restart_losing_its_topics_during_a_file_import(
         assert_clean(result, chaos_stack)
         assert result.events_lost == 0, f"lifecycle events lost: {detail}"
         assert await table_checksum(conn, "chaos_broker") == (n, checksum(rows))
-        # One round: the worker that recreated the topics resumed the run at once; the stall
-        # recovery (the backstop) had nothing left to do.
+        # At most one round: the worker that recreated the topics resumed the run at once, and
+        # the stall recovery (the backstop) had nothing left to do. No round at all is right
+        # too: the workers may have fetched every batch before the broker went down.
         hows = [r["how"] for r in resumed]
-        assert len(hows) == 1 and "the broker lost topics" in hows[0], hows
+        assert len(hows) <= 1 and all("the broker lost topics" in how for how in hows), hows
         # The subscribers that followed the run saw it complete, once each.
         for follower in followers:
             completed = await follower.wait_for(run.id, "run.completed", timeout=30)
