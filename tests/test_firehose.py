@@ -492,15 +492,23 @@ async def test_the_consumer_runs_inside_a_worker_by_configuration(
         "SLUICE_FIREHOSE_URL": scene.firehose.url,
         "SLUICE_FIREHOSE_NAME": "in-worker",
     }
+    subscriptions = len(scene.jetstream.connections)
     worker = Worker("worker-firehose", env, stack.root)
     worker.start()
     try:
-        deadline = time.monotonic() + 90
+        # Joining the session workers' group can take a minute on a busy machine.
+        deadline = time.monotonic() + 150
         while not await db.fetchval(
             "SELECT count(*) FROM sluice.firehose_cursors WHERE name = 'in-worker'"
         ):
             assert worker.alive and time.monotonic() < deadline, worker.tail()
             await asyncio.sleep(0.5)
+        # The consumer registers before it connects, and reads live: an event made before its
+        # subscription is open would never reach it.
+        while len(scene.jetstream.connections) <= subscriptions:
+            assert worker.alive and time.monotonic() < deadline, worker.tail()
+            await asyncio.sleep(0.2)
+        deadline = time.monotonic() + 60
         event = scene.world.create(DIDS[2], LIKE)
         while (
             await db.fetchval(
