@@ -286,18 +286,22 @@ def _explain(kafka: KafkaSettings, server: str, exc: BaseException) -> KafkaConf
             f"{server}: no answer to the TLS handshake (is it a plaintext port? check "
             "SLUICE_KAFKA_SECURITY_PROTOCOL)"
         )
-    if (
-        isinstance(exc, KafkaConnectionError)
-        and "closed" in str(exc)
-        and kafka.uses_tls
-        and not kafka.ssl_certfile
-    ):
-        # TLS 1.3: the client's side of the handshake ends before the server checks for a
-        # client certificate; its refusal then arrives as a closed connection, not an alert.
+    if isinstance(exc, KafkaConnectionError) and "closed" in str(exc) and kafka.uses_tls:
+        # TLS 1.3: the client's side of the handshake ends before the server checks the
+        # client certificate; its refusal (no certificate, or one it does not trust) then
+        # arrives as a closed connection rather than as an alert, depending on timing.
+        if kafka.ssl_certfile:
+            why = (
+                "probably does not trust the client certificate: SLUICE_KAFKA_SSL_CERTFILE "
+                "must be signed by a CA the broker accepts"
+            )
+        else:
+            why = (
+                "probably requires a client certificate: set SLUICE_KAFKA_SSL_CERTFILE and "
+                "SLUICE_KAFKA_SSL_KEYFILE"
+            )
         return KafkaConfigError(
-            f"the broker at {server} closed the connection right after the TLS handshake: it "
-            "probably requires a client certificate: set SLUICE_KAFKA_SSL_CERTFILE and "
-            "SLUICE_KAFKA_SSL_KEYFILE"
+            f"the broker at {server} closed the connection right after the TLS handshake: it " + why
         )
     if isinstance(exc, KafkaConnectionError | KafkaError | OSError | TimeoutError):
         return f"{server}: {_short(exc)}"
