@@ -58,6 +58,7 @@ class Sniffed:
     encoding: str | None
     compression: Literal["gzip", "none"]
     sheet: str | None = None  # the worksheet read, for XLSX
+    sheets: tuple[str, ...] = ()  # the workbook's worksheets, for XLSX
 
 
 @dataclass(slots=True)
@@ -105,3 +106,34 @@ class FileInspection(Protocol):
     def encoding(self) -> str | None:
         """The text encoding found (None for binary formats and unreadable files)."""
         ...
+
+
+DELIMITER_NAMES = {",": "comma", ";": "semicolon", "\t": "tab", "|": "pipe", " ": "space"}
+
+
+def delimiter_name(delimiter: str) -> str:
+    """How people call a delimiter: "semicolon" for ``;``; others as they are, quoted."""
+    return DELIMITER_NAMES.get(delimiter, repr(delimiter))
+
+
+_READ_BY = {
+    "field": "declared on the field",
+    "importer": "the importer's default",
+    "run": "the run's setting",
+    "inferred": "inferred",
+}
+
+
+def reading_text(reading: dict[str, Any]) -> str:
+    """A column's reading from a run's provenance (``provenance.readings``), as a phrase:
+    "dates as %d.%m.%Y (inferred: '25.03.2024' has the day first ...)"."""
+    if reading.get("date_format"):
+        how = f"dates as {' or '.join(reading['date_format'])}"
+    elif reading.get("decimal"):
+        thousands = f", thousands {reading['thousands']!r}" if reading.get("thousands") else ""
+        how = f"numbers with decimal {reading['decimal']!r}{thousands}"
+    else:
+        how = "as text"
+    by = _READ_BY.get(str(reading.get("by")), str(reading.get("by")))
+    why = f": {reading['why']}" if reading.get("why") else ""
+    return f"{how} ({by}{why})"

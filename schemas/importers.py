@@ -76,6 +76,42 @@ class Lookup:
         return f"{self.schema}.{self.table}"
 
 
+DATE_TYPES = frozenset({"date", "timestamptz"})
+NUMBER_TYPES = frozenset({"integer", "bigint", "numeric", "double"})
+
+
+def date_formats(value: str | tuple[str, ...] | list[str] | None, what: str) -> tuple[str, ...]:
+    """``date_format`` as a tuple of strptime formats, each checked: one that reads back no
+    date it writes (no ``%d``, ``%m`` and ``%Y`` or ``%y``, say) is refused with ``what``."""
+    if value is None:
+        return ()
+    formats = (value,) if isinstance(value, str) else tuple(value)
+    sample = datetime(2024, 3, 10, 13, 45, 30)
+    for fmt in formats:
+        try:
+            ok = datetime.strptime(sample.strftime(fmt), fmt).date() == sample.date()
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"{what}: {fmt!r} is not a date format that names the day, month and year;"
+                " write it as for strptime, e.g. '%d/%m/%Y' or '%d.%m.%Y'"
+            )
+    return formats
+
+
+def check_separators(decimal: str | None, thousands: str | None, what: str) -> None:
+    """A decimal and a thousands separator are one character each, and not the same one."""
+    for name, sep in (("decimal", decimal), ("thousands", thousands)):
+        if sep is not None and (len(sep) != 1 or sep.isdigit() or sep in "+-"):
+            raise ValueError(
+                f"{what}: {name}={sep!r} must be one character that is not a digit or a sign,"
+                " e.g. decimal=',' thousands='.'"
+            )
+    if decimal is not None and decimal == thousands:
+        raise ValueError(f"{what}: decimal and thousands separators are both {decimal!r}")
+
+
 def normalize_header(name: str) -> str:
     """How header names are compared: case- and space-insensitively."""
     return re.sub(r"[\s_\-]+", "", name).casefold()
@@ -87,6 +123,14 @@ class Field:
 
     ``aliases`` are other header names that mean this field; ``annotation`` replaces the type's
     default pydantic annotation (for constraints such as ``Annotated[Decimal, Field(ge=0)]``).
+
+    How text cells are read, where the file does not write ISO dates and ``.`` decimals:
+    ``date_format`` (a date or timestamptz field) is one strptime format or several, tried in
+    order (``"%d/%m/%Y"``, ``("%d.%m.%Y", "%d/%m/%Y")``); ISO 8601 is always read too.
+    ``decimal`` and ``thousands`` (a number field) are its separators (``decimal=","``,
+    ``thousands="."`` reads ``1.234,5``). Unset, the importer's defaults apply (its own
+    ``date_format``, ``decimal``, ``thousands``), or a run's ``--date-format`` and
+    ``--decimal-comma``.
     """
 
     name: str
@@ -95,12 +139,28 @@ class Field:
     required: bool = False
     annotation: Any = None
     default: Any = None
+    date_format: str | tuple[str, ...] | None = None
+    decimal: str | None = None
+    thousands: str | None = None
 
     def __post_init__(self) -> None:
         if self.type not in TYPES:
             raise ValueError(
                 f"field {self.name!r}: unknown type {self.type!r}; use one of {', '.join(TYPES)}"
             )
+        what = f"field {self.name!r}"
+        if self.date_format is not None:
+            if self.type not in DATE_TYPES:
+                raise ValueError(f"{what}: date_format is for date and timestamptz fields")
+            object.__setattr__(self, "date_format", date_formats(self.date_format, what))
+        if (self.decimal or self.thousands) and self.type not in NUMBER_TYPES:
+            raise ValueError(f"{what}: decimal and thousands are for number fields")
+        check_separators(self.decimal, self.thousands, what)
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        """``date_format`` as a tuple (empty when unset; __post_init__ checked it)."""
+        return tuple(self.date_format or ())
 
     @property
     def pg_type(self) -> str:
@@ -261,8 +321,21 @@ class Importer:
     # Columns filled from another table by a natural key (supplier_id from suppliers.code),
     # resolved per batch by one query each (storage.lookups).
     lookups: tuple[Lookup, ...] = ()
+    # How text cells of the fields that do not say are read (see Field): date formats for
+    # date and timestamptz fields, the separators of number fields.
+    date_format: str | tuple[str, ...] | None = None
+    decimal: str | None = None
+    thousands: str | None = None
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        """The default ``date_format`` as a tuple (empty when unset)."""
+        return tuple(self.date_format or ())
 
     def __post_init__(self) -> None:
+        what = f"importer {self.slug!r}"
+        object.__setattr__(self, "date_format", date_formats(self.date_format, what) or None)
+        check_separators(self.decimal, self.thousands, what)
         if self.pull is not None and self.pull.kind not in self.sources:
             # The pull source's kind is always an accepted source of its importer.
             object.__setattr__(self, "sources", (*self.sources, self.pull.kind))

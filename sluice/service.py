@@ -39,10 +39,36 @@ from sluice.streams.admin import ensure_topics
 from sluice.streams.topics import Topics
 
 
-def run_options(*, fresh: bool = False) -> dict[str, Any] | None:
+def run_options(
+    *,
+    fresh: bool = False,
+    date_formats: Sequence[str] = (),
+    decimal_comma: bool = False,
+    sheet: str | None = None,
+) -> dict[str, Any] | None:
     """A run's options from a caller's switches: ``fresh`` asks for a full refresh (once the run
-    completed, the rows it did not contain are deleted)."""
-    return {"fresh": True} if fresh else None
+    completed, the rows it did not contain are deleted); ``date_formats`` (strptime formats,
+    tried in order) and ``decimal_comma`` (``1.234,5``) say how the file writes dates and
+    numbers, for the fields that do not say themselves; ``sheet`` the worksheet of an XLSX
+    file to read. ``InvalidRequest`` for a date format that names no day, month and year."""
+    from sluice.schemas.importers import date_formats as checked_formats
+
+    options: dict[str, Any] = {}
+    if fresh:
+        options["fresh"] = True
+    formats = [f for f in date_formats if f.strip()]
+    if formats:
+        try:
+            options["date_formats"] = list(checked_formats(formats, "date format"))
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+    if decimal_comma:
+        options["decimal_comma"] = True
+    if sheet:
+        if "\x00" in sheet:
+            raise InvalidRequest("the sheet name may not hold NUL bytes")
+        options["sheet"] = sheet
+    return options or None
 
 
 def adhoc_options(
@@ -54,6 +80,8 @@ def adhoc_options(
     evolve: bool = True,
     sheet: str | None = None,
     fresh: bool = False,
+    date_formats: Sequence[str] = (),
+    decimal_comma: bool = False,
 ) -> dict[str, Any]:
     """The options of an import without an importer, as ``sluice import`` and
     ``POST /api/v1/imports/adhoc/upload`` take them: ``key`` a list or comma-separated. The
@@ -77,13 +105,16 @@ def adhoc_options(
         "key": keys,
         "schema": schema,
     }
-    options.update(run_options(fresh=fresh) or {})
+    options.update(
+        run_options(
+            fresh=fresh, date_formats=date_formats, decimal_comma=decimal_comma, sheet=sheet
+        )
+        or {}
+    )
     if null_markers:
         options["null_markers"] = list(null_markers)
     if not evolve:
         options["evolve"] = False
-    if sheet:
-        options["sheet"] = sheet
     return options
 
 

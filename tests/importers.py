@@ -305,3 +305,29 @@ def typed(slug: str) -> Importer:
 typed_csv = typed("t_typed_csv")
 typed_xlsx = typed("t_typed_xlsx")
 typed_parquet = typed("t_typed_parquet")
+
+
+# ---------------------------------------------------------------- European and UK formats
+
+# Prices as a German shop writes them: decimal commas, '.' between thousands (importer-wide),
+# dates day first (the field's own formats); "born" has no format of its own.
+euro_prices = Importer(
+    slug="t_euro",
+    table="t_euro",
+    key=("sku",),
+    fields=(
+        Field("sku", "text", aliases=("Artikel",)),
+        Field("price", "numeric", required=True, aliases=("Preis",)),
+        Field("since", "date", date_format=("%d.%m.%Y", "%d/%m/%Y"), aliases=("Seit",)),
+        Field("born", "date"),
+    ),
+    decimal=",",
+    thousands=".",
+)
+# The same columns with no reading declared: the run's --date-format and --decimal-comma say.
+plain_prices = Importer(
+    slug="t_euro_plain",
+    table="t_euro_plain",
+    key=("sku",),
+    fields=(Field("sku"), Field("price", "numeric"), Field("since", "date")),
+)

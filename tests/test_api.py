@@ -414,3 +414,53 @@ async def test_an_adhoc_upload_lands_the_table_the_cli_lands(
     assert "key" in assert_error(keyless, 422, "invalid_parameters")
     after = http.get("/api/v1/runs", params={"importer": "adhoc"}).json()["pagination"]["total"]
     assert after == before
+
+
+async def test_the_upload_forms_take_date_formats_and_decimal_commas(
+    http: httpx.Client, db: asyncpg.Connection
+) -> None:
+    """``date_format`` (repeatable) and ``decimal_comma`` in an importer's upload and in an
+    ad-hoc one; a format without a day is a 422 that says so, and starts no run."""
+    suffix = uuid.uuid4().hex[:6]
+    prices = f"sku;price;since\nU{suffix}-1;1.024,5;25.12.2024\nU{suffix}-2;2,5;01/12/2024\n"
+    sent = http.post(
+        "/api/v1/imports/t_euro_plain/upload",
+        files={"file": ("prices.csv", prices.encode(), "text/csv")},
+        data={"date_format": ["%d.%m.%Y", "%d/%m/%Y"], "decimal_comma": "true"},
+        params={"wait": "true"},
+    )
+    assert sent.status_code == 200, sent.text
+    run = sent.json()
+    assert (run["status"], run["created_rows"], run["failed_rows"]) == ("completed", 2, 0)
+    assert run["options"]["date_formats"] == ["%d.%m.%Y", "%d/%m/%Y"]
+    got = await db.fetch(
+        "SELECT price::text, since::text FROM t_euro_plain WHERE sku LIKE $1 ORDER BY sku",
+        f"U{suffix}-%",
+    )
+    assert [tuple(r) for r in got] == [("1024.5", "2024-12-25"), ("2.5", "2024-12-01")]
+
+    # Ambiguous dates (every day 12 or less): the form's format makes them dates.
+    adhoc = http.post(
+        "/api/v1/imports/adhoc/upload",
+        files={"file": ("a.csv", b"id,day\n1,03/04/2024\n2,05/06/2024\n", "text/csv")},
+        data={"table": f"euro_form_{suffix}", "key": "id", "date_format": "%m/%d/%Y"},
+        params={"wait": "true"},
+    )
+    assert adhoc.status_code == 200, adhoc.text
+    assert adhoc.json()["provenance"]["readings"] == [
+        {
+            "column": "day",
+            "by": "run",
+            "date_format": ["%m/%d/%Y"],
+            "why": "the run's date format (--date-format)",
+        }
+    ]
+    days = await db.fetch(f"SELECT day::text FROM euro_form_{suffix} ORDER BY id")
+    assert [r[0] for r in days] == ["2024-03-04", "2024-05-06"]
+
+    refused = http.post(
+        "/api/v1/imports/t_euro_plain/upload",
+        files={"file": ("prices.csv", prices.encode(), "text/csv")},
+        data={"date_format": "%H:%M"},
+    )
+    assert "names the day, month and year" in assert_error(refused, 422, "invalid_parameters")

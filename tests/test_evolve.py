@@ -237,3 +237,28 @@ async def test_two_runs_creating_one_table_at_once_keep_all_their_columns(
     assert set(await _columns(db, table)) == {"id", "name", "email"}
     made = [c for changes in results for c in changes]
     assert made in ([], [SchemaChange("email", "added", "text")])
+
+
+@pytest.mark.stack
+async def test_nested_json_objects_and_arrays_land_as_jsonb(
+    client: Client, stack: Stack, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    table = unique("nested")
+    path = tmp_path / "n.jsonl"
+    path.write_text(
+        '{"id": 1, "meta": {"color": "red", "sizes": [1, 2]}, "tags": ["a", "b"], "note": "x"}\n'
+        '{"id": 2, "meta": null, "tags": [], "note": "{\\"not\\": \\"json\\"}"}\n'
+    )
+    done = await _import(client, stack, path, table)
+    assert done.status is RunStatus.COMPLETED, done.error
+    types = dict(
+        await db.fetch(
+            "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = $1",
+            table,
+        )
+    )
+    assert (types["meta"], types["tags"], types["note"]) == ("jsonb", "jsonb", "text")
+    rows = await db.fetch(
+        f"SELECT id, meta->>'color', jsonb_array_length(tags), note FROM {table} ORDER BY id"
+    )
+    assert [tuple(r) for r in rows] == [(1, "red", 2, "x"), (2, None, 0, '{"not": "json"}')]

@@ -1030,3 +1030,30 @@ async def test_an_adhoc_import_types_a_workbook_like_its_csv(
         types.append({r["column_name"]: r["data_type"] for r in rows})
     assert types[0] == types[1] == types[2], types
     assert types[0]["day"] == "date" and types[0]["active"] == "boolean"
+
+
+@pytest.mark.stack
+async def test_a_workbook_whose_first_sheet_lacks_the_key_names_its_sheets_and_the_option(
+    client: Client, stack: Stack, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """The first visible sheet is a cover page: the run fails with the workbook's other sheets
+    and how to pick one; with the sheet named (a run option) the same file lands."""
+    rows: list[list[Any]] = [["id", "name"], [1, "apple"], [2, "pear"]]
+    path = workbook(
+        tmp_path / "book.xlsx", ("Cover", [["Prices 2024"], ["see the next sheet"]]), ("Data", rows)
+    )
+    table = unique("t_sheets")
+    options: dict[str, Any] = {"table": table, "key": ["id"]}
+    failed = await finish(client, await client.submit_file("adhoc", path, options=options), stack)
+    assert failed.status is RunStatus.FAILED and failed.error is not None
+    assert "key column 'id' is not in the file" in failed.error
+    assert "This read the sheet 'Cover'; the workbook's other sheets are: 'Data'." in failed.error
+    assert "--sheet NAME" in failed.error
+    through = await finish(
+        client, await client.submit_file("t_typed_xlsx", path, options={"sheet": "Cover"}), stack
+    )
+    assert through.status is RunStatus.FAILED and "'Data'" in (through.error or "")
+    picked = {**options, "sheet": "Data"}
+    done = await finish(client, await client.submit_file("adhoc", path, options=picked), stack)
+    assert done.status is RunStatus.COMPLETED and done.created_rows == 2, done.error
+    assert await db.fetchval(f"SELECT count(*) FROM {table}") == 2

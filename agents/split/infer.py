@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Collection, Iterable, Sequence
+from datetime import datetime
 
+from sluice.agents.split.read import Reading, RunReading
 from sluice.errors import MappingError
 from sluice.schemas.importers import ADHOC, Field, Importer
 
@@ -60,25 +63,118 @@ def normalize_identifier(name: str, position: int) -> str:
     return ident[:MAX_IDENTIFIER_BYTES]
 
 
+# Numbers and dates as Europe and the UK write them: 1.234,5 and 10.03.2024 or 10/03/2024.
+_COMMA_NUMBER = re.compile(r"[+-]?(\d{1,3}(\.\d{3})+|\d+)(,\d+)?")
+_DECIMAL_COMMA = re.compile(r"[+-]?\d+,(\d{1,2}|\d{4,})|[+-]?\d{1,3}(\.\d{3})+,\d+")
+_NUMERIC_DATE = re.compile(r"(\d{1,2})([./-])(\d{1,2})\2(\d{4})")
+_EURO_READING = Reading(decimal=",", thousands=".", by="inferred")
+
+
 def infer_type(values: Iterable[str | None], nulls: Collection[str] = ()) -> str:
+    return infer_column(values, nulls)[0]
+
+
+def infer_column(
+    values: Iterable[str | None],
+    nulls: Collection[str] = (),
+    run: RunReading = RunReading(),
+    *,
+    semicolons: bool = False,
+) -> tuple[str, Reading | None]:
+    """A column's type and, for numbers or dates not written as ISO and ``.`` decimals, how
+    they are read (with the evidence; a reading without formats or separators says why the
+    column stays text). ``semicolons``: the file is separated by ``;``, as files with decimal
+    commas usually are."""
     stripped = (v.strip() for v in values if v is not None)
     seen = [v for v in stripped if v and v not in nulls]
     if not seen:
-        return "text"
+        return "text", None
+    comma = run.decimal_comma or semicolons
     for name, fits in _CANDIDATES:
+        if name == "numeric" and comma and (found := _comma_numbers(seen, run, semicolons)):
+            return found
         if all(fits(v) for v in seen):
-            return name
-    return "text"
+            return name, None
+    return _comma_numbers(seen, run, semicolons) or _dates(seen, run) or ("text", None)
+
+
+def _comma_numbers(
+    seen: list[str], run: RunReading, semicolons: bool
+) -> tuple[str, Reading | None] | None:
+    """Numeric with a decimal comma, when every value is written so and the column shows it."""
+    if not all(_COMMA_NUMBER.fullmatch(v) for v in seen) or all(_INT.fullmatch(v) for v in seen):
+        return None
+    evidence = next((v for v in seen if _DECIMAL_COMMA.fullmatch(v)), None)
+    if evidence is not None:
+        why = f"{evidence!r} has a decimal comma"
+    elif run.decimal_comma:
+        why = "the run's decimal comma (--decimal-comma)"
+    elif semicolons and any("," in v for v in seen):
+        why = "the file is separated by semicolons, and its numbers have commas"
+    else:
+        return None  # 1.234 and 1,234 alone read as ISO numbers or text, as before
+    by = "inferred" if evidence is not None or not run.decimal_comma else "run"
+    return "numeric", dataclasses.replace(_EURO_READING, by=by, why=why)
+
+
+def _dates(seen: list[str], run: RunReading) -> tuple[str, Reading | None] | None:
+    """A date column written day first or month first: read by the run's formats when every
+    value fits them, else by evidence (a day above 12 decides); every value ambiguous stays
+    text, and the reading says what to pass."""
+    if run.date_formats and all(_fits_any(v, run.date_formats) for v in seen):
+        why = "the run's date format (--date-format)"
+        return "date", Reading(formats=run.date_formats, by="run", why=why)
+    parts = [_NUMERIC_DATE.fullmatch(v) for v in seen]
+    if not all(parts):
+        return None
+    matches = [m for m in parts if m is not None]
+    separators = sorted({m.group(2) for m in matches})
+    day_first = next((m.group(0) for m in matches if int(m.group(1)) > 12), None)
+    month_first = next((m.group(0) for m in matches if int(m.group(3)) > 12), None)
+    if day_first and month_first:
+        why = f"{day_first!r} is day first but {month_first!r} month first: read as text"
+        return "text", Reading(by="inferred", why=why)
+    if day_first or month_first:
+        order = "%d{0}%m{0}%Y" if day_first else "%m{0}%d{0}%Y"
+        formats = tuple(order.format(sep) for sep in separators)
+        which, value = ("day", day_first) if day_first else ("month", month_first)
+        why = f"{value!r} has the {which} first (a number above 12 is not a month)"
+        return "date", Reading(formats=formats, by="inferred", why=why)
+    sep = separators[0]
+    why = (
+        f"every value is ambiguous (day and month are both 12 or less, as in {seen[0]!r}):"
+        f" read as text; give the run a date format (--date-format, date_format in the API):"
+        f" %d{sep}%m{sep}%Y for day first or %m{sep}%d{sep}%Y for month first"
+    )
+    return "text", Reading(by="inferred", why=why)
+
+
+def _fits_any(value: str, formats: tuple[str, ...]) -> bool:
+    for fmt in formats:
+        try:
+            datetime.strptime(value, fmt)
+        except ValueError:
+            continue
+        return True
+    return bool(DATE.fullmatch(value))
 
 
 def infer_fields(
-    header: Sequence[str], sample: Sequence[Sequence[str | None]], nulls: Collection[str] = ()
+    header: Sequence[str],
+    sample: Sequence[Sequence[str | None]],
+    nulls: Collection[str] = (),
+    run: RunReading = RunReading(),
+    *,
+    semicolons: bool = False,
+    readings: dict[str, Reading] | None = None,
 ) -> list[Field]:
     """One text-typed-or-better field per header name, each with a distinct column name.
 
     A header that already is a clean column name keeps it; the others are normalized, and get a
     ``_N`` suffix (N: the column's position) when that name is taken. The original header is
-    the field's alias, so each column of the file maps to its own field.
+    the field's alias, so each column of the file maps to its own field. Numbers with decimal
+    commas and day- or month-first dates are read by the reading inferred (see
+    ``infer_column``), which ``readings`` receives by field name with its evidence.
     """
     idents = [normalize_identifier(name, i) for i, name in enumerate(header)]
     used = {ident for ident, name in zip(idents, header, strict=True) if ident == name}
@@ -89,7 +185,22 @@ def infer_fields(
             ident = _unique(ident, i, used)
             used.add(ident)
         column = [row[i] if i < len(row) else None for row in sample]
-        fields.append(Field(ident, infer_type(column, nulls), aliases=(name,)))
+        type_, reading = infer_column(column, nulls, run, semicolons=semicolons)
+        if reading is not None and readings is not None:
+            readings[ident] = reading
+        if reading is not None and (reading.formats or reading.decimal):
+            fields.append(
+                Field(
+                    ident,
+                    type_,
+                    aliases=(name,),
+                    date_format=reading.formats or None,
+                    decimal=reading.decimal,
+                    thousands=reading.thousands,
+                )
+            )
+        else:
+            fields.append(Field(ident, type_, aliases=(name,)))
     return fields
 
 
@@ -114,7 +225,7 @@ def to_existing_columns(fields: Sequence[Field], columns: Sequence[str]) -> list
         if name in taken:  # two headers meaning one column: the later one stays its own
             name = f.name
         taken.add(name)
-        out.append(Field(name, f.type, aliases=f.aliases) if name != f.name else f)
+        out.append(dataclasses.replace(f, name=name) if name != f.name else f)
     return out
 
 

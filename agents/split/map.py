@@ -18,6 +18,7 @@ from pydantic import Field as Constraint
 from pydantic import TypeAdapter, ValidationError
 from typing_extensions import TypedDict
 
+from sluice.agents.split.read import Reader, Reading, field_readings, reader
 from sluice.errors import MappingError
 from sluice.schemas.formats import ParsedRow, RowProblem
 from sluice.schemas.importers import EmptyCell, Field, Importer, UriKey, normalize_header
@@ -237,6 +238,11 @@ class RecordMapper:
         self._unpivot_cell = _CELL_COERCIONS.get(up.value_type, _same) if up else _same
         # The file's header name of each field, for messages about a source row.
         self._columns = {t: header[i] for t, i in self._index.items()} if header else {}
+        # Fields whose text is not read as ISO dates and "." decimals (see agents.split.read).
+        self.readings: dict[str, Reading] = field_readings(importer, self._validated_fields())
+        self._readers: tuple[tuple[str, Reader], ...] = tuple(
+            (name, reader(r, types[name])) for name, r in self.readings.items()
+        )
         self._periods: list[tuple[int, Any, str]] = [
             (int(i), period, header[int(i)]) for i, period in self.unpivot_cols if header
         ]
@@ -426,6 +432,7 @@ class RecordMapper:
             lacking = lambda cells: "" in must_get(cells)  # noqa: E731
         markers = self._nulls - {""}
         key_positions = set(keys)  # null markers do not apply to keys
+        readers = [(at[name], name, read) for name, read in self._readers if name in at]
         for row in rows:
             if isinstance(row, RowProblem):
                 failures.append(RowFailure(row.number, 0, row.raw, row.reason))
@@ -447,6 +454,13 @@ class RecordMapper:
                 record = {n: c or None for n, c in zip(names, cells[2:], strict=True)}
                 failures.append(RowFailure(row.number, 0, record, reason))
                 continue
+            if readers:
+                original = cells[2:]
+                issues = _read_cells(cells, readers)
+                if issues:
+                    record = {n: c or None for n, c in zip(names, original, strict=True)}
+                    failures.append(RowFailure(row.number, 0, record, _reason(issues)))
+                    continue
             out.append(cells)
         return out, failures
 
@@ -561,10 +575,13 @@ class RecordMapper:
                 rejected.append(_Rejected(number, sub, record, reason, issues))
                 continue
             keyed.append((number, sub, record))
+        originals: dict[tuple[int, int], Record] = {}
+        if self._readers:
+            keyed = self._read(keyed, rejected, originals)
         if self._adapter is None:
             valid = keyed
         else:
-            valid = self._typed(keyed, rejected)
+            valid = self._typed(keyed, rejected, originals)
         out = []
         for number, sub, record in valid:
             if self._uri is not None:
@@ -574,8 +591,44 @@ class RecordMapper:
             out.append(record)
         return out
 
+    def _read(
+        self,
+        keyed: list[tuple[int, int, Record]],
+        rejected: list[_Rejected],
+        originals: dict[tuple[int, int], Record],
+    ) -> list[tuple[int, int, Record]]:
+        """Text cells read by the fields' readings; a record whose cell fits none is rejected
+        as the file had it, and so is a record refused later (``originals``)."""
+        out = []
+        for number, sub, record in keyed:
+            issues: list[_Issue] = []
+            read: Record | None = None
+            for name, read_cell in self._readers:
+                value = record.get(name)
+                if type(value) is not str:
+                    continue
+                try:
+                    text = read_cell(value)
+                except ValueError as exc:
+                    issues.append(_Issue(name, f"{exc} (got {value!r})"))
+                    continue
+                if text != value:
+                    read = read if read is not None else dict(record)
+                    read[name] = text
+            if issues:
+                rejected.append(_Rejected(number, sub, record, _reason(issues), issues))
+            elif read is not None:
+                originals[number, sub] = record
+                out.append((number, sub, read))
+            else:
+                out.append((number, sub, record))
+        return out
+
     def _typed(
-        self, keyed: list[tuple[int, int, Record]], rejected: list[_Rejected]
+        self,
+        keyed: list[tuple[int, int, Record]],
+        rejected: list[_Rejected],
+        originals: dict[tuple[int, int], Record],
     ) -> list[tuple[int, int, Record]]:
         assert self._adapter is not None and self._one is not None
         try:
@@ -589,8 +642,8 @@ class RecordMapper:
                 out.append((number, sub, self._one.validate_python(record)))
             except ValidationError as exc:
                 issues = validation_issues(exc)
-                reason = "; ".join(f"{i.field}: {i.text}" for i in issues)
-                rejected.append(_Rejected(number, sub, record, reason, issues))
+                original = originals.get((number, sub), record)
+                rejected.append(_Rejected(number, sub, original, _reason(issues), issues))
         return out
 
 
@@ -607,6 +660,24 @@ def fitting_importers(importers: Iterable[Importer], header: list[str]) -> list[
             continue
         fits.append(importer.slug)
     return fits
+
+
+def _reason(issues: list[_Issue]) -> str:
+    return "; ".join(f"{i.field}: {i.text}" for i in issues)
+
+
+def _read_cells(cells: list[str], readers: list[tuple[int, str, Reader]]) -> list[_Issue]:
+    """A COPY row's cells read in place by ``readers`` (position, field, reader); the issues
+    of the cells that fit none."""
+    issues = []
+    for at, name, read in readers:
+        value = cells[at]
+        if value:
+            try:
+                cells[at] = read(value)
+            except ValueError as exc:
+                issues.append(_Issue(name, f"{exc} (got {value!r})"))
+    return issues
 
 
 def _empty_key(names: list[str]) -> str:

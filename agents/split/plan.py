@@ -6,6 +6,7 @@ first), the lookups checked, and the batching kept with the run's plan.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from sluice.agents.deps import Deps
 from sluice.agents.split.evolve import SchemaChange, evolve_table
@@ -17,6 +18,7 @@ from sluice.agents.split.infer import (
 )
 from sluice.agents.split.map import RecordMapper, cell_text
 from sluice.agents.split.parse import ParsedFile
+from sluice.agents.split.read import Reading, RunReading
 from sluice.agents.split.route import BatchRouter
 from sluice.errors import FileFormatError, MappingError, TerminalError
 from sluice.schemas.events import ImportRequested
@@ -41,34 +43,63 @@ def plan_for(importer: Importer) -> TargetPlan:
 
 
 async def resolve_importer(
-    deps: Deps, request: ImportRequested, parsed_header: list[str] | None, sample: list[ParsedRow]
+    deps: Deps,
+    request: ImportRequested,
+    parsed_header: list[str] | None,
+    sample: list[ParsedRow],
+    *,
+    delimiter: str | None = None,
+    readings: dict[str, Reading] | None = None,
 ) -> Importer:
+    """The run's importer: its registered one with the run's readings (``--date-format``,
+    ``--decimal-comma``), or for an ad-hoc import one inferred from the sample; ``readings``
+    receives the readings inference chose (and why), by column."""
+    try:
+        run = RunReading.of(request.options)
+    except ValueError as exc:
+        raise MappingError(str(exc)) from None
     if request.importer != ADHOC:
-        return deps.registry.get(request.importer)
+        return run.apply(deps.registry.get(request.importer))
     table = request.options.get("table")
     key = request.options.get("key") or []
     schema = request.options.get("schema", "public")
     nulls = tuple(request.options.get("null_markers", DEFAULT_NULL_MARKERS))
     if not table or not key:
         raise MappingError("an ad-hoc import needs a table and at least one key column")
+    nested: set[str] = set()
     if parsed_header is None:
         keys = {k for r in sample if isinstance(r.values, dict) for k in r.values}
         header = sorted(keys)
-        rows = [
-            [cell_text(r.values.get(h)) for h in header]
-            for r in sample
-            if isinstance(r.values, dict)
-        ]
+        objects = [r.values for r in sample if isinstance(r.values, dict)]
+        rows = [[cell_text(o.get(h)) for h in header] for o in objects]
+        nested = _nested_columns(header, objects)
     else:
         header = parsed_header
         rows = [[cell_text(v) for v in r.values] for r in sample if isinstance(r.values, list)]
     # JSON keeps its strings ("NA" is a value there; JSON has null): no markers for it.
-    fields = infer_fields(header, rows, nulls if parsed_header is not None else ())
+    inferred: dict[str, Reading] = {}
+    fields = infer_fields(
+        header,
+        rows,
+        nulls if parsed_header is not None else (),
+        run,
+        semicolons=delimiter == ";",
+        readings=inferred,
+    )
+    if nested:  # JSON objects and arrays land as jsonb, not as their text
+        fields = [
+            dataclasses.replace(f, type="jsonb") if f.aliases[0] in nested else f for f in fields
+        ]
     pool = deps.pool
     async with pool.acquire() as conn:
         existing = await describe_table(conn, schema, table)
         if existing is not None:
-            fields = to_existing_columns(fields, [c for c, _ in existing])
+            renamed = to_existing_columns(fields, [c for c, _ in existing])
+            names = {f.name: r.name for f, r in zip(fields, renamed, strict=True)}
+            inferred = {names.get(n, n): r for n, r in inferred.items()}
+            fields = renamed
+        if readings is not None:
+            readings.update(inferred)
         importer = adhoc_importer(table, key, fields, schema=schema, null_markers=nulls)
         if existing is not None and not await has_unique_key(
             conn, schema, table, importer.key_columns
@@ -80,6 +111,16 @@ async def resolve_importer(
                 "--key that has one"
             )
     return importer
+
+
+def _nested_columns(header: list[str], objects: list[dict[str, Any]]) -> set[str]:
+    """The keys whose every non-null value in the sample is a JSON object or array."""
+    out = set()
+    for key in header:
+        values = [o[key] for o in objects if o.get(key) is not None]
+        if values and all(isinstance(v, (dict, list)) for v in values):
+            out.add(key)
+    return out
 
 
 def refresh_for(importer: Importer, request: ImportRequested) -> Refresh | None:

@@ -4,20 +4,28 @@ and how its columns were mapped, saved with the run; an earlier run of the same 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from sluice.agents.deps import Deps
 from sluice.agents.split.evolve import SchemaChange
 from sluice.agents.split.map import RecordMapper
 from sluice.agents.split.parse import ParsedFile
+from sluice.agents.split.read import Reading
 from sluice.schemas.events import ImportRequested
 from sluice.schemas.importers import normalize_header
 
 
 async def describe_source(
-    deps: Deps, request: ImportRequested, parsed: ParsedFile, mapper: RecordMapper
+    deps: Deps,
+    request: ImportRequested,
+    parsed: ParsedFile,
+    mapper: RecordMapper,
+    inferred: Mapping[str, Reading] | None = None,
 ) -> dict[str, Any]:
-    """The run's provenance: what it read and how the columns were mapped."""
+    """The run's provenance: what it read, how the columns were mapped and how their numbers
+    and dates were read (``readings``: the field's, the run's or the importer's, or for an
+    ad-hoc import inferred, with the evidence)."""
     ref = request.file
     runs = deps.runs
     content_type = await deps.files.content_type(ref.id)
@@ -45,18 +53,23 @@ async def describe_source(
         },
         "ignored": [h for h in (parsed.header or []) if h not in columns],
         "duplicate_of": str(duplicate) if duplicate else None,
+        "readings": [r.describe(c) for c, r in {**mapper.readings, **(inferred or {})}.items()],
     }
 
 
 async def record_provenance(
-    deps: Deps, request: ImportRequested, parsed: ParsedFile, mapper: RecordMapper
+    deps: Deps,
+    request: ImportRequested,
+    parsed: ParsedFile,
+    mapper: RecordMapper,
+    inferred: Mapping[str, Reading] | None = None,
 ) -> dict[str, Any]:
     """Save and return the run's provenance, with the schema changes an earlier split of the
     run reported: a split done again (after a crash, or a retry) finds its schema changes made
     already, and the first report stands."""
     runs = deps.runs
     earlier_changes = list(await runs.schema_changes(request.run_id))
-    provenance = await describe_source(deps, request, parsed, mapper)
+    provenance = await describe_source(deps, request, parsed, mapper, inferred)
     provenance["schema_changes"] = earlier_changes
     await runs.save_provenance(request.run_id, provenance)
     return provenance

@@ -12,6 +12,7 @@ and ``route`` cuts the records into batches by key.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import tempfile
@@ -31,6 +32,7 @@ from sluice.agents.split.plan import (
     table_plan,
 )
 from sluice.agents.split.provenance import record_provenance, record_schema_changes
+from sluice.agents.split.read import Reading
 from sluice.agents.split.route import BatchRouter
 from sluice.errors import FileFormatError, MappingError, TerminalError
 from sluice.schemas.events import ImportRequested
@@ -69,10 +71,13 @@ async def split_file(deps: Deps, request: ImportRequested, send: SendBatch, flus
 
 
 def format_options(deps: Deps, request: ImportRequested) -> FormatOptions:
-    """How the file is read: as its importer says, or for an ad-hoc import its sheet; a retry
+    """How the file is read: as its importer says (the run's sheet, if it names one), or for an
+    ad-hoc import its sheet; a retry
     file (the rejected records of a run) is JSON Lines."""
     if request.importer != ADHOC:
         options = deps.registry.get(request.importer).format
+        if request.options.get("sheet"):  # the run's --sheet
+            options = dataclasses.replace(options, sheet=request.options["sheet"])
     else:
         try:
             options = FormatOptions(sheet=request.options.get("sheet"))
@@ -91,12 +96,24 @@ async def _split(
     items = iter(parsed)
     head = list(itertools.islice(items, SAMPLE_ROWS))
     sample = [r for r in head if isinstance(r, ParsedRow)]
-    importer = await resolve_importer(deps, request, parsed.header, sample)
+    readings: dict[str, Reading] = {}
+    try:
+        importer = await resolve_importer(
+            deps,
+            request,
+            parsed.header,
+            sample,
+            delimiter=parsed.sniffed.delimiter,
+            readings=readings,
+        )
+    except MappingError as exc:
+        raise MappingError(f"{exc}{_sheets_hint(parsed)}") from None
     try:
         mapper = RecordMapper(importer, parsed.header)
     except MappingError as exc:
-        raise MappingError(f"{exc}{_fitting_hint(deps, importer.slug, parsed.header)}") from None
-    provenance = await record_provenance(deps, request, parsed, mapper)
+        hint = _fitting_hint(deps, importer.slug, parsed.header) + _sheets_hint(parsed)
+        raise MappingError(f"{exc}{hint}") from None
+    provenance = await record_provenance(deps, request, parsed, mapper, readings)
     if provenance["duplicate_of"] and importer.skip_duplicate_files:
         log.info("run %s: the same file as run %s; skipped", run_id, provenance["duplicate_of"])
         await deps.runs.finish_split(run_id, 0, 0)
@@ -115,6 +132,19 @@ async def _split(
     router = await kept_batching(deps, request, importer, mapper, plan, parsed)
     rows = itertools.chain(head, items)
     await _send_batches(deps, request, parsed, rows, mapper, router, send, flush)
+
+
+def _sheets_hint(parsed: ParsedFile) -> str:
+    """For a workbook of several sheets: which one was read, and how to read another."""
+    sniffed = parsed.sniffed
+    others = [s for s in sniffed.sheets if s != sniffed.sheet]
+    if not others:
+        return ""
+    return (
+        f" This read the sheet {sniffed.sheet!r}; the workbook's other sheets are: "
+        f"{', '.join(repr(s) for s in others)}. Pick one with --sheet NAME (`sheet` in the"
+        " API's upload form, FormatOptions(sheet=...) in an importer)"
+    )
 
 
 def _fitting_hint(deps: Deps, slug: str, header: list[str] | None) -> str:

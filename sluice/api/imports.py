@@ -3,7 +3,7 @@ its data). Either answers the queued run at once, or with ``?wait=true`` the fin
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, File, Form, Query, Response, UploadFile
@@ -30,8 +30,19 @@ Fresh = Annotated[
     bool,
     Form(description="full refresh: once the run completed, delete the rows it did not contain"),
 ]
+DateFormat = Annotated[
+    list[str] | None,
+    Form(
+        description="how the file writes dates, as for strptime: %d/%m/%Y, %d.%m.%Y (repeat"
+        " to try several in order; ISO 8601 is always read)"
+    ),
+]
+DecimalComma = Annotated[
+    bool, Form(description="numbers are written 1.234,5 (decimal comma, '.' between thousands)")
+]
 NO_NUL = r"^[^\x00]*$"
 """Names and values PostgreSQL can store (text holds no NUL)."""
+Sheet = Annotated[str | None, Form(pattern=NO_NUL, description="XLSX: the sheet to read")]
 
 
 @router.get("/api/v1/importers", tags=["importers"])
@@ -70,30 +81,30 @@ async def upload_adhoc(
         list[str] | None,
         Form(description="a cell value read as null (repeat for several; replaces the defaults)"),
     ] = None,
-    sheet: Annotated[
-        str | None, Form(pattern=NO_NUL, description="XLSX: the sheet to read")
-    ] = None,
+    sheet: Sheet = None,
     evolve: Annotated[
         bool, Form(description="add new columns and widen types of an existing table")
     ] = True,
     dry_run: DryRun = False,
     fresh: Fresh = False,
+    date_format: DateFormat = None,
+    decimal_comma: DecimalComma = False,
     wait: Wait = False,
 ) -> Response:
     """Upload a file and import it without an importer, as ``sluice import FILE --into TABLE
     --key COL`` does: columns and types come from the file."""
-    try:
-        options = adhoc_options(
-            table=table,
-            key=key,
-            schema=table_schema,
-            null_markers=null_marker or (),
-            evolve=evolve,
-            sheet=sheet,
-            fresh=fresh,
-        )
-    except InvalidRequest as exc:
-        raise ApiError(422, "invalid_parameters", str(exc)) from None
+    options = _checked(
+        adhoc_options,
+        table=table,
+        key=key,
+        schema=table_schema,
+        null_markers=null_marker or (),
+        evolve=evolve,
+        sheet=sheet,
+        fresh=fresh,
+        date_formats=date_format or (),
+        decimal_comma=decimal_comma,
+    )
     run = await _stream_upload(
         ADHOC, file, client, settings, caller, dry_run=dry_run, options=options
     )
@@ -109,14 +120,34 @@ async def upload(
     caller: Caller,
     dry_run: DryRun = False,
     fresh: Fresh = False,
+    date_format: DateFormat = None,
+    decimal_comma: DecimalComma = False,
+    sheet: Sheet = None,
     wait: Wait = False,
 ) -> Response:
-    """Upload a file and start its import. The body is streamed to the file store."""
-    options = run_options(fresh=fresh)
+    """Upload a file and start its import. The body is streamed to the file store.
+    ``date_format`` and ``decimal_comma`` say how the file writes dates and numbers, for the
+    importer's fields that do not say themselves."""
+    options = _checked(
+        run_options,
+        fresh=fresh,
+        date_formats=date_format or (),
+        decimal_comma=decimal_comma,
+        sheet=sheet,
+    )
     run = await _stream_upload(
         slug, file, client, settings, caller, dry_run=dry_run, options=options
     )
     return await _answer(client, run, wait=wait, wait_timeout=settings.api.wait_timeout)
+
+
+def _checked(build: Callable[..., dict[str, Any] | None], **given: Any) -> dict[str, Any] | None:
+    """A run's options from the form (``run_options``, ``adhoc_options``); 422 with what to
+    fix when they cannot be used (a missing table, a date format without a day)."""
+    try:
+        return build(**given)
+    except InvalidRequest as exc:
+        raise ApiError(422, "invalid_parameters", str(exc)) from None
 
 
 async def _stream_upload(

@@ -17,6 +17,7 @@ import orjson
 
 from sluice.config import Settings
 from sluice.errors import DatabaseUnavailable, FileFormatError, SluiceError
+from sluice.schemas.formats import delimiter_name, reading_text
 from sluice.schemas.runs import Run, RunStatus
 
 if TYPE_CHECKING:
@@ -158,7 +159,7 @@ def _provenance(p: dict[str, Any]) -> list[str]:
     f = p.get("file") or {}
     how = [
         str(p.get("format")),
-        *([f"delimiter {p['delimiter']!r}"] if p.get("delimiter") else []),
+        *([f"{delimiter_name(p['delimiter'])}-separated"] if p.get("delimiter") else []),
         *([f"sheet {p['sheet']!r}"] if p.get("sheet") else []),
         *([p["encoding"]] if p.get("encoding") else []),
     ]
@@ -171,6 +172,8 @@ def _provenance(p: dict[str, Any]) -> list[str]:
         lines.append(f"  aliases: {matched}")
     if p.get("ignored"):
         lines.append(f"  ignored columns: {', '.join(p['ignored'])}")
+    for r in p.get("readings") or ():
+        lines.append(f"  read {r['column']}: {reading_text(r)}")
     if p.get("duplicate_of"):
         lines.append(f"  the same file as run {p['duplicate_of']}")
     for change in p.get("schema_changes") or []:

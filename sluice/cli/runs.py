@@ -25,6 +25,7 @@ from sluice.cli.common import (
     report,
     user,
 )
+from sluice.errors import InvalidRequest
 from sluice.schemas.runs import ItemStatus, Run, RunStatus
 from sluice.service import Client, adhoc_options, failed_rows_csv, run_options
 
@@ -36,6 +37,35 @@ dry_run_option = click.option(
     "--dry-run", is_flag=True, help="validate and count; write nothing to the table"
 )
 fresh_option = click.option("--fresh", is_flag=True, help=FRESH_HELP)
+
+
+def reading_options(command: Callable[..., None]) -> Callable[..., None]:
+    """``--date-format`` (repeatable) and ``--decimal-comma``: how the file writes dates and
+    numbers, for the fields that do not say themselves."""
+    command = click.option(
+        "--decimal-comma",
+        is_flag=True,
+        help="numbers are written 1.234,5 (decimal comma, '.' between thousands)",
+    )(command)
+    return click.option(
+        "--date-format",
+        "date_formats",
+        multiple=True,
+        metavar="FORMAT",
+        help="how dates are written, as for strptime: %d/%m/%Y, %d.%m.%Y (repeat to try "
+        "several in order; ISO 8601 is always read)",
+    )(command)
+
+
+def _options(build: Callable[..., dict[str, Any] | None], **given: Any) -> dict[str, Any] | None:
+    """A run's options from a command's (``run_options``, ``adhoc_options``); one that cannot
+    be used (a date format without a day, say) is a usage error."""
+    try:
+        return build(**given)
+    except InvalidRequest as exc:
+        fail(str(exc), EXIT_USAGE)
+
+
 _wait_flag = click.option(
     "--wait", is_flag=True, help="wait for the run to finish, with a progress bar"
 )
@@ -72,6 +102,10 @@ async def _submit(
 @click.option("--file", "path", type=click.Path(path_type=Path), help="file to import")
 @dry_run_option
 @fresh_option
+@click.option(
+    "--sheet", help="XLSX: the sheet to read (default: the importer's, else the first visible one)"
+)
+@reading_options
 @wait_option
 @json_option
 def run_cmd(
@@ -80,19 +114,29 @@ def run_cmd(
     path: Path | None,
     dry_run: bool,
     fresh: bool,
+    sheet: str | None,
+    date_formats: tuple[str, ...],
+    decimal_comma: bool,
     wait: bool,
     as_json: bool,
 ) -> None:
     """Import a file with the importer SLUG.
 
     \b
-    Example:
+    Examples:
       sluice run products --file products.csv --wait
+      sluice run prices --file preise.csv --date-format %d.%m.%Y --decimal-comma
     """
     if stray or path is None:
         given = stray[0] if stray else "FILE"
         fail(f"the file goes in --file: sluice run {slug} --file {given}", EXIT_USAGE)
-    options = run_options(fresh=fresh)
+    options = _options(
+        run_options,
+        fresh=fresh,
+        date_formats=date_formats,
+        decimal_comma=decimal_comma,
+        sheet=sheet,
+    )
     exit_with(_submit(slug, path, dry_run=dry_run, wait=wait, as_json=as_json, options=options))
 
 
@@ -117,6 +161,7 @@ def run_cmd(
     help="leave an existing table as it is: no new columns, no widened types (values that "
     "do not fit reject their rows)",
 )
+@reading_options
 @wait_option
 @json_option
 def import_cmd(
@@ -129,6 +174,8 @@ def import_cmd(
     null_markers: tuple[str, ...],
     sheet: str | None,
     no_evolve: bool,
+    date_formats: tuple[str, ...],
+    decimal_comma: bool,
     wait: bool,
     as_json: bool,
 ) -> None:
@@ -136,12 +183,16 @@ def import_cmd(
 
     A later file for the same table may add columns (they are added) or hold values that no
     longer fit a column's type (it is widened: integer to bigint to numeric, anything to text).
+    Decimal commas (24,32) and day- or month-first dates (25.03.2024, 03/25/2024) are read as
+    numbers and dates when the sample shows them; --decimal-comma and --date-format say so
+    where it cannot (a column whose dates all have a day of 12 or less stays text otherwise).
     """
     from sluice.schemas.importers import ADHOC
 
     if not [k for k in key.split(",") if k.strip()]:
         fail("--key needs at least one column name", EXIT_USAGE)
-    options = adhoc_options(
+    options = _options(
+        adhoc_options,
         table=table,
         key=key,
         schema=schema,
@@ -149,6 +200,8 @@ def import_cmd(
         evolve=not no_evolve,
         sheet=sheet,
         fresh=fresh,
+        date_formats=date_formats,
+        decimal_comma=decimal_comma,
     )
     exit_with(_submit(ADHOC, path, dry_run=dry_run, wait=wait, as_json=as_json, options=options))
 

@@ -143,7 +143,8 @@ def read_xlsx(raw: BinaryIO, options: FormatOptions) -> ParsedFile:
     # openpyxl keeps the sheet's path in the archive only in a private attribute.
     by_name = {entry.filename: entry for entry in entries}
     progress = _SheetProgress(raw, by_name.get(sheet._worksheet_path), size)
-    sniffed = Sniffed("xlsx", None, None, "none", sheet=sheet.title)
+    sheets = tuple(ws.title for ws in workbook.worksheets)
+    sniffed = Sniffed("xlsx", None, None, "none", sheet=sheet.title, sheets=sheets)
     records = _xlsx_records(workbook, rows, header, sheet.title, progress)
     return ParsedFile(sniffed, header, records, progress)
 
