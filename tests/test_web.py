@@ -332,6 +332,66 @@ def test_upload_through_the_page_and_watch_it_reach_100_percent(
     assert run["requested_by"] == SESSION_NAME  # the name of the token signed in with
 
 
+def test_an_adhoc_import_through_the_page_lands_the_table_the_api_lands(
+    page: Page, http: httpx.Client, stack: Stack, tmp_path: Path
+) -> None:
+    """The upload page without an importer: table, key, a date format and decimal commas;
+    the same table as POST /api/v1/imports/adhoc/upload, shown as adhoc:TABLE in the list."""
+    suffix = uuid.uuid4().hex[:6]
+    body = "Artikel;Preis;Seit\nK-1;24,32;10.03.2024\nK-2;1.234,5;11.03.2024\n".encode("cp1252")
+    path = tmp_path / "preise.csv"
+    path.write_bytes(body)
+    page.goto("/ui/upload")
+    expect(page.locator("#adhoc-fields")).to_be_hidden()
+    page.select_option("#importer", "adhoc")
+    expect(page.locator("#adhoc-fields")).to_be_visible()
+    page.fill("#table", f"Page Prices {suffix}")
+    page.fill("#key", "Artikel")
+    page.fill("#date-format", "%d.%m.%Y")
+    page.check("#decimal-comma")
+    page.set_input_files("#file", str(path))
+    shot(page, "upload-adhoc")
+    page.click("#upload-submit")
+    page.wait_for_url("**/ui/runs/*")
+    expect(page.locator("#run-status .badge")).to_have_text("completed", timeout=60_000)
+    table = f"page_prices_{suffix}"
+    expect(page.locator("#target")).to_contain_text(f"public.{table}")
+    run_id = page.url.rsplit("/", 1)[-1]
+    sent = http.post(
+        "/api/v1/imports/adhoc/upload",
+        files={"file": ("preise.csv", body, "text/csv")},
+        data={"table": f"api_prices_{suffix}", "key": "Artikel", "date_format": "%d.%m.%Y"}
+        | {"decimal_comma": "true"},
+        params={"wait": "true"},
+    )
+    assert sent.status_code == 200, sent.text
+
+    async def shapes() -> list[list[tuple[Any, ...]]]:
+        conn = await asyncpg.connect(stack.postgres.url)
+        try:
+            return [
+                [
+                    tuple(r)
+                    for r in await conn.fetch(
+                        "SELECT column_name, data_type FROM information_schema.columns"
+                        " WHERE table_name = $1 ORDER BY ordinal_position",
+                        name,
+                    )
+                ]
+                + [tuple(r) for r in await conn.fetch(f"SELECT * FROM {name} ORDER BY 1")]
+                for name in (table, f"api_prices_{suffix}")
+            ]
+        finally:
+            await conn.close()
+
+    with ThreadPoolExecutor(1) as pool:
+        ours, theirs = pool.submit(asyncio.run, shapes()).result(timeout=30)
+    assert ours == theirs
+    assert ("preis", "numeric") in ours and ("seit", "date") in ours
+    page.goto("/ui/runs")
+    expect(page.locator(f"tr[data-run-id='{run_id}'] .c-importer")).to_have_text(f"adhoc:{table}")
+
+
 def test_runs_page_follows_new_runs_live(page: Page, http: httpx.Client) -> None:
     page.goto("/ui/runs")
     expect(page.locator("#live")).to_have_attribute("data-state", "live")

@@ -28,6 +28,7 @@ from markupsafe import Markup
 
 from sluice.config import Settings
 from sluice.errors import RunNotFound
+from sluice.schemas.formats import delimiter_name, reading_text
 from sluice.schemas.runs import Run, RunStatus
 from sluice.service import Client
 from sluice.storage.runs import RUN_COLUMNS, run_from_record
@@ -138,7 +139,14 @@ def _environment(static: dict[str, StaticFile]) -> Environment:
         return f"/ui/static/{name}?v={static[name].version}"
 
     env.globals.update(static=static_url, statuses=[s.value for s in RunStatus])
-    env.filters.update(num=_num, time=_time, duration=_duration, rate=rows_per_second)
+    env.filters.update(
+        num=_num,
+        time=_time,
+        duration=_duration,
+        rate=rows_per_second,
+        delimiter=delimiter_name,
+        reading=reading_text,
+    )
     return env
 
 

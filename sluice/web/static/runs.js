@@ -22,6 +22,13 @@
   }
 
   // Updates the cells of `tr` from a run, or the part of one a lifecycle event carries.
+  function label(run) {
+    const table = run.options && run.options.table;
+    if (run.importer !== "adhoc" || !table) return run.importer;
+    const schema = run.options.schema || "public";
+    return schema === "public" ? `adhoc:${table}` : `adhoc:${schema}.${table}`;
+  }
+
   function fill(tr, run, rate) {
     tr.dataset.runId = run.id;
     const link = tr.querySelector(".run-link");
@@ -32,7 +39,20 @@
       Sluice.setBadge(tr.querySelector(".badge"), run.status);
     }
     if (run.started_at) tr.dataset.started = run.started_at;
-    if ("importer" in run) setText(tr, ".c-importer", run.importer);
+    // An ad-hoc run shows its table (adhoc:shop), as `sluice runs` does; an event without
+    // the run's options keeps what the row shows.
+    if ("importer" in run && (run.importer !== "adhoc" || run.options)) {
+      setText(tr, ".c-importer", label(run));
+    }
+    if (run.error) {
+      let reason = tr.querySelector(".c-reason");
+      if (!reason) {
+        reason = Sluice.h("small", { class: "c-reason" });
+        tr.querySelector(".c-status").append(reason);
+      }
+      reason.textContent = run.error.length > 90 ? `${run.error.slice(0, 87)}...` : run.error;
+      reason.title = run.error;
+    }
     if ("source" in run) setText(tr, ".c-file", run.file_name || run.source);
     if (run.dry_run && !tr.querySelector(".tag")) {
       tr.querySelector(".c-status").append(" ", Sluice.h("span", { class: "tag", text: "dry run" }));

@@ -1,4 +1,5 @@
-// Upload: the file goes to POST /api/v1/imports/{slug}/upload, then the new run's page opens.
+// Upload: the file goes to POST /api/v1/imports/{slug}/upload (or, without an importer, to
+// /api/v1/imports/adhoc/upload with the table and key), then the new run's page opens.
 "use strict";
 
 (() => {
@@ -6,6 +7,14 @@
   const form = $("upload-form");
   const bar = $("upload-progress");
   const { max_bytes: maxBytes } = Sluice.pageData();
+
+  const list = (text) => text.split(",").map((part) => part.trim()).filter(Boolean);
+  const adhoc = () => $("importer").value === "adhoc";
+  const showAdhoc = () => {
+    $("adhoc-fields").hidden = !adhoc();
+  };
+  $("importer").addEventListener("change", showAdhoc);
+  showAdhoc();
 
   function fail(text) {
     $("upload-error").textContent = text;
@@ -24,6 +33,19 @@
     const body = new FormData();
     body.append("file", file, file.name);
     body.append("dry_run", $("dry-run").checked ? "true" : "false");
+    body.append("fresh", $("fresh").checked ? "true" : "false");
+    body.append("decimal_comma", $("decimal-comma").checked ? "true" : "false");
+    for (const format of list($("date-format").value)) body.append("date_format", format);
+    if (adhoc()) {
+      if (!$("table").value.trim() || !list($("key").value).length) {
+        return fail("An import without an importer needs the table and its key column(s).");
+      }
+      body.append("table", $("table").value.trim());
+      body.append("key", $("key").value);
+      body.append("schema", $("schema").value.trim() || "public");
+      body.append("evolve", $("evolve").checked ? "true" : "false");
+      for (const marker of list($("null-markers").value)) body.append("null_marker", marker);
+    }
     $("upload-error").hidden = true;
     $("upload-submit").disabled = true;
     bar.hidden = false;
@@ -31,7 +53,8 @@
 
     // XMLHttpRequest rather than fetch: it reports upload progress.
     const request = new XMLHttpRequest();
-    request.open("POST", `/api/v1/imports/${encodeURIComponent($("importer").value)}/upload`);
+    const slug = adhoc() ? "adhoc" : encodeURIComponent($("importer").value);
+    request.open("POST", `/api/v1/imports/${slug}/upload`);
     request.withCredentials = true;
     request.setRequestHeader("Accept", "application/json");
     request.upload.onprogress = (progress) => {
