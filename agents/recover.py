@@ -10,7 +10,9 @@ Two ways in:
   The worker that recreates missing topics resumes every run in flight at once, without waiting
   for a stall, and has the outbox relay again what it relayed since the topics were last seen:
   those messages went to topics that no longer exist (some brokers even acknowledge a produce
-  to a missing topic).
+  to a missing topic). Every worker that learns of the loss (``sluice.topic_losses``) reads its
+  partitions of the new topics from the start (``sluice.streams.rewind``): its positions in the
+  old log would skip what was sent since.
 
 Resuming publishes the run's import request, trigger or backfill request again; every stage
 skips what was done (batch markers, the discovery cursor and item states, backfill cursors), so
@@ -30,7 +32,12 @@ from sluice.errors import TerminalError
 from sluice.schemas.events import ImportRequested
 from sluice.schemas.firehose import BACKFILL_IMPORTER
 from sluice.schemas.runs import PULL_KINDS, Run
-from sluice.storage.outbox import record_topic_loss
+from sluice.storage.outbox import (
+    last_topic_loss,
+    loss_recorded_since,
+    record_topic_loss,
+    topic_losses_after,
+)
 from sluice.storage.recovery import (
     RECOVERY_LOCK,
     fail_stalled,
@@ -41,6 +48,7 @@ from sluice.storage.recovery import (
 )
 from sluice.streams import kafka as clients
 from sluice.streams.admin import ensure_topics
+from sluice.streams.rewind import rewind
 from sluice.streams.topics import Topics
 
 if TYPE_CHECKING:
@@ -57,6 +65,7 @@ PublishRequest = Callable[[ImportRequested], Awaitable[None]]
 PublishTrigger = Callable[[Run, str, dict[str, Any]], Awaitable[None]]
 PublishBackfill = Callable[[str, list[str]], Awaitable[None]]
 Flush = Callable[[], Awaitable[None]]
+Rewind = Callable[[list[str]], Awaitable[int]]
 
 
 class Recovery:
@@ -70,14 +79,17 @@ class Recovery:
         publish_trigger: PublishTrigger,
         publish_backfill: PublishBackfill,
         flush: Flush,
+        rewind: Rewind | None = None,
     ) -> None:
         self.deps = deps
+        self.rewind = rewind
         self.publish_request = publish_request
         self.publish_trigger = publish_trigger
         self.publish_backfill = publish_backfill
         self.flush = flush
         self._admin: Any = None
         self._topics_seen_at: datetime | None = None
+        self._loss_seen: int | None = None  # the latest topic loss this worker knows of
 
     async def resume(self, run: Run) -> str:
         """Publish what ``run`` needs to go on; returns how it was resumed."""
@@ -150,15 +162,36 @@ class Recovery:
         missing = ours - existing
         if not missing:
             self._topics_seen_at = await pool.fetchval("SELECT now()")
+        else:
+            created = await ensure_topics(kafka)
+            log.warning(
+                "the broker lost topics %s; %s",
+                ", ".join(sorted(missing)),
+                "recreated them" if created else "another worker recreated them",
+            )
+            if created:
+                await self._after_topic_loss(sorted(missing))
+        await self._rewind_after_losses()
+
+    async def _rewind_after_losses(self) -> None:
+        """Read the topics of a loss recorded since the last look (by any worker) from the
+        start of their new log; the first look only notes the latest loss."""
+        async with self.deps.pool.acquire() as conn:
+            if self._loss_seen is None:
+                self._loss_seen = await last_topic_loss(conn)
+                return
+            losses = await topic_losses_after(conn, self._loss_seen)
+        if not losses:
             return
-        created = await ensure_topics(kafka)
-        log.warning(
-            "the broker lost topics %s; %s",
-            ", ".join(sorted(missing)),
-            "recreated them" if created else "another worker recreated them",
-        )
-        if created:
-            await self._after_topic_loss(sorted(missing))
+        self._loss_seen = losses[-1][0]
+        topics = sorted({t for _, lost in losses for t in lost})
+        if self.rewind is not None:
+            count = await self.rewind(topics)
+            log.warning(
+                "the broker lost topics %s: read %d partitions of them from the start",
+                ", ".join(topics),
+                count,
+            )
 
     async def _after_topic_loss(self, lost: list[str]) -> None:
         since = self._topics_seen_at
@@ -167,6 +200,11 @@ class Recovery:
         async with pool.acquire() as conn, conn.transaction():
             # The stall recovery waits: the runs are resumed here.
             await conn.execute(f"SELECT pg_advisory_xact_lock({RECOVERY_LOCK})")
+            if since is not None and await loss_recorded_since(conn, since):
+                # Two workers that each recreated some of the topics: the first to get here
+                # resumed the runs; resuming them twice would only split the files twice.
+                log.warning("%s: another worker resumed the runs in flight", reason)
+                return
             # Subscribers of the lifecycle topic watch for this (sluice.subscription).
             await record_topic_loss(conn, lost, since)
             if since is not None:
@@ -202,6 +240,7 @@ def register(app: faust.App, wiring: Wiring) -> None:
         publish_trigger=wiring.publish_trigger,
         publish_backfill=wiring.publish_backfill,
         flush=wiring.flush,
+        rewind=lambda topics: rewind(app.consumer, topics),
     )
 
     @app.timer(deps.settings.pipeline.recovery_interval)  # type: ignore[untyped-decorator]

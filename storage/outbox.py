@@ -24,6 +24,21 @@ async def last_topic_loss(conn: asyncpg.Connection) -> int:
     return int(await conn.fetchval("SELECT coalesce(max(id), 0) FROM topic_losses"))
 
 
+async def loss_recorded_since(conn: asyncpg.Connection, since: datetime) -> bool:
+    """Whether a worker recorded a loss after ``since``."""
+    return bool(
+        await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM topic_losses WHERE detected_at > $1)", since
+        )
+    )
+
+
+async def topic_losses_after(conn: asyncpg.Connection, after: int) -> list[tuple[int, list[str]]]:
+    """The losses recorded after the one with id ``after``: (id, topics), oldest first."""
+    rows = await conn.fetch("SELECT id, topics FROM topic_losses WHERE id > $1 ORDER BY id", after)
+    return [(int(r["id"]), list(r["topics"])) for r in rows]
+
+
 async def events_since(
     conn: asyncpg.Connection,
     *,
