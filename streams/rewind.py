@@ -7,7 +7,8 @@ ROFF"), as if already processed. Every message produced after the loss would be 
 until the stall recovery sent the work again. A worker that learns of a loss (PostgreSQL
 records each: ``sluice.topic_losses``) therefore rewinds its partitions of the lost topics to
 the start of the new log; every stage skips what it did already (batch markers, run states),
-so a message read twice costs work, never correctness.
+so a message read twice costs work, never correctness. The start is committed too, so a
+rebalance later does not seek back to the old log's offsets.
 """
 
 from __future__ import annotations
@@ -34,6 +35,14 @@ async def rewind(consumer: Any, topics: Collection[str]) -> int:
             kept = getattr(consumer, name, None)
             if kept is not None:
                 kept.pop(tp, None)
+    start = dict.fromkeys(partitions, 0)
     # In the consumer's own thread, and until the new positions are known.
-    await consumer.seek_wait(dict.fromkeys(partitions, 0))
+    await consumer.seek_wait(start)
+    # The group's committed offsets may still be the old log's (committed to the restarted
+    # broker before this worker knew): a later rebalance would seek back to them. Commit the
+    # start, as Faust's consumer commits (its ``_commit`` is what ``commit`` calls).
+    try:
+        await consumer._commit(start)
+    except Exception as exc:  # the rewind stands; Faust commits the new offsets as it goes
+        log.warning("could not commit the start of the recreated topics: %s", exc)
     return len(partitions)

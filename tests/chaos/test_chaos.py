@@ -893,6 +893,86 @@ async def test_broker_restart_losing_its_topics_during_a_file_import(
             )
 
 
+@pytest.mark.embedded
+@pytest.mark.parametrize("loss", ["broker restart", "topics deleted"])
+async def test_a_run_started_right_after_the_topics_were_lost_is_read_at_once(
+    chaos_stack: ChaosStack,
+    chaos_client: Client,
+    chaos_report: Report,
+    chaos_round: int,
+    workers_up: None,
+    chaos_db: Db,
+    tmp_path: Path,
+    loss: str,
+) -> None:
+    """The topics are lost between two runs: the broker comes back empty, or someone deleted
+    them (the cluster, its consumer group and the group's members live on). Every worker still
+    holds its positions in the old log, past the start of the new one where the next run's
+    batches now go: they must be read at once (the workers rewind when the loss is recorded),
+    not after the stall timeout re-sends the run."""
+    rng = case_rng(f"between-{loss}", chaos_round)
+    n = 20_000
+    first, second = make_rows(n, rng), make_rows(n, rng)
+    case = f"{loss} between runs (topics lost), the next run"
+    with recorded(chaos_report, case, chaos_round) as result:
+        conn = await chaos_db.get()
+        await conn.execute("TRUNCATE chaos_broker")
+        run = await chaos_client.submit_file("chaos_broker", write_csv(tmp_path / "a.csv", first))
+        done = await finished(chaos_db, run.id, chaos_stack, timeout=120)
+        assert done.status is RunStatus.COMPLETED, done.error
+        await conn.execute("TRUNCATE chaos_broker")  # the next run creates every row again
+        losses = await conn.fetchval("SELECT count(*) FROM sluice.topic_losses")
+        with Supervisor(chaos_stack) as supervisor:
+            fault_at = time.time()
+            if loss == "broker restart":
+                chaos_stack.broker.kill()
+                await asyncio.sleep(rng.uniform(0.5, 2.0))
+                chaos_stack.broker.start()
+            else:
+                await delete_topics(chaos_stack)
+
+            async def recorded_loss() -> bool:
+                conn = await chaos_db.get()
+                count = await conn.fetchval("SELECT count(*) FROM sluice.topic_losses")
+                return bool(count > losses)
+
+            await poll("the topic loss to be recorded", recorded_loss, chaos_stack, 60)
+            path = write_csv(tmp_path / "b.csv", second)
+            run = await chaos_client.submit_file("chaos_broker", path)
+            done = await finished(chaos_db, run.id, chaos_stack, timeout=240)
+        result.recover_seconds = seconds_since(fault_at, done)
+        result.restarted_by_supervisor = bool(supervisor.restarts)
+        conn = await chaos_db.get()
+        resumed = await conn.fetch(
+            "SELECT payload->>'error' AS how FROM sluice.events WHERE run_id = $1"
+            " AND type = 'run.resumed'",
+            run.id,
+        )
+        result.notes.append(f"the next run resumed {len(resumed)} time(s)")
+        result.lost, result.duplicated = await compare_items(conn, "chaos_broker", second)
+        wrong = await file_counters(conn, done, n)
+        result.counters_wrong = len(wrong)
+        result.notes.extend(wrong)
+        assert done.status is RunStatus.COMPLETED, done.error
+        assert_clean(result, chaos_stack)
+        # Read at once: the stall recovery did not have to send it again.
+        assert [r["how"] for r in resumed] == []
+
+
+async def delete_topics(chaos_stack: ChaosStack) -> None:
+    """Delete the deployment's topics, as an operator could; the broker stays up."""
+    from sluice.streams import kafka as clients
+    from sluice.streams.topics import Topics
+
+    kafka = chaos_stack.settings().kafka
+    admin = clients.admin(kafka)
+    await admin.start()
+    try:
+        await admin.delete_topics([spec.name for spec in Topics.of(kafka).specs(kafka.partitions)])
+    finally:
+        await admin.close()
+
+
 async def pad_lifecycle_topic(chaos_stack: ChaosStack, chaos_db: Db, per_partition: int) -> None:
     """Lifecycle events of another importer (copies of a real one), on every partition."""
     conn = await chaos_db.get()
