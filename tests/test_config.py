@@ -139,3 +139,28 @@ def test_the_stack_is_found_from_any_folder_of_the_project(tmp_path: Path) -> No
     assert "SLUICE_KAFKA_BOOTSTRAP=127.0.0.1:19092" in shown.stdout
     elsewhere = sluice("env", cwd=tmp_path)  # above the project: no stack
     assert elsewhere.returncode != 0 and "no Sluice stack is running" in elsewhere.stderr
+
+
+def test_every_command_shows_an_example_in_its_help() -> None:
+    """`sluice X --help` ends with a command to copy, for every command and subcommand."""
+    import click
+    from click.testing import CliRunner
+
+    from sluice.cli import cli
+
+    def commands(group: click.Group, prefix: list[str]) -> list[list[str]]:
+        out = []
+        for name, command in sorted(group.commands.items()):
+            out.append([*prefix, name])
+            if isinstance(command, click.Group):
+                out += commands(command, [*prefix, name])
+        return out
+
+    runner = CliRunner()
+    missing = []
+    for path in commands(cli, []):
+        shown = runner.invoke(cli, [*path, "--help"])
+        assert shown.exit_code == 0, (path, shown.output)
+        if "Example" not in shown.output or f"sluice {path[0]}" not in shown.output:
+            missing.append(" ".join(path))
+    assert missing == []

@@ -36,6 +36,10 @@ def firehose(url: str | None, collections: tuple[str, ...], dids: tuple[str, ...
     seconds (SLUICE_FIREHOSE_REWIND) before it. The workers apply the events to
     atproto.records. Metrics (the cursor lag, malformed events) are served like a worker's, on
     SLUICE_METRICS_PORT.
+
+    \b
+    Example:
+      sluice firehose --collection app.bsky.feed.post
     """
     from sluice.errors import InvalidConfig
     from sluice.metrics import serve
@@ -152,6 +156,11 @@ def backfill(
 
     A backfill continues from its stored cursor; completed collections are skipped unless
     --reset. Without --queue it runs here and prints each repository's outcome.
+
+    \b
+    Examples:
+      sluice backfill did:plc:z72i7hdynmk6r22z27h6tvur --collection app.bsky.feed.post
+      sluice backfill --file dids.txt --queue
     """
     settings = load_settings()
     wanted = _dids_from(dids, file)
@@ -224,7 +233,12 @@ async def _backfill(
 @click.option("--failed", is_flag=True, help="only failed ones")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
 def backfill_status(did: str | None, pending: bool, failed: bool, as_json: bool) -> None:
-    """Backfill state per repository and collection."""
+    """Backfill state per repository and collection.
+
+    \b
+    Example:
+      sluice backfill-status --failed
+    """
     settings = load_settings()
 
     async def show() -> int:

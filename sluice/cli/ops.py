@@ -28,7 +28,12 @@ from sluice.service import Client
     help="keep files of runs finished within this many hours [SLUICE_FILE_RETENTION_HOURS, 24]",
 )
 def prune_files_cmd(hours: float | None) -> None:
-    """Delete stored files of runs that finished more than HOURS ago."""
+    """Delete stored files of runs that finished more than HOURS ago.
+
+    \b
+    Example:
+      sluice prune-files --hours 48
+    """
     from sluice.storage.filestore import prune_files
 
     settings = load_settings()
@@ -51,7 +56,12 @@ def prune_files_cmd(hours: float | None) -> None:
     help="keep runs finished within this many days [SLUICE_RUN_RETENTION_DAYS, 30]",
 )
 def prune_rows_cmd(days: float | None) -> None:
-    """Delete finished runs older than DAYS with their rejected rows and events."""
+    """Delete finished runs older than DAYS with their rejected rows and events.
+
+    \b
+    Example:
+      sluice prune-rows --days 90
+    """
     settings = load_settings()
     keep = settings.pipeline.run_retention_days if days is None else days
 
@@ -73,7 +83,13 @@ def prune_rows_cmd(days: float | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
 def dlq(topic: str | None, limit: int | None, replay: bool, as_json: bool) -> None:
     """Show the dead-letter topic: where each letter came from and why; --replay sends the
-    messages back once their cause is fixed (every stage is idempotent)."""
+    messages back once their cause is fixed (every stage is idempotent).
+
+    \b
+    Examples:
+      sluice dlq --topic sluice.batches
+      sluice dlq --replay
+    """
     from sluice.dlq import read_letters
     from sluice.dlq import replay as replay_letters
     from sluice.storage.db import create_pool
@@ -119,7 +135,12 @@ def dlq(topic: str | None, limit: int | None, replay: bool, as_json: bool) -> No
 @click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="a JSON array of delivery log rows")
 def webhooks(failed: bool, limit: int, as_json: bool) -> None:
-    """List webhook deliveries, newest first: status, attempts and the last answer."""
+    """List webhook deliveries, newest first: status, attempts and the last answer.
+
+    \b
+    Example:
+      sluice webhooks --failed
+    """
     from sluice.schemas.webhooks import DeliveryStatus
     from sluice.storage.webhooks import DeliveryLog
 
@@ -154,7 +175,12 @@ def webhooks(failed: bool, limit: int, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print the schedules as JSON")
 @click.pass_context
 def schedules(ctx: click.Context, as_json: bool) -> None:
-    """List the importers' schedules: cron, paused or not, next and last time."""
+    """List the importers' schedules: cron, paused or not, next and last time.
+
+    \b
+    Example:
+      sluice schedules --json
+    """
     if ctx.invoked_subcommand is not None:
         return
     from sluice.agents.schedule import schedules as list_schedules
@@ -191,14 +217,24 @@ def _set_paused(slug: str, paused: bool) -> None:
 @schedules.command("pause")
 @click.argument("slug")
 def schedules_pause(slug: str) -> None:
-    """Stop starting scheduled runs of SLUG (runs going on are not touched)."""
+    """Stop starting scheduled runs of SLUG (runs going on are not touched).
+
+    \b
+    Example:
+      sluice schedules pause orders
+    """
     _set_paused(slug, True)
 
 
 @schedules.command("resume")
 @click.argument("slug")
 def schedules_resume(slug: str) -> None:
-    """Start scheduled runs of SLUG again, from its next scheduled time."""
+    """Start scheduled runs of SLUG again, from its next scheduled time.
+
+    \b
+    Example:
+      sluice schedules resume orders
+    """
     _set_paused(slug, False)
 
 
@@ -233,6 +269,10 @@ def tail(
     """Follow lifecycle events live, one line per event, until Ctrl-C.
 
     Starts at the newest event: runs started after the command are shown from their first event.
+
+    \b
+    Example:
+      sluice tail --importer products --type run.failed
     """
     from sluice.sdk import subscribe
 

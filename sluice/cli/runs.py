@@ -186,6 +186,11 @@ def import_cmd(
     Decimal commas (24,32) and day- or month-first dates (25.03.2024, 03/25/2024) are read as
     numbers and dates when the sample shows them; --decimal-comma and --date-format say so
     where it cannot (a column whose dates all have a day of 12 or less stays text otherwise).
+
+    \b
+    Examples:
+      sluice import products.csv --into products --key sku --wait
+      sluice import preise.csv --into preise --key artikel --decimal-comma
     """
     from sluice.schemas.importers import ADHOC
 
@@ -340,7 +345,12 @@ def runs(status: list[str] | None, importer: str | None, limit: int, as_json: bo
 @click.argument("run_id")
 @click.option("--json", "as_json", is_flag=True, help="print the cancelled run as JSON")
 def cancel(run_id: str, as_json: bool) -> None:
-    """Stop a queued or running run. Rows already applied stay; no batch is applied after."""
+    """Stop a queued or running run. Rows already applied stay; no batch is applied after.
+
+    \b
+    Example:
+      sluice cancel 8c1d2f0a-1b2c-4d5e-8f90-123456789abc
+    """
     _on_run(run_id, as_json, Client.cancel)
 
 
@@ -426,7 +436,12 @@ def failed_rows(run_id: str, as_csv: bool, as_json: bool, limit: int | None) -> 
 @click.option("--limit", type=int, default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
 def items(run_id: str, status: str | None, limit: int, as_json: bool) -> None:
-    """The items of a paginated API run: state, failures and the last error of each."""
+    """The items of a paginated API run: state, failures and the last error of each.
+
+    \b
+    Example:
+      sluice items 8c1d2f0a-1b2c-4d5e-8f90-123456789abc --status failed
+    """
     rid = parse_run_id(run_id)
     state = ItemStatus(status) if status else None
 
@@ -452,7 +467,12 @@ def items(run_id: str, status: str | None, limit: int, as_json: bool) -> None:
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="the full definitions as JSON")
 def importers(as_json: bool) -> None:
-    """List the registered importers: sources, key and duplicate policy."""
+    """List the registered importers: sources, key and duplicate policy.
+
+    \b
+    Example:
+      sluice importers --json
+    """
     from sluice.importers.registry import build_registry
 
     # The environment's SLUICE_IMPORTERS, else those of the stack running under SLUICE_HOME.

@@ -18,6 +18,10 @@ def up(detach: bool) -> None:
     """Start the embedded stack: broker, PostgreSQL, a worker and the HTTP API.
 
     Runs in the foreground until Ctrl-C unless --detach is given. Needs the `embedded` extra.
+
+    \b
+    Example:
+      sluice up --detach
     """
     from sluice.errors import EmbeddedStackMissing
     from sluice.stack import require_embedded
@@ -35,7 +39,12 @@ def up(detach: bool) -> None:
 
 @click.command()
 def down() -> None:
-    """Stop the embedded stack started with `sluice up --detach`."""
+    """Stop the embedded stack started with `sluice up --detach`.
+
+    \b
+    Example:
+      sluice down
+    """
     from sluice.supervisor import stop_detached
 
     sys.exit(stop_detached(PipelineSettings().home))
@@ -49,7 +58,12 @@ def down() -> None:
     help="then, as shell comments, the processes of the embedded stack (as `sluice stack`)",
 )
 def env(with_stack: bool) -> None:
-    """Print the connection settings of the running stack, as shell assignments."""
+    """Print the connection settings of the running stack, as shell assignments.
+
+    \b
+    Example:
+      eval "$(sluice env)"
+    """
     settings = load_settings()
     click.echo(f"SLUICE_KAFKA_BOOTSTRAP={settings.kafka.bootstrap}")
     click.echo(f"SLUICE_DATABASE_URL={settings.database_url}")
@@ -74,7 +88,12 @@ def env(with_stack: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="the state file (stack.json) as it is")
 def stack_cmd(as_json: bool) -> None:
     """Show the embedded stack started by `sluice up`: each process with its pid, status,
-    restarts and how it last ended. Exit code 1 when no stack runs under SLUICE_HOME."""
+    restarts and how it last ended. Exit code 1 when no stack runs under SLUICE_HOME.
+
+    \b
+    Example:
+      sluice stack --json
+    """
     from sluice.stack import read_state
     from sluice.supervisor import describe_stack
 
@@ -92,7 +111,12 @@ def stack_cmd(as_json: bool) -> None:
 @click.command()
 @click.option("--loglevel", default="info", show_default=True)
 def worker(loglevel: str) -> None:
-    """Run one worker (split, upsert, outbox relay) against the configured broker and database."""
+    """Run one worker (split, upsert, outbox relay) against the configured broker and database.
+
+    \b
+    Example:
+      sluice worker --loglevel debug
+    """
     from sluice.worker import run_worker
 
     logging.getLogger().setLevel(loglevel.upper())
@@ -103,7 +127,12 @@ def worker(loglevel: str) -> None:
 @click.option("--host", default=None, help="bind address (default SLUICE_API_HOST)")
 @click.option("--port", type=int, default=None, help="port (default SLUICE_API_PORT)")
 def api(host: str | None, port: int | None) -> None:
-    """Serve the HTTP API."""
+    """Serve the HTTP API.
+
+    \b
+    Example:
+      sluice api --host 127.0.0.1 --port 8000
+    """
     # The one way into the API package from here: its entry point (sluice.api never imports
     # the command line).
     from sluice.api.server import serve
