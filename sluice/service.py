@@ -306,7 +306,10 @@ class Client:
         reset: bool = False,
         requested_by: str | None = None,
     ) -> list[str]:
-        """Queue the backfill of each DID for the workers; returns the DIDs queued."""
+        """Queue the backfill of each DID for the workers; returns the DIDs queued. Each shows
+        in ``backfill_states`` at once, ``pending`` (collection ``*`` when none is named)."""
+        from sluice.agents.firehose.backfill import record_queued
+
         requests = [
             backfill_request(
                 did, collections=collections or [], reset=reset, requested_by=requested_by
@@ -314,7 +317,9 @@ class Client:
             for did in dids
         ]
         producer = await self.producer()
+        pool = (await self.deps()).pool
         for request in requests:
+            await record_queued(pool, request.did, request.collections)
             await producer.send_and_wait(
                 self.topics.backfill, request.model_dump_json().encode(), key=request.did.encode()
             )

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -190,6 +191,9 @@ async def test_backfill_racing_the_firehose_ends_equal_to_the_pds(
     try:
         queued = await client.backfill(DIDS, requested_by="test")
         assert queued == DIDS
+        # Shown at once, before a worker took them: pending for every collection ("*").
+        shown = {s.did for s in await client.backfill_states() if s.did in DIDS}
+        assert shown == set(DIDS)
         deadline = time.monotonic() + 180
         while True:
             runs = await backfill_runs(db, DIDS)
@@ -534,3 +538,30 @@ async def test_the_consumer_runs_inside_a_worker_by_configuration(
         assert applied.total("sluice_firehose_events_total", outcome="applied") > 0
     finally:
         worker.stop()
+
+
+def test_sluice_firehose_says_why_it_reconnects(stack: Stack, tmp_path: Path) -> None:
+    """Pointed at a port nobody listens on, the command says what failed and when it tries
+    again, without -v."""
+    log = tmp_path / "unreachable.log"
+    env = {**stack.env, "SLUICE_FIREHOSE_NAME": f"unreachable-{uuid.uuid4().hex[:6]}"}
+    url = f"ws://127.0.0.1:{free_port()}/subscribe"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sluice", "firehose", "--url", url],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "reconnecting in" not in log.read_text(errors="replace"):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    line = next(x for x in log.read_text(errors="replace").splitlines() if "reconnecting in" in x)
+    assert "WARNING" in line and "connection failed: " in line, line

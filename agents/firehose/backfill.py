@@ -197,6 +197,26 @@ def _matches(collection: str, wanted: Sequence[str]) -> bool:
     )
 
 
+ALL_COLLECTIONS = "*"
+"""The collection of a queued backfill that names none: every collection of the repository,
+listed (describeRepo) when a worker starts it."""
+
+
+async def record_queued(pool: asyncpg.Pool, did: str, collections: Sequence[str]) -> None:
+    """Show a backfill handed to the workers in ``backfill-status`` at once: ``pending`` for
+    each collection it names (or ``*``), before the request is sent, so a worker that takes it
+    at once finds the row. A collection already backfilled stays ``completed``; a failed one
+    is pending again."""
+    await pool.execute(
+        "INSERT INTO backfill (did, collection, status)"
+        " SELECT $1, c, 'pending' FROM unnest($2::text[]) AS c"
+        " ON CONFLICT (did, collection) DO UPDATE SET status = 'pending', error = NULL,"
+        " updated_at = now() WHERE backfill.status = 'failed'",
+        did,
+        list(collections) or [ALL_COLLECTIONS],
+    )
+
+
 class Backfiller:
     def __init__(
         self,
@@ -294,6 +314,10 @@ class Backfiller:
                 pds,
                 run.id,
             )
+        # The collections are known now: the queued placeholder (see record_queued) goes.
+        await self.pool.execute(
+            "DELETE FROM backfill WHERE did = $1 AND collection = $2", did, ALL_COLLECTIONS
+        )
         for collection in todo:
             state = await self.states(did)
             current = next(s for s in state if s.collection == collection)

@@ -257,7 +257,9 @@ class JetstreamConsumer:
             # A loop that runs on between failures (and resets them on progress), so the
             # policy's delay rather than its loop: the same backoff with jitter.
             delay = backoff(failures, first=self.backoff, cap=self.backoff_max)
-            log.info(
+            # A warning: `sluice firehose` shows it without -v, so a consumer that cannot reach
+            # its Jetstream says why instead of sitting silent.
+            log.warning(
                 "firehose %s: %s; reconnecting in %.2fs (%d published so far)",
                 self.name,
                 reason,
