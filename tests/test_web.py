@@ -392,6 +392,93 @@ def test_an_adhoc_import_through_the_page_lands_the_table_the_api_lands(
     expect(page.locator(f"tr[data-run-id='{run_id}'] .c-importer")).to_have_text(f"adhoc:{table}")
 
 
+def test_a_run_page_opened_before_the_file_was_read_shows_what_it_read_once_known(
+    page: Page, stack: Stack
+) -> None:
+    """The page of a run whose split has not read the file yet has no "What it read"; once
+    the run has its provenance, the next lifecycle event brings the card in, without a reload."""
+    from datetime import UTC, datetime
+
+    from sluice.schemas.events import LifecycleEvent
+    from sluice.schemas.runs import RunCounters, RunStatus
+
+    run_id = uuid.uuid4()
+    sql(
+        stack,
+        "INSERT INTO sluice.runs (id, importer, source, status, file_name, started_at)"
+        " VALUES ($1, 't_api', 'upload', 'running', 'preise.csv', now())",
+        run_id,
+    )
+    try:
+        page.goto(f"/ui/runs/{run_id}")
+        stays_on_page(page)
+        expect(page.locator("#run-status .badge")).to_have_text("running")
+        expect(page.locator("#provenance")).to_have_count(0)
+        provenance = {
+            "file": {
+                "name": "preise.csv",
+                "size": 42,
+                "content_type": "text/csv",
+                "compression": "none",
+            },
+            "sha256": "ab" * 32,
+            "format": "csv",
+            "delimiter": ";",
+            "sheet": None,
+            "encoding": "cp1252",
+            "header": ["Artikel", "Preis"],
+            "columns": {"Artikel": "artikel", "Preis": "preis"},
+            "aliases": {},
+            "ignored": [],
+            "duplicate_of": None,
+            "schema_changes": [],
+            "readings": [
+                {
+                    "column": "preis",
+                    "by": "inferred",
+                    "decimal": ",",
+                    "thousands": ".",
+                    "why": "'24,32' has a decimal comma",
+                }
+            ],
+        }
+        event = LifecycleEvent(
+            event_id=uuid.uuid4(),
+            type="run.progress",
+            run_id=run_id,
+            importer="t_api",
+            status=RunStatus.RUNNING,
+            time=datetime.now(UTC),
+            counters=RunCounters(),
+            error=None,
+        )
+        # As the split does: the provenance saved, then a lifecycle event in the outbox.
+        sql(
+            stack,
+            "UPDATE sluice.runs SET provenance = $2::jsonb WHERE id = $1",
+            run_id,
+            orjson.dumps(provenance).decode(),
+        )
+        sql(
+            stack,
+            "INSERT INTO sluice.events (event_id, run_id, type, topic, key, payload)"
+            " VALUES ($1, $2, $3, 'lifecycle', $4, $5::jsonb)",
+            event.event_id,
+            run_id,
+            event.type,
+            str(run_id),
+            event.model_dump_json(),
+        )
+        card = page.locator("#provenance")
+        expect(card).to_be_visible(timeout=30_000)
+        expect(card).to_contain_text("semicolon-separated")
+        expect(card.locator("#readings")).to_contain_text("numbers with decimal ','")
+        assert did_not_reload(page)
+    finally:
+        sql(stack, "DELETE FROM sluice.events WHERE run_id = $1", run_id)
+        sql(stack, "DELETE FROM sluice.runs WHERE id = $1", run_id)
+
+
 def test_runs_page_follows_new_runs_live(page: Page, http: httpx.Client) -> None:
     page.goto("/ui/runs")
     expect(page.locator("#live")).to_have_attribute("data-state", "live")
@@ -422,6 +509,10 @@ def test_rejected_rows_with_reasons_csv_and_retry(page: Page, http: httpx.Client
     expect(page.locator("#rejected-count")).to_have_text("30 rows")
     expect(rejected.first.locator(".reason")).to_contain_text("price")
     assert rejected.first.locator("td").first.inner_text() == "10"
+    # A table of the rows' columns, not a JSON blob.
+    expect(rejected.first.locator("td[data-column='price']")).to_have_text("not-a-price")
+    expect(page.locator("#rejected-head th.col", has_text="price")).to_have_count(1)
+    assert not any("{" in text for text in rejected.first.locator("td.raw").all_inner_texts())
     page.click("#rejected-next")
     expect(rejected).to_have_count(5)
     expect(page.locator("#rejected-page")).to_have_text("Page 2 of 2")
@@ -522,6 +613,66 @@ def test_every_page_fits_a_phone(
     finally:
         signed_in.close()
         anonymous.close()
+
+
+# Every visible cell of each runs row, and whether any two of them overlap or the table is
+# wider than the page: measured from the element boxes the browser laid out.
+RUNS_LAYOUT = """() => {
+  const rows = [...document.querySelectorAll('#runs-body tr')];
+  const overlaps = [];
+  for (const row of rows) {
+    const boxes = [...row.children]
+      .filter((td) => td.offsetWidth > 0 && td.offsetHeight > 0)
+      .map((td) => [td.className, td.getBoundingClientRect()]);
+    for (let i = 0; i < boxes.length; i++) {
+      for (let j = i + 1; j < boxes.length; j++) {
+        const [a, r] = boxes[i];
+        const [b, q] = boxes[j];
+        const w = Math.min(r.right, q.right) - Math.max(r.left, q.left);
+        const h = Math.min(r.bottom, q.bottom) - Math.max(r.top, q.top);
+        if (w > 1 && h > 1) overlaps.push(`${a} / ${b}`);
+      }
+    }
+    // Text wider than its own cell spills over the next one.
+    for (const td of row.children) {
+      if (td.offsetWidth > 0 && td.scrollWidth > td.clientWidth + 1
+          && getComputedStyle(td).overflowX === 'visible') overlaps.push(`${td.className} spills`);
+    }
+  }
+  const page = document.documentElement;
+  return {rows: rows.length, overlaps, overflow: page.scrollWidth - page.clientWidth};
+}"""
+
+
+@pytest.mark.parametrize(
+    "viewport", [{"width": 1366, "height": 768}, PHONE], ids=["1366x768", "phone"]
+)
+def test_the_runs_table_fits_without_overlapping_cells(
+    api: str, browser: Browser, session: Any, http: httpx.Client, viewport: ViewportSize
+) -> None:
+    """A failed run's reason and an ad-hoc run's table name are the longest cells."""
+    failed = http.post(
+        "/api/v1/imports/adhoc/upload",
+        files={"file": ("header-only.csv", b"id,name\n", "text/csv")},
+        data={
+            "table": f"a_rather_long_table_name_for_the_list_{uuid.uuid4().hex[:8]}",
+            "key": "id",
+        },
+        params={"wait": "true"},
+    )
+    assert failed.status_code == 200 and failed.json()["status"] == "failed", failed.text
+    context = browser.new_context(base_url=api, storage_state=session, viewport=viewport)
+    try:
+        page = context.new_page()
+        page.goto("/ui/runs")
+        expect(page.locator("#runs-body tr").first).to_be_visible()
+        layout = page.evaluate(RUNS_LAYOUT)
+        assert layout["rows"] > 1
+        assert layout["overflow"] <= 0, f"the page is {layout['overflow']}px too wide"
+        assert layout["overlaps"] == []
+        shot(page, f"runs-{viewport['width']}", full_page=False)
+    finally:
+        context.close()
 
 
 def test_the_api_docs_render_without_internet(api: str, browser: Browser) -> None:

@@ -276,6 +276,25 @@ def create_web_router(settings: Settings, client: Client, tokens: Sequence[bytes
             data={"status": state, "importer": importer, "page": number, "limit": RUNS_PER_PAGE},
         )
 
+    provenance_fragment = env.from_string(
+        '{% from "_macros.html" import provenance_card %}{{ provenance_card(p) }}'
+    )
+
+    @router.get("/ui/runs/{run_id}/provenance", response_model=None)
+    async def run_provenance(request: Request, run_id: str) -> Response:
+        """The run page's "What it read" card, for a page opened before the split read the
+        file: 204 while the run has no provenance yet."""
+        if not signed_in(request):
+            return Response(status_code=401)
+        try:
+            run = await client.get_run(uuid.UUID(run_id))
+        except (ValueError, RunNotFound):
+            return Response(status_code=404)
+        if not run.provenance:
+            return Response(status_code=204, headers=PAGE_HEADERS)
+        html = provenance_fragment.render(p=run.provenance)
+        return HTMLResponse(html, headers=PAGE_HEADERS)
+
     @router.get("/ui/runs/{run_id}", response_model=None)
     async def run_page(request: Request, run_id: str) -> Response:
         if not signed_in(request):

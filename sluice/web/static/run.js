@@ -10,6 +10,7 @@
   let run = Sluice.pageData().run;
   const events = [];
   let rejectedPage = 1;
+  const SOURCE_COLUMNS = "_sluice_columns"; // a wide row's columns in the file's order
   const loadedFinished = Sluice.TERMINAL.has(run.status);
   let finished = loadedFinished;
 
@@ -116,6 +117,8 @@
       drawPending = false;
       const box = $("chart");
       const steps = throughput();
+      // A run that ended without progress events has no throughput to show: no empty chart.
+      box.closest("section").hidden = !steps.length && ["failed", "cancelled"].includes(run.status);
       if (!steps.length) {
         box.replaceChildren(Sluice.h("p", { class: "empty", text: "No progress yet." }));
         return;
@@ -167,15 +170,42 @@
     rejectedPage = page;
     const { total, totalPages } = result.pagination;
     $("rejected-count").textContent = `${Sluice.num(total)} row${total === 1 ? "" : "s"}`;
+    // The rows as a table of their columns (the file's order where the row log kept it),
+    // not as JSON: a row whose raw value is no object shows it in one "Value" column.
+    const columns = [];
+    const seen = new Set();
+    for (const row of result.data) {
+      const raw = row.raw;
+      const keys = raw && typeof raw === "object" && !Array.isArray(raw)
+        ? (raw[SOURCE_COLUMNS] || Object.keys(raw))
+        : ["Value"];
+      for (const key of keys) {
+        if (key !== SOURCE_COLUMNS && !seen.has(key)) {
+          seen.add(key);
+          columns.push(key);
+        }
+      }
+    }
+    $("rejected-head").replaceChildren(
+      Sluice.h("th", { class: "num", text: "Row" }),
+      Sluice.h("th", { text: "Reason" }),
+      ...columns.map((column) => Sluice.h("th", { class: "col", text: column })),
+    );
+    const cell = (value) => {
+      if (value === null || value === undefined) return "";
+      const text = typeof value === "string" ? value : JSON.stringify(value);
+      return text.length > 120 ? `${text.slice(0, 120)}…` : text;
+    };
     $("rejected-body").replaceChildren(
       ...result.data.map((row) => {
-        const raw = typeof row.raw === "string" ? row.raw : JSON.stringify(row.raw);
+        const raw = row.raw;
+        const values = raw && typeof raw === "object" && !Array.isArray(raw) ? raw : { Value: raw };
         return Sluice.h(
           "tr",
           { "data-row": row.row_number },
           Sluice.h("td", { class: "num", text: row.sub ? `${row.row_number}.${row.sub}` : row.row_number }),
           Sluice.h("td", { class: "reason", text: row.reason }),
-          Sluice.h("td", { class: "raw", title: raw, text: raw.length > 240 ? `${raw.slice(0, 240)}…` : raw }),
+          ...columns.map((column) => Sluice.h("td", { class: "raw", "data-column": column, text: cell(values[column]) })),
         );
       }),
     );
@@ -258,8 +288,30 @@
     showRun();
   }
 
+  // "What it read", for a page opened before the split read the file: asked for again at
+  // each event until the server has it (at most one request at a time).
+  let askingProvenance = false;
+  async function loadProvenance() {
+    const slot = $("provenance-slot");
+    if (!slot || askingProvenance) return;
+    askingProvenance = true;
+    try {
+      const response = await fetch(`/ui/runs/${run.id}/provenance`, { credentials: "same-origin" });
+      if (response.status === 200 && $("provenance-slot")) {
+        const holder = document.createElement("div");
+        holder.innerHTML = await response.text();
+        slot.replaceWith(...holder.children);
+      }
+    } catch (error) {
+      console.warn("could not load what the run read", error);
+    } finally {
+      askingProvenance = false;
+    }
+  }
+
   const source = Sluice.follow(`/api/v1/runs/${run.id}/events`, (event) => {
     events.push(event);
+    loadProvenance();
     addToTimeline(event);
     // A run that had finished when the page loaded keeps its final counters while the
     // timeline replays; a live one takes each event's. The status only moves forward.
