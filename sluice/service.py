@@ -45,12 +45,14 @@ def run_options(
     date_formats: Sequence[str] = (),
     decimal_comma: bool = False,
     sheet: str | None = None,
+    check_formats: bool = True,
 ) -> dict[str, Any] | None:
     """A run's options from a caller's switches: ``fresh`` asks for a full refresh (once the run
     completed, the rows it did not contain are deleted); ``date_formats`` (strptime formats,
     tried in order) and ``decimal_comma`` (``1.234,5``) say how the file writes dates and
     numbers, for the fields that do not say themselves; ``sheet`` the worksheet of an XLSX
-    file to read. ``InvalidRequest`` for a date format that names no day, month and year."""
+    file to read. ``InvalidRequest`` for a date format that names no day, month and year
+    (unless ``check_formats`` is off: the run then fails with that message)."""
     from sluice.schemas.importers import date_formats as checked_formats
 
     options: dict[str, Any] = {}
@@ -59,7 +61,9 @@ def run_options(
     formats = [f for f in date_formats if f.strip()]
     if formats:
         try:
-            options["date_formats"] = list(checked_formats(formats, "date format"))
+            options["date_formats"] = list(
+                checked_formats(formats, "date format") if check_formats else formats
+            )
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
     if decimal_comma:
@@ -82,6 +86,7 @@ def adhoc_options(
     fresh: bool = False,
     date_formats: Sequence[str] = (),
     decimal_comma: bool = False,
+    check_formats: bool = True,
 ) -> dict[str, Any]:
     """The options of an import without an importer, as ``sluice import`` and
     ``POST /api/v1/imports/adhoc/upload`` take them: ``key`` a list or comma-separated. The
@@ -107,7 +112,11 @@ def adhoc_options(
     }
     options.update(
         run_options(
-            fresh=fresh, date_formats=date_formats, decimal_comma=decimal_comma, sheet=sheet
+            fresh=fresh,
+            date_formats=date_formats,
+            decimal_comma=decimal_comma,
+            sheet=sheet,
+            check_formats=check_formats,
         )
         or {}
     )

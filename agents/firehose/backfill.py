@@ -213,7 +213,8 @@ async def record_queued(pool: asyncpg.Pool, did: str, collections: Sequence[str]
         " ON CONFLICT (did, collection) DO UPDATE SET status = 'pending', error = NULL,"
         " updated_at = now() WHERE backfill.status = 'failed'",
         did,
-        list(collections) or [ALL_COLLECTIONS],
+        # Each once (one INSERT cannot update a row twice); PostgreSQL text holds no NUL.
+        [c for c in dict.fromkeys(collections) if "\x00" not in c] or [ALL_COLLECTIONS],
     )
 
 

@@ -60,7 +60,9 @@ class RunReading:
 
     @classmethod
     def of(cls, options: Mapping[str, Any]) -> RunReading:
-        formats = date_formats(options.get("date_formats") or (), "--date-format")
+        formats = date_formats(
+            options.get("date_formats") or (), "the run's date format (--date-format)"
+        )
         return cls(formats, bool(options.get("decimal_comma")))
 
     def apply(self, importer: Importer) -> Importer:

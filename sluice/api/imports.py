@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, File, Form, Query, Response, UploadFile
+from pydantic import StringConstraints
 
 from sluice.api.auth import TOKEN_REQUIRED, Caller
 from sluice.api.deps import ClientDep, SettingsDep
@@ -31,10 +32,11 @@ Fresh = Annotated[
     Form(description="full refresh: once the run completed, delete the rows it did not contain"),
 ]
 DateFormat = Annotated[
-    list[str] | None,
+    list[Annotated[str, StringConstraints(pattern=r"^[^\x00]*$")]] | None,
     Form(
         description="how the file writes dates, as for strptime: %d/%m/%Y, %d.%m.%Y (repeat"
-        " to try several in order; ISO 8601 is always read)"
+        " to try several in order; ISO 8601 is always read). One that names no day, month"
+        " and year fails the run with that message"
     ),
 ]
 DecimalComma = Annotated[
@@ -104,6 +106,7 @@ async def upload_adhoc(
         fresh=fresh,
         date_formats=date_format or (),
         decimal_comma=decimal_comma,
+        check_formats=False,
     )
     run = await _stream_upload(
         ADHOC, file, client, settings, caller, dry_run=dry_run, options=options
@@ -134,6 +137,7 @@ async def upload(
         date_formats=date_format or (),
         decimal_comma=decimal_comma,
         sheet=sheet,
+        check_formats=False,
     )
     run = await _stream_upload(
         slug, file, client, settings, caller, dry_run=dry_run, options=options
@@ -143,7 +147,8 @@ async def upload(
 
 def _checked(build: Callable[..., dict[str, Any] | None], **given: Any) -> dict[str, Any] | None:
     """A run's options from the form (``run_options``, ``adhoc_options``); 422 with what to
-    fix when they cannot be used (a missing table, a date format without a day)."""
+    fix when they cannot be used (a missing table or key). Date formats are checked by the
+    run, which fails with what to fix: every request the OpenAPI document allows is taken."""
     try:
         return build(**given)
     except InvalidRequest as exc:
