@@ -89,13 +89,16 @@ def infer_column(
     seen = [v for v in stripped if v and v not in nulls]
     if not seen:
         return "text", None
-    comma = run.decimal_comma or semicolons
+    # With a hint of decimal commas they are tried before "." numbers (1.234 is then 1234),
+    # else after every ISO type.
+    comma_first = run.decimal_comma or semicolons
     for name, fits in _CANDIDATES:
-        if name == "numeric" and comma and (found := _comma_numbers(seen, run, semicolons)):
+        if name == "numeric" and comma_first and (found := _comma_numbers(seen, run, semicolons)):
             return found
         if all(fits(v) for v in seen):
             return name, None
-    return _comma_numbers(seen, run, semicolons) or _dates(seen, run) or ("text", None)
+    comma = None if comma_first else _comma_numbers(seen, run, semicolons)
+    return comma or _dates(seen, run) or ("text", None)
 
 
 def _comma_numbers(

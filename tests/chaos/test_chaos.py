@@ -196,6 +196,27 @@ async def file_counters(db: asyncpg.Connection, run: Run, n: int) -> list[str]:
 # ------------------------------------------------------------------------------ waiting
 
 
+async def record_exactness(
+    result: Result, db: asyncpg.Connection, table: str, rows: list[Row], run: Run, n: int
+) -> None:
+    """The rows lost and doubled in ``table`` against ``rows``, and ``run``'s counters that are
+    not exact for ``n`` new rows, in ``result`` (each wrong counter in its notes)."""
+    result.lost, result.duplicated = await compare_items(db, table, rows)
+    wrong = await file_counters(db, run, n)
+    result.counters_wrong = len(wrong)
+    result.notes.extend(wrong)
+
+
+async def resumptions(db: asyncpg.Connection, run_id: uuid.UUID) -> list[str]:
+    """How the run was resumed (its run.resumed events), oldest first."""
+    rows = await db.fetch(
+        "SELECT payload->>'error' AS how FROM sluice.events WHERE run_id = $1"
+        " AND type = 'run.resumed' ORDER BY id",
+        run_id,
+    )
+    return [r["how"] for r in rows]
+
+
 async def poll(
     what: str,
     check: Callable[[], Awaitable[Any]],
@@ -419,10 +440,7 @@ async def test_sigkill_of_one_of_two_workers_during_a_file_import(
         done = await finished(chaos_db, run.id, chaos_stack, timeout=240)
         result.recover_seconds = seconds_since(fault_at, done)
         conn = await chaos_db.get()
-        result.lost, result.duplicated = await compare_items(conn, "chaos_kill", rows)
-        wrong = await file_counters(conn, done, n)
-        result.counters_wrong = len(wrong)
-        result.notes.extend(wrong)
+        await record_exactness(result, conn, "chaos_kill", rows, done, n)
         assert done.status is RunStatus.COMPLETED, done.error
         assert_clean(result, chaos_stack)
         assert await table_checksum(conn, "chaos_kill") == (n, checksum(rows))
@@ -465,10 +483,7 @@ async def test_sigkill_of_both_workers_one_restarted_during_a_file_import(
         conn = await chaos_db.get()
         recoveries = await conn.fetchval("SELECT recoveries FROM sluice.runs WHERE id = $1", run.id)
         result.notes.append(f"resumed {recoveries} time(s) by the stall recovery")
-        result.lost, result.duplicated = await compare_items(conn, "chaos_kill", rows)
-        wrong = await file_counters(conn, done, n)
-        result.counters_wrong = len(wrong)
-        result.notes.extend(wrong)
+        await record_exactness(result, conn, "chaos_kill", rows, done, n)
         assert done.status is RunStatus.COMPLETED, done.error
         assert recoveries == 0, "the run waited for the stall recovery"
         assert_clean(result, chaos_stack)
@@ -854,12 +869,8 @@ async def test_broker_restart_losing_its_topics_during_a_file_import(
         result.restarted_by_supervisor = bool(supervisor.restarts)
         result.notes.extend(supervisor.restarts)
         conn = await chaos_db.get()
-        resumed = await conn.fetch(
-            "SELECT payload->>'error' AS how FROM sluice.events WHERE run_id = $1"
-            " AND type = 'run.resumed' ORDER BY id",
-            run.id,
-        )
-        result.notes.append(f"resumed {len(resumed)} time(s) by recovery")
+        hows = await resumptions(conn, run.id)
+        result.notes.append(f"resumed {len(hows)} time(s) by recovery")
         for worker in chaos_stack.workers:
             text = log_since(worker, marks[worker.name])
             errors = Counter(re.findall(r"\b([A-Z][A-Za-z]+(?:Error|Exception))\b", text))
@@ -869,10 +880,7 @@ async def test_broker_restart_losing_its_topics_during_a_file_import(
             chaos_db, chaos_stack, run.id, restarted_at
         )
         result.notes.append(f"lifecycle events after the restart: {detail}")
-        result.lost, result.duplicated = await compare_items(conn, "chaos_broker", rows)
-        wrong = await file_counters(conn, done, n)
-        result.counters_wrong = len(wrong)
-        result.notes.extend(wrong)
+        await record_exactness(result, conn, "chaos_broker", rows, done, n)
         assert done.status is RunStatus.COMPLETED, done.error
         assert_clean(result, chaos_stack)
         assert result.events_lost == 0, f"lifecycle events lost: {detail}"
@@ -881,7 +889,6 @@ async def test_broker_restart_losing_its_topics_during_a_file_import(
         # second worker that recreated some of them too leaves it at that), and the stall
         # recovery (the backstop) had nothing left to do. No round at all is right too: the
         # workers may have fetched every batch before the broker went down.
-        hows = [r["how"] for r in resumed]
         assert len(hows) <= 1 and all("the broker lost topics" in how for how in hows), hows
         # The subscribers that followed the run saw it complete, once each.
         for follower in followers:
@@ -943,20 +950,13 @@ async def test_a_run_started_right_after_the_topics_were_lost_is_read_at_once(
         result.recover_seconds = seconds_since(fault_at, done)
         result.restarted_by_supervisor = bool(supervisor.restarts)
         conn = await chaos_db.get()
-        resumed = await conn.fetch(
-            "SELECT payload->>'error' AS how FROM sluice.events WHERE run_id = $1"
-            " AND type = 'run.resumed'",
-            run.id,
-        )
-        result.notes.append(f"the next run resumed {len(resumed)} time(s)")
-        result.lost, result.duplicated = await compare_items(conn, "chaos_broker", second)
-        wrong = await file_counters(conn, done, n)
-        result.counters_wrong = len(wrong)
-        result.notes.extend(wrong)
+        hows = await resumptions(conn, run.id)
+        result.notes.append(f"the next run resumed {len(hows)} time(s)")
+        await record_exactness(result, conn, "chaos_broker", second, done, n)
         assert done.status is RunStatus.COMPLETED, done.error
         assert_clean(result, chaos_stack)
         # Read at once: the stall recovery did not have to send it again.
-        assert [r["how"] for r in resumed] == []
+        assert hows == []
 
 
 async def delete_topics(chaos_stack: ChaosStack) -> None:
@@ -1068,10 +1068,7 @@ async def test_postgres_restart_during_a_file_import(
         recoveries = await conn.fetchval("SELECT recoveries FROM sluice.runs WHERE id = $1", run.id)
         result.notes.append(f"{retried} retried attempts in the workers' logs")
         result.notes.append(f"resumed {recoveries} time(s) by recovery")
-        result.lost, result.duplicated = await compare_items(conn, "chaos_pg", rows)
-        wrong = await file_counters(conn, done, n)
-        result.counters_wrong = len(wrong)
-        result.notes.extend(wrong)
+        await record_exactness(result, conn, "chaos_pg", rows, done, n)
         assert done.status is RunStatus.COMPLETED, done.error
         assert all(w.alive for w in chaos_stack.workers), chaos_stack.logs()
         assert_clean(result, chaos_stack)
@@ -1113,10 +1110,7 @@ async def test_postgres_sigkill_during_a_file_import(
         conn = await chaos_db.get()
         recoveries = await conn.fetchval("SELECT recoveries FROM sluice.runs WHERE id = $1", run.id)
         result.notes.append(f"resumed {recoveries} time(s) by the stall recovery")
-        result.lost, result.duplicated = await compare_items(conn, "chaos_pg", rows)
-        wrong = await file_counters(conn, done, n)
-        result.counters_wrong = len(wrong)
-        result.notes.extend(wrong)
+        await record_exactness(result, conn, "chaos_pg", rows, done, n)
         assert done.status is RunStatus.COMPLETED, done.error
         assert recoveries == 0, "the run waited for the stall recovery"
         assert all(w.alive for w in chaos_stack.workers), chaos_stack.logs()
