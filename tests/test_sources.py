@@ -426,7 +426,14 @@ async def test_a_schedule_fires_once_per_time_across_two_workers(
         await asyncio.sleep(9)
     finally:
         await set_paused(await client.deps(), "t_sched", True)
-    await asyncio.sleep(4)  # the last run (3 s per fetch) finishes
+    # The last run (3 s per fetch) finishes; on a loaded machine that can take a while longer.
+    deadline = time.monotonic() + 60
+    while await db.fetchval(
+        "SELECT count(*) FROM sluice.runs WHERE importer = 't_sched'"
+        " AND status NOT IN ('completed', 'failed', 'cancelled')"
+    ):
+        assert time.monotonic() < deadline, "a scheduled run did not finish within a minute"
+        await asyncio.sleep(0.5)
     fires = await db.fetch(
         "SELECT fire_time, run_id, outcome FROM sluice.schedule_fires WHERE importer = 't_sched'"
         " ORDER BY fire_time"
