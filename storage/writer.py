@@ -166,139 +166,162 @@ class BatchResult:
     bad rows had to be isolated"""
 
 
-class Statements:
-    """The SQL for one plan, built once and reused for every batch of the run."""
+class _Fragments:
+    """The pieces of SQL every statement of one plan is built from."""
 
     def __init__(self, plan: TargetPlan) -> None:
-        self.plan = plan
         q = quote_ident
-        key = plan.key
-        names = [c for c, _ in plan.columns]
-        nonkey = [c for c in names if c not in key]
-        recordset = ", ".join(f"{q(c)} {t}" for c, t in plan.columns)
-        keys = ", ".join(q(k) for k in key)
-        cols = ", ".join(q(c) for c in names)
+        self.plan = plan
+        self.names = [c for c, _ in plan.columns]
+        self.nonkey = [c for c in self.names if c not in plan.key]
+        self.recordset = ", ".join(f"{q(c)} {t}" for c, t in plan.columns)
+        self.keys = ", ".join(q(k) for k in plan.key)
+        self.cols = ", ".join(q(c) for c in self.names)
+        self.join = " AND ".join(f"t.{q(k)} = d.{q(k)}" for k in plan.key)
+        self.t_row = "ROW(" + ", ".join(f"t.{q(c)}" for c in self.nonkey) + ")"
+        self.d_row = "ROW(" + ", ".join(f"d.{q(c)}" for c in self.nonkey) + ")"
+        self.x_row = "ROW(" + ", ".join(f"EXCLUDED.{q(c)}" for c in self.nonkey) + ")"
+
+    def prefix(self, src: str) -> str:
+        """The batch's rows as ``src``, and ``d``: one row per key, the one that wins (the last
+        in the file, or the first for 'skip' and 'fail'; the newest version first if asked)."""
+        plan, q = self.plan, quote_ident
         keep_first = plan.policy in (DuplicatePolicy.SKIP, DuplicatePolicy.FAIL)
         order = "ASC" if keep_first else "DESC"
         version = plan.version_column
         newest = f"{q(version)} DESC NULLS LAST, " if version and not keep_first else ""
-        join = " AND ".join(f"t.{q(k)} = d.{q(k)}" for k in key)
-        t_row = "ROW(" + ", ".join(f"t.{q(c)}" for c in nonkey) + ")"
-        d_row = "ROW(" + ", ".join(f"d.{q(c)}" for c in nonkey) + ")"
-        x_row = "ROW(" + ", ".join(f"EXCLUDED.{q(c)}" for c in nonkey) + ")"
-        newer = ""
-        if plan.policy is DuplicatePolicy.UPDATE_IF_NEWER and version:
-            newer = f" AND (t.{q(version)} IS NULL OR EXCLUDED.{q(version)} > t.{q(version)})"
-        # The batch's rows: a JSON array ($1), or rows COPY put into a temporary table.
+        return (
+            f"WITH src AS ({src}),"
+            f" d AS (SELECT DISTINCT ON ({self.keys}) * FROM src"
+            f" ORDER BY {self.keys}, {newest}{ROW} {order}, {SUB} {order}),"
+        )
+
+    def questions(self) -> str:
+        """The answers beside the counts. Ask only what the policy needs: each extra question is
+        another index lookup per row."""
+        plan = self.plan
+        same = " NULL::bigint AS same"
+        if plan.policy is DuplicatePolicy.UPDATE_IF_NEWER:
+            same_cond = f"{self.t_row} IS NOT DISTINCT FROM {self.d_row}" if self.nonkey else "true"
+            same = (
+                f" (SELECT count(*) FROM d JOIN {plan.qualified} t ON {self.join}"
+                f" WHERE {same_cond}) AS same"
+            )
+        if plan.policy is not DuplicatePolicy.FAIL:
+            return f"{same}, '[]'::json AS existing, '[]'::json AS dups"
+        existing = (
+            f" (SELECT coalesce(json_agg(json_build_array(d.{ROW}, d.{SUB})), '[]')"
+            f" FROM d JOIN {plan.qualified} t ON {self.join}) AS existing"
+        )
+        dups = (
+            f" (SELECT coalesce(json_agg(json_build_array({ROW}, {SUB})), '[]') FROM"
+            f" (SELECT {ROW}, {SUB} FROM src EXCEPT SELECT {ROW}, {SUB} FROM d) z) AS dups"
+        )
+        return f"{same},{existing},{dups}"
+
+    def newer(self, row: str) -> str:
+        """For 'update_if_newer': the condition that ``row``'s version is newer than the table's."""
+        version = self.plan.version_column
+        if self.plan.policy is not DuplicatePolicy.UPDATE_IF_NEWER or not version:
+            return ""
+        v = quote_ident(version)
+        return f" AND (t.{v} IS NULL OR {row}.{v} > t.{v})"
+
+    def apply(self) -> str:
+        """Insert the winning rows; update a key's row only when a value changed."""
+        plan, q = self.plan, quote_ident
+        insert = f"INSERT INTO {plan.qualified} AS t ({self.cols}) SELECT {self.cols} FROM d"
+        if plan.policy in (DuplicatePolicy.UPSERT, DuplicatePolicy.UPDATE_IF_NEWER) and self.nonkey:
+            sets = ", ".join(f"{q(c)} = EXCLUDED.{q(c)}" for c in self.nonkey)
+            conflict = (
+                f" ON CONFLICT ({self.keys}) DO UPDATE SET {sets}"
+                f" WHERE {self.t_row} IS DISTINCT FROM {self.x_row}{self.newer('EXCLUDED')}"
+            )
+        else:
+            if plan.policy is DuplicatePolicy.FAIL:
+                insert += f" WHERE NOT EXISTS (SELECT 1 FROM {plan.qualified} t WHERE {self.join})"
+            conflict = f" ON CONFLICT ({self.keys}) DO NOTHING"
+        return (
+            f" ins AS ({insert}{conflict} RETURNING (xmax = 0) AS inserted)"
+            f" SELECT (SELECT count(*) FROM src) AS n, (SELECT count(*) FROM d) AS distinct_n,"
+            f" (SELECT count(*) FROM ins WHERE inserted) AS created,"
+            f" (SELECT count(*) FROM ins WHERE NOT inserted) AS updated,"
+            f"{self.questions()}"
+        )
+
+    def dry(self) -> str:
+        """The same questions without the INSERT: what would be created, changed, left as it
+        is. Keys repeated across batches of one dry run count as new each time."""
+        plan = self.plan
+        k0 = quote_ident(plan.key[0])
+        upd_cond = f"{self.t_row} IS DISTINCT FROM {self.d_row}" if self.nonkey else "false"
+        upd_cond += self.newer("d")
+        return (
+            f" plan AS (SELECT d.{ROW}, (t.{k0} IS NULL) AS is_new,"
+            f" (t.{k0} IS NOT NULL AND {upd_cond}) AS is_update"
+            f" FROM d LEFT JOIN {plan.qualified} t ON {self.join})"
+            f" SELECT (SELECT count(*) FROM src) AS n, (SELECT count(*) FROM d) AS distinct_n,"
+            f" (SELECT count(*) FROM plan WHERE is_new) AS created,"
+            f" (SELECT count(*) FROM plan WHERE is_update) AS updated,"
+            f"{self.questions()}"
+        )
+
+    def run_keys(self, temp: str) -> tuple[str | None, str | None]:
+        """For a full refresh: the statements recording the keys a fresh run imported (from a
+        JSON batch, and from the COPY table), typed as the table types them. Only the key and
+        scope columns are read: a refused value elsewhere is the upsert's to isolate."""
+        plan, q = self.plan, quote_ident
+        if plan.refresh is None:
+            return None, None
+        scope = plan.refresh.scope
+        key_expr = "jsonb_build_array(" + ", ".join(f"x.{q(k)}" for k in plan.key) + ")::text"
+        scope_expr = (
+            "jsonb_build_array(" + ", ".join(f"x.{q(c)}" for c in scope) + ")::text"
+            if scope
+            else "NULL"
+        )
+        types = dict(plan.columns)
+        wanted = ", ".join(f"{q(c)} {types[c]}" for c in dict.fromkeys((*plan.key, *scope)))
+        return (
+            "INSERT INTO run_keys (run_id, key, scope)"
+            f" SELECT $2, {key_expr}, {scope_expr}"
+            f" FROM json_to_recordset($1::text::json) AS x({wanted})"
+            " ON CONFLICT DO NOTHING",
+            "INSERT INTO run_keys (run_id, key, scope)"
+            f" SELECT $1, {key_expr}, {scope_expr} FROM pg_temp.{temp} x"
+            " ON CONFLICT DO NOTHING",
+        )
+
+
+class Statements:
+    """The SQL for one plan, built once and reused for every batch of the run. The batch's rows
+    come as a JSON array ($1), or as rows COPY put into a temporary table."""
+
+    def __init__(self, plan: TargetPlan) -> None:
+        self.plan = plan
+        parts = _Fragments(plan)
         json_src = (
             f"SELECT * FROM json_to_recordset($1::text::json)"
-            f" AS x({ROW} bigint, {SUB} integer, {recordset})"
+            f" AS x({ROW} bigint, {SUB} integer, {parts.recordset})"
         )
-        digest = hashlib.sha1(recordset.encode()).hexdigest()[:16]
+        digest = hashlib.sha1(parts.recordset.encode()).hexdigest()[:16]
         self.temp = f"sluice_batch_{digest}"
         copy_src = f"SELECT * FROM pg_temp.{self.temp}"
         # ON COMMIT DELETE ROWS: each transaction finds it empty, and leaves it so.
         self.create_temp = (
             f"CREATE TEMP TABLE IF NOT EXISTS {self.temp}"
-            f" ({ROW} bigint, {SUB} integer, {recordset}) ON COMMIT DELETE ROWS"
+            f" ({ROW} bigint, {SUB} integer, {parts.recordset}) ON COMMIT DELETE ROWS"
         )
-        self.temp_columns = frozenset((ROW, SUB, *names)) if plan.copyable else frozenset()
-
-        def prefix_of(src: str) -> str:
-            return (
-                f"WITH src AS ({src}),"
-                f" d AS (SELECT DISTINCT ON ({keys}) * FROM src"
-                f" ORDER BY {keys}, {newest}{ROW} {order}, {SUB} {order}),"
-            )
-
-        prefix = prefix_of(json_src)
-        dups = (
-            f" (SELECT coalesce(json_agg(json_build_array({ROW}, {SUB})), '[]') FROM"
-            f" (SELECT {ROW}, {SUB} FROM src EXCEPT SELECT {ROW}, {SUB} FROM d) z) AS dups"
-        )
-        existing = (
-            f" (SELECT coalesce(json_agg(json_build_array(d.{ROW}, d.{SUB})), '[]')"
-            f" FROM d JOIN {plan.qualified} t ON {join}) AS existing"
-        )
-        if nonkey:
-            same_cond = f"{t_row} IS NOT DISTINCT FROM {d_row}"
-        else:
-            same_cond = "true"
-        same = (
-            f" (SELECT count(*) FROM d JOIN {plan.qualified} t ON {join} WHERE {same_cond}) AS same"
-        )
-        # Ask only what the policy needs: each extra question is another index lookup per row.
-        if plan.policy is not DuplicatePolicy.UPDATE_IF_NEWER:
-            same = " NULL::bigint AS same"
-        if plan.policy is not DuplicatePolicy.FAIL:
-            existing = " '[]'::json AS existing"
-            dups = " '[]'::json AS dups"
-        insert = f"INSERT INTO {plan.qualified} AS t ({cols}) SELECT {cols} FROM d"
-        if plan.policy in (DuplicatePolicy.UPSERT, DuplicatePolicy.UPDATE_IF_NEWER) and nonkey:
-            sets = ", ".join(f"{q(c)} = EXCLUDED.{q(c)}" for c in nonkey)
-            conflict = (
-                f" ON CONFLICT ({keys}) DO UPDATE SET {sets}"
-                f" WHERE {t_row} IS DISTINCT FROM {x_row}{newer}"
-            )
-        elif plan.policy is DuplicatePolicy.FAIL:
-            insert += f" WHERE NOT EXISTS (SELECT 1 FROM {plan.qualified} t WHERE {join})"
-            conflict = f" ON CONFLICT ({keys}) DO NOTHING"
-        else:
-            conflict = f" ON CONFLICT ({keys}) DO NOTHING"
-        apply = (
-            f" ins AS ({insert}{conflict} RETURNING (xmax = 0) AS inserted)"
-            f" SELECT (SELECT count(*) FROM src) AS n, (SELECT count(*) FROM d) AS distinct_n,"
-            f" (SELECT count(*) FROM ins WHERE inserted) AS created,"
-            f" (SELECT count(*) FROM ins WHERE NOT inserted) AS updated,"
-            f"{same},{existing},{dups}"
-        )
-        self.apply = prefix + apply
-        self.apply_copied = prefix_of(copy_src) + apply
-        k0 = q(key[0])
-        upd_cond = f"{t_row} IS DISTINCT FROM {d_row}" if nonkey else "false"
-        if plan.policy is DuplicatePolicy.UPDATE_IF_NEWER and version:
-            upd_cond += f" AND (t.{q(version)} IS NULL OR d.{q(version)} > t.{q(version)})"
-        # A dry run asks the same questions without the INSERT: what would be created, changed,
-        # left as it is. Keys repeated across batches of one dry run count as new each time.
-        dry = (
-            f" plan AS (SELECT d.{ROW}, (t.{k0} IS NULL) AS is_new,"
-            f" (t.{k0} IS NOT NULL AND {upd_cond}) AS is_update"
-            f" FROM d LEFT JOIN {plan.qualified} t ON {join})"
-            f" SELECT (SELECT count(*) FROM src) AS n, (SELECT count(*) FROM d) AS distinct_n,"
-            f" (SELECT count(*) FROM plan WHERE is_new) AS created,"
-            f" (SELECT count(*) FROM plan WHERE is_update) AS updated,"
-            f"{same},{existing},{dups}"
-        )
-        self.dry = prefix + dry
-        self.dry_copied = prefix_of(copy_src) + dry
-        self.keys: str | None = None
-        self.keys_copied: str | None = None
-        if plan.refresh is not None:
-            scope = plan.refresh.scope
-            key_expr = "jsonb_build_array(" + ", ".join(f"x.{q(k)}" for k in key) + ")::text"
-            scope_expr = (
-                "jsonb_build_array(" + ", ".join(f"x.{q(c)}" for c in scope) + ")::text"
-                if scope
-                else "NULL"
-            )
-            # The keys a fresh run imported, typed as the table types them. Only the key and
-            # scope columns are read: a refused value elsewhere is the upsert's to isolate.
-            types = dict(plan.columns)
-            wanted = ", ".join(f"{q(c)} {types[c]}" for c in dict.fromkeys((*key, *scope)))
-            self.keys = (
-                "INSERT INTO run_keys (run_id, key, scope)"
-                f" SELECT $2, {key_expr}, {scope_expr}"
-                f" FROM json_to_recordset($1::text::json) AS x({wanted})"
-                " ON CONFLICT DO NOTHING"
-            )
-            self.keys_copied = (
-                "INSERT INTO run_keys (run_id, key, scope)"
-                f" SELECT $1, {key_expr}, {scope_expr} FROM pg_temp.{self.temp} x"
-                " ON CONFLICT DO NOTHING"
-            )
+        self.temp_columns = frozenset((ROW, SUB, *parts.names)) if plan.copyable else frozenset()
+        apply, dry = parts.apply(), parts.dry()
+        self.apply = parts.prefix(json_src) + apply
+        self.apply_copied = parts.prefix(copy_src) + apply
+        self.dry = parts.prefix(json_src) + dry
+        self.dry_copied = parts.prefix(copy_src) + dry
+        self.keys, self.keys_copied = parts.run_keys(self.temp)
         self.lookups = LookupResolver(plan.lookups) if plan.lookups else None
         self.probe = {
-            c: f"SELECT * FROM json_to_recordset($1::text::json) AS x({q(c)} {t})"
+            c: f"SELECT * FROM json_to_recordset($1::text::json) AS x({quote_ident(c)} {t})"
             for c, t in plan.columns
         }
 
