@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, Template, select_autoescape
 from markupsafe import Markup
 
 from sluice.config import Settings
@@ -150,23 +150,61 @@ def _environment(static: dict[str, StaticFile]) -> Environment:
     return env
 
 
-def create_web_router(settings: Settings, client: Client, tokens: Sequence[bytes]) -> APIRouter:
-    """The pages under ``/ui``. ``tokens`` are the API's."""
-    static = load_static()
-    env = _environment(static)
-    router = APIRouter(include_in_schema=False)
+@dataclass(frozen=True, slots=True)
+class Pages:
+    """What every page handler shares, built once per router so the templates and static files
+    are read at start-up, not per request."""
 
-    def signed_in(request: Request) -> bool:
-        return not tokens or token_matches(request.cookies.get(SESSION_COOKIE, ""), tokens)
+    settings: Settings
+    client: Client
+    tokens: Sequence[bytes]
+    static: dict[str, StaticFile]
+    env: Environment
+    provenance_fragment: Template
 
-    def to_login(request: Request) -> RedirectResponse:
-        here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        return RedirectResponse(f"/ui/login?next={quote(here, safe='/')}", status_code=303)
+    @classmethod
+    def build(cls, settings: Settings, client: Client, tokens: Sequence[bytes]) -> Pages:
+        static = load_static()
+        env = _environment(static)
+        fragment = env.from_string(
+            '{% from "_macros.html" import provenance_card %}{{ provenance_card(p) }}'
+        )
+        return cls(settings, client, tokens, static, env, fragment)
 
-    def page(name: str, section: str, *, http_status: int = 200, **context: Any) -> HTMLResponse:
-        html = env.get_template(name).render(section=section, can_sign_out=bool(tokens), **context)
+    def signed_in(self, request: Request) -> bool:
+        """Without API tokens the API is open, and so are the pages."""
+        return not self.tokens or token_matches(
+            request.cookies.get(SESSION_COOKIE, ""), self.tokens
+        )
+
+    def render(
+        self, name: str, section: str, *, http_status: int = 200, **context: Any
+    ) -> HTMLResponse:
+        html = self.env.get_template(name).render(
+            section=section, can_sign_out=bool(self.tokens), **context
+        )
         return HTMLResponse(html, status_code=http_status, headers=PAGE_HEADERS)
 
+
+def create_web_router(settings: Settings, client: Client, tokens: Sequence[bytes]) -> APIRouter:
+    """The pages under ``/ui``. ``tokens`` are the API's."""
+    pages = Pages.build(settings, client, tokens)
+    router = APIRouter(include_in_schema=False)
+    _add_entry_routes(router, pages)
+    _add_sign_in_routes(router, pages)
+    _add_run_routes(router, pages)
+    _add_upload_routes(router, pages)
+    _add_importer_routes(router, pages)
+    return router
+
+
+def _to_login(request: Request) -> RedirectResponse:
+    """Back to the page asked for once signed in."""
+    here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    return RedirectResponse(f"/ui/login?next={quote(here, safe='/')}", status_code=303)
+
+
+def _add_entry_routes(router: APIRouter, pages: Pages) -> None:
     @router.get("/")
     async def home() -> RedirectResponse:
         return RedirectResponse("/ui/runs", status_code=303)
@@ -178,7 +216,7 @@ def create_web_router(settings: Settings, client: Client, tokens: Sequence[bytes
 
     @router.get("/ui/static/{name}")
     async def static_file(name: str) -> Response:
-        found = static.get(name)
+        found = pages.static.get(name)
         if found is None:
             return Response("not found", status_code=404, media_type="text/plain")
         return Response(
@@ -190,13 +228,38 @@ def create_web_router(settings: Settings, client: Client, tokens: Sequence[bytes
             },
         )
 
-    # ------------------------------------------------------------------ sign-in
+
+def _sign_in_error(token: str) -> str:
+    if token.strip():
+        return (
+            "That token is not valid. Use a token from SLUICE_API_TOKEN or SLUICE_API_TOKENS"
+            " (`sluice env` prints it)."
+        )
+    return "Enter an API token."
+
+
+def _set_session(response: Response, request: Request, token: str) -> None:
+    """The cookie holds the token itself, so the API accepts the pages' ``fetch()`` calls."""
+    response.set_cookie(
+        SESSION_COOKIE,
+        token,
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+        path="/",
+    )
+
+
+def _add_sign_in_routes(router: APIRouter, pages: Pages) -> None:
+    tokens = pages.tokens
 
     @router.get("/ui/login", response_model=None)
     async def login_form(request: Request, next: str | None = None) -> Response:
-        if tokens and signed_in(request):
+        if tokens and pages.signed_in(request):
             return RedirectResponse(safe_next(next), status_code=303)
-        return page("login.html", "login", next=safe_next(next), error=None, open=not tokens)
+        return pages.render(
+            "login.html", "login", next=safe_next(next), error=None, open=not tokens
+        )
 
     @router.post("/ui/login", response_model=None)
     async def login(
@@ -206,30 +269,17 @@ def create_web_router(settings: Settings, client: Client, tokens: Sequence[bytes
     ) -> Response:
         if tokens and not token_matches(token.strip(), tokens):
             log.info("dashboard sign-in refused from %s", request.client)
-            error = (
-                "That token is not valid. Use a token from SLUICE_API_TOKEN or SLUICE_API_TOKENS"
-                " (`sluice env` prints it)."
-                if token.strip()
-                else "Enter an API token."
-            )
-            return page(
+            return pages.render(
                 "login.html",
                 "login",
                 http_status=401,
                 next=safe_next(next),
-                error=error,
+                error=_sign_in_error(token),
                 open=False,
             )
         response = RedirectResponse(safe_next(next), status_code=303)
         if tokens:
-            response.set_cookie(
-                SESSION_COOKIE,
-                token.strip(),
-                httponly=True,
-                samesite="strict",
-                secure=request.url.scheme == "https",
-                path="/",
-            )
+            _set_session(response, request, token.strip())
         return response
 
     @router.get("/ui/logout")
@@ -239,7 +289,68 @@ def create_web_router(settings: Settings, client: Client, tokens: Sequence[bytes
         response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
         return response
 
-    # ------------------------------------------------------------------ runs
+
+async def _runs_listing(
+    client: Client, status: str | None, importer: str | None, page_number: int
+) -> dict[str, Any]:
+    """The runs page's context. An unknown status shows every run; an importer that is no
+    longer registered stays selectable, so its old runs can still be found."""
+    state = status if status in {s.value for s in RunStatus} else None
+    importer = importer or None
+    number = max(1, min(page_number, 1_000_000))
+    total = await client.count_runs(status=state, importer=importer)
+    found = await client.list_runs(
+        status=state,
+        importer=importer,
+        limit=RUNS_PER_PAGE,
+        offset=(number - 1) * RUNS_PER_PAGE,
+    )
+    slugs = [i.slug for i in client.registry.all()]
+    if importer and importer not in slugs:
+        slugs.insert(0, importer)
+    return {
+        "runs": found,
+        "status": state,
+        "importer": importer,
+        "importers": slugs,
+        "page": number,
+        "pages": max(1, math.ceil(total / RUNS_PER_PAGE)),
+        "total": total,
+        "data": {"status": state, "importer": importer, "page": number, "limit": RUNS_PER_PAGE},
+    }
+
+
+async def _find_run(client: Client, run_id: str) -> Run | None:
+    """None for an id that is not a UUID as for one no run has."""
+    try:
+        return await client.get_run(uuid.UUID(run_id))
+    except (ValueError, RunNotFound):
+        return None
+
+
+async def _parent_of(client: Client, run: Run) -> Run | None:
+    """None as well when the parent was pruned."""
+    if run.parent_run_id is None:
+        return None
+    try:
+        return await client.get_run(run.parent_run_id)
+    except RunNotFound:
+        return None
+
+
+async def _children_of(client: Client, run: Run) -> list[Run]:
+    pool = (await client.deps()).pool
+    return [
+        run_from_record(r)
+        for r in await pool.fetch(
+            f"SELECT {RUN_COLUMNS} FROM runs WHERE parent_run_id = $1 ORDER BY queued_at",
+            run.id,
+        )
+    ]
+
+
+def _add_run_routes(router: APIRouter, pages: Pages) -> None:
+    client = pages.client
 
     @router.get("/ui/runs", response_model=None)
     async def runs_page(
@@ -248,76 +359,35 @@ def create_web_router(settings: Settings, client: Client, tokens: Sequence[bytes
         importer: str | None = None,
         page_number: Annotated[int, Query(alias="page")] = 1,
     ) -> Response:
-        if not signed_in(request):
-            return to_login(request)
-        state = status if status in {s.value for s in RunStatus} else None
-        importer = importer or None
-        number = max(1, min(page_number, 1_000_000))
-        total = await client.count_runs(status=state, importer=importer)
-        found = await client.list_runs(
-            status=state,
-            importer=importer,
-            limit=RUNS_PER_PAGE,
-            offset=(number - 1) * RUNS_PER_PAGE,
-        )
-        slugs = [i.slug for i in client.registry.all()]
-        if importer and importer not in slugs:
-            slugs.insert(0, importer)
-        return page(
-            "runs.html",
-            "runs",
-            runs=found,
-            status=state,
-            importer=importer,
-            importers=slugs,
-            page=number,
-            pages=max(1, math.ceil(total / RUNS_PER_PAGE)),
-            total=total,
-            data={"status": state, "importer": importer, "page": number, "limit": RUNS_PER_PAGE},
-        )
-
-    provenance_fragment = env.from_string(
-        '{% from "_macros.html" import provenance_card %}{{ provenance_card(p) }}'
-    )
+        if not pages.signed_in(request):
+            return _to_login(request)
+        listing = await _runs_listing(client, status, importer, page_number)
+        return pages.render("runs.html", "runs", **listing)
 
     @router.get("/ui/runs/{run_id}/provenance", response_model=None)
     async def run_provenance(request: Request, run_id: str) -> Response:
         """The run page's "What it read" card, for a page opened before the split read the
         file: 204 while the run has no provenance yet."""
-        if not signed_in(request):
+        if not pages.signed_in(request):
             return Response(status_code=401)
-        try:
-            run = await client.get_run(uuid.UUID(run_id))
-        except (ValueError, RunNotFound):
+        run = await _find_run(client, run_id)
+        if run is None:
             return Response(status_code=404)
         if not run.provenance:
             return Response(status_code=204, headers=PAGE_HEADERS)
-        html = provenance_fragment.render(p=run.provenance)
+        html = pages.provenance_fragment.render(p=run.provenance)
         return HTMLResponse(html, headers=PAGE_HEADERS)
 
     @router.get("/ui/runs/{run_id}", response_model=None)
     async def run_page(request: Request, run_id: str) -> Response:
-        if not signed_in(request):
-            return to_login(request)
-        try:
-            run = await client.get_run(uuid.UUID(run_id))
-        except (ValueError, RunNotFound):
-            return page("missing.html", "runs", http_status=404, what=f"run {run_id}")
-        parent = None
-        if run.parent_run_id is not None:
-            try:
-                parent = await client.get_run(run.parent_run_id)
-            except RunNotFound:  # pruned
-                parent = None
-        pool = (await client.deps()).pool
-        children = [
-            run_from_record(r)
-            for r in await pool.fetch(
-                f"SELECT {RUN_COLUMNS} FROM runs WHERE parent_run_id = $1 ORDER BY queued_at",
-                run.id,
-            )
-        ]
-        return page(
+        if not pages.signed_in(request):
+            return _to_login(request)
+        run = await _find_run(client, run_id)
+        if run is None:
+            return pages.render("missing.html", "runs", http_status=404, what=f"run {run_id}")
+        parent = await _parent_of(client, run)
+        children = await _children_of(client, run)
+        return pages.render(
             "run.html",
             "runs",
             run=run,
@@ -327,48 +397,49 @@ def create_web_router(settings: Settings, client: Client, tokens: Sequence[bytes
             data={"run": run.model_dump(mode="json")},
         )
 
-    # ------------------------------------------------------------------ upload
 
+def _add_upload_routes(router: APIRouter, pages: Pages) -> None:
     @router.get("/ui/upload", response_model=None)
     async def upload_page(request: Request, importer: str | None = None) -> Response:
-        if not signed_in(request):
-            return to_login(request)
-        choices = [i for i in client.registry.all() if "upload" in i.sources]
-        return page(
+        if not pages.signed_in(request):
+            return _to_login(request)
+        choices = [i for i in pages.client.registry.all() if "upload" in i.sources]
+        max_bytes = pages.settings.api.max_upload_bytes
+        return pages.render(
             "upload.html",
             "upload",
             importers=choices,
             selected=importer,
-            max_bytes=settings.api.max_upload_bytes,
-            data={"max_bytes": settings.api.max_upload_bytes},
+            max_bytes=max_bytes,
+            data={"max_bytes": max_bytes},
         )
 
-    # ------------------------------------------------------------------ importers, backfill
 
+async def _importers_with_schedules(client: Client) -> list[dict[str, Any]]:
+    from sluice.agents.schedule import schedules
+
+    by_slug = {s.importer: s for s in await schedules(await client.deps())}
+    return [{**i.describe(), "schedule_state": by_slug.get(i.slug)} for i in client.registry.all()]
+
+
+def _add_importer_routes(router: APIRouter, pages: Pages) -> None:
     @router.get("/ui/importers", response_model=None)
     async def importers_page(request: Request) -> Response:
-        if not signed_in(request):
-            return to_login(request)
-        from sluice.agents.schedule import schedules
-
-        by_slug = {s.importer: s for s in await schedules(await client.deps())}
-        found = [
-            {**i.describe(), "schedule_state": by_slug.get(i.slug)} for i in client.registry.all()
-        ]
-        return page("importers.html", "importers", importers=found)
+        if not pages.signed_in(request):
+            return _to_login(request)
+        found = await _importers_with_schedules(pages.client)
+        return pages.render("importers.html", "importers", importers=found)
 
     @router.get("/ui/backfill", response_model=None)
     async def backfill_page(
         request: Request, did: str | None = None, status: str | None = None
     ) -> Response:
-        if not signed_in(request):
-            return to_login(request)
-        return page(
+        if not pages.signed_in(request):
+            return _to_login(request)
+        return pages.render(
             "backfill.html",
             "backfill",
             did=did or "",
             status=status or "",
             data={"did": did or None, "status": status or None},
         )
-
-    return router
