@@ -260,12 +260,20 @@ def _parse_ftp_time(value: str | None) -> float | None:
     return moment.timestamp() + float(match.group(2) or 0)
 
 
+def _login(
+    source: FtpSource, secrets: Secrets, default_port: int, protocol: str
+) -> tuple[int, str, str | None, str | None]:
+    """The port, ``host:port`` for messages, and the user and password from their settings."""
+    port = source.port or default_port
+    where = f"{source.host}:{port}"
+    user = secret(secrets, source.user_env, f"{protocol} user for {where}")
+    password = secret(secrets, source.password_env, f"{protocol} password for {where}")
+    return port, where, user, password
+
+
 @asynccontextmanager
 async def _connect_ftp(source: FtpSource, secrets: Secrets) -> AsyncIterator[_Remote]:
-    port = source.port or FTP_PORT
-    where = f"{source.host}:{port}"
-    user = secret(secrets, source.user_env, f"FTP user for {where}")
-    password = secret(secrets, source.password_env, f"FTP password for {where}")
+    port, where, user, password = _login(source, secrets, FTP_PORT, "FTP")
     client = aioftp.Client(
         socket_timeout=source.timeout,
         connection_timeout=source.timeout,
@@ -465,10 +473,7 @@ async def _known_hosts(source: FtpSource, where: str) -> asyncssh.SSHKnownHosts 
 
 @asynccontextmanager
 async def _connect_sftp(source: FtpSource, secrets: Secrets) -> AsyncIterator[_Remote]:
-    port = source.port or SFTP_PORT
-    where = f"{source.host}:{port}"
-    user = secret(secrets, source.user_env, f"SFTP user for {where}")
-    password = secret(secrets, source.password_env, f"SFTP password for {where}")
+    port, where, user, password = _login(source, secrets, SFTP_PORT, "SFTP")
     if user is None:
         raise SourceError(
             f"SFTP to {where} needs a user: set user_env (and password_env) to the "
