@@ -39,12 +39,14 @@ from sluice.storage.outbox import (
     topic_losses_after,
 )
 from sluice.storage.recovery import (
-    RECOVERY_LOCK,
+    database_now,
     fail_stalled,
     in_flight_runs,
     mark_resumed,
     relay_again_since,
     stalled_runs,
+    try_recovery_lock,
+    wait_for_recovery_lock,
 )
 from sluice.streams import kafka as clients
 from sluice.streams.admin import ensure_topics
@@ -115,7 +117,7 @@ class Recovery:
         pipeline = self.deps.settings.pipeline
         pool = self.deps.pool
         async with pool.acquire() as conn, conn.transaction():
-            if not await conn.fetchval(f"SELECT pg_try_advisory_xact_lock({RECOVERY_LOCK})"):
+            if not await try_recovery_lock(conn):
                 return
             stalled = await stalled_runs(conn, pipeline.stall_timeout)
             if not stalled:
@@ -153,7 +155,7 @@ class Recovery:
         if self._topics_seen_at is None:
             # Only the first look starts the clock. A reconnection after the broker went away
             # keeps it: what was relayed while it was away may have gone to lost topics.
-            self._topics_seen_at = await pool.fetchval("SELECT now()")
+            self._topics_seen_at = await database_now(pool)
         try:
             existing = set(await self._admin.list_topics())
         except Exception:
@@ -161,7 +163,7 @@ class Recovery:
             raise
         missing = ours - existing
         if not missing:
-            self._topics_seen_at = await pool.fetchval("SELECT now()")
+            self._topics_seen_at = await database_now(pool)
         else:
             created = await ensure_topics(kafka)
             log.warning(
@@ -199,7 +201,7 @@ class Recovery:
         pool = self.deps.pool
         async with pool.acquire() as conn, conn.transaction():
             # The stall recovery waits: the runs are resumed here.
-            await conn.execute(f"SELECT pg_advisory_xact_lock({RECOVERY_LOCK})")
+            await wait_for_recovery_lock(conn)
             if since is not None and await loss_recorded_since(conn, since):
                 # Two workers that each recreated some of the topics: the first to get here
                 # resumed the runs; resuming them twice would only split the files twice.

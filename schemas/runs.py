@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -150,3 +151,30 @@ class RowFailure:
         self.sub = sub
         self.raw = raw
         self.reason = reason
+
+
+@dataclass(frozen=True)
+class SchemaChange:
+    """One change a file asked of its table; ``applied`` is false in a dry run or when the
+    import turned evolution off."""
+
+    column: str
+    change: Literal["added", "widened"]
+    type: str
+    previous: str | None = None
+    applied: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "column": self.column,
+            "change": self.change,
+            "type": self.type,
+            "previous": self.previous,
+            "applied": self.applied,
+        }
+
+    def describe(self) -> str:
+        verb = "" if self.applied else " (not applied)"
+        if self.change == "added":
+            return f"added {self.column} {self.type}{verb}"
+        return f"widened {self.column} {self.previous} -> {self.type}{verb}"

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from sluice.config import KafkaSettings
 from sluice.schemas.events import DeadLetter
+from sluice.storage.dlq import record_replay
 from sluice.streams import kafka as clients
 from sluice.streams.topics import Topic, Topics
 
@@ -80,9 +81,8 @@ async def replay(
                 skipped.append((item, f"{item.letter.topic} is not a Sluice topic"))
                 continue
             async with pool.acquire() as conn, conn.transaction():
-                fresh = await conn.fetchval(
-                    "INSERT INTO dlq_replays (topic, payload_sha256, dlq_partition,"
-                    " dlq_offset) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING true",
+                fresh = await record_replay(
+                    conn,
                     item.letter.topic,
                     hashlib.sha256(item.letter.value()).hexdigest(),
                     item.partition,

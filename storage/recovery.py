@@ -22,6 +22,23 @@ RECOVERY_LOCK = advisory_key("recovery")
 RESUMED = "run.resumed"
 
 
+async def try_recovery_lock(conn: asyncpg.Connection) -> bool:
+    """The recovery lock for this transaction if no other worker holds it: one worker at a time
+    resumes stalled runs, the others skip the round."""
+    return bool(await conn.fetchval(f"SELECT pg_try_advisory_xact_lock({RECOVERY_LOCK})"))
+
+
+async def wait_for_recovery_lock(conn: asyncpg.Connection) -> None:
+    """The recovery lock for this transaction, waiting for the worker that holds it."""
+    await conn.execute(f"SELECT pg_advisory_xact_lock({RECOVERY_LOCK})")
+
+
+async def database_now(pool: asyncpg.Pool) -> datetime:
+    """PostgreSQL's clock: times compared with the outbox's are read from the same clock."""
+    now: datetime = await pool.fetchval("SELECT now()")
+    return now
+
+
 async def stalled_runs(
     conn: asyncpg.Connection, stall_timeout: float, limit: int = 50
 ) -> list[tuple[Run, int]]:

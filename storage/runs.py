@@ -104,6 +104,13 @@ class RunRepository:
         )
         return run_from_record(record) if record else None
 
+    async def children(self, run_id: uuid.UUID) -> list[Run]:
+        """The runs retried from this one (its rejected rows, or the whole file), oldest first."""
+        records = await self.pool.fetch(
+            f"SELECT {RUN_COLUMNS} FROM runs WHERE parent_run_id = $1 ORDER BY queued_at", run_id
+        )
+        return [run_from_record(r) for r in records]
+
     async def list(
         self,
         *,

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import asyncpg
 
+from sluice.errors import MappingError
+from sluice.schemas.runs import SchemaChange
+from sluice.storage.sql import quote_ident
 from sluice.storage.writer import TargetPlan
 
 
@@ -67,3 +70,66 @@ async def has_unique_key(
         list(key),
     )
     return bool(found)
+
+
+# Changing a column's type rewrites the table under an exclusive lock: wait this long for the
+# queries on it to finish, then try again later (the split is retried) rather than queue every
+# reader of the table behind the change.
+LOCK_TIMEOUT = "10s"
+# What PostgreSQL refuses about a change for good: a view or rule uses the column, the table
+# would pass 1,600 columns, and the like.
+_REFUSED = (
+    asyncpg.exceptions.FeatureNotSupportedError,
+    asyncpg.exceptions.ProgramLimitExceededError,
+    asyncpg.exceptions.DependentObjectsStillExistError,
+    asyncpg.exceptions.WrongObjectTypeError,
+    asyncpg.exceptions.DataError,
+)
+
+
+async def change_table(
+    conn: asyncpg.Connection,
+    schema: str,
+    table: str,
+    plan_changes: Callable[[list[tuple[str, str]]], list[SchemaChange]],
+    *,
+    create_sql: str,
+    apply: bool,
+) -> list[SchemaChange]:
+    """Create the table (``create_sql``) when it is missing, else make the changes
+    ``plan_changes`` asks of its columns (only report them when not `apply`). Under one advisory
+    lock per table, so two runs creating or changing the same table take turns, and the second
+    sees the first's work."""
+    async with conn.transaction():
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+            f"sluice.evolve:{schema}.{table}",
+        )
+        existing = await describe_table(conn, schema, table)
+        if existing is None:
+            await conn.execute(create_sql)
+            return []
+        changes = plan_changes(existing)
+        if not apply:
+            return [
+                SchemaChange(c.column, c.change, c.type, c.previous, applied=False) for c in changes
+            ]
+        await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+        qualified = f"{quote_ident(schema)}.{quote_ident(table)}"
+        for c in changes:
+            column = quote_ident(c.column)
+            try:
+                if c.change == "added":
+                    await conn.execute(f"ALTER TABLE {qualified} ADD COLUMN {column} {c.type}")
+                else:
+                    await conn.execute(
+                        f"ALTER TABLE {qualified} ALTER COLUMN {column} TYPE {c.type}"
+                        f" USING {column}::{c.type}"
+                    )
+            except _REFUSED as exc:
+                raise MappingError(
+                    f"the file needs {schema}.{table} changed ({c.describe()}), but PostgreSQL"
+                    f" refused: {getattr(exc, 'message', exc)}. Change the table yourself, or"
+                    " import with --no-evolve (evolve: false) to reject the rows that do not fit"
+                ) from exc
+    return changes

@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
 
 import asyncpg
 
 from sluice.agents.split.infer import DATE, INTEGER, NUMBER, TIMESTAMP
-from sluice.errors import MappingError
 from sluice.schemas.importers import Field
-from sluice.storage.tables import describe_table
-from sluice.storage.writer import quote_ident
+from sluice.schemas.runs import SchemaChange as SchemaChange
+from sluice.storage.tables import change_table
 
 _FLOAT_WORDS = frozenset({"nan", "infinity", "+infinity", "-infinity", "inf", "+inf", "-inf"})
 # What PostgreSQL's boolean input accepts (inference is stricter).
@@ -34,33 +31,6 @@ _BOOL = frozenset({"true", "false", "t", "f", "yes", "no", "y", "n", "on", "off"
 _INTEGERS = ("smallint", "integer", "bigint")
 _INT_BOUND = {"smallint": 2**15, "integer": 2**31, "bigint": 2**63}
 _SIZED = re.compile(r"(character varying|character|varchar|char)\((\d+)\)")
-
-
-@dataclass(frozen=True)
-class SchemaChange:
-    """One change a file asked of its table; ``applied`` is false in a dry run or when the
-    import turned evolution off."""
-
-    column: str
-    change: Literal["added", "widened"]
-    type: str
-    previous: str | None = None
-    applied: bool = True
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "column": self.column,
-            "change": self.change,
-            "type": self.type,
-            "previous": self.previous,
-            "applied": self.applied,
-        }
-
-    def describe(self) -> str:
-        verb = "" if self.applied else " (not applied)"
-        if self.change == "added":
-            return f"added {self.column} {self.type}{verb}"
-        return f"widened {self.column} {self.previous} -> {self.type}{verb}"
 
 
 def _int_fits(value: str, kind: str) -> bool:
@@ -119,21 +89,6 @@ def plan_changes(
     return changes
 
 
-# Changing a column's type rewrites the table under an exclusive lock: wait this long for the
-# queries on it to finish, then try again later (the split is retried) rather than queue every
-# reader of the table behind the change.
-LOCK_TIMEOUT = "10s"
-# What PostgreSQL refuses about a change for good: a view or rule uses the column, the table
-# would pass 1,600 columns, and the like.
-_REFUSED = (
-    asyncpg.exceptions.FeatureNotSupportedError,
-    asyncpg.exceptions.ProgramLimitExceededError,
-    asyncpg.exceptions.DependentObjectsStillExistError,
-    asyncpg.exceptions.WrongObjectTypeError,
-    asyncpg.exceptions.DataError,
-)
-
-
 async def evolve_table(
     conn: asyncpg.Connection,
     schema: str,
@@ -145,39 +100,13 @@ async def evolve_table(
     apply: bool,
 ) -> list[SchemaChange]:
     """Create the table (``create_sql``) when it is missing, else add and widen its columns for
-    the file (only report the changes when not `apply`). Under one advisory lock per table, so
-    two runs creating or changing the same table take turns, and the second sees the first's
-    work."""
-    async with conn.transaction():
-        await conn.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-            f"sluice.evolve:{schema}.{table}",
-        )
-        existing = await describe_table(conn, schema, table)
-        if existing is None:
-            await conn.execute(create_sql)
-            return []
-        changes = plan_changes(existing, fields, samples)
-        if not apply:
-            return [
-                SchemaChange(c.column, c.change, c.type, c.previous, applied=False) for c in changes
-            ]
-        await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
-        qualified = f"{quote_ident(schema)}.{quote_ident(table)}"
-        for c in changes:
-            column = quote_ident(c.column)
-            try:
-                if c.change == "added":
-                    await conn.execute(f"ALTER TABLE {qualified} ADD COLUMN {column} {c.type}")
-                else:
-                    await conn.execute(
-                        f"ALTER TABLE {qualified} ALTER COLUMN {column} TYPE {c.type}"
-                        f" USING {column}::{c.type}"
-                    )
-            except _REFUSED as exc:
-                raise MappingError(
-                    f"the file needs {schema}.{table} changed ({c.describe()}), but PostgreSQL"
-                    f" refused: {getattr(exc, 'message', exc)}. Change the table yourself, or"
-                    " import with --no-evolve (evolve: false) to reject the rows that do not fit"
-                ) from exc
-    return changes
+    the file (only report the changes when not `apply`); the DDL is storage's
+    (``change_table``), what to change is decided here."""
+    return await change_table(
+        conn,
+        schema,
+        table,
+        lambda existing: plan_changes(existing, fields, samples),
+        create_sql=create_sql,
+        apply=apply,
+    )

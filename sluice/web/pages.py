@@ -31,7 +31,6 @@ from sluice.errors import RunNotFound
 from sluice.schemas.formats import delimiter_name, reading_text
 from sluice.schemas.runs import Run, RunStatus
 from sluice.service import Client
-from sluice.storage.runs import RUN_COLUMNS, run_from_record
 
 log = logging.getLogger(__name__)
 
@@ -339,14 +338,7 @@ async def _parent_of(client: Client, run: Run) -> Run | None:
 
 
 async def _children_of(client: Client, run: Run) -> list[Run]:
-    pool = (await client.deps()).pool
-    return [
-        run_from_record(r)
-        for r in await pool.fetch(
-            f"SELECT {RUN_COLUMNS} FROM runs WHERE parent_run_id = $1 ORDER BY queued_at",
-            run.id,
-        )
-    ]
+    return await (await client.deps()).runs.children(run.id)
 
 
 def _add_run_routes(router: APIRouter, pages: Pages) -> None:
