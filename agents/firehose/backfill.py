@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
@@ -46,10 +45,10 @@ from sluice.schemas.firehose import (
     RecordOrigin,
 )
 from sluice.schemas.runs import Run
+from sluice.storage import backfill as store
 from sluice.storage.atproto import RecordWrite, write_records
-from sluice.storage.db import CONFLICT, advisory_key
+from sluice.storage.db import CONFLICT
 from sluice.storage.ratelimit import RateLimiter, RateStats
-from sluice.storage.runs import RUN_COLUMNS, emit_event, run_from_record
 
 if TYPE_CHECKING:
     from sluice.agents.firehose.project import Projections
@@ -57,10 +56,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 IMPORTER = BACKFILL_IMPORTER
-REPO_LOCK = advisory_key("backfill", "$1")
-"""One backfill per repository at a time (the DID is $1)."""
-# At most per_pds repositories of one PDS at a time: (PDS key, slot) locks; int4 pairs.
-PDS_SLOT_LOCK = "hashtext(current_schema() || ':pds:' || $1)"
 
 
 class BackfillError(TerminalError):
@@ -171,16 +166,12 @@ async def firehose_covers(
 ) -> str | None:
     """None when a firehose consumer saved its cursor within ``freshness`` seconds and its
     filters let ``did`` and ``collections`` through; else why not."""
-    rows = await pool.fetch(
-        "SELECT name, collections, dids, extract(epoch FROM now() - updated_at) AS age"
-        " FROM firehose_cursors"
-    )
-    for row in rows:
-        if row["age"] > freshness:
+    for consumer in await store.consumer_cursors(pool):
+        if consumer.age > freshness:
             continue
-        if row["dids"] and did not in row["dids"]:
+        if consumer.dids and did not in consumer.dids:
             continue
-        wanted = row["collections"]
+        wanted = consumer.collections
         if wanted and collections and not all(_matches(c, wanted) for c in collections):
             continue
         return None
@@ -197,25 +188,12 @@ def _matches(collection: str, wanted: Sequence[str]) -> bool:
     )
 
 
-ALL_COLLECTIONS = "*"
-"""The collection of a queued backfill that names none: every collection of the repository,
-listed (describeRepo) when a worker starts it."""
-
-
 async def record_queued(pool: asyncpg.Pool, did: str, collections: Sequence[str]) -> None:
     """Show a backfill handed to the workers in ``backfill-status`` at once: ``pending`` for
     each collection it names (or ``*``), before the request is sent, so a worker that takes it
     at once finds the row. A collection already backfilled stays ``completed``; a failed one
     is pending again."""
-    await pool.execute(
-        "INSERT INTO backfill (did, collection, status)"
-        " SELECT $1, c, 'pending' FROM unnest($2::text[]) AS c"
-        " ON CONFLICT (did, collection) DO UPDATE SET status = 'pending', error = NULL,"
-        " updated_at = now() WHERE backfill.status = 'failed'",
-        did,
-        # Each once (one INSERT cannot update a row twice); PostgreSQL text holds no NUL.
-        [c for c in dict.fromkeys(collections) if "\x00" not in c] or [ALL_COLLECTIONS],
-    )
+    await store.record_queued(pool, did, collections)
 
 
 class Backfiller:
@@ -238,35 +216,19 @@ class Backfiller:
     async def states(
         self, did: str | None = None, status: str | None = None
     ) -> list[BackfillState]:
-        rows = await self.pool.fetch(
-            "SELECT did, collection, status, cursor, rev, pds, records_synced, records_skipped,"
-            " records_failed, pages, run_id, started_at, completed_at, error FROM backfill"
-            " WHERE ($1::text IS NULL OR did = $1) AND ($2::text IS NULL OR status = $2)"
-            " ORDER BY did, collection",
-            did,
-            status,
-        )
-        return [BackfillState.model_validate(dict(r)) for r in rows]
+        return await store.states(self.pool, did, status)
 
     async def unfinished_dids(self) -> list[str]:
-        rows = await self.pool.fetch(
-            "SELECT DISTINCT did FROM backfill WHERE status <> 'completed' ORDER BY did"
-        )
-        return [r["did"] for r in rows]
+        return await store.unfinished_dids(self.pool)
 
     async def reset(self, did: str, collections: Sequence[str]) -> None:
-        await self.pool.execute(
-            "DELETE FROM backfill WHERE did = $1"
-            " AND (cardinality($2::text[]) = 0 OR collection = ANY($2::text[]))",
-            did,
-            list(collections),
-        )
+        await store.reset_states(self.pool, did, collections)
 
     async def backfill(self, request: BackfillRequested) -> Run:
         """Backfill one repository; returns its run (completed or failed)."""
         if request.reset:
             await self.reset(request.did, request.collections)
-        run = await self._start_run(request)
+        run = await store.start_run(self.pool, request)
         stats = RateStats()
         try:
             why = await firehose_covers(
@@ -278,11 +240,11 @@ class Backfiller:
             async with self._pds_slot(pds, request.did, run):
                 await self._backfill_repo(run, request, pds, stats)
         except (BackfillError, PdsUnavailable) as exc:
-            await self._fail(run, request.did, str(exc))
+            log.warning("backfill of %s failed: %s", request.did, exc)
+            await store.fail_run(self.pool, run.id, request.did, str(exc))
         finally:
-            await self._add_stats(run.id, stats)
-        found = await self._run(run.id)
-        return found
+            await store.add_rate_stats(self.pool, run.id, stats)
+        return await store.read_run(self.pool, run.id)
 
     async def _backfill_repo(
         self, run: Run, request: BackfillRequested, pds: str, stats: RateStats
@@ -302,23 +264,9 @@ class Backfiller:
             # Read before the first page: every record of this pass is at least this new.
             rev = await self.pds.latest_rev(pds, did, stats)
         for collection in todo:
-            await self.pool.execute(
-                "INSERT INTO backfill (did, collection, status, rev, pds, run_id,"
-                " started_at) VALUES ($1, $2, 'in_progress', $3, $4, $5, now())"
-                " ON CONFLICT (did, collection) DO UPDATE SET status = 'in_progress',"
-                " rev = coalesce(backfill.rev, EXCLUDED.rev), pds = EXCLUDED.pds,"
-                " run_id = EXCLUDED.run_id, error = NULL, updated_at = now(),"
-                " started_at = coalesce(backfill.started_at, now())",
-                did,
-                collection,
-                rev,
-                pds,
-                run.id,
-            )
+            await store.mark_in_progress(self.pool, did, collection, rev, pds, run.id)
         # The collections are known now: the queued placeholder (see record_queued) goes.
-        await self.pool.execute(
-            "DELETE FROM backfill WHERE did = $1 AND collection = $2", did, ALL_COLLECTIONS
-        )
+        await store.delete_queued_placeholder(self.pool, did)
         for collection in todo:
             state = await self.states(did)
             current = next(s for s in state if s.collection == collection)
@@ -335,22 +283,8 @@ class Backfiller:
                 cursor = next_cursor
                 if self.settings.page_delay:
                     await asyncio.sleep(self.settings.page_delay)
-            await self.pool.execute(
-                "UPDATE backfill SET status = 'completed', completed_at = now(),"
-                " updated_at = now() WHERE did = $1 AND collection = $2",
-                did,
-                collection,
-            )
-        async with self.pool.acquire() as conn, conn.transaction():
-            record = await conn.fetchrow(
-                "UPDATE runs SET status = CASE WHEN failed_rows > 0"
-                " THEN 'completed_with_errors' ELSE 'completed' END, completed_at = now(),"
-                " split_done = true, total_rows = processed_rows"
-                f" WHERE id = $1 AND status = 'running' RETURNING {RUN_COLUMNS}",
-                run.id,
-            )
-            if record is not None:
-                await emit_event(conn, run_from_record(record), "backfill.completed")
+            await store.mark_completed(self.pool, did, collection)
+        await store.complete_run(self.pool, run.id)
         log.info("backfill of %s completed (%d collections)", did, len(todo))
 
     async def _record_page(
@@ -406,124 +340,32 @@ class Backfiller:
             counts = await write_records(conn, writes, RecordOrigin.BACKFILL)
             if self.projections is not None and self.projections.importers:
                 await self.projections.apply(conn, counts)
-            await conn.execute(
-                "UPDATE backfill SET cursor = $3, pages = pages + 1,"
-                " records_synced = records_synced + $4, records_skipped = records_skipped + $5,"
-                " records_failed = records_failed + $6, updated_at = now()"
-                " WHERE did = $1 AND collection = $2",
-                did,
-                collection,
-                next_cursor,
-                counts.applied,
-                counts.skipped,
-                failed,
+            await store.record_page(
+                conn, run.id, did, collection, next_cursor, counts, failed, listed
             )
-            record = await conn.fetchrow(
-                "UPDATE runs SET processed_rows = processed_rows + $2,"
-                " created_rows = created_rows + $3, skipped_rows = skipped_rows + $4,"
-                " failed_rows = failed_rows + $5, rows_read = rows_read + $2"
-                f" WHERE id = $1 RETURNING {RUN_COLUMNS}",
-                run.id,
-                listed,
-                counts.applied,
-                counts.skipped,
-                failed,
-            )
-            await emit_event(conn, run_from_record(record), "backfill.progress")
-
-    async def _start_run(self, request: BackfillRequested) -> Run:
-        async with self.pool.acquire() as conn, conn.transaction():
-            record = await conn.fetchrow(
-                "INSERT INTO runs (id, importer, source, status, started_at, options,"
-                " requested_by) VALUES ($1, $2, 'backfill', 'running', now(), $3::jsonb, $4)"
-                f" RETURNING {RUN_COLUMNS}",
-                uuid.uuid4(),
-                IMPORTER,
-                {"did": request.did, "collections": request.collections},
-                request.requested_by,
-            )
-            run = run_from_record(record)
-            await emit_event(conn, run, "backfill.started")
-        return run
-
-    async def _fail(self, run: Run, did: str, error: str) -> None:
-        log.warning("backfill of %s failed: %s", did, error)
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "UPDATE backfill SET status = 'failed', error = $2, updated_at = now()"
-                " WHERE did = $1 AND status <> 'completed'",
-                did,
-                error,
-            )
-            record = await conn.fetchrow(
-                "UPDATE runs SET status = 'failed', error = $2, completed_at = now()"
-                f" WHERE id = $1 AND status = 'running' RETURNING {RUN_COLUMNS}",
-                run.id,
-                error,
-            )
-            if record is not None:
-                await emit_event(conn, run_from_record(record), "backfill.failed")
-
-    async def _add_stats(self, run_id: uuid.UUID, stats: RateStats) -> None:
-        await self.pool.execute(
-            "UPDATE runs SET rate_limit_hits = rate_limit_hits + $2,"
-            " rate_limit_sleeps = rate_limit_sleeps + $3,"
-            " total_sleep_seconds = total_sleep_seconds + $4 WHERE id = $1",
-            run_id,
-            stats.hits,
-            stats.sleeps,
-            stats.slept,
-        )
-
-    async def _run(self, run_id: uuid.UUID) -> Run:
-        record = await self.pool.fetchrow(f"SELECT {RUN_COLUMNS} FROM runs WHERE id = $1", run_id)
-        return run_from_record(record)
 
     @asynccontextmanager
     async def _pds_slot(self, pds: str, did: str, run: Run) -> AsyncIterator[None]:
         """One backfill per repository and at most ``per_pds`` repositories of one PDS at a
         time, across the cluster (advisory locks: they go with a dead process's connection)."""
         async with self.pool.acquire() as conn:
-            await conn.execute(
-                f"SELECT pg_advisory_lock({REPO_LOCK})",
-                did,
-            )
+            await store.lock_repo(conn, did)
             try:
                 # Whatever else ran for this repository died with its process: say so.
-                await conn.execute(
-                    "UPDATE runs SET status = 'failed', completed_at = now(),"
-                    " error = 'interrupted; resumed by run ' || $3"
-                    " WHERE importer = $1 AND options->>'did' = $2 AND status = 'running'"
-                    " AND id <> $4",
-                    IMPORTER,
-                    did,
-                    str(run.id),
-                    run.id,
-                )
+                await store.fail_interrupted_runs(conn, did, run.id)
                 async with self._slot(conn, pds):
                     yield
             finally:
-                await conn.execute(
-                    f"SELECT pg_advisory_unlock({REPO_LOCK})",
-                    did,
-                )
+                await store.unlock_repo(conn, did)
 
     @asynccontextmanager
     async def _slot(self, conn: asyncpg.Connection, pds: str) -> AsyncIterator[None]:
         while True:
             for slot in range(self.settings.per_pds):
-                if await conn.fetchval(
-                    f"SELECT pg_try_advisory_lock({PDS_SLOT_LOCK}, $2)",
-                    pds,
-                    slot,
-                ):
+                if await store.try_lock_pds_slot(conn, pds, slot):
                     try:
                         yield
                     finally:
-                        await conn.execute(
-                            f"SELECT pg_advisory_unlock({PDS_SLOT_LOCK}, $2)",
-                            pds,
-                            slot,
-                        )
+                        await store.unlock_pds_slot(conn, pds, slot)
                     return
             await asyncio.sleep(0.5)
