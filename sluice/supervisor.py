@@ -52,6 +52,7 @@ from sluice.stack import (
     find_process_alive,
     free_port,
     read_state,
+    remove_state,
     require_embedded,
     terminate,
     wait_for_port,
@@ -62,7 +63,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_KAFKA_PORT = 9092
 DEFAULT_PG_PORT = 5432
-DEFAULT_API_PORT = 8000
 
 CHECK_INTERVAL = 0.5
 """Seconds between two looks at the processes."""
@@ -237,6 +237,30 @@ def _stamp() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f".{int(now % 1 * 1000):03d}"
 
 
+def _event_printer(events: logging.Logger) -> Callable[[str], None]:
+    """The ``say`` of a :class:`Supervisor`: each event stamped, printed and logged."""
+
+    def say(message: str) -> None:
+        line = f"{_stamp()} {message}"
+        print(line, flush=True)
+        events.info(line)
+
+    return say
+
+
+class _StopRequest:
+    """Set by SIGINT or SIGTERM, its handlers installed when it is made: the supervisor then
+    stops the stack, in order, and returns."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+
 def _wait_for_api(
     api: SluiceProcess, port: int, timeout: float, stopping: Callable[[], bool]
 ) -> None:
@@ -264,6 +288,110 @@ def sign_in_hint(home: Path, api_url: str, *, configured: bool) -> str:
     return f"dashboard: {api_url}/ui/ (sign in with {token})"
 
 
+def _print_connection(home: Path, state: StackState, configured: Callable[[], bool]) -> None:
+    """What points another shell's ``sluice`` commands at the stack, and how to sign in to the
+    dashboard; ``configured`` says whether the user's own tokens sign in (asked only when the
+    stack has an API)."""
+    print(f"SLUICE_KAFKA_BOOTSTRAP={state.kafka_bootstrap}")
+    print(f"SLUICE_DATABASE_URL={state.database_url}")
+    print(f"SLUICE_API_URL={state.api_url}")
+    if state.api_url:
+        print(sign_in_hint(home, state.api_url, configured=configured()))
+
+
+def _child_settings(
+    broker: EmbeddedBroker,
+    postgres: EmbeddedPostgres,
+    pipeline: PipelineSettings,
+    kafka: KafkaSettings,
+    api: ApiSettings,
+    api_port: int,
+) -> Settings:
+    """The settings the worker and the API run with: the configured ones, pointed at this
+    stack's broker, database and API port."""
+    return Settings(
+        kafka=kafka.model_copy(update={"bootstrap": broker.bootstrap}),
+        database=DatabaseSettings(url=SecretStr(postgres.url)),
+        api=api.model_copy(update={"url": f"http://{LOCALHOST}:{api_port}", "port": api_port}),
+        pipeline=pipeline,
+    )
+
+
+def _metrics_port(metrics: MetricsSettings) -> str:
+    """The worker's metrics port: the configured one, or another when it is taken (a worker
+    that cannot serve its metrics exits, and the supervisor would start it again and again);
+    "0" for none."""
+    return str(metrics.port and free_port(metrics.port))
+
+
+def _child_env(
+    home: Path, settings: Settings, api: ApiSettings, metrics_port: str
+) -> dict[str, str]:
+    """The environment of the worker and the API: ours, with the stack's addresses."""
+    # The configured tokens reach the children through the environment as they were written
+    # (names included); without any, the stack's own token (named "api").
+    own_token = {} if api.all_tokens() else {"SLUICE_API_TOKEN": api_token(home)}
+    return {
+        **os.environ,
+        "SLUICE_KAFKA_BOOTSTRAP": settings.kafka.bootstrap,
+        "SLUICE_DATABASE_URL": settings.database.url.get_secret_value(),
+        "SLUICE_API_URL": settings.api.url,
+        **own_token,
+        "SLUICE_API_PORT": str(settings.api.port),
+        "SLUICE_METRICS_PORT": metrics_port,
+    }
+
+
+def _stack_state(settings: Settings) -> StackState:
+    """What ``stack.json`` says of a stack whose children run with ``settings``."""
+    return StackState(
+        kafka_bootstrap=settings.kafka.bootstrap,
+        database_url=settings.database_url,
+        api_url=settings.api.url,
+        started_at=time.time(),
+        importers=settings.pipeline.importers,
+        workdir=str(Path.cwd()),
+    )
+
+
+def _record(home: Path, state: StackState, supervisor: Supervisor) -> None:
+    """``stack.json`` again, with what the supervisor saw last of every process."""
+    state.components = supervisor.states
+    state.pids = {"supervisor": os.getpid()}
+    state.pids.update({name: c.pid for name, c in state.components.items()})
+    write_state(home, state)
+
+
+def _print_endpoints(logs: Path, metrics: MetricsSettings, metrics_port: str) -> None:
+    """What ``sluice up`` prints after :func:`_print_connection`: the worker's metrics (unless
+    it serves none) and the logs."""
+    if metrics_port != "0":
+        print(f"worker metrics on http://{metrics.host}:{metrics_port}/metrics")
+    print(f"logs in {logs.resolve()}; Ctrl-C stops everything", flush=True)
+
+
+def _pid_summary(states: Mapping[str, ComponentState]) -> str:
+    return ", ".join(f"{name} pid {state.pid}" for name, state in states.items())
+
+
+def _watch(supervisor: Supervisor, stop: _StopRequest) -> None:
+    while not stop.requested:
+        supervisor.check()
+        time.sleep(CHECK_INTERVAL)
+
+
+def _stop_stack(
+    home: Path, broker: EmbeddedBroker, postgres: EmbeddedPostgres, children: list[SluiceProcess]
+) -> None:
+    """Everything down, in the reverse order of the starts; ``stack.json`` first, so no
+    command finds a stack that is going away."""
+    remove_state(home)
+    for child in reversed(children):
+        child.stop()
+    postgres.stop()
+    broker.stop()
+
+
 def supervise(
     home: Path,
     pipeline: PipelineSettings,
@@ -276,113 +404,52 @@ def supervise(
     from sluice.worker import prepare
 
     metrics = metrics or MetricsSettings()
-
     home.mkdir(parents=True, exist_ok=True)
     if read_state(home) is not None:
         print(f"a stack is already running under {home.resolve()}; `sluice env` shows it")
         return 1
     logs = home / "logs"
     logs.mkdir(exist_ok=True)
-    events = _event_logger(logs / EVENT_LOG)
-    stopping = False
-
-    def on_signal(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-
-    def say(message: str) -> None:
-        line = f"{_stamp()} {message}"
-        print(line, flush=True)
-        events.info(line)
-
+    say = _event_printer(_event_logger(logs / EVENT_LOG))
+    stop = _StopRequest()
     broker = EmbeddedBroker(free_port(DEFAULT_KAFKA_PORT), logs / "broker.log")
     postgres = EmbeddedPostgres(home / "pg", free_port(DEFAULT_PG_PORT), logs / "postgres.log")
-    processes: list[SluiceProcess] = []
+    children: list[SluiceProcess] = []
     try:
         broker.start()
         postgres.start()
-        api_port = free_port(api.port if api.port != DEFAULT_API_PORT else DEFAULT_API_PORT)
-        api_url = f"http://127.0.0.1:{api_port}"
-        # The configured tokens reach the children through the environment as they were
-        # written (names included); without any, the stack's own token (named "api").
-        own_token = {} if api.all_tokens() else {"SLUICE_API_TOKEN": api_token(home)}
-        settings = Settings(
-            kafka=kafka.model_copy(update={"bootstrap": broker.bootstrap}),
-            database=DatabaseSettings(url=SecretStr(postgres.url)),
-            api=api.model_copy(update={"url": api_url, "port": api_port}),
-            pipeline=pipeline,
-        )
+        api_port = free_port(api.port)
+        settings = _child_settings(broker, postgres, pipeline, kafka, api, api_port)
         # The bundled importers only: a worker prepares the tables of SLUICE_IMPORTERS itself,
         # and a module there that fails to import must not keep the stack from starting (the
         # worker says why in its log, and is started again with backoff).
         asyncio.run(prepare(settings, build_registry()))
-        # The worker's metrics port: the configured one, or another when it is taken (a worker
-        # that cannot serve its metrics exits, and this loop would start it again and again).
-        metrics_port = str(metrics.port and free_port(metrics.port))
-        env = {
-            **os.environ,
-            "SLUICE_KAFKA_BOOTSTRAP": broker.bootstrap,
-            "SLUICE_DATABASE_URL": postgres.url,
-            "SLUICE_API_URL": api_url,
-            **own_token,
-            "SLUICE_API_PORT": str(api_port),
-            "SLUICE_METRICS_PORT": metrics_port,
-        }
+        metrics_port = _metrics_port(metrics)
+        env = _child_env(home, settings, api, metrics_port)
         worker = SluiceProcess("worker", ["worker"], env, logs / "worker.log")
         api_proc = SluiceProcess("api", ["api", "--port", str(api_port)], env, logs / "api.log")
-        processes = [worker, api_proc]
-        for proc in processes:
-            proc.start()
-        state = StackState(
-            kafka_bootstrap=broker.bootstrap,
-            database_url=postgres.url,
-            api_url=api_url,
-            started_at=time.time(),
-            importers=pipeline.importers,
-            workdir=str(Path.cwd()),
-        )
-
-        def record() -> None:
-            state.components = supervisor.states
-            state.pids = {"supervisor": os.getpid()}
-            state.pids.update({name: c.pid for name, c in state.components.items()})
-            write_state(home, state)
-
+        children = [worker, api_proc]
+        for child in children:
+            child.start()
+        state = _stack_state(settings)
         supervisor = Supervisor(
             {"broker": broker, "postgres": postgres, "worker": worker, "api": api_proc},
             say=say,
-            on_change=record,
+            on_change=lambda: _record(home, state, supervisor),
         )
         # The stack is announced (state file, `sluice up --detach` returning) once the API
         # answers, or has ended: then it is started again like any process that ends.
-        _wait_for_api(api_proc, api_port, timeout=60, stopping=lambda: stopping)
-        if stopping:
+        _wait_for_api(api_proc, api_port, timeout=60, stopping=lambda: stop.requested)
+        if stop.requested:
             return 0
-        record()
-        print(f"SLUICE_KAFKA_BOOTSTRAP={broker.bootstrap}")
-        print(f"SLUICE_DATABASE_URL={postgres.url}")
-        print(f"SLUICE_API_URL={api_url}")
-        print(sign_in_hint(home, api_url, configured=bool(api.all_tokens())))
-        if metrics_port != "0":
-            print(f"worker metrics on http://{metrics.host}:{metrics_port}/metrics")
-        print(f"logs in {logs.resolve()}; Ctrl-C stops everything", flush=True)
-        say(
-            f"stack up: broker pid {broker.pid}, postgres pid {postgres.pid},"
-            f" worker pid {worker.pid}, api pid {api_proc.pid}"
-        )
-        while not stopping:
-            supervisor.check()
-            time.sleep(CHECK_INTERVAL)
+        _record(home, state, supervisor)
+        _print_connection(home, state, configured=lambda: bool(api.all_tokens()))
+        _print_endpoints(logs, metrics, metrics_port)
+        say(f"stack up: {_pid_summary(supervisor.states)}")
+        _watch(supervisor, stop)
         return 0
     finally:
-        (home / "stack.json").unlink(missing_ok=True)
-        for proc in reversed(processes):
-            proc.stop()
-        postgres.stop()
-        broker.stop()
+        _stop_stack(home, broker, postgres, children)
 
 
 def start_detached(home: Path, timeout: float = 120) -> int:
@@ -409,12 +476,7 @@ def start_detached(home: Path, timeout: float = 120) -> int:
     while time.monotonic() < deadline:
         state = read_state(home)
         if state is not None:
-            print(f"SLUICE_KAFKA_BOOTSTRAP={state.kafka_bootstrap}")
-            print(f"SLUICE_DATABASE_URL={state.database_url}")
-            print(f"SLUICE_API_URL={state.api_url}")
-            if state.api_url:
-                configured = bool(ApiSettings().all_tokens())
-                print(sign_in_hint(home, state.api_url, configured=configured))
+            _print_connection(home, state, configured=lambda: bool(ApiSettings().all_tokens()))
             return 0
         if proc.poll() is not None:
             break
