@@ -1,9 +1,9 @@
 """Lifecycle: relay the outbox (``sluice.events``) to the lifecycle topic (and to the dead-letter
 topic, for the rows that name it), every ``SLUICE_RELAY_INTERVAL`` seconds.
 
-One relay at a time across the cluster (an advisory lock), so events leave in the order they
-were written. A crash between sending and marking sends an event twice: consumers key on
-``event_id``.
+One relay at a time across the cluster (a PostgreSQL lock held for the relay's transaction), so
+events leave in the order they were written. A crash between sending and marking sends an event
+twice: consumers key on ``event_id``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import orjson
 
 from sluice.agents.deps import Deps
 from sluice.agents.wiring import Wiring
-from sluice.storage.db import advisory_key
+from sluice.storage.outbox import mark_relayed, pending_events, take_relay_lock
 from sluice.streams.admin import ensure_topics
 from sluice.streams.topics import Topic, outbox_topic
 
@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RELAY_LOCK = advisory_key("relay")
 Send = Callable[[str, str | None, bytes], Awaitable[Awaitable[Any] | None]]
 """Sends one event; may return the delivery's future, awaited before the event is marked."""
 Flush = Callable[[], Awaitable[None]]
@@ -35,29 +34,20 @@ async def relay_outbox(deps: Deps, send: Send, flush: Flush, limit: int = 500) -
     """Send pending events; returns how many were relayed (0 when another worker holds the lock)."""
     pool = deps.pool
     async with pool.acquire() as conn, conn.transaction():
-        if not await conn.fetchval(f"SELECT pg_try_advisory_xact_lock({RELAY_LOCK})"):
+        if not await take_relay_lock(conn):
             return 0
-        rows = await conn.fetch(
-            "SELECT id, topic, key, payload FROM events WHERE relayed_at IS NULL"
-            " ORDER BY id LIMIT $1",
-            limit,
-        )
-        if not rows:
+        events = await pending_events(conn, limit)
+        if not events:
             return 0
-        deliveries = [
-            await send(row["topic"], row["key"], orjson.dumps(row["payload"])) for row in rows
-        ]
+        deliveries = [await send(e.topic, e.key, orjson.dumps(e.payload)) for e in events]
         await flush()
         # A flush does not raise for a message the broker refused: its future does. Marking
         # only what was delivered keeps the rest for the next relay.
         for delivery in deliveries:
             if delivery is not None:
                 await delivery
-        await conn.execute(
-            "UPDATE events SET relayed_at = now() WHERE id = ANY($1::bigint[])",
-            [r["id"] for r in rows],
-        )
-    return len(rows)
+        await mark_relayed(conn, [e.id for e in events])
+    return len(events)
 
 
 def register(app: faust.App, wiring: Wiring) -> None:

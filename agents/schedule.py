@@ -9,7 +9,6 @@ time is fired, within a grace period: a cluster that was down does not replay ev
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -21,7 +20,16 @@ from sluice.agents.deps import Deps
 from sluice.agents.wiring import Wiring
 from sluice.schemas.importers import Importer, pull_kind
 from sluice.schemas.runs import Run
-from sluice.storage.runs import RUN_COLUMNS, run_from_record
+from sluice.storage.schedules import (
+    claim_fire,
+    create_scheduled_run,
+    last_fire,
+    paused_flags,
+    record_fire_outcome,
+    record_fire_run,
+    save_paused,
+    scheduled_run_in_flight,
+)
 
 if TYPE_CHECKING:
     import faust
@@ -56,8 +64,7 @@ def next_time(cron: str, now: datetime) -> datetime:
 
 
 async def paused_importers(deps: Deps) -> dict[str, bool]:
-    rows = await deps.pool.fetch("SELECT importer, paused FROM schedule_state")
-    return {r["importer"]: r["paused"] for r in rows}
+    return await paused_flags(deps.pool)
 
 
 def is_paused(importer: Importer, states: dict[str, bool]) -> bool:
@@ -87,47 +94,23 @@ async def fire_due(
         params = dict(importer.schedule.params)
         kind = pull_kind(importer, params)
         async with pool.acquire() as conn, conn.transaction():
-            claimed = await conn.fetchval(
-                "INSERT INTO schedule_fires (importer, fire_time, outcome)"
-                " VALUES ($1, $2, 'started') ON CONFLICT DO NOTHING RETURNING true",
-                importer.slug,
-                when,
-            )
-            if not claimed:
+            if not await claim_fire(conn, importer.slug, when):
                 continue
-            busy = await conn.fetchval(
-                "SELECT id FROM runs WHERE importer = $1 AND requested_by = $2"
-                " AND status IN ('queued', 'running') LIMIT 1",
-                importer.slug,
-                SCHEDULED_BY,
-            )
+            busy = await scheduled_run_in_flight(conn, importer.slug, SCHEDULED_BY)
             if busy is not None:
                 outcome = f"skipped: run {busy} is still going"
-                await conn.execute(
-                    "UPDATE schedule_fires SET outcome = $3 WHERE importer = $1 AND fire_time = $2",
-                    importer.slug,
-                    when,
-                    outcome,
-                )
+                await record_fire_outcome(conn, importer.slug, when, outcome)
                 fired.append((importer.slug, when, outcome))
                 log.info("schedule of %s at %s: %s", importer.slug, when, outcome)
                 continue
-            record = await conn.fetchrow(
-                "INSERT INTO runs (id, importer, source, options, requested_by)"
-                f" VALUES ($1, $2, $3, $4::jsonb, $5) RETURNING {RUN_COLUMNS}",
-                uuid.uuid4(),
-                importer.slug,
-                kind,
-                {"params": params, "scheduled_for": when.isoformat()},
-                SCHEDULED_BY,
+            run = await create_scheduled_run(
+                conn,
+                importer=importer.slug,
+                source=kind,
+                options={"params": params, "scheduled_for": when.isoformat()},
+                requested_by=SCHEDULED_BY,
             )
-            run = run_from_record(record)
-            await conn.execute(
-                "UPDATE schedule_fires SET run_id = $3 WHERE importer = $1 AND fire_time = $2",
-                importer.slug,
-                when,
-                run.id,
-            )
+            await record_fire_run(conn, importer.slug, when, run.id)
         # After the commit: a trigger must never name a run that does not exist.
         await publish(run, kind, params)
         fired.append((importer.slug, when, "started"))
@@ -157,11 +140,7 @@ async def schedules(deps: Deps, *, now: datetime | None = None) -> list[Schedule
     for importer in deps.registry.all():
         if importer.schedule is None:
             continue
-        last = await pool.fetchrow(
-            "SELECT fire_time, outcome FROM schedule_fires WHERE importer = $1"
-            " ORDER BY fire_time DESC LIMIT 1",
-            importer.slug,
-        )
+        last = await last_fire(pool, importer.slug)
         paused = is_paused(importer, states)
         out.append(
             ScheduleInfo(
@@ -169,8 +148,8 @@ async def schedules(deps: Deps, *, now: datetime | None = None) -> list[Schedule
                 cron=importer.schedule.cron,
                 paused=paused,
                 next_fire=None if paused else next_time(importer.schedule.cron, now),
-                last_fire=last["fire_time"] if last else None,
-                last_outcome=last["outcome"] if last else None,
+                last_fire=last.fire_time if last else None,
+                last_outcome=last.outcome if last else None,
             )
         )
     return out
@@ -182,9 +161,4 @@ async def set_paused(deps: Deps, slug: str, paused: bool) -> None:
         from sluice.errors import InvalidRequest
 
         raise InvalidRequest(f"importer {slug!r} has no schedule")
-    await deps.pool.execute(
-        "INSERT INTO schedule_state (importer, paused) VALUES ($1, $2)"
-        " ON CONFLICT (importer) DO UPDATE SET paused = $2, updated_at = now()",
-        slug,
-        paused,
-    )
+    await save_paused(deps.pool, slug, paused)

@@ -17,6 +17,8 @@ import asyncpg
 import orjson
 
 from sluice.schemas.firehose import JetstreamEvent, Operation, RecordOrigin, RepoStatus, record_uri
+from sluice.storage.sql import quote_ident
+from sluice.storage.writer import TargetPlan
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,3 +197,12 @@ async def apply_events(conn: asyncpg.Connection, events: Sequence[JetstreamEvent
             list(revs.values()),
         )
     return counts
+
+
+async def remove_projected(conn: asyncpg.Connection, plan: TargetPlan, uris: Sequence[str]) -> None:
+    """Remove the records ``uris``, removed from ``atproto.records``, from a projection's
+    table too (rows keyed by ``uri``), in the caller's transaction."""
+    await conn.execute(
+        f"DELETE FROM {plan.qualified} WHERE {quote_ident('uri')} = ANY($1::text[])",
+        uris,
+    )

@@ -9,7 +9,8 @@ its detail batch, so a completed item is never fetched again.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,10 @@ import asyncpg
 import orjson
 
 from sluice.schemas.runs import ItemStatus
+from sluice.storage.db import advisory_key
+
+DISCOVERY_LOCK = advisory_key("discovery", "$1")
+"""One discovery per run at a time (the run id is $1)."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,24 @@ class ItemOutcome:
 class ItemRepository:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
+
+    @asynccontextmanager
+    async def discovery_lock(self, run_id: uuid.UUID) -> AsyncIterator[None]:
+        """Hold the run's discovery lock, across the cluster, for the ``async with`` block
+        (waiting for it first). It is held on a connection of its own: a worker that dies
+        releases it with its connection."""
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                f"SELECT pg_advisory_lock({DISCOVERY_LOCK})",
+                str(run_id),
+            )
+            try:
+                yield
+            finally:
+                await conn.execute(
+                    f"SELECT pg_advisory_unlock({DISCOVERY_LOCK})",
+                    str(run_id),
+                )
 
     async def discovery(self, run_id: uuid.UUID, first_state: dict[str, Any]) -> Discovery:
         """The run's discovery, created at ``first_state`` the first time."""

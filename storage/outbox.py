@@ -1,14 +1,54 @@
-"""The outbox (``events``) read back: what a lifecycle subscriber may have missed when the
-broker lost its topics, and the record of those losses."""
+"""The outbox (``events``): what the relay sends on and marks relayed, what a lifecycle
+subscriber may have missed when the broker lost its topics, and the record of those losses."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import asyncpg
+
+from sluice.storage.db import advisory_key
+
+RELAY_LOCK = advisory_key("relay")
+"""One relay at a time across the cluster, so events leave in the order they were written."""
+
+
+@dataclass(frozen=True)
+class PendingEvent:
+    """An outbox row not yet relayed: where it goes (``topic`` names an outbox topic), its
+    key and its payload."""
+
+    id: int
+    topic: str
+    key: str | None
+    payload: dict[str, Any]
+
+
+async def take_relay_lock(conn: asyncpg.Connection) -> bool:
+    """The relay's lock until the caller's transaction ends; False (at once) when another
+    worker's relay holds it."""
+    return bool(await conn.fetchval(f"SELECT pg_try_advisory_xact_lock({RELAY_LOCK})"))
+
+
+async def pending_events(conn: asyncpg.Connection, limit: int) -> list[PendingEvent]:
+    """The oldest ``limit`` events not yet relayed, in the order they were written."""
+    rows = await conn.fetch(
+        "SELECT id, topic, key, payload FROM events WHERE relayed_at IS NULL ORDER BY id LIMIT $1",
+        limit,
+    )
+    return [PendingEvent(r["id"], r["topic"], r["key"], r["payload"]) for r in rows]
+
+
+async def mark_relayed(conn: asyncpg.Connection, ids: Sequence[int]) -> None:
+    """The events ``ids`` are on their topics (their deliveries were confirmed)."""
+    await conn.execute(
+        "UPDATE events SET relayed_at = now() WHERE id = ANY($1::bigint[])",
+        list(ids),
+    )
 
 
 async def record_topic_loss(

@@ -3,7 +3,7 @@ page of new items to the items topic for the detail agent.
 
 The page's items and the cursor after it are written in one transaction, so an interrupted
 discovery resumes at the first page it had not recorded and no page before it is listed again.
-One discovery per run at a time across the cluster (an advisory lock held on its connection:
+One discovery per run at a time across the cluster (a PostgreSQL lock held on its connection:
 a worker that dies releases it with its connection).
 """
 
@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sluice.agents.deps import Deps
@@ -21,35 +20,15 @@ from sluice.agents.split.plan import plan_for
 from sluice.errors import SourceError
 from sluice.schemas.runs import Run
 from sluice.schemas.sources import ApiSource
-from sluice.storage.db import advisory_key
 from sluice.storage.ratelimit import RateStats
 from sluice.storage.tables import ensure_table
 from sluice.streams.publish import Deliveries
 
 log = logging.getLogger(__name__)
-DISCOVERY_LOCK = advisory_key("discovery", "$1")
-"""One discovery per run at a time (the run id is $1)."""
 
 SendPage = Callable[[uuid.UUID, int], Awaitable[Awaitable[Any]]]
 """Sends one item page; returns the message's delivery (see streams.publish)."""
 Flush = Callable[[], Awaitable[None]]
-
-
-@asynccontextmanager
-async def discovery_lock(deps: Deps, run_id: uuid.UUID) -> AsyncIterator[None]:
-    pool = deps.pool
-    async with pool.acquire() as conn:
-        await conn.execute(
-            f"SELECT pg_advisory_lock({DISCOVERY_LOCK})",
-            str(run_id),
-        )
-        try:
-            yield
-        finally:
-            await conn.execute(
-                f"SELECT pg_advisory_unlock({DISCOVERY_LOCK})",
-                str(run_id),
-            )
 
 
 def api_source_of(deps: Deps, slug: str) -> ApiSource:
@@ -69,7 +48,7 @@ async def discover(deps: Deps, run: Run, send_page: SendPage, flush: Flush) -> N
     async with pool.acquire() as conn:
         await ensure_table(conn, plan)
     await runs.save_plan(run.id, plan.to_json(), {})
-    async with discovery_lock(deps, run.id):
+    async with items.discovery_lock(run.id):
         deliveries = Deliveries(f"discovery of run {run.id}")
         parent = run.options.get("retry_of")
         if parent:

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import asyncpg
 from pydantic import ValidationError
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidURI, WebSocketException
@@ -49,34 +48,12 @@ _MAX_ERRORS_IN_REASON = 5
 
 
 class CursorStore(Protocol):
-    """Where a consumer keeps its resume cursor (a Jetstream ``time_us``) by name."""
+    """Where a consumer keeps its resume cursor (a Jetstream ``time_us``) by name
+    (``sluice.storage.firehose.PgCursorStore`` in PostgreSQL)."""
 
     async def load(self, name: str) -> int | None: ...
 
     async def save(self, name: str, time_us: int) -> None: ...
-
-
-class PgCursorStore:
-    """Cursors in ``sluice.firehose_cursors``; a save never moves a cursor backwards."""
-
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self.pool = pool
-
-    async def load(self, name: str) -> int | None:
-        value = await self.pool.fetchval(
-            "SELECT time_us FROM firehose_cursors WHERE name = $1", name
-        )
-        return None if value is None else int(value)
-
-    async def save(self, name: str, time_us: int) -> None:
-        await self.pool.execute(
-            "INSERT INTO firehose_cursors (name, time_us) VALUES ($1, $2)"
-            " ON CONFLICT (name) DO UPDATE SET"
-            " time_us = GREATEST(firehose_cursors.time_us, EXCLUDED.time_us),"
-            " updated_at = now()",
-            name,
-            time_us,
-        )
 
 
 def subscribe_url(

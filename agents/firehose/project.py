@@ -21,8 +21,8 @@ from sluice.agents.split.map import RecordMapper
 from sluice.agents.split.plan import plan_for
 from sluice.schemas.formats import ParsedRow
 from sluice.schemas.importers import Importer
-from sluice.storage.atproto import ApplyCounts, RecordWrite
-from sluice.storage.writer import BatchApplier, TargetPlan, quote_ident
+from sluice.storage.atproto import ApplyCounts, RecordWrite, remove_projected
+from sluice.storage.writer import BatchApplier, TargetPlan
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +60,7 @@ class Projections:
             writes = [w for w in counts.written if w.collection in wanted]
             plan = self.plan(importer)
             if counts.removed:
-                await conn.execute(
-                    f"DELETE FROM {plan.qualified} WHERE {quote_ident('uri')} = ANY($1::text[])",
-                    counts.removed,
-                )
+                await remove_projected(conn, plan, counts.removed)
             if not writes:
                 continue
             rows = [ParsedRow(n, record_row(w)) for n, w in enumerate(writes, 1)]
