@@ -22,6 +22,9 @@ from sluice.config import ApiSettings
 from sluice.service import Client
 from tests.conftest import Stack, api_process
 from tests.prometheus import scrape
+from tests.support.http import assert_error
+
+TOKEN_HINT = "with a token from SLUICE_API_TOKEN (`sluice env` prints it)"
 
 pytestmark = pytest.mark.stack
 
@@ -64,28 +67,28 @@ def upload(http: httpx.Client, slug: str, body: bytes, **params: str) -> httpx.R
     )
 
 
-def assert_error(response: httpx.Response, status: int, code: str | None = None) -> str:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}
-    if code:
-        assert body["error"]["code"] == code
-    message: str = body["error"]["message"]
-    assert message
-    return message
-
-
 def test_tokens(api: str) -> None:
     with httpx.Client(base_url=api, timeout=30) as anon:
         assert anon.get("/healthz").json() == {"status": "ok"}  # public by default
         assert anon.get("/readyz").json() == {"status": "ready"}
         missing = anon.get("/api/v1/runs")
-        assert "missing API token" in assert_error(missing, 401, "unauthorized")
+        assert_error(
+            missing,
+            401,
+            "unauthorized",
+            f"missing API token: send the header 'Authorization: Bearer <token>' {TOKEN_HINT}",
+        )
         assert missing.headers["www-authenticate"] == "Bearer"
         wrong = anon.get("/api/v1/runs", headers={"Authorization": "Bearer nope"})
-        assert "wrong API token" in assert_error(wrong, 401)
-        assert_error(anon.get("/metrics"), 401)  # metrics need a token unless configured
-        assert_error(anon.post("/api/v1/imports/t_api/upload", files={"file": b"x"}), 401)
+        assert_error(wrong, 401, "unauthorized", "wrong API token: send the header")
+        # /metrics needs a token unless configured otherwise.
+        assert_error(anon.get("/metrics"), 401, "unauthorized", "missing API token")
+        assert_error(
+            anon.post("/api/v1/imports/t_api/upload", files={"file": b"x"}),
+            401,
+            "unauthorized",
+            "missing API token",
+        )
         assert anon.get("/api/v1/openapi.json").status_code == 200
 
 
@@ -203,8 +206,15 @@ def test_upload_wait_and_follow(http: httpx.Client, api: str) -> None:
         if http.get(f"/api/v1/runs/{first}").json()["status"] not in ("queued", "running"):
             break
         time.sleep(0.1)
-    assert_error(http.post(f"/api/v1/runs/{first}/retry"), 409, "conflict")
-    assert_error(http.post(f"/api/v1/runs/{first}/cancel"), 409, "conflict")
+    assert_error(
+        http.post(f"/api/v1/runs/{first}/retry"), 409, "conflict", "has no rejected rows to retry"
+    )
+    assert_error(
+        http.post(f"/api/v1/runs/{first}/cancel"),
+        409,
+        "conflict",
+        "is completed; only queued or running runs can be cancelled",
+    )
 
 
 def test_runs_listing(http: httpx.Client) -> None:
@@ -224,28 +234,60 @@ def test_runs_listing(http: httpx.Client) -> None:
     several = http.get("/api/v1/runs", params={"status": "completed,failed", "limit": 500}).json()
     assert {r["status"] for r in several["data"]} <= {"completed", "failed"}
     assert several["pagination"]["total"] >= done["pagination"]["total"]
-    wrong = assert_error(http.get("/api/v1/runs", params={"status": "failed,zzz"}), 422)
-    assert "status" in wrong and "completed_with_errors" in wrong  # names the valid ones
-    assert_error(http.get("/api/v1/runs", params={"page": 0}), 422)
+    wrong = assert_error(
+        http.get("/api/v1/runs", params={"status": "failed,zzz"}),
+        422,
+        "invalid_parameters",
+        "query.status: String should match pattern",
+    )
+    assert "completed_with_errors" in wrong  # names the valid ones
+    assert_error(
+        http.get("/api/v1/runs", params={"page": 0}),
+        422,
+        "invalid_parameters",
+        "query.page: Input should be greater than or equal to 1",
+    )
 
 
 def test_errors(http: httpx.Client, tmp_path: Path) -> None:
     unknown = upload(http, "no_such_importer", GOOD)
-    assert "no_such_importer" in assert_error(unknown, 404, "not_found")
-    assert_error(http.get(f"/api/v1/runs/{uuid.uuid4()}"), 404, "not_found")
-    assert_error(http.get("/api/v1/runs/not-a-uuid"), 422)
-    assert_error(http.get("/api/v1/nothing-here"), 404)
+    assert_error(
+        unknown, 404, "not_found", "no importer 'no_such_importer'; registered importers: "
+    )
+    assert_error(
+        http.get(f"/api/v1/runs/{uuid.uuid4()}"), 404, "not_found", "; list runs with `sluice runs`"
+    )
+    assert_error(
+        http.get("/api/v1/runs/not-a-uuid"),
+        422,
+        "invalid_parameters",
+        "path.run_id: Input should be a valid UUID",
+    )
+    assert_error(http.get("/api/v1/nothing-here"), 404, "not_found", "Not Found")
     big = b"id,name\n" + b"".join(b"%d,%s\n" % (i, b"x" * 100) for i in range(5000))
     assert len(big) > LIMIT
-    assert "limit" in assert_error(upload(http, "t_api", big), 413, "too_large")
+    assert_error(
+        upload(http, "t_api", big),
+        413,
+        "too_large",
+        "bytes (SLUICE_API_MAX_UPLOAD_BYTES): split the file or raise the limit",
+    )
     as_json = http.post("/api/v1/imports/t_api/upload", json={"rows": []})
-    assert "multipart/form-data" in assert_error(as_json, 415, "unsupported_media_type")
+    assert_error(
+        as_json,
+        415,
+        "unsupported_media_type",
+        "send the file as multipart/form-data with a field 'file' (got 'application/json')",
+    )
     raw = http.post(
         "/api/v1/imports/t_api/upload", content=GOOD, headers={"Content-Type": "text/csv"}
     )
-    assert_error(raw, 415)
-    assert "no pull source" in assert_error(
-        http.post("/api/v1/imports/t_api/trigger", json={}), 422, "no_pull_source"
+    assert_error(raw, 415, "unsupported_media_type", "(got 'text/csv')")
+    assert_error(
+        http.post("/api/v1/imports/t_api/trigger", json={}),
+        422,
+        "no_pull_source",
+        "importer 't_api' has no pull source (it accepts: upload, file); upload a file to",
     )
     empty = upload(http, "t_api", b"", wait="true")
     assert empty.status_code == 200 and empty.json()["status"] == "failed"
@@ -269,9 +311,21 @@ def test_trigger(http: httpx.Client, stack: Stack) -> None:
     refused = http.post(
         "/api/v1/imports/t_url/trigger", json={"url": "http://169.254.169.254/latest/"}
     )
-    assert "169.254.169.254" in assert_error(refused, 422, "source_refused")
-    assert_error(http.post("/api/v1/imports/nope/trigger", json={}), 404, "not_found")
-    assert_error(http.post("/api/v1/imports/t_fs/trigger", json=[1, 2]), 422)
+    assert_error(
+        refused,
+        422,
+        "source_refused",
+        "refused 169.254.169.254: SLUICE_URL_ALLOW_HOSTS is set and names neither; add the host",
+    )
+    assert_error(
+        http.post("/api/v1/imports/nope/trigger", json={}), 404, "not_found", "no importer 'nope'"
+    )
+    assert_error(
+        http.post("/api/v1/imports/t_fs/trigger", json=[1, 2]),
+        422,
+        "invalid_parameters",
+        "body: Input should be a valid dictionary",
+    )
     outside = http.post(
         "/api/v1/imports/t_fs/trigger", params={"wait": "true"}, json={"path": "../../x.csv"}
     )
@@ -295,7 +349,9 @@ def test_api_source_items_and_schedules(http: httpx.Client, stack: Stack) -> Non
     (item,) = page["data"]
     assert item["external_id"] == "item-00005" and item["failure_count"] == 4
     assert "HTTP 500" in item["last_error"] and item["metadata"]["id"] == "item-00005"
-    assert_error(http.get(f"/api/v1/runs/{uuid.uuid4()}/items"), 404)
+    assert_error(
+        http.get(f"/api/v1/runs/{uuid.uuid4()}/items"), 404, "not_found", "; list runs with"
+    )
     schedules = {s["importer"]: s for s in http.get("/api/v1/schedules").json()["data"]}
     assert schedules["t_sched"]["paused"] is True
 
@@ -411,7 +467,7 @@ async def test_an_adhoc_upload_lands_the_table_the_cli_lands(
         files={"file": ("shop.csv", SHOP, "text/csv")},
         data={"table": "shop"},
     )
-    assert "key" in assert_error(keyless, 422, "invalid_parameters")
+    assert_error(keyless, 422, "invalid_parameters", "body.key: Field required")
     after = http.get("/api/v1/runs", params={"importer": "adhoc"}).json()["pagination"]["total"]
     assert after == before
 

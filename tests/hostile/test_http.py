@@ -18,6 +18,7 @@ import pytest
 
 from sluice.service import Client
 from tests.conftest import ROOT, Stack, api_process
+from tests.support.http import assert_error
 
 pytestmark = [pytest.mark.hostile, pytest.mark.stack]
 
@@ -48,16 +49,6 @@ def session(api: str, token: str | None) -> httpx.Client:
     return httpx.Client(base_url=api, headers=headers, timeout=90)
 
 
-def assert_error(response: httpx.Response, status: int, code: str) -> str:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
-    assert body["error"]["code"] == code, body
-    message: str = body["error"]["message"]
-    assert message
-    return message
-
-
 async def stored(db: asyncpg.Connection) -> tuple[int, int]:
     """Files and runs in the database: a refused request adds neither."""
     files = await db.fetchval("SELECT count(*) FROM sluice.files")
@@ -80,11 +71,11 @@ async def test_missing_and_wrong_tokens_store_nothing(api: str, db: asyncpg.Conn
     before = await stored(db)
     with session(api, None) as anon:
         missing = upload(anon, GOOD)
-        assert "missing API token" in assert_error(missing, 401, "unauthorized")
+        assert_error(missing, 401, "unauthorized", "missing API token: send the header")
         assert missing.headers["www-authenticate"] == "Bearer"
     with session(api, "not-a-token") as wrong:
-        assert "wrong API token" in assert_error(upload(wrong, GOOD), 401, "unauthorized")
-        assert_error(wrong.get("/api/v1/runs"), 401, "unauthorized")
+        assert_error(upload(wrong, GOOD), 401, "unauthorized", "wrong API token: send the header")
+        assert_error(wrong.get("/api/v1/runs"), 401, "unauthorized", "wrong API token")
     assert await stored(db) == before
 
 
@@ -94,7 +85,12 @@ async def test_uploads_over_the_size_limit(api: str, db: asyncpg.Connection) -> 
     assert len(big) > LIMIT + 65536
     with session(api, UPLOADS) as http:
         # Declared with Content-Length: refused before the body is read.
-        assert "SLUICE_API_MAX_UPLOAD_BYTES" in assert_error(upload(http, big), 413, "too_large")
+        assert_error(
+            upload(http, big),
+            413,
+            "too_large",
+            "bytes; the limit is 1048576 bytes (SLUICE_API_MAX_UPLOAD_BYTES): split the file",
+        )
 
         # Chunked, without a length: stopped while it streams in.
         boundary = uuid.uuid4().hex
@@ -113,7 +109,12 @@ async def test_uploads_over_the_size_limit(api: str, db: asyncpg.Connection) -> 
             content=body(),
             headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
         )
-        assert "SLUICE_API_MAX_UPLOAD_BYTES" in assert_error(chunked, 413, "too_large")
+        assert_error(
+            chunked,
+            413,
+            "too_large",
+            "the upload is over the limit of 1048576 bytes (SLUICE_API_MAX_UPLOAD_BYTES)",
+        )
     assert await stored(db) == before
 
 
@@ -121,20 +122,27 @@ async def test_wrong_content_types(api: str, db: asyncpg.Connection) -> None:
     before = await stored(db)
     with session(api, UPLOADS) as http:
         as_json = http.post("/api/v1/imports/t_api/upload", json={"rows": []})
-        assert "multipart/form-data" in assert_error(as_json, 415, "unsupported_media_type")
+        assert_error(
+            as_json, 415, "unsupported_media_type", "multipart/form-data with a field 'file'"
+        )
         raw = http.post(
             "/api/v1/imports/t_api/upload", content=GOOD, headers={"Content-Type": "text/csv"}
         )
-        assert_error(raw, 415, "unsupported_media_type")
+        assert_error(raw, 415, "unsupported_media_type", "(got 'text/csv')")
         png = upload(http, b"\x89PNG\r\n\x1a\n" + bytes(100), name="cat.png", kind="image/png")
-        assert "'image/png'" in assert_error(png, 415, "unsupported_media_type")
+        assert_error(
+            png,
+            415,
+            "unsupported_media_type",
+            "the file is declared as 'image/png', which is not a format Sluice imports: upload",
+        )
         docx = upload(
             http,
             b"PK\x03\x04" + bytes(100),
             name="letter.docx",
             kind="application/vnd.openxmlformats-officedocument.wordprocessingml.document",
         )
-        assert_error(docx, 415, "unsupported_media_type")
+        assert_error(docx, 415, "unsupported_media_type", "which is not a format Sluice imports")
     assert await stored(db) == before
     # A binary file declared as something harmless is judged by its bytes: the run fails with
     # the reason, nothing is written.
@@ -238,8 +246,14 @@ def test_a_flood_is_rate_limited_per_token(api: str) -> None:
         assert statuses[:BURST] == [200] * BURST, statuses
         assert served <= BURST + math.ceil(RATE * elapsed) + 1, (served, elapsed)
         for response in limited:
-            message = assert_error(response, 429, "rate_limited")
-            assert "SLUICE_API_RATE_LIMIT" in message
+            assert_error(
+                response,
+                429,
+                "rate_limited",
+                f"too many requests: the limit is {RATE} per second with bursts of {BURST} per"
+                " API token (per address without one) (SLUICE_API_RATE_LIMIT,"
+                " SLUICE_API_RATE_BURST). Retry after ",
+            )
             assert int(response.headers["retry-after"]) >= 1
 
         # Other tokens and the health checks are unaffected.
