@@ -114,7 +114,7 @@ reliability: $(STAMP)
 clean:
 	rm -rf $(VENV) $(PEERS_VENV) .sluice .pytest_cache .mypy_cache .ruff_cache
 
-# The README's table of settings, generated from the settings classes (tests/test_config.py
+# The README's table of settings, generated from the settings classes (tests/sluice/test_config.py
 # fails when it is stale).
 readme-settings: $(STAMP)
 	$(BIN)/python -c "import re, pathlib; from sluice.config import settings_markdown as t; p = pathlib.Path('README.md'); s = p.read_text(); a = s.index('<!-- settings:start'); a = s.index(chr(10), a) + 1; b = s.index('<!-- settings:end -->'); p.write_text(s[:a] + t() + s[b:])"

@@ -37,7 +37,7 @@ from sluice.service import Client
 from sluice.stack import free_port, terminate
 from sluice.streams.topics import Topics
 from sluice.worker import prepare
-from tests import backends
+from tests.support import backends
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTITIONS = 4
@@ -144,14 +144,15 @@ class Stack:
         # kill and restart them), containers on the other.
         self.broker: Any = backends.make_broker(root)
         self.postgres: Any = backends.make_database(root)
-        self.webhook_port = free_port()  # tests/test_webhooks.py serves the hook here
+        self.webhook_port = free_port()  # tests/agents/test_webhooks.py serves the hook here
         # Pull-source tests serve here; the test importers read these from the environment.
         self.api_port = free_port()
         self.http_port = free_port()
         self.ftp_port = free_port()
         self.sftp_port = free_port()
-        self.pds_port = free_port()  # tests/test_firehose.py: the fake PDS and PLC directory
-        # tests/test_security.py: an API on 127.0.0.1 (allowed) that redirects to the trap, a
+        # tests/agents/firehose/test_firehose.py: the fake PDS and PLC directory
+        self.pds_port = free_port()
+        # tests/agents/test_security.py: an API on 127.0.0.1 (allowed) that redirects to the trap, a
         # loopback address the workers' host policy refuses.
         self.guard_port = free_port()
         self.trap_port = free_port()
@@ -170,7 +171,7 @@ class Stack:
             SLUICE_DATABASE_URL=self.postgres.url,
             SLUICE_KAFKA_PARTITIONS=str(PARTITIONS),
             SLUICE_KAFKA_SESSION_TIMEOUT="6",
-            SLUICE_IMPORTERS="tests.importers",
+            SLUICE_IMPORTERS="tests.support.importers",
             SLUICE_HOME=str(self.root / "home"),
             PYTHONPATH=str(ROOT),
             SLUICE_WEBHOOKS=json.dumps(
@@ -184,7 +185,7 @@ class Stack:
             ),
             SLUICE_WEBHOOK_SECRET=WEBHOOK_SECRET,
             SLUICE_URL_ALLOW_HOSTS="127.0.0.1",
-            # Stalled runs are resumed after 15 s without a change (tests/test_recovery.py).
+            # Stalled runs are resumed after 15 s without a change (tests/agents/test_recover.py).
             SLUICE_STALL_TIMEOUT="15",
             SLUICE_RECOVERY_INTERVAL="2",
             SLUICE_FILE_ROOTS=str(self.files),
@@ -235,7 +236,7 @@ class Stack:
                 bootstrap=self.broker.bootstrap, partitions=PARTITIONS, session_timeout=6
             ),
             database=DatabaseSettings(url=self.postgres.url),
-            pipeline=PipelineSettings(importers="tests.importers", home=self.root / "home"),
+            pipeline=PipelineSettings(importers="tests.support.importers", home=self.root / "home"),
             url=UrlSettings(allow_hosts="127.0.0.1"),
             files=files or self.file_store(),
         )

@@ -28,9 +28,9 @@ from sluice.importers.registry import build_registry
 from sluice.service import Client
 from sluice.storage.db import connect
 from sluice.worker import prepare
-from tests.backends import log_tail
 from tests.chaos import API_URL_ENV
 from tests.conftest import ROOT, Stack, Worker
+from tests.support.backends import log_tail
 
 ROUNDS = int(os.environ.get("CHAOS_ROUNDS") or "1")
 STALL_TIMEOUT = os.environ.get("CHAOS_STALL_TIMEOUT") or "15"

@@ -40,8 +40,8 @@ from sluice.storage.runs import RUN_COLUMNS, run_from_record
 from sluice.subscription import Subscription
 from tests.chaos.conftest import SEED, ChaosStack, Db, Report, Supervisor, case_rng
 from tests.conftest import PARTITIONS, ROOT, TOPICS, Worker
-from tests.servers.atproto import FakeJetstream, FakePds, World
-from tests.servers.paginated_api import EPOCH, FakeApi
+from tests.support.servers.atproto import FakeJetstream, FakePds, World
+from tests.support.servers.paginated_api import EPOCH, FakeApi
 
 pytestmark = [pytest.mark.chaos, pytest.mark.stack]
 

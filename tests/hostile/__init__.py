@@ -2,7 +2,7 @@
 odd headers, compression bombs, abusive uploads and request floods.
 
 Covered elsewhere and not repeated here: SSRF targets of URL sources
-(tests/sources/test_url.py: private, loopback, link-local and metadata addresses, redirects
+(tests/agents/fetch/test_url.py: private, loopback, link-local and metadata addresses, redirects
 to them, DNS answers checked), and path traversal and symlink escapes of the filesystem
-source (tests/sources/test_filesystem.py).
+source (tests/agents/fetch/test_filesystem.py).
 """

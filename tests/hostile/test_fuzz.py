@@ -35,7 +35,7 @@ from sluice.errors import FileFormatError
 from sluice.schemas.formats import FormatOptions, ParsedRow, RowProblem
 from sluice.schemas.importers import Field, Importer
 from sluice.storage.writer import ROW, SUB
-from tests.unseekable import Unseekable
+from tests.support.unseekable import Unseekable
 
 pytestmark = pytest.mark.hostile
 

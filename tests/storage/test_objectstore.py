@@ -31,7 +31,7 @@ from sluice.storage.filestore import READ_CHUNK_BYTES, PgFileStore, iter_bytes
 from sluice.storage.objectstore import S3FileStore
 from tests.conftest import ROOT, Stack, finish, unique
 from tests.storage.conftest import S3
-from tests.test_pipeline import (
+from tests.support.rows import (
     checksum,
     csv_text,
     make_rows,

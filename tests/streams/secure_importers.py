@@ -6,7 +6,7 @@ without sharing data. The API importers read the fake API's address from
 
 from __future__ import annotations
 
-from tests.importers import api_importer, items
+from tests.support.importers import api_importer, items
 
 MODES = ("tls", "mtls", "sasl_ssl", "sasl_plaintext")
 

@@ -35,10 +35,10 @@ from sluice.streams import kafka as clients
 from sluice.streams.topics import Topics
 from sluice.worker import prepare
 from tests.conftest import ROOT, Stack, Worker
-from tests.servers.paginated_api import FakeApi
+from tests.support.rows import checksum, make_rows, table_checksum, write_csv
 from tests.support.secure_broker import SecureBroker
+from tests.support.servers.paginated_api import FakeApi
 from tests.support.tls import Pki, make_pki
-from tests.test_pipeline import checksum, make_rows, table_checksum, write_csv
 
 pytestmark = pytest.mark.stack
 

@@ -20,8 +20,8 @@ from sluice.schemas.importers import Field, Importer
 from sluice.schemas.runs import RunStatus
 from sluice.service import Client
 from tests.conftest import Stack, finish
-from tests.importers import euro_prices, plain_prices
-from tests.test_cli import sluice
+from tests.support.cli import sluice
+from tests.support.importers import euro_prices, plain_prices
 
 HEADER = ["Artikel", "Preis", "Seit", "born"]
 

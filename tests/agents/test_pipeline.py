@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import hashlib
 import random
 import uuid
-from collections.abc import Iterable
 from pathlib import Path
 
 import asyncpg
@@ -17,67 +15,18 @@ import pytest
 from sluice.schemas.runs import RunStatus
 from sluice.service import Client
 from tests.conftest import Stack, finish
+from tests.support.rows import (
+    HEADER,
+    Row,
+    checksum,
+    csv_text,
+    make_rows,
+    reset,
+    table_checksum,
+    write_csv,
+)
 
 pytestmark = pytest.mark.stack
-
-Row = tuple[int, str, str, int, str, int]  # id, name, price, qty, day, version
-
-HEADER = ("id", "name", "price", "qty", "day", "version")
-
-
-def make_rows(n: int, *, seed: int = 1, ids: Iterable[int] | None = None) -> list[Row]:
-    rnd = random.Random(seed)
-    colours = ["red", "green", "blue, large", 'say "hi"']
-    out: list[Row] = []
-    for i in ids if ids is not None else range(1, n + 1):
-        cents = rnd.randrange(1, 10_000_000)
-        out.append(
-            (
-                i,
-                f"item {i} {rnd.choice(colours)}",
-                f"{cents // 100}.{cents % 100:02d}",
-                rnd.randrange(0, 5000),
-                f"2024-{rnd.randrange(1, 13):02d}-{rnd.randrange(1, 29):02d}",
-                rnd.randrange(1, 100),
-            )
-        )
-    return out
-
-
-def csv_text(
-    rows: Iterable[Iterable[object]], header: Iterable[str] = HEADER, sep: str = ","
-) -> str:
-    def cell(v: object) -> str:
-        s = str(v)
-        if any(ch in s for ch in (sep, '"', "\n")):
-            return '"' + s.replace('"', '""') + '"'
-        return s
-
-    lines = [sep.join(header)]
-    lines.extend(sep.join(cell(v) for v in r) for r in rows)
-    return "\n".join(lines) + "\n"
-
-
-def write_csv(path: Path, rows: Iterable[Row], **kw: object) -> Path:
-    path.write_text(csv_text(rows, **kw))  # type: ignore[arg-type]
-    return path
-
-
-def checksum(rows: Iterable[Row]) -> str:
-    text = "\n".join("|".join(str(v) for v in r) for r in sorted(rows))
-    return hashlib.md5(text.encode()).hexdigest()
-
-
-async def table_checksum(db: asyncpg.Connection, table: str) -> tuple[int, str | None]:
-    record = await db.fetchrow(
-        f"SELECT count(*) AS n, md5(string_agg(concat_ws('|', id, name, price, qty, day, version),"
-        f" E'\\n' ORDER BY id)) AS sum FROM {table}"
-    )
-    return record["n"], record["sum"]
-
-
-async def reset(db: asyncpg.Connection, table: str) -> None:
-    await db.execute(f"TRUNCATE {table}")
 
 
 # ----------------------------------------------------------------------------- exact landing
@@ -424,7 +373,7 @@ async def test_poison_batches_go_to_the_dead_letter_topic_and_fail_their_run(
 
     from sluice.agents.split.plan import plan_for
     from tests.conftest import TOPICS
-    from tests.importers import malformed
+    from tests.support.importers import malformed
 
     runs = (await client.deps()).runs
     run = await runs.create(importer="t_malformed", source="file")

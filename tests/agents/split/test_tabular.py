@@ -31,8 +31,8 @@ from sluice.schemas.formats import FormatOptions, ParsedRow, RowProblem
 from sluice.schemas.runs import RunStatus
 from sluice.service import Client
 from tests.conftest import Stack, finish, unique
-from tests.test_formats import values
-from tests.unseekable import Unseekable
+from tests.support.parsed import values
+from tests.support.unseekable import Unseekable
 
 
 def workbook(path: Path, *sheets: tuple[str, list[list[Any]]], hidden: str = "") -> Path:

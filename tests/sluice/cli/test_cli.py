@@ -22,6 +22,7 @@ from sluice.schemas.runs import Run
 from sluice.service import Client
 from sluice.stack import find_process_alive, read_state
 from tests.conftest import ROOT, TOPICS, Stack
+from tests.support.cli import sluice
 
 pytestmark = pytest.mark.stack
 
@@ -31,19 +32,6 @@ RUN_FIELDS = {
     "progress_percent", "queued_at", "started_at", "completed_at", "error", "parent_run_id",
     "requested_by",
 }  # fmt: skip
-
-
-def sluice(
-    *args: str, env: dict[str, str], timeout: float = 180, cwd: Path = ROOT
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sluice", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 FILE = (
@@ -317,7 +305,7 @@ def test_up_in_the_foreground_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
 async def test_cancel_in_the_middle_stops_the_run_and_the_counters_match(
     stack: Stack, client: Client, db: asyncpg.Connection, tmp_path: Path
 ) -> None:
-    from tests.test_pipeline import make_rows, write_csv
+    from tests.support.rows import make_rows, write_csv
 
     await db.execute("TRUNCATE t_cancel")
     rows = make_rows(150_000, seed=21)
@@ -370,7 +358,7 @@ async def test_cancel_in_the_middle_stops_the_run_and_the_counters_match(
 async def test_ctrl_c_during_wait_leaves_the_run_going_or_cancels_it_when_asked(
     stack: Stack, client: Client, tmp_path: Path
 ) -> None:
-    from tests.test_pipeline import make_rows, write_csv
+    from tests.support.rows import make_rows, write_csv
 
     path = write_csv(tmp_path / "long.csv", make_rows(60_000, seed=22))
 
@@ -449,7 +437,7 @@ def test_importers_and_runs_listing(stack: Stack, client: Client) -> None:
 async def test_retry_lands_rows_once_the_cause_is_fixed(
     stack: Stack, client: Client, db: asyncpg.Connection, tmp_path: Path
 ) -> None:
-    from tests.test_pipeline import checksum, make_rows, table_checksum, write_csv
+    from tests.support.rows import checksum, make_rows, table_checksum, write_csv
 
     await db.execute("TRUNCATE t_retry")
     await db.execute("ALTER TABLE t_retry DROP CONSTRAINT IF EXISTS qty_limit")
@@ -519,7 +507,7 @@ async def test_prune_files_and_rows(
 
 
 def test_trigger_items_and_schedules(stack: Stack) -> None:
-    from tests.servers.paginated_api import FakeApi
+    from tests.support.servers.paginated_api import FakeApi
 
     (stack.files / "cli-trigger.csv").write_text(FILE)
     pulled = sluice(

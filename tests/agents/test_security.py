@@ -25,8 +25,8 @@ from sluice.schemas.runs import RunStatus
 from sluice.service import Client
 from sluice.storage.db import create_pool
 from tests.conftest import TRAP_HOST, Stack, finish
-from tests.servers.atproto import did_document
-from tests.servers.recorder import Recorder, Reply, Request, redirect
+from tests.support.servers.atproto import did_document
+from tests.support.servers.recorder import Recorder, Reply, Request, redirect
 
 pytestmark = pytest.mark.stack
 

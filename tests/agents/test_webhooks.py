@@ -38,8 +38,8 @@ from sluice.service import Client
 from sluice.storage.db import connect, migrate
 from sluice.storage.webhooks import DeliveryLog
 from tests.conftest import WEBHOOK_SECRET, Stack, finish
-from tests.importers import items
-from tests.test_cli import sluice
+from tests.support.cli import sluice
+from tests.support.importers import items
 
 # --- signing ------------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from email.utils import parsedate_to_datetime
 import httpx
 import pytest
 
-from tests.servers.paginated_api import FakeApi, Hit, _max_in_window, decode_cursor
+from tests.support.servers.paginated_api import FakeApi, Hit, _max_in_window, decode_cursor
 
 
 def _walk(api: FakeApi, client: httpx.Client, size: int) -> tuple[list[str], list[str]]:

@@ -1,6 +1,7 @@
 """Firehose plus backfill on the real stack: a fake PDS and a Jetstream-compatible WebSocket
-server (tests/servers/atproto.py) script a world in which the backfill races the live firehose;
-a real `sluice firehose` process, the broker, PostgreSQL and the two workers do the rest."""
+server (tests/support/servers/atproto.py) script a world in which the backfill races the live
+firehose; a real `sluice firehose` process, the broker, PostgreSQL and the two workers do the
+rest."""
 
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ from sluice.service import Client
 from sluice.stack import free_port
 from sluice.storage.db import create_pool
 from tests.conftest import ROOT, TOPICS, Stack, Worker
-from tests.prometheus import scrape
-from tests.servers.atproto import FakeJetstream, FakePds, World
+from tests.support.prometheus import scrape
+from tests.support.servers.atproto import FakeJetstream, FakePds, World
 
 pytestmark = pytest.mark.stack
 

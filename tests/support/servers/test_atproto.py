@@ -17,7 +17,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from sluice.schemas.firehose import JetstreamEvent
-from tests.servers.atproto import (
+from tests.support.servers.atproto import (
     TID_ALPHABET,
     FakeJetstream,
     FakePds,

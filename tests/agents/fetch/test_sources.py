@@ -20,7 +20,7 @@ from sluice.errors import NoPullSource, SourceError
 from sluice.schemas.runs import RunStatus
 from sluice.service import Client
 from tests.conftest import Stack, Worker, finish
-from tests.servers.paginated_api import FakeApi
+from tests.support.servers.paginated_api import FakeApi
 
 pytestmark = pytest.mark.stack
 
@@ -97,7 +97,7 @@ async def test_a_file_behind_a_redirect_lands(
 
 
 # The test stack allows only its own servers (SLUICE_URL_ALLOW_HOSTS); what is refused for
-# being private without an allow list is tests/sources/test_url.py's.
+# being private without an allow list is tests/agents/fetch/test_url.py's.
 _NOT_LISTED = (
     ": SLUICE_URL_ALLOW_HOSTS is set and names neither; add the host, its address or a CIDR to it"
 )

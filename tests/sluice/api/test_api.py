@@ -21,8 +21,8 @@ from pydantic import SecretStr, ValidationError
 from sluice.config import ApiSettings
 from sluice.service import Client
 from tests.conftest import Stack, api_process
-from tests.prometheus import scrape
 from tests.support.http import assert_error
+from tests.support.prometheus import scrape
 
 TOKEN_HINT = "with a token from SLUICE_API_TOKEN (`sluice env` prints it)"
 
@@ -334,7 +334,7 @@ def test_trigger(http: httpx.Client, stack: Stack) -> None:
 
 
 def test_api_source_items_and_schedules(http: httpx.Client, stack: Stack) -> None:
-    from tests.servers.paginated_api import FakeApi
+    from tests.support.servers.paginated_api import FakeApi
 
     with FakeApi(12, port=stack.api_port, broken={"item-00005"}):
         done = http.post("/api/v1/imports/t_api_small/trigger", params={"wait": "true"})
@@ -358,7 +358,7 @@ def test_api_source_items_and_schedules(http: httpx.Client, stack: Stack) -> Non
 
 def test_metrics(http: httpx.Client, api: str) -> None:
     """The API's own metrics: runs queued and running (a count per scrape), the outbox, its
-    requests. The pipeline's counters are the workers' (tests/test_metrics.py)."""
+    requests. The pipeline's counters are the workers' (tests/sluice/test_metrics.py)."""
     assert upload(http, "t_api", GOOD, wait="true").status_code == 200
     samples = scrape(f"{api}/metrics", headers=dict(http.headers))
     assert samples.types["sluice_runs_active"] == "gauge"

@@ -15,7 +15,7 @@ from sluice.config import KafkaSettings, Schemas, find_home, settings_markdown
 from sluice.stack import StackState, write_state
 from sluice.streams.topics import Topic, Topics
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SECRET = "correct-horse-battery-staple"
 
 

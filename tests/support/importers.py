@@ -71,7 +71,7 @@ s3_from_pg = items("t_s3_pg")
 s3_from_objects = items("t_s3_obj")
 s3_killed = items("t_s3_killed", batch_size=100)
 s3_items = items("t_s3")
-# tests/test_metrics.py: small batches into one table, under two policies.
+# tests/sluice/test_metrics.py: small batches into one table, under two policies.
 metered = items("t_metrics", batch_size=20)
 metered_skip = dataclasses.replace(items("t_metrics_skip", DuplicatePolicy.SKIP), table="t_metrics")
 dates = items("t_dates")
@@ -160,7 +160,7 @@ scheduled = pulled(
 
 
 def api_importer(slug: str, per_second: float, burst: int, page_size: int = 100) -> Importer:
-    """Items of the fake paginated API (tests/servers/paginated_api.py)."""
+    """Items of the fake paginated API (tests/support/servers/paginated_api.py)."""
     return Importer(
         slug=slug,
         table=slug,
@@ -196,7 +196,7 @@ api_small = api_importer("t_api_small", per_second=100, burst=10, page_size=10)
 
 
 def guarded_api(slug: str, base_url: str, list_path: str, detail_path: str) -> Importer:
-    """tests/test_security.py: an API source that reaches, or is redirected to, the trap."""
+    """tests/agents/test_security.py: an API source that reaches, or is redirected to, the trap."""
     importer = api_importer(slug, per_second=100, burst=10)
     assert isinstance(importer.pull, ApiSource)
     pull = dataclasses.replace(
@@ -263,7 +263,7 @@ provenance = items("t_prov")
 
 # ---------------------------------------------------------------- lookups
 
-# Products name their supplier by code; the table stores suppliers.id (tests/test_lookups.py
+# Products name their supplier by code; the table stores suppliers.id (tests/storage/test_lookups.py
 # creates t_lookup_suppliers). Small batches: a file makes many, each resolved by one query.
 lookup_products = Importer(
     slug="t_lookup",
@@ -284,7 +284,7 @@ lookup_products = Importer(
 
 def typed(slug: str) -> Importer:
     """One column of each type, for the same rows written as CSV, XLSX and Parquet
-    (tests/test_tabular.py)."""
+    (tests/agents/split/test_tabular.py)."""
     return Importer(
         slug=slug,
         table=slug,

@@ -13,7 +13,7 @@ from sluice.agents.fetch.guard import GuardedClient
 from sluice.config import UrlSettings
 from sluice.errors import SourceError
 from tests.conftest import TRAP_HOST
-from tests.servers.recorder import Recorder, Reply, Request, redirect
+from tests.support.servers.recorder import Recorder, Reply, Request, redirect
 
 LOCAL = UrlSettings(allow_hosts="127.0.0.1", connect_timeout=5, read_timeout=5)
 SECRET = "guard-secret-value"

@@ -189,7 +189,7 @@ def _times(events: str, pattern: str) -> list[datetime]:
 
 def test_a_crashing_worker_is_started_again_with_growing_delays(tmp_path: Path) -> None:
     # The supervisor hands its environment to the worker, which cannot import the module.
-    up = start_up(tmp_path / "home", SLUICE_IMPORTERS="tests.crashing_importers")
+    up = start_up(tmp_path / "home", SLUICE_IMPORTERS="tests.support.crashing_importers")
     try:
         up.wait_for("3 restarts", lambda s: s.components["worker"].restarts >= 3, timeout=150)
         events = up.events()

@@ -21,7 +21,7 @@ from sluice.schemas.importers import EmptyCell, Field, Importer, Unpivot
 from sluice.schemas.runs import SOURCE_COLUMNS, RunStatus
 from sluice.service import Client
 from tests.conftest import ROOT, Stack, api_process, finish
-from tests.test_cli import sluice
+from tests.support.cli import sluice
 
 PERIODS = [f"HH{i:02d}" for i in range(1, 49)]
 HEADER = ["MPAN", "Date", *PERIODS]

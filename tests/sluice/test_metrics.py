@@ -23,7 +23,7 @@ from sluice.schemas.runs import Run
 from sluice.service import Client
 from sluice.streams import kafka as clients
 from tests.conftest import ROOT, TOPICS, Stack, api_process, finish
-from tests.prometheus import Samples, scrape
+from tests.support.prometheus import Samples, scrape
 
 pytestmark = pytest.mark.stack
 

@@ -21,7 +21,8 @@ from sluice.agents.split.parse.decompress import open_decompressed
 from sluice.agents.split.parse.encoding import EncodingSniffer
 from sluice.errors import FileFormatError, UndecodableFile
 from sluice.schemas.formats import FormatOptions, ParsedRow, RowProblem
-from tests.unseekable import Unseekable
+from tests.support.parsed import values
+from tests.support.unseekable import Unseekable
 
 
 def parse(data: bytes, **options: Any) -> ParsedFile:
@@ -30,14 +31,6 @@ def parse(data: bytes, **options: Any) -> ParsedFile:
 
 def rows(parsed: ParsedFile) -> list[ParsedRow | RowProblem]:
     return list(parsed)
-
-
-def values(parsed: ParsedFile) -> list[Any]:
-    out = []
-    for row in parsed:
-        assert isinstance(row, ParsedRow), row
-        out.append(row.values)
-    return out
 
 
 # --- delimited text ------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from sluice.stack import free_port
 from sluice.storage.filestore import iter_bytes
 from sluice.subscription import Subscription
 from tests.conftest import ROOT, Stack, finish, unique
-from tests.test_pipeline import make_rows, write_csv
+from tests.support.rows import make_rows, write_csv
 
 pytestmark = pytest.mark.stack
 
