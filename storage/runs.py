@@ -350,18 +350,28 @@ class RunRepository:
             return await insert_row_failures(conn, run_id, failures, count_processed=True)
 
     async def finish_split(
-        self, run_id: uuid.UUID, total_rows: int, total_batches: int, gaps: int = 0
+        self,
+        run_id: uuid.UUID,
+        total_rows: int,
+        total_batches: int,
+        gaps: int = 0,
+        repeated: dict[str, Any] | None = None,
     ) -> Run | None:
-        """The split is done: its totals (a re-split after a crash sets the same again)."""
+        """The split is done: its totals (a re-split after a crash sets the same again), and
+        the keys the file repeats, in the provenance as ``repeated_keys``."""
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(
                 "UPDATE runs SET split_done = true, total_rows = $2, total_batches = $3,"
-                " rows_read = $2, read_fraction = 1, gaps = $4"
+                " rows_read = $2, read_fraction = 1, gaps = $4,"
+                " provenance = CASE WHEN $5::jsonb IS NULL THEN provenance"
+                " ELSE coalesce(provenance, '{}') || jsonb_build_object('repeated_keys', $5::jsonb)"
+                " END"
                 " WHERE id = $1 AND status = 'running'",
                 run_id,
                 total_rows,
                 total_batches,
                 gaps,
+                repeated,
             )
             return await finalize_if_done(conn, run_id)
 

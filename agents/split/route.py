@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from sluice.agents.split.repeats import RepeatCounter
 from sluice.errors import FileFormatError
 from sluice.schemas.events import encode_copy_batch
 from sluice.storage.writer import ROW
@@ -45,6 +46,8 @@ class BatchRouter:
         # It depends only on the file's rows, so a re-split cuts the same batches.
         self.limit = batch_size
         self.text_columns = text_columns
+        self.repeats = RepeatCounter()
+        """the keys seen more than once, reported in the provenance when the split ends"""
         self._key_of: Callable[[Any], str]
         if text_columns is None:
             self._key_of = lambda record: "\x1f".join(str(record[c]) for c in key)
@@ -59,7 +62,9 @@ class BatchRouter:
         """Buffer ``records``; returns the batches they filled, with their partitions."""
         full = []
         buffers, partitions, limit = self.buffers, self.partitions, self.limit
-        for record, key in zip(records, map(self._key_of, records), strict=True):
+        keys = list(map(self._key_of, records))
+        self.repeats.add(keys)
+        for record, key in zip(records, keys, strict=True):
             p = partition_for_key(key, partitions)
             buf = buffers[p]
             buf.append(record)

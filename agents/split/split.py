@@ -33,6 +33,7 @@ from sluice.agents.split.plan import (
 )
 from sluice.agents.split.provenance import record_provenance, record_schema_changes
 from sluice.agents.split.read import Reading
+from sluice.agents.split.repeats import winner
 from sluice.agents.split.route import BatchRouter
 from sluice.errors import FileFormatError, MappingError, TerminalError
 from sluice.schemas.events import ImportRequested
@@ -131,7 +132,8 @@ async def _split(
     await record_schema_changes(deps, request, provenance, changes)
     router = await kept_batching(deps, request, importer, mapper, plan, parsed)
     rows = itertools.chain(head, items)
-    await _send_batches(deps, request, parsed, rows, mapper, router, send, flush)
+    won = winner(importer.policy, importer.version_column)
+    await _send_batches(deps, request, parsed, rows, mapper, router, send, flush, won)
 
 
 def _sheets_hint(parsed: ParsedFile) -> str:
@@ -169,6 +171,7 @@ async def _send_batches(
     router: BatchRouter,
     send: SendBatch,
     flush: Flush,
+    won: str,
 ) -> None:
     """Map the rows and send them as batches, recording the split's progress as it goes and
     its totals once the broker confirmed every batch. Stops early when the run was finished
@@ -217,5 +220,11 @@ async def _send_batches(
     # Every batch confirmed by the broker before the totals say they exist: a refused one
     # raises DeliveryFailed, and the split is done again (applied batches are skipped).
     await deliveries.confirm()
-    await runs.finish_split(run_id, total, router.seq, mapper.gaps)
-    log.info("run %s split: %d rows in %d batches, %d gaps", run_id, total, router.seq, mapper.gaps)
+    repeats = router.repeats.count()
+    await runs.finish_split(
+        run_id, total, router.seq, mapper.gaps, repeated={**repeats.to_json(), "won": won}
+    )
+    log.info(
+        "run %s split: %d rows in %d batches, %d gaps, %d keys repeated",
+        *(run_id, total, router.seq, mapper.gaps, repeats.keys),
+    )

@@ -154,7 +154,7 @@ def summary(run: Run) -> str:
 
 def _provenance(p: dict[str, Any]) -> list[str]:
     """What the run read, for its summary."""
-    from sluice.agents.split.evolve import SchemaChange
+    from sluice.schemas.runs import SchemaChange
 
     f = p.get("file") or {}
     how = [
@@ -178,6 +178,12 @@ def _provenance(p: dict[str, Any]) -> list[str]:
         lines.append(f"  the same file as run {p['duplicate_of']}")
     for change in p.get("schema_changes") or []:
         lines.append(f"  schema: {SchemaChange(**change).describe()}")
+    repeated = p.get("repeated_keys") or {}
+    if repeated.get("keys"):
+        lines.append(
+            f"  repeated keys: {repeated['keys']:,} keys occur in more than one row"
+            f" ({repeated['rows']:,} rows lost to another); the table keeps {repeated['won']}"
+        )
     return lines
 
 

@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import random
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import asyncpg
@@ -93,6 +94,12 @@ async def test_repeated_keys_end_with_their_last_value_across_two_workers(
     # Every later occurrence of a key replaced the one before it, or matched it.
     assert run.created_rows + run.updated_rows + run.unchanged_rows == 20_000
     assert await table_checksum(db, "t_dups") == (len(last), checksum(last.values()))
+    repeated = Counter(ids)
+    assert run.provenance and run.provenance["repeated_keys"] == {
+        "keys": sum(1 for n in repeated.values() if n > 1),
+        "rows": 20_000 - len(last),
+        "won": "the last row of each key in the file (policy upsert)",
+    }
     assert run.total_batches > 2 * 4  # batches went to every partition, both workers took some
     assert all(w.alive for w in stack.workers), stack.logs()
 
@@ -319,6 +326,12 @@ async def test_duplicate_policies(
         await finish(client, await client.submit_file(slug, a), stack)
         results[slug] = await finish(client, await client.submit_file(slug, b), stack)
 
+    for slug, won in (
+        ("t_skip", "the first row of each key (policy skip)"),
+        ("t_newer", "the row with the highest version (policy update_if_newer)"),
+    ):
+        p = results[slug].provenance
+        assert p and p["repeated_keys"] == {"keys": 0, "rows": 0, "won": won}
     skip = results["t_skip"]
     assert (skip.created_rows, skip.skipped_rows, skip.updated_rows) == (1, 2, 0)
     assert dict(await db.fetch("SELECT id, name FROM t_skip")) == {1: "one", 2: "two", 3: "three"}

@@ -432,6 +432,7 @@ def test_a_run_page_opened_before_the_file_was_read_shows_what_it_read_once_know
             "ignored": [],
             "duplicate_of": None,
             "schema_changes": [],
+            "repeated_keys": {"keys": 1200, "rows": 3400, "won": "the last row in the file"},
             "readings": [
                 {
                     "column": "preis",
@@ -473,6 +474,10 @@ def test_a_run_page_opened_before_the_file_was_read_shows_what_it_read_once_know
         expect(card).to_be_visible(timeout=30_000)
         expect(card).to_contain_text("semicolon-separated")
         expect(card.locator("#readings")).to_contain_text("numbers with decimal ','")
+        expect(card.locator("#repeated-keys")).to_have_text(
+            "1,200 keys occur in more than one row (3,400 rows lost to another);"
+            " the table keeps the last row in the file"
+        )
         assert did_not_reload(page)
     finally:
         sql(stack, "DELETE FROM sluice.events WHERE run_id = $1", run_id)
