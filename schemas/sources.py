@@ -101,23 +101,43 @@ class Pagination:
 
     - ``page``: ``param`` is the page number, from ``start`` (1 by default);
     - ``offset``: ``param`` is the offset of the first item, from ``start`` (0 by default);
-    - ``cursor``: ``param`` carries the cursor found at ``cursor_path`` of the previous answer.
+    - ``cursor``: ``param`` carries the cursor found at ``cursor_path`` of the previous answer;
+    - ``next_url``: the answer carries the next page's URL at ``next_path`` (absolute, or
+      relative to the page's URL), followed as it is;
+    - ``link_header``: the answer's RFC 8288 ``Link: <...>; rel="next"`` header is the next
+      page's URL.
 
-    ``size_param``/``size`` ask for a page size. The listing ends on an empty page, a page
-    shorter than ``size``, a missing cursor, or when ``total_path`` says every item was listed.
+    A next page's URL must be on the source's own host (scheme, host and port of the base
+    URL); one elsewhere fails the run rather than send the source's headers there.
+
+    ``size_param``/``size`` ask for a page size (on the first page only, for ``next_url`` and
+    ``link_header``: the next URL says the rest). The listing ends on an empty page, a page
+    shorter than ``size`` (``page`` and ``offset``), a missing cursor or next URL, or when
+    ``total_path`` says every item was listed.
     """
 
-    style: Literal["page", "offset", "cursor"] = "page"
+    style: Literal["page", "offset", "cursor", "next_url", "link_header"] = "page"
     param: str = "page"
     size_param: str | None = "per_page"
     size: int = 100
     start: int | None = None
     cursor_path: str | None = None
     total_path: str | None = None
+    next_path: str | None = None
 
     def __post_init__(self) -> None:
         if self.style == "cursor" and not self.cursor_path:
             raise ValueError("Pagination(style='cursor') needs cursor_path")
+        if self.style == "next_url" and not self.next_path:
+            raise ValueError(
+                "Pagination(style='next_url') needs next_path, where the answer has the next"
+                " page's URL (for example next_path='next_page_url')"
+            )
+
+    @property
+    def follows_urls(self) -> bool:
+        """Whether each answer names the next page's URL (``next_url``, ``link_header``)."""
+        return self.style in ("next_url", "link_header")
 
 
 ItemMapper = Callable[[dict[str, Any], dict[str, Any] | None], dict[str, Any]]

@@ -159,26 +159,22 @@ class ApiClient:
             return {"page": 1 if p.start is None else p.start}
         if p.style == "offset":
             return {"offset": 0 if p.start is None else p.start}
+        if p.follows_urls:
+            return {"url": None}
         return {"cursor": None}
 
     async def list_page(self, state: dict[str, Any], stats: RateStats) -> Page:
         """The page at ``state`` (from ``first_state`` or a previous page's ``next_state``).
-        SourceError when the answer is not a listing; SourceUnavailable after the retries."""
+        SourceError when the answer is not a listing or names a next page on another host;
+        SourceUnavailable after the retries."""
         p = self.source.pagination
-        params: dict[str, Any] = dict(self.source.params)
-        if p.size_param:
-            params[p.size_param] = p.size
-        if p.style == "page":
-            params[p.param] = state["page"]
-        elif p.style == "offset":
-            params[p.param] = state["offset"]
-        elif state.get("cursor") is not None:
-            params[p.param] = state["cursor"]
-        body = await self._get_json(self.source.list_path, params, stats)
+        path, params = self._page_request(state)
+        response = await self._get_ok(path, params, stats)
+        body = _json(path, response)
         items = dig(body, self.source.items_path)
         if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
             raise SourceError(
-                f"the list answer of {self.source.list_path} has no list of objects at "
+                f"the list answer of {path} has no list of objects at "
                 f"{self.source.items_path!r}; set ApiSource.items_path to where the items are"
             )
         done = not items or len(items) < p.size
@@ -186,6 +182,10 @@ class ApiClient:
             nxt: dict[str, Any] = {"page": state["page"] + 1}
         elif p.style == "offset":
             nxt = {"offset": state["offset"] + len(items)}
+        elif p.follows_urls:
+            url = self._next_url(path, response, body)
+            nxt = {"url": url}
+            done = not items or url is None
         else:
             cursor = dig(body, p.cursor_path)
             nxt = {"cursor": cursor}
@@ -198,7 +198,64 @@ class ApiClient:
                 done = True
         return Page(items=items, next_state=nxt, done=done)
 
-    async def _get_json(self, path: str, params: dict[str, Any], stats: RateStats) -> Any:
+    def _page_request(self, state: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
+        """The path (or next page's URL) and query parameters of the page at ``state``."""
+        p = self.source.pagination
+        if p.follows_urls and state.get("url"):
+            return state["url"], None  # the next URL carries its own query
+        params: dict[str, Any] = dict(self.source.params)
+        if p.size_param:
+            params[p.size_param] = p.size
+        if p.style == "page":
+            params[p.param] = state["page"]
+        elif p.style == "offset":
+            params[p.param] = state["offset"]
+        elif p.style == "cursor" and state.get("cursor") is not None:
+            params[p.param] = state["cursor"]
+        return self.source.list_path, params
+
+    def _next_url(self, path: str, response: httpx.Response, body: Any) -> str | None:
+        """The next page's absolute URL named by the answer, or None on the last page.
+        SourceError when it is not a URL, or not on the source's own host."""
+        p = self.source.pagination
+        if p.style == "next_url":
+            given = dig(body, p.next_path)
+            where = f"at {p.next_path!r} of the answer"
+        else:
+            given = response.links.get("next", {}).get("url")
+            where = 'in its Link: rel="next" header'
+        if given in (None, ""):
+            return None
+        if not isinstance(given, str):
+            raise SourceError(
+                f"GET {path}: the next page's URL {where} is {given!r}, not a URL; set "
+                "Pagination.next_path to where the answer has it"
+            )
+        try:
+            url = response.url.join(given)
+        except httpx.InvalidURL as exc:
+            raise SourceError(f"GET {path}: the next page's URL {given!r} {where}: {exc}") from None
+        base = httpx.URL(self.base_url)
+        if (url.scheme, url.host, url.port) != (base.scheme, base.host, base.port):
+            raise SourceError(
+                f"GET {path}: the next page's URL {where} is {url}, on "
+                f"{_origin(url)}, not on the source's own host {_origin(base)}; the "
+                "listing was stopped there. If the API really pages through another host, "
+                "make that host the importer's ApiSource.base_url"
+            )
+        if url == response.url:
+            raise SourceError(
+                f"GET {path}: the next page's URL {where} is the page itself ({url}); the "
+                "listing would never end"
+            )
+        return str(url)
+
+    async def _get_ok(
+        self, path: str, params: dict[str, Any] | None, stats: RateStats
+    ) -> httpx.Response:
+        """A successful answer to GET ``path``, with the retries; SourceError for a final
+        failure, SourceUnavailable when the retries ran out."""
+
         async def get() -> httpx.Response:
             try:
                 return await self._get(path, stats, params)
@@ -217,10 +274,7 @@ class ApiClient:
                 f"GET {path} answered HTTP {response.status_code}; check the "
                 "importer's ApiSource settings and credentials"
             )
-        try:
-            return response.json()
-        except ValueError as exc:
-            raise SourceError(f"GET {path} answered with invalid JSON: {exc}") from None
+        return response
 
     async def fetch_detail(self, external_id: str, stats: RateStats) -> DetailResult:
         """The item's detail; transient failures are retried with exponential backoff up to
@@ -271,6 +325,19 @@ class ApiClient:
             return result
         result.detail = detail
         return result
+
+
+def _json(path: str, response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError as exc:
+        raise SourceError(f"GET {path} answered with invalid JSON: {exc}") from None
+
+
+def _origin(url: httpx.URL) -> str:
+    """scheme://host:port of ``url``, with the scheme's default port spelled out."""
+    port = url.port or {"http": 80, "https": 443}.get(url.scheme)
+    return f"{url.scheme}://{url.host}:{port}"
 
 
 class ApiClients:

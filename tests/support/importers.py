@@ -159,8 +159,18 @@ scheduled = pulled(
 )
 
 
-def api_importer(slug: str, per_second: float, burst: int, page_size: int = 100) -> Importer:
-    """Items of the fake paginated API (tests/support/servers/paginated_api.py)."""
+def api_importer(
+    slug: str,
+    per_second: float,
+    burst: int,
+    page_size: int = 100,
+    pagination: Pagination | None = None,
+) -> Importer:
+    """Items of the fake paginated API (tests/support/servers/paginated_api.py), paged by
+    page number unless ``pagination`` says otherwise."""
+    pages = pagination or Pagination(
+        style="page", param="page", size_param="per_page", size=page_size
+    )
     return Importer(
         slug=slug,
         table=slug,
@@ -176,9 +186,7 @@ def api_importer(slug: str, per_second: float, burst: int, page_size: int = 100)
             list_path="/items",
             items_path="data",
             id_path="id",
-            pagination=Pagination(
-                style="page", param="page", size_param="per_page", size=page_size
-            ),
+            pagination=pages,
             detail_path="/items/{id}",
             detail_data_path="data",
             rate=RateLimit(per_second=per_second, burst=burst),
@@ -193,6 +201,12 @@ def api_importer(slug: str, per_second: float, burst: int, page_size: int = 100)
 api_rated = api_importer("t_api_rated", per_second=200, burst=20)
 api_killed = api_importer("t_api_killed", per_second=150, burst=10, page_size=50)
 api_small = api_importer("t_api_small", per_second=100, burst=10, page_size=10)
+api_linked = api_importer(
+    "t_api_linked",
+    per_second=200,
+    burst=20,
+    pagination=Pagination(style="link_header", size_param="limit", size=25),
+)
 
 
 def guarded_api(slug: str, base_url: str, list_path: str, detail_path: str) -> Importer:

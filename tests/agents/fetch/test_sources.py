@@ -567,3 +567,30 @@ async def test_a_raw_message_on_the_requests_topic_starts_an_import(
     assert done.status is RunStatus.COMPLETED, done.error
     assert done.requested_by == "kafka" and done.provenance is not None
     assert done.provenance["file"]["name"] == "raw-req.csv"
+
+
+async def test_link_header_pages_are_followed_and_one_on_another_host_fails_the_run(
+    client: Client, stack: Stack, db: asyncpg.Connection
+) -> None:
+    with FakeApi(120, port=stack.api_port, page_style="link_header") as api:
+        run = await client.trigger("t_api_linked", {})
+        done = await finish(client, run, stack)
+        pages = api.served_pages()
+    assert done.status is RunStatus.COMPLETED, done.error
+    assert (done.items_discovered, done.items_completed) == (120, 120)
+    assert pages == ["0", "25", "50", "75", "100"]
+    assert await db.fetchval("SELECT count(*) FROM t_api_linked") == 120
+
+    elsewhere = f"http://localhost:{stack.api_port}"
+    with FakeApi(120, port=stack.api_port, page_style="link_header", next_base=elsewhere) as api:
+        run = await client.trigger("t_api_linked", {})
+        done = await finish(client, run, stack)
+        pages = api.served_pages()
+    assert done.status is RunStatus.FAILED
+    assert done.error == (
+        'api source: GET /items: the next page\'s URL in its Link: rel="next" header is '
+        f"{elsewhere}/items?offset=25&limit=25, on {elsewhere}, not on the source's own host "
+        f"http://127.0.0.1:{stack.api_port}; the listing was stopped there. If the API really "
+        "pages through another host, make that host the importer's ApiSource.base_url"
+    )
+    assert pages == ["0"]

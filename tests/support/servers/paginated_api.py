@@ -24,7 +24,8 @@ from types import TracebackType
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
-PAGE_STYLES = ("page", "offset", "cursor")
+PAGE_STYLES = ("page", "offset", "cursor", "next_url", "link_header")
+"""``next_url`` answers with ``next_page_url``; ``link_header`` with ``Link: <...>; rel="next"``."""
 DEFAULT_PAGE_SIZE = 100
 EPOCH = datetime(2024, 1, 1, tzinfo=UTC)
 
@@ -145,7 +146,11 @@ class FakeApi:
         page_size_max: int = DEFAULT_PAGE_SIZE,
         list_latency: float = 0.0,
         port: int = 0,
+        next_base: str | None = None,
     ) -> None:
+        """``next_base``: for the ``next_url`` and ``link_header`` styles, the scheme and host
+        the next page's URL is given under (``http://localhost:PORT`` for another host than
+        127.0.0.1); None gives it relative to the server, as ``/items?offset=...``."""
         if page_style not in PAGE_STYLES:
             raise ValueError(f"page_style must be one of {PAGE_STYLES}, not {page_style!r}")
         if n_items < 0 or page_size_max < 1 or throttle_every < 0:
@@ -161,6 +166,7 @@ class FakeApi:
         self.page_size_max = page_size_max
         self.list_latency = list_latency
         self.port = port
+        self.next_base = next_base
         self.ids: list[str] = [f"item-{i:05d}" for i in range(1, n_items + 1)]
         self._index: dict[str, int] = {id_: i for i, id_ in enumerate(self.ids, start=1)}
         self._lock = threading.Lock()
@@ -345,7 +351,7 @@ class FakeApi:
         return None
 
     def _list_what(self, query: Mapping[str, str]) -> str:
-        key = {"page": "page", "offset": "offset", "cursor": "cursor"}[self.page_style]
+        key = {"page": "page", "cursor": "cursor"}.get(self.page_style, "offset")
         return query.get(key, "1" if key == "page" else "0" if key == "offset" else "")
 
     def _list(self, query: Mapping[str, str]) -> _Answer:
@@ -357,7 +363,7 @@ class FakeApi:
                 if page < 1:
                     raise ValueError("page starts at 1")
                 offset = (page - 1) * min(max(size, 1), self.page_size_max)
-            elif self.page_style == "offset":
+            elif self.page_style != "cursor":  # offset, next_url, link_header
                 offset = int(query.get("offset", "0"))
             else:
                 cursor = query.get("cursor", "")
@@ -369,12 +375,19 @@ class FakeApi:
         size = min(size, self.page_size_max)
         chunk = self.ids[offset : offset + size]
         end = offset + len(chunk)
-        next_cursor = encode_cursor(end) if chunk and end < self.n_items else None
-        body = {
+        more = bool(chunk) and end < self.n_items
+        next_cursor = encode_cursor(end) if more else None
+        body: dict[str, Any] = {
             "data": [{"id": id_, "name": f"name of {id_}"} for id_ in chunk],
             "meta": {"total": self.n_items, "next_cursor": next_cursor},
         }
-        return _Answer(200, body, [])
+        headers: Headers = []
+        next_url = f"{self.next_base or ''}/items?offset={end}&limit={size}" if more else None
+        if self.page_style == "next_url":
+            body["next_page_url"] = next_url
+        elif self.page_style == "link_header" and next_url is not None:
+            headers.append(("Link", f'<{next_url}>; rel="next", </items?offset=0>; rel="first"'))
+        return _Answer(200, body, headers)
 
     def _detail(self, id_: str) -> _Answer:
         if id_ in self.missing or id_ not in self._index:
