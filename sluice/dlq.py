@@ -4,11 +4,13 @@ content): one that fails again comes back as a new letter, which is not replayed
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 from dataclasses import dataclass
 
 import asyncpg
-from aiokafka import TopicPartition
+from aiokafka import ConsumerRecord, TopicPartition
 from pydantic import ValidationError
 
 from sluice.config import KafkaSettings
@@ -16,6 +18,8 @@ from sluice.schemas.events import DeadLetter
 from sluice.storage.dlq import record_replay
 from sluice.streams import kafka as clients
 from sluice.streams.topics import Topic, Topics
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -26,10 +30,26 @@ class Letter:
     letter: DeadLetter
 
 
+IDLE_MS = 1000
+"""A poll of the dead-letter topic that returns nothing for this long ends the reading."""
+
+READ_TIMEOUT = 60.0
+"""Seconds ``read_letters`` reads at most, however much is still coming."""
+
+
 async def read_letters(
-    kafka: KafkaSettings, *, topic: str | None = None, limit: int | None = None
+    kafka: KafkaSettings,
+    *,
+    topic: str | None = None,
+    limit: int | None = None,
+    within: float = READ_TIMEOUT,
 ) -> list[Letter]:
-    """The letters on the dead-letter topic now, oldest first per partition."""
+    """The letters on the dead-letter topic now, oldest first per partition.
+
+    Read from the beginning until a poll returns nothing and every partition is at least at
+    the end offset the broker reports, bounded by ``within`` seconds: the end offset is only a lower
+    bound (the embedded broker reports the start of a partition's last record batch plus one,
+    so 600 letters produced in one burst can show as 2), never where the reading stops."""
     deadletter = Topics.of(kafka).deadletter
     consumer = clients.consumer(kafka)
     await consumer.start()
@@ -45,23 +65,38 @@ async def read_letters(
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
         found: list[Letter] = []
-        for tp in tps:
-            while await consumer.position(tp) < ends[tp]:
-                batch = await consumer.getmany(tp, timeout_ms=1000, max_records=500)
-                records = batch.get(tp, [])
-                if not records:
-                    break
-                for r in records:
-                    try:
-                        letter = DeadLetter.model_validate_json(r.value or b"")
-                    except ValidationError:
-                        continue
-                    if topic is None or letter.topic == topic:
-                        found.append(Letter(r.partition, r.offset, r.key, letter))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while loop.time() < deadline:
+            batch = await consumer.getmany(*tps, timeout_ms=IDLE_MS, max_records=5000)
+            for records in batch.values():
+                found.extend(_letters(records, topic))
+            if not batch and all([await consumer.position(tp) >= ends[tp] for tp in tps]):
+                break
+        else:
+            log.warning(
+                "the dead-letter topic %s was still being read after %.0fs; listing what was"
+                " read so far",
+                deadletter,
+                within,
+            )
         found.sort(key=lambda x: x.letter.time)
         return found[-limit:] if limit else found
     finally:
         await consumer.stop()
+
+
+def _letters(records: list[ConsumerRecord[bytes, bytes]], topic: str | None) -> list[Letter]:
+    """The dead letters among ``records`` (from ``topic`` when given; others are skipped)."""
+    letters = []
+    for r in records:
+        try:
+            letter = DeadLetter.model_validate_json(r.value or b"")
+        except ValidationError:
+            continue
+        if topic is None or letter.topic == topic:
+            letters.append(Letter(r.partition, r.offset, r.key, letter))
+    return letters
 
 
 async def replay(

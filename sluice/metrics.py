@@ -51,8 +51,10 @@ RETRY_STAGES = ("split", "fetch", "detail", "trigger", "backfill", "upsert", "la
 APPLY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 TANSU_LAG_NOTE = (
-    "The embedded broker (Tansu 0.6) reports a partition's end offset as the start of its last "
-    "record batch plus one: the figure is right on Apache Kafka and only approximate there."
+    "Right on Apache Kafka (and any broker that reports a partition's true end offset). On the "
+    "embedded broker (Tansu 0.6), which reports the start of a partition's last record batch "
+    "plus one, the end is taken as at least the consumer's own fetch position: a lower bound "
+    "that can miss at most the rest of the last record batch, never negative."
 )
 
 
@@ -108,8 +110,9 @@ class WorkerMetrics:
         self.consumer_lag = Gauge(
             "sluice_consumer_lag",
             "Messages not yet done, per partition assigned to this worker and consumer group: "
-            "the partition's end offset seen by the consumer's last fetch minus the offset it "
-            "committed (the firehose applier's group: its position, committed after each batch); "
+            "the partition's end offset seen by the consumer's last fetch (at least its fetch "
+            "position) minus the offset it committed (the firehose applier's group: its "
+            "position, committed after each batch); "
             f"updated every SLUICE_METRICS_LAG_INTERVAL seconds. {TANSU_LAG_NOTE}",
             ["group", "topic", "partition"],
             registry=r,

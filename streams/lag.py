@@ -2,8 +2,12 @@
 fetch saw (the broker sends a partition's highwater with every fetch response) and the offset it
 committed. No request to the broker, so it can be measured as often as wanted.
 
-On the embedded broker (Tansu 0.6) the highwater is the start of the partition's last record
-batch plus one, not its end: the figure is right on Apache Kafka and only approximate there.
+The end is the larger of that highwater and the consumer's own position (the next offset it
+will fetch): on Apache Kafka the highwater is never below the position, so the lag is exact
+(as of the last fetch); on the embedded broker (Tansu 0.6) the highwater is the start of the
+partition's last record batch plus one, which can be far below what the consumer already
+fetched, and the position keeps the figure from going to zero or below while fetched messages
+are not yet done. There it is a lower bound: it can miss at most the rest of the last batch.
 """
 
 from __future__ import annotations
@@ -16,8 +20,8 @@ LAG_WAIT = 1.0
 
 
 async def faust_lag(consumer: Any) -> dict[tuple[str, int], int]:
-    """Lag per partition assigned to a Faust consumer: the end offset its last fetch saw minus
-    the offset it committed (or, when it has committed nothing, its position)."""
+    """Lag per partition assigned to a Faust consumer: the end (see the module's note) minus the
+    offset it committed (or, when it has committed nothing, its position)."""
     # Faust keeps the committed offsets of its assigned partitions here: set from the group's
     # offsets on assignment, moved on every commit, dropped on revocation (faust-streaming 0.15).
     committed: Any = getattr(consumer, "_committed_offset", {})
@@ -25,13 +29,12 @@ async def faust_lag(consumer: Any) -> dict[tuple[str, int], int]:
     for tp in consumer.assignment():
         try:
             end = consumer.highwater(tp)
-            done = committed.get(tp)
-            if done is None:
-                done = await asyncio.wait_for(consumer.position(tp), LAG_WAIT)
+            position = await asyncio.wait_for(consumer.position(tp), LAG_WAIT)
         except Exception:  # revoked meanwhile, or no position yet: next time
             continue
-        if end is not None and done is not None:
-            lags[(tp.topic, tp.partition)] = end - done
+        done = committed.get(tp, position)
+        if end is not None and done is not None and position is not None:
+            lags[(tp.topic, tp.partition)] = max(end, position) - done
     return lags
 
 
@@ -46,5 +49,5 @@ async def aiokafka_lag(consumer: Any) -> dict[tuple[str, int], int]:
         except Exception:
             continue
         if end is not None:
-            lags[(tp.topic, tp.partition)] = end - done
+            lags[(tp.topic, tp.partition)] = max(end, done) - done
     return lags
