@@ -503,9 +503,10 @@ class FirehoseSettings(BaseSettings):
     max_attempts: int = Field(default=5, ge=1, description="tries of a PDS request (not 429s)")
     pds_rate: float = Field(default=20.0, gt=0, description="requests per second to one PDS")
     freshness: float = Field(
-        default=15.0,
+        default=10.0,
         gt=0,
-        description="a backfill starts only when the firehose saved its cursor this recently",
+        description="a backfill starts only when a firehose consumer covering it heard from "
+        "its server (a frame, or the answer to a ping) this recently and has saved a cursor",
     )
 
     @staticmethod

@@ -13,6 +13,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 from typing import TypeAlias
 
@@ -41,23 +42,33 @@ PDS_SLOT_LOCK = "hashtext(current_schema() || ':pds:' || $1)"
 @dataclass(frozen=True)
 class ConsumerCursor:
     """A firehose consumer's saved cursor: which DIDs and collections it lets through (empty:
-    all) and how long ago it saved."""
+    all), its cursor (None before its first save) and when it last heard from its server."""
 
     name: str
     collections: list[str]
     dids: list[str]
     age: Decimal
-    """seconds since the consumer saved its cursor (``extract`` gives numeric)"""
+    """seconds since the consumer last heard from its server (``extract`` gives numeric)"""
+    time_us: int | None = None
+    heard_at: datetime | None = None
+    """None when it never did"""
 
 
 async def consumer_cursors(db: Db) -> list[ConsumerCursor]:
-    """Every firehose consumer's cursor: a backfill starts only when one is recent and covers
-    the repository, so whatever changes during it arrives live."""
+    """Every firehose consumer's cursor, the most recently heard first: a backfill starts
+    only when one is live and covers the repository, so whatever changes during it arrives
+    live."""
     rows = await db.fetch(
-        "SELECT name, collections, dids, extract(epoch FROM now() - updated_at) AS age"
-        " FROM firehose_cursors"
+        "SELECT name, collections, dids, time_us, extract(epoch FROM now() - updated_at) AS age,"
+        " nullif(updated_at, to_timestamp(0)) AS heard_at FROM firehose_cursors"
+        " ORDER BY updated_at DESC, name"
     )
-    return [ConsumerCursor(r["name"], r["collections"], r["dids"], r["age"]) for r in rows]
+    return [
+        ConsumerCursor(
+            r["name"], r["collections"], r["dids"], r["age"], r["time_us"], r["heard_at"]
+        )
+        for r in rows
+    ]
 
 
 async def record_queued(db: Db, did: str, collections: Sequence[str]) -> None:

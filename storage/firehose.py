@@ -43,11 +43,12 @@ class PgCursorStore:
 async def register_consumer(
     pool: asyncpg.Pool, name: str, collections: Sequence[str], dids: Sequence[str]
 ) -> None:
-    """Record what the consumer listens to, so a backfill can check that it is covered."""
+    """Record what the consumer listens to, so a backfill can check that it is covered. Its
+    heartbeat (``updated_at``) is left alone: starting is not hearing from the server."""
     await pool.execute(
-        "INSERT INTO firehose_cursors (name, collections, dids)"
-        " VALUES ($1, $2, $3) ON CONFLICT (name) DO UPDATE SET collections = $2, dids = $3,"
-        " updated_at = now()",
+        "INSERT INTO firehose_cursors (name, collections, dids, updated_at)"
+        " VALUES ($1, $2, $3, to_timestamp(0))"
+        " ON CONFLICT (name) DO UPDATE SET collections = $2, dids = $3",
         name,
         list(collections),
         list(dids),
@@ -55,7 +56,7 @@ async def register_consumer(
 
 
 async def touch_consumer(pool: asyncpg.Pool, name: str) -> None:
-    """Say the consumer is alive: a quiet stream saves no cursor to say it."""
+    """Say the consumer heard from its server: a quiet stream saves no cursor to say it."""
     await pool.execute("UPDATE firehose_cursors SET updated_at = now() WHERE name = $1", name)
 
 

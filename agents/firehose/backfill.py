@@ -164,22 +164,62 @@ class PdsClient:
 async def firehose_covers(
     pool: asyncpg.Pool, did: str, collections: Sequence[str], freshness: float
 ) -> str | None:
-    """None when a firehose consumer saved its cursor within ``freshness`` seconds and its
-    filters let ``did`` and ``collections`` through; else why not."""
-    for consumer in await store.consumer_cursors(pool):
-        if consumer.age > freshness:
-            continue
-        if consumer.dids and did not in consumer.dids:
-            continue
-        wanted = consumer.collections
-        if wanted and collections and not all(_matches(c, wanted) for c in collections):
-            continue
-        return None
-    return (
-        f"no firehose consumer covering {did} saved its cursor in the last {freshness:.0f}s: "
+    """None when a live firehose consumer lets ``did`` and each of ``collections`` through;
+    else why not and what to do. Live: it heard from its server (a frame, or the answer to a
+    ping) within ``freshness`` seconds and has saved a cursor; a consumer whose process runs
+    but cannot reach its server is not."""
+    consumers = await store.consumer_cursors(pool)
+    start = (
         "start one (`sluice firehose`, or SLUICE_FIREHOSE_ENABLED=true on the workers) before "
         "the backfill, so nothing changed during it is missed"
     )
+    if not consumers:
+        return f"no firehose consumer has run: {start}"
+    live = [c for c in consumers if c.age <= freshness and c.time_us is not None]
+    if not live:
+        return (
+            f"no live firehose consumer (one that heard from its server in the last "
+            f"{freshness:.0f}s and saved a cursor): "
+            + "; ".join(_not_live(c) for c in consumers)
+            + ". Check that it runs and that SLUICE_FIREHOSE_URL (or `sluice firehose --url`)"
+            " reaches a Jetstream, then start the backfill"
+        )
+    for_did = [c for c in live if not c.dids or did in c.dids]
+    if not for_did:
+        names = ", ".join(c.name for c in live)
+        return (
+            f"no live firehose consumer lets {did} through (its DID filter: {names}): add "
+            f"{did} to SLUICE_FIREHOSE_DIDS of one of them, or leave that filter empty"
+        )
+    best, missing = None, list(collections)
+    for consumer in for_did:
+        uncovered = [
+            c for c in collections if consumer.collections and not _matches(c, consumer.collections)
+        ]
+        if not uncovered:
+            return None
+        if best is None or len(uncovered) < len(missing):
+            best, missing = consumer, uncovered
+    assert best is not None
+    return (
+        f"the collection {missing[0]} of {did} is not covered: firehose consumer {best.name} "
+        f"lets only {', '.join(best.collections)} through, so changes to {missing[0]} during "
+        f"the backfill would be lost; add {missing[0]} to its SLUICE_FIREHOSE_COLLECTIONS, or "
+        "name only covered collections in the backfill"
+    )
+
+
+def _not_live(consumer: store.ConsumerCursor) -> str:
+    """Why ``consumer`` is not live, in a few words."""
+    if consumer.heard_at is None:
+        return f"{consumer.name} never heard from its server"
+    heard = consumer.heard_at.isoformat(timespec="seconds")
+    if consumer.time_us is None:
+        return (
+            f"{consumer.name} last heard from its server at {heard} but saved no cursor yet "
+            "(no event matched its filters)"
+        )
+    return f"{consumer.name} last heard from its server at {heard} ({consumer.age:.0f}s ago)"
 
 
 def _matches(collection: str, wanted: Sequence[str]) -> bool:
@@ -231,14 +271,19 @@ class Backfiller:
         run = await store.start_run(self.pool, request)
         stats = RateStats()
         try:
+            pds = await self.pds.resolve_pds(request.did, stats)
+            # The collections first (describeRepo when none are named): each is checked
+            # against the firehose's filters before the first page is read.
+            collections = list(request.collections) or await self.pds.collections(
+                pds, request.did, stats
+            )
             why = await firehose_covers(
-                self.pool, request.did, request.collections, self.settings.freshness
+                self.pool, request.did, collections, self.settings.freshness
             )
             if why is not None:
                 raise BackfillError(why)
-            pds = await self.pds.resolve_pds(request.did, stats)
             async with self._pds_slot(pds, request.did, run):
-                await self._backfill_repo(run, request, pds, stats)
+                await self._backfill_repo(run, request.did, collections, pds, stats)
         except (BackfillError, PdsUnavailable) as exc:
             log.warning("backfill of %s failed: %s", request.did, exc)
             await store.fail_run(self.pool, run.id, request.did, str(exc))
@@ -247,10 +292,8 @@ class Backfiller:
         return await store.read_run(self.pool, run.id)
 
     async def _backfill_repo(
-        self, run: Run, request: BackfillRequested, pds: str, stats: RateStats
+        self, run: Run, did: str, collections: list[str], pds: str, stats: RateStats
     ) -> None:
-        did = request.did
-        collections = list(request.collections) or await self.pds.collections(pds, did, stats)
         states = {s.collection: s for s in await self.states(did)}
         todo = [
             c

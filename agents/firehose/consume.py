@@ -159,6 +159,10 @@ class JetstreamConsumer:
         self._saved_us = -1
         self._malformed_log_at = 0.0
         self._malformed_unlogged = 0
+        # The open connection, and when (monotonic) the server was last heard on it: a frame,
+        # or the pong to a ping of ``heard_from_server``.
+        self._ws: ClientConnection | None = None
+        self._heard_at: float | None = None
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Consume until ``stop`` is set (or the task is cancelled)."""
@@ -186,6 +190,25 @@ class JetstreamConsumer:
             self.stats.published,
             self.stats.malformed,
         )
+
+    async def heard_from_server(self, within: float) -> bool:
+        """Whether the server was heard in the last ``within`` seconds: a frame came, or it
+        answers a ping now (a quiet, filtered stream sends no frames for a long time). False
+        while not connected, however recently the process was alive."""
+        ws = self._ws
+        if ws is None:
+            return False
+        if self._heard_at is not None and time.monotonic() - self._heard_at <= within:
+            return True
+        try:
+            pong = await ws.ping()
+            await asyncio.wait_for(pong, within)
+        except (TimeoutError, WebSocketException, OSError):
+            return False
+        if ws is self._ws:
+            self._heard_at = time.monotonic()
+            return True
+        return False
 
     def saved_cursor(self) -> int | None:
         """The last cursor saved (or loaded at the start); None before there is one."""
@@ -270,8 +293,10 @@ class JetstreamConsumer:
         validate = JetstreamEvent.model_validate_json
         publish = self._publish
         stats = self.stats
+        self._ws = ws
         try:
             async for message in ws:
+                self._heard_at = time.monotonic()
                 stats.received += 1
                 if not isinstance(message, str):
                     await self._refuse(message, BINARY_FRAME_REASON)
@@ -287,6 +312,7 @@ class JetstreamConsumer:
                 if event.time_us > self._high_us:
                     self._high_us = stats.last_time_us = event.time_us
         finally:
+            self._ws = None
             closer.cancel()
 
     @staticmethod

@@ -23,6 +23,11 @@ from sluice.storage.firehose import (
 
 log = logging.getLogger(__name__)
 
+HEARTBEAT = 1.0
+"""Seconds between heartbeats (``sluice.firehose_cursors.updated_at``)."""
+HEARD_WITHIN = 2.0
+"""A heartbeat is written when the server sent a frame, or answered a ping, this recently."""
+
 PublishRaw = Callable[[str, bytes], Awaitable[None]]
 Flush = Callable[[], Awaitable[None]]
 DeadLetter = Callable[[bytes, str], Awaitable[None]]
@@ -62,10 +67,12 @@ async def run_consumer(
     await register_consumer(pool, consumer.name, consumer.collections, consumer.dids)
 
     async def heartbeat() -> None:
-        # Quiet streams save no cursor: the heartbeat says the consumer is alive all the same.
+        # Quiet streams save no cursor: the heartbeat says the consumer hears its server all
+        # the same. Only then: a consumer reconnecting to a dead URL is not live.
         while True:
-            await asyncio.sleep(1.0)
-            await touch_consumer(pool, consumer.name)
+            await asyncio.sleep(HEARTBEAT)
+            if await consumer.heard_from_server(HEARD_WITHIN):
+                await touch_consumer(pool, consumer.name)
 
     beat = asyncio.create_task(heartbeat())
     try:

@@ -109,8 +109,8 @@ async def covered(stack: Stack, plc: Recorder) -> AsyncIterator[list[str]]:
     name = f"security-{TAG}"
     try:
         await conn.execute(
-            "INSERT INTO sluice.firehose_cursors (name, dids, updated_at)"
-            " VALUES ($1, $2, now() + interval '1 hour')",
+            "INSERT INTO sluice.firehose_cursors (name, time_us, dids, updated_at)"
+            " VALUES ($1, 1, $2, now() + interval '1 hour')",
             name,
             dids,
         )

@@ -693,7 +693,7 @@ async def test_sigkill_of_a_worker_during_firehose_and_backfill(
                 return bool(
                     await c.fetchval(
                         "SELECT count(*) FROM sluice.firehose_cursors WHERE name = $1"
-                        " AND updated_at > now() - interval '5 seconds'",
+                        " AND time_us IS NOT NULL AND updated_at > now() - interval '5 seconds'",
                         f"chaos-{tag}",
                     )
                 )

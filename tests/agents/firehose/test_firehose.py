@@ -41,6 +41,7 @@ DIDS = [f"did:plc:repo{i:02d}" for i in range(8)]
 DOOMED = DIDS[5]  # its account is deleted during the backfill
 SLOW = "did:plc:slowrepo"  # the backfill that is killed mid-way
 SENTINEL_DIDS = DIDS[:4]
+WARMUP = "did:plc:warmup"  # its one post makes the consumer save a first cursor
 
 
 class Firehose:
@@ -89,6 +90,7 @@ def scene(
     for i, did in enumerate(DIDS):
         world.add_repo(did, f"user{i}.test", {POST: 250, LIKE: 120})
     world.add_repo(SLOW, "slow.test", {POST: 1200})
+    world.add_repo(WARMUP, "warmup.test", {})
     rng = random.Random(7)
     holder: dict[str, Scene] = {}
 
@@ -128,9 +130,25 @@ def scene(
         firehose.start()
         try:
             jetstream.wait_connected(timeout=60)
+            # A backfill starts only once the consumer is live (it saved a cursor): one event.
+            world.create(WARMUP, POST)
+            asyncio.run(saved_a_cursor(stack, "default"))
             yield scene
         finally:
             firehose.stop()
+
+
+async def saved_a_cursor(stack: Stack, name: str, timeout: float = 60) -> None:
+    conn = await asyncpg.connect(stack.postgres.url)
+    try:
+        deadline = time.monotonic() + timeout
+        while not await conn.fetchval(
+            "SELECT time_us IS NOT NULL FROM sluice.firehose_cursors WHERE name = $1", name
+        ):
+            assert time.monotonic() < deadline, f"the firehose consumer {name} saved no cursor"
+            await asyncio.sleep(0.2)
+    finally:
+        await conn.close()
 
 
 async def db_state(
