@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from sluice.agents.fetch.base import Secrets, dig, secret
-from sluice.agents.fetch.guard import GuardedClient
+from sluice.agents.fetch.guard import GuardedClient, Origin, origin
 from sluice.config import UrlSettings
 from sluice.errors import SourceError, SourceUnavailable
 from sluice.retries import Policy, retrying
@@ -235,11 +235,11 @@ class ApiClient:
             url = response.url.join(given)
         except httpx.InvalidURL as exc:
             raise SourceError(f"GET {path}: the next page's URL {given!r} {where}: {exc}") from None
-        base = httpx.URL(self.base_url)
-        if (url.scheme, url.host, url.port) != (base.scheme, base.host, base.port):
+        own = origin(httpx.URL(self.base_url))
+        if origin(url) != own:
             raise SourceError(
                 f"GET {path}: the next page's URL {where} is {url}, on "
-                f"{_origin(url)}, not on the source's own host {_origin(base)}; the "
+                f"{_spelled(origin(url))}, not on the source's own host {_spelled(own)}; the "
                 "listing was stopped there. If the API really pages through another host, "
                 "make that host the importer's ApiSource.base_url"
             )
@@ -334,10 +334,10 @@ def _json(path: str, response: httpx.Response) -> Any:
         raise SourceError(f"GET {path} answered with invalid JSON: {exc}") from None
 
 
-def _origin(url: httpx.URL) -> str:
-    """scheme://host:port of ``url``, with the scheme's default port spelled out."""
-    port = url.port or {"http": 80, "https": 443}.get(url.scheme)
-    return f"{url.scheme}://{url.host}:{port}"
+def _spelled(where: Origin) -> str:
+    """scheme://host:port of an origin (the default port spelled out)."""
+    scheme, host, port = where
+    return f"{scheme}://{host.decode()}:{port}"
 
 
 class ApiClients:

@@ -52,10 +52,13 @@ class RepeatCounter:
     """Counts repeated keys over a whole file in bounded memory (see the module's note)."""
 
     def __init__(self) -> None:
+        self._files: list[IO[bytes]] = []
+        self._empty()
+
+    def _empty(self) -> None:
         self._arrays = [array.array("q") for _ in range(BUCKETS)]
         self._appends = [a.append for a in self._arrays]
         self._held = 0
-        self._files: list[IO[bytes]] = []
 
     def add(self, keys: Iterable[str]) -> None:
         appends, low, held = self._appends, _LOW, 0
@@ -83,9 +86,7 @@ class RepeatCounter:
         for file in self._files:
             file.close()
         self._files = []
-        self._arrays = [array.array("q") for _ in range(BUCKETS)]
-        self._appends = [a.append for a in self._arrays]
-        self._held = 0
+        self._empty()
 
     def _spill(self) -> None:
         if not self._files:

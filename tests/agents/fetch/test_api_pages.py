@@ -4,6 +4,7 @@ header) only on the source's own host, and a misconfigured listing says what to 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,10 +14,11 @@ import pytest
 from sluice.agents.fetch.api import ApiClient
 from sluice.config import UrlSettings
 from sluice.errors import SourceError
-from sluice.schemas.sources import ApiSource, Pagination, RateLimit
+from sluice.schemas.sources import ApiSource, Pagination
 from sluice.storage.db import create_pool
 from sluice.storage.ratelimit import RateLimiter, RateStats
 from tests.conftest import Stack, unique
+from tests.support.importers import api_importer
 from tests.support.servers.paginated_api import FakeApi
 
 LOOPBACK = UrlSettings(allow_private=True)
@@ -42,16 +44,11 @@ async def pool(stack: Stack) -> AsyncIterator[asyncpg.Pool]:
 
 
 def client(pool: asyncpg.Pool, base_url: str, pagination: Pagination) -> ApiClient:
-    source = ApiSource(
-        base_url=base_url,
-        list_path="/items",
-        items_path="data",
-        id_path="id",
-        pagination=pagination,
-        rate=RateLimit(per_second=500, burst=50),
-        limiter_key=unique("pages"),
-        max_attempts=2,
-        backoff=0.01,
+    """The test importers' source of the fake API, on this server and paged by ``pagination``."""
+    pull = api_importer("t_pages", per_second=500, burst=50, pagination=pagination).pull
+    assert isinstance(pull, ApiSource)
+    source = dataclasses.replace(
+        pull, base_url=base_url, limiter_key=unique("pages"), max_attempts=2, backoff=0.01
     )
     return ApiClient(source, RateLimiter(pool), {}, LOOPBACK)
 
