@@ -23,6 +23,7 @@ from sluice.schemas.firehose import BACKFILL_IMPORTER, BackfillRequested, Backfi
 from sluice.schemas.runs import Run
 from sluice.storage.atproto import ApplyCounts
 from sluice.storage.db import advisory_key
+from sluice.storage.firehose import NEVER_HEARD
 from sluice.storage.ratelimit import RateStats
 from sluice.storage.runs import RUN_COLUMNS, emit_event, run_from_record
 
@@ -60,7 +61,7 @@ async def consumer_cursors(db: Db) -> list[ConsumerCursor]:
     live."""
     rows = await db.fetch(
         "SELECT name, collections, dids, time_us, extract(epoch FROM now() - updated_at) AS age,"
-        " nullif(updated_at, to_timestamp(0)) AS heard_at FROM firehose_cursors"
+        f" nullif(updated_at, {NEVER_HEARD}) AS heard_at FROM firehose_cursors"
         " ORDER BY updated_at DESC, name"
     )
     return [

@@ -40,6 +40,10 @@ class PgCursorStore:
         )
 
 
+NEVER_HEARD = "to_timestamp(0)"
+"""``firehose_cursors.updated_at`` of a consumer that never heard from its server."""
+
+
 async def register_consumer(
     pool: asyncpg.Pool, name: str, collections: Sequence[str], dids: Sequence[str]
 ) -> None:
@@ -47,7 +51,7 @@ async def register_consumer(
     heartbeat (``updated_at``) is left alone: starting is not hearing from the server."""
     await pool.execute(
         "INSERT INTO firehose_cursors (name, collections, dids, updated_at)"
-        " VALUES ($1, $2, $3, to_timestamp(0))"
+        f" VALUES ($1, $2, $3, {NEVER_HEARD})"
         " ON CONFLICT (name) DO UPDATE SET collections = $2, dids = $3",
         name,
         list(collections),
