@@ -175,6 +175,11 @@ class ApiSource:
     backoff_max: float = 30.0
     timeout: float = 30.0
     concurrency: int = 8
+    detail_batch: int = 20
+    """Items per detail batch: each listed page is cut into batches of this many, which spread
+    over the workers; a batch is one transaction writing its records and its items' states. A
+    transient failure (a 5xx, a timeout) is not retried inside its batch: the item moves to a
+    retry batch of its own, due after its backoff, so it holds neither its batch nor a worker."""
 
     kind = "api"
 
@@ -183,6 +188,8 @@ class ApiSource:
             raise ValueError("ApiSource needs base_url or base_url_env")
         if self.max_attempts < 1:
             raise ValueError("ApiSource.max_attempts must be at least 1")
+        if self.detail_batch < 1:
+            raise ValueError("ApiSource.detail_batch must be at least 1")
 
 
 PullSource = UrlSource | FtpSource | FilesystemSource | ApiSource

@@ -3,7 +3,10 @@
 Discovery records a page's items and the cursor after it in one transaction, so a discovery
 that stops resumes at the first page it had not recorded. An item's status moves
 ``pending -> processing -> completed | failed`` and is written in the transaction that applies
-its detail batch, so a completed item is never fetched again.
+its detail batch, so a completed item is never fetched again. An item that failed in a way that
+may pass goes back to ``pending`` in a retry batch of its own (a negative ``seq``) with the time
+it is due again (``retry_at``) and its failures so far, in that same transaction: it is neither
+lost nor fetched more often than it failed, whatever crashes.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -41,6 +45,8 @@ class Item:
     status: ItemStatus
     failure_count: int
     data: dict[str, Any]
+    retry_at: datetime | None = None
+    """When an item in a retry batch is due again."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,17 @@ class ItemOutcome:
     completed: bool
     failures: int
     error: str | None
+    retry_in: float | None = None
+    """Seconds until the item is tried again (it failed in a way that may pass, with attempts
+    left); None: it is done, ``completed`` or failed for good."""
+
+
+@dataclass(frozen=True)
+class Retry:
+    """A retry batch made by a detail batch: its number and the seconds until it is due."""
+
+    seq: int
+    due_in: float
 
 
 class ItemRepository:
@@ -104,32 +121,45 @@ class ItemRepository:
         next_state: dict[str, Any],
         done: bool,
         stats: tuple[int, int, float],
-    ) -> tuple[Discovery, int | None]:
-        """Record one listed page and where the listing goes on. Returns the discovery after it
-        and the batch number of the page's new items (None when it had none: all were listed
-        before). ``stats`` are the rate-limit figures spent on this page."""
+        batch_size: int,
+    ) -> tuple[Discovery, list[int]]:
+        """Record one listed page and where the listing goes on. The page's new items (an id
+        listed before, on this page or another, is not new) are cut into detail batches of
+        ``batch_size``. Returns the discovery after it and the numbers of the new batches.
+        ``stats`` are the rate-limit figures spent on this page."""
         async with self.pool.acquire() as conn, conn.transaction():
-            seq = current.batches
-            inserted = await conn.fetchval(
-                "WITH ins AS (INSERT INTO items"
-                " (run_id, external_id, seq, ordinal, metadata)"
-                " SELECT $1, x.id, $2, $3 + x.n, x.item::jsonb"
-                " FROM unnest($4::text[], $5::text[]) WITH ORDINALITY AS x(id, item, n)"
-                " ON CONFLICT DO NOTHING RETURNING 1) SELECT count(*) FROM ins",
-                run_id,
-                seq,
-                current.listed,
-                list(ids),
-                [orjson.dumps(i).decode() for i in items],
+            known = set(
+                await conn.fetchval(
+                    "SELECT coalesce(array_agg(external_id), '{}') FROM items"
+                    " WHERE run_id = $1 AND external_id = ANY($2::text[])",
+                    run_id,
+                    list(ids),
+                )
             )
-            batches = current.batches + (1 if inserted else 0)
+            fresh: dict[str, tuple[int, dict[str, Any]]] = {}
+            for n, (external_id, item) in enumerate(zip(ids, items, strict=True), 1):
+                if external_id not in known and external_id not in fresh:
+                    fresh[external_id] = (current.listed + n, item)
+            seqs = [current.batches + k // batch_size for k in range(len(fresh))]
+            await conn.execute(
+                "INSERT INTO items (run_id, external_id, seq, ordinal, metadata)"
+                " SELECT $1, x.id, x.seq, x.ordinal, x.item::jsonb"
+                " FROM unnest($2::text[], $3::int[], $4::bigint[], $5::text[])"
+                "   AS x(id, seq, ordinal, item)",
+                run_id,
+                list(fresh),
+                seqs,
+                [ordinal for ordinal, _ in fresh.values()],
+                [orjson.dumps(item).decode() for _, item in fresh.values()],
+            )
+            batches = current.batches + -(-len(fresh) // batch_size)
             listed = current.listed + len(ids)
             after = Discovery(
                 state=next_state,
                 pages=current.pages + 1,
                 batches=batches,
                 listed=listed,
-                items=current.items + inserted,
+                items=current.items + len(fresh),
                 done=done,
             )
             await conn.execute(
@@ -149,7 +179,7 @@ class ItemRepository:
                 after.items,
                 *stats,
             )
-        return after, (seq if inserted else None)
+        return after, list(range(current.batches, batches))
 
     async def copy_failed(self, run_id: uuid.UUID, parent_id: uuid.UUID, page_size: int) -> int:
         """A retry run's items: the parent's failed items, in pages of ``page_size``. Returns
@@ -189,7 +219,7 @@ class ItemRepository:
 
     async def page(self, run_id: uuid.UUID, seq: int) -> list[Item]:
         rows = await self.pool.fetch(
-            "SELECT external_id, ordinal, status, failure_count, metadata FROM items"
+            "SELECT external_id, ordinal, status, failure_count, metadata, retry_at FROM items"
             " WHERE run_id = $1 AND seq = $2 ORDER BY ordinal",
             run_id,
             seq,
@@ -201,6 +231,7 @@ class ItemRepository:
                 ItemStatus(r["status"]),
                 r["failure_count"],
                 r["metadata"],
+                r["retry_at"],
             )
             for r in rows
         ]
@@ -241,25 +272,29 @@ async def finish_items(
     run_id: uuid.UUID,
     outcomes: Sequence[ItemOutcome],
     stats: tuple[int, int, float],
-) -> None:
+) -> Retry | None:
     """Mark a detail batch's items completed or failed, in the batch's transaction, and add
-    the item counts and rate-limit figures to the run."""
+    the item counts and rate-limit figures to the run. The items to try again move to a new
+    retry batch, which the run's total counts from now on (returned: it is for the caller to
+    send once the transaction is committed)."""
+    final = [o for o in outcomes if o.retry_in is None]
+    again = [o for o in outcomes if o.retry_in is not None]
     await conn.execute(
         "UPDATE items i SET status = CASE WHEN o.completed THEN 'completed'"
         " ELSE 'failed' END, failure_count = i.failure_count + o.failures,"
         " last_error = coalesce(o.error, i.last_error),"
         " last_failed_at = CASE WHEN o.failures > 0 THEN now() ELSE i.last_failed_at END,"
-        " completed_at = CASE WHEN o.completed THEN now() END"
+        " completed_at = CASE WHEN o.completed THEN now() END, retry_at = NULL"
         " FROM unnest($2::text[], $3::bool[], $4::int[], $5::text[])"
         "   AS o(external_id, completed, failures, error)"
         " WHERE i.run_id = $1 AND i.external_id = o.external_id",
         run_id,
-        [o.external_id for o in outcomes],
-        [o.completed for o in outcomes],
-        [o.failures for o in outcomes],
-        [o.error for o in outcomes],
+        [o.external_id for o in final],
+        [o.completed for o in final],
+        [o.failures for o in final],
+        [o.error for o in final],
     )
-    done = sum(1 for o in outcomes if o.completed)
+    done = sum(1 for o in final if o.completed)
     await conn.execute(
         "UPDATE runs SET items_completed = items_completed + $2,"
         " items_failed = items_failed + $3, rate_limit_hits = rate_limit_hits + $4,"
@@ -267,6 +302,29 @@ async def finish_items(
         " total_sleep_seconds = total_sleep_seconds + $6 WHERE id = $1",
         run_id,
         done,
-        len(outcomes) - done,
+        len(final) - done,
         *stats,
     )
+    if not again:
+        return None
+    # total_batches is NULL until the listing is done; finish_split then adds retry_batches.
+    n = await conn.fetchval(
+        "UPDATE runs SET retry_batches = retry_batches + 1, total_batches = total_batches + 1"
+        " WHERE id = $1 RETURNING retry_batches",
+        run_id,
+    )
+    await conn.execute(
+        "UPDATE items i SET status = 'pending', seq = $2, failure_count = i.failure_count"
+        " + o.failures, last_error = o.error, last_failed_at = now(),"
+        " retry_at = now() + o.due_in * interval '1 second'"
+        " FROM unnest($3::text[], $4::int[], $5::text[], $6::float8[])"
+        "   AS o(external_id, failures, error, due_in)"
+        " WHERE i.run_id = $1 AND i.external_id = o.external_id",
+        run_id,
+        -n,
+        [o.external_id for o in again],
+        [o.failures for o in again],
+        [o.error for o in again],
+        [o.retry_in for o in again],
+    )
+    return Retry(-n, max(o.retry_in or 0.0 for o in again))

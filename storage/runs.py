@@ -361,7 +361,9 @@ class RunRepository:
         the keys the file repeats, in the provenance as ``repeated_keys``."""
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(
-                "UPDATE runs SET split_done = true, total_rows = $2, total_batches = $3,"
+                "UPDATE runs SET split_done = true, total_rows = $2,"
+                # An API run's retry batches, made while the listing went on, count too.
+                " total_batches = $3 + retry_batches,"
                 " rows_read = $2, read_fraction = 1, gaps = $4,"
                 " provenance = CASE WHEN $5::jsonb IS NULL THEN provenance"
                 " ELSE coalesce(provenance, '{}') || jsonb_build_object('repeated_keys', $5::jsonb)"

@@ -3,7 +3,7 @@ rate limit, retrying what may pass and never giving up on a 429. Every request a
 goes through the host policy of ``SLUICE_URL_*`` (``sluice.agents.fetch.guard``).
 
     ApiClient.list_page(state)   -> Page (items, next state, done)
-    ApiClient.fetch_detail(id)   -> DetailResult (the detail, or why it failed for good)
+    ApiClient.fetch_detail(id)   -> DetailResult (the detail, or why not this time)
 """
 
 from __future__ import annotations
@@ -67,10 +67,14 @@ class Page:
 
 @dataclass
 class DetailResult:
+    """One attempt at an item's detail: the detail, or why not (``transient``: it may pass if
+    asked again later)."""
+
     detail: dict[str, Any] | None
     error: str | None = None
     failures: int = 0
     last_error: str | None = None
+    transient: bool = False
 
 
 @dataclass
@@ -277,38 +281,34 @@ class ApiClient:
         return response
 
     async def fetch_detail(self, external_id: str, stats: RateStats) -> DetailResult:
-        """The item's detail; transient failures are retried with exponential backoff up to
-        ``max_attempts``; a 4xx other than 429, or a host the policy refuses, fails the item at
-        once."""
+        """One attempt at the item's detail. A 429 is not the item's: the source is blocked for
+        the cluster and the item asked again after the wait. A failure that may pass (a 5xx, a
+        timeout) comes back ``transient``, for the caller to reschedule without holding other
+        items; a 4xx, a refused host or an answer without the detail is final."""
         assert self.source.detail_path is not None
         path = self.source.detail_path.format(id=external_id)
         result = DetailResult(detail=None)
-
-        async def get() -> httpx.Response:
+        while True:
             try:
-                return await self._get(path, stats)
+                response = await self._get(path, stats)
+                break
             except SourceUnavailable as exc:
-                if exc.retry_after is None:  # a 429 is not the item's failure
-                    result.failures += 1
-                    result.last_error = (
-                        f"GET {path} answered HTTP {exc.status}"
-                        if exc.status is not None
-                        else f"GET {path}: {exc}"
-                    )
-                raise
-
-        try:
-            response = await retrying(f"GET {path}", get, self.retries)
-        except SourceUnavailable:
-            result.error = f"{result.last_error} ({self.source.max_attempts} attempts)"
-            return result
-        except SourceError as exc:
-            # A refused host or redirect: asking again cannot help.
-            result.failures += 1
-            result.error = result.last_error = f"GET {path}: {exc}"
-            return result
+                if exc.retry_after is not None:
+                    continue  # a 429: limited_get has blocked the source for its Retry-After
+                result.failures, result.transient = 1, True
+                result.error = result.last_error = (
+                    f"GET {path} answered HTTP {exc.status}"
+                    if exc.status is not None
+                    else f"GET {path}: {exc}"
+                )
+                return result
+            except SourceError as exc:
+                # A refused host or redirect: asking again cannot help.
+                result.failures = 1
+                result.error = result.last_error = f"GET {path}: {exc}"
+                return result
         if not response.is_success:
-            result.failures += 1
+            result.failures = 1
             result.error = result.last_error = f"GET {path} answered HTTP {response.status_code}"
             return result
         try:

@@ -1,7 +1,11 @@
-"""Detail: for each page of discovered items, fetch every item's detail (under the cluster's
-rate limit), map it into a record and apply the page as one batch through the same writer as
-files. The items' states are written in the batch's transaction: a redelivered page changes
+"""Detail: for each batch of discovered items, fetch every item's detail once (under the
+cluster's rate limit), map it into a record and apply the batch through the same writer as
+files. The items' states are written in the batch's transaction: a redelivered batch changes
 nothing, and a completed item is never fetched again.
+
+An item whose fetch failed in a way that may pass is not retried in its batch: it moves, in the
+same transaction, to a retry batch due after its backoff (``storage.items.finish_items``), which
+the caller sends when it is due. Its batch and its worker go on with other items meanwhile.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -18,12 +23,13 @@ from sluice.agents.fetch.api import DetailResult
 from sluice.agents.fetch.discover import api_source_of
 from sluice.agents.plans import PlanCache
 from sluice.agents.split.map import RecordMapper
+from sluice.retries import backoff
 from sluice.schemas.events import BatchOutcome, ItemPage, RowBatch
 from sluice.schemas.formats import ParsedRow
 from sluice.schemas.importers import Importer
 from sluice.schemas.runs import ItemStatus, RowFailure
 from sluice.schemas.sources import ApiSource
-from sluice.storage.items import Item, ItemOutcome, finish_items
+from sluice.storage.items import Item, ItemOutcome, Retry, finish_items
 from sluice.storage.ratelimit import RateStats
 from sluice.storage.runs import insert_row_failures
 
@@ -34,40 +40,49 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-async def fetch_page(deps: Deps, page: ItemPage, plans: PlanCache) -> BatchOutcome:
-    """Returns APPLIED, DUPLICATE (nothing left to do) or INACTIVE (the run is finished), and
-    counts the page as a batch in ``deps.metrics``."""
+@dataclass(frozen=True)
+class PageDone:
+    """What became of an item batch, and the retry batch it made (to send when due)."""
+
+    outcome: BatchOutcome
+    retry: Retry | None = None
+
+
+async def fetch_page(deps: Deps, page: ItemPage, plans: PlanCache) -> PageDone:
+    """The outcome is APPLIED, DUPLICATE (nothing left to do) or INACTIVE (the run is
+    finished); the batch is counted in ``deps.metrics``."""
     status, plan, dry_run = await plans.get(deps, page.run_id)
     if plan is None:
         if status.terminal:
             deps.metrics.batch_done(BatchOutcome.INACTIVE)
-            return BatchOutcome.INACTIVE
+            return PageDone(BatchOutcome.INACTIVE)
         raise RuntimeError(f"run {page.run_id} has no plan yet")
     run = await deps.runs.get(page.run_id)
     if run is None or run.status.terminal:
         deps.metrics.batch_done(BatchOutcome.INACTIVE)
-        return BatchOutcome.INACTIVE
+        return PageDone(BatchOutcome.INACTIVE)
     items = await deps.items.page(page.run_id, page.seq)
     todo = [i for i in items if i.status in (ItemStatus.PENDING, ItemStatus.PROCESSING)]
     if not todo:
         deps.metrics.batch_done(BatchOutcome.DUPLICATE)
-        return BatchOutcome.DUPLICATE
+        return PageDone(BatchOutcome.DUPLICATE)
+    source = api_source_of(deps, run.importer)
+    await _until_due(todo, source)
     await deps.items.mark_processing(page.run_id, [i.external_id for i in todo])
     stats = RateStats()
     results = await _fetch_details(deps, run.importer, todo, stats)
-    mapped = _map_items(
-        deps.registry.get(run.importer), api_source_of(deps, run.importer), todo, results
-    )
+    mapped = _map_items(deps.registry.get(run.importer), source, todo, results)
     spent = stats.take()
     logged = 0  # failures newly in the row log (none when the page was applied before)
+    retry: Retry | None = None
 
     async def also(conn: Any) -> None:
-        nonlocal logged
+        nonlocal logged, retry
         if mapped.failures:
             logged = await insert_row_failures(
                 conn, page.run_id, mapped.failures, count_processed=True
             )
-        await finish_items(
+        retry = await finish_items(
             conn, page.run_id, mapped.outcomes, (spent.hits, spent.sleeps, spent.slept)
         )
 
@@ -82,21 +97,32 @@ async def fetch_page(deps: Deps, page: ItemPage, plans: PlanCache) -> BatchOutco
     else:
         deps.metrics.batch_done(outcome)
     log.info(
-        "run %s page %d: %d items, %d failed: %s",
+        "run %s item batch %d: %d items, %d failed, %d to retry: %s",
         page.run_id,
         page.seq,
         len(todo),
         len(mapped.failures),
+        sum(1 for o in mapped.outcomes if o.retry_in is not None),
         outcome,
     )
-    return outcome
+    return PageDone(outcome, retry if outcome is BatchOutcome.APPLIED else None)
+
+
+async def _until_due(todo: list[Item], source: ApiSource) -> None:
+    """Wait until a retry batch is due: it comes early only when it was sent again (by a
+    resumed discovery, after a crash) before its time."""
+    due = max((i.retry_at for i in todo if i.retry_at is not None), default=None)
+    if due is not None:
+        wait = (due - datetime.now(UTC)).total_seconds()
+        if wait > 0:
+            await asyncio.sleep(min(wait, source.backoff_max))
 
 
 async def _fetch_details(
     deps: Deps, slug: str, todo: list[Item], stats: RateStats
 ) -> list[DetailResult]:
-    """Every item's detail, at most ``concurrency`` requests at a time (a source without a
-    detail endpoint has its items complete from the list)."""
+    """One attempt at every item's detail, at most ``concurrency`` requests at a time (a
+    source without a detail endpoint has its items complete from the list)."""
     source = api_source_of(deps, slug)
     client = deps.api_clients.get(slug, source)
     gate = asyncio.Semaphore(source.concurrency)
@@ -124,19 +150,26 @@ def _map_items(
     importer: Importer, source: ApiSource, todo: list[Item], results: list[DetailResult]
 ) -> _Mapped:
     """Map each fetched item through the source's mapping and the importer's fields; an item
-    whose fetch failed, whose mapping raised, or whose record the fields refuse is rejected
-    alone, with its reason."""
+    whose fetch failed for good (or ran out of attempts), whose mapping raised, or whose
+    record the fields refuse is rejected alone, with its reason. An item whose fetch may pass
+    another time, with attempts left, is neither: it is to be tried again after its backoff."""
     by_ordinal = {i.ordinal: i for i in todo}
     failed: dict[int, str] = {}
+    again: dict[int, float] = {}
     parsed: list[ParsedRow] = []
     for item, result in zip(todo, results, strict=True):
-        if result.error is not None:
+        attempts = item.failure_count + result.failures
+        if result.transient and attempts < source.max_attempts:
+            again[item.ordinal] = backoff(attempts, first=source.backoff, cap=source.backoff_max)
+        elif result.transient:
+            failed[item.ordinal] = f"{result.error} ({attempts} attempts)"
+        elif result.error is not None:
             failed[item.ordinal] = result.error
-            continue
-        try:
-            parsed.append(ParsedRow(item.ordinal, source.map(item.data, result.detail)))
-        except Exception as exc:  # the importer's mapping raised: this item only is rejected
-            failed[item.ordinal] = f"mapping failed: {type(exc).__name__}: {exc}"
+        else:
+            try:
+                parsed.append(ParsedRow(item.ordinal, source.map(item.data, result.detail)))
+            except Exception as exc:  # the importer's mapping raised: this item only is rejected
+                failed[item.ordinal] = f"mapping failed: {type(exc).__name__}: {exc}"
     records, rejected = RecordMapper(importer, None).map_rows(parsed)
     failures = [
         RowFailure(o, 0, {"id": by_ordinal[o].external_id, "item": by_ordinal[o].data}, why)
@@ -148,9 +181,10 @@ def _map_items(
     outcomes = [
         ItemOutcome(
             item.external_id,
-            completed=item.ordinal not in failed,
+            completed=item.ordinal not in failed and item.ordinal not in again,
             failures=result.failures,
             error=failed.get(item.ordinal) or result.last_error,
+            retry_in=again.get(item.ordinal),
         )
         for item, result in zip(todo, results, strict=True)
     ]

@@ -1,5 +1,6 @@
-"""Discover: walk a paginated API's list pages, record every item as ``pending`` and send each
-page of new items to the items topic for the detail agent.
+"""Discover: walk a paginated API's list pages, record every item as ``pending`` and send the
+new items of each page, in batches of ``ApiSource.detail_batch``, to the items topic for the
+detail agent.
 
 The page's items and the cursor after it are written in one transaction, so an interrupted
 discovery resumes at the first page it had not recorded and no page before it is listed again.
@@ -85,7 +86,7 @@ async def discover(deps: Deps, run: Run, send_page: SendPage, flush: Flush) -> N
                     )
                 ids.append(str(external_id))
             spent = stats.take()
-            found, seq = await items.record_page(
+            found, seqs = await items.record_page(
                 run.id,
                 found,
                 ids,
@@ -93,8 +94,9 @@ async def discover(deps: Deps, run: Run, send_page: SendPage, flush: Flush) -> N
                 page.next_state,
                 page.done,
                 (spent.hits, spent.sleeps, spent.slept),
+                source.detail_batch,
             )
-            if seq is not None:
+            for seq in seqs:
                 deliveries.track(await send_page(run.id, seq))
             deliveries.check()
         await flush()

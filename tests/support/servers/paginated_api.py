@@ -137,6 +137,7 @@ class FakeApi:
         n_items: int,
         *,
         per_second: float | None = None,
+        burst: int | None = None,
         throttle_every: int = 0,
         flaky: Mapping[str, int] | None = None,
         broken: Iterable[str] = (),
@@ -148,15 +149,21 @@ class FakeApi:
         port: int = 0,
         next_base: str | None = None,
     ) -> None:
-        """``next_base``: for the ``next_url`` and ``link_header`` styles, the scheme and host
-        the next page's URL is given under (``http://localhost:PORT`` for another host than
-        127.0.0.1); None gives it relative to the server, as ``/items?offset=...``."""
+        """``per_second``: at most that many accepted requests in any second; with ``burst``, a
+        token bucket instead (``burst`` tokens, ``per_second`` more each second), as many APIs
+        document their limit. ``next_base``: for the ``next_url`` and ``link_header`` styles,
+        the scheme and host the next page's URL is given under (``http://localhost:PORT`` for
+        another host than 127.0.0.1); None gives it relative to the server, as
+        ``/items?offset=...``."""
         if page_style not in PAGE_STYLES:
             raise ValueError(f"page_style must be one of {PAGE_STYLES}, not {page_style!r}")
         if n_items < 0 or page_size_max < 1 or throttle_every < 0:
             raise ValueError("n_items >= 0, page_size_max >= 1 and throttle_every >= 0 please")
         self.n_items = n_items
         self.per_second = per_second
+        self.burst = burst
+        self._tokens = float(burst or 0)
+        self._filled = time.time()
         self.throttle_every = throttle_every
         self.flaky: dict[str, int] = dict(flaky or {})
         self.broken: frozenset[str] = frozenset(broken)
@@ -342,7 +349,16 @@ class FakeApi:
             else:
                 headers = [("RateLimit-Reset", "1")]
             return _Answer(429, {"error": "rate limited"}, headers)
-        if self.per_second is not None:
+        if self.per_second is not None and self.burst is not None:
+            self._tokens = min(
+                float(self.burst), self._tokens + (now - self._filled) * self.per_second
+            )
+            self._filled = now
+            if self._tokens < 1:
+                wait = (1 - self._tokens) / self.per_second
+                return _Answer(429, {"error": "rate limited"}, [("Retry-After", _seconds(wait))])
+            self._tokens -= 1
+        elif self.per_second is not None:
             while self._accepted and self._accepted[0] <= now - 1.0:
                 self._accepted.popleft()
             if len(self._accepted) + 1 > self.per_second:
@@ -399,6 +415,11 @@ class FakeApi:
             self._flaky_seen[id_] = seen + 1
             return _Answer(503, {"error": "temporarily unavailable"}, [])
         return _Answer(200, {"data": self.item(id_)}, [])
+
+
+def _seconds(wait: float) -> str:
+    """A Retry-After in whole seconds (as HTTP has it), never 0 for a wait."""
+    return str(max(1, math.ceil(wait)))
 
 
 def _max_in_window(times: Iterable[float], seconds: float) -> int:
