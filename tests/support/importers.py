@@ -165,6 +165,7 @@ def api_importer(
     burst: int,
     page_size: int = 100,
     pagination: Pagination | None = None,
+    backoff: float = 0.05,
 ) -> Importer:
     """Items of the fake paginated API (tests/support/servers/paginated_api.py), paged by
     page number unless ``pagination`` says otherwise."""
@@ -192,7 +193,7 @@ def api_importer(
             rate=RateLimit(per_second=per_second, burst=burst),
             limiter_key=slug,
             max_attempts=4,
-            backoff=0.05,
+            backoff=backoff,
             concurrency=8,
         ),
     )
@@ -201,6 +202,10 @@ def api_importer(
 api_rated = api_importer("t_api_rated", per_second=200, burst=20)
 api_killed = api_importer("t_api_killed", per_second=150, burst=10, page_size=50)
 api_small = api_importer("t_api_small", per_second=100, burst=10, page_size=10)
+# Retries due 1.5-3 s after a failure: long enough to kill the workers while items wait.
+api_retry_killed = api_importer(
+    "t_api_retry_killed", per_second=100, burst=10, page_size=50, backoff=3.0
+)
 api_linked = api_importer(
     "t_api_linked",
     per_second=200,

@@ -429,6 +429,67 @@ async def test_api_run_survives_killed_workers_without_refetching(
     assert not again, f"{len(again)} completed items fetched again"
 
 
+async def test_a_run_killed_while_items_wait_for_their_retry_loses_none_of_them(
+    client: Client, stack: Stack, db: asyncpg.Connection
+) -> None:
+    n = 600
+    api = FakeApi(n, port=stack.api_port)
+    flaky = {api.ids[i]: 1 + i % 2 for i in range(5, n, 20)}  # 30 items fail once or twice
+    api.flaky.update(flaky)
+    with api:
+        run = await client.trigger("t_api_retry_killed", {})
+
+        # Kill every worker while items wait for their retry and others are completed.
+        async def waiting() -> set[str]:
+            rows = await db.fetch(
+                "SELECT external_id FROM sluice.items WHERE run_id = $1 AND seq < 0"
+                " AND status = 'pending' AND retry_at > now()",
+                run.id,
+            )
+            return {r["external_id"] for r in rows}
+
+        deadline = time.monotonic() + 120
+        while len(in_retry := await waiting()) < 5:
+            assert time.monotonic() < deadline, f"no items in retry:\n{stack.logs()}"
+            await asyncio.sleep(0.05)
+        for worker in stack.workers:
+            worker.kill()
+        killed_at = time.time()
+        completed = {
+            r["external_id"]
+            for r in await db.fetch(
+                "SELECT external_id FROM sluice.items WHERE run_id = $1 AND status = 'completed'",
+                run.id,
+            )
+        }
+        assert completed, "nothing completed before the kill"
+        for worker in stack.workers:
+            worker.start()
+        done = await finish(client, run, stack, timeout=300)
+        hits = api.snapshot()
+    assert done.status is RunStatus.COMPLETED, done.error
+    assert (done.items_discovered, done.items_completed, done.items_failed) == (n, n, 0)
+    assert (done.created_rows, done.failed_rows) == (n, 0)
+    got = {r["id"]: r["name"] for r in await db.fetch("SELECT id, name FROM t_api_retry_killed")}
+    assert got == {i: api.item(i)["name"] for i in api.ids}
+    # The items that waited for their retry at the kill were fetched again and landed; no item
+    # completed before the kill was fetched again.
+    states = {
+        r["external_id"]: r
+        for r in await db.fetch(
+            "SELECT external_id, status, failure_count FROM sluice.items WHERE run_id = $1",
+            run.id,
+        )
+    }
+    assert in_retry <= set(flaky)
+    after = Counter(h.what for h in hits if h.kind == "detail" and h.time > killed_at)
+    assert all(after[i] >= 1 and states[i]["status"] == "completed" for i in in_retry)
+    again = set(after) & completed
+    assert not again, f"{len(again)} completed items fetched again"
+    # A failure is counted once per failed fetch: never more than the server gave.
+    assert all(1 <= states[i]["failure_count"] <= k for i, k in flaky.items())
+
+
 # ---------------------------------------------------------------- schedules
 
 
