@@ -88,6 +88,11 @@ class TriggerRequested(BaseModel):
         description="full refresh: once the run completed, delete the rows it did not contain"
         " (read when the worker creates the run)",
     )
+    full: bool = Field(
+        default=False,
+        description="an incremental API source: list everything, not only what changed since"
+        " the last completed run (read when the worker creates the run)",
+    )
     requested_by: str | None = None
     requested_at: datetime | None = None
 

@@ -118,6 +118,15 @@ class Run(RunCounters):
         " delimiter, encoding, header, columns (header -> field), aliases (field -> the header"
         " that matched it), ignored columns, duplicate_of (a run that read the same file)",
     )
+    cursor_from: Any = Field(
+        default=None,
+        description="an incremental API run: the cursor it listed from (None: from the start)",
+    )
+    cursor_reached: Any = Field(
+        default=None,
+        description="an incremental API run: the highest cursor it listed, where the next run"
+        " starts once this one completed",
+    )
     rate_limit_hits: int = Field(default=0, description="HTTP 429 answers from the source")
     rate_limit_sleeps: int = Field(default=0, description="waits for the source's rate limit")
     total_sleep_seconds: float = Field(default=0.0, description="time spent in those waits")

@@ -150,6 +150,23 @@ def merge_item(item: dict[str, Any], detail: dict[str, Any] | None) -> dict[str,
 
 
 @dataclass(frozen=True)
+class Incremental:
+    """Incremental runs of an API source: a run lists only what changed since the last
+    completed run. Each listed item carries its cursor at ``cursor_path`` (an update time, a
+    version number); the list is asked with ``param`` set to the highest cursor value of the
+    last completed (not dry) run of the importer, or ``initial`` when there is none (None: the
+    first run lists everything). A failed or cancelled run does not move the cursor; a run
+    triggered with ``full`` (``--full``, ``"full": true``) or a full refresh lists everything.
+
+    Cursor values compare as numbers, or as ISO 8601 times when they are such strings (a time
+    without an offset is taken as UTC), or else as strings."""
+
+    cursor_path: str
+    param: str
+    initial: str | int | float | None = None
+
+
+@dataclass(frozen=True)
 class ApiSource:
     """A paginated HTTP API, imported in two phases: discovery lists every page and records
     each item as ``pending``; details fetches each item (``detail_path``, with ``{id}`` for
@@ -175,6 +192,7 @@ class ApiSource:
     backoff_max: float = 30.0
     timeout: float = 30.0
     concurrency: int = 8
+    incremental: Incremental | None = None
     detail_batch: int = 20
     """Items per detail batch: each listed page is cut into batches of this many, which spread
     over the workers; a batch is one transaction writing its records and its items' states. A

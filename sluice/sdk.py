@@ -34,7 +34,7 @@ from sluice.errors import (
     TransientError,
 )
 from sluice.schemas.runs import Run, RunStatus
-from sluice.service import Client
+from sluice.service import Client, run_options
 from sluice.streams import kafka as clients
 from sluice.streams.admin import ensure_topics
 from sluice.subscription import Subscription
@@ -148,13 +148,22 @@ async def trigger(
     *,
     user: str | None = None,
     dry_run: bool = False,
+    full: bool = False,
     settings: Settings | None = None,
 ) -> Run:
     """Queue a run that pulls its data: ``{"url": ...}`` for URL sources, ``{"file": ...}`` or
     ``{"pattern": ...}`` for FTP/SFTP, ``{"path": ...}`` for the filesystem, nothing for the
-    importer's paginated API. Returns the queued run; a refused URL raises ``SourceError``."""
+    importer's paginated API (``full``: an incremental one lists everything, not only what
+    changed since its last completed run). Returns the queued run; a refused URL raises
+    ``SourceError``."""
     async with _client(settings) as client:
-        return await client.trigger(importer, params, dry_run=dry_run, requested_by=user)
+        return await client.trigger(
+            importer,
+            params,
+            dry_run=dry_run,
+            requested_by=user,
+            options=run_options(full=full),
+        )
 
 
 async def backfill(

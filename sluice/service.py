@@ -42,6 +42,7 @@ from sluice.streams.topics import Topics
 def run_options(
     *,
     fresh: bool = False,
+    full: bool = False,
     date_formats: Sequence[str] = (),
     decimal_comma: bool = False,
     sheet: str | None = None,
@@ -52,12 +53,16 @@ def run_options(
     tried in order) and ``decimal_comma`` (``1.234,5``) say how the file writes dates and
     numbers, for the fields that do not say themselves; ``sheet`` the worksheet of an XLSX
     file to read. ``InvalidRequest`` for a date format that names no day, month and year
-    (unless ``check_formats`` is off: the run then fails with that message)."""
+    (unless ``check_formats`` is off: the run then fails with that message). ``full``: an
+    incremental API source lists everything, not only what changed since its last completed
+    run."""
     from sluice.schemas.importers import date_formats as checked_formats
 
     options: dict[str, Any] = {}
     if fresh:
         options["fresh"] = True
+    if full:
+        options["full"] = True
     formats = [f for f in date_formats if f.strip()]
     if formats:
         try:

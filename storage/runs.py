@@ -24,7 +24,7 @@ RUN_COLUMNS = (
     " queued_at, started_at, completed_at, error, parent_run_id, requested_by, file_id, file_name,"
     " total_batches, applied_batches, options, items_discovered, items_completed, items_failed,"
     " source_location, rate_limit_hits, rate_limit_sleeps, total_sleep_seconds, deleted_rows,"
-    " provenance, gaps"
+    " provenance, gaps, cursor_from, cursor_reached"
 )
 
 
@@ -348,6 +348,29 @@ class RunRepository:
             if not running:
                 return 0
             return await insert_row_failures(conn, run_id, failures, count_processed=True)
+
+    async def last_cursor(self, importer: str) -> tuple[bool, Any]:
+        """(True, the cursor reached) of the importer's last completed, not dry, run that
+        recorded one; (False, None) when there is none."""
+        record = await self.pool.fetchrow(
+            "SELECT cursor_reached FROM runs WHERE importer = $1 AND NOT dry_run"
+            " AND status IN ('completed', 'completed_with_errors')"
+            " AND cursor_reached IS NOT NULL ORDER BY completed_at DESC LIMIT 1",
+            importer,
+        )
+        if record is None:
+            return False, None
+        return True, record["cursor_reached"]
+
+    async def record_cursor(self, run_id: uuid.UUID, start: Any, reached: Any = None) -> None:
+        """The cursor an incremental run lists from (None: from the beginning) and, once its
+        listing is done, the highest it listed."""
+        await self.pool.execute(
+            "UPDATE runs SET cursor_from = $2::jsonb, cursor_reached = $3::jsonb WHERE id = $1",
+            run_id,
+            start,
+            reached,
+        )
 
     async def finish_split(
         self,

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -157,15 +159,22 @@ class ApiClient:
             retry_on=source_unavailable,
         )
 
-    def first_state(self) -> dict[str, Any]:
+    def first_state(self, since: Any = None) -> dict[str, Any]:
+        """Where the listing starts; an incremental source's listing asks for what changed
+        since ``since`` (None: everything)."""
         p = self.source.pagination
+        state: dict[str, Any]
         if p.style == "page":
-            return {"page": 1 if p.start is None else p.start}
-        if p.style == "offset":
-            return {"offset": 0 if p.start is None else p.start}
-        if p.follows_urls:
-            return {"url": None}
-        return {"cursor": None}
+            state = {"page": 1 if p.start is None else p.start}
+        elif p.style == "offset":
+            state = {"offset": 0 if p.start is None else p.start}
+        elif p.follows_urls:
+            state = {"url": None}
+        else:
+            state = {"cursor": None}
+        if self.source.incremental is not None:
+            state.update(since=since, reached=since)
+        return state
 
     async def list_page(self, state: dict[str, Any], stats: RateStats) -> Page:
         """The page at ``state`` (from ``first_state`` or a previous page's ``next_state``).
@@ -194,6 +203,10 @@ class ApiClient:
             cursor = dig(body, p.cursor_path)
             nxt = {"cursor": cursor}
             done = not items or cursor in (None, "")
+        if self.source.incremental is not None:
+            path_ = self.source.incremental.cursor_path
+            nxt["since"] = state.get("since")
+            nxt["reached"] = highest(state.get("reached"), (dig(i, path_) for i in items))
         if p.total_path is not None:
             total = dig(body, p.total_path)
             listed = state.get("listed", 0) + len(items)
@@ -216,6 +229,10 @@ class ApiClient:
             params[p.param] = state["offset"]
         elif p.style == "cursor" and state.get("cursor") is not None:
             params[p.param] = state["cursor"]
+        incremental = self.source.incremental
+        if incremental is not None and state.get("since") is not None:
+            since = state["since"]
+            params[incremental.param] = since if isinstance(since, str) else str(since)
         return self.source.list_path, params
 
     def _next_url(self, path: str, response: httpx.Response, body: Any) -> str | None:
@@ -325,6 +342,40 @@ class ApiClient:
             return result
         result.detail = detail
         return result
+
+
+def highest(start: Any, values: Iterable[Any]) -> Any:
+    """The highest of ``start`` and ``values`` as cursors (None and missing values left out):
+    numbers as numbers, ISO 8601 times as times (UTC when they name no offset), other strings
+    as strings. SourceError for a value that is none of these, or cursors of two kinds."""
+    best, best_key = start, None if start is None else _cursor_key(start)
+    for value in values:
+        if value is None:
+            continue
+        key = _cursor_key(value)
+        if best_key is not None and key[0] != best_key[0]:
+            raise SourceError(
+                f"the cursor values {best!r} and {value!r} are not of one kind (numbers, ISO "
+                "8601 times or strings); check Incremental.cursor_path"
+            )
+        if best_key is None or key > best_key:
+            best, best_key = value, key
+    return best
+
+
+def _cursor_key(value: Any) -> tuple[int, Any]:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return (0, value)
+    if isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            return (2, value)
+        return (1, moment if moment.tzinfo else moment.replace(tzinfo=UTC))
+    raise SourceError(
+        f"the cursor value {value!r} is not a number, an ISO 8601 time or a string; check "
+        "Incremental.cursor_path"
+    )
 
 
 def _json(path: str, response: httpx.Response) -> Any:

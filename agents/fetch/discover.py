@@ -39,6 +39,20 @@ def api_source_of(deps: Deps, slug: str) -> ApiSource:
     return pull
 
 
+async def _since(deps: Deps, run: Run) -> Any:
+    """Where an incremental run's listing starts: the cursor the importer's last completed run
+    reached, else the source's ``initial``; None (everything) for a source that is not
+    incremental, a run asked ``full``, and a full refresh (it must see every item)."""
+    importer = deps.registry.get(run.importer)
+    incremental = api_source_of(deps, run.importer).incremental
+    if incremental is None or run.options.get("full"):
+        return None
+    if importer.fresh or run.options.get("fresh"):
+        return None
+    found, reached = await deps.runs.last_cursor(run.importer)
+    return reached if found else incremental.initial
+
+
 async def discover(deps: Deps, run: Run, send_page: SendPage, flush: Flush) -> None:
     importer = deps.registry.get(run.importer)
     source = api_source_of(deps, run.importer)
@@ -63,7 +77,9 @@ async def discover(deps: Deps, run: Run, send_page: SendPage, flush: Flush) -> N
             await runs.finish_split(run.id, total, batches)
             return
         client = deps.api_clients.get(importer.slug, source)
-        found = await items.discovery(run.id, client.first_state())
+        found = await items.discovery(run.id, client.first_state(await _since(deps, run)))
+        if source.incremental is not None:
+            await runs.record_cursor(run.id, found.state.get("since"))
         if found.pages:
             log.info("run %s: discovery resumes after %d pages", run.id, found.pages)
         # Pages recorded before a crash may never have been sent, or never applied.
@@ -103,5 +119,7 @@ async def discover(deps: Deps, run: Run, send_page: SendPage, flush: Flush) -> N
         # The pages confirmed by the broker before the totals say they exist; a refused one
         # raises, and discovery is done again (it sends the pages not applied yet once more).
         await deliveries.confirm()
+        if source.incremental is not None:
+            await runs.record_cursor(run.id, found.state.get("since"), found.state.get("reached"))
         await runs.finish_split(run.id, found.items, found.batches)
         log.info("run %s: discovered %d items on %d pages", run.id, found.items, found.pages)

@@ -112,7 +112,11 @@ async def adopt_trigger(deps: Deps, trigger: TriggerRequested) -> TriggerRequest
         importer=importer.slug,
         source=kind,
         dry_run=trigger.dry_run,
-        options={"params": trigger.params, **({"fresh": True} if trigger.fresh else {})},
+        options={
+            "params": trigger.params,
+            **({"fresh": True} if trigger.fresh else {}),
+            **({"full": True} if trigger.full else {}),
+        },
         requested_by=trigger.requested_by or "kafka",
     )
     log.info("run %s created for a %s trigger produced to the topic", run.id, kind)

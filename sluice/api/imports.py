@@ -214,8 +214,13 @@ async def trigger(
     params = (body or TriggerBody()).model_dump(exclude_none=True)
     dry_run = bool(params.pop("dry_run", False))
     fresh = bool(params.pop("fresh", False))
+    full = bool(params.pop("full", False))
     run = await client.trigger(
-        slug, params, dry_run=dry_run, requested_by=caller, options=run_options(fresh=fresh)
+        slug,
+        params,
+        dry_run=dry_run,
+        requested_by=caller,
+        options=run_options(fresh=fresh, full=full),
     )
     return await _answer(client, run, wait=wait, wait_timeout=settings.api.wait_timeout)
 

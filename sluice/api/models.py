@@ -73,6 +73,11 @@ class TriggerBody(BaseModel):
         default=False,
         description="full refresh: once the run completed, delete the rows it did not contain",
     )
+    full: bool = Field(
+        default=False,
+        description="an incremental API source: list everything, not only what changed since"
+        " the last completed run",
+    )
 
 
 class BackfillBody(BaseModel):

@@ -138,6 +138,10 @@ def summary(run: Run) -> str:
             f"  items: {run.items_discovered:,} discovered  {run.items_completed:,} completed"
             f"  {run.items_failed:,} failed"
         )
+    if run.cursor_from is not None or run.cursor_reached is not None:
+        start = "the start" if run.cursor_from is None else str(run.cursor_from)
+        reached = "(listing)" if run.cursor_reached is None else str(run.cursor_reached)
+        lines.append(f"  cursor: listed what changed from {start} to {reached}")
     if run.rate_limit_hits or run.rate_limit_sleeps:
         lines.append(
             f"  rate limit: {run.rate_limit_hits:,} answers 429  {run.rate_limit_sleeps:,} waits"

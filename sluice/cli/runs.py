@@ -232,6 +232,12 @@ def _trigger_params(extra: tuple[str, ...], given: dict[str, str | None]) -> dic
 @click.option("--param", "extra", multiple=True, metavar="KEY=VALUE", help="more source parameters")
 @dry_run_option
 @fresh_option
+@click.option(
+    "--full",
+    is_flag=True,
+    help="an incremental API source: list everything, not only what changed since the last"
+    " completed run",
+)
 @wait_option
 @json_option
 def trigger_cmd(
@@ -243,6 +249,7 @@ def trigger_cmd(
     extra: tuple[str, ...],
     dry_run: bool,
     fresh: bool,
+    full: bool,
     wait: bool,
     as_json: bool,
 ) -> None:
@@ -264,7 +271,7 @@ def trigger_cmd(
                 params,
                 dry_run=dry_run,
                 requested_by=user(),
-                options=run_options(fresh=fresh),
+                options=run_options(fresh=fresh, full=full),
             )
             return await report(client, run, wait=wait, as_json=as_json)
 

@@ -14,6 +14,7 @@ from sluice.schemas.sources import (
     ApiSource,
     FilesystemSource,
     FtpSource,
+    Incremental,
     Pagination,
     RateLimit,
     UrlSource,
@@ -166,6 +167,7 @@ def api_importer(
     page_size: int = 100,
     pagination: Pagination | None = None,
     backoff: float = 0.05,
+    incremental: Incremental | None = None,
 ) -> Importer:
     """Items of the fake paginated API (tests/support/servers/paginated_api.py), paged by
     page number unless ``pagination`` says otherwise."""
@@ -195,6 +197,7 @@ def api_importer(
             max_attempts=4,
             backoff=backoff,
             concurrency=8,
+            incremental=incremental,
         ),
     )
 
@@ -202,6 +205,13 @@ def api_importer(
 api_rated = api_importer("t_api_rated", per_second=200, burst=20)
 api_killed = api_importer("t_api_killed", per_second=150, burst=10, page_size=50)
 api_small = api_importer("t_api_small", per_second=100, burst=10, page_size=10)
+api_incremental = api_importer(
+    "t_api_incremental",
+    per_second=200,
+    burst=20,
+    page_size=50,
+    incremental=Incremental(cursor_path="updated_at", param="updated_since"),
+)
 # Retries due 1.5-3 s after a failure: long enough to kill the workers while items wait.
 api_retry_killed = api_importer(
     "t_api_retry_killed", per_second=100, burst=10, page_size=50, backoff=3.0

@@ -17,8 +17,8 @@ import asyncpg
 import pytest
 
 from sluice.errors import NoPullSource, SourceError
-from sluice.schemas.runs import RunStatus
-from sluice.service import Client
+from sluice.schemas.runs import Run, RunStatus
+from sluice.service import Client, run_options
 from tests.conftest import Stack, Worker, finish
 from tests.support.servers.paginated_api import FakeApi
 
@@ -488,6 +488,73 @@ async def test_a_run_killed_while_items_wait_for_their_retry_loses_none_of_them(
     assert not again, f"{len(again)} completed items fetched again"
     # A failure is counted once per failed fetch: never more than the server gave.
     assert all(1 <= states[i]["failure_count"] <= k for i, k in flaky.items())
+
+
+async def test_an_incremental_run_fetches_only_what_changed_since_the_last_completed_one(
+    client: Client, stack: Stack, db: asyncpg.Connection
+) -> None:
+    n, slug = 300, "t_api_incremental"
+    api = FakeApi(n, port=stack.api_port)
+
+    async def names() -> dict[str, str]:
+        return {r["id"]: r["name"] for r in await db.fetch(f"SELECT id, name FROM {slug}")}
+
+    async def run_fetching(**options: Any) -> tuple[Run, set[str]]:
+        """A run to its end, and the items whose detail it fetched."""
+        since = len(api.snapshot())
+        run = await client.trigger(slug, {}, options=run_options(**options))
+        done = await finish(client, run, stack)
+        fetched = [h.what for h in api.snapshot()[since:] if h.kind == "detail"]
+        assert len(fetched) == len(set(fetched)), "an item was fetched twice"
+        return done, set(fetched)
+
+    with api:
+        first, fetched = await run_fetching()
+        assert first.status is RunStatus.COMPLETED, first.error
+        assert (first.items_discovered, first.created_rows, len(fetched)) == (n, n, n)
+        newest = api.item(api.ids[-1])["updated_at"]
+        assert (first.cursor_from, first.cursor_reached) == (None, newest)
+
+        changed = api.ids[7::30]
+        api.change(changed)
+        second, fetched = await run_fetching()
+        assert second.status is RunStatus.COMPLETED, second.error
+        assert fetched == set(changed)
+        assert (second.items_discovered, second.updated_rows, second.created_rows) == (10, 10, 0)
+        assert second.cursor_from == newest
+        assert second.cursor_reached == api.item(changed[-1])["updated_at"] > newest
+        assert await names() == {i: api.item(i)["name"] for i in api.ids}
+        assert all(api.item(i)["name"].endswith(" v2") for i in changed)
+
+        # Nothing changed since: nothing listed, nothing fetched, the cursor stays.
+        idle, fetched = await run_fetching()
+        assert (idle.status, idle.items_discovered, fetched) == (RunStatus.COMPLETED, 0, set())
+        assert (idle.cursor_from, idle.cursor_reached) == (second.cursor_reached,) * 2
+
+        # A cancelled run does not move the cursor, even though it listed the new changes.
+        later = api.ids[3:8]
+        api.change(later)
+        api.latency = 5.0  # the details outlast the cancel
+        cancelled = await client.trigger(slug, {})
+        deadline = time.monotonic() + 60
+        while (await client.get_run(cancelled.id)).cursor_reached is None:
+            assert time.monotonic() < deadline, f"the listing did not end:\n{stack.logs()}"
+            await asyncio.sleep(0.1)
+        await client.cancel(cancelled.id)
+        cancelled = await finish(client, cancelled, stack)
+        assert cancelled.status is RunStatus.CANCELLED
+        assert cancelled.cursor_reached == api.item(later[-1])["updated_at"]
+        api.latency = 0.0
+        resumed, fetched = await run_fetching()
+        assert resumed.cursor_from == second.cursor_reached
+        assert fetched == set(later) and resumed.status is RunStatus.COMPLETED
+
+        # --full lists everything again, whatever the cursor says.
+        full, fetched = await run_fetching(full=True)
+        assert full.status is RunStatus.COMPLETED, full.error
+        assert (full.items_discovered, full.unchanged_rows, len(fetched)) == (n, n, n)
+        assert (full.cursor_from, full.cursor_reached) == (None, resumed.cursor_reached)
+    assert await names() == {i: api.item(i)["name"] for i in api.ids}
 
 
 # ---------------------------------------------------------------- schedules

@@ -182,6 +182,9 @@ class FakeApi:
         self._arrivals = 0
         self._scripted = 0
         self._flaky_seen: dict[str, int] = {}
+        self._versions: dict[str, int] = {}  # id -> how often it was changed (see change)
+        self._changes = 0
+        self._changed_at: dict[str, int] = {}
         self._connections: set[socket.socket] = set()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -245,13 +248,30 @@ class FakeApi:
     def item(self, id: str) -> dict[str, Any]:
         """The detail body for ``id`` (deterministic); ``KeyError`` for an unknown id."""
         i = self._index[id]
+        version = self._versions.get(id, 0)
         return {
             "id": id,
-            "name": f"name of {id}",
+            "name": f"name of {id}" + (f" v{version + 1}" if version else ""),
             "price": f"{(i * 1234) % 100000 / 100:.2f}",
-            "updated_at": (EPOCH + timedelta(hours=i)).isoformat(),
+            "updated_at": self._updated_at(id).isoformat(),
             "tags": ["even" if i % 2 == 0 else "odd", f"group-{i % 7}"],
         }
+
+    def change(self, ids: Iterable[str]) -> None:
+        """The items ``ids`` change: a new name, and an ``updated_at`` later than any item's so
+        far (the list answers ``?updated_since=T`` with the items updated after T)."""
+        with self._lock:
+            for id_ in ids:
+                self._changes += 1
+                self._versions[id_] = self._versions.get(id_, 0) + 1
+                self._changed_at[id_] = self._changes
+
+    def _updated_at(self, id_: str) -> datetime:
+        """Item i was last updated i hours after EPOCH; a changed item after every unchanged
+        one, in the order of the changes."""
+        changed = self._changed_at.get(id_)
+        hours = self._index[id_] if changed is None else self.n_items + changed
+        return EPOCH + timedelta(hours=hours)
 
     # -- bookkeeping ----------------------------------------------------------------------
 
@@ -388,14 +408,28 @@ class FakeApi:
                 raise ValueError("size >= 1 and offset >= 0 please")
         except ValueError as exc:
             return _Answer(400, {"error": str(exc)}, [])
+        ids = self.ids
+        if "updated_since" in query:
+            try:
+                since = datetime.fromisoformat(query["updated_since"])
+            except ValueError as exc:
+                return _Answer(400, {"error": f"updated_since: {exc}"}, [])
+            ids = [i for i in ids if self._updated_at(i) > since]
         size = min(size, self.page_size_max)
-        chunk = self.ids[offset : offset + size]
+        chunk = ids[offset : offset + size]
         end = offset + len(chunk)
-        more = bool(chunk) and end < self.n_items
+        more = bool(chunk) and end < len(ids)
         next_cursor = encode_cursor(end) if more else None
         body: dict[str, Any] = {
-            "data": [{"id": id_, "name": f"name of {id_}"} for id_ in chunk],
-            "meta": {"total": self.n_items, "next_cursor": next_cursor},
+            "data": [
+                {
+                    "id": id_,
+                    "name": self.item(id_)["name"],
+                    "updated_at": self.item(id_)["updated_at"],
+                }
+                for id_ in chunk
+            ],
+            "meta": {"total": len(ids), "next_cursor": next_cursor},
         }
         headers: Headers = []
         next_url = f"{self.next_base or ''}/items?offset={end}&limit={size}" if more else None
