@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CHAOS_ROUNDS ?= 5
 
-.PHONY: setup demo test check lint typecheck bench bench-setup bench-formats bench-firehose chaos reliability clean schemas system-packages compose-check readme-settings
+.PHONY: setup demo test check lint typecheck bench bench-setup bench-formats bench-firehose bench-api chaos reliability clean schemas system-packages compose-check readme-settings
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -103,6 +103,10 @@ bench-formats: $(STAMP)
 
 bench-firehose: $(STAMP)
 	$(BIN)/python bench/firehose.py
+
+# A paginated API source against a local token-bucket API, two workers (bench/api_rate.py).
+bench-api: $(STAMP)
+	$(BIN)/python bench/api_rate.py
 
 # Fault injection (tests/chaos): CHAOS_ROUNDS rounds of every fault; CHAOS_SEED repeats a run.
 chaos: $(STAMP)

@@ -233,19 +233,21 @@ def decode_copy_rows(data: bytes) -> list[dict[str, Any]]:
     """The rows of a COPY batch as the JSON encoding would give them: empty fields are null,
     the first two columns (row number and sub-row) integers."""
     columns, body = _copy_parts(data)
-    rows: list[dict[str, Any]] = []
     try:
-        for line in bytes(body).decode().split("\n")[:-1]:
-            fields = line.split("\t")
-            row: dict[str, Any] = {
-                c: (_unescape(f) if f else None) for c, f in zip(columns, fields, strict=True)
-            }
-            row[columns[0]] = int(fields[0])
-            row[columns[1]] = int(fields[1])
-            rows.append(row)
+        return [decode_copy_line(columns, line) for line in bytes(body).decode().split("\n")[:-1]]
     except (ValueError, UnicodeDecodeError) as exc:
         raise PoisonBatch(f"COPY row batch is not valid: {exc}") from None
-    return rows
+
+
+def decode_copy_line(columns: Sequence[str], line: str) -> dict[str, Any]:
+    """One row of a COPY batch (see decode_copy_rows); ValueError when it is not one."""
+    fields = line.split("\t")
+    row: dict[str, Any] = {
+        c: (_unescape(f) if f else None) for c, f in zip(columns, fields, strict=True)
+    }
+    row[columns[0]] = int(fields[0])
+    row[columns[1]] = int(fields[1])
+    return row
 
 
 def _unescape(field: str) -> str:

@@ -24,6 +24,7 @@ import orjson
 from sluice.schemas.events import BatchOutcome, LifecycleEventType, RowBatch, decode_rows
 from sluice.schemas.importers import Lookup
 from sluice.schemas.runs import DuplicatePolicy, RowFailure
+from sluice.storage.copy import NoticesMissed, copy_skipping, explain_skipped, skips_bad_rows
 from sluice.storage.lookups import LookupResolver
 from sluice.storage.runs import (
     RUN_COLUMNS,
@@ -397,7 +398,7 @@ class BatchApplier:
             async def attempt() -> BatchResult:
                 try:
                     return await self._apply_once(conn, batch, stmts, dry_run, also, isolate=False)
-                except ROW_ERRORS:
+                except RETRY_ISOLATED:
                     # The fast path has no savepoint, so the whole transaction rolled back: do
                     # it again, this time isolating the bad rows.
                     return await self._apply_once(conn, batch, stmts, dry_run, also, isolate=True)
@@ -461,21 +462,32 @@ class BatchApplier:
         self, conn: asyncpg.Connection, batch: RowBatch, stmts: Statements, dry_run: bool
     ) -> Counts:
         """A COPY batch: COPY into the plan's temporary table, then the same statement reading
-        from it. A value PostgreSQL refuses fails the COPY, and the batch goes the JSON way."""
+        from it. On PostgreSQL 17+ the rows whose values do not convert are skipped by COPY and
+        returned as failures (``storage.copy``); on older servers such a value fails the COPY,
+        and the batch goes the JSON way."""
         columns, rows = batch.copy_columns()
         await conn.execute(stmts.create_temp)
-        await conn.copy_to_table(
-            stmts.temp,
-            schema_name="pg_temp",
-            source=rows,  # a memoryview: asyncpg takes bytes for a file name
-            columns=columns,
-            format="text",
-            null="",
-        )
+        skipped: dict[int, str] = {}
+        if skips_bad_rows(conn):
+            skipped = (await copy_skipping(conn, stmts.temp, columns, rows)).skipped
+        else:
+            await conn.copy_to_table(
+                stmts.temp,
+                schema_name="pg_temp",
+                source=rows,  # a memoryview: asyncpg takes bytes for a file name
+                columns=columns,
+                format="text",
+                null="",
+            )
         if stmts.keys_copied is not None and not dry_run:
             await conn.execute(stmts.keys_copied, batch.run_id)
         record = await conn.fetchrow(stmts.dry_copied if dry_run else stmts.apply_copied)
-        return stmts.counts(record, batch.rows)
+        counts = stmts.counts(record, batch.rows)
+        if skipped:
+            failures = await explain_skipped(conn, stmts.plan.columns, columns, rows, skipped)
+            counts.rows += len(failures)
+            counts.failures.extend(failures)
+        return counts
 
     async def _apply_json(
         self,
@@ -610,6 +622,10 @@ class BatchApplier:
 def _copyable(batch: RowBatch, stmts: Statements) -> bool:
     """A COPY batch whose columns the plan's temporary table has (any other goes as JSON)."""
     return batch.rows_copy is not None and set(batch.copy_columns()[0]) <= stmts.temp_columns
+
+
+RETRY_ISOLATED: tuple[type[BaseException], ...] = (*ROW_ERRORS, NoticesMissed)
+"""What makes the fast path give way to the row-by-row one."""
 
 
 class _Inactive(Exception):

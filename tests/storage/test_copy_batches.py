@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer
 from hypothesis import example, given, settings
@@ -256,3 +257,97 @@ async def test_without_the_temporary_privilege_batches_go_the_json_way(
         await db.execute(f'GRANT TEMPORARY ON DATABASE "{database}" TO PUBLIC')
     rows = await db.fetch(f"SELECT id, note FROM {table} ORDER BY id")
     assert [tuple(r) for r in rows] == [(1, "a"), (2, None)]
+
+
+BAD_PLAN_COLUMNS = (("id", "bigint"), ("price", "numeric"), ("day", "date"), ("note", "text"))
+
+
+def _rows_with_bad_values(n: int) -> list[list[str]]:
+    """Rows of (id, price, day, note); every 10th has a bad number, a bad date, both (the
+    number is first in the plan's order) or a bad id, in turn from row 40."""
+    rows = []
+    for i in range(1, n + 1):
+        price, day, id_ = f"{i}.5", f"2024-01-{1 + i % 28:02d}", str(i)
+        kind = (i // 10) % 4 if i % 10 == 0 else None
+        if kind == 0:
+            price = f"{i},5 EUR"
+        elif kind == 1:
+            day = "2024-13-45"
+        elif kind == 2:
+            price, day = "twelve", "yesterday"
+        elif kind == 3:
+            id_ = f"{i}x"
+        rows.append([str(i), "0", id_, price, day, "tab\tand\\slash" if i % 7 == 0 else ""])
+    return rows
+
+
+@pytest.mark.stack
+async def test_copy_skips_the_rows_that_do_not_convert_and_names_each(
+    stack: Stack, db: asyncpg.Connection
+) -> None:
+    from sluice.storage.copy import copy_skipping, explain_skipped, skips_bad_rows
+
+    assert skips_bad_rows(db), "the embedded PostgreSQL is 18: COPY can skip rows"
+    columns = ("_sluice_row", "_sluice_sub", "id", "price", "day", "note")
+    rows = _rows_with_bad_values(100)
+    body = RowBatch.parse(
+        f"{uuid.uuid4()}:0".encode(), encode_copy_batch(columns, rows)
+    ).copy_columns()[1]
+    temp = unique("copyskip")
+    async with db.transaction():
+        await db.execute(
+            f"CREATE TEMP TABLE {temp} (_sluice_row bigint, _sluice_sub integer, id bigint,"
+            " price numeric, day date, note text) ON COMMIT DROP"
+        )
+        copied = await copy_skipping(db, temp, columns, body)
+        assert (copied.rows, sorted(copied.skipped)) == (90, list(range(10, 101, 10)))
+        assert await db.fetchval(f"SELECT count(*) FROM pg_temp.{temp}") == 90
+        failures = await explain_skipped(db, BAD_PLAN_COLUMNS, columns, body, copied.skipped)
+    reasons = {f.row_number: f.reason for f in failures}
+    assert reasons[10] == """column 'day': date/time field value out of range: "2024-13-45\""""
+    assert reasons[20] == """column 'price': invalid input syntax for type numeric: "twelve\""""
+    assert reasons[30] == """column 'id': invalid input syntax for type bigint: "30x\""""
+    assert reasons[40] == """column 'price': invalid input syntax for type numeric: "40,5 EUR\""""
+    assert next(f.raw for f in failures if f.row_number == 70)["note"] == "tab\tand\\slash"
+
+
+@pytest.mark.stack
+async def test_a_bad_row_found_by_copy_is_logged_as_the_row_by_row_path_logs_it(
+    client: Client, stack: Stack, db: asyncpg.Connection
+) -> None:
+    """The same rows as a COPY batch (bad rows skipped by COPY) and as a JSON batch (the
+    batch bisected until the bad rows stand alone): the same rows land, and the row log has
+    the same rows with the same row numbers, reasons and values."""
+    from sluice.storage.writer import BatchApplier, TargetPlan
+
+    rows = _rows_with_bad_values(1000)
+    columns = ("_sluice_row", "_sluice_sub", "id", "price", "day", "note")
+    runs = (await client.deps()).runs
+    applier = BatchApplier((await client.deps()).pool)
+    logged, landed = [], []
+    for as_copy in (True, False):
+        table = unique("copy_vs_json")
+        await db.execute(
+            f"CREATE TABLE {table} (id bigint PRIMARY KEY, price numeric, day date, note text)"
+        )
+        plan = TargetPlan(table=table, columns=BAD_PLAN_COLUMNS, key=("id",))
+        run = await runs.create(importer="adhoc", source="file")
+        await runs.start(run.id)
+        await runs.save_plan(run.id, plan.to_json(), {})
+        if as_copy:
+            batch = RowBatch.parse(f"{run.id}:0".encode(), encode_copy_batch(columns, rows))
+        else:
+            dicts = [dict(zip(columns, r, strict=True)) for r in rows]
+            for d in dicts:
+                d.update({k: v or None for k, v in d.items()})
+                d["_sluice_row"], d["_sluice_sub"] = int(d["_sluice_row"]), 0
+            batch = RowBatch(run.id, 0, orjson.dumps(dicts).decode())
+        result = await applier.apply(batch, plan, dry_run=False)
+        assert (result.outcome, result.created, result.failed) == (BatchOutcome.APPLIED, 900, 100)
+        log = await db.fetch(
+            "SELECT row_number, reason, raw FROM sluice.row_log WHERE run_id = $1", run.id
+        )
+        logged.append(sorted((r["row_number"], r["reason"], str(r["raw"])) for r in log))
+        landed.append(sorted(tuple(r) for r in await db.fetch(f"SELECT * FROM {table}")))
+    assert len(logged[0]) == 100 and logged[0] == logged[1]
+    assert len(landed[0]) == 900 and landed[0] == landed[1]
