@@ -70,12 +70,11 @@ class Page:
 @dataclass
 class DetailResult:
     """One attempt at an item's detail: the detail, or why not (``transient``: it may pass if
-    asked again later)."""
+    asked again later; ``failures``: 1 when the source answered with a failure)."""
 
     detail: dict[str, Any] | None
     error: str | None = None
     failures: int = 0
-    last_error: str | None = None
     transient: bool = False
 
 
@@ -313,7 +312,7 @@ class ApiClient:
                 if exc.retry_after is not None:
                     continue  # a 429: limited_get has blocked the source for its Retry-After
                 result.failures, result.transient = 1, True
-                result.error = result.last_error = (
+                result.error = (
                     f"GET {path} answered HTTP {exc.status}"
                     if exc.status is not None
                     else f"GET {path}: {exc}"
@@ -322,11 +321,11 @@ class ApiClient:
             except SourceError as exc:
                 # A refused host or redirect: asking again cannot help.
                 result.failures = 1
-                result.error = result.last_error = f"GET {path}: {exc}"
+                result.error = f"GET {path}: {exc}"
                 return result
         if not response.is_success:
             result.failures = 1
-            result.error = result.last_error = f"GET {path} answered HTTP {response.status_code}"
+            result.error = f"GET {path} answered HTTP {response.status_code}"
             return result
         try:
             body = response.json()

@@ -183,7 +183,7 @@ def _map_items(
             item.external_id,
             completed=item.ordinal not in failed and item.ordinal not in again,
             failures=result.failures,
-            error=failed.get(item.ordinal) or result.last_error,
+            error=failed.get(item.ordinal) or result.error,
             retry_in=again.get(item.ordinal),
         )
         for item, result in zip(todo, results, strict=True)
