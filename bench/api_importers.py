@@ -12,6 +12,9 @@ from sluice.schemas.sources import ApiSource, Pagination, RateLimit
 
 RATE = float(os.environ.get("SLUICE_BENCH_RATE", "20"))
 BURST = int(os.environ.get("SLUICE_BENCH_BURST", "5"))
+ATTEMPTS = int(os.environ.get("SLUICE_BENCH_MAX_ATTEMPTS", "5"))  # ApiSource's defaults
+BACKOFF = float(os.environ.get("SLUICE_BENCH_BACKOFF", "0.5"))
+BACKOFF_MAX = float(os.environ.get("SLUICE_BENCH_BACKOFF_MAX", "30"))
 
 bench_api = Importer(
     slug="bench_api",
@@ -32,9 +35,9 @@ bench_api = Importer(
         detail_path="/items/{id}",
         detail_data_path="data",
         rate=RateLimit(per_second=RATE, burst=BURST),
-        max_attempts=4,  # the transient items fail up to 3 times
-        backoff=0.25,
-        backoff_max=2.0,
+        max_attempts=ATTEMPTS,
+        backoff=BACKOFF,
+        backoff_max=BACKOFF_MAX,
         concurrency=4,
     ),
 )
