@@ -39,6 +39,7 @@ from sluice.errors import FileFormatError, MappingError, TerminalError
 from sluice.schemas.events import ImportRequested
 from sluice.schemas.formats import FormatOptions, ParsedRow, RowProblem
 from sluice.schemas.importers import ADHOC
+from sluice.schemas.runs import RowFailure
 from sluice.streams.publish import Deliveries
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,9 @@ SendBatch = Callable[[int, bytes, bytes], Awaitable[Awaitable[Any]]]
 Flush = Callable[[], Awaitable[None]]
 
 SAMPLE_ROWS = 1000
+REJECTED_AT_ONCE = 5000
+"""Rows rejected by the split that are written to the row log in one transaction (at least
+once per progress interval, and all of them before the split's totals)."""
 
 
 async def split_file(deps: Deps, request: ImportRequested, send: SendBatch, flush: Flush) -> None:
@@ -186,6 +190,17 @@ async def _send_batches(
         for key, value in router.encode(run_key, batch):
             deliveries.track(await send(partition, key, value))
 
+    # Rows rejected by the split (a wrong field count, a required field empty) go to the row
+    # log in groups, not one transaction per chunk: a file with a bad row every few hundred
+    # would otherwise cost a transaction (and a lock on the run's row) every few hundred rows.
+    rejected: list[RowFailure] = []
+
+    async def log_rejected() -> None:
+        if rejected:
+            logged = await runs.record_rejections(run_id, rejected)
+            deps.metrics.rows_rejected(logged, dry_run=request.dry_run)
+            rejected.clear()
+
     total = 0
     last_report = time.monotonic()
     chunk_size = 200  # rows between yields to the event loop, so batches apply while we read
@@ -196,9 +211,9 @@ async def _send_batches(
         records: list[Any]
         records, failures = mapper.map_text(chunk) if as_text else mapper.map_rows(chunk)
         total += len(records) + len(failures)
-        if failures:
-            logged = await runs.record_rejections(run_id, failures)
-            deps.metrics.rows_rejected(logged, dry_run=request.dry_run)
+        rejected.extend(failures)
+        if len(rejected) >= REJECTED_AT_ONCE:
+            await log_rejected()
         for partition, batch in router.add(records):
             await emit(partition, batch)
         now = time.monotonic()
@@ -206,6 +221,7 @@ async def _send_batches(
             last_report = now
             fraction = parsed.bytes_read / request.file.size if request.file.size else 0.0
             deliveries.check()  # a refused batch fails the split now, not at the end
+            await log_rejected()
             status = await runs.record_split_progress(
                 run_id, total, min(fraction, 1.0), mapper.gaps
             )
@@ -216,6 +232,7 @@ async def _send_batches(
     for partition, rest in enumerate(router.buffers):
         if rest:
             await emit(partition, rest)
+    await log_rejected()
     await flush()
     # Every batch confirmed by the broker before the totals say they exist: a refused one
     # raises DeliveryFailed, and the split is done again (applied batches are skipped).

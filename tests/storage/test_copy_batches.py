@@ -351,3 +351,44 @@ async def test_a_bad_row_found_by_copy_is_logged_as_the_row_by_row_path_logs_it(
         landed.append(sorted(tuple(r) for r in await db.fetch(f"SELECT * FROM {table}")))
     assert len(logged[0]) == 100 and logged[0] == logged[1]
     assert len(landed[0]) == 900 and landed[0] == landed[1]
+
+
+@pytest.mark.stack
+async def test_a_file_with_thousands_of_bad_rows_logs_each_once_and_counts_exactly(
+    client: Client, stack: Stack, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """Rows the split rejects (a wrong field count) are written to the row log in groups;
+    values COPY refuses are skipped by it: every bad row is logged once with its row number
+    and reason, and the counters add up."""
+    table = unique("manybad")
+    lines, short, refused = ["id,qty"], set(), set()
+    for i in range(1, 14001):
+        if i % 2 == 0 and i > 1000:
+            lines.append(f"{i}")  # one field of two
+            short.add(i)
+        elif i % 10 == 3 and i > 2000:
+            lines.append(f"{i},many")  # not a bigint, past the rows the types are read from
+            refused.add(i)
+        else:
+            lines.append(f"{i},{i}")
+    path = tmp_path / "manybad.csv"
+    path.write_text("\n".join(lines) + "\n")
+    run = await finish(
+        client,
+        await client.submit_file("adhoc", path, options={"table": table, "key": ["id"]}),
+        stack,
+    )
+    assert len(short) > 5000 and refused
+    bad = len(short) + len(refused)
+    assert run.status is RunStatus.COMPLETED_WITH_ERRORS, run.error
+    assert (run.total_rows, run.processed_rows) == (14000, 14000)
+    assert (run.created_rows, run.failed_rows) == (14000 - bad, bad)
+    log = await db.fetch("SELECT row_number, reason FROM sluice.row_log WHERE run_id = $1", run.id)
+    reasons = {r["row_number"]: r["reason"] for r in log}
+    assert len(log) == len(reasons) == bad
+    assert all("expected 2 fields" in reasons[i] for i in short)
+    assert all(
+        reasons[i] == """column 'qty': invalid input syntax for type bigint: "many\""""
+        for i in refused
+    )
+    assert await db.fetchval(f"SELECT count(*) FROM {table}") == 14000 - bad
