@@ -364,9 +364,10 @@ class RunRepository:
 
     async def record_cursor(self, run_id: uuid.UUID, start: Any, reached: Any = None) -> None:
         """The cursor an incremental run lists from (None: from the beginning) and, once its
-        listing is done, the highest it listed."""
+        listing is done, the highest it listed (None leaves what was recorded)."""
         await self.pool.execute(
-            "UPDATE runs SET cursor_from = $2::jsonb, cursor_reached = $3::jsonb WHERE id = $1",
+            "UPDATE runs SET cursor_from = $2::jsonb,"
+            " cursor_reached = coalesce($3::jsonb, cursor_reached) WHERE id = $1",
             run_id,
             start,
             reached,

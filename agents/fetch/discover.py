@@ -43,11 +43,9 @@ async def _since(deps: Deps, run: Run) -> Any:
     """Where an incremental run's listing starts: the cursor the importer's last completed run
     reached, else the source's ``initial``; None (everything) for a source that is not
     incremental, a run asked ``full``, and a full refresh (it must see every item)."""
-    importer = deps.registry.get(run.importer)
     incremental = api_source_of(deps, run.importer).incremental
-    if incremental is None or run.options.get("full"):
-        return None
-    if importer.fresh or run.options.get("fresh"):
+    fresh = deps.registry.get(run.importer).fresh or run.options.get("fresh")
+    if incremental is None or run.options.get("full") or fresh:
         return None
     found, reached = await deps.runs.last_cursor(run.importer)
     return reached if found else incremental.initial
