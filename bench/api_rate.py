@@ -46,17 +46,7 @@ from firehose import ROOT, sluice, spawn, stop, tail, wait_group
 
 sys.path.insert(0, str(ROOT))
 
-from tests.support.servers.paginated_api import FakeApi, Hit
-
-
-def max_in_window(times: list[float], seconds: float = 1.0) -> int:
-    ordered = sorted(times)
-    best = start = 0
-    for end, t in enumerate(ordered):
-        while t - ordered[start] >= seconds:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
+from tests.support.servers.paginated_api import FakeApi, Hit, most_in_window
 
 
 def verdict(ok: bool) -> str:
@@ -95,7 +85,7 @@ async def one_run(
     first, last = min(h.time for h in hits), max(h.time for h in hits)
     per_run = len(accepted) / span
     per_span = len(accepted) / max(last - first, 1e-9)
-    peak = max_in_window([h.time for h in accepted])
+    peak = most_in_window([h.time for h in accepted])
     share = throttled / len(hits)
 
     # Exactness, from the server's record and the database.

@@ -60,6 +60,9 @@ dry = items("t_dry")
 delims = items("t_delims")
 skip = items("t_skip", DuplicatePolicy.SKIP)
 newer = items("t_newer", DuplicatePolicy.UPDATE_IF_NEWER)
+# The same rows in one batch, and in a batch each: ties of versions must end the same way.
+newer_ties = items("t_newer_ties", DuplicatePolicy.UPDATE_IF_NEWER)
+newer_apart = items("t_newer_apart", DuplicatePolicy.UPDATE_IF_NEWER, batch_size=1)
 strict = items("t_strict", DuplicatePolicy.FAIL)
 cli_items = items("t_cli")
 cancelled = items("t_cancel", batch_size=100)
@@ -168,6 +171,11 @@ def api_importer(
     pagination: Pagination | None = None,
     backoff: float = 0.05,
     incremental: Incremental | None = None,
+    *,
+    base_url: str = API_URL,
+    max_attempts: int = 4,
+    backoff_max: float = 30.0,
+    concurrency: int = 8,
 ) -> Importer:
     """Items of the fake paginated API (tests/support/servers/paginated_api.py), paged by
     page number unless ``pagination`` says otherwise."""
@@ -185,7 +193,7 @@ def api_importer(
             Field("updated_at", "timestamptz"),
         ),
         pull=ApiSource(
-            base_url=API_URL,
+            base_url=base_url,
             list_path="/items",
             items_path="data",
             id_path="id",
@@ -194,9 +202,10 @@ def api_importer(
             detail_data_path="data",
             rate=RateLimit(per_second=per_second, burst=burst),
             limiter_key=slug,
-            max_attempts=4,
+            max_attempts=max_attempts,
             backoff=backoff,
-            concurrency=8,
+            backoff_max=backoff_max,
+            concurrency=concurrency,
             incremental=incremental,
         ),
     )

@@ -20,7 +20,7 @@ from sluice.errors import NoPullSource, SourceError
 from sluice.schemas.runs import Run, RunStatus
 from sluice.service import Client, run_options
 from tests.conftest import Stack, Worker, finish
-from tests.support.servers.paginated_api import FakeApi
+from tests.support.servers.paginated_api import FakeApi, most_in_window
 
 pytestmark = pytest.mark.stack
 
@@ -344,7 +344,7 @@ async def test_rate_limited_api_with_flaky_and_failing_items(
     }
     assert len(reasons) >= 2 and all("HTTP" in r for r in reasons)
     # The cluster never went over the rate plus the burst, and counted every 429 it got.
-    assert max_in_window(hits) <= allowed + burst
+    assert most_in_window([h.time for h in hits]) <= allowed + burst
     throttled = sum(1 for h in hits if h.status == 429)
     assert throttled > 0
     assert done.rate_limit_hits == throttled
@@ -366,16 +366,6 @@ async def test_rate_limited_api_with_flaky_and_failing_items(
     assert {h.what for h in retried if h.kind == "detail"} == bad
     assert not [h for h in retried if h.kind == "list"]
     assert await db.fetchval("SELECT count(*) FROM t_api_rated") == n - 2
-
-
-def max_in_window(hits: list[Any], seconds: float = 1.0) -> int:
-    times = sorted(h.time for h in hits)
-    best, start = 0, 0
-    for end, t in enumerate(times):
-        while t - times[start] >= seconds:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
 
 
 async def test_api_run_survives_killed_workers_without_refetching(

@@ -287,7 +287,7 @@ class FakeApi:
 
     def max_in_window(self, seconds: float = 1.0) -> int:
         """The most requests (any status, any kind) that arrived within any ``seconds`` window."""
-        return _max_in_window([hit.time for hit in self.snapshot()], seconds)
+        return most_in_window([hit.time for hit in self.snapshot()], seconds)
 
     def count(
         self, *, kind: str | None = None, status: int | None = None, since: float | None = None
@@ -456,7 +456,7 @@ def _seconds(wait: float) -> str:
     return str(max(1, math.ceil(wait)))
 
 
-def _max_in_window(times: Iterable[float], seconds: float) -> int:
+def most_in_window(times: Iterable[float], seconds: float = 1.0) -> int:
     """The largest number of ``times`` inside any half-open window ``[t, t + seconds)``."""
     ordered = sorted(times)
     best = start = 0

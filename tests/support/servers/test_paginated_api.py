@@ -10,7 +10,7 @@ from email.utils import parsedate_to_datetime
 import httpx
 import pytest
 
-from tests.support.servers.paginated_api import FakeApi, Hit, _max_in_window, decode_cursor
+from tests.support.servers.paginated_api import FakeApi, Hit, decode_cursor, most_in_window
 
 
 def _walk(api: FakeApi, client: httpx.Client, size: int) -> tuple[list[str], list[str]]:
@@ -120,7 +120,7 @@ def test_per_second_limit_throttles_a_burst() -> None:
             assert len(ok) == 20
             assert api.max_in_window(1.0) == 60
         accepted = [h.time for h in api.snapshot() if h.status != 429]
-        assert _max_in_window(accepted, 1.0) <= 20
+        assert most_in_window(accepted, 1.0) <= 20
         assert api.count() == 60
         assert api.throttled() == len(limited)
         assert api.count(status=200) == len(ok)
@@ -165,7 +165,7 @@ def test_concurrent_clients_are_all_recorded() -> None:
         assert api.count(status=200) == codes.count(200)
         assert codes.count(200) + codes.count(429) == 300
         accepted = [h.time for h in api.snapshot() if h.status != 429]
-        assert _max_in_window(accepted, 1.0) <= 150
+        assert most_in_window(accepted, 1.0) <= 150
         assert api.max_in_window(5.0) == 300
 
 
