@@ -184,17 +184,26 @@ class _Fragments:
         self.x_row = "ROW(" + ", ".join(f"EXCLUDED.{q(c)}" for c in self.nonkey) + ")"
 
     def prefix(self, src: str) -> str:
-        """The batch's rows as ``src``, and ``d``: one row per key, the one that wins (the last
-        in the file, or the first for 'skip' and 'fail'; the newest version first if asked)."""
+        """The batch's rows as ``src``, and ``d``: one row per key, the one that wins: the last
+        in the file, or the first for 'skip' and 'fail'. For 'update_if_newer' the batch gives
+        what applying its rows one by one gives (``newer``: a row replaces the stored one when
+        that has no version or an older one): the first row of the highest version, or the
+        last row when no row has a version. The same rule holds across batches."""
         plan, q = self.plan, quote_ident
         keep_first = plan.policy in (DuplicatePolicy.SKIP, DuplicatePolicy.FAIL)
         order = "ASC" if keep_first else "DESC"
         version = plan.version_column
-        newest = f"{q(version)} DESC NULLS LAST, " if version and not keep_first else ""
+        if version and plan.policy is DuplicatePolicy.UPDATE_IF_NEWER:
+            v = q(version)
+            ties = (
+                f"{v} DESC NULLS LAST, CASE WHEN {v} IS NULL THEN -{ROW} ELSE {ROW} END,"
+                f" CASE WHEN {v} IS NULL THEN -{SUB} ELSE {SUB} END"
+            )
+        else:
+            ties = f"{ROW} {order}, {SUB} {order}"
         return (
             f"WITH src AS ({src}),"
-            f" d AS (SELECT DISTINCT ON ({self.keys}) * FROM src"
-            f" ORDER BY {self.keys}, {newest}{ROW} {order}, {SUB} {order}),"
+            f" d AS (SELECT DISTINCT ON ({self.keys}) * FROM src ORDER BY {self.keys}, {ties}),"
         )
 
     def questions(self) -> str:

@@ -42,7 +42,10 @@ def winner(policy: DuplicatePolicy, version_column: str | None) -> str:
     if policy is DuplicatePolicy.SKIP:
         return "the first row of each key (policy skip)"
     if policy is DuplicatePolicy.UPDATE_IF_NEWER:
-        return f"the row with the highest {version_column} (policy update_if_newer)"
+        return (
+            f"the row with the highest {version_column}, the first of them on a tie"
+            " (policy update_if_newer)"
+        )
     if policy is DuplicatePolicy.FAIL:
         return "the first row; the later ones were rejected (policy fail)"
     return "the last row of each key in the file (policy upsert)"

@@ -312,6 +312,38 @@ async def test_json_lines_and_json_arrays(
 # ----------------------------------------------------------------------------- policies
 
 
+async def test_update_if_newer_ends_the_same_in_one_batch_and_in_many(
+    stack: Stack, client: Client, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """A row replaces the stored one when that has no version or an older one; so of rows of
+    one key, the first of the highest version wins, and the last when none has a version,
+    whether the rows share a batch (t_newer_ties) or each has its own (t_newer_apart)."""
+    day = "2024-01-01"
+    first = [
+        (1, "first of 2", "1.00", 1, day, 2),
+        (1, "older", "1.00", 1, day, 1),
+        (1, "second of 2", "1.00", 1, day, 2),
+        (2, "no version a", "2.00", 2, day, ""),
+        (2, "no version b", "2.00", 2, day, ""),
+        (3, "no version", "3.00", 3, day, ""),
+        (3, "version 3", "3.00", 3, day, 3),
+        (3, "no version after", "3.00", 3, day, ""),
+    ]
+    again = [(1, "tie with the stored", "1.00", 1, day, 2), (2, "now 1", "2.00", 2, day, 1)]
+    a = write_csv(tmp_path / "first.csv", first)
+    b = write_csv(tmp_path / "again.csv", again)
+    wanted = [
+        {1: "first of 2", 2: "no version b", 3: "version 3"},
+        {1: "first of 2", 2: "now 1", 3: "version 3"},
+    ]
+    for slug in ("t_newer_ties", "t_newer_apart"):
+        await reset(db, slug)
+        for path, want in zip((a, b), wanted, strict=True):
+            run = await finish(client, await client.submit_file(slug, path), stack)
+            assert run.status is RunStatus.COMPLETED, run.error
+            assert dict(await db.fetch(f"SELECT id, name FROM {slug}")) == want, (slug, path)
+
+
 async def test_duplicate_policies(
     stack: Stack, client: Client, db: asyncpg.Connection, tmp_path: Path
 ) -> None:
@@ -328,7 +360,10 @@ async def test_duplicate_policies(
 
     for slug, won in (
         ("t_skip", "the first row of each key (policy skip)"),
-        ("t_newer", "the row with the highest version (policy update_if_newer)"),
+        (
+            "t_newer",
+            "the row with the highest version, the first of them on a tie (policy update_if_newer)",
+        ),
     ):
         p = results[slug].provenance
         assert p and p["repeated_keys"] == {"keys": 0, "rows": 0, "won": won}
