@@ -161,6 +161,10 @@ class PdsClient:
         return records, body.get("cursor") or None
 
 
+NAMED_CONSUMERS = 5
+"""How many consumers a refused backfill names."""
+
+
 async def firehose_covers(
     pool: asyncpg.Pool, did: str, collections: Sequence[str], freshness: float
 ) -> str | None:
@@ -177,11 +181,17 @@ async def firehose_covers(
         return f"no firehose consumer has run: {start}"
     live = [c for c in consumers if c.age <= freshness and c.time_us is not None]
     if not live:
+        # Rows of consumers long gone stay in sluice.firehose_cursors: the message names a
+        # few, those that never heard from their server first (starting, or pointed at the
+        # wrong place), then those that heard from it last.
+        recent = sorted(consumers, key=lambda c: (c.heard_at is not None, c.age))
+        named = "; ".join(_not_live(c) for c in recent[:NAMED_CONSUMERS])
+        if len(recent) > NAMED_CONSUMERS:
+            named += f"; and {len(recent) - NAMED_CONSUMERS} more that heard from it earlier"
         return (
             f"no live firehose consumer (one that heard from its server in the last "
-            f"{freshness:.0f}s and saved a cursor): "
-            + "; ".join(_not_live(c) for c in consumers)
-            + ". Check that it runs and that SLUICE_FIREHOSE_URL (or `sluice firehose --url`)"
+            f"{freshness:.0f}s and saved a cursor): {named}. Check that it runs and that"
+            " SLUICE_FIREHOSE_URL (or `sluice firehose --url`)"
             " reaches a Jetstream, then start the backfill"
         )
     for_did = [c for c in live if not c.dids or did in c.dids]

@@ -20,7 +20,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from sluice.agents.firehose.backfill import Backfiller
+from sluice.agents.firehose.backfill import Backfiller, firehose_covers
 from sluice.config import FirehoseSettings, UrlSettings
 from sluice.schemas.firehose import BackfillRequested
 from sluice.schemas.runs import RunStatus
@@ -176,3 +176,36 @@ async def test_a_collection_the_consumer_filters_out_refuses_the_backfill(
         finally:
             stop(proc)
             await forget(pool, name)
+
+
+async def test_a_refusal_names_a_few_consumers_those_that_never_heard_first(
+    stack: Stack, pool: asyncpg.Pool
+) -> None:
+    """Rows of consumers long gone stay: the message names five, the ones that never heard
+    from their server first, then the most recently heard, and counts the rest."""
+    tag = uuid.uuid4().hex[:6]
+    gone = [f"gone-{tag}-{n}" for n in range(7)]
+    fresh = f"never-{tag}"
+    await pool.execute(
+        "INSERT INTO sluice.firehose_cursors (name, time_us, updated_at)"
+        " SELECT x.name, 1, now() - x.n * interval '1 hour'"
+        " FROM unnest($1::text[]) WITH ORDINALITY AS x(name, n)",
+        gone,
+    )
+    await pool.execute(
+        "INSERT INTO sluice.firehose_cursors (name, updated_at) VALUES ($1, 'epoch')", fresh
+    )
+    try:
+        total = await pool.fetchval("SELECT count(*) FROM sluice.firehose_cursors")
+        error = await firehose_covers(pool, DID, ["app.bsky.feed.post"], 0.0)
+    finally:
+        for name in (*gone, fresh):
+            await forget(pool, name)
+    assert error is not None
+    named = error.split("saved a cursor): ", 1)[1].split(". Check", 1)[0].split("; ")
+    assert len(named) == 6 and named[-1] == f"and {total - 5} more that heard from it earlier"
+    assert f"{fresh} never heard from its server" in named
+    never = [i for i, n in enumerate(named[:5]) if n.endswith(" never heard from its server")]
+    assert never == list(range(len(never))), named  # the ones that never heard come first
+    heard = [n.split(" last heard from its server at ", 1)[1][:19] for n in named[len(never) : 5]]
+    assert heard == sorted(heard, reverse=True), named  # then the most recently heard
