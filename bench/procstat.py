@@ -54,9 +54,19 @@ def children_of(parent: int) -> list[int]:
     return found
 
 
+def descendants(root: int) -> list[int]:
+    """The live children of ``root``, their children and so on."""
+    found, parents = [], [root]
+    while parents:
+        children = [c for parent in parents for c in children_of(parent)]
+        found += children
+        parents = children
+    return found
+
+
 def tree_cpu(root: int, attempts: int = 20) -> float:
-    """CPU seconds of ``root`` and all its children, live and reaped (one level: PostgreSQL's
-    backends have no children of their own).
+    """CPU seconds of ``root`` and all its descendants, live and reaped (PostgreSQL's backends;
+    a worker's fork server and the range readers it forked).
 
     A child reaped while /proc is scanned would be missed twice (not yet in the root's
     ``cutime`` when that was read, gone from /proc when its turn came): the root is read again
@@ -64,7 +74,7 @@ def tree_cpu(root: int, attempts: int = 20) -> float:
     ended but is not reaped yet still shows its times (a zombie keeps them)."""
     own = process_cpu(root, children=True)
     for _ in range(attempts):
-        live = sum(process_cpu(child, children=True) for child in children_of(root))
+        live = sum(process_cpu(child, children=True) for child in descendants(root))
         again = process_cpu(root, children=True)
         if again == own:
             break

@@ -322,6 +322,18 @@ class PipelineSettings(BaseSettings):
         default=True,
         description="send rows of text as COPY batches (off while workers older than them run)",
     )
+    split_processes: int = Field(
+        default=0,
+        ge=0,
+        description="processes that read a large delimited file's byte ranges in parallel"
+        " (0: one per core; 1: none, the split reads every range itself)",
+    )
+    split_range_bytes: int = Field(
+        default=8 << 20,
+        ge=0,
+        description="bytes per range of a delimited file read in parallel (0: files are read"
+        " from start to end by the split alone); a file is cut so when larger than two ranges",
+    )
     apply_attempts: int = Field(default=5, ge=1, description="tries of a batch before dead-letter")
     progress_interval: float = Field(
         default=1.0, gt=0, description="seconds between a run's progress events"

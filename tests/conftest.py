@@ -171,6 +171,9 @@ class Stack:
             SLUICE_DATABASE_URL=self.postgres.url,
             SLUICE_KAFKA_PARTITIONS=str(PARTITIONS),
             SLUICE_KAFKA_SESSION_TIMEOUT="6",
+            # Delimited files over 64 KiB are read by byte ranges in the workers' pools, so the
+            # exactness and chaos tests run on that path too (agents/split/ranges.py).
+            SLUICE_SPLIT_RANGE_BYTES=str(32 << 10),
             SLUICE_IMPORTERS="tests.support.importers",
             SLUICE_HOME=str(self.root / "home"),
             PYTHONPATH=str(ROOT),

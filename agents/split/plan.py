@@ -212,12 +212,14 @@ async def kept_batching(
     mapper: RecordMapper,
     plan: TargetPlan,
     parsed: ParsedFile,
+    range_bytes: int = 0,
 ) -> BatchRouter:
     """Save the run's plan with its batching, and return the router that cuts the batches so.
 
     How the file is cut into batches is fixed by the run's first split: a split done again
     (after a crash, or by a worker with other settings or a newer version) must give every
-    batch number the same rows, or the markers of batches applied before would skip rows."""
+    batch number the same rows, or the markers of batches applied before would skip rows.
+    ``range_bytes``: the ranges the file may be read by (see ``ranges``), 0 if it may not."""
     settings = deps.settings
     runs = deps.runs
     text_columns = (
@@ -229,6 +231,7 @@ async def kept_batching(
         "partitions": settings.kafka.partitions,
         "max_bytes": settings.kafka.max_message_bytes - RECORD_OVERHEAD,
         "copy": text_columns is not None,
+        "ranges": range_bytes if text_columns is not None else 0,
     }
     if cutting["copy"] and text_columns is None:
         raise TerminalError(
@@ -242,4 +245,5 @@ async def kept_batching(
         cutting["size"],
         cutting["max_bytes"],
         text_columns if cutting["copy"] else None,
+        ranges=cutting.get("ranges", 0),  # a run planned before ranges reads its file whole
     )

@@ -72,6 +72,18 @@ class RepeatCounter:
         if self._held >= RUN:
             self._spill()
 
+    def add_hashes(self, buckets: list[bytes]) -> None:
+        """Add keys hashed elsewhere (the byte-range readers): per bucket, an array of "q"
+        holding the 64-bit hashes whose low bits are the bucket's. Every key of one file must
+        be hashed one way, this or ``add``'s."""
+        held = 0
+        for hashes, data in zip(self._arrays, buckets, strict=True):
+            hashes.frombytes(data)
+            held += len(data) // hashes.itemsize
+        self._held += held
+        if self._held >= RUN:
+            self._spill()
+
     def count(self) -> Repeats:
         """The repeats of every key added so far; the counter is spent afterwards."""
         try:

@@ -15,7 +15,7 @@ import orjson
 
 from sluice.agents.split.repeats import RepeatCounter
 from sluice.errors import FileFormatError
-from sluice.schemas.events import encode_copy_batch
+from sluice.schemas.events import encode_copy_batch, encode_copy_lines
 from sluice.storage.writer import ROW
 from sluice.streams.topics import partition_for_key
 
@@ -28,7 +28,8 @@ class BatchRouter:
     """Buffers records per partition of their key and hands out full batches in file order.
 
     Records are dicts (sent as JSON), or, when ``text_columns`` is given, lists of text in that
-    order (sent as COPY batches, see RowBatch)."""
+    order (sent as COPY batches, see RowBatch), or with ``ranges`` too, rows already encoded as
+    COPY lines and routed by the byte-range readers (see ``ranges``)."""
 
     def __init__(
         self,
@@ -37,6 +38,8 @@ class BatchRouter:
         batch_size: int,
         max_bytes: int,
         text_columns: tuple[str, ...] | None = None,
+        *,
+        ranges: int = 0,
     ):
         self.partitions = partitions
         self.max_bytes = max_bytes
@@ -46,6 +49,10 @@ class BatchRouter:
         # It depends only on the file's rows, so a re-split cuts the same batches.
         self.limit = batch_size
         self.text_columns = text_columns
+        self.key = key
+        self.ranges = ranges
+        """the bytes per range when the file is read by byte ranges (see ``ranges``), else 0"""
+        self.lines = ranges > 0
         self.repeats = RepeatCounter()
         """the keys seen more than once, reported in the provenance when the split ends"""
         self._key_of: Callable[[Any], str]
@@ -73,9 +80,21 @@ class BatchRouter:
                 full.append((p, buf))
         return full
 
+    def add_lines(self, partition: int, lines: list[str]) -> list[list[str]]:
+        """Buffer the COPY ``lines`` of ``partition``'s rows; returns the batches they filled."""
+        buf = self.buffers[partition]
+        buf.extend(lines)
+        full = []
+        while len(buf) >= self.limit:
+            full.append(buf[: self.limit])
+            del buf[: self.limit]
+        return full
+
     def encode(self, run_id: str, rows: list[Any]) -> Iterator[tuple[bytes, bytes]]:
         """One or more (key, value) messages for ``rows``, each under the size limit."""
-        if self.text_columns is not None:
+        if self.lines:
+            value = encode_copy_lines(self.text_columns or (), rows)
+        elif self.text_columns is not None:
             value = encode_copy_batch(self.text_columns, rows)
         else:
             value = orjson.dumps(rows, default=_json_default)
@@ -89,7 +108,10 @@ class BatchRouter:
                 yield from self.encode(run_id, rows[start : start + step])
             return
         if len(value) > self.max_bytes:
-            row = rows[0][0] if self.text_columns is not None else rows[0].get(ROW)
+            if self.lines:
+                row = rows[0].split("\t", 1)[0]
+            else:
+                row = rows[0][0] if self.text_columns is not None else rows[0].get(ROW)
             raise FileFormatError(
                 f"row {row} is larger than the {self.max_bytes}-byte "
                 "message limit; shorten it or raise SLUICE_KAFKA_MAX_MESSAGE_BYTES"

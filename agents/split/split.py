@@ -12,17 +12,21 @@ and ``route`` cuts the records into batches by key.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
+import mmap
+import os
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sluice.agents.deps import Deps
-from sluice.agents.split.map import Record, RecordMapper, fitting_importers
+from sluice.agents.split.map import RecordMapper, fitting_importers
 from sluice.agents.split.parse import ParsedFile, parse_file
 from sluice.agents.split.plan import (
     check_lookups,
@@ -32,13 +36,22 @@ from sluice.agents.split.plan import (
     table_plan,
 )
 from sluice.agents.split.provenance import record_provenance, record_schema_changes
+from sluice.agents.split.ranges import (
+    RangeCutter,
+    RangeResult,
+    RangeSpec,
+    data_start,
+    read_ranges,
+)
+from sluice.agents.split.ranges import processes as ranges_processes
+from sluice.agents.split.ranges import usable as ranges_usable
 from sluice.agents.split.read import Reading
 from sluice.agents.split.repeats import winner
 from sluice.agents.split.route import BatchRouter
 from sluice.errors import FileFormatError, MappingError, TerminalError
 from sluice.schemas.events import ImportRequested
 from sluice.schemas.formats import FormatOptions, ParsedRow, RowProblem
-from sluice.schemas.importers import ADHOC
+from sluice.schemas.importers import ADHOC, Importer
 from sluice.schemas.runs import RowFailure
 from sluice.streams.publish import Deliveries
 
@@ -97,7 +110,8 @@ async def _split(
     deps: Deps, request: ImportRequested, raw: Any, send: SendBatch, flush: Flush
 ) -> None:
     run_id = request.run_id
-    parsed = parse_file(raw, format_options(deps, request), encoding=request.file.encoding)
+    options = format_options(deps, request)
+    parsed = parse_file(raw, options, encoding=request.file.encoding)
     items = iter(parsed)
     head = list(itertools.islice(items, SAMPLE_ROWS))
     sample = [r for r in head if isinstance(r, ParsedRow)]
@@ -134,10 +148,116 @@ async def _split(
     plan, changes = await table_plan(deps, importer, request, mapper, sample)
     await check_lookups(deps, plan)
     await record_schema_changes(deps, request, provenance, changes)
-    router = await kept_batching(deps, request, importer, mapper, plan, parsed)
-    rows = itertools.chain(head, items)
-    won = winner(importer.policy, importer.version_column)
-    await _send_batches(deps, request, parsed, rows, mapper, router, send, flush, won)
+    with contextlib.ExitStack() as stack:
+        data = _mapped(raw, stack) if parsed.sniffed.format == "csv" else None
+        start = _range_start(deps, request, parsed, mapper, data)
+        range_bytes = deps.settings.pipeline.split_range_bytes if start else 0
+        router = await kept_batching(deps, request, importer, mapper, plan, parsed, range_bytes)
+        won = winner(importer.policy, importer.version_column)
+        pieces: AsyncIterator[_Piece]
+        if router.lines:
+            if data is None or start is None:
+                raise TerminalError(
+                    "this run's first split read its file by byte ranges, which this file no "
+                    "longer allows; import the file again as a new run"
+                )
+            cutter = RangeCutter(data, start[0], router.ranges)
+            spec = _range_spec(importer, parsed, router, raw.name, options.max_record_bytes)
+            workers = ranges_processes(deps.settings.pipeline.split_processes)
+            log.info(
+                "run %s: the file is read by byte ranges of %d bytes in %d processes",
+                *(request.run_id, router.ranges, workers),
+            )
+            pieces = _ranged(read_ranges(cutter, spec, workers, start[1]), router, len(data))
+        else:
+            rows = itertools.chain(head, items)
+            pieces = _serial(rows, mapper, router, parsed, request.file.size)
+        await _send_batches(deps, request, pieces, mapper, router, send, flush, won)
+
+
+def _mapped(raw: Any, stack: contextlib.ExitStack) -> mmap.mmap | None:
+    """The stored file's bytes, mapped (None for an empty file)."""
+    if os.fstat(raw.fileno()).st_size == 0:
+        return None
+    return stack.enter_context(mmap.mmap(raw.fileno(), 0, access=mmap.ACCESS_READ))
+
+
+def _range_start(
+    deps: Deps,
+    request: ImportRequested,
+    parsed: ParsedFile,
+    mapper: RecordMapper,
+    data: mmap.mmap | None,
+) -> tuple[int, int] | None:
+    """Where the data records of a file that may be read by byte ranges start, and the lines
+    before them; None for a file read from start to end (see ``ranges``)."""
+    range_bytes = deps.settings.pipeline.split_range_bytes
+    if data is None or parsed.header is None or mapper.text_names() is None:
+        return None
+    if not ranges_usable(parsed.sniffed, len(data), range_bytes):
+        return None
+    return data_start(data, parsed.sniffed, parsed.header)
+
+
+def _range_spec(
+    importer: Importer, parsed: ParsedFile, router: BatchRouter, path: str, max_record_bytes: int
+) -> RangeSpec:
+    columns = router.text_columns or ()
+    return RangeSpec(
+        path=path,
+        encoding=parsed.sniffed.encoding or "utf-8",
+        delimiter=parsed.sniffed.delimiter or ",",
+        header=parsed.header or [],
+        importer=importer,
+        partitions=router.partitions,
+        key_at=tuple(columns.index(c) for c in router.key),
+        max_record_bytes=max_record_bytes,
+    )
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """Some rows of the file: how many were read, those rejected, the batches they filled
+    (with their partitions) and the fraction of the file read so far."""
+
+    rows: int
+    failures: list[RowFailure]
+    batches: list[tuple[int, list[Any]]]
+    fraction: float
+
+
+async def _serial(
+    rows: Iterator[ParsedRow | RowProblem],
+    mapper: RecordMapper,
+    router: BatchRouter,
+    parsed: ParsedFile,
+    size: int,
+) -> AsyncIterator[_Piece]:
+    """The file read from start to end here, 200 rows at a time (between them the event loop
+    runs: heartbeats, the producer, batches applied while we read)."""
+    as_text = router.text_columns is not None
+    while True:
+        chunk = list(itertools.islice(rows, 200))
+        if not chunk:
+            return
+        records: list[Any]
+        records, failures = mapper.map_text(chunk) if as_text else mapper.map_rows(chunk)
+        fraction = parsed.bytes_read / size if size else 0.0
+        yield _Piece(len(records) + len(failures), failures, router.add(records), fraction)
+
+
+async def _ranged(
+    results: AsyncIterator[RangeResult], router: BatchRouter, size: int
+) -> AsyncIterator[_Piece]:
+    """The file read by byte ranges in the pool (see ``ranges``), in file order."""
+    async for result in results:
+        batches = [
+            (partition, batch)
+            for partition, lines in enumerate(result.lines)
+            for batch in router.add_lines(partition, lines)
+        ]
+        router.repeats.add_hashes(result.hashes)
+        yield _Piece(result.records, result.failures, batches, result.end / size)
 
 
 def _sheets_hint(parsed: ParsedFile) -> str:
@@ -169,24 +289,22 @@ def _fitting_hint(deps: Deps, slug: str, header: list[str] | None) -> str:
 async def _send_batches(
     deps: Deps,
     request: ImportRequested,
-    parsed: ParsedFile,
-    rows: Iterator[ParsedRow | RowProblem],
+    pieces: AsyncIterator[_Piece],
     mapper: RecordMapper,
     router: BatchRouter,
     send: SendBatch,
     flush: Flush,
     won: str,
 ) -> None:
-    """Map the rows and send them as batches, recording the split's progress as it goes and
+    """Send the batches of the file's pieces, recording the split's progress as it goes and
     its totals once the broker confirmed every batch. Stops early when the run was finished
     meanwhile (cancelled, say)."""
     runs, settings = deps.runs, deps.settings
     run_id = request.run_id
-    as_text = router.text_columns is not None
     run_key = str(run_id)
     deliveries = Deliveries(f"split of run {run_id}")
 
-    async def emit(partition: int, batch: list[Record]) -> None:
+    async def emit(partition: int, batch: list[Any]) -> None:
         for key, value in router.encode(run_key, batch):
             deliveries.track(await send(partition, key, value))
 
@@ -203,27 +321,20 @@ async def _send_batches(
 
     total = 0
     last_report = time.monotonic()
-    chunk_size = 200  # rows between yields to the event loop, so batches apply while we read
-    while True:
-        chunk = list(itertools.islice(rows, chunk_size))
-        if not chunk:
-            break
-        records: list[Any]
-        records, failures = mapper.map_text(chunk) if as_text else mapper.map_rows(chunk)
-        total += len(records) + len(failures)
-        rejected.extend(failures)
+    async for piece in pieces:
+        total += piece.rows
+        rejected.extend(piece.failures)
         if len(rejected) >= REJECTED_AT_ONCE:
             await log_rejected()
-        for partition, batch in router.add(records):
+        for partition, batch in piece.batches:
             await emit(partition, batch)
         now = time.monotonic()
         if now - last_report >= settings.pipeline.progress_interval:
             last_report = now
-            fraction = parsed.bytes_read / request.file.size if request.file.size else 0.0
             deliveries.check()  # a refused batch fails the split now, not at the end
             await log_rejected()
             status = await runs.record_split_progress(
-                run_id, total, min(fraction, 1.0), mapper.gaps
+                run_id, total, min(piece.fraction, 1.0), mapper.gaps
             )
             if status is None or status.terminal:
                 log.info("run %s is %s; the split stops at row %d", run_id, status, total)

@@ -14,8 +14,10 @@ from sluice.schemas.sources import ApiSource, Pagination, RateLimit
 API_URL_ENV = "SLUICE_CHAOS_API_URL"
 
 
-def items(slug: str, batch_size: int) -> Importer:
-    """The items table of the pipeline tests, with small batches: many batches per file."""
+def items(slug: str, batch_size: int, *, in_database: bool = False) -> Importer:
+    """The items table of the pipeline tests, with small batches: many batches per file;
+    ``in_database``: its values checked by PostgreSQL, so its files travel as COPY batches and
+    are read by byte ranges (agents/split/ranges.py)."""
     return Importer(
         slug=slug,
         table=slug,
@@ -29,10 +31,13 @@ def items(slug: str, batch_size: int) -> Importer:
             Field("version", "integer"),
         ),
         batch_size=batch_size,
+        validate_in_database=in_database,
     )
 
 
-kill_import = items("chaos_kill", batch_size=100)
+# Workers SIGKILLed while a file is read by byte ranges in their pools; the broker and the
+# PostgreSQL cases go the JSON way, read from start to end.
+kill_import = items("chaos_kill", batch_size=100, in_database=True)
 broker_import = items("chaos_broker", batch_size=100)
 pg_import = items("chaos_pg", batch_size=100)
 

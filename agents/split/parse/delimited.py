@@ -31,7 +31,7 @@ def read_delimited(
     # every line after it into one field.
     records = csv.reader(text, delimiter=delimiter, strict=True)
     header = _read_header(records, source, encoding, delimiter)
-    return header, _delimited_rows(records, len(header), source, encoding)
+    return header, delimited_rows(records, len(header), source, encoding)
 
 
 def _read_header(
@@ -61,10 +61,23 @@ def _read_header(
     return header
 
 
-def _delimited_rows(
-    records: Iterator[list[str]], width: int, source: UploadSource, encoding: str
+class UnclosedQuote(FileFormatError):
+    """A quote opened in a record is not closed before the end of the text read (for a byte
+    range of a file: the range was cut inside a quoted field, see ``split.ranges``)."""
+
+
+def delimited_rows(
+    records: Iterator[list[str]],
+    width: int,
+    source: UploadSource | None,
+    encoding: str,
+    *,
+    number: int = 0,
+    lines: int = 0,
 ) -> Iterator[ParsedRow | RowProblem]:
-    number = 0
+    """The data records of ``records`` (a csv reader), numbered from ``number`` + 1; ``lines``:
+    the lines before the reader's first, so that a reason names the line of the file. A
+    ``source`` locates a byte that does not decode (text decoded beforehand has none)."""
     while True:
         try:
             # The hot loop of the whole importer: one length check per record, nothing more.
@@ -74,7 +87,7 @@ def _delimited_rows(
                     yield ParsedRow(number, record)
                 elif record:  # a blank line reads as [] and is not a record
                     number += 1
-                    line = getattr(records, "line_num", 0)
+                    line = lines + getattr(records, "line_num", 0)
                     yield RowProblem(
                         number,
                         record,
@@ -83,9 +96,11 @@ def _delimited_rows(
                     )
             return
         except UnicodeDecodeError as exc:
+            if source is None:
+                raise
             raise decode_error(exc, source.position, encoding) from exc
         except csv.Error as exc:
-            line = getattr(records, "line_num", 0)
+            line = lines + getattr(records, "line_num", 0)
             if "expected after" not in str(exc):
                 raise _csv_file_error(exc, number + 1, line) from exc
             # A closing quote followed by more text: the reader drops the rest of that line
@@ -102,7 +117,8 @@ def _delimited_rows(
 def _csv_file_error(exc: csv.Error, number: int, line: int) -> FileFormatError:
     """`number` is the data record being read, 0 for the header."""
     record = f"data record {number}" if number else "the header row"
-    if "end of data" in str(exc):
+    unclosed = "end of data" in str(exc)
+    if unclosed:
         what = (
             f"a quote opened in {record} is never closed, so everything up to the end of the "
             f"file (line {line}) would be one field"
@@ -114,7 +130,8 @@ def _csv_file_error(exc: csv.Error, number: int, line: int) -> FileFormatError:
         )
     else:
         what = f"{record} (at line {line}) cannot be read: {exc}"
-    return FileFormatError(
+    error = UnclosedQuote if unclosed else FileFormatError
+    return error(
         f"the file cannot be read as delimited text: {what}. Fix the quoting there and upload "
         f"the file again"
     )

@@ -1,0 +1,404 @@
+"""Byte ranges: a large delimited file parsed, mapped and routed on every core.
+
+One process splits a file, but the Python work per row (the csv module, the mapping, the key's
+partition) would keep one core busy while the others wait. So a delimited file of text cells
+(the COPY path) larger than two ranges is cut into byte ranges of about
+``pipeline.split_range_bytes``, each ending at a line end outside quotes, and a pool of
+``pipeline.split_processes`` processes reads them in parallel. The split takes their results
+in file order, so every partition receives its rows in file order and the last row of a key
+still wins; it only cuts the batches and sends them.
+
+Where a range ends is proposed by counting quotes (a line end after an even number of them is
+outside quotes), and the csv module judges: a range that ends inside a quoted field (a quote
+in the middle of an unquoted field, ``5 inch" screen``, misleads the count) is read again
+together with the next one. A range's records are numbered from the count of the records
+before it, proposed the same way and checked against what the csv module read: a wrong guess
+is read again with the right number. So the rows, their numbers and every reason are those of
+reading the file from start to end, and the cut depends only on the file and the range size,
+which the run's plan keeps: a split done again (after a crash) cuts the same batches.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import atexit
+import collections
+import concurrent.futures
+import csv
+import hashlib
+import io
+import itertools
+import logging
+import multiprocessing
+import os
+import pickle
+import re
+import signal
+import zlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from sluice.agents.split.map import RecordMapper
+from sluice.agents.split.parse.delimited import UnclosedQuote, delimited_rows
+from sluice.agents.split.parse.encoding import UTF8_BOM, decode_error
+from sluice.agents.split.repeats import BUCKETS
+from sluice.schemas.events import copy_lines
+from sluice.schemas.formats import Sniffed
+from sluice.schemas.importers import Importer
+from sluice.schemas.runs import RowFailure
+
+log = logging.getLogger(__name__)
+
+ENCODINGS = frozenset(
+    {"utf-8", "utf-8-sig", "ascii", "latin-1", "iso-8859-1", "iso-8859-15", "cp1252"}
+)
+"""Encodings in which a byte 0x0A is a line end and nothing else, so a range may end after one."""
+
+_BLANK = re.compile(rb"\n(?=\r?\n)")
+"""A line end followed by an empty line (which the csv module reads as no record)."""
+
+_LOW = BUCKETS - 1
+_SIGN = 1 << 63  # an unsigned 64-bit hash less this fits an array of "q"
+
+
+@dataclass(frozen=True)
+class RangeSpec:
+    """What a process needs to read the ranges of one file (pickled once per file)."""
+
+    path: str
+    encoding: str
+    delimiter: str
+    header: list[str]
+    importer: Importer
+    partitions: int
+    key_at: tuple[int, ...]
+    """the positions of the key's cells in a mapped row"""
+    max_record_bytes: int
+
+
+@dataclass(frozen=True)
+class RangeJob:
+    start: int
+    end: int
+    number: int
+    """records before the range"""
+    lines: int
+    """lines before the range (a reason names the line of the file)"""
+    last: bool
+
+
+@dataclass
+class RangeResult:
+    records: int
+    """records read (rows and rejected ones)"""
+    lines: list[list[str]]
+    """per partition, the COPY lines of its rows in file order"""
+    failures: list[RowFailure]
+    hashes: list[bytes]
+    """per bucket of the repeat counter, the keys' 64-bit hashes (array of "q")"""
+    end: int
+    """the range's end (a byte offset of the file)"""
+    unclosed: bool = False
+    """the range ends inside a quoted field: its end is not a record's"""
+
+
+# -- the process side ---------------------------------------------------------------------------
+
+_mappers: dict[bytes, tuple[RangeSpec, RecordMapper]] = {}
+
+
+def _child_init() -> None:
+    # Ctrl-C in a terminal reaches the whole process group: the worker shuts the pool down.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _prepared(spec: bytes | RangeSpec) -> tuple[RangeSpec, RecordMapper]:
+    if isinstance(spec, RangeSpec):
+        return spec, RecordMapper(spec.importer, spec.header)
+    digest = hashlib.blake2b(spec, digest_size=16).digest()
+    if digest not in _mappers:
+        _mappers.clear()  # one file at a time
+        loaded: RangeSpec = pickle.loads(spec)
+        _mappers[digest] = (loaded, RecordMapper(loaded.importer, loaded.header))
+    return _mappers[digest]
+
+
+def read_range(spec: bytes | RangeSpec, job: RangeJob) -> RangeResult:
+    """Parse, map and route the records of one byte range (in a process of the pool)."""
+    rspec, mapper = _prepared(spec)
+    with open(rspec.path, "rb") as file:
+        file.seek(job.start)
+        data = file.read(job.end - job.start)
+    try:
+        text = data.decode(rspec.encoding)
+    except UnicodeDecodeError as exc:
+        raise decode_error(exc, job.end, rspec.encoding) from None
+    csv.field_size_limit(rspec.max_record_bytes)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=rspec.delimiter, strict=True)
+    rows = delimited_rows(
+        reader, len(rspec.header), None, rspec.encoding, number=job.number, lines=job.lines
+    )
+    parts: list[list[str]] = [[] for _ in range(rspec.partitions)]
+    buckets = [array.array("q") for _ in range(BUCKETS)]
+    failures: list[RowFailure] = []
+    records = 0
+    at = rspec.key_at
+    partitions = rspec.partitions
+    try:
+        while True:
+            chunk = list(itertools.islice(rows, 1000))
+            if not chunk:
+                break
+            records += len(chunk)
+            mapped, rejected = mapper.map_text(chunk)
+            failures.extend(rejected)
+            for line, row in zip(copy_lines(mapped), mapped, strict=True):
+                key = (row[at[0]] if len(at) == 1 else "\x1f".join(row[i] for i in at)).encode()
+                # The partition of the key (as streams.topics.partition_for_key gives) and a
+                # 64-bit hash of it for the repeats, the same in every process (``hash`` is
+                # salted per process): CRC-32 and Adler-32, each of the key's bytes.
+                crc = zlib.crc32(key)
+                h = (crc << 32 | zlib.adler32(key)) - _SIGN
+                buckets[h & _LOW].append(h)
+                parts[crc % partitions].append(line)
+    except UnclosedQuote:
+        if job.last:
+            raise
+        return RangeResult(0, [], [], [], job.end, unclosed=True)
+    return RangeResult(records, parts, failures, [b.tobytes() for b in buckets], job.end)
+
+
+# -- the splitting side -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cut:
+    """A proposed range: its end, the records it is guessed to hold and its exact lines."""
+
+    end: int
+    records: int
+    lines: int
+
+
+class RangeCutter:
+    """Proposes the ranges of a file whose bytes are ``data`` (a mapped file), from ``start``
+    (the first data record's first byte), each about ``range_bytes`` long."""
+
+    def __init__(self, data: Any, start: int, range_bytes: int) -> None:
+        self.data = data
+        self.size = len(data)
+        self.start = start
+        self.range_bytes = range_bytes
+        self.cuts: list[Cut] = []
+        self._at = start
+
+    def cut(self, i: int) -> Cut | None:
+        """The ``i``-th range's cut, proposed on first use; None past the end."""
+        while len(self.cuts) <= i:
+            if self._at >= self.size:
+                return None
+            self.cuts.append(self._propose())
+        return self.cuts[i]
+
+    def begin(self, i: int) -> int:
+        return self.start if i == 0 else self.cuts[i - 1].end
+
+    def _propose(self) -> Cut:
+        data, begin, size = self.data, self._at, self.size
+        end = min(begin + self.range_bytes, size)
+        quotes = data[begin:end].count(b'"')
+        while end < size:  # on to a line end after an even number of quotes
+            nl = data.find(b"\n", end)
+            if nl < 0:
+                end = size
+                break
+            quotes += data[end:nl].count(b'"')
+            end = nl + 1
+            if quotes % 2 == 0:
+                break
+        self._at = end
+        piece = data[begin:end]
+        return Cut(end, guess_records(piece), count_lines(piece))
+
+
+def guess_records(piece: bytes) -> int:
+    """The records the csv module reads in ``piece`` if every quote in it opens or closes a
+    quoted field (or is one of a doubled pair): its line ends outside quotes, less those that
+    end an empty line, and a last line without a line end."""
+    outside = b"\x00".join(piece.split(b'"')[0::2])
+    ends = outside.count(b"\n")
+    lead = b"\n" + outside
+    blank = len(_BLANK.findall(lead)) if b"\n\n" in lead or b"\n\r\n" in lead else 0
+    tail = outside.rsplit(b"\n", 1)[-1]
+    return ends - blank + (1 if tail.strip(b"\r") else 0)
+
+
+def count_lines(piece: bytes) -> int:
+    """Lines as the csv module counts them (``\\n``, ``\\r\\n`` and a lone ``\\r`` end one)."""
+    lines = piece.count(b"\n")
+    if b"\r" in piece:
+        lines += piece.count(b"\r") - piece.count(b"\r\n")
+    return lines
+
+
+def data_start(data: Any, sniffed: Sniffed, header: list[str]) -> tuple[int, int] | None:
+    """Where the first data record starts and the lines before it, when the header is the
+    first record at the file's first byte (after a UTF-8 byte-order mark); else None."""
+    begin = len(UTF8_BOM) if data[:3] == UTF8_BOM else 0
+    first = RangeCutter(data, begin, 1).cut(0)
+    if first is None:
+        return None
+    head = data[begin : first.end]
+    try:
+        text = head.decode(sniffed.encoding or "utf-8")
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=sniffed.delimiter or ",")
+        records = list(reader)
+    except (UnicodeDecodeError, LookupError, csv.Error):
+        return None
+    if len(records) != 1 or [n.strip() for n in records[0]] != [h.strip() for h in header]:
+        return None
+    return first.end, count_lines(head)
+
+
+def usable(sniffed: Sniffed, size: int, range_bytes: int) -> bool:
+    """Whether the file may be split by ranges: plain delimited text in an encoding that
+    ends lines with a byte 0x0A alone, larger than two ranges."""
+    return (
+        range_bytes > 0
+        and sniffed.format == "csv"
+        and sniffed.compression == "none"
+        and (sniffed.encoding or "").lower() in ENCODINGS
+        and size > 2 * range_bytes
+    )
+
+
+# -- the pool -----------------------------------------------------------------------------------
+
+_pool: concurrent.futures.ProcessPoolExecutor | None = None
+_pool_size = 0
+
+
+def pool(processes: int) -> concurrent.futures.ProcessPoolExecutor:
+    """The worker's pool of ``processes`` range readers, started on first use (a fork server
+    that imported this module forks them: nothing of the worker's threads and loop is in
+    them)."""
+    global _pool, _pool_size
+    if _pool is None or _pool_size != processes:
+        if _pool is not None:
+            _pool.shutdown(wait=False, cancel_futures=True)
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        _pool = concurrent.futures.ProcessPoolExecutor(
+            processes, mp_context=context, initializer=_child_init
+        )
+        _pool_size = processes
+        atexit.register(forget_pool)  # before the interpreter's teardown, which it would race
+    return _pool
+
+
+def forget_pool() -> None:
+    """Shut the pool down (at exit, or after it broke: a process killed); the next split
+    starts a new one."""
+    global _pool
+    if _pool is not None:
+        atexit.unregister(forget_pool)
+        _pool.shutdown(wait=True, cancel_futures=True)
+    _pool = None
+
+
+def processes(setting: int) -> int:
+    return setting or os.cpu_count() or 1
+
+
+async def read_ranges(
+    cutter: RangeCutter, spec: RangeSpec, workers: int, lines: int
+) -> AsyncIterator[RangeResult]:
+    """The results of every range of the file, in file order, read ``workers`` at a time by
+    the pool (in a thread of this process when ``workers`` is 1: the same ranges, the same
+    results); ``lines``: the lines before the first range (the header's)."""
+    loop = asyncio.get_running_loop()
+    executor: concurrent.futures.Executor | None = None
+    payload: bytes | RangeSpec = spec
+    if workers > 1:
+        executor, payload = pool(workers), pickle.dumps(spec)
+    window = workers + 1
+    # Each job read ahead, with the state after it if its guess of records is right: the
+    # next range's index, the records and the lines before it.
+    queue: collections.deque[tuple[RangeJob, asyncio.Future[RangeResult], _State]]
+    queue = collections.deque()
+
+    def fill(state: _State, span: int) -> None:
+        while len(queue) < window:
+            if queue:
+                if queue[-1][0].last:
+                    return
+                state, span = queue[-1][2], 0
+            made = _job(cutter, state, span)
+            if made is None:
+                return
+            job, after = made
+            queue.append((job, loop.run_in_executor(executor, read_range, payload, job), after))
+
+    def drop() -> None:
+        while queue:
+            queue.popleft()[1].cancel()
+
+    state = _State(0, 0, lines)
+    span = 0  # cuts the next range spans beyond its own (after a range ended in a quote)
+    fill(state, span)
+    try:
+        while queue:
+            job, future, after = queue.popleft()
+            try:
+                result = await future
+            except concurrent.futures.BrokenExecutor:
+                forget_pool()
+                raise
+            if result.unclosed:  # it ends inside a quoted field: read it with the next one
+                span += 1
+                drop()
+                fill(state, span)
+                continue
+            span = 0
+            state = after
+            if job.number + result.records != after.number:
+                # Its records were not the guess: the ranges after it need other numbers.
+                state = _State(after.index, job.number + result.records, after.lines)
+                drop()
+            fill(state, 0)
+            yield result
+    finally:
+        drop()
+
+
+@dataclass(frozen=True)
+class _State:
+    index: int
+    number: int
+    lines: int
+
+
+def _job(cutter: RangeCutter, state: _State, span: int) -> tuple[RangeJob, _State] | None:
+    """The job of range ``state.index`` spanning ``span`` more cuts, and the state after it
+    if the guess of its records is right; None past the end."""
+    if cutter.cut(state.index) is None:
+        return None
+    last = state.index + span
+    while cutter.cut(last) is None:
+        last -= 1
+    cuts = cutter.cuts[state.index : last + 1]
+    job = RangeJob(
+        cutter.begin(state.index),
+        cuts[-1].end,
+        state.number,
+        state.lines,
+        cutter.cut(last + 1) is None,
+    )
+    after = _State(
+        last + 1,
+        state.number + sum(c.records for c in cuts),
+        state.lines + sum(c.lines for c in cuts),
+    )
+    return job, after

@@ -1,0 +1,222 @@
+"""Byte ranges: a delimited file read by ranges in a pool of processes gives what reading it
+from start to end gives: the same rows with the same numbers in each partition, in file order,
+the same rejections with the same reasons, the same repeats; no row is cut in two, whatever
+the quoting (newlines inside quotes, doubled quotes, a stray quote in an unquoted field, empty
+lines, CRLF)."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import mmap
+import random
+import zlib
+from pathlib import Path
+
+import asyncpg
+import orjson
+import pytest
+
+from sluice.agents.split.infer import DEFAULT_NULL_MARKERS, adhoc_importer
+from sluice.agents.split.map import RecordMapper
+from sluice.agents.split.parse import parse_file
+from sluice.agents.split.ranges import (
+    RangeCutter,
+    RangeSpec,
+    count_lines,
+    data_start,
+    forget_pool,
+    guess_records,
+    read_ranges,
+)
+from sluice.agents.split.repeats import RepeatCounter
+from sluice.errors import FileFormatError
+from sluice.schemas.events import copy_lines, encode_copy_batch, encode_copy_lines
+from sluice.schemas.formats import FormatOptions, ParsedRow
+from sluice.schemas.importers import Field
+from sluice.schemas.runs import RunStatus
+from sluice.service import Client
+from tests.conftest import Stack, finish, unique
+
+PARTITIONS = 3
+NOTES = [
+    "plain",
+    "two\nlines",
+    'say "hi", then go',
+    "comma, inside",
+    "crlf\r\nin a quote",
+    "",
+    '"quoted" start',
+    "ünïcødé ✓",
+]
+
+
+def tricky_csv(rows: int, seed: int, *, crlf: bool, stray: bool) -> str:
+    """Rows with quoted newlines and quotes, empty lines, a bad field count now and then, a
+    stray quote inside an unquoted field (``5 inch" screen``) when ``stray``."""
+    rnd = random.Random(seed)
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n" if crlf else "\n")
+    writer.writerow(["id", "note", "qty"])
+    for i in range(1, rows + 1):
+        roll = rnd.random()
+        if roll < 0.03:
+            out.write("\r\n" if crlf else "\n")  # an empty line: no record
+        if roll > 0.98:
+            writer.writerow([i, "too", "many", "fields"])
+            continue
+        if stray and roll < 0.06:
+            out.write(f'{i},5 inch" screen,{i}' + ("\r\n" if crlf else "\n"))
+            continue
+        key = i if roll < 0.9 else rnd.randrange(1, i + 1)  # some keys repeat
+        writer.writerow([key, NOTES[i % len(NOTES)] + f" {i}", "" if i % 13 == 0 else i])
+    return out.getvalue()
+
+
+def serial(path: Path, header: list[str], mapper: RecordMapper) -> tuple[list, list, tuple]:
+    with path.open("rb") as raw:
+        parsed = parse_file(raw, FormatOptions())
+        rows = list(parsed)
+    records, failures = mapper.map_text(rows)
+    parts: list[list[str]] = [[] for _ in range(PARTITIONS)]
+    counter = RepeatCounter()
+    keys = [r[2] for r in records]
+    counter.add(keys)
+    for line, key in zip(copy_lines(records), keys, strict=True):
+        parts[zlib.crc32(key.encode()) % PARTITIONS].append(line)
+    reasons = sorted((f.row_number, f.reason) for f in failures)
+    return parts, reasons, (len(rows), counter.count())
+
+
+def ranged(path: Path, header: list[str], mapper: RecordMapper, size: int, workers: int):
+    with path.open("rb") as raw:
+        parsed = parse_file(raw, FormatOptions())
+        data = mmap.mmap(raw.fileno(), 0, access=mmap.ACCESS_READ)
+        start = data_start(data, parsed.sniffed, header)
+        assert start is not None
+        spec = RangeSpec(
+            str(path), "utf-8", ",", header, mapper.importer, PARTITIONS, (2,), 1 << 20
+        )
+        cutter = RangeCutter(data, start[0], size)
+
+        async def collect() -> tuple[list, list, tuple]:
+            parts: list[list[str]] = [[] for _ in range(PARTITIONS)]
+            failures = []
+            counter = RepeatCounter()
+            records = 0
+            async for result in read_ranges(cutter, spec, workers, start[1]):
+                for p, lines in enumerate(result.lines):
+                    parts[p] += lines
+                failures += result.failures
+                counter.add_hashes(result.hashes)
+                records += result.records
+            reasons = sorted((f.row_number, f.reason) for f in failures)
+            return parts, reasons, (records, counter.count())
+
+        try:
+            return asyncio.run(collect())
+        finally:
+            data.close()
+
+
+def mapper_for(header: list[str]) -> RecordMapper:
+    fields = [Field("id", "text"), Field("note", "text"), Field("qty", "text")]
+    importer = adhoc_importer("t", ["id"], fields, null_markers=DEFAULT_NULL_MARKERS)
+    return RecordMapper(importer, header)
+
+
+@pytest.mark.parametrize("crlf", [False, True])
+@pytest.mark.parametrize("stray", [False, True])
+@pytest.mark.parametrize("size", [1, 97, 4096])
+def test_ranges_give_what_reading_from_start_to_end_gives(
+    tmp_path: Path, crlf: bool, stray: bool, size: int
+) -> None:
+    path = tmp_path / "tricky.csv"
+    path.write_text(tricky_csv(3000, seed=size, crlf=crlf, stray=stray), newline="")
+    header = ["id", "note", "qty"]
+    mapper = mapper_for(header)
+    expected = serial(path, header, mapper)
+    got = ranged(path, header, mapper, size, workers=1)
+    assert got[2] == expected[2]  # records read and repeats
+    assert got[1] == expected[1]  # every rejection: its row number and reason
+    assert got[0] == expected[0]  # every partition's rows, numbered, in file order
+    assert sum(map(len, got[0])) > 2500
+
+
+def test_the_pool_gives_the_same_as_one_process(tmp_path: Path) -> None:
+    path = tmp_path / "tricky.csv"
+    path.write_text(tricky_csv(20_000, seed=7, crlf=False, stray=True), newline="")
+    header = ["id", "note", "qty"]
+    mapper = mapper_for(header)
+    try:
+        assert ranged(path, header, mapper, 20_000, workers=2) == serial(path, header, mapper)
+    finally:
+        forget_pool()
+
+
+def test_a_quote_left_open_fails_the_file_as_reading_it_whole_does(tmp_path: Path) -> None:
+    path = tmp_path / "open.csv"
+    body = "".join(f"{i},note {i},{i}\n" for i in range(1, 500))
+    path.write_text("id,note,qty\n" + body + '500,"never closed,1\n' + body)
+    header = ["id", "note", "qty"]
+    mapper = mapper_for(header)
+    with pytest.raises(FileFormatError) as whole:
+        serial(path, header, mapper)
+    with pytest.raises(FileFormatError) as by_ranges:
+        ranged(path, header, mapper, 512, workers=1)
+    assert str(by_ranges.value) == str(whole.value)
+    assert "data record 500" in str(whole.value)
+
+
+def test_guesses_count_records_outside_quotes() -> None:
+    assert guess_records(b'1,"a\nb",2\n\n3,x,4\r\n\r\n5,"",6') == 3
+    assert guess_records(b"\n1,a\n") == 1
+    assert count_lines(b'1,"a\r\nb"\r\n2\r3\n') == 4
+    assert ParsedRow(1, []).number == 1
+
+
+def test_copy_lines_make_the_batch_encode_copy_batch_makes() -> None:
+    columns = ("_sluice_row", "_sluice_sub", "a", "b")
+    for rows in (
+        [["1", "0", "plain", ""], ["2", "0", "x", "y"]],
+        [["1", "0", "tab\there", "back\\slash"], ["2", "0", "two\nlines", "cr\r"]],
+        [],
+    ):
+        assert encode_copy_lines(columns, copy_lines(rows)) == encode_copy_batch(columns, rows)
+
+
+@pytest.mark.stack
+async def test_an_import_read_by_ranges_lands_every_row_and_logs_every_rejection(
+    client: Client, stack: Stack, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """The stack's workers read delimited files over 64 KiB by ranges of 32 KiB (see
+    tests/conftest.py): the table holds the last row of each key, the row log each rejected
+    row with the number and reason reading the file whole gives, the repeats are counted."""
+    path = tmp_path / "tricky.csv"
+    path.write_text(tricky_csv(6000, seed=11, crlf=True, stray=True), newline="")
+    assert path.stat().st_size > 3 * 32 * 1024
+    header = ["id", "note", "qty"]
+    with path.open("rb") as raw:
+        rows = [r for r in parse_file(raw, FormatOptions()) if isinstance(r, ParsedRow)]
+    last: dict[str, tuple[str, str]] = {}
+    for row in rows:
+        last[row.values[0].strip()] = (row.values[1].strip(), row.values[2].strip())
+    _, reasons, (records, repeats) = serial(path, header, mapper_for(header))
+    table = unique("ranges")
+    options = {"table": table, "key": ["id"]}
+    run = await finish(client, await client.submit_file("adhoc", path, options=options), stack)
+    assert run.status is RunStatus.COMPLETED_WITH_ERRORS, run.error
+    assert (run.total_rows, run.failed_rows) == (records, len(reasons))
+    plan = await db.fetchval("SELECT plan FROM sluice.runs WHERE id = $1", run.id)
+    assert orjson.loads(plan)["batching"]["ranges"] == 32 * 1024
+    logged = await db.fetch(
+        "SELECT row_number, reason FROM sluice.row_log WHERE run_id = $1", run.id
+    )
+    assert sorted((r["row_number"], r["reason"]) for r in logged) == reasons
+    got = await db.fetch(f"SELECT id, note, qty FROM {table}")
+    assert {
+        str(r["id"]): (r["note"] or "", "" if r["qty"] is None else str(r["qty"])) for r in got
+    } == last
+    provenance = await db.fetchval("SELECT provenance FROM sluice.runs WHERE id = $1", run.id)
+    assert orjson.loads(provenance)["repeated_keys"]["keys"] == repeats.keys
