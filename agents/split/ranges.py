@@ -36,7 +36,7 @@ import pickle
 import re
 import signal
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,6 +173,33 @@ def read_range(spec: bytes | RangeSpec, job: RangeJob) -> RangeResult:
 # -- the splitting side -------------------------------------------------------------------------
 
 
+class FileBytes:
+    """A file's bytes as the cutter reads them: slices and ``find`` by ``os.pread``. (A mapped
+    file would do, but the pages it touches count in the worker's resident memory: the whole
+    file by the end.)"""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.size = os.fstat(fd).st_size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, part: slice) -> bytes:
+        start, stop, _ = part.indices(self.size)
+        return os.pread(self.fd, max(0, stop - start), start)
+
+    def find(self, sub: bytes, start: int) -> int:
+        """The first ``sub`` (one byte) at or after ``start``; -1 if none."""
+        while start < self.size:
+            block = os.pread(self.fd, 1 << 16, start)
+            at = block.find(sub)
+            if at >= 0:
+                return start + at
+            start += len(block)
+        return -1
+
+
 @dataclass(frozen=True)
 class Cut:
     """A proposed range: its end, the records it is guessed to hold and its exact lines."""
@@ -183,7 +210,7 @@ class Cut:
 
 
 class RangeCutter:
-    """Proposes the ranges of a file whose bytes are ``data`` (a mapped file), from ``start``
+    """Proposes the ranges of a file whose bytes are ``data`` (FileBytes), from ``start``
     (the first data record's first byte), each about ``range_bytes`` long."""
 
     def __init__(self, data: Any, start: int, range_bytes: int) -> None:
@@ -262,15 +289,13 @@ def data_start(data: Any, sniffed: Sniffed, header: list[str]) -> tuple[int, int
     return first.end, count_lines(head)
 
 
-def usable(sniffed: Sniffed, size: int, range_bytes: int) -> bool:
-    """Whether the file may be split by ranges: plain delimited text in an encoding that
-    ends lines with a byte 0x0A alone, larger than two ranges."""
+def usable(sniffed: Sniffed) -> bool:
+    """Whether byte ranges can read the file: plain delimited text in an encoding that ends
+    lines with a byte 0x0A alone."""
     return (
-        range_bytes > 0
-        and sniffed.format == "csv"
+        sniffed.format == "csv"
         and sniffed.compression == "none"
         and (sniffed.encoding or "").lower() in ENCODINGS
-        and size > 2 * range_bytes
     )
 
 
@@ -314,7 +339,7 @@ def processes(setting: int) -> int:
 
 async def read_ranges(
     cutter: RangeCutter, spec: RangeSpec, workers: int, lines: int
-) -> AsyncIterator[RangeResult]:
+) -> AsyncGenerator[RangeResult, None]:
     """The results of every range of the file, in file order, read ``workers`` at a time by
     the pool (in a thread of this process when ``workers`` is 1: the same ranges, the same
     results); ``lines``: the lines before the first range (the header's)."""

@@ -16,11 +16,9 @@ import contextlib
 import dataclasses
 import itertools
 import logging
-import mmap
-import os
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,7 @@ from sluice.agents.split.plan import (
 )
 from sluice.agents.split.provenance import record_provenance, record_schema_changes
 from sluice.agents.split.ranges import (
+    FileBytes,
     RangeCutter,
     RangeResult,
     RangeSpec,
@@ -148,53 +147,42 @@ async def _split(
     plan, changes = await table_plan(deps, importer, request, mapper, sample)
     await check_lookups(deps, plan)
     await record_schema_changes(deps, request, provenance, changes)
-    with contextlib.ExitStack() as stack:
-        data = _mapped(raw, stack) if parsed.sniffed.format == "csv" else None
-        start = _range_start(deps, request, parsed, mapper, data)
-        range_bytes = deps.settings.pipeline.split_range_bytes if start else 0
-        router = await kept_batching(deps, request, importer, mapper, plan, parsed, range_bytes)
-        won = winner(importer.policy, importer.version_column)
-        pieces: AsyncIterator[_Piece]
-        if router.lines:
-            if data is None or start is None:
-                raise TerminalError(
-                    "this run's first split read its file by byte ranges, which this file no "
-                    "longer allows; import the file again as a new run"
-                )
-            cutter = RangeCutter(data, start[0], router.ranges)
-            spec = _range_spec(importer, parsed, router, raw.name, options.max_record_bytes)
-            workers = ranges_processes(deps.settings.pipeline.split_processes)
-            log.info(
-                "run %s: the file is read by byte ranges of %d bytes in %d processes",
-                *(request.run_id, router.ranges, workers),
+    data = FileBytes(raw.fileno()) if parsed.sniffed.format == "csv" else None
+    start = _range_start(parsed, mapper, data)
+    range_bytes = deps.settings.pipeline.split_range_bytes
+    if start is None or not data or len(data) <= 2 * range_bytes:
+        range_bytes = 0  # read from start to end: small, or not a file ranges can read
+    router = await kept_batching(deps, request, importer, mapper, plan, parsed, range_bytes)
+    won = winner(importer.policy, importer.version_column)
+    pieces: AsyncGenerator[_Piece, None]
+    if router.lines:
+        if data is None or start is None:
+            raise TerminalError(
+                "this run's first split read its file by byte ranges, which this file no "
+                "longer allows; import the file again as a new run"
             )
-            pieces = _ranged(read_ranges(cutter, spec, workers, start[1]), router, len(data))
-        else:
-            rows = itertools.chain(head, items)
-            pieces = _serial(rows, mapper, router, parsed, request.file.size)
-        await _send_batches(deps, request, pieces, mapper, router, send, flush, won)
-
-
-def _mapped(raw: Any, stack: contextlib.ExitStack) -> mmap.mmap | None:
-    """The stored file's bytes, mapped (None for an empty file)."""
-    if os.fstat(raw.fileno()).st_size == 0:
-        return None
-    return stack.enter_context(mmap.mmap(raw.fileno(), 0, access=mmap.ACCESS_READ))
+        cutter = RangeCutter(data, start[0], router.ranges)
+        spec = _range_spec(importer, parsed, router, raw.name, options.max_record_bytes)
+        workers = ranges_processes(deps.settings.pipeline.split_processes)
+        log.info(
+            "run %s: the file is read by byte ranges of %d bytes in %d processes",
+            *(request.run_id, router.ranges, workers),
+        )
+        pieces = _ranged(read_ranges(cutter, spec, workers, start[1]), router, len(data))
+    else:
+        rows = itertools.chain(head, items)
+        pieces = _serial(rows, mapper, router, parsed, request.file.size)
+    await _send_batches(deps, request, pieces, mapper, router, send, flush, won)
 
 
 def _range_start(
-    deps: Deps,
-    request: ImportRequested,
-    parsed: ParsedFile,
-    mapper: RecordMapper,
-    data: mmap.mmap | None,
+    parsed: ParsedFile, mapper: RecordMapper, data: FileBytes | None
 ) -> tuple[int, int] | None:
-    """Where the data records of a file that may be read by byte ranges start, and the lines
-    before them; None for a file read from start to end (see ``ranges``)."""
-    range_bytes = deps.settings.pipeline.split_range_bytes
-    if data is None or parsed.header is None or mapper.text_names() is None:
+    """Where the data records of a file that byte ranges can read start, and the lines before
+    them; None for a file that is read from start to end (see ``ranges``)."""
+    if not data or parsed.header is None or mapper.text_names() is None:
         return None
-    if not ranges_usable(parsed.sniffed, len(data), range_bytes):
+    if not ranges_usable(parsed.sniffed):
         return None
     return data_start(data, parsed.sniffed, parsed.header)
 
@@ -232,7 +220,7 @@ async def _serial(
     router: BatchRouter,
     parsed: ParsedFile,
     size: int,
-) -> AsyncIterator[_Piece]:
+) -> AsyncGenerator[_Piece, None]:
     """The file read from start to end here, 200 rows at a time (between them the event loop
     runs: heartbeats, the producer, batches applied while we read)."""
     as_text = router.text_columns is not None
@@ -247,17 +235,18 @@ async def _serial(
 
 
 async def _ranged(
-    results: AsyncIterator[RangeResult], router: BatchRouter, size: int
-) -> AsyncIterator[_Piece]:
+    results: AsyncGenerator[RangeResult, None], router: BatchRouter, size: int
+) -> AsyncGenerator[_Piece, None]:
     """The file read by byte ranges in the pool (see ``ranges``), in file order."""
-    async for result in results:
-        batches = [
-            (partition, batch)
-            for partition, lines in enumerate(result.lines)
-            for batch in router.add_lines(partition, lines)
-        ]
-        router.repeats.add_hashes(result.hashes)
-        yield _Piece(result.records, result.failures, batches, result.end / size)
+    async with contextlib.aclosing(results):  # a split that stops drops the ranges read ahead
+        async for result in results:
+            batches = [
+                (partition, batch)
+                for partition, lines in enumerate(result.lines)
+                for batch in router.add_lines(partition, lines)
+            ]
+            router.repeats.add_hashes(result.hashes)
+            yield _Piece(result.records, result.failures, batches, result.end / size)
 
 
 def _sheets_hint(parsed: ParsedFile) -> str:
@@ -289,7 +278,7 @@ def _fitting_hint(deps: Deps, slug: str, header: list[str] | None) -> str:
 async def _send_batches(
     deps: Deps,
     request: ImportRequested,
-    pieces: AsyncIterator[_Piece],
+    pieces: AsyncGenerator[_Piece, None],
     mapper: RecordMapper,
     router: BatchRouter,
     send: SendBatch,
@@ -321,25 +310,26 @@ async def _send_batches(
 
     total = 0
     last_report = time.monotonic()
-    async for piece in pieces:
-        total += piece.rows
-        rejected.extend(piece.failures)
-        if len(rejected) >= REJECTED_AT_ONCE:
-            await log_rejected()
-        for partition, batch in piece.batches:
-            await emit(partition, batch)
-        now = time.monotonic()
-        if now - last_report >= settings.pipeline.progress_interval:
-            last_report = now
-            deliveries.check()  # a refused batch fails the split now, not at the end
-            await log_rejected()
-            status = await runs.record_split_progress(
-                run_id, total, min(piece.fraction, 1.0), mapper.gaps
-            )
-            if status is None or status.terminal:
-                log.info("run %s is %s; the split stops at row %d", run_id, status, total)
-                return
-        await asyncio.sleep(0)  # let heartbeats and the producer run
+    async with contextlib.aclosing(pieces):
+        async for piece in pieces:
+            total += piece.rows
+            rejected.extend(piece.failures)
+            if len(rejected) >= REJECTED_AT_ONCE:
+                await log_rejected()
+            for partition, batch in piece.batches:
+                await emit(partition, batch)
+            now = time.monotonic()
+            if now - last_report >= settings.pipeline.progress_interval:
+                last_report = now
+                deliveries.check()  # a refused batch fails the split now, not at the end
+                await log_rejected()
+                status = await runs.record_split_progress(
+                    run_id, total, min(piece.fraction, 1.0), mapper.gaps
+                )
+                if status is None or status.terminal:
+                    log.info("run %s is %s; the split stops at row %d", run_id, status, total)
+                    return
+            await asyncio.sleep(0)  # let heartbeats and the producer run
     for partition, rest in enumerate(router.buffers):
         if rest:
             await emit(partition, rest)

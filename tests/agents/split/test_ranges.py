@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
-import mmap
 import random
 import zlib
 from pathlib import Path
@@ -22,6 +21,7 @@ from sluice.agents.split.infer import DEFAULT_NULL_MARKERS, adhoc_importer
 from sluice.agents.split.map import RecordMapper
 from sluice.agents.split.parse import parse_file
 from sluice.agents.split.ranges import (
+    FileBytes,
     RangeCutter,
     RangeSpec,
     count_lines,
@@ -92,7 +92,7 @@ def serial(path: Path, header: list[str], mapper: RecordMapper) -> tuple[list, l
 def ranged(path: Path, header: list[str], mapper: RecordMapper, size: int, workers: int):
     with path.open("rb") as raw:
         parsed = parse_file(raw, FormatOptions())
-        data = mmap.mmap(raw.fileno(), 0, access=mmap.ACCESS_READ)
+        data = FileBytes(raw.fileno())
         start = data_start(data, parsed.sniffed, header)
         assert start is not None
         spec = RangeSpec(
@@ -114,10 +114,7 @@ def ranged(path: Path, header: list[str], mapper: RecordMapper, size: int, worke
             reasons = sorted((f.row_number, f.reason) for f in failures)
             return parts, reasons, (records, counter.count())
 
-        try:
-            return asyncio.run(collect())
-        finally:
-            data.close()
+        return asyncio.run(collect())
 
 
 def mapper_for(header: list[str]) -> RecordMapper:
