@@ -11,6 +11,7 @@ import csv
 import io
 import random
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import asyncpg
@@ -37,6 +38,7 @@ from sluice.schemas.formats import FormatOptions, ParsedRow
 from sluice.schemas.importers import Field
 from sluice.schemas.runs import RunStatus
 from sluice.service import Client
+from sluice.storage.filestore import iter_bytes
 from tests.conftest import Stack, finish, unique
 
 PARTITIONS = 3
@@ -217,3 +219,65 @@ async def test_an_import_read_by_ranges_lands_every_row_and_logs_every_rejection
     } == last
     provenance = await db.fetchval("SELECT provenance FROM sluice.runs WHERE id = $1", run.id)
     assert orjson.loads(provenance)["repeated_keys"]["keys"] == repeats.keys
+
+
+@pytest.mark.stack
+async def test_a_run_split_by_ranges_is_split_again_by_the_ranges_its_plan_keeps(
+    client: Client, stack: Stack, db: asyncpg.Connection
+) -> None:
+    """The range size is part of the batching a run's first split keeps with its plan: a later
+    split of the run (here: resumed by recovery, on workers whose setting is 32 KiB) reads the
+    file by the kept ranges and cuts the batches the first one cut."""
+    table = unique("recut_ranges")
+    deps = await client.deps()
+    body = b"id,name\n" + b"".join(f"{i},name {i}\n".encode() for i in range(1, 3001))
+    ref = await deps.files.put(iter_bytes([body]), name="recut.csv")
+    run = await deps.runs.create(
+        importer="adhoc",
+        source="file",
+        file_id=ref.id,
+        file_name="recut.csv",
+        options={"table": table, "key": ["id"]},
+    )
+    first = {"size": 400, "partitions": 2, "max_bytes": 900_000, "copy": True, "ranges": 4096}
+    await deps.runs.save_plan(run.id, {"batching": first}, {})
+    done = await finish(client, run, stack, timeout=90)
+    assert done.status is RunStatus.COMPLETED, done.error
+    per_partition = Counter(zlib.crc32(str(i).encode()) % 2 for i in range(1, 3001))
+    # Batches of 400 rows of a partition, its last one shorter, however the ranges fall.
+    assert done.total_batches == sum(-(-n // 400) for n in per_partition.values())
+    assert done.created_rows == 3000
+    plan = await db.fetchval("SELECT plan::text FROM sluice.runs WHERE id = $1", run.id)
+    assert orjson.loads(plan)["batching"] == first
+    said = f"run {run.id}: the file is read by byte ranges of 4096 bytes"
+    assert any(said in w.log_path.read_text(errors="replace") for w in stack.workers)
+
+
+@pytest.mark.stack
+async def test_a_reimport_by_ranges_updates_exactly_the_rows_that_changed(
+    client: Client, stack: Stack, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """The same file again with 37 rows changed among 5,000: 37 updated, the rest unchanged,
+    nothing created, and the table holds the new values."""
+    table = unique("reimport")
+    rows = {i: f"name {i}" for i in range(1, 5001)}
+    path = tmp_path / "first.csv"
+    path.write_text("id,name,qty\n" + "".join(f"{i},{n},{i % 7}\n" for i, n in rows.items()))
+    options = {"table": table, "key": ["id"]}
+    first = await finish(client, await client.submit_file("adhoc", path, options=options), stack)
+    assert (first.status, first.created_rows) == (RunStatus.COMPLETED, 5000), first.error
+    changed = set(random.Random(5).sample(sorted(rows), 37))
+    for i in changed:
+        rows[i] = f'renamed "{i}", twice\nover two lines'
+    again = tmp_path / "again.csv"
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["id", "name", "qty"])
+    writer.writerows([i, n, i % 7] for i, n in rows.items())
+    again.write_text(out.getvalue())
+    assert again.stat().st_size > 2 * 32 * 1024  # read by ranges
+    run = await finish(client, await client.submit_file("adhoc", again, options=options), stack)
+    assert run.status is RunStatus.COMPLETED, run.error
+    assert (run.created_rows, run.updated_rows, run.unchanged_rows) == (0, 37, 4963)
+    got = await db.fetch(f"SELECT id, name FROM {table}")
+    assert {r["id"]: r["name"] for r in got} == rows
