@@ -31,12 +31,13 @@ import io
 import itertools
 import logging
 import multiprocessing
+import operator
 import os
 import pickle
 import re
 import signal
 import zlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +62,10 @@ _BLANK = re.compile(rb"\n(?=\r?\n)")
 
 _LOW = BUCKETS - 1
 _SIGN = 1 << 63  # an unsigned 64-bit hash less this fits an array of "q"
+
+
+def _joined(crc: int, adler: int) -> int:
+    return (crc << 32 | adler) - _SIGN
 
 
 @dataclass(frozen=True)
@@ -145,7 +150,15 @@ def read_range(spec: bytes | RangeSpec, job: RangeJob) -> RangeResult:
     failures: list[RowFailure] = []
     records = 0
     at = rspec.key_at
+    key_of: Callable[[list[str]], str]
+    if len(at) == 1:
+        key_of = operator.itemgetter(at[0])
+    else:  # the key text the router gives (route.BatchRouter)
+        pick = operator.itemgetter(*at)
+        key_of = lambda row: "\x1f".join(pick(row))  # noqa: E731
     partitions = rspec.partitions
+    to_part = [part.append for part in parts]
+    to_bucket = [bucket.append for bucket in buckets]
     try:
         while True:
             chunk = list(itertools.islice(rows, 1000))
@@ -154,15 +167,15 @@ def read_range(spec: bytes | RangeSpec, job: RangeJob) -> RangeResult:
             records += len(chunk)
             mapped, rejected = mapper.map_text(chunk)
             failures.extend(rejected)
-            for line, row in zip(copy_lines(mapped), mapped, strict=True):
-                key = (row[at[0]] if len(at) == 1 else "\x1f".join(row[i] for i in at)).encode()
-                # The partition of the key (as streams.topics.partition_for_key gives) and a
-                # 64-bit hash of it for the repeats, the same in every process (``hash`` is
-                # salted per process): CRC-32 and Adler-32, each of the key's bytes.
-                crc = zlib.crc32(key)
-                h = (crc << 32 | zlib.adler32(key)) - _SIGN
-                buckets[h & _LOW].append(h)
-                parts[crc % partitions].append(line)
+            keys = [k.encode() for k in map(key_of, mapped)]
+            # The partition of each key (as streams.topics.partition_for_key gives) and a
+            # 64-bit hash of it for the repeats, the same in every process (``hash`` is
+            # salted per process): CRC-32 and Adler-32 of the key's bytes.
+            crcs = list(map(zlib.crc32, keys))
+            for h in map(_joined, crcs, map(zlib.adler32, keys)):
+                to_bucket[h & _LOW](h)
+            for line, crc in zip(copy_lines(mapped), crcs, strict=True):
+                to_part[crc % partitions](line)
     except UnclosedQuote:
         if job.last:
             raise

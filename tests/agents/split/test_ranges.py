@@ -32,6 +32,7 @@ from sluice.agents.split.ranges import (
     read_ranges,
 )
 from sluice.agents.split.repeats import RepeatCounter
+from sluice.agents.split.route import BatchRouter
 from sluice.errors import FileFormatError
 from sluice.schemas.events import copy_lines, encode_copy_batch, encode_copy_lines
 from sluice.schemas.formats import FormatOptions, ParsedRow
@@ -152,6 +153,37 @@ def test_the_pool_gives_the_same_as_one_process(tmp_path: Path) -> None:
         assert ranged(path, header, mapper, 20_000, workers=2) == serial(path, header, mapper)
     finally:
         forget_pool()
+
+
+def test_a_key_of_two_columns_routes_as_the_router_does(tmp_path: Path) -> None:
+    path = tmp_path / "two.csv"
+    path.write_text("a,b,note\n" + "".join(f"{i % 50},{i % 7},n {i}\n" for i in range(3000)))
+    header = ["a", "b", "note"]
+    fields = [Field("a", "text"), Field("b", "text"), Field("note", "text")]
+    importer = adhoc_importer("t", ["a", "b"], fields, null_markers=DEFAULT_NULL_MARKERS)
+    mapper = RecordMapper(importer, header)
+    columns = ("_sluice_row", "_sluice_sub", "a", "b", "note")
+    router = BatchRouter(("a", "b"), PARTITIONS, 10**6, 10**9, columns)
+    with path.open("rb") as raw:
+        records, _ = mapper.map_text(list(parse_file(raw, FormatOptions())))
+    router.add(records)
+    expected = [copy_lines(rows) for rows in router.buffers]
+    with path.open("rb") as raw:
+        parsed = parse_file(raw, FormatOptions())
+        data = FileBytes(raw.fileno())
+        start = data_start(data, parsed.sniffed, header)
+        assert start is not None
+        spec = RangeSpec(str(path), "utf-8", ",", header, importer, PARTITIONS, (2, 3), 1 << 20)
+
+        async def collect() -> list[list[str]]:
+            parts: list[list[str]] = [[] for _ in range(PARTITIONS)]
+            async for result in read_ranges(RangeCutter(data, start[0], 2048), spec, 1, 1):
+                for p, lines in enumerate(result.lines):
+                    parts[p] += lines
+            return parts
+
+        assert asyncio.run(collect()) == expected
+    assert router.repeats.count().keys == 350  # every (a, b) pair of the 350 repeats
 
 
 def test_a_quote_left_open_fails_the_file_as_reading_it_whole_does(tmp_path: Path) -> None:
