@@ -356,12 +356,17 @@ def _wait_replaced(home: Path, old: int, timeout: float = 90) -> int:
         time.sleep(0.5)
 
 
-def start_stack(prefix: str) -> tuple[Path, Path, dict[str, str]] | None:
+def start_stack(
+    prefix: str, settings: dict[str, str] | None = None
+) -> tuple[Path, Path, dict[str, str]] | None:
     """An embedded stack of its own (`sluice up --detach` under a temporary SLUICE_HOME): the
-    work directory, the home and the environment for `sluice` commands; None if it failed."""
+    work directory, the home and the environment for `sluice` commands; None if it failed.
+    ``settings``: SLUICE_ variables for the stack and its workers (nothing else of this
+    process's SLUICE_ environment goes to them)."""
     work = Path(tempfile.mkdtemp(prefix=prefix))
     home = work / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
+    env.update(settings or {})
     env["SLUICE_HOME"] = str(home)
     print(f"cores: {os.cpu_count()}  work dir: {work}")
     up = sluice("up", "--detach", env=env)
@@ -932,6 +937,11 @@ def main() -> int:
     parser.add_argument(
         "--no-install", action="store_true", help="do not install Sling into bench/.venv-peers"
     )
+    parser.add_argument(
+        "--split-range-bytes", type=int, default=None, metavar="N",
+        help="the workers' SLUICE_SPLIT_RANGE_BYTES (0: every file read from start to end by the"
+        " split alone, as before byte ranges)",
+    )  # fmt: skip
     args = parser.parse_args()
     sizes = list(dict.fromkeys([*args.sizes, *([10_000_000] if args.big else [])]))
     command = shlex.join(["python", "bench/import_csv.py", *sys.argv[1:]])
@@ -946,7 +956,10 @@ def main() -> int:
             datasets.append(flights())
         except (OSError, subprocess.CalledProcessError, RuntimeError, StopIteration) as exc:
             print(f"the real data set is left out: {type(exc).__name__}: {exc}")
-    stack = start_stack("sluice-bench-")
+    settings = {}
+    if args.split_range_bytes is not None:
+        settings["SLUICE_SPLIT_RANGE_BYTES"] = str(args.split_range_bytes)
+    stack = start_stack("sluice-bench-", settings)
     if stack is None:
         return 1
     work, home, env = stack
