@@ -36,6 +36,8 @@ import os
 import pickle
 import re
 import signal
+import threading
+import time
 import zlib
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
@@ -114,9 +116,36 @@ class RangeResult:
 _mappers: dict[bytes, tuple[RangeSpec, RecordMapper]] = {}
 
 
-def _child_init() -> None:
+def _child_init(worker: int) -> None:
     # Ctrl-C in a terminal reaches the whole process group: the worker shuts the pool down.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_end_with, args=(worker,), name="worker-watch", daemon=True).start()
+
+
+def _end_with(worker: int) -> None:
+    """End this reader when its worker is gone. A worker killed (SIGKILL, the OOM killer) does
+    not shut its pool down, and a reader waits for its next job forever: it holds both ends of
+    the job queue's pipe, so it never reads the end of it (and the fork server stays while it
+    lives)."""
+    while _alive(worker):
+        time.sleep(1.0)
+    os._exit(0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc here
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
 
 
 def _prepared(spec: bytes | RangeSpec) -> tuple[RangeSpec, RecordMapper]:
@@ -202,10 +231,11 @@ class FileBytes:
         start, stop, _ = part.indices(self.size)
         return os.pread(self.fd, max(0, stop - start), start)
 
-    def find(self, sub: bytes, start: int) -> int:
-        """The first ``sub`` (one byte) at or after ``start``; -1 if none."""
-        while start < self.size:
-            block = os.pread(self.fd, 1 << 16, start)
+    def find(self, sub: bytes, start: int, end: int | None = None) -> int:
+        """The first ``sub`` (one byte) at or after ``start`` and before ``end``; -1 if none."""
+        stop = self.size if end is None else min(end, self.size)
+        while start < stop:
+            block = os.pread(self.fd, min(1 << 16, stop - start), start)
             at = block.find(sub)
             if at >= 0:
                 return start + at
@@ -249,7 +279,19 @@ class RangeCutter:
         data, begin, size = self.data, self._at, self.size
         end = min(begin + self.range_bytes, size)
         quotes = data[begin:end].count(b'"')
-        while end < size:  # on to a line end after an even number of quotes
+        # On to a line end after an even number of quotes: inside a quoted field, to its
+        # next quote first. Without one within a range's length (a stray quote in an unquoted
+        # field keeps the count odd to the end of the file), the next line end whatever the
+        # count: the csv module judges either way.
+        reach = end + self.range_bytes
+        while end < size:
+            if quotes % 2:
+                q = data.find(b'"', end, reach)
+                if q >= 0:
+                    quotes += 1
+                    end = q + 1
+                    continue
+                quotes = 0  # give up counting
             nl = data.find(b"\n", end)
             if nl < 0:
                 end = size
@@ -329,7 +371,7 @@ def pool(processes: int) -> concurrent.futures.ProcessPoolExecutor:
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload([__name__])
         _pool = concurrent.futures.ProcessPoolExecutor(
-            processes, mp_context=context, initializer=_child_init
+            processes, mp_context=context, initializer=_child_init, initargs=(os.getpid(),)
         )
         _pool_size = processes
         atexit.register(forget_pool)  # before the interpreter's teardown, which it would race

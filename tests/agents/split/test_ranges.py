@@ -10,6 +10,9 @@ import asyncio
 import csv
 import io
 import random
+import subprocess
+import sys
+import time
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -40,7 +43,7 @@ from sluice.schemas.importers import Field
 from sluice.schemas.runs import RunStatus
 from sluice.service import Client
 from sluice.storage.filestore import iter_bytes
-from tests.conftest import Stack, finish, unique
+from tests.conftest import ROOT, Stack, finish, unique
 
 PARTITIONS = 3
 NOTES = [
@@ -153,6 +156,22 @@ def test_the_pool_gives_the_same_as_one_process(tmp_path: Path) -> None:
         assert ranged(path, header, mapper, 20_000, workers=2) == serial(path, header, mapper)
     finally:
         forget_pool()
+
+
+def test_one_stray_quote_does_not_make_the_rest_of_the_file_one_range(tmp_path: Path) -> None:
+    """A quote inside an unquoted field keeps the count of quotes odd to the end of the file:
+    the cutter gives up counting after a range's length and the csv module judges."""
+    path = tmp_path / "stray.csv"
+    body = "".join(f"{i},name {i},{i}\n" for i in range(2, 5000))
+    path.write_text('id,note,qty\n1,5 inch" screen,1\n' + body)
+    header = ["id", "note", "qty"]
+    with path.open("rb") as raw:
+        cutter = RangeCutter(FileBytes(raw.fileno()), len("id,note,qty\n"), 2048)
+        while cutter.cut(len(cutter.cuts)) is not None:
+            pass
+    assert len(cutter.cuts) > 30  # about 80 KB in ranges of about 2 KB
+    mapper = mapper_for(header)
+    assert ranged(path, header, mapper, 2048, workers=1) == serial(path, header, mapper)
 
 
 def test_a_key_of_two_columns_routes_as_the_router_does(tmp_path: Path) -> None:
@@ -313,3 +332,31 @@ async def test_a_reimport_by_ranges_updates_exactly_the_rows_that_changed(
     assert (run.created_rows, run.updated_rows, run.unchanged_rows) == (0, 37, 4963)
     got = await db.fetch(f"SELECT id, name FROM {table}")
     assert {r["id"]: r["name"] for r in got} == rows
+
+
+HOLDER = """
+import os, sys, time
+from sluice.agents.split import ranges
+pool = ranges.pool(2)
+pids = {pool.submit(os.getpid).result() for _ in range(20)}
+print(" ".join(map(str, sorted(pids))), flush=True)
+time.sleep(120)
+"""
+
+
+def test_the_readers_of_a_killed_worker_end(tmp_path: Path) -> None:
+    """A worker SIGKILLed (no shutdown of its pool) leaves no reader waiting for work."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER], stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    try:
+        assert holder.stdout is not None
+        readers = [int(p) for p in holder.stdout.readline().split()]
+        assert readers and all(Path(f"/proc/{p}").exists() for p in readers)
+    finally:
+        holder.kill()
+        holder.wait()
+    deadline = time.monotonic() + 15
+    while any(Path(f"/proc/{p}").exists() for p in readers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in readers if Path(f"/proc/{p}").exists()]
