@@ -90,9 +90,10 @@ class RepeatCounter:
             keys = rows = 0
             for i in range(BUCKETS):
                 hashes = self._bucket(i)
-                counts = collections.Counter(hashes)
-                rows += len(hashes) - len(counts)
-                keys += sum(map((1).__lt__, counts.values()))
+                lost = len(hashes) - len(set(hashes))
+                if lost:  # which keys repeat: a count per hash (without repeats, no need)
+                    keys += sum(map((1).__lt__, collections.Counter(hashes).values()))
+                rows += lost
             return Repeats(keys, rows)
         finally:
             self.close()
