@@ -402,7 +402,15 @@ async def read_ranges(
     executor: concurrent.futures.Executor | None = None
     payload: bytes | RangeSpec = spec
     if workers > 1:
-        executor, payload = pool(workers), pickle.dumps(spec)
+        try:
+            payload = pickle.dumps(spec)
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            # An importer holding something that does not pickle (a lambda, say): the ranges
+            # are read here, the same ranges with the same results.
+            log.info("the ranges are read in this process: the importer does not pickle: %s", exc)
+            workers = 1
+        else:
+            executor = pool(workers)
     window = workers + 1
     # Each job read ahead, with the state after it if its guess of records is right: the
     # next range's index, the records and the lines before it.

@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import pickle
 import random
 import subprocess
 import sys
 import time
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
@@ -95,7 +97,14 @@ def serial(path: Path, header: list[str], mapper: RecordMapper) -> tuple[list, l
     return parts, reasons, (len(rows), counter.count())
 
 
-def ranged(path: Path, header: list[str], mapper: RecordMapper, size: int, workers: int):
+def ranged(
+    path: Path,
+    header: list[str],
+    mapper: RecordMapper,
+    size: int,
+    workers: int,
+    tweak: Callable[[RangeSpec], None] | None = None,
+):
     with path.open("rb") as raw:
         parsed = parse_file(raw, FormatOptions())
         data = FileBytes(raw.fileno())
@@ -104,6 +113,8 @@ def ranged(path: Path, header: list[str], mapper: RecordMapper, size: int, worke
         spec = RangeSpec(
             str(path), "utf-8", ",", header, mapper.importer, PARTITIONS, (2,), 1 << 20
         )
+        if tweak is not None:
+            tweak(spec)
         cutter = RangeCutter(data, start[0], size)
 
         async def collect() -> tuple[list, list, tuple]:
@@ -203,6 +214,23 @@ def test_a_key_of_two_columns_routes_as_the_router_does(tmp_path: Path) -> None:
 
         assert asyncio.run(collect()) == expected
     assert router.repeats.count().keys == 350  # every (a, b) pair of the 350 repeats
+
+
+def test_an_importer_that_does_not_pickle_is_read_by_ranges_in_this_process(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "tricky.csv"
+    path.write_text(tricky_csv(3000, seed=3, crlf=False, stray=False), newline="")
+    header = ["id", "note", "qty"]
+    mapper = mapper_for(header)
+
+    def unpicklable(spec: RangeSpec) -> None:
+        object.__setattr__(spec, "hook", lambda: None)
+        with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+            pickle.dumps(spec)
+
+    got = ranged(path, header, mapper, 4096, workers=2, tweak=unpicklable)
+    assert got == serial(path, header, mapper)
 
 
 def test_a_quote_left_open_fails_the_file_as_reading_it_whole_does(tmp_path: Path) -> None:
