@@ -54,10 +54,9 @@ from sluice.schemas.runs import RowFailure
 
 log = logging.getLogger(__name__)
 
-ENCODINGS = frozenset(
-    {"utf-8", "utf-8-sig", "ascii", "latin-1", "iso-8859-1", "iso-8859-15", "cp1252"}
-)
-"""Encodings in which a byte 0x0A is a line end and nothing else, so a range may end after one."""
+ENCODINGS = frozenset({"utf-8", "utf-8-sig", "ascii", "iso8859-1", "iso8859-15", "cp1252"})
+"""Encodings (by their codecs names) in which a byte 0x0A is a line end and nothing else, so a
+range may end after one."""
 
 _BLANK = re.compile(rb"\n(?=\r?\n)")
 """A line end followed by an empty line (which the csv module reads as no record)."""

@@ -35,6 +35,7 @@ from sluice.agents.split.ranges import (
     forget_pool,
     guess_records,
     read_ranges,
+    usable,
 )
 from sluice.agents.split.repeats import RepeatCounter
 from sluice.agents.split.route import BatchRouter
@@ -110,8 +111,9 @@ def ranged(
         data = FileBytes(raw.fileno())
         start = data_start(data, parsed.sniffed, header)
         assert start is not None
+        encoding = parsed.sniffed.encoding or "utf-8"
         spec = RangeSpec(
-            str(path), "utf-8", ",", header, mapper.importer, PARTITIONS, (2,), 1 << 20
+            str(path), encoding, ",", header, mapper.importer, PARTITIONS, (2,), 1 << 20
         )
         if tweak is not None:
             tweak(spec)
@@ -231,6 +233,20 @@ def test_an_importer_that_does_not_pickle_is_read_by_ranges_in_this_process(
 
     got = ranged(path, header, mapper, 4096, workers=2, tweak=unpicklable)
     assert got == serial(path, header, mapper)
+
+
+def test_a_windows_1252_file_is_read_by_ranges_as_it_is_read_whole(tmp_path: Path) -> None:
+    path = tmp_path / "cp1252.csv"
+    body = "".join(f'{i},"café {i}, 5 €",{i}\r\n' for i in range(1, 4000))
+    path.write_bytes(("id,note,qty\r\n" + body).encode("cp1252"))
+    header = ["id", "note", "qty"]
+    with path.open("rb") as raw:
+        sniffed = parse_file(raw, FormatOptions()).sniffed
+    assert (sniffed.encoding, usable(sniffed)) == ("cp1252", True)
+    mapper = mapper_for(header)
+    got = ranged(path, header, mapper, 4096, workers=1)
+    assert got == serial(path, header, mapper)
+    assert "café 7, 5 €" in "".join(got[0][0] + got[0][1] + got[0][2])
 
 
 def test_a_quote_left_open_fails_the_file_as_reading_it_whole_does(tmp_path: Path) -> None:
