@@ -73,7 +73,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 TOPIC = "sluice.firehose"
-GROUP = "sluice"  # the Faust app id, so the workers' consumer group
+# The workers apply the firehose topic in their own consumer group (agents/firehose/agent.py).
+GROUP = "sluice-firehose"
 TARGET_EVENTS_PER_S = 10_000
 TARGET_P99_MS = 2_000
 COLLECTIONS = ("app.bsky.feed.post", "app.bsky.feed.like")
@@ -433,7 +434,7 @@ class Probe:
         return newest / 1000
 
     async def committed(self) -> int:
-        """Offsets the workers committed (Faust commits every second, after processing)."""
+        """Offsets the workers committed (after each applied batch)."""
         assert self.group is not None
         try:
             return sum([(await self.group.committed(tp)) or 0 for tp in self.tps])

@@ -217,16 +217,8 @@ def _copy_parts(data: bytes) -> tuple[list[str], memoryview]:
 
 def encode_copy_batch(columns: Sequence[str], rows: list[list[str]]) -> bytes:
     """A COPY batch (see RowBatch) of ``rows``: lists of text, "" for null, in ``columns``
-    order. Usually no value needs escaping, which four scans of the whole batch prove."""
-    body = "\n".join(map("\t".join, rows)) + "\n"
-    if (
-        "\\" in body
-        or "\r" in body
-        or body.count("\t") != len(rows) * (len(columns) - 1)
-        or body.count("\n") != len(rows)
-    ):
-        body = "".join("\t".join(c.translate(_COPY_ESCAPES) for c in r) + "\n" for r in rows)
-    return COPY_BATCH + orjson.dumps(list(columns)) + b"\n" + body.encode()
+    order."""
+    return encode_copy_lines(columns, copy_lines(rows))
 
 
 def copy_lines(rows: list[list[str]]) -> list[str]:

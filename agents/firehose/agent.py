@@ -120,18 +120,28 @@ async def apply_topic(wiring: Wiring, projections: Projections) -> None:
 
 async def consume_jetstream(wiring: Wiring) -> None:
     """The Jetstream consumer, in the worker that holds the leader lock: its events go to the
-    firehose topic keyed by DID, what does not validate to the dead-letter topic."""
-    deps, topics = wiring.deps, wiring.topics
+    firehose topic keyed by DID, what does not validate to the dead-letter topic. The events
+    go through a producer of their own that gathers them into batches (Faust's sends each
+    alone), as ``sluice firehose`` does."""
+    deps = wiring.deps
+    kafka = deps.settings.kafka
+    firehose = Topics.of(kafka).firehose
+    producer = clients.event_producer(kafka, deps.settings.firehose.linger_ms)
 
     async def publish(did: str, raw: bytes) -> None:
-        await topics.firehose.send(key=did.encode(), value=raw)
+        await producer.send(firehose, raw, key=did.encode())
 
     deps.metrics.dead_letters_from("jetstream")
 
     async def to_dead_letter(raw: bytes, reason: str) -> None:
         letter = DeadLetter.of("jetstream", -1, -1, reason, raw)
-        await (await topics.deadletter.send(key=None, value=letter.model_dump_json().encode()))
+        deadletters = wiring.topics.deadletter
+        await (await deadletters.send(key=None, value=letter.model_dump_json().encode()))
         deps.metrics.dead_letter("jetstream")
         deps.metrics.firehose_malformed()
 
-    await run_leader_consumer(deps, publish, wiring.flush, to_dead_letter)
+    await producer.start()
+    try:
+        await run_leader_consumer(deps, publish, producer.flush, to_dead_letter)
+    finally:
+        await producer.stop()

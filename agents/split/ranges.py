@@ -277,7 +277,8 @@ class RangeCutter:
     def _propose(self) -> Cut:
         data, begin, size = self.data, self._at, self.size
         end = min(begin + self.range_bytes, size)
-        quotes = data[begin:end].count(b'"')
+        head = data[begin:end]
+        quotes = head.count(b'"')
         # On to a line end after an even number of quotes: inside a quoted field, to its
         # next quote first. Without one within a range's length (a stray quote in an unquoted
         # field keeps the count odd to the end of the file), the next line end whatever the
@@ -299,8 +300,9 @@ class RangeCutter:
             end = nl + 1
             if quotes % 2 == 0:
                 break
+        # Read once: the range's own bytes and what the walk went on to.
+        piece = head + data[begin + len(head) : end] if end > begin + len(head) else head
         self._at = end
-        piece = data[begin:end]
         return Cut(end, guess_records(piece), count_lines(piece))
 
 

@@ -75,11 +75,7 @@ async def _consume(
     pool = await create_pool(
         settings.database_url, schemas=settings.database.schemas, min_size=1, max_size=3
     )
-    producer = clients.producer(
-        kafka,
-        linger_ms=5,
-        max_batch_size=262144,  # small events: bigger batches, a third less CPU per event
-    )
+    producer = clients.event_producer(kafka, settings.firehose.linger_ms)
     await producer.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
