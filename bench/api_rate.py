@@ -46,6 +46,7 @@ from firehose import ROOT, sluice, spawn, stop, tail, wait_group
 
 sys.path.insert(0, str(ROOT))
 
+from tests.support.rows import item_states
 from tests.support.servers.paginated_api import FakeApi, Hit, most_in_window
 
 
@@ -100,14 +101,7 @@ async def one_run(
     if set(rows) != good:
         wrong.append(f"table: {len(rows)} rows, {len(set(rows) ^ good)} differ from the good items")
     wrong += [f"{i}: {r['name']!r}" for i, r in rows.items() if r["name"] != api.item(i)["name"]]
-    states = {
-        r["external_id"]: r
-        for r in await db.fetch(
-            "SELECT external_id, status, failure_count, last_error FROM sluice.items"
-            " WHERE run_id = $1",
-            run.id,
-        )
-    }
+    states = await item_states(db, run.id)
     for item in broken:
         s = states[item]
         failures = s["failure_count"]

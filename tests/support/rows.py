@@ -1,5 +1,6 @@
 """Generated rows of the test importers' shape (id, name, price, qty, day, version), their CSV
-text, and checksums of rows and of a table, to prove a table holds exactly what a file had."""
+text, and checksums of rows and of a table, to prove a table holds exactly what a file had; the
+items of a pull run by their external IDs."""
 
 from __future__ import annotations
 
@@ -68,3 +69,12 @@ async def table_checksum(db: asyncpg.Connection, table: str) -> tuple[int, str |
 
 async def reset(db: asyncpg.Connection, table: str) -> None:
     await db.execute(f"TRUNCATE {table}")
+
+
+async def item_states(db: asyncpg.Connection, run_id: object) -> dict[str, asyncpg.Record]:
+    """A pull run's items by external ID: status, failure_count, last_error."""
+    rows = await db.fetch(
+        "SELECT external_id, status, failure_count, last_error FROM sluice.items WHERE run_id = $1",
+        run_id,
+    )
+    return {r["external_id"]: r for r in rows}

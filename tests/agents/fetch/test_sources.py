@@ -20,6 +20,7 @@ from sluice.errors import NoPullSource, SourceError
 from sluice.schemas.runs import Run, RunStatus
 from sluice.service import Client, run_options
 from tests.conftest import Stack, Worker, finish
+from tests.support.rows import item_states
 from tests.support.servers.paginated_api import FakeApi, most_in_window
 
 pytestmark = pytest.mark.stack
@@ -323,14 +324,7 @@ async def test_rate_limited_api_with_flaky_and_failing_items(
     got = {r["id"]: r for r in await db.fetch("SELECT id, name, price FROM t_api_rated")}
     assert set(got) == set(api.ids) - bad
     assert all(got[i]["name"] == api.item(i)["name"] for i in list(got)[:500])
-    states = {
-        r["external_id"]: r
-        for r in await db.fetch(
-            "SELECT external_id, status, failure_count, last_error FROM sluice.items"
-            " WHERE run_id = $1",
-            run.id,
-        )
-    }
+    states = await item_states(db, run.id)
     for i in broken:
         assert states[i]["status"] == "failed"
         assert states[i]["failure_count"] == 4 and "HTTP 500" in states[i]["last_error"]
@@ -464,13 +458,7 @@ async def test_a_run_killed_while_items_wait_for_their_retry_loses_none_of_them(
     assert got == {i: api.item(i)["name"] for i in api.ids}
     # The items that waited for their retry at the kill were fetched again and landed; no item
     # completed before the kill was fetched again.
-    states = {
-        r["external_id"]: r
-        for r in await db.fetch(
-            "SELECT external_id, status, failure_count FROM sluice.items WHERE run_id = $1",
-            run.id,
-        )
-    }
+    states = await item_states(db, run.id)
     assert in_retry <= set(flaky)
     after = Counter(h.what for h in hits if h.kind == "detail" and h.time > killed_at)
     assert all(after[i] >= 1 and states[i]["status"] == "completed" for i in in_retry)
