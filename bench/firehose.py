@@ -72,9 +72,12 @@ from websockets.exceptions import ConnectionClosed
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-TOPIC = "sluice.firehose"
-# The workers apply the firehose topic in their own consumer group (agents/firehose/agent.py).
-GROUP = "sluice-firehose"
+from sluice.config import KafkaSettings  # noqa: E402
+from sluice.streams.topics import Topics, firehose_group  # noqa: E402
+
+# The stack runs without SLUICE_* settings: the default topic names and group.
+TOPIC = Topics().firehose
+GROUP = firehose_group(KafkaSettings.model_fields["group_id"].default)
 TARGET_EVENTS_PER_S = 10_000
 TARGET_P99_MS = 2_000
 COLLECTIONS = ("app.bsky.feed.post", "app.bsky.feed.like")

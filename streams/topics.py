@@ -121,3 +121,9 @@ def outbox_topic(stored: str) -> Topic:
 def partition_for_key(key: str, partitions: int) -> int:
     """Stable across processes and machines (Python's ``hash`` is salted per process)."""
     return zlib.crc32(key.encode()) % partitions
+
+
+def firehose_group(group: str) -> str:
+    """The consumer group that applies the firehose topic: the workers' ``group``'s own, apart
+    from Faust's (agents/firehose/agent.py)."""
+    return f"{group}-firehose"

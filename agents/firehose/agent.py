@@ -18,7 +18,7 @@ from sluice.retries import Policy, retrying
 from sluice.schemas.events import DeadLetter
 from sluice.schemas.firehose import BackfillRequested
 from sluice.streams import kafka as clients
-from sluice.streams.topics import Topics
+from sluice.streams.topics import Topics, firehose_group
 
 if TYPE_CHECKING:
     import faust
@@ -77,7 +77,7 @@ async def apply_topic(wiring: Wiring, projections: Projections) -> None:
     deps = wiring.deps
     kafka = deps.settings.kafka
     attempts = deps.settings.pipeline.apply_attempts
-    group = f"{wiring.group}-firehose"
+    group = firehose_group(wiring.group)
     consumer = clients.consumer(
         kafka,
         Topics.of(kafka).firehose,
