@@ -175,6 +175,21 @@ _CELL_COERCIONS: dict[str, Callable[[Any], Any]] = {
 }
 
 
+class TextLayout(NamedTuple):
+    """``RecordMapper.map_text`` as steps over columns (see ``RecordMapper.text_layout``)."""
+
+    positions: tuple[int, ...]
+    """the header position of each output cell, in order"""
+    keys: tuple[int, ...]
+    """the output cells of the key (a row without one is rejected; null markers do not apply)"""
+    required: tuple[int, ...]
+    """the other output cells a row must fill"""
+    markers: frozenset[str]
+    """cell texts (after stripping) that read as null, "" aside"""
+    reads: bool
+    """some cell is read in Python (a date or number format): the columns cannot do it"""
+
+
 class RecordMapper:
     """Built once per file, from the importer and the file's header."""
 
@@ -407,6 +422,22 @@ class RecordMapper:
         if imp.unpivot is not None or self._uri is not None:
             return None
         return self._names
+
+    def text_layout(self) -> TextLayout | None:
+        """What ``map_text`` does to a row's cells, for a reader that does it by columns
+        (``agents.split.columnar``); None when ``map_text`` cannot take the file."""
+        names = self.text_names()
+        if names is None:
+            return None
+        keys = tuple(names.index(k) for k in self._keys)
+        required = tuple(i for i, n in enumerate(names) if n in self._required and i not in keys)
+        return TextLayout(
+            positions=tuple(self._index.values()),
+            keys=keys,
+            required=required,
+            markers=self._nulls - {""},
+            reads=any(name in names for name, _ in self._readers),
+        )
 
     def map_text(
         self, rows: Iterable[ParsedRow | RowProblem]

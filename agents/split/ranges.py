@@ -43,6 +43,7 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sluice.agents.split import columnar
 from sluice.agents.split.map import RecordMapper
 from sluice.agents.split.parse.delimited import UnclosedQuote, delimited_rows
 from sluice.agents.split.parse.encoding import UTF8_BOM, decode_error
@@ -164,6 +165,22 @@ def read_range(spec: bytes | RangeSpec, job: RangeJob) -> RangeResult:
     with open(rspec.path, "rb") as file:
         file.seek(job.start)
         data = file.read(job.end - job.start)
+    parts: list[list[str]] = [[] for _ in range(rspec.partitions)]
+    buckets = [array.array("q") for _ in range(BUCKETS)]
+    place = _Placer(parts, buckets, rspec.partitions)
+    by_columns = columnar.read_columns(
+        data,
+        rspec.encoding,
+        rspec.delimiter,
+        len(rspec.header),
+        mapper,
+        job.number,
+        rspec.max_record_bytes,
+    )
+    if by_columns is not None:
+        read, lines, keys, rejected = by_columns
+        place(lines, keys)
+        return RangeResult(read, parts, rejected, [b.tobytes() for b in buckets], job.end)
     try:
         text = data.decode(rspec.encoding)
     except UnicodeDecodeError as exc:
@@ -173,8 +190,6 @@ def read_range(spec: bytes | RangeSpec, job: RangeJob) -> RangeResult:
     rows = delimited_rows(
         reader, len(rspec.header), None, rspec.encoding, number=job.number, lines=job.lines
     )
-    parts: list[list[str]] = [[] for _ in range(rspec.partitions)]
-    buckets = [array.array("q") for _ in range(BUCKETS)]
     failures: list[RowFailure] = []
     records = 0
     at = rspec.key_at
@@ -184,9 +199,6 @@ def read_range(spec: bytes | RangeSpec, job: RangeJob) -> RangeResult:
     else:  # the key text the router gives (route.BatchRouter)
         pick = operator.itemgetter(*at)
         key_of = lambda row: "\x1f".join(pick(row))  # noqa: E731
-    partitions = rspec.partitions
-    to_part = [part.append for part in parts]
-    to_bucket = [bucket.append for bucket in buckets]
     try:
         while True:
             chunk = list(itertools.islice(rows, 1000))
@@ -195,20 +207,33 @@ def read_range(spec: bytes | RangeSpec, job: RangeJob) -> RangeResult:
             records += len(chunk)
             mapped, rejected = mapper.map_text(chunk)
             failures.extend(rejected)
-            keys = [k.encode() for k in map(key_of, mapped)]
-            # The partition of each key (as streams.topics.partition_for_key gives) and a
-            # 64-bit hash of it for the repeats, the same in every process (``hash`` is
-            # salted per process): CRC-32 and Adler-32 of the key's bytes.
-            crcs = list(map(zlib.crc32, keys))
-            for h in map(_joined, crcs, map(zlib.adler32, keys)):
-                to_bucket[h & _LOW](h)
-            for line, crc in zip(copy_lines(mapped), crcs, strict=True):
-                to_part[crc % partitions](line)
+            place(copy_lines(mapped), [k.encode() for k in map(key_of, mapped)])
     except UnclosedQuote:
         if job.last:
             raise
         return RangeResult(0, [], [], [], job.end, unclosed=True)
     return RangeResult(records, parts, failures, [b.tobytes() for b in buckets], job.end)
+
+
+class _Placer:
+    """Puts the COPY lines of a range's rows into their partitions, and their keys' hashes
+    into the repeat counter's buckets."""
+
+    def __init__(self, parts: list[list[str]], buckets: list[array.array[int]], n: int) -> None:
+        self._to_part = [part.append for part in parts]
+        self._to_bucket = [bucket.append for bucket in buckets]
+        self._partitions = n
+
+    def __call__(self, lines: list[str], keys: list[bytes]) -> None:
+        # The partition of each key (as streams.topics.partition_for_key gives) and a 64-bit
+        # hash of it for the repeats, the same in every process (``hash`` is salted per
+        # process): CRC-32 and Adler-32 of the key's bytes.
+        crcs = list(map(zlib.crc32, keys))
+        to_bucket, to_part, partitions = self._to_bucket, self._to_part, self._partitions
+        for h in map(_joined, crcs, map(zlib.adler32, keys)):
+            to_bucket[h & _LOW](h)
+        for line, crc in zip(lines, crcs, strict=True):
+            to_part[crc % partitions](line)
 
 
 # -- the splitting side -------------------------------------------------------------------------

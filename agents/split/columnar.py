@@ -1,0 +1,178 @@
+"""A byte range read by columns: pyarrow's CSV parser and compute kernels instead of a Python
+loop per row, for the ranges where that gives exactly what the csv module gives.
+
+``ranges.read_range`` asks here first. The csv module reads the whole range for 5 us a row
+(parsing 2.3, ``RecordMapper.map_text`` 2.5); pyarrow parses, strips, blanks the null markers
+and joins the COPY lines in about 1.7. A range is read here only when the answer is the csv
+module's, row for row, and otherwise ``None`` sends it to the csv module, which finds the
+problems and words them:
+
+- Quotes. pyarrow is lenient where the csv module (strict) is not: text after a closing quote
+  (``"b" ,c``) and a quote left open at the end are read without complaint. So the range's
+  quotes must all be structural: splitting its bytes at the quotes, the pieces outside quotes
+  (every other one) start, after a closing quote, with the delimiter or a line end (or are
+  empty: a doubled quote), end, before an opening quote, with one too, and the count of quotes
+  is even. A quote inside an unquoted field (``5 inch" screen``) breaks that rule too and goes
+  to the csv module, which reads it as text.
+- Anything pyarrow refuses: a record with the wrong number of fields, bytes that are not
+  UTF-8. Such a range is read by the csv module, whose reasons name the row and the line.
+- A field longer than ``max_record_bytes``, which the csv module refuses with its reason.
+- Cells read in Python (a date or number format, ``TextLayout.reads``).
+
+A record the mapping rejects (an empty key or required cell) is a few rows: those alone are
+mapped by ``RecordMapper.map_text``, so their reasons are its own. A differential test reads
+random ranges both ways (tests/agents/split/test_columnar.py).
+"""
+
+from __future__ import annotations
+
+import codecs
+import sys
+from typing import Any
+
+from sluice.agents.split.map import RecordMapper
+from sluice.schemas.formats import ParsedRow
+from sluice.schemas.runs import RowFailure
+
+try:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pcsv
+except ImportError:  # the base install: the csv module reads every range
+    pa = None
+
+WHITESPACE = "".join(c for c in map(chr, range(sys.maxunicode + 1)) if c.isspace())
+"""What ``str.strip`` strips (pyarrow's own whitespace is not quite Python's)."""
+
+_ESCAPES = (("\\", "\\\\"), ("\t", "\\t"), ("\n", "\\n"), ("\r", "\\r"))
+"""COPY text escapes (``schemas.events.copy_lines``), the backslash first."""
+
+
+def available() -> bool:
+    return pa is not None
+
+
+def read_columns(
+    data: bytes,
+    encoding: str,
+    delimiter: str,
+    width: int,
+    mapper: RecordMapper,
+    number: int,
+    max_record_bytes: int,
+) -> tuple[int, list[str], list[bytes], list[RowFailure]] | None:
+    """The range ``data`` (whole records) read by columns: (records, COPY lines of the rows in
+    order, each row's key as bytes, the rejected rows), numbered from ``number`` + 1; None when
+    the csv module must read it (see the module's doc)."""
+    layout = mapper.text_layout()
+    if pa is None or layout is None or layout.reads or not data:
+        return None
+    if not structural_quotes(data, delimiter.encode()):
+        return None
+    if codecs.lookup(encoding).name != "utf-8":
+        try:
+            data = data.decode(encoding).encode()
+        except UnicodeDecodeError:
+            return None
+    try:
+        table = pcsv.read_csv(
+            pa.py_buffer(data),
+            read_options=pcsv.ReadOptions(
+                column_names=[f"c{i}" for i in range(width)],
+                use_threads=False,
+                block_size=max(len(data) + 1, 1 << 20),
+            ),
+            parse_options=pcsv.ParseOptions(
+                delimiter=delimiter, newlines_in_values=True, ignore_empty_lines=True
+            ),
+            convert_options=pcsv.ConvertOptions(
+                column_types={f"c{i}": pa.string() for i in range(width)},
+                strings_can_be_null=False,
+                quoted_strings_can_be_null=False,
+            ),
+        )
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return None
+    rows = table.num_rows
+    if rows == 0:
+        return None
+    raw = [table.column(i).combine_chunks() for i in range(width)]
+    if len(data) > max_record_bytes and any(
+        pc.max(pc.utf8_length(raw[i])).as_py() > max_record_bytes for i in range(width)
+    ):
+        return None
+    markers = pa.array(sorted(layout.markers), pa.string()) if layout.markers else None
+    cells = []
+    for at, position in enumerate(layout.positions):
+        cell = pc.utf8_trim(raw[position], characters=WHITESPACE)
+        if markers is not None and at not in layout.keys:
+            marked = pc.is_in(cell, value_set=markers)
+            if pc.any(marked).as_py():
+                cell = pc.if_else(marked, "", cell)
+        cells.append(cell)
+    failures: list[RowFailure] = []
+    keep: Any = None
+    must = layout.keys + layout.required
+    if must:
+        lacking = pc.equal(cells[must[0]], "")
+        for at in must[1:]:
+            lacking = pc.or_(lacking, pc.equal(cells[at], ""))
+        if pc.any(lacking).as_py():
+            keep = pc.invert(lacking)
+            bad = pc.indices_nonzero(lacking).to_pylist()
+            rejected = [ParsedRow(number + 1 + i, [c[i].as_py() for c in raw]) for i in bad]
+            mapped, failures = mapper.map_text(rejected)
+            assert not mapped, "a row the columns reject is one map_text rejects"
+    numbers = pc.cast(pa.array(range(number + 1, number + 1 + rows), pa.int64()), pa.string())
+    lines = _copy_lines(numbers, cells)
+    if len(layout.keys) == 1:
+        key = cells[layout.keys[0]]
+    else:  # the key text the router gives (route.BatchRouter)
+        key = pc.binary_join_element_wise(*(cells[k] for k in layout.keys), "\x1f")
+    if keep is not None:
+        lines, key = lines.filter(keep), key.filter(keep)
+    return rows, lines.to_pylist(), pc.cast(key, pa.binary()).to_pylist(), failures
+
+
+def _copy_lines(numbers: Any, cells: list[Any]) -> Any:
+    """The COPY text line of each row (``schemas.events.copy_lines``): its number, sub-row 0
+    and cells, escaped where a cell needs it (usually none does, which scans of the lines'
+    bytes prove, as copy_lines does)."""
+    lines = _joined(numbers, cells)
+    body = lines.buffers()[2]  # a kernel's fresh array: its bytes start at 0
+    size = pc.sum(pc.binary_length(lines)).as_py() or 0
+    text = body.to_pybytes()[:size] if body is not None else b""
+    rows = len(lines)
+    if (
+        b"\\" not in text
+        and b"\r" not in text
+        and text.count(b"\t") == rows * (len(cells) + 1)
+        and text.count(b"\n") == rows
+    ):
+        return lines
+    escaped = []
+    for column in cells:
+        for char, escape in _ESCAPES:
+            if pc.any(pc.match_substring(column, char)).as_py():
+                column = pc.replace_substring(column, char, escape)
+        escaped.append(column)
+    return _joined(numbers, escaped)
+
+
+def _joined(numbers: Any, cells: list[Any]) -> Any:
+    last = pc.binary_join_element_wise(cells[-1], "", "\n")  # the line end, on the narrowest
+    return pc.binary_join_element_wise(numbers, "0", *cells[:-1], last, "\t")
+
+
+def structural_quotes(data: bytes, delimiter: bytes) -> bool:
+    """Whether every quote of ``data`` opens, closes or doubles inside a quoted field, with the
+    last one closed: the bytes where pyarrow's parser and the csv module (strict) agree."""
+    pieces = data.split(b'"')
+    if len(pieces) == 1:
+        return True
+    if len(pieces) % 2 == 0:  # an odd count of quotes: one is left open
+        return False
+    outside = pieces[::2]
+    ends = {b"", delimiter, b"\n", b"\r"}
+    # Before an opening quote: the start of a field. After a closing one: its end.
+    return {p[-1:] for p in outside[:-1]} <= ends and {p[:1] for p in outside[1:]} <= ends

@@ -1,0 +1,162 @@
+"""A range read by columns (pyarrow) gives exactly what the csv module gives, or is left to it:
+random ranges of quotes, delimiters, line ends, whitespace, null markers and escapes are read
+both ways and compared, and the ranges pyarrow would read differently (text after a closing
+quote, a quote left open, a stray quote) are shown to go to the csv module."""
+
+from __future__ import annotations
+
+import csv
+import io
+import random
+from pathlib import Path
+
+import pytest
+
+from sluice.agents.split import columnar
+from sluice.agents.split.infer import DEFAULT_NULL_MARKERS, adhoc_importer
+from sluice.agents.split.map import RecordMapper
+from sluice.agents.split.ranges import RangeJob, RangeResult, RangeSpec, read_range
+from sluice.errors import FileFormatError
+from sluice.schemas.importers import Field
+
+pytestmark = pytest.mark.skipif(not columnar.available(), reason="pyarrow is not installed")
+
+HEADER = ["id", "note", "qty"]
+PIECES = ["a", "b", "7", ",", ",", '"', '""', "\n", "\r\n", "\r", " ", "\u00a0", "\x1c", "\\", "\t"]
+PIECES += ["NA", "-", "é", "x y"]
+
+
+def importer(required: bool = False):
+    fields = [Field("id", "text"), Field("note", "text"), Field("qty", "text", required=required)]
+    return adhoc_importer("t", ["id"], fields, null_markers=DEFAULT_NULL_MARKERS)
+
+
+def both_ways(path: Path, body: bytes, spec: RangeSpec) -> tuple[object, object, bool]:
+    """(the csv module's result or error, the result by columns or error, whether the columns
+    took the range)."""
+    path.write_bytes(body)
+    job = RangeJob(0, len(body), 0, 1, True)
+    mapper = RecordMapper(spec.importer, spec.header)
+    took = (
+        columnar.read_columns(
+            body, spec.encoding, spec.delimiter, 3, mapper, 0, spec.max_record_bytes
+        )
+        is not None
+    )
+    results = []
+    for arrow in (False, True):
+        saved = columnar.pa
+        if not arrow:
+            columnar.pa = None
+        try:
+            results.append(comparable(read_range(spec, job)))
+        except FileFormatError as exc:
+            results.append(("error", str(exc)))
+        finally:
+            columnar.pa = saved
+    return results[0], results[1], took
+
+
+def comparable(result: RangeResult) -> tuple:
+    failures = [(f.row_number, f.sub, f.reason, f.raw) for f in result.failures]
+    return result.records, result.lines, failures, result.hashes, result.unclosed
+
+
+@pytest.mark.parametrize("required", [False, True])
+def test_random_ranges_read_by_columns_equal_the_csv_module(tmp_path: Path, required: bool) -> None:
+    rnd = random.Random(17 + required)
+    path = tmp_path / "r.csv"
+    spec = RangeSpec(str(path), "utf-8", ",", HEADER, importer(required), 3, (2,), 1 << 20)
+    taken = 0
+    for case in range(3000):
+        if case % 2:  # well formed (as csv.writer quotes): cells of any of the pieces
+            out = io.StringIO()
+            quoting = rnd.choice([csv.QUOTE_MINIMAL, csv.QUOTE_ALL])
+            writer = csv.writer(out, quoting=quoting, lineterminator=rnd.choice(["\n", "\r\n"]))
+            for _ in range(rnd.randrange(1, 6)):
+                writer.writerow(
+                    ["".join(rnd.choices(PIECES, k=rnd.randrange(0, 4))) for _ in HEADER]
+                )
+            text = out.getvalue()
+        else:  # anything
+            text = "".join(rnd.choices(PIECES, k=rnd.randrange(1, 20)))
+        by_csv, by_columns, took = both_ways(path, text.encode(), spec)
+        assert by_columns == by_csv, text
+        taken += took
+    # Both kinds of ranges were met: the comparison covered the columns' reading.
+    assert 1000 < taken < 2000
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '1,"b" ,c\n',  # text after a closing quote: the csv module's row problem
+        '1,"b"c,d\n',
+        '1,b,"c\n',  # a quote left open (at the end of the file: its error)
+        '1,5 inch" screen,3\n',  # a stray quote: text to the csv module, not to pyarrow
+        '1,"a,"x,3\n',
+        '1,"",x"\n2,b,c\n',
+    ],
+)
+def test_quotes_pyarrow_reads_otherwise_go_to_the_csv_module(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "q.csv"
+    spec = RangeSpec(str(path), "utf-8", ",", HEADER, importer(), 3, (2,), 1 << 20)
+    assert not columnar.structural_quotes(text.encode(), b",")
+    by_csv, by_columns, took = both_ways(path, text.encode(), spec)
+    assert not took
+    assert by_columns == by_csv
+
+
+def test_a_well_quoted_range_is_read_by_columns(tmp_path: Path) -> None:
+    text = '1,"two\nlines, ""quoted""",3\r\n2,  plain  ,NA\n\n3,"tab\there\\",-\n'
+    path = tmp_path / "w.csv"
+    spec = RangeSpec(str(path), "utf-8", ",", HEADER, importer(), 3, (2,), 1 << 20)
+    by_csv, by_columns, took = both_ways(path, text.encode(), spec)
+    assert took
+    assert by_columns == by_csv
+    lines = sorted(line for part in by_columns[1] for line in part)  # type: ignore[index]
+    assert lines == [
+        '1\t0\t1\ttwo\\nlines, "quoted"\t3\n',
+        "2\t0\t2\tplain\t\n",
+        "3\t0\t3\ttab\\there\\\\\t\n",
+    ]
+
+
+def test_rows_the_mapping_rejects_have_the_csv_modules_reasons(tmp_path: Path) -> None:
+    text = "1,a,1\n,b,2\n3,c,\n4,d,NA\n5,e,5\n"
+    path = tmp_path / "k.csv"
+    spec = RangeSpec(str(path), "utf-8", ",", HEADER, importer(required=True), 3, (2,), 1 << 20)
+    by_csv, by_columns, took = both_ways(path, text.encode(), spec)
+    assert took
+    assert by_columns == by_csv
+    failures = by_columns[2]  # type: ignore[index]
+    assert [(f[0], f[2]) for f in failures] == [
+        (2, "empty key: id has no value"),
+        (3, "required field empty: qty"),
+        (4, "required field empty: qty"),
+    ]
+
+
+def test_a_windows_1252_range_is_read_by_columns_as_the_csv_module_reads_it(
+    tmp_path: Path,
+) -> None:
+    text = "1,caf\xe9 \u20ac,2\n2,\u201cquoted\u201d,3\n"
+    path = tmp_path / "c.csv"
+    spec = RangeSpec(str(path), "cp1252", ",", HEADER, importer(), 3, (2,), 1 << 20)
+    by_csv, by_columns, took = both_ways(path, text.encode("cp1252"), spec)
+    assert took
+    assert by_columns == by_csv
+
+
+def test_a_field_over_the_limit_and_a_wrong_field_count_go_to_the_csv_module(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "l.csv"
+    long = "1," + "x" * 300 + ",3\n2,b,3\n"
+    spec = RangeSpec(str(path), "utf-8", ",", HEADER, importer(), 3, (2,), 200)
+    by_csv, by_columns, took = both_ways(path, long.encode(), spec)
+    assert not took and by_csv == by_columns and by_csv[0] == "error"
+    spec = RangeSpec(str(path), "utf-8", ",", HEADER, importer(), 3, (2,), 1 << 20)
+    by_csv, by_columns, took = both_ways(path, b"1,a,1\n2,b\n3,c,3\n", spec)
+    assert not took and by_csv == by_columns
+    assert "expected 3 fields as in the header, found 2" in by_csv[2][0][2]  # type: ignore[index]
