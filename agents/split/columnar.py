@@ -27,10 +27,12 @@ random ranges both ways (tests/agents/split/test_columnar.py).
 from __future__ import annotations
 
 import codecs
+import csv
 import sys
 from typing import Any
 
 from sluice.agents.split.map import RecordMapper
+from sluice.agents.split.parse.delimited import wrong_width
 from sluice.schemas.formats import ParsedRow
 from sluice.schemas.runs import RowFailure
 
@@ -59,11 +61,13 @@ def read_columns(
     width: int,
     mapper: RecordMapper,
     number: int,
+    lines: int,
     max_record_bytes: int,
 ) -> tuple[int, list[str], list[bytes], list[RowFailure]] | None:
     """The range ``data`` (whole records) read by columns: (records, COPY lines of the rows in
-    order, each row's key as bytes, the rejected rows), numbered from ``number`` + 1; None when
-    the csv module must read it (see the module's doc)."""
+    order, each row's key as bytes, the rejected rows in order), numbered from ``number`` + 1,
+    after ``lines`` lines of the file; None when the csv module must read it (see the module's
+    doc)."""
     layout = mapper.text_layout()
     if pa is None or layout is None or layout.reads or not data:
         return None
@@ -74,6 +78,12 @@ def read_columns(
             data = data.decode(encoding).encode()
         except UnicodeDecodeError:
             return None
+    wrong: list[tuple[int, str]] = []  # (record, its text): a wrong number of fields
+
+    def skip(row: Any) -> str:
+        wrong.append((row.number or 0, row.text))
+        return "skip"
+
     try:
         table = pcsv.read_csv(
             pa.py_buffer(data),
@@ -83,7 +93,10 @@ def read_columns(
                 block_size=max(len(data) + 1, 1 << 20),
             ),
             parse_options=pcsv.ParseOptions(
-                delimiter=delimiter, newlines_in_values=True, ignore_empty_lines=True
+                delimiter=delimiter,
+                newlines_in_values=True,
+                ignore_empty_lines=True,
+                invalid_row_handler=skip,
             ),
             convert_options=pcsv.ConvertOptions(
                 column_types={f"c{i}": pa.string() for i in range(width)},
@@ -94,6 +107,19 @@ def read_columns(
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         return None
     rows = table.num_rows
+    records = rows + len(wrong)
+    # Each record's number; those with a wrong number of fields, with the csv module's reason.
+    numbers_of: Any = range(number + 1, number + 1 + rows)
+    failures: list[RowFailure] = []
+    if wrong:
+        if not _one_line_each(data) or not all(k for k, _ in wrong):
+            return None  # a reason names the line a record ends on: the csv module counts them
+        skipped = {k for k, _ in wrong}
+        numbers_of = [number + k for k in range(1, records + 1) if k not in skipped]
+        for k, text in wrong:
+            fields = next(csv.reader([text], delimiter=delimiter, strict=True))
+            reason = wrong_width(width, len(fields), lines + k)
+            failures.append(RowFailure(number + k, 0, fields, reason))
     if rows == 0:
         return None
     raw = [table.column(i).combine_chunks() for i in range(width)]
@@ -110,7 +136,6 @@ def read_columns(
             if pc.any(marked).as_py():
                 cell = pc.if_else(marked, "", cell)
         cells.append(cell)
-    failures: list[RowFailure] = []
     keep: Any = None
     must = layout.keys + layout.required
     if must:
@@ -120,18 +145,30 @@ def read_columns(
         if pc.any(lacking).as_py():
             keep = pc.invert(lacking)
             bad = pc.indices_nonzero(lacking).to_pylist()
-            rejected = [ParsedRow(number + 1 + i, [c[i].as_py() for c in raw]) for i in bad]
-            mapped, failures = mapper.map_text(rejected)
+            rejected = [ParsedRow(numbers_of[i], [c[i].as_py() for c in raw]) for i in bad]
+            mapped, lacking_failures = mapper.map_text(rejected)
             assert not mapped, "a row the columns reject is one map_text rejects"
-    numbers = pc.cast(pa.array(range(number + 1, number + 1 + rows), pa.int64()), pa.string())
-    lines = _copy_lines(numbers, cells)
+            failures = sorted(failures + lacking_failures, key=lambda f: f.row_number)
+    numbers = pc.cast(pa.array(numbers_of, pa.int64()), pa.string())
+    copy = _copy_lines(numbers, cells)
     if len(layout.keys) == 1:
         key = cells[layout.keys[0]]
     else:  # the key text the router gives (route.BatchRouter)
         key = pc.binary_join_element_wise(*(cells[k] for k in layout.keys), "\x1f")
     if keep is not None:
-        lines, key = lines.filter(keep), key.filter(keep)
-    return rows, lines.to_pylist(), pc.cast(key, pa.binary()).to_pylist(), failures
+        copy, key = copy.filter(keep), key.filter(keep)
+    return records, copy.to_pylist(), pc.cast(key, pa.binary()).to_pylist(), failures
+
+
+def _one_line_each(data: bytes) -> bool:
+    """Whether the k-th record of ``data`` ends on its k-th line: no empty line, no line end
+    inside quotes, no lone carriage return (``data``'s quotes are structural)."""
+    if data.startswith((b"\n", b"\r\n")) or b"\n\n" in data or b"\n\r\n" in data:
+        return False
+    if b"\r" in data and data.count(b"\r") != data.count(b"\r\n"):
+        return False
+    quoted = b"".join(data.split(b'"')[1::2])
+    return b"\n" not in quoted and b"\r" not in quoted
 
 
 def _copy_lines(numbers: Any, cells: list[Any]) -> Any:

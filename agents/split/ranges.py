@@ -175,6 +175,7 @@ def read_range(spec: bytes | RangeSpec, job: RangeJob) -> RangeResult:
         len(rspec.header),
         mapper,
         job.number,
+        job.lines,
         rspec.max_record_bytes,
     )
     if by_columns is not None:

@@ -88,12 +88,7 @@ def delimited_rows(
                 elif record:  # a blank line reads as [] and is not a record
                     number += 1
                     line = lines + getattr(records, "line_num", 0)
-                    yield RowProblem(
-                        number,
-                        record,
-                        f"expected {width} fields as in the header, found {len(record)} "
-                        f"(record ending on line {line})",
-                    )
+                    yield RowProblem(number, record, wrong_width(width, len(record), line))
             return
         except UnicodeDecodeError as exc:
             if source is None:
@@ -112,6 +107,11 @@ def delimited_rows(
                 f"a quoted field is followed by other text before the next delimiter on line "
                 f"{line}: {exc}. Quote the whole field, and double any quote inside it",
             )
+
+
+def wrong_width(width: int, found: int, line: int) -> str:
+    """The reason of a record with ``found`` fields, not the header's ``width``."""
+    return f"expected {width} fields as in the header, found {found} (record ending on line {line})"
 
 
 def _csv_file_error(exc: csv.Error, number: int, line: int) -> FileFormatError:

@@ -39,7 +39,7 @@ def both_ways(path: Path, body: bytes, spec: RangeSpec) -> tuple[object, object,
     mapper = RecordMapper(spec.importer, spec.header)
     took = (
         columnar.read_columns(
-            body, spec.encoding, spec.delimiter, 3, mapper, 0, spec.max_record_bytes
+            body, spec.encoding, spec.delimiter, 3, mapper, 0, 1, spec.max_record_bytes
         )
         is not None
     )
@@ -67,15 +67,16 @@ def test_random_ranges_read_by_columns_equal_the_csv_module(tmp_path: Path, requ
     rnd = random.Random(17 + required)
     path = tmp_path / "r.csv"
     spec = RangeSpec(str(path), "utf-8", ",", HEADER, importer(required), 3, (2,), 1 << 20)
-    taken = 0
+    taken = widths = 0
     for case in range(3000):
         if case % 2:  # well formed (as csv.writer quotes): cells of any of the pieces
             out = io.StringIO()
             quoting = rnd.choice([csv.QUOTE_MINIMAL, csv.QUOTE_ALL])
             writer = csv.writer(out, quoting=quoting, lineterminator=rnd.choice(["\n", "\r\n"]))
             for _ in range(rnd.randrange(1, 6)):
+                width = rnd.choice([3, 3, 3, 3, 2, 4])  # now and then a wrong field count
                 writer.writerow(
-                    ["".join(rnd.choices(PIECES, k=rnd.randrange(0, 4))) for _ in HEADER]
+                    ["".join(rnd.choices(PIECES, k=rnd.randrange(0, 4))) for _ in range(width)]
                 )
             text = out.getvalue()
         else:  # anything
@@ -83,8 +84,13 @@ def test_random_ranges_read_by_columns_equal_the_csv_module(tmp_path: Path, requ
         by_csv, by_columns, took = both_ways(path, text.encode(), spec)
         assert by_columns == by_csv, text
         taken += took
-    # Both kinds of ranges were met: the comparison covered the columns' reading.
-    assert 1000 < taken < 2000
+        if took:
+            failures = by_columns[2]  # type: ignore[index]
+            widths += any("fields as in the header" in f[2] for f in failures)
+    # Both kinds of ranges were met: the comparison covered the columns' reading, of
+    # records with a wrong field count too.
+    assert 400 < taken < 2000
+    assert widths > 50
 
 
 @pytest.mark.parametrize(
@@ -148,15 +154,31 @@ def test_a_windows_1252_range_is_read_by_columns_as_the_csv_module_reads_it(
     assert by_columns == by_csv
 
 
-def test_a_field_over_the_limit_and_a_wrong_field_count_go_to_the_csv_module(
-    tmp_path: Path,
-) -> None:
+def test_a_field_over_the_limit_goes_to_the_csv_module(tmp_path: Path) -> None:
     path = tmp_path / "l.csv"
     long = "1," + "x" * 300 + ",3\n2,b,3\n"
     spec = RangeSpec(str(path), "utf-8", ",", HEADER, importer(), 3, (2,), 200)
     by_csv, by_columns, took = both_ways(path, long.encode(), spec)
     assert not took and by_csv == by_columns and by_csv[0] == "error"
+
+
+def test_records_of_a_wrong_field_count_have_the_csv_modules_numbers_and_reasons(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "w.csv"
     spec = RangeSpec(str(path), "utf-8", ",", HEADER, importer(), 3, (2,), 1 << 20)
-    by_csv, by_columns, took = both_ways(path, b"1,a,1\n2,b\n3,c,3\n", spec)
-    assert not took and by_csv == by_columns
-    assert "expected 3 fields as in the header, found 2" in by_csv[2][0][2]  # type: ignore[index]
+    text = b'1,a,1\r\n2,"b, c"\r\n3,c,3\r\n4,d,4,"x"\r\n,e,5\r\n6,f,6\r\n'
+    by_csv, by_columns, took = both_ways(path, text, spec)
+    assert took and by_csv == by_columns
+    assert [(f[0], f[2], f[3]) for f in by_columns[2]] == [  # type: ignore[index]
+        (2, "expected 3 fields as in the header, found 2 (record ending on line 3)", ["2", "b, c"]),
+        (4, "expected 3 fields as in the header, found 4 (record ending on line 5)",
+         ["4", "d", "4", "x"]),
+        (5, "empty key: id has no value", {"id": None, "note": "e", "qty": "5"}),
+    ]  # fmt: skip
+    lines = sorted(line for part in by_columns[1] for line in part)  # type: ignore[index]
+    assert [line.split("\t")[0] for line in lines] == ["1", "3", "6"]
+    # An empty line or a line end inside quotes: the csv module counts the lines.
+    for text in (b"1,a,1\n\n2,b\n", b'1,"a\nz",1\n2,b\n'):
+        by_csv, by_columns, took = both_ways(path, text, spec)
+        assert not took and by_csv == by_columns
