@@ -36,12 +36,15 @@ from sluice.agents.split.parse.delimited import wrong_width
 from sluice.schemas.formats import ParsedRow
 from sluice.schemas.runs import RowFailure
 
-try:
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.csv as pcsv
-except ImportError:  # the base install: the csv module reads every range
-    pa = None
+# pyarrow (about 50 MB resident once imported) is imported by the first range read here, in
+# the pool's processes, not by every worker that imports this module.
+pa: Any = None
+pc: Any = None
+pcsv: Any = None
+_missing = False
+
+enabled = True
+"""False: the csv module reads every range (the tests compare both ways)."""
 
 WHITESPACE = "".join(c for c in map(chr, range(sys.maxunicode + 1)) if c.isspace())
 """What ``str.strip`` strips (pyarrow's own whitespace is not quite Python's)."""
@@ -51,6 +54,18 @@ _ESCAPES = (("\\", "\\\\"), ("\t", "\\t"), ("\n", "\\n"), ("\r", "\\r"))
 
 
 def available() -> bool:
+    """Whether ranges can be read by columns here: pyarrow is installed (the base install
+    leaves it out: the csv module reads every range)."""
+    global pa, pc, pcsv, _missing
+    if pa is None and not _missing:
+        try:
+            import pyarrow
+            import pyarrow.compute
+            import pyarrow.csv
+        except ImportError:
+            _missing = True
+        else:
+            pa, pc, pcsv = pyarrow, pyarrow.compute, pyarrow.csv
     return pa is not None
 
 
@@ -63,13 +78,14 @@ def read_columns(
     number: int,
     lines: int,
     max_record_bytes: int,
+    key_at: tuple[int, ...],
 ) -> tuple[int, list[str], list[bytes], list[RowFailure]] | None:
     """The range ``data`` (whole records) read by columns: (records, COPY lines of the rows in
     order, each row's key as bytes, the rejected rows in order), numbered from ``number`` + 1,
-    after ``lines`` lines of the file; None when the csv module must read it (see the module's
-    doc)."""
+    after ``lines`` lines of the file; ``key_at``: the positions of the key's cells in a mapped
+    row (``RangeSpec.key_at``). None when the csv module must read it (see the module's doc)."""
     layout = mapper.text_layout()
-    if pa is None or layout is None or layout.reads or not data:
+    if not enabled or layout is None or layout.reads or not data or not available():
         return None
     if not structural_quotes(data, delimiter.encode()):
         return None
@@ -151,10 +167,10 @@ def read_columns(
             failures = sorted(failures + lacking_failures, key=lambda f: f.row_number)
     numbers = pc.cast(pa.array(numbers_of, pa.int64()), pa.string())
     copy = _copy_lines(numbers, cells)
-    if len(layout.keys) == 1:
-        key = cells[layout.keys[0]]
-    else:  # the key text the router gives (route.BatchRouter)
-        key = pc.binary_join_element_wise(*(cells[k] for k in layout.keys), "\x1f")
+    if len(key_at) == 1:
+        key = cells[key_at[0] - 2]
+    else:  # the key text the router gives (route.BatchRouter), in the router's key order
+        key = pc.binary_join_element_wise(*(cells[k - 2] for k in key_at), "\x1f")
     if keep is not None:
         copy, key = copy.filter(keep), key.filter(keep)
     return records, copy.to_pylist(), pc.cast(key, pa.binary()).to_pylist(), failures

@@ -177,6 +177,7 @@ def read_range(spec: bytes | RangeSpec, job: RangeJob) -> RangeResult:
         job.number,
         job.lines,
         rspec.max_record_bytes,
+        rspec.key_at,
     )
     if by_columns is not None:
         read, lines, keys, rejected = by_columns

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import random
+import zlib
 from pathlib import Path
 
 import pytest
@@ -39,21 +40,19 @@ def both_ways(path: Path, body: bytes, spec: RangeSpec) -> tuple[object, object,
     mapper = RecordMapper(spec.importer, spec.header)
     took = (
         columnar.read_columns(
-            body, spec.encoding, spec.delimiter, 3, mapper, 0, 1, spec.max_record_bytes
+            body, spec.encoding, spec.delimiter, 3, mapper, 0, 1, spec.max_record_bytes, spec.key_at
         )
         is not None
     )
     results = []
     for arrow in (False, True):
-        saved = columnar.pa
-        if not arrow:
-            columnar.pa = None
+        columnar.enabled = arrow
         try:
             results.append(comparable(read_range(spec, job)))
         except FileFormatError as exc:
             results.append(("error", str(exc)))
         finally:
-            columnar.pa = saved
+            columnar.enabled = True
     return results[0], results[1], took
 
 
@@ -182,3 +181,20 @@ def test_records_of_a_wrong_field_count_have_the_csv_modules_numbers_and_reasons
     for text in (b"1,a,1\n\n2,b\n", b'1,"a\nz",1\n2,b\n'):
         by_csv, by_columns, took = both_ways(path, text, spec)
         assert not took and by_csv == by_columns
+
+
+def test_a_key_of_two_columns_is_the_routers_text_in_the_routers_order(tmp_path: Path) -> None:
+    """The router's key is ("note", "id"): its text "note\x1fid" decides the partition, not
+    the columns' order in the importer."""
+    fields = [Field("id", "text"), Field("note", "text"), Field("qty", "text")]
+    two = adhoc_importer("t", ["note", "id"], fields, null_markers=DEFAULT_NULL_MARKERS)
+    path = tmp_path / "k.csv"
+    text = "".join(f"{i},n{i % 7},{i}\n" for i in range(1, 200)).encode()
+    spec = RangeSpec(str(path), "utf-8", ",", HEADER, two, 3, (3, 2), 1 << 20)
+    by_csv, by_columns, took = both_ways(path, text, spec)
+    assert took and by_csv == by_columns
+    parts = by_columns[1]  # type: ignore[index]
+    for p, lines in enumerate(parts):
+        for line in lines:
+            _, _, id_, note, _ = line.split("\t")
+            assert zlib.crc32(f"{note}\x1f{id_}".encode()) % 3 == p
