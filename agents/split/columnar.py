@@ -1,11 +1,11 @@
 """A byte range read by columns: pyarrow's CSV parser and compute kernels instead of a Python
 loop per row, for the ranges where that gives exactly what the csv module gives.
 
-``ranges.read_range`` asks here first. The csv module reads the whole range for 5 us a row
-(parsing 2.3, ``RecordMapper.map_text`` 2.5); pyarrow parses, strips, blanks the null markers
-and joins the COPY lines in about 1.7. A range is read here only when the answer is the csv
-module's, row for row, and otherwise ``None`` sends it to the csv module, which finds the
-problems and words them:
+``ranges.read_range`` asks here first. The csv module reads a range for about 4.7 us a row
+(parsing 2.3, ``RecordMapper.map_text`` 2.5, routing); by columns, pyarrow parses, strips,
+blanks the null markers and joins the COPY lines, and the whole range takes about 2.8. A range
+is read here only when the answer is the csv module's, row for row; otherwise ``None`` sends
+it to the csv module, which finds the problems and words them:
 
 - Quotes. pyarrow is lenient where the csv module (strict) is not: text after a closing quote
   (``"b" ,c``) and a quote left open at the end are read without complaint. So the range's
@@ -14,14 +14,17 @@ problems and words them:
   empty: a doubled quote), end, before an opening quote, with one too, and the count of quotes
   is even. A quote inside an unquoted field (``5 inch" screen``) breaks that rule too and goes
   to the csv module, which reads it as text.
-- Anything pyarrow refuses: a record with the wrong number of fields, bytes that are not
-  UTF-8. Such a range is read by the csv module, whose reasons name the row and the line.
+- Anything pyarrow refuses: bytes that are not UTF-8 (in the range's encoding, for the others).
+- A record with the wrong number of fields is skipped by pyarrow and logged with the csv
+  module's reason, whose line number is the record's when each record is one line (no empty
+  line, no line end inside quotes, no lone carriage return); otherwise the csv module, which
+  counts the lines, reads the range.
 - A field longer than ``max_record_bytes``, which the csv module refuses with its reason.
 - Cells read in Python (a date or number format, ``TextLayout.reads``).
 
 A record the mapping rejects (an empty key or required cell) is a few rows: those alone are
 mapped by ``RecordMapper.map_text``, so their reasons are its own. A differential test reads
-random ranges both ways (tests/agents/split/test_columnar.py).
+thousands of random ranges both ways (tests/agents/split/test_columnar.py).
 """
 
 from __future__ import annotations
@@ -46,8 +49,9 @@ _missing = False
 enabled = True
 """False: the csv module reads every range (the tests compare both ways)."""
 
-WHITESPACE = "".join(c for c in map(chr, range(sys.maxunicode + 1)) if c.isspace())
-"""What ``str.strip`` strips (pyarrow's own whitespace is not quite Python's)."""
+_whitespace = ""
+"""What ``str.strip`` strips (pyarrow's own whitespace is not quite Python's), found when
+pyarrow is (45 ms: not at every import)."""
 
 _ESCAPES = (("\\", "\\\\"), ("\t", "\\t"), ("\n", "\\n"), ("\r", "\\r"))
 """COPY text escapes (``schemas.events.copy_lines``), the backslash first."""
@@ -56,7 +60,7 @@ _ESCAPES = (("\\", "\\\\"), ("\t", "\\t"), ("\n", "\\n"), ("\r", "\\r"))
 def available() -> bool:
     """Whether ranges can be read by columns here: pyarrow is installed (the base install
     leaves it out: the csv module reads every range)."""
-    global pa, pc, pcsv, _missing
+    global pa, pc, pcsv, _missing, _whitespace
     if pa is None and not _missing:
         try:
             import pyarrow
@@ -66,6 +70,7 @@ def available() -> bool:
             _missing = True
         else:
             pa, pc, pcsv = pyarrow, pyarrow.compute, pyarrow.csv
+            _whitespace = "".join(c for c in map(chr, range(sys.maxunicode + 1)) if c.isspace())
     return pa is not None
 
 
@@ -146,7 +151,7 @@ def read_columns(
     markers = pa.array(sorted(layout.markers), pa.string()) if layout.markers else None
     cells = []
     for at, position in enumerate(layout.positions):
-        cell = pc.utf8_trim(raw[position], characters=WHITESPACE)
+        cell = pc.utf8_trim(raw[position], characters=_whitespace)
         if markers is not None and at not in layout.keys:
             marked = pc.is_in(cell, value_set=markers)
             if pc.any(marked).as_py():
