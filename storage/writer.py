@@ -237,11 +237,33 @@ class _Fragments:
         v = quote_ident(version)
         return f" AND (t.{v} IS NULL OR {row}.{v} > t.{v})"
 
-    def apply(self) -> str:
-        """Insert the winning rows; update a key's row only when a value changed."""
+    @property
+    def updates(self) -> bool:
+        """The policy updates a stored row whose values differ."""
+        policy = self.plan.policy
+        return policy in (DuplicatePolicy.UPSERT, DuplicatePolicy.UPDATE_IF_NEWER) and bool(
+            self.nonkey
+        )
+
+    def apply(self, *, changed_only: bool = False) -> str:
+        """Insert the winning rows; update a key's row only when a value changed.
+
+        ``changed_only``: the rows equal to the stored ones are left out before the INSERT.
+        ON CONFLICT DO UPDATE locks each conflicting row (a WAL record and a dirtied page)
+        before its WHERE finds the row unchanged; a look-up that finds it equal writes nothing.
+        A new or changed row pays that look-up on top of the INSERT's own (a fresh import's
+        statement 0.9 -> 1.5 s for 500,000 rows), so it is for batches whose rows are mostly
+        stored as they are (``Statements.unchanged_share``)."""
         plan, q = self.plan, quote_ident
-        insert = f"INSERT INTO {plan.qualified} AS t ({self.cols}) SELECT {self.cols} FROM d"
-        if plan.policy in (DuplicatePolicy.UPSERT, DuplicatePolicy.UPDATE_IF_NEWER) and self.nonkey:
+        source = "d"
+        if changed_only and self.updates:
+            k0 = q(plan.key[0])
+            source = (
+                f"(SELECT d.* FROM d LEFT JOIN {plan.qualified} t ON {self.join}"
+                f" WHERE t.{k0} IS NULL OR {self.t_row} IS DISTINCT FROM {self.d_row}) c"
+            )
+        insert = f"INSERT INTO {plan.qualified} AS t ({self.cols}) SELECT {self.cols} FROM {source}"
+        if self.updates:
             sets = ", ".join(f"{q(c)} = EXCLUDED.{q(c)}" for c in self.nonkey)
             conflict = (
                 f" ON CONFLICT ({self.keys}) DO UPDATE SET {sets}"
@@ -326,6 +348,17 @@ class Statements:
         apply, dry = parts.apply(), parts.dry()
         self.apply = parts.prefix(json_src) + apply
         self.apply_copied = parts.prefix(copy_src) + apply
+        self.apply_copied_changed: str | None = None
+        self.unchanged_share: str | None = None
+        if parts.updates:
+            self.apply_copied_changed = parts.prefix(copy_src) + parts.apply(changed_only=True)
+            self.unchanged_share = (
+                f"SELECT count(*) FILTER (WHERE t.{quote_ident(plan.key[0])} IS NOT NULL"
+                f" AND {parts.t_row} IS NOT DISTINCT FROM {parts.d_row})::float8"
+                " / greatest(count(*), 1)"
+                f" FROM (SELECT * FROM pg_temp.{self.temp} LIMIT {UNCHANGED_SAMPLE}) d"
+                f" LEFT JOIN {plan.qualified} t ON {parts.join}"
+            )
         self.dry = parts.prefix(json_src) + dry
         self.dry_copied = parts.prefix(copy_src) + dry
         self.keys, self.keys_copied = parts.run_keys(self.temp)
@@ -375,6 +408,10 @@ class Statements:
                 )
             c.created = created
         return c
+
+
+UNCHANGED_SAMPLE = 16
+"""Rows of a COPY batch compared with the stored ones to choose how it is applied."""
 
 
 class BatchApplier:
@@ -490,7 +527,16 @@ class BatchApplier:
             )
         if stmts.keys_copied is not None and not dry_run:
             await conn.execute(stmts.keys_copied, batch.run_id)
-        record = await conn.fetchrow(stmts.dry_copied if dry_run else stmts.apply_copied)
+        if dry_run:
+            sql = stmts.dry_copied
+        elif stmts.unchanged_share is not None and stmts.apply_copied_changed is not None:
+            # A batch of rows mostly stored as they are (a file imported again): they are left
+            # out before the INSERT, which would lock each. A sample says so, a look-up a row.
+            unchanged = await conn.fetchval(stmts.unchanged_share)
+            sql = stmts.apply_copied_changed if unchanged >= 0.5 else stmts.apply_copied
+        else:
+            sql = stmts.apply_copied
+        record = await conn.fetchrow(sql)
         counts = stmts.counts(record, batch.rows)
         if skipped:
             failures = await explain_skipped(conn, stmts.plan.columns, columns, rows, skipped)

@@ -259,6 +259,76 @@ async def test_without_the_temporary_privilege_batches_go_the_json_way(
     assert [tuple(r) for r in rows] == [(1, "a"), (2, None)]
 
 
+@pytest.mark.stack
+@pytest.mark.parametrize("policy", ["upsert", "update_if_newer"])
+async def test_rows_imported_again_unchanged_are_neither_locked_nor_rewritten(
+    client: Client, stack: Stack, db: asyncpg.Connection, policy: str
+) -> None:
+    """ON CONFLICT DO UPDATE locks a stored row (a WAL record, a dirtied page) before its WHERE
+    finds it unchanged. A COPY batch whose rows are mostly stored as they are leaves those out
+    first: they keep their row version and get no lock (xmax stays 0), and of the rows among
+    them exactly the changed ones are updated. A batch of mostly new rows is applied as before
+    (its few stored rows are locked: the check below would see a lock)."""
+    from sluice.schemas.runs import DuplicatePolicy
+    from sluice.storage.db import create_pool
+    from sluice.storage.writer import BatchApplier, TargetPlan
+
+    table = unique("copy_again")
+    await db.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, note text, version bigint)")
+    plan = TargetPlan(
+        table=table,
+        columns=(("id", "bigint"), ("note", "text"), ("version", "bigint")),
+        key=("id",),
+        policy=DuplicatePolicy(policy),
+        version_column="version" if policy == "update_if_newer" else None,
+    )
+    runs = (await client.deps()).runs
+    columns = ("_sluice_row", "_sluice_sub", "id", "note", "version")
+    pool = await create_pool(stack.postgres.url, min_size=1, max_size=1)
+
+    async def imported(rows: list[tuple[int, str, int]]) -> tuple[int, int, int]:
+        run = await runs.create(importer="adhoc", source="file")
+        await runs.start(run.id)
+        await runs.save_plan(run.id, plan.to_json(), {})
+        lines = [[str(n), "0", str(i), note, str(v)] for n, (i, note, v) in enumerate(rows, 1)]
+        batch = RowBatch.parse(f"{run.id}:0".encode(), encode_copy_batch(columns, lines))
+        result = await BatchApplier(pool).apply(batch, plan, dry_run=False)
+        assert result.outcome is BatchOutcome.APPLIED
+        return result.created, result.updated, result.unchanged
+
+    async def versions() -> dict[int, tuple[str, str]]:
+        """Each row's version (ctid) and locker (xmax; '0' when none)."""
+        stored = await db.fetch(f"SELECT id, ctid::text, xmax::text FROM {table}")
+        return {r["id"]: (r["ctid"], r["xmax"]) for r in stored}
+
+    try:
+        rows = [(i, f"note {i}", 1) for i in range(1, 301)]
+        assert await imported(rows) == (300, 0, 0)
+        first = await versions()
+        assert {x for _, x in first.values()} == {"0"}
+
+        assert await imported(rows) == (0, 0, 300)
+        assert await versions() == first  # not one row locked or rewritten
+
+        changed = {i for i in range(1, 301) if i % 10 == 3}
+        again = [(i, f"new {i}" if i in changed else n, v + (i in changed)) for i, n, v in rows]
+        assert await imported(again) == (0, 30, 270)
+        now = await versions()
+        assert {i for i in now if now[i][0] != first[i][0]} == changed
+        assert {i for i in now if now[i][1] != "0"} <= changed  # the unchanged: no lock
+        got = await db.fetch(f"SELECT id, note, version FROM {table}")
+        assert {tuple(r) for r in got} == set(again)
+
+        # Mostly new rows (the sample sees new keys first): the plain upsert, which locks the
+        # stored rows it finds unchanged.
+        fresh = [(i, f"note {i}", 1) for i in range(1001, 1201)]
+        assert await imported(fresh + again[:100]) == (200, 0, 100)
+        locked = {i for i, (_, x) in (await versions()).items() if x != "0"} - changed
+        assert locked == set(range(1, 101)) - changed
+    finally:
+        await pool.close()
+
+
 BAD_PLAN_COLUMNS = (("id", "bigint"), ("price", "numeric"), ("day", "date"), ("note", "text"))
 
 
