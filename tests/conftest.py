@@ -188,8 +188,8 @@ class Stack:
             ),
             SLUICE_WEBHOOK_SECRET=WEBHOOK_SECRET,
             SLUICE_URL_ALLOW_HOSTS="127.0.0.1",
-            # Stalled runs are resumed after 15 s without a change (tests/agents/test_recover.py).
-            SLUICE_STALL_TIMEOUT="15",
+            # Stalled runs are resumed after 8 s without a change (tests/agents/test_recover.py).
+            SLUICE_STALL_TIMEOUT="8",
             SLUICE_RECOVERY_INTERVAL="2",
             SLUICE_FILE_ROOTS=str(self.files),
             SLUICE_TEST_API_URL=f"http://127.0.0.1:{self.api_port}",
