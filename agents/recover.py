@@ -5,6 +5,11 @@ Two ways in:
 - **Stalled runs** (the backstop): a queued or running run with no change for
   ``SLUICE_STALL_TIMEOUT`` seconds (doubling with every resumption) is resumed; after
   ``SLUICE_MAX_RECOVERIES`` it fails with the reason.
+- **Overdue retry batches** of API runs: a retry batch is sent by the worker that made it when
+  it is due; a worker that died first leaves its items ``pending`` in PostgreSQL. Two recovery
+  rounds after they were due, the worker holding the recovery lock sends the batch again (a
+  duplicate of one still on its way finds its items done and does nothing), so the run goes on
+  without waiting to stall.
 - **A broker that lost its topics** (a restart of an in-memory broker, a cluster rebuilt): every
   worker checks every ``SLUICE_TOPIC_CHECK_INTERVAL`` seconds that the deployment's topics exist.
   The worker that recreates missing topics resumes every run in flight at once, without waiting
@@ -32,6 +37,7 @@ from sluice.errors import TerminalError
 from sluice.schemas.events import ImportRequested
 from sluice.schemas.firehose import BACKFILL_IMPORTER
 from sluice.schemas.runs import PULL_KINDS, Run
+from sluice.storage.items import overdue_retries
 from sluice.storage.outbox import (
     last_topic_loss,
     loss_recorded_since,
@@ -66,6 +72,7 @@ class CannotResume(TerminalError):
 PublishRequest = Callable[[ImportRequested], Awaitable[None]]
 PublishTrigger = Callable[[Run, str, dict[str, Any]], Awaitable[None]]
 PublishBackfill = Callable[[str, list[str]], Awaitable[None]]
+SendItemPage = Callable[[Any, int], Awaitable[Awaitable[Any]]]
 Flush = Callable[[], Awaitable[None]]
 Rewind = Callable[[list[str]], Awaitable[int]]
 
@@ -82,9 +89,11 @@ class Recovery:
         publish_backfill: PublishBackfill,
         flush: Flush,
         rewind: Rewind | None = None,
+        send_item_page: SendItemPage | None = None,
     ) -> None:
         self.deps = deps
         self.rewind = rewind
+        self.send_item_page = send_item_page
         self.publish_request = publish_request
         self.publish_trigger = publish_trigger
         self.publish_backfill = publish_backfill
@@ -113,12 +122,19 @@ class Recovery:
         raise CannotResume("its stored file is gone (pruned?); import the file again")
 
     async def resume_stalled(self) -> None:
-        """One worker at a time resumes stalled runs."""
+        """One worker at a time resumes stalled runs, and sends again the retry batches of API
+        runs overdue by two recovery rounds (their message died with the worker that was to
+        send it when due): those runs go on without waiting to stall."""
         pipeline = self.deps.settings.pipeline
         pool = self.deps.pool
         async with pool.acquire() as conn, conn.transaction():
             if not await try_recovery_lock(conn):
                 return
+            if self.send_item_page is not None:
+                overdue = await overdue_retries(conn, 2 * pipeline.recovery_interval)
+                for run_id, seq in overdue:
+                    await (await self.send_item_page(run_id, seq))
+                    log.warning("run %s: retry batch %d was overdue: sent again", run_id, seq)
             stalled = await stalled_runs(conn, pipeline.stall_timeout)
             if not stalled:
                 return
@@ -243,6 +259,7 @@ def register(app: faust.App, wiring: Wiring) -> None:
         publish_backfill=wiring.publish_backfill,
         flush=wiring.flush,
         rewind=lambda topics: rewind(app.consumer, topics),
+        send_item_page=wiring.send_item_page,
     )
 
     @app.timer(deps.settings.pipeline.recovery_interval)  # type: ignore[untyped-decorator]

@@ -22,7 +22,7 @@ from sluice.agents.deps import Deps
 from sluice.agents.plans import PlanCache
 from sluice.config import KafkaSettings
 from sluice.retries import Policy, retrying
-from sluice.schemas.events import DeadLetter, ImportRequested, TriggerRequested
+from sluice.schemas.events import DeadLetter, ImportRequested, ItemPage, TriggerRequested
 from sluice.schemas.firehose import BackfillRequested
 from sluice.schemas.runs import Run
 from sluice.streams.topics import Topics
@@ -189,6 +189,18 @@ class Wiring:
                 key=str(run.id).encode(), value=trigger.model_dump_json().encode()
             )
         )
+
+    async def send_item_page(self, run_id: Any, seq: int) -> Awaitable[Any]:
+        """Send batch ``seq`` of an API run's items (its delivery, to await). Item batches go
+        to the items topic's partitions in turn (batch number modulo partitions), not by the
+        hash of a key, so they spread evenly over the workers."""
+        page = ItemPage(run_id=run_id, seq=seq)
+        delivery: Awaitable[Any] = await self.topics.items.send(
+            key=f"{run_id}:{seq}".encode(),
+            value=page.model_dump_json().encode(),
+            partition=abs(seq) % self.deps.settings.kafka.partitions,
+        )
+        return delivery
 
     async def publish_backfill(self, did: str, collections: list[str]) -> None:
         """Publish a backfill request of a repository; returns once it is on the broker."""

@@ -328,3 +328,20 @@ async def finish_items(
         [o.retry_in for o in again],
     )
     return Retry(-n, max(o.retry_in or 0.0 for o in again))
+
+
+async def overdue_retries(conn: asyncpg.Connection, grace: float) -> list[tuple[uuid.UUID, int]]:
+    """(run, seq) of the retry batches of running runs due more than ``grace`` seconds ago and
+    not applied: their message was lost (the worker that was to send it when due died first).
+    Each is made due now, so it is found overdue again only after another ``grace``."""
+    rows = await conn.fetch(
+        "WITH due AS (SELECT DISTINCT i.run_id, i.seq FROM items i JOIN runs r ON r.id = i.run_id"
+        " WHERE i.status = 'pending' AND i.seq < 0"
+        " AND i.retry_at < now() - $1 * interval '1 second' AND r.status = 'running'"
+        " LIMIT 100),"
+        " moved AS (UPDATE items i SET retry_at = now() FROM due"
+        " WHERE i.run_id = due.run_id AND i.seq = due.seq AND i.status = 'pending')"
+        " SELECT run_id, seq FROM due ORDER BY run_id, seq DESC",
+        grace,
+    )
+    return [(r["run_id"], r["seq"]) for r in rows]

@@ -6,14 +6,14 @@ items on the items topic.
 Item batches go to the items topic's partitions in turn (batch number modulo partitions), not
 by the hash of their key, so they spread evenly over the workers. A retry batch that a detail
 batch made is sent when it is due; a worker that dies first leaves it ``pending`` in
-PostgreSQL, where a resumed discovery (after a crash, or the run's stall recovery) finds it.
+PostgreSQL, where the recovery finds it overdue and sends it again (``agents.recover``), as a
+resumed discovery would.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -37,17 +37,8 @@ def register(app: faust.App, wiring: Wiring) -> None:
     """The ``fetch`` and ``detail`` agents."""
     deps, topics = wiring.deps, wiring.topics
 
-    partitions = deps.settings.kafka.partitions
     due_later: set[asyncio.Task[None]] = set()
-
-    async def send_page(run_id: Any, seq: int) -> Awaitable[Any]:
-        page = ItemPage(run_id=run_id, seq=seq)
-        delivery: Awaitable[Any] = await topics.items.send(
-            key=f"{run_id}:{seq}".encode(),
-            value=page.model_dump_json().encode(),
-            partition=abs(seq) % partitions,
-        )
-        return delivery
+    send_page = wiring.send_item_page
 
     def send_when_due(run_id: Any, retry: Retry) -> None:
         async def send() -> None:
@@ -56,7 +47,7 @@ def register(app: faust.App, wiring: Wiring) -> None:
                 await (await send_page(run_id, retry.seq))
             except Exception:
                 log.exception(
-                    "retry batch %d of run %s not sent; a resumed discovery sends it",
+                    "retry batch %d of run %s not sent; the recovery sends it once it is overdue",
                     retry.seq,
                     run_id,
                 )

@@ -466,6 +466,9 @@ async def test_a_run_killed_while_items_wait_for_their_retry_loses_none_of_them(
     assert not again, f"{len(again)} completed items fetched again"
     # A failure is counted once per failed fetch: never more than the server gave.
     assert all(1 <= states[i]["failure_count"] <= k for i, k in flaky.items())
+    # The retry batches that died with the workers were sent again once overdue: the run did
+    # not wait to stall and be resumed.
+    assert await db.fetchval("SELECT recoveries FROM sluice.runs WHERE id = $1", run.id) == 0
 
 
 async def test_an_incremental_run_fetches_only_what_changed_since_the_last_completed_one(
