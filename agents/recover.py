@@ -1,6 +1,6 @@
 """Recovery: runs that PostgreSQL says are in flight are resumed from what it holds.
 
-Two ways in:
+Three ways in:
 
 - **Stalled runs** (the backstop): a queued or running run with no change for
   ``SLUICE_STALL_TIMEOUT`` seconds (doubling with every resumption) is resumed; after
