@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -57,15 +58,24 @@ def pytest_configure(config: pytest.Config) -> None:
         backends.backend_name()
     except ValueError as exc:
         raise pytest.UsageError(str(exc)) from None
+    # The chaos suite's seed (tests/chaos/conftest.py), chosen once per run: `make test`'s pytest
+    # processes (pytest-xdist) are started after this and inherit it.
+    os.environ.setdefault("CHAOS_SEED", str(random.SystemRandom().randrange(1, 2**31)))
 
 
-def pytest_report_header(config: pytest.Config) -> str:
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    seed = os.environ["CHAOS_SEED"]
+    chaos = f"chaos: seed {seed} (CHAOS_SEED={seed} repeats its random moments)"
     if backends.backend_name() == "containers":
-        return (
+        return [
             f"backend: containers ({backends.KAFKA_IMAGE}, {backends.POSTGRES_IMAGE}; "
-            "SLUICE_TEST_BACKEND)"
-        )
-    return "backend: embedded (Tansu, PostgreSQL 18; SLUICE_TEST_BACKEND=containers for Docker)"
+            "SLUICE_TEST_BACKEND)",
+            chaos,
+        ]
+    return [
+        "backend: embedded (Tansu, PostgreSQL 18; SLUICE_TEST_BACKEND=containers for Docker)",
+        chaos,
+    ]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -90,11 +100,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 class Worker:
     """One ``sluice worker`` process, its output in a log file the tests can show. Each has a
-    metrics port of its own (kept across restarts) unless ``env`` names one."""
+    metrics port of its own (kept across restarts) unless ``env`` names one other than 0."""
 
     def __init__(self, name: str, env: dict[str, str], log_dir: Path, *, cwd: Path = ROOT) -> None:
         self.name = name
-        self.metrics_port = int(env.get("SLUICE_METRICS_PORT") or free_port())
+        self.metrics_port = int(env.get("SLUICE_METRICS_PORT") or 0) or free_port()
         self.env = {**env, "SLUICE_METRICS_PORT": str(self.metrics_port)}
         self.log_path = log_dir / f"{name}.log"
         self.cwd = cwd
@@ -171,6 +181,10 @@ class Stack:
             SLUICE_DATABASE_URL=self.postgres.url,
             SLUICE_KAFKA_PARTITIONS=str(PARTITIONS),
             SLUICE_KAFKA_SESSION_TIMEOUT="6",
+            # Processes a test starts serve no metrics unless it names a port: the default one
+            # is one per host, and two test processes run at once (make test). Workers take one
+            # of their own.
+            SLUICE_METRICS_PORT="0",
             # Delimited files over 64 KiB are read by byte ranges in the workers' pools, so the
             # exactness and chaos tests run on that path too (agents/split/ranges.py).
             SLUICE_SPLIT_RANGE_BYTES=str(32 << 10),

@@ -1,8 +1,9 @@
 """The chaos suite's own stack (broker, PostgreSQL, two workers), its seed, rounds and report.
 
-``CHAOS_SEED`` repeats a run's random moments (the seed is printed at the start and written with
-every result), ``CHAOS_ROUNDS`` (default 1) repeats every case, ``CHAOS_REPORT`` is the JSON
-Lines file of results (default ``tests/artifacts/chaos.jsonl``, rewritten by each session).
+``CHAOS_SEED`` repeats a run's random moments (the seed is in the report header, every failure's
+message and every result), ``CHAOS_ROUNDS`` (default 1) repeats every case, ``CHAOS_REPORT`` is
+the JSON Lines file of results (default ``tests/artifacts/chaos.jsonl``, rewritten by each
+session).
 
 The stack is separate from the session ``stack`` of the other tests: other ports, another root,
 and it changes nothing in ``os.environ``.
@@ -34,13 +35,10 @@ from tests.support.backends import log_tail
 
 ROUNDS = int(os.environ.get("CHAOS_ROUNDS") or "1")
 STALL_TIMEOUT = os.environ.get("CHAOS_STALL_TIMEOUT") or "15"
+# Chosen by tests/conftest.py when the run starts, the same in all its processes.
 SEED = int(os.environ.get("CHAOS_SEED") or random.SystemRandom().randrange(1, 2**31))
 REPORT = Path(os.environ.get("CHAOS_REPORT") or ROOT / "tests" / "artifacts" / "chaos.jsonl")
 IMPORTERS = "tests.chaos"
-
-
-def pytest_report_header(config: pytest.Config) -> str:
-    return f"chaos: seed {SEED}, {ROUNDS} round(s) (CHAOS_SEED={SEED} repeats them)"
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

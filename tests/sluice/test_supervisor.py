@@ -11,8 +11,6 @@ import os
 import random
 import re
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,21 +23,9 @@ import pytest
 from sluice.stack import StackState, find_process_alive, read_state
 from sluice.supervisor import EVENT_LOG, Backoff
 from tests.conftest import ROOT
+from tests.support.cli import sluice, starting_up
 
 pytestmark = pytest.mark.stack
-
-
-def sluice(
-    *args: str, env: dict[str, str], timeout: float = 180
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sluice", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 @dataclass
@@ -75,7 +61,8 @@ class Up:
 def start_up(home: Path, **extra: str) -> Up:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
     env.update(SLUICE_HOME=str(home), PYTHONPATH=str(ROOT), **extra)
-    started = sluice("up", "--detach", env=env, timeout=240)
+    with starting_up():
+        started = sluice("up", "--detach", env=env, timeout=240)
     assert started.returncode == 0, started.stdout + started.stderr
     return Up(home, env)
 

@@ -22,7 +22,7 @@ from sluice.schemas.runs import Run
 from sluice.service import Client
 from sluice.stack import find_process_alive, read_state
 from tests.conftest import ROOT, TOPICS, Stack
-from tests.support.cli import sluice
+from tests.support.cli import sluice, starting_up
 
 pytestmark = pytest.mark.stack
 
@@ -193,7 +193,8 @@ def test_up_env_run_down(tmp_path: Path) -> None:
         " fields=(Field('mpan', 'text', required=True), Field('kwh', 'numeric')))\n"
     )
     up_env = {**env, "SLUICE_IMPORTERS": "my_meters"}
-    up = sluice("up", "--detach", env=up_env, cwd=mine, timeout=240)
+    with starting_up():
+        up = sluice("up", "--detach", env=up_env, cwd=mine, timeout=240)
     assert up.returncode == 0, up.stdout + up.stderr
     try:
         state = read_state(home)
@@ -267,19 +268,22 @@ def test_up_in_the_foreground_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     # A named token of its own: the stack's API takes it as configured, name included.
     token = f"up-{uuid.uuid4().hex}"
     env["SLUICE_API_TOKENS"] = f"operator:{token}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sluice", "up"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
+    with starting_up():
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sluice", "up"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         deadline = time.monotonic() + 120
-        while (state := read_state(home)) is None:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()  # type: ignore[union-attr]
+        while (state := read_state(home)) is None and proc.poll() is None:
+            if time.monotonic() > deadline:
+                proc.kill()
             time.sleep(0.2)
+    try:
+        assert state is not None, proc.communicate()[0]
         sent = httpx.post(
             f"{state.api_url}/api/v1/imports/products/upload",
             files={"file": ("p.csv", b"sku,name\n", "text/csv")},
