@@ -39,8 +39,12 @@ setup: $(STAMP) system-packages
 demo: $(STAMP)
 	$(BIN)/python -m sluice.demo
 
+# The suite mostly waits (for session timeouts, rebalances, restarted workers: a 2-core machine
+# sat 70% idle through a serial run), so it runs in TEST_PROCESSES pytest processes, each with its
+# own stack, a test file to one process (--dist loadfile: a file's tests share fixtures).
+TEST_PROCESSES ?= 2
 test: $(STAMP) system-packages
-	$(BIN)/pytest -q --durations=10
+	$(BIN)/pytest -q -n $(TEST_PROCESSES) --dist loadfile --durations=10
 
 lint: $(STAMP) compose-check
 	$(BIN)/ruff check .
