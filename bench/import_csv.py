@@ -23,8 +23,9 @@ column types and primary key), and its table is then compared with Sluice's (row
 hash of every row). A CHECKPOINT precedes each timed run. Around each run, the CPU seconds of
 every process are read from /proc (the command itself, each worker with the processes it
 started: its pool of range readers, the broker, PostgreSQL's postmaster and all its backends,
-the API). The workers are restarted before each data set, so
-their peak RSS (VmHWM) belongs to that data set alone.
+the API), and what PostgreSQL did besides the run's statements (checkpoints, WAL and temporary
+files written, autovacuums and autoanalyzes, autovacuum workers busy at the start). The workers
+are restarted before each data set, so their peak RSS (VmHWM) belongs to that data set alone.
 
 The output ends with one markdown table per data set, the RSS line per size and the CPU table,
 under the command line and the date; the raw figures go to bench/out/import-*.json. Generated
@@ -492,6 +493,8 @@ class RunResult:
     phase: str  # fresh, again, bad
     seconds: float | None = None
     cpu: dict[str, float] = field(default_factory=dict)
+    # What PostgreSQL did during the run besides its statements (Bench.server_activity).
+    postgres: dict[str, float] = field(default_factory=dict)
     exact: bool = True
     problems: list[str] = field(default_factory=list)
     detail: dict[str, Any] = field(default_factory=dict)
@@ -567,12 +570,39 @@ class Bench:
             f" CREATE TABLE public.{table} (LIKE public.{like} INCLUDING ALL)"
         )
 
+    # Cumulative counters of the whole server, read before and after each run.
+    ACTIVITY = {
+        "checkpoints": "SELECT num_done FROM pg_stat_checkpointer",  # PostgreSQL 18
+        "wal_mb": "SELECT wal_bytes / 1048576.0 FROM pg_stat_wal",
+        "temp_mb": "SELECT sum(temp_bytes) / 1048576.0 FROM pg_stat_database",
+        "autovacuums": "SELECT sum(autovacuum_count) FROM pg_stat_all_tables",
+        "autoanalyzes": "SELECT sum(autoanalyze_count) FROM pg_stat_all_tables",
+    }
+
+    def server_activity(self) -> dict[str, float]:
+        """The server's checkpoints, WAL, temporary files, autovacuums and autoanalyzes so far,
+        and the autovacuum workers running now (``vacuuming``): what a run may pay for besides
+        its own statements (a checkpoint in the middle, an autovacuum of the pass before)."""
+        query = ", ".join(f"({sql}) AS {name}" for name, sql in self.ACTIVITY.items())
+        query += (
+            ", (SELECT count(*) FROM pg_stat_activity"
+            " WHERE backend_type = 'autovacuum worker') AS vacuuming"
+        )
+        # Other backends report their counters within a second: one still on its way at the end
+        # of a run is counted in the next one.
+        values = self.sql(f"SELECT {query}").split("|")
+        return {
+            name: round(float(value or 0), 1)
+            for name, value in zip([*self.ACTIVITY, "vacuuming"], values, strict=True)
+        }
+
     def measure(
         self, result: RunResult, go: Callable[[], Timed], ran: Sequence[int] = (0,)
     ) -> Timed | None:
         """A CHECKPOINT (so that no run pays for the writes of the one before), then the run
-        with the CPU of every process around it."""
+        with the CPU of every process around it, and what PostgreSQL did meanwhile."""
         self.sql("CHECKPOINT")
+        server = self.server_activity()
         before = self.meter.snapshot()
         try:
             timed = go()
@@ -581,6 +611,11 @@ class Bench:
             result.exact = False
             return None
         after = self.meter.snapshot()
+        done = self.server_activity()
+        result.postgres = {
+            **{name: round(done[name] - server[name], 1) for name in self.ACTIVITY},
+            "vacuuming_at_start": server["vacuuming"],
+        }
         cpu = CpuMeter.spent(before, after)
         cpu["client"] = round(timed.cpu, 2)
         result.cpu = cpu
@@ -906,6 +941,30 @@ def cpu_table(results: Sequence[DatasetResult]) -> list[str]:
     return lines
 
 
+def server_table(results: Sequence[DatasetResult]) -> list[str]:
+    lines = [
+        "",
+        "PostgreSQL during each run (checkpoints done, WAL and temporary files written,"
+        " autovacuums and autoanalyzes ended; autovacuum workers running when it started):",
+        "",
+        "| data set | run | wall | checkpoints | WAL MB | temp MB | autovacuums"
+        " | autoanalyzes | vacuuming at start |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for res in results:
+        for run in res.runs:
+            if run.seconds is None or not run.postgres:
+                continue
+            pg = run.postgres
+            lines.append(
+                f"| {res.name} | {LABELS[run.tool]} {run.phase} | {run.seconds:.1f}s | "
+                f"{pg['checkpoints']:.0f} | {pg['wal_mb']:.0f} | {pg['temp_mb']:.0f} | "
+                f"{pg['autovacuums']:.0f} | {pg['autoanalyzes']:.0f} | "
+                f"{pg['vacuuming_at_start']:.0f} |"
+            )
+    return lines
+
+
 def load_average() -> str:
     return "/".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -998,6 +1057,7 @@ def main() -> int:
         *markdown(results),
         *rss_lines(results),
         *cpu_table(results),
+        *server_table(results),
     ]
     print("\n".join(lines))
     OUT.mkdir(parents=True, exist_ok=True)
