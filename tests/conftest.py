@@ -64,18 +64,17 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    seed = os.environ["CHAOS_SEED"]
-    chaos = f"chaos: seed {seed} (CHAOS_SEED={seed} repeats its random moments)"
     if backends.backend_name() == "containers":
-        return [
+        backend = (
             f"backend: containers ({backends.KAFKA_IMAGE}, {backends.POSTGRES_IMAGE}; "
-            "SLUICE_TEST_BACKEND)",
-            chaos,
-        ]
-    return [
-        "backend: embedded (Tansu, PostgreSQL 18; SLUICE_TEST_BACKEND=containers for Docker)",
-        chaos,
-    ]
+            "SLUICE_TEST_BACKEND)"
+        )
+    else:
+        backend = (
+            "backend: embedded (Tansu, PostgreSQL 18; SLUICE_TEST_BACKEND=containers for Docker)"
+        )
+    seed = os.environ["CHAOS_SEED"]
+    return [backend, f"chaos: seed {seed} (CHAOS_SEED={seed} repeats its random moments)"]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
