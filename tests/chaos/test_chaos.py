@@ -605,7 +605,6 @@ class Firehose:
             **self.stack.env,
             "SLUICE_FIREHOSE_CURSOR_INTERVAL": "0.5",
             "SLUICE_FIREHOSE_NAME": self.name,
-            "SLUICE_METRICS_PORT": "0",  # not read here; the default port may be taken
         }
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
