@@ -27,9 +27,10 @@ the API), and what PostgreSQL did besides the run's statements (checkpoints, WAL
 files written, autovacuums and autoanalyzes, autovacuum workers busy at the start). The workers
 are restarted before each data set, so their peak RSS (VmHWM) belongs to that data set alone.
 
-The output ends with one markdown table per data set, the RSS line per size and the CPU table,
-under the command line and the date; the raw figures go to bench/out/import-*.json. Generated
-files and the real data set are cached in bench/out/cache/ (10,000,000 rows is about 2 GB).
+The output ends with one markdown table per data set, the RSS line per size, the CPU table and
+the PostgreSQL table, under the command line and the date; the raw figures go to
+bench/out/import-*.json. Generated files and the real data set are cached in bench/out/cache/
+(10,000,000 rows is about 2 GB).
 
     .venv/bin/python bench/import_csv.py [--sizes 100000 1000000] [--big] [--no-real]
         [--tools sluice psql sling pgloader] [--workers N]
