@@ -36,6 +36,14 @@ _LONGEST_BOM = 4
 # Bytes that no Windows-1252 text file contains: C0 controls other than tab/LF/CR (NUL
 # included), and the five code points cp1252 leaves undefined.
 _NOT_CP1252 = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x81\x8d\x8f\x90\x9d]")
+_NOT_CP1252_BYTES = bytes(b for b in range(256) if _NOT_CP1252.match(bytes([b])))
+
+
+def _holds_not_cp1252(chunk: bytes) -> bool:
+    """Whether ``chunk`` holds a byte of ``_NOT_CP1252``: deleting them all is six times faster
+    than searching for one (0.1 against 0.7 CPU-s for 160 MB), so the search that finds where
+    runs only on a chunk that holds one."""
+    return len(chunk.translate(None, _NOT_CP1252_BYTES)) != len(chunk)
 
 
 class EncodingSniffer:
@@ -133,7 +141,7 @@ class EncodingSniffer:
                     if not before.isascii():
                         # Valid UTF-8 up to exc.start, minus a character cut at the front.
                         self._utf8_seen = _first_non_ascii(before.decode("utf-8", "ignore"))
-        if self._cp1252_error is None:
+        if self._cp1252_error is None and _holds_not_cp1252(chunk):
             match = _NOT_CP1252.search(chunk)
             if match is not None:
                 self._cp1252_error = (self._size + match.start(), chunk[match.start()])
