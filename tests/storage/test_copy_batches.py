@@ -462,3 +462,52 @@ async def test_a_file_with_thousands_of_bad_rows_logs_each_once_and_counts_exact
         for i in refused
     )
     assert await db.fetchval(f"SELECT count(*) FROM {table}") == 14000 - bad
+
+
+def _plan_nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    nodes = [plan]
+    for child in plan.get("Plans", []):
+        nodes += _plan_nodes(child)
+    return nodes
+
+
+@pytest.mark.stack
+@pytest.mark.parametrize("policy", ["upsert", "update_if_newer", "fail"])
+async def test_no_statement_of_a_batch_reads_the_whole_target_table(
+    db: asyncpg.Connection, policy: str
+) -> None:
+    """A connection prepares a plan's statements once and keeps the plan PostgreSQL made then
+    (a statement without parameters has one generic plan): on a fresh import, that is the plan
+    for an empty table. Each statement that looks up a batch's keys in the target must probe
+    its key index whatever the table held when it was planned; a hash join reading the whole
+    table made every batch of a 1,000,000-row import slower than the one before."""
+    from sluice.schemas.runs import DuplicatePolicy
+    from sluice.storage.writer import Statements, TargetPlan
+
+    table = unique("copy_plans")
+    await db.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, note text, version bigint)")
+    plan = TargetPlan(
+        table=table,
+        columns=(("id", "bigint"), ("note", "text"), ("version", "bigint")),
+        key=("id",),
+        policy=DuplicatePolicy(policy),
+        version_column="version" if policy == "update_if_newer" else None,
+    )
+    statements = Statements(plan)
+    looking_up = {
+        "apply_copied": statements.apply_copied,
+        "apply_copied_changed": statements.apply_copied_changed,
+        "dry_copied": statements.dry_copied,
+        "unchanged_share": statements.unchanged_share,
+    }
+    async with db.transaction():
+        await db.execute(statements.create_temp)
+        for name, sql in looking_up.items():
+            if sql is None:
+                continue
+            explained = await db.fetchval(f"EXPLAIN (GENERIC_PLAN, FORMAT JSON) {sql}")
+            nodes = _plan_nodes(orjson.loads(explained)[0]["Plan"])
+            scanned = [n["Node Type"] for n in nodes if n.get("Relation Name") == table]
+            assert scanned, f"{name} never reads {table}"
+            assert "Seq Scan" not in scanned, f"{name} reads all of {table}: {scanned}"
+        await db.execute(f"DROP TABLE pg_temp.{statements.temp}")
