@@ -23,7 +23,7 @@ from sluice.config import FileStoreSettings, Settings
 from sluice.metrics import WorkerMetrics
 from sluice.schemas.importers import Importer
 from sluice.storage.db import create_pool
-from sluice.storage.filestore import FileStore, Objects, PgFileStore
+from sluice.storage.filestore import FileStore, LocalFileStore, Objects, PgFileStore
 from sluice.storage.items import ItemRepository
 from sluice.storage.ratelimit import RateLimiter
 from sluice.storage.runs import RunRepository
@@ -116,6 +116,8 @@ def file_store(settings: Settings, pool: asyncpg.Pool, objects: LazyObjects) -> 
             part_bytes=store.part_bytes,
             inspect=Inspector,
         )
+    if store.directory is not None:
+        return LocalFileStore(pool, store.directory, objects=objects, inspect=Inspector)
     return PgFileStore(
         pool, chunk_bytes=settings.pipeline.file_chunk_bytes, objects=objects, inspect=Inspector
     )

@@ -388,7 +388,8 @@ class FileStoreSettings(BaseSettings):
     store: str = Field(
         default="",
         validation_alias=AliasChoices("SLUICE_FILE_STORE", "store"),
-        description="s3://bucket/prefix to store files as objects; empty: in PostgreSQL",
+        description="s3://bucket/prefix to store files as objects, file:///directory to keep "
+        "them on this machine's disk (the embedded stack's default); empty: in PostgreSQL",
     )
     endpoint_url: str = Field(
         default="", description="the S3 API's URL (MinIO, Ceph, R2, ...); empty: AWS"
@@ -416,12 +417,20 @@ class FileStoreSettings(BaseSettings):
         if not value:
             return value
         scheme, sep, rest = value.partition("://")
+        if scheme == "file" and sep:
+            if not rest.startswith("/") or rest.strip("/") == "":
+                raise ValueError(
+                    f"SLUICE_FILE_STORE={value!r} names no directory: write file:// and the "
+                    "directory's absolute path, for example file:///var/lib/sluice/files"
+                )
+            return value
         bucket = rest.split("/", 1)[0]
         if scheme != "s3" or not sep or not _BUCKET_NAME.fullmatch(bucket):
             raise ValueError(
-                f"SLUICE_FILE_STORE={value!r} is not an object store location: write "
+                f"SLUICE_FILE_STORE={value!r} is not a file store location: write "
                 "s3://BUCKET or s3://BUCKET/PREFIX (bucket names: 3-63 lower-case letters, "
-                "digits, '.' and '-'), or leave it empty to store files in PostgreSQL"
+                "digits, '.' and '-'), file:///DIRECTORY for a directory on this machine, or "
+                "leave it empty to store files in PostgreSQL"
             )
         return value
 
@@ -436,7 +445,14 @@ class FileStoreSettings(BaseSettings):
 
     @property
     def uses_s3(self) -> bool:
-        return bool(self.store)
+        return self.store.startswith("s3://")
+
+    @property
+    def directory(self) -> Path | None:
+        """The directory of ``file:///DIRECTORY``; None for the other stores."""
+        if not self.store.startswith("file://"):
+            return None
+        return Path(self.store.removeprefix("file://"))
 
     @property
     def bucket(self) -> str:

@@ -117,6 +117,8 @@ def load_settings(*, require_stack: bool = True) -> Settings:
     if not api.all_tokens() and (token := read_api_token(pipeline.home)):
         api = api.model_copy(update={"token": SecretStr(token)})
     settings.api = api
+    if not settings.files.store and state.file_store:
+        settings.files = settings.files.model_copy(update={"store": state.file_store})
     if not pipeline.importers and state.importers:
         # The stack's own importers, found where its workers find them.
         settings.pipeline = pipeline.model_copy(update={"importers": state.importers})

@@ -824,6 +824,9 @@ class StackState(BaseModel):
     find the same importers (``sluice.env.load_settings``)."""
     workdir: str | None = None
     """The folder the stack was started from, where the workers import those modules from."""
+    file_store: str = ""
+    """The stack's ``SLUICE_FILE_STORE`` (by default its own directory on this disk): commands
+    run from another shell store files where its workers read them."""
 
 
 def state_path(home: Path) -> Path:

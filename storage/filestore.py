@@ -1,13 +1,16 @@
 """Claim check. A file is stored once and events carry only its id, size and sha256.
 
-The bytes go to one of two stores: PostgreSQL (default: ``file_chunks``, so any worker on any
-machine can read them) or an S3-compatible object store (``sluice.storage.objectstore``). The
-metadata stays in the ``files`` table either way, and reading, deleting and pruning dispatch on
-what a file's row says: every store reads and deletes the files of every other.
+The bytes go to one of three stores: PostgreSQL (default: ``file_chunks``, so any worker on any
+machine can read them), an S3-compatible object store (``sluice.storage.objectstore``) or a
+directory on this machine's disk (``sluice.storage.localstore``, the embedded stack's). The
+metadata stays in the ``files`` table whichever it is, and reading, deleting and pruning
+dispatch on what a file's row says: every store reads and deletes the files of every other
+(a local file, where its disk is).
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import hashlib
 import logging
@@ -21,6 +24,7 @@ import asyncpg
 from sluice.errors import FileGone, FileTooLarge, InvalidConfig, SluiceError
 from sluice.schemas.events import FileRef
 from sluice.schemas.formats import FileInspection
+from sluice.storage.localstore import LocalSink, copy_local, read_local, remove_local, stored_path
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,8 @@ class StoreKind(enum.StrEnum):
     """``bytea`` chunks in ``file_chunks``."""
     S3 = "s3"
     """One object at ``files.bucket`` / ``files.object_key`` in an S3-compatible store."""
+    LOCAL = "local"
+    """One file on a local disk, at the absolute path ``files.object_key``."""
 
 
 class FileStore(Protocol):
@@ -56,7 +62,7 @@ class FileStore(Protocol):
 
     async def content_type(self, file_id: uuid.UUID) -> str | None: ...
 
-    async def download(self, file_id: uuid.UUID, dest: Path) -> None: ...
+    async def download(self, file_id: uuid.UUID, dest: Path, *, link: bool = False) -> None: ...
 
     async def delete(self, file_id: uuid.UUID) -> None: ...
 
@@ -247,6 +253,10 @@ class StoredFiles:
         )
         if row is None:
             raise FileGone(f"stored file {file_id} is gone (pruned?); import the file again")
+        if row["store"] == StoreKind.LOCAL:
+            async for chunk in read_local(file_id, Path(row["object_key"])):
+                yield chunk
+            return
         if row["store"] == StoreKind.S3:
             objects = await self._objects_for(file_id, row)
             log.info("file %s: reading s3://%s/%s", file_id, row["bucket"], row["object_key"])
@@ -266,7 +276,19 @@ class StoredFiles:
                 )
                 yield data
 
-    async def download(self, file_id: uuid.UUID, dest: Path) -> None:
+    async def download(self, file_id: uuid.UUID, dest: Path, *, link: bool = False) -> None:
+        """Write the file to ``dest``. ``link``: the caller only reads ``dest`` and then deletes
+        it, so a file on this machine's disk may become a hard link to the stored bytes (none
+        copied) instead of a copy."""
+        if link:
+            path = await self._pool.fetchval(
+                "SELECT object_key FROM files WHERE id = $1 AND complete AND store = $2",
+                file_id,
+                StoreKind.LOCAL.value,
+            )
+            if path is not None:
+                await copy_local(file_id, Path(path), dest)
+                return
         with dest.open("wb") as out:
             async for chunk in self.read(file_id):
                 out.write(chunk)
@@ -321,6 +343,9 @@ class StoredFiles:
         return n, size
 
     async def _remove_object(self, row: asyncpg.Record) -> None:
+        if row["store"] == StoreKind.LOCAL:
+            await asyncio.to_thread(remove_local, Path(row["object_key"]))
+            return
         if row["store"] != StoreKind.S3:
             return
         objects = await self._objects_for(row["id"], row)
@@ -373,6 +398,45 @@ class PgFileStore(StoredFiles):
                 content_type=content_type,
                 max_bytes=max_bytes,
             )
+
+
+class LocalFileStore(StoredFiles):
+    """New files as files of ``directory`` on this machine's disk, named by their id."""
+
+    kind = StoreKind.LOCAL
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        directory: Path,
+        *,
+        objects: ObjectsProvider | None = None,
+        inspect: Callable[[], FileInspection] = Sha256Only,
+    ) -> None:
+        super().__init__(pool, objects=objects, inspect=inspect)
+        self.directory = directory
+
+    async def put(
+        self,
+        chunks: AsyncIterable[bytes],
+        *,
+        name: str,
+        content_type: str | None = None,
+        max_bytes: int | None = None,
+    ) -> FileRef:
+        file_id = uuid.uuid4()
+        path = stored_path(self.directory, file_id)
+        # No PostgreSQL connection is held while the bytes go to the disk.
+        return await self._store(
+            self._pool,
+            file_id,
+            LocalSink(path),
+            chunks,
+            name=name,
+            content_type=content_type,
+            max_bytes=max_bytes,
+            key=str(path),
+        )
 
 
 class _ChunkSink:

@@ -79,7 +79,7 @@ async def split_file(deps: Deps, request: ImportRequested, send: SendBatch, flus
             raise FileFormatError(request.file.encoding_error)
         with tempfile.TemporaryDirectory(prefix="sluice-split-") as tmp:
             path = Path(tmp) / "file"
-            await deps.files.download(request.file.id, path)
+            await deps.files.download(request.file.id, path, link=True)
             with path.open("rb") as raw:
                 await _split(deps, request, raw, send, flush)
     except (FileFormatError, TerminalError) as exc:

@@ -73,6 +73,8 @@ def env(with_stack: bool) -> None:
         click.echo(f"SLUICE_API_TOKEN={settings.api.all_tokens()[0]}")
     if settings.pipeline.importers:
         click.echo(f"SLUICE_IMPORTERS={settings.pipeline.importers}")
+    if settings.files.store:
+        click.echo(f"SLUICE_FILE_STORE={settings.files.store}")
     if with_stack:
         from sluice.stack import read_state
         from sluice.supervisor import describe_stack

@@ -143,6 +143,14 @@ def test_postgres_sigkilled_under_sluice_up_is_back_and_serves_an_import(
     assert imported.returncode == 0, imported.stdout + imported.stderr
     run = json.loads(imported.stdout)
     assert run["status"] == "completed" and run["created_rows"] + run["unchanged_rows"] == 3
+    # The stack keeps stored files in its own directory on this disk, where `sluice env`
+    # points every shell; the file is whole there, and no part file is left.
+    store = f"file://{(up.home / 'files').resolve()}"
+    assert up.state().file_store == store
+    assert f"SLUICE_FILE_STORE={store}\n" in plain.stdout
+    stored = (up.home / "files").resolve() / str(run["file_id"])
+    assert stored.read_bytes() == path.read_bytes()
+    assert not [p.name for p in stored.parent.iterdir() if p.name.endswith(".part")]
 
 
 def test_broker_sigkilled_under_sluice_up_is_back_on_its_port(up: Up) -> None:

@@ -12,8 +12,6 @@ import asyncio
 import gzip
 import hashlib
 import math
-import subprocess
-import sys
 import tracemalloc
 import uuid
 from collections.abc import AsyncIterator
@@ -29,8 +27,9 @@ from sluice.schemas.runs import Run, RunStatus
 from sluice.service import Client
 from sluice.storage.filestore import READ_CHUNK_BYTES, PgFileStore, iter_bytes
 from sluice.storage.objectstore import S3FileStore
-from tests.conftest import ROOT, Stack, finish, unique
+from tests.conftest import Stack, finish, unique
 from tests.storage.conftest import S3
+from tests.support.cli import sluice
 from tests.support.rows import (
     checksum,
     csv_text,
@@ -252,13 +251,6 @@ async def test_a_run_whose_request_was_lost_is_resumed_from_its_object(
     ]
     assert types[0] == "run.resumed" and types[-1] == "run.completed", types
     assert (await file_row(db, ref.id))["store"] == "s3"
-
-
-def sluice(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sluice", *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
 
 
 async def age(db: asyncpg.Connection, file_id: uuid.UUID) -> None:

@@ -75,6 +75,9 @@ s3_from_pg = items("t_s3_pg")
 s3_from_objects = items("t_s3_obj")
 s3_killed = items("t_s3_killed", batch_size=100)
 s3_items = items("t_s3")
+# tests/storage/test_local_store.py: the same import from PostgreSQL and from a directory.
+local_from_pg = items("t_local_pg")
+local_from_disk = items("t_local_disk")
 # tests/sluice/test_metrics.py: small batches into one table, under two policies.
 metered = items("t_metrics", batch_size=20)
 metered_skip = dataclasses.replace(items("t_metrics_skip", DuplicatePolicy.SKIP), table="t_metrics")
