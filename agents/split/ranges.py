@@ -337,10 +337,11 @@ def guess_records(piece: bytes) -> int:
     """The records the csv module reads in ``piece`` if every quote in it opens or closes a
     quoted field (or is one of a doubled pair): its line ends outside quotes, less those that
     end an empty line, and a last line without a line end."""
-    outside = b"\x00".join(piece.split(b'"')[0::2])
+    outside = b"\x00".join(piece.split(b'"')[0::2]) if b'"' in piece else piece
     ends = outside.count(b"\n")
-    lead = b"\n" + outside
-    blank = len(_BLANK.findall(lead)) if b"\n\n" in lead or b"\n\r\n" in lead else 0
+    # The regex, not ``b"\n\n" in``: a search for a pattern that starts with a line end in text
+    # full of them is four times slower than this whole count (10 ms for 8 MiB).
+    blank = len(_BLANK.findall(outside)) + outside.startswith((b"\n", b"\r\n"))
     tail = outside.rsplit(b"\n", 1)[-1]
     return ends - blank + (1 if tail.strip(b"\r") else 0)
 
