@@ -11,7 +11,7 @@ import csv
 import io
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import orjson
@@ -35,6 +35,9 @@ from sluice.schemas.importers import Field
 from sluice.schemas.runs import RunStatus
 from sluice.service import Client
 from tests.conftest import TOPICS, Stack, finish, unique
+
+if TYPE_CHECKING:
+    from sluice.storage.writer import TargetPlan
 
 COLUMNS = ("_sluice_row", "_sluice_sub", "a", "b", "c")
 # Any text but NUL (a delimited file holding one is refused as a whole).
@@ -259,6 +262,22 @@ async def test_without_the_temporary_privilege_batches_go_the_json_way(
     assert [tuple(r) for r in rows] == [(1, "a"), (2, None)]
 
 
+async def _versioned_table(db: asyncpg.Connection, table: str, policy: str) -> TargetPlan:
+    """An empty table (id, note, version) and the plan of ``policy`` into it (the version
+    column for 'update_if_newer')."""
+    from sluice.schemas.runs import DuplicatePolicy
+    from sluice.storage.writer import TargetPlan
+
+    await db.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, note text, version bigint)")
+    return TargetPlan(
+        table=table,
+        columns=(("id", "bigint"), ("note", "text"), ("version", "bigint")),
+        key=("id",),
+        policy=DuplicatePolicy(policy),
+        version_column="version" if policy == "update_if_newer" else None,
+    )
+
+
 @pytest.mark.stack
 @pytest.mark.parametrize("policy", ["upsert", "update_if_newer"])
 async def test_rows_imported_again_unchanged_are_neither_locked_nor_rewritten(
@@ -269,19 +288,11 @@ async def test_rows_imported_again_unchanged_are_neither_locked_nor_rewritten(
     first: they keep their row version and get no lock (xmax stays 0), and of the rows among
     them exactly the changed ones are updated. A batch of mostly new rows is applied as before
     (its few stored rows are locked: the check below would see a lock)."""
-    from sluice.schemas.runs import DuplicatePolicy
     from sluice.storage.db import create_pool
-    from sluice.storage.writer import BatchApplier, TargetPlan
+    from sluice.storage.writer import BatchApplier
 
     table = unique("copy_again")
-    await db.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, note text, version bigint)")
-    plan = TargetPlan(
-        table=table,
-        columns=(("id", "bigint"), ("note", "text"), ("version", "bigint")),
-        key=("id",),
-        policy=DuplicatePolicy(policy),
-        version_column="version" if policy == "update_if_newer" else None,
-    )
+    plan = await _versioned_table(db, table, policy)
     runs = (await client.deps()).runs
     columns = ("_sluice_row", "_sluice_sub", "id", "note", "version")
     pool = await create_pool(stack.postgres.url, min_size=1, max_size=1)
@@ -481,18 +492,10 @@ async def test_no_statement_of_a_batch_reads_the_whole_target_table(
     for an empty table. Each statement that looks up a batch's keys in the target must probe
     its key index whatever the table held when it was planned; a hash join reading the whole
     table made every batch of a 1,000,000-row import slower than the one before."""
-    from sluice.schemas.runs import DuplicatePolicy
-    from sluice.storage.writer import Statements, TargetPlan
+    from sluice.storage.writer import Statements
 
     table = unique("copy_plans")
-    await db.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, note text, version bigint)")
-    plan = TargetPlan(
-        table=table,
-        columns=(("id", "bigint"), ("note", "text"), ("version", "bigint")),
-        key=("id",),
-        policy=DuplicatePolicy(policy),
-        version_column="version" if policy == "update_if_newer" else None,
-    )
+    plan = await _versioned_table(db, table, policy)
     statements = Statements(plan)
     looking_up = {
         "apply_copied": statements.apply_copied,
