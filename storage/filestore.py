@@ -263,6 +263,12 @@ class StoredFiles:
             async for chunk in objects.stream(row["bucket"], row["object_key"], READ_CHUNK_BYTES):
                 yield chunk
             return
+        if row["store"] != StoreKind.POSTGRES:
+            # A store a later version added: reading its row as chunks would give no bytes.
+            raise InvalidConfig(
+                f"stored file {file_id} is in the file store {row['store']!r}, which this "
+                "version of Sluice cannot read: upgrade this process"
+            )
         # One chunk per query keeps memory flat whatever the file's size.
         async with self._pool.acquire() as conn:
             count = await conn.fetchval(

@@ -4,6 +4,8 @@ and a connection of the pool raises it too; other database errors stay what they
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 import pytest
 
@@ -29,6 +31,11 @@ async def test_a_connection_lost_under_a_statement_is_unavailable(stack: Stack) 
     try:
         pid = await conn.fetchval("SELECT pg_backend_pid()")
         assert await killer.fetchval("SELECT pg_terminate_backend($1, 10000)", pid)
+        # Once the server has closed it, and the client has read that: a statement sent while
+        # the server's goodbye is still arriving meets asyncpg's own state error instead.
+        while await killer.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid):
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
         with pytest.raises(DatabaseUnavailable):
             await conn.fetchval("SELECT 1")
     finally:
