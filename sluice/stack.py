@@ -746,6 +746,25 @@ class EmbeddedPostgres(_Child):
 # Sluice's own processes
 
 
+def start_on_a_free_port(server: EmbeddedBroker | EmbeddedPostgres, attempts: int = 3) -> None:
+    """Start ``server``; when another process took its port after :func:`free_port` chose it
+    (two stacks, or two test sessions, starting at once), start it on a port the OS picks.
+    Any other failure is raised at once."""
+    for attempt in range(1, attempts + 1):
+        try:
+            server.start()
+            return
+        except RuntimeError:
+            # Our own server is gone after a failed start: a listener there is someone else's.
+            if attempt == attempts or not _port_accepts(LOCALHOST, server.port):
+                raise
+        taken, server.port = server.port, free_port()
+        logger.warning(
+            "port %d was taken before %s listened on it; starting it on port %d",
+            *(taken, server.name, server.port),
+        )
+
+
 class SluiceProcess(_Child):
     """A ``python -m sluice ARGS`` child (the worker, the API) in its own session, its output
     appended to ``log_path``."""

@@ -55,6 +55,7 @@ from sluice.stack import (
     read_state,
     remove_state,
     require_embedded,
+    start_on_a_free_port,
     terminate,
     wait_for_port,
     write_state,
@@ -431,8 +432,8 @@ def supervise(
     postgres = EmbeddedPostgres(home / "pg", free_port(DEFAULT_PG_PORT), logs / "postgres.log")
     children: list[SluiceProcess] = []
     try:
-        broker.start()
-        postgres.start()
+        start_on_a_free_port(broker)
+        start_on_a_free_port(postgres)
         api_port = free_port(api.port)
         files = stack_file_store(home, files or FileStoreSettings())
         settings = _child_settings(broker, postgres, pipeline, kafka, api, api_port, files)

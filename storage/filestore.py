@@ -24,12 +24,16 @@ import asyncpg
 from sluice.errors import FileGone, FileTooLarge, InvalidConfig, SluiceError
 from sluice.schemas.events import FileRef
 from sluice.schemas.formats import FileInspection
-from sluice.storage.localstore import LocalSink, copy_local, read_local, remove_local, stored_path
+from sluice.storage.localstore import (
+    READ_CHUNK_BYTES,
+    LocalSink,
+    copy_local,
+    read_local,
+    remove_local,
+    stored_path,
+)
 
 log = logging.getLogger(__name__)
-
-READ_CHUNK_BYTES = 1 << 20
-"""The most a read yields at once from an object: memory stays flat whatever the size."""
 
 
 class StoreKind(enum.StrEnum):

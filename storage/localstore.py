@@ -22,6 +22,8 @@ from typing import BinaryIO
 from sluice.errors import FileGone
 
 READ_CHUNK_BYTES = 1 << 20
+"""The most a read of a stored file yields at once (from its directory or an object store):
+memory stays flat whatever the size."""
 
 
 def stored_path(directory: Path, file_id: uuid.UUID) -> Path:

@@ -258,8 +258,8 @@ class Stack:
         )
 
     def start(self) -> None:
-        self.broker.start()
-        self.postgres.start()
+        backends.start_first(self.broker)
+        backends.start_first(self.postgres)
         # The test importers read their servers' addresses from the environment at import.
         os.environ.update({k: v for k, v in self.env.items() if k.startswith("SLUICE_TEST_")})
         import asyncio

@@ -31,7 +31,7 @@ from sluice.storage.db import connect
 from sluice.worker import prepare
 from tests.chaos import API_URL_ENV
 from tests.conftest import ROOT, Stack, Worker
-from tests.support.backends import log_tail
+from tests.support.backends import log_tail, start_first
 
 ROUNDS = int(os.environ.get("CHAOS_ROUNDS") or "1")
 STALL_TIMEOUT = os.environ.get("CHAOS_STALL_TIMEOUT") or "15"
@@ -84,8 +84,8 @@ class ChaosStack(Stack):
 
     def start(self) -> None:
         # As Stack.start, without exporting SLUICE_TEST_* into this process's environment.
-        self.broker.start()
-        self.postgres.start()
+        start_first(self.broker)
+        start_first(self.postgres)
         asyncio.run(prepare(self.settings(), build_registry(IMPORTERS)))
         for i in range(2):
             worker = Worker(f"chaos-worker{i}", self.worker_env(f"chaos-worker{i}"), self.root)

@@ -23,6 +23,7 @@ from sluice.stack import (
     find_process_alive,
     free_port,
     read_state,
+    start_on_a_free_port,
     wait_for_port,
     write_state,
 )
@@ -135,6 +136,55 @@ def test_broker_kill_and_busy_port(tmp_path: Path) -> None:
         with pytest.raises(RuntimeError, match="already in use"):
             busy.start()
         assert not busy.running
+
+
+@pytest.mark.stack
+@pytest.mark.embedded
+def test_a_port_taken_after_it_was_chosen_moves_the_server(tmp_path: Path) -> None:
+    """Two stacks starting at once can both be told a port is free: the one that binds it
+    second starts elsewhere, and its address says where."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        taken = listener.getsockname()[1]
+        broker = EmbeddedBroker(taken, tmp_path / "broker.log")
+        start_on_a_free_port(broker)
+        try:
+            assert broker.port != taken
+            assert broker.bootstrap == f"127.0.0.1:{broker.port}"
+            assert asyncio.run(_roundtrip(broker.bootstrap)) == b"hello"
+        finally:
+            broker.stop()
+
+
+class _NeverStarts(EmbeddedBroker):
+    """A broker whose start always fails as a crashed one does (without a process)."""
+
+    def __init__(self, port: int, log_path: Path) -> None:
+        super().__init__(port, log_path)
+        self.tried: list[int] = []
+
+    def start(self) -> None:
+        self.tried.append(self.port)
+        raise RuntimeError("broker exited with code 1 during start")
+
+
+def test_only_a_port_someone_else_listens_on_moves_a_server(tmp_path: Path) -> None:
+    port = free_port()
+    failing = _NeverStarts(port, tmp_path / "broker.log")
+    with pytest.raises(RuntimeError, match="exited with code 1"):
+        start_on_a_free_port(failing)
+    assert failing.tried == [port]  # the port is free: the failure is the server's own
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        taken = listener.getsockname()[1]
+        failing = _NeverStarts(taken, tmp_path / "broker.log")
+        with pytest.raises(RuntimeError, match="exited with code 1"):
+            start_on_a_free_port(failing, attempts=3)
+    assert failing.tried[0] == taken and len(failing.tried) == 2
+    assert failing.tried[1] != taken
 
 
 # ------------------------------------------------------------------------------ postgres

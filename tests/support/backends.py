@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any, Protocol
 
-from sluice.stack import EmbeddedBroker, EmbeddedPostgres, free_port
+from sluice.stack import EmbeddedBroker, EmbeddedPostgres, free_port, start_on_a_free_port
 
 NAMES = ("embedded", "containers")
 KAFKA_IMAGE = os.environ.get("SLUICE_TEST_KAFKA_IMAGE") or "confluentinc/cp-kafka:7.9.0"
@@ -63,6 +63,15 @@ def make_database(root: Path) -> Database:
     if backend_name() == "containers":
         return PostgresInDocker()
     return EmbeddedPostgres(root / "pg", free_port(), root / "pg.log")
+
+
+def start_first(service: Broker | Database) -> None:
+    """Start a broker or database for the first time: an embedded one whose port another
+    session took meanwhile starts on another (its address is read after this)."""
+    if isinstance(service, EmbeddedBroker | EmbeddedPostgres):
+        start_on_a_free_port(service)
+    else:
+        service.start()
 
 
 def log_tail(service: Broker | Database, lines: int = 40) -> str:
