@@ -171,6 +171,30 @@ def test_the_pool_gives_the_same_as_one_process(tmp_path: Path) -> None:
         forget_pool()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_line_end_inside_quotes_far_into_the_file_renumbers_what_follows(
+    tmp_path: Path, workers: int
+) -> None:
+    """Ranges are numbered by their lines until one holds a record of two lines: that range's
+    read finds the guess wrong, every range after it is numbered again, and from then on its
+    records are counted outside quotes (an empty line later is one more such miss)."""
+    path = tmp_path / "late.csv"
+    rows = [f"{i},note {i},{i}\n" for i in range(1, 6000)]
+    rows[3000] = '3001,"two\nlines",3001\n'
+    rows[4500] = "\n"  # an empty line: no record
+    path.write_text("id,note,qty\n" + "".join(rows))
+    header = ["id", "note", "qty"]
+    mapper = mapper_for(header)
+    try:
+        got = ranged(path, header, mapper, 4096, workers=workers)
+    finally:
+        forget_pool()
+    expected = serial(path, header, mapper)
+    assert got == expected
+    numbers = sorted(int(line.split("\t")[0]) for part in got[0] for line in part)
+    assert numbers == list(range(1, 6000 - 1))  # 5,998 records, numbered 1 to 5,998 in the file
+
+
 def test_one_stray_quote_does_not_make_the_rest_of_the_file_one_range(tmp_path: Path) -> None:
     """A quote inside an unquoted field keeps the count of quotes odd to the end of the file:
     the cutter gives up counting after a range's length and the csv module judges."""
