@@ -332,10 +332,12 @@ def count_range(path: str, begin: int, end: int, exact: bool) -> tuple[int, int]
     cheaper; a wrong guess is found by the read, and the split counts exactly from then on."""
     with open(path, "rb") as file:
         piece = os.pread(file.fileno(), end - begin, begin)
+    lines = count_lines(piece)
     if exact:
-        return guess_records(piece), count_lines(piece)
+        return guess_records(piece), lines
+    ends = piece.count(b"\n") if b"\r" in piece else lines  # line feeds, as guess_records
     tail = piece[piece.rfind(b"\n") + 1 :]
-    return piece.count(b"\n") + (1 if tail.strip(b"\r") else 0), count_lines(piece)
+    return ends + (1 if tail.strip(b"\r") else 0), lines
 
 
 def guess_records(piece: bytes) -> int:
