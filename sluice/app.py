@@ -15,6 +15,7 @@ from sluice.agents.firehose import agent as firehose
 from sluice.agents.split import agent as split
 from sluice.agents.webhooks import HookSet
 from sluice.agents.wiring import Wiring
+from sluice.streams import faust_consumer
 from sluice.streams.kafka import faust_broker_options
 
 
@@ -49,6 +50,7 @@ def create_app(
         stream_buffer_maxsize=32,
         broker_max_poll_records=16,
     )
+    app.transport = faust_consumer.Transport(app, kafka.fetch_max_wait_ms)
     wiring = Wiring.of(app, deps, app_id)
     split.register(app, wiring)
     upsert.register(app, wiring)

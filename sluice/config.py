@@ -104,6 +104,14 @@ class KafkaSettings(BaseSettings):
     session_timeout: float = Field(
         default=10.0, gt=0, description="seconds before a silent consumer leaves its group"
     )
+    fetch_max_wait_ms: int = Field(
+        default=100,
+        ge=1,
+        le=30_000,
+        description="how long a worker's fetch waits at the broker for new records (a broker"
+        " that answers a waiting fetch only then, as the embedded one does, makes it each"
+        " stage's delay)",
+    )
     topic_prefix: str = Field(
         default=DEFAULT_TOPIC_PREFIX,
         validation_alias=AliasChoices("SLUICE_TOPIC_PREFIX", "topic_prefix"),
