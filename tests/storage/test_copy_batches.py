@@ -10,6 +10,7 @@ import asyncio
 import csv
 import io
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +38,30 @@ from sluice.service import Client
 from tests.conftest import TOPICS, Stack, finish, unique
 
 if TYPE_CHECKING:
+    from sluice.schemas.runs import Run
     from sluice.storage.writer import TargetPlan
+
+Start = Callable[[], Awaitable["Run"]]
+
+
+@pytest.fixture
+async def started(client: Client) -> AsyncIterator[Start]:
+    """Makes runs by hand (no worker is asked for them) and starts them; cancels them after
+    the test, so that none is left running for the recovery to fail later (a run.failed event
+    that other tests' followers see, a run that tests/sluice/test_metrics.py waits for)."""
+    runs = (await client.deps()).runs
+    made: list[uuid.UUID] = []
+
+    async def start() -> Run:
+        run = await runs.create(importer="adhoc", source="file")
+        await runs.start(run.id)
+        made.append(run.id)
+        return run
+
+    yield start
+    for run_id in made:
+        await runs.cancel(run_id)
+
 
 COLUMNS = ("_sluice_row", "_sluice_sub", "a", "b", "c")
 # Any text but NUL (a delimited file holding one is refused as a whole).
@@ -219,7 +243,7 @@ def test_batches_cut_to_the_message_limit_keep_every_row(as_text: bool) -> None:
 
 @pytest.mark.stack
 async def test_without_the_temporary_privilege_batches_go_the_json_way(
-    client: Client, stack: Stack, db: asyncpg.Connection
+    client: Client, stack: Stack, db: asyncpg.Connection, started: Start
 ) -> None:
     """A role that may not create temporary tables cannot COPY a batch into one: the batch is
     applied from JSON instead, and so is every later one of that worker."""
@@ -239,8 +263,7 @@ async def test_without_the_temporary_privilege_batches_go_the_json_way(
     ):
         await db.execute(grant)
     runs = (await client.deps()).runs
-    run = await runs.create(importer="adhoc", source="file")
-    await runs.start(run.id)
+    run = await started()
     plan = TargetPlan(table=table, columns=(("id", "bigint"), ("note", "text")), key=("id",))
     await runs.save_plan(run.id, plan.to_json(), {})
     url = stack.postgres.url.replace("//postgres@", f"//{role}@", 1)
@@ -281,7 +304,7 @@ async def _versioned_table(db: asyncpg.Connection, table: str, policy: str) -> T
 @pytest.mark.stack
 @pytest.mark.parametrize("policy", ["upsert", "update_if_newer"])
 async def test_rows_imported_again_unchanged_are_neither_locked_nor_rewritten(
-    client: Client, stack: Stack, db: asyncpg.Connection, policy: str
+    client: Client, stack: Stack, db: asyncpg.Connection, policy: str, started: Start
 ) -> None:
     """ON CONFLICT DO UPDATE locks a stored row (a WAL record, a dirtied page) before its WHERE
     finds it unchanged. A COPY batch whose rows are mostly stored as they are leaves those out
@@ -298,8 +321,7 @@ async def test_rows_imported_again_unchanged_are_neither_locked_nor_rewritten(
     pool = await create_pool(stack.postgres.url, min_size=1, max_size=1)
 
     async def imported(rows: list[tuple[int, str, int]]) -> tuple[int, int, int]:
-        run = await runs.create(importer="adhoc", source="file")
-        await runs.start(run.id)
+        run = await started()
         await runs.save_plan(run.id, plan.to_json(), {})
         lines = [[str(n), "0", str(i), note, str(v)] for n, (i, note, v) in enumerate(rows, 1)]
         batch = RowBatch.parse(f"{run.id}:0".encode(), encode_copy_batch(columns, lines))
@@ -394,7 +416,7 @@ async def test_copy_skips_the_rows_that_do_not_convert_and_names_each(
 
 @pytest.mark.stack
 async def test_a_bad_row_found_by_copy_is_logged_as_the_row_by_row_path_logs_it(
-    client: Client, stack: Stack, db: asyncpg.Connection
+    client: Client, stack: Stack, db: asyncpg.Connection, started: Start
 ) -> None:
     """The same rows as a COPY batch (bad rows skipped by COPY) and as a JSON batch (the
     batch bisected until the bad rows stand alone): the same rows land, and the row log has
@@ -412,8 +434,7 @@ async def test_a_bad_row_found_by_copy_is_logged_as_the_row_by_row_path_logs_it(
             f"CREATE TABLE {table} (id bigint PRIMARY KEY, price numeric, day date, note text)"
         )
         plan = TargetPlan(table=table, columns=BAD_PLAN_COLUMNS, key=("id",))
-        run = await runs.create(importer="adhoc", source="file")
-        await runs.start(run.id)
+        run = await started()
         await runs.save_plan(run.id, plan.to_json(), {})
         if as_copy:
             batch = RowBatch.parse(f"{run.id}:0".encode(), encode_copy_batch(columns, rows))
