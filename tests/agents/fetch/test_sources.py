@@ -516,11 +516,17 @@ async def test_an_incremental_run_fetches_only_what_changed_since_the_last_compl
         later = api.ids[3:8]
         api.change(later)
         api.latency = 5.0  # the details outlast the cancel
+        before = len(api.snapshot())
         cancelled = await client.trigger(slug, {})
         deadline = time.monotonic() + 60
         while (await client.get_run(cancelled.id)).cursor_reached is None:
             assert time.monotonic() < deadline, f"the listing did not end:\n{stack.logs()}"
             await asyncio.sleep(0.1)
+        # Cancel once every detail is asked for: one asked for after the cancel (its page was
+        # taken just before it) would land among the next run's.
+        while set(later) - {h.what for h in api.snapshot()[before:] if h.kind == "detail"}:
+            assert time.monotonic() < deadline, f"the details were not asked for:\n{stack.logs()}"
+            await asyncio.sleep(0.05)
         await client.cancel(cancelled.id)
         cancelled = await finish(client, cancelled, stack)
         assert cancelled.status is RunStatus.CANCELLED
