@@ -263,7 +263,7 @@ class _Fragments:
         stored as they are (``Statements.unchanged_share``).
 
         ``copied``: the rows are those COPY put into the temporary table, whose count the COPY
-        gave (``n`` is left to it: counting them again is 7% of the statement)."""
+        gave (``n`` is left to it: counting them again was 6% of the statement)."""
         plan, q = self.plan, quote_ident
         source = "d"
         if changed_only and self.updates:

@@ -4,14 +4,14 @@ Faust builds its consumer with a fetch wait of 1.5 s and no setting to change it
 that finds nothing waits at the broker that long for records; Kafka answers it as soon as
 records arrive, but the embedded broker (Tansu 0.6) answers only when the wait is over, so
 every stage a run goes through (the request, each batch when the appliers have caught up)
-waited up to 1.5 s for it: 0.5 s on average from a run queued to its start, measured with
-20 partitions of a group. A shorter wait costs an idle worker more empty fetches (10 a
-second at 100 ms), which a broker answers from memory.
+waited up to 1.5 s for it (measured: a consumer in a group on 4 partitions got each record
+483 ms after it was produced; ten two-row imports waited 307 ms on average from queued to
+started). A shorter wait costs an idle worker more empty fetches (10 a second at 100 ms).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import aiokafka
 from faust.transport.drivers import aiokafka as faust_kafka
@@ -24,7 +24,7 @@ class _ConsumerThread(faust_kafka.AIOKafkaConsumerThread):
         consumer = super()._create_worker_consumer(transport)
         # What AIOKafkaConsumer.__init__ keeps of its fetch_max_wait_ms, which start() gives
         # its fetcher: Faust passes 1500 and nothing else reaches it.
-        consumer._fetch_max_wait_ms = getattr(transport, "fetch_max_wait_ms", 1500)
+        consumer._fetch_max_wait_ms = cast(Transport, transport).fetch_max_wait_ms
         return consumer
 
 
