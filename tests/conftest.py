@@ -35,10 +35,11 @@ from sluice.config import (
 from sluice.importers.registry import build_registry
 from sluice.schemas.runs import Run
 from sluice.service import Client
-from sluice.stack import free_port, terminate
+from sluice.stack import terminate
 from sluice.streams.topics import Topics
 from sluice.worker import prepare
 from tests.support import backends
+from tests.support.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTITIONS = 4

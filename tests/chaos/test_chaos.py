@@ -40,6 +40,7 @@ from sluice.storage.runs import RUN_COLUMNS, run_from_record
 from sluice.subscription import Subscription
 from tests.chaos.conftest import SEED, ChaosStack, Db, Report, Supervisor, case_rng
 from tests.conftest import PARTITIONS, ROOT, TOPICS, Worker
+from tests.support.ports import free_port
 from tests.support.servers.atproto import FakeJetstream, FakePds, World
 from tests.support.servers.paginated_api import EPOCH, FakeApi
 
@@ -672,7 +673,7 @@ async def test_sigkill_of_a_worker_during_firehose_and_backfill(
             world.random_mutation(live, dids)
             time.sleep(0.02)
 
-    jetstream_port = _free_port()
+    jetstream_port = free_port()
     url = f"ws://127.0.0.1:{jetstream_port}/subscribe"
     firehose = Firehose(chaos_stack, url, f"chaos-{tag}", tmp_path / "firehose.log")
     with (
@@ -805,12 +806,6 @@ async def test_sigkill_of_a_worker_during_firehose_and_backfill(
         firehose.stop()
         assert firehose_ok, f"the firehose consumer died:\n{firehose.tail()}"
         assert_clean(result, chaos_stack)
-
-
-def _free_port() -> int:
-    from sluice.stack import free_port
-
-    return free_port()
 
 
 @pytest.mark.embedded

@@ -27,8 +27,9 @@ import httpx
 import pytest
 import yaml
 
-from sluice.stack import free_port, read_state, wait_for_port
+from sluice.stack import read_state, wait_for_port
 from tests.conftest import ROOT, Stack
+from tests.support.ports import free_port
 
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 TOKEN = "test-placeholder-token"

@@ -24,10 +24,10 @@ from sluice.errors import InvalidRequest, RunNotCancellable, StackNotFound, Stac
 from sluice.schemas.events import LifecycleEvent, LifecycleEventType
 from sluice.schemas.runs import RunStatus
 from sluice.service import Client
-from sluice.stack import free_port
 from sluice.storage.filestore import iter_bytes
 from sluice.subscription import Subscription
 from tests.conftest import ROOT, Stack, finish, unique
+from tests.support.ports import free_port
 from tests.support.rows import make_rows, write_csv
 
 pytestmark = pytest.mark.stack

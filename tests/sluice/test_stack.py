@@ -27,6 +27,7 @@ from sluice.stack import (
     wait_for_port,
     write_state,
 )
+from tests.support import ports
 
 
 def _dead_pid() -> int:
@@ -58,6 +59,28 @@ def test_free_port_falls_back_when_taken() -> None:
         taken = listener.getsockname()[1]
         other = free_port(taken)
         assert other != taken
+        wait_for_port("127.0.0.1", taken, timeout=1)
+
+
+def test_the_tests_ports_lie_below_the_ephemeral_range_in_a_block_per_test_process() -> None:
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    blocks = [ports.block(f"gw{i}") for i in range(4)]
+    assert ports.block("") == blocks[0]
+    for i, mine in enumerate(blocks):
+        assert mine.stop <= low, f"{mine} reaches into the ephemeral range from {low}"
+        for theirs in blocks[i + 1 :]:
+            assert not set(mine) & set(theirs), f"{mine} and {theirs} share ports"
+    chosen = ports.free_port()
+    assert chosen in ports.block(os.environ.get("PYTEST_XDIST_WORKER", ""))
+
+
+def test_the_tests_ports_skip_one_something_listens_on() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", ports.free_port()))
+        listener.listen()
+        taken = listener.getsockname()[1]
+        counting = ports.Ports(range(taken, taken + 2))
+        assert [counting.free_port() for _ in range(3)] == [taken + 1] * 3
         wait_for_port("127.0.0.1", taken, timeout=1)
 
 

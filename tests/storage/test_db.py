@@ -10,9 +10,9 @@ import asyncpg
 import pytest
 
 from sluice.errors import DatabaseUnavailable, TransientError
-from sluice.stack import free_port
 from sluice.storage.db import connect, create_pool
 from tests.conftest import Stack
+from tests.support.ports import free_port
 
 
 async def test_a_database_nobody_listens_for_is_unavailable() -> None:

@@ -20,11 +20,11 @@ from pydantic import SecretStr, ValidationError
 
 from sluice.config import KafkaSettings, Settings
 from sluice.errors import KafkaConfigError, KafkaUnavailable
-from sluice.stack import free_port
 from sluice.streams import kafka as clients
 from sluice.streams.admin import ensure_topics
 from sluice.streams.kafka import check_connection, faust_broker_options
 from sluice.streams.topics import Topics
+from tests.support.ports import free_port
 from tests.support.secure_broker import USER, SecureBroker
 from tests.support.tls import Pki, make_pki
 

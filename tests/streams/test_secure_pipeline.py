@@ -30,11 +30,11 @@ from sluice.dlq import read_letters
 from sluice.importers.registry import build_registry
 from sluice.schemas.runs import Run, RunStatus
 from sluice.service import Client
-from sluice.stack import free_port
 from sluice.streams import kafka as clients
 from sluice.streams.topics import Topics
 from sluice.worker import prepare
 from tests.conftest import ROOT, Stack, Worker
+from tests.support.ports import free_port
 from tests.support.rows import checksum, make_rows, table_checksum, write_csv
 from tests.support.secure_broker import SecureBroker
 from tests.support.servers.paginated_api import FakeApi

@@ -19,7 +19,8 @@ import os
 from pathlib import Path
 from typing import Any, Protocol
 
-from sluice.stack import EmbeddedBroker, EmbeddedPostgres, free_port, start_on_a_free_port
+from sluice.stack import EmbeddedBroker, EmbeddedPostgres, start_on_a_free_port
+from tests.support.ports import free_port
 
 NAMES = ("embedded", "containers")
 KAFKA_IMAGE = os.environ.get("SLUICE_TEST_KAFKA_IMAGE") or "confluentinc/cp-kafka:7.9.0"

@@ -29,7 +29,8 @@ from typing import Any, Literal
 import pytest
 
 from sluice.config import KafkaSettings
-from sluice.stack import LOCALHOST, free_port
+from sluice.stack import LOCALHOST
+from tests.support.ports import free_port
 from tests.support.sasl_proxy import MECHANISMS
 from tests.support.tls import Pki
 

@@ -24,10 +24,10 @@ from sluice.agents.firehose.backfill import Backfiller, firehose_covers
 from sluice.config import FirehoseSettings, UrlSettings
 from sluice.schemas.firehose import BackfillRequested
 from sluice.schemas.runs import RunStatus
-from sluice.stack import free_port
 from sluice.storage import backfill as store
 from sluice.storage.db import create_pool
 from tests.conftest import ROOT, Stack
+from tests.support.ports import free_port
 from tests.support.servers.atproto import FakeJetstream, FakePds, World
 
 pytestmark = pytest.mark.stack

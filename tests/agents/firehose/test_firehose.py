@@ -28,9 +28,9 @@ from sluice.config import FirehoseSettings, UrlSettings
 from sluice.schemas.firehose import BackfillRequested
 from sluice.schemas.runs import RunStatus
 from sluice.service import Client
-from sluice.stack import free_port
 from sluice.storage.db import create_pool
 from tests.conftest import ROOT, TOPICS, Stack, Worker
+from tests.support.ports import free_port
 from tests.support.prometheus import scrape
 from tests.support.servers.atproto import FakeJetstream, FakePds, World
 
