@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -240,6 +240,12 @@ def copy_lines(rows: list[list[str]]) -> list[str]:
 def encode_copy_lines(columns: Sequence[str], lines: list[str]) -> bytes:
     """A COPY batch of rows made by ``copy_lines``: the bytes ``encode_copy_batch`` gives."""
     return COPY_BATCH + orjson.dumps(list(columns)) + b"\n" + "".join(lines).encode()
+
+
+def encode_copy_body(columns: Sequence[str], parts: Iterable[bytes | memoryview]) -> bytes:
+    """A COPY batch whose lines (as ``copy_lines`` makes them, encoded) are ``parts`` joined:
+    the bytes ``encode_copy_lines`` gives, in one copy."""
+    return b"".join((COPY_BATCH, orjson.dumps(list(columns)), b"\n", *parts))
 
 
 def decode_copy_rows(data: bytes) -> list[dict[str, Any]]:

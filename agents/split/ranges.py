@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sluice.agents.split import columnar
+from sluice.agents.split.lines import CopyLines
 from sluice.agents.split.map import RecordMapper
 from sluice.agents.split.parse.delimited import UnclosedQuote, delimited_rows
 from sluice.agents.split.parse.encoding import UTF8_BOM, decode_error
@@ -101,7 +102,7 @@ class RangeJob:
 class RangeResult:
     records: int
     """records read (rows and rejected ones)"""
-    lines: list[list[str]]
+    lines: list[CopyLines]
     """per partition, the COPY lines of its rows in file order"""
     failures: list[RowFailure]
     hashes: list[bytes]
@@ -166,9 +167,6 @@ def read_range(spec: bytes | RangeSpec, job: RangeJob) -> RangeResult:
     with open(rspec.path, "rb") as file:
         file.seek(job.start)
         data = file.read(job.end - job.start)
-    parts: list[list[str]] = [[] for _ in range(rspec.partitions)]
-    buckets = [array.array("q") for _ in range(BUCKETS)]
-    place = _Placer(parts, buckets, rspec.partitions)
     by_columns = columnar.read_columns(
         data,
         rspec.encoding,
@@ -182,8 +180,10 @@ def read_range(spec: bytes | RangeSpec, job: RangeJob) -> RangeResult:
     )
     if by_columns is not None:
         read, lines, keys, rejected = by_columns
-        place(lines, keys)
-        return RangeResult(read, parts, rejected, [b.tobytes() for b in buckets], job.end)
+        parts, hashes = columnar.routed(lines, keys, rspec.partitions)
+        return RangeResult(read, parts, rejected, hashes, job.end)
+    buckets = [array.array("q") for _ in range(BUCKETS)]
+    place = _Placer(buckets, rspec.partitions)
     try:
         text = data.decode(rspec.encoding)
     except UnicodeDecodeError as exc:
@@ -215,15 +215,18 @@ def read_range(spec: bytes | RangeSpec, job: RangeJob) -> RangeResult:
         if job.last:
             raise
         return RangeResult(0, [], [], [], job.end, unclosed=True)
+    parts = [CopyLines.of(part) for part in place.parts]
     return RangeResult(records, parts, failures, [b.tobytes() for b in buckets], job.end)
 
 
 class _Placer:
-    """Puts the COPY lines of a range's rows into their partitions, and their keys' hashes
-    into the repeat counter's buckets."""
+    """Puts the COPY lines of a range's rows (read by the csv module) into their partitions,
+    and their keys' hashes into the repeat counter's buckets (``columnar.routed`` does the
+    same by columns)."""
 
-    def __init__(self, parts: list[list[str]], buckets: list[array.array[int]], n: int) -> None:
-        self._to_part = [part.append for part in parts]
+    def __init__(self, buckets: list[array.array[int]], n: int) -> None:
+        self.parts: list[list[str]] = [[] for _ in range(n)]
+        self._to_part = [part.append for part in self.parts]
         self._to_bucket = [bucket.append for bucket in buckets]
         self._partitions = n
 

@@ -13,9 +13,10 @@ from typing import Any
 
 import orjson
 
+from sluice.agents.split.lines import CopyLines, cut, lines_in, steps
 from sluice.agents.split.repeats import RepeatCounter
 from sluice.errors import FileFormatError
-from sluice.schemas.events import encode_copy_batch, encode_copy_lines
+from sluice.schemas.events import encode_copy_batch, encode_copy_body
 from sluice.storage.writer import ROW
 from sluice.streams.topics import partition_for_key
 
@@ -44,6 +45,8 @@ class BatchRouter:
         self.partitions = partitions
         self.max_bytes = max_bytes
         self.buffers: list[list[Any]] = [[] for _ in range(partitions)]
+        self.held = [0] * partitions
+        """per partition, the lines its buffer holds (read by byte ranges: in pieces)"""
         self.seq = 0
         # Rows per message: the batch size, lowered when rows turn out too wide for a message.
         # It depends only on the file's rows, so a re-split cuts the same batches.
@@ -80,21 +83,26 @@ class BatchRouter:
                 full.append((p, buf))
         return full
 
-    def add_lines(self, partition: int, lines: list[str]) -> list[list[str]]:
-        """Buffer the COPY ``lines`` of ``partition``'s rows; returns the batches they filled."""
+    def add_lines(self, partition: int, lines: CopyLines) -> list[list[CopyLines]]:
+        """Buffer the COPY ``lines`` of ``partition``'s rows; returns the batches they filled,
+        each as the pieces of the ranges' lines it spans."""
         buf = self.buffers[partition]
-        buf.extend(lines)
+        if lines:
+            buf.append(lines)
+            self.held[partition] += len(lines)
         full = []
-        while len(buf) >= self.limit:
-            full.append(buf[: self.limit])
-            del buf[: self.limit]
+        while self.held[partition] >= self.limit:
+            full.append(cut(buf, self.limit))
+            self.held[partition] -= self.limit
         return full
 
     def encode(self, run_id: str, rows: list[Any]) -> Iterator[tuple[bytes, bytes]]:
-        """One or more (key, value) messages for ``rows``, each under the size limit."""
+        """One or more (key, value) messages for ``rows``, each under the size limit; rows are
+        records, or lists of text, or (read by byte ranges) pieces of COPY lines."""
         if self.lines:
-            value = encode_copy_lines(self.text_columns or (), rows)
-        elif self.text_columns is not None:
+            yield from self._encode_lines(run_id, rows)
+            return
+        if self.text_columns is not None:
             value = encode_copy_batch(self.text_columns, rows)
         else:
             value = orjson.dumps(rows, default=_json_default)
@@ -108,14 +116,30 @@ class BatchRouter:
                 yield from self.encode(run_id, rows[start : start + step])
             return
         if len(value) > self.max_bytes:
-            if self.lines:
-                row = rows[0].split("\t", 1)[0]
-            else:
-                row = rows[0][0] if self.text_columns is not None else rows[0].get(ROW)
-            raise FileFormatError(
-                f"row {row} is larger than the {self.max_bytes}-byte "
-                "message limit; shorten it or raise SLUICE_KAFKA_MAX_MESSAGE_BYTES"
-            )
+            row = rows[0][0] if self.text_columns is not None else rows[0].get(ROW)
+            raise self._too_large(row)
+        yield self._key(run_id), value
+
+    def _encode_lines(self, run_id: str, pieces: list[CopyLines]) -> Iterator[tuple[bytes, bytes]]:
+        value = encode_copy_body(self.text_columns or (), [p.view() for p in pieces])
+        rows = lines_in(pieces)
+        if len(value) > self.max_bytes and rows > 1:
+            fits = int(rows * self.max_bytes * 0.8 / len(value))
+            self.limit = max(1, min(self.limit, fits, rows // 2))
+            for part in steps(pieces, self.limit):  # the step is fixed here (see encode)
+                yield from self._encode_lines(run_id, part)
+            return
+        if len(value) > self.max_bytes:
+            raise self._too_large(pieces[0].first_field())
+        yield self._key(run_id), value
+
+    def _too_large(self, row: object) -> FileFormatError:
+        return FileFormatError(
+            f"row {row} is larger than the {self.max_bytes}-byte "
+            "message limit; shorten it or raise SLUICE_KAFKA_MAX_MESSAGE_BYTES"
+        )
+
+    def _key(self, run_id: str) -> bytes:
         key = f"{run_id}:{self.seq}".encode()
         self.seq += 1
-        yield key, value
+        return key

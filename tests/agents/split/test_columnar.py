@@ -119,7 +119,7 @@ def test_a_well_quoted_range_is_read_by_columns(tmp_path: Path) -> None:
     by_csv, by_columns, took = both_ways(path, text.encode(), spec)
     assert took
     assert by_columns == by_csv
-    lines = sorted(line for part in by_columns[1] for line in part)  # type: ignore[index]
+    lines = sorted(line for part in by_columns[1] for line in part.texts())  # type: ignore[index]
     assert lines == [
         '1\t0\t1\ttwo\\nlines, "quoted"\t3\n',
         "2\t0\t2\tplain\t\n",
@@ -175,7 +175,7 @@ def test_records_of_a_wrong_field_count_have_the_csv_modules_numbers_and_reasons
          ["4", "d", "4", "x"]),
         (5, "empty key: id has no value", {"id": None, "note": "e", "qty": "5"}),
     ]  # fmt: skip
-    lines = sorted(line for part in by_columns[1] for line in part)  # type: ignore[index]
+    lines = sorted(line for part in by_columns[1] for line in part.texts())  # type: ignore[index]
     assert [line.split("\t")[0] for line in lines] == ["1", "3", "6"]
     # An empty line or a line end inside quotes: the csv module counts the lines.
     for text in (b"1,a,1\n\n2,b\n", b'1,"a\nz",1\n2,b\n'):
@@ -195,6 +195,6 @@ def test_a_key_of_two_columns_is_the_routers_text_in_the_routers_order(tmp_path:
     assert took and by_csv == by_columns
     parts = by_columns[1]  # type: ignore[index]
     for p, lines in enumerate(parts):
-        for line in lines:
+        for line in lines.texts():
             _, _, id_, note, _ = line.split("\t")
             assert zlib.crc32(f"{note}\x1f{id_}".encode()) % 3 == p

@@ -126,7 +126,7 @@ def ranged(
             records = 0
             async for result in read_ranges(cutter, spec, workers, start[1]):
                 for p, lines in enumerate(result.lines):
-                    parts[p] += lines
+                    parts[p] += lines.texts()
                 failures += result.failures
                 counter.add_hashes(result.hashes)
                 records += result.records
@@ -235,7 +235,7 @@ def test_a_key_of_two_columns_routes_as_the_router_does(tmp_path: Path) -> None:
             parts: list[list[str]] = [[] for _ in range(PARTITIONS)]
             async for result in read_ranges(RangeCutter(data, start[0], 2048), spec, 1, 1):
                 for p, lines in enumerate(result.lines):
-                    parts[p] += lines
+                    parts[p] += lines.texts()
             return parts
 
         assert asyncio.run(collect()) == expected
