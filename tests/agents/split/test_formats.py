@@ -6,6 +6,7 @@ import codecs
 import csv
 import gzip
 import io
+import itertools
 import random
 import tarfile
 import time
@@ -232,6 +233,33 @@ def test_sniffer_utf8_split_across_chunks() -> None:
     for byte in ("\ufeff" + text).encode():
         sniffer.feed(bytes([byte]))
     assert sniffer.result() == "utf-8-sig"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        "Zoë, Kraków\n".encode() + b"plain ascii\n" * 3,
+        b"caf\xc3" + b"e, plain ascii after a lead byte\n",  # invalid: Windows-1252
+        b"caf\xc3" + b"e ascii\n" + b"\x81",  # invalid in both
+        b"ascii\n" * 4 + "東京".encode()[:-1],  # a character cut short at the end
+        b"caf\xc3" + b"e\n" + b"\xa9\n",  # a lead byte and a continuation apart: invalid
+    ],
+)
+def test_sniffer_gives_one_answer_however_the_bytes_are_chunked(data: bytes) -> None:
+    """Chunks of ASCII are not decoded, unless the one before ended inside a character."""
+
+    def answer(chunks: list[bytes]) -> str:
+        sniffer = EncodingSniffer()
+        try:
+            for chunk in chunks:
+                sniffer.feed(chunk)
+            return sniffer.result()
+        except UndecodableFile as exc:
+            return f"error: {exc}"
+
+    whole = answer([data])
+    for i, j in itertools.combinations(range(1, len(data)), 2):
+        assert answer([data[:i], data[i:j], data[j:]]) == whole, (i, j)
 
 
 def test_sniffer_cp1252_and_failures() -> None:
