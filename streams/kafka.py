@@ -119,13 +119,15 @@ def producer(kafka: KafkaSettings, **overrides: Any) -> AIOKafkaProducer:
     return AIOKafkaProducer(**options)
 
 
-def event_producer(kafka: KafkaSettings, linger_ms: int) -> AIOKafkaProducer:
-    """A producer for a stream of small events (the firehose): it gathers them for up to
-    ``linger_ms`` into batches of up to 256 KiB. Fewer, larger batches cost less CPU per event
-    in the producer and on every broker; on Tansu's memory storage, which lists a partition's
-    batches on every fetch, 5 ms batches made the broker's CPU grow to a core within a minute
-    at 2,000 events/s, 50 ms ones to a fifth of that in three (bench/firehose.py)."""
-    return producer(kafka, linger_ms=linger_ms, max_batch_size=262144)
+def event_producer(kafka: KafkaSettings) -> AIOKafkaProducer:
+    """A producer for a stream of small events (the firehose), whose batches of up to 256 KiB
+    ``streams.publish.KeyedBatches`` fills for SLUICE_FIREHOSE_LINGER_MS: it sends each batch
+    handed to it at once (a linger here would add its own wait to theirs). Fewer, larger
+    batches cost less CPU per event in the producer and on every broker; on Tansu's memory
+    storage, which lists a partition's batches on every fetch, 5 ms batches made the broker's
+    CPU grow to a core within a minute at 2,000 events/s, 50 ms ones to a fifth of that in
+    three (bench/firehose.py)."""
+    return producer(kafka, linger_ms=0, max_batch_size=262144)
 
 
 def consumer(

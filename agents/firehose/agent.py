@@ -18,6 +18,7 @@ from sluice.retries import Policy, retrying
 from sluice.schemas.events import DeadLetter
 from sluice.schemas.firehose import BackfillRequested
 from sluice.streams import kafka as clients
+from sluice.streams.publish import KeyedBatches
 from sluice.streams.topics import Topics, firehose_group
 
 if TYPE_CHECKING:
@@ -126,10 +127,11 @@ async def consume_jetstream(wiring: Wiring) -> None:
     deps = wiring.deps
     kafka = deps.settings.kafka
     firehose = Topics.of(kafka).firehose
-    producer = clients.event_producer(kafka, deps.settings.firehose.linger_ms)
+    producer = clients.event_producer(kafka)
+    events = KeyedBatches(producer, firehose, linger=deps.settings.firehose.linger_ms / 1000)
 
     async def publish(did: str, raw: bytes) -> None:
-        await producer.send(firehose, raw, key=did.encode())
+        await events.send(did.encode(), raw)
 
     deps.metrics.dead_letters_from("jetstream")
 
@@ -142,6 +144,10 @@ async def consume_jetstream(wiring: Wiring) -> None:
 
     await producer.start()
     try:
-        await run_leader_consumer(deps, publish, producer.flush, to_dead_letter)
+        await events.start()
+        try:
+            await run_leader_consumer(deps, publish, events.flush, to_dead_letter)
+        finally:
+            await events.stop()
     finally:
         await producer.stop()

@@ -67,6 +67,7 @@ async def _consume(
     from sluice.storage.db import create_pool
     from sluice.streams import kafka as clients
     from sluice.streams.admin import ensure_topics
+    from sluice.streams.publish import KeyedBatches
     from sluice.streams.topics import Topics
 
     kafka = settings.kafka
@@ -75,15 +76,17 @@ async def _consume(
     pool = await create_pool(
         settings.database_url, schemas=settings.database.schemas, min_size=1, max_size=3
     )
-    producer = clients.event_producer(kafka, settings.firehose.linger_ms)
+    producer = clients.event_producer(kafka)
     await producer.start()
+    events = KeyedBatches(producer, names.firehose, linger=settings.firehose.linger_ms / 1000)
+    await events.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
     async def publish(did: str, raw: bytes) -> None:
-        await producer.send(names.firehose, raw, key=did.encode())
+        await events.send(did.encode(), raw)
 
     async def dead_letter(raw: bytes, reason: str) -> None:
         letter = DeadLetter.of("jetstream", -1, -1, reason, raw)
@@ -95,7 +98,7 @@ async def _consume(
         pool,
         settings.firehose,
         publish,
-        producer.flush,
+        events.flush,
         dead_letter,
         url=url,
         collections=collections,
@@ -106,7 +109,10 @@ async def _consume(
     try:
         stats = await run_consumer(pool, consumer, stop)
     finally:
-        await producer.stop()
+        try:
+            await events.stop()
+        finally:
+            await producer.stop()
         await pool.close()
     click.echo(
         f"firehose {consumer.name}: {stats.published:,} events published, "
