@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from sluice.agents.deps import Deps
 from sluice.agents.firehose.project import Projections
 from sluice.retries import retrying
-from sluice.schemas.firehose import JetstreamEvent
+from sluice.schemas.firehose import JetstreamEvent, parse_event
 from sluice.storage.atproto import ApplyCounts, apply_events
 from sluice.storage.db import CONFLICT
 
@@ -30,7 +30,7 @@ def parse_events(
     bad: list[tuple[int, str]] = []
     for i, value in enumerate(values):
         try:
-            events.append(JetstreamEvent.model_validate_json(value or b""))
+            events.append(parse_event(value or b""))
         except ValidationError as exc:
             bad.append((i, describe(exc)))
     return events, bad

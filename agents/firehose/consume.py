@@ -26,7 +26,7 @@ from websockets.exceptions import InvalidURI, WebSocketException
 
 from sluice.errors import InvalidConfig
 from sluice.retries import backoff
-from sluice.schemas.firehose import JetstreamEvent
+from sluice.schemas.firehose import JetstreamEvent, parse_event
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +290,7 @@ class JetstreamConsumer:
     async def _read(self, ws: ClientConnection, stop: asyncio.Event) -> None:
         # The hot loop: no await per event besides publish; the cursor is saved elsewhere.
         closer = asyncio.create_task(self._close_when_stopped(ws, stop))
-        validate = JetstreamEvent.model_validate_json
+        validate = parse_event
         publish = self._publish
         stats = self.stats
         self._ws = ws

@@ -6,12 +6,15 @@ import asyncio
 import json
 import uuid
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer
 from jsonschema import Draft202012Validator
+from pydantic import ValidationError
 
+from sluice.schemas.firehose import JetstreamEvent, parse_event
 from sluice.schemas.generate import (
     JSON_DIR,
     MODELS,
@@ -134,3 +137,50 @@ def test_outcome_enums_keep_the_values_stored_and_served() -> None:
     assert [str(o) for o in RecordOrigin] == ["live", "backfill"]
     assert [str(s) for s in RepoStatus] == ["active", "inactive", "deleted"]
     assert orjson.dumps({"origin": RecordOrigin.LIVE}) == b'{"origin":"live"}'
+
+
+_EVENT = {
+    "did": "did:plc:abc",
+    "time_us": 1733000000000000,
+    "kind": "commit",
+    "commit": {
+        "rev": "3l00000000001",
+        "operation": "create",
+        "collection": "app.bsky.feed.post",
+        "rkey": "3k1",
+        "record": {"text": "hé", "n": 1.5, "tags": ["a"], "nested": {"x": None}},
+        "cid": "bafy",
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        json.dumps(_EVENT).encode(),
+        json.dumps({**_EVENT, "time_us": "1733000000000001"}).encode(),  # lax, as the JSON mode
+        json.dumps({**_EVENT, "kind": "identity", "identity": {"handle": "a.b"}}).encode(),
+        json.dumps({**_EVENT, "kind": "account", "account": {"active": False}}).encode(),
+        json.dumps({**_EVENT, "commit": {**_EVENT["commit"], "operation": "delete"}}).encode(),
+        json.dumps({**_EVENT, "extra": [1, 2]}).encode(),
+        json.dumps({k: v for k, v in _EVENT.items() if k != "did"}).encode(),
+        json.dumps({**_EVENT, "kind": "foo"}).encode(),
+        json.dumps({**_EVENT, "time_us": "yesterday"}).encode(),
+        json.dumps({**_EVENT, "commit": {**_EVENT["commit"], "record": None}}).encode(),
+        json.dumps({**_EVENT, "commit": {**_EVENT["commit"], "record": {"t": "\ud800"}}}).encode(),
+        b"[1, 2]",
+        b"{not json",
+        b"",
+    ],
+)
+def test_parse_event_is_model_validate_json(raw: bytes) -> None:
+    """The firehose's faster parse (orjson, then the model) accepts and refuses what pydantic's
+    own JSON parsing does, with the same errors."""
+
+    def outcome(parse: Any) -> Any:
+        try:
+            return parse(raw)
+        except ValidationError as exc:
+            return [(e["type"], e["loc"]) for e in exc.errors()]
+
+    assert outcome(parse_event) == outcome(JetstreamEvent.model_validate_json)
