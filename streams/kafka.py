@@ -119,6 +119,12 @@ def producer(kafka: KafkaSettings, **overrides: Any) -> AIOKafkaProducer:
     return AIOKafkaProducer(**options)
 
 
+def event_limit(kafka: KafkaSettings) -> int:
+    """The largest event value a producer of ``kafka`` sends: the message limit less a
+    record's overhead (its key, headers and framing)."""
+    return kafka.max_message_bytes - RECORD_OVERHEAD
+
+
 def event_producer(kafka: KafkaSettings) -> AIOKafkaProducer:
     """A producer for a stream of small events (the firehose), whose batches of up to 256 KiB
     ``streams.publish.KeyedBatches`` fills for SLUICE_FIREHOSE_LINGER_MS: it sends each batch

@@ -44,6 +44,8 @@ MAX_MESSAGE_BYTES = 8 * 2**20
 # Frames the connection buffers ahead of the consumer; Jetstream events are ~1 KB.
 MAX_QUEUE = 1024
 MALFORMED_LOG_INTERVAL = 10.0  # seconds between warnings about malformed messages
+DEAD_LETTER_KEEP = 64 * 1024
+"""Bytes of a refused event kept in its dead letter (which is a Kafka message too)."""
 _MAX_ERRORS_IN_REASON = 5
 
 
@@ -129,6 +131,7 @@ class JetstreamConsumer:
         cursor_interval: float = 1.0,
         backoff: float = 0.5,
         backoff_max: float = 30.0,
+        max_event_bytes: int = 0,
     ) -> None:
         if urlsplit(url).scheme not in ("ws", "wss"):
             raise InvalidConfig(
@@ -149,6 +152,10 @@ class JetstreamConsumer:
         self.cursor_interval = cursor_interval
         self.backoff = backoff
         self.backoff_max = backoff_max
+        self.max_event_bytes = max_event_bytes
+        """events larger are dead-lettered (0: no limit): the topic's message limit, less the
+        record's overhead. Published, one would fail every flush, and the consumer would
+        resume before it again and again."""
         self.stats = ConsumerStats()
         self._cursor_store = cursor_store
         self._publish = publish
@@ -302,6 +309,15 @@ class JetstreamConsumer:
                     await self._refuse(message, BINARY_FRAME_REASON)
                     continue
                 raw = message.encode()
+                if self.max_event_bytes and len(raw) > self.max_event_bytes:
+                    await self._refuse(
+                        raw,
+                        f"an event of {len(raw):,} bytes is larger than the"
+                        f" {self.max_event_bytes:,} bytes a Kafka message may hold here; raise"
+                        " SLUICE_KAFKA_MAX_MESSAGE_BYTES (and the broker's message.max.bytes)"
+                        " to keep such events",
+                    )
+                    continue
                 try:
                     event = validate(raw)
                 except ValidationError as exc:
@@ -336,6 +352,9 @@ class JetstreamConsumer:
             self._malformed_unlogged = 0
         else:
             self._malformed_unlogged += 1
+        if len(raw) > DEAD_LETTER_KEEP:
+            reason += f" (the dead letter keeps its first {DEAD_LETTER_KEEP:,} bytes)"
+            raw = raw[:DEAD_LETTER_KEEP]
         await self._dead_letter(raw, reason)
 
     async def _save_periodically(self, stop: asyncio.Event) -> None:

@@ -20,6 +20,7 @@ from sluice.storage.firehose import (
     touch_consumer,
     wait_for_leadership,
 )
+from sluice.streams.kafka import event_limit
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ def build_consumer(
     url: str | None = None,
     collections: Sequence[str] | None = None,
     dids: Sequence[str] | None = None,
+    max_event_bytes: int = 0,
 ) -> JetstreamConsumer:
     async def send(event: JetstreamEvent, raw: bytes) -> None:
         await publish(event.did, raw)
@@ -58,6 +60,7 @@ def build_consumer(
         dead_letter=dead_letter,
         rewind=settings.rewind,
         cursor_interval=settings.cursor_interval,
+        max_event_bytes=max_event_bytes,
     )
 
 
@@ -93,6 +96,13 @@ async def run_leader_consumer(
         # Blocks until the leader's session ends; the lock goes with its connection.
         await wait_for_leadership(conn)
         log.info("this worker runs the firehose consumer (%s)", deps.settings.firehose.url)
-        consumer = build_consumer(pool, deps.settings.firehose, publish, flush, dead_letter)
+        consumer = build_consumer(
+            pool,
+            deps.settings.firehose,
+            publish,
+            flush,
+            dead_letter,
+            max_event_bytes=event_limit(deps.settings.kafka),
+        )
         deps.metrics.watch_cursor(consumer.name, consumer.saved_cursor)
         await run_consumer(pool, consumer)

@@ -91,7 +91,7 @@ def read_columns(
     key_at: tuple[int, ...],
 ) -> tuple[int, Any, list[bytes], list[RowFailure]] | None:
     """The range ``data`` (whole records) read by columns: (records, COPY lines of the rows in
-    order (a pyarrow string array, see ``partitioned``), each row's key as bytes, the rejected
+    order (a pyarrow string array, see ``routed``), each row's key as bytes, the rejected
     rows in order), numbered from ``number`` + 1,
     after ``lines`` lines of the file; ``key_at``: the positions of the key's cells in a mapped
     row (``RangeSpec.key_at``). None when the csv module must read it (see the module's doc)."""

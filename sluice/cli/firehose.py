@@ -103,6 +103,7 @@ async def _consume(
         url=url,
         collections=collections,
         dids=dids,
+        max_event_bytes=clients.event_limit(kafka),
     )
     metrics.watch_cursor(consumer.name, consumer.saved_cursor)
     click.echo(f"firehose {consumer.name}: {consumer.url} (Ctrl-C stops)", err=True)

@@ -15,6 +15,7 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from sluice.agents.firehose.consume import (
     BINARY_FRAME_REASON,
+    DEAD_LETTER_KEEP,
     JetstreamConsumer,
     subscribe_url,
 )
@@ -266,6 +267,29 @@ async def test_malformed_messages_are_dead_lettered(jetstream: FakeJetstream) ->
     assert "commit" in reasons[3] and "needs a record" in reasons[3]
     assert "time_us" in reasons[4]
     assert reasons[5] == BINARY_FRAME_REASON
+
+
+async def test_an_event_larger_than_a_kafka_message_is_dead_lettered_and_the_rest_go_on(
+    jetstream: FakeJetstream,
+) -> None:
+    """Published, it would fail every flush and the consumer would resume before it forever.
+    Its dead letter (a Kafka message too) keeps only its first DEAD_LETTER_KEEP bytes."""
+    big = json.loads(event_json(1))
+    big["commit"]["record"]["text"] = "x" * (DEAD_LETTER_KEEP + 1000)
+    messages: list[str | bytes] = [event_json(0), json.dumps(big), event_json(2)]
+    jetstream.scripts = [send_then_hold(messages)]
+    store = MemoryCursorStore()
+    sink = Sink(store)
+    consumer = make_consumer(jetstream.url, store, sink, max_event_bytes=DEAD_LETTER_KEEP)
+    async with Running(consumer):
+        await until(lambda: len(sink.events) == 2)
+
+    assert [e.time_us for e, _ in sink.events] == [BASE_US, BASE_US + 2000]
+    assert consumer.stats.malformed == 1
+    ((raw, reason),) = sink.dead
+    assert raw == json.dumps(big).encode()[:DEAD_LETTER_KEEP]
+    assert f"{len(json.dumps(big).encode()):,} bytes is larger than" in reason
+    assert "SLUICE_KAFKA_MAX_MESSAGE_BYTES" in reason and "keeps its first" in reason
 
 
 async def test_reconnects_from_cursor_minus_rewind(jetstream: FakeJetstream) -> None:
