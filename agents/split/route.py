@@ -100,46 +100,37 @@ class BatchRouter:
         """One or more (key, value) messages for ``rows``, each under the size limit; rows are
         records, or lists of text, or (read by byte ranges) pieces of COPY lines."""
         if self.lines:
-            yield from self._encode_lines(run_id, rows)
-            return
-        if self.text_columns is not None:
-            value = encode_copy_batch(self.text_columns, rows)
+            value = encode_copy_body(self.text_columns or (), [p.view() for p in rows])
+            count = lines_in(rows)
         else:
-            value = orjson.dumps(rows, default=_json_default)
-        if len(value) > self.max_bytes and len(rows) > 1:
-            fits = int(len(rows) * self.max_bytes * 0.8 / len(value))
-            self.limit = max(1, min(self.limit, fits, len(rows) // 2))
+            if self.text_columns is not None:
+                value = encode_copy_batch(self.text_columns, rows)
+            else:
+                value = orjson.dumps(rows, default=_json_default)
+            count = len(rows)
+        if len(value) > self.max_bytes and count > 1:
+            fits = int(count * self.max_bytes * 0.8 / len(value))
+            self.limit = max(1, min(self.limit, fits, count // 2))
             # The step is fixed here: a part still too big lowers self.limit again while the
             # loop runs, and a slice that re-read it would leave rows out.
             step = self.limit
-            for start in range(0, len(rows), step):
-                yield from self.encode(run_id, rows[start : start + step])
+            parts = (
+                steps(rows, step)
+                if self.lines
+                else (rows[start : start + step] for start in range(0, count, step))
+            )
+            for part in parts:
+                yield from self.encode(run_id, part)
             return
         if len(value) > self.max_bytes:
-            row = rows[0][0] if self.text_columns is not None else rows[0].get(ROW)
-            raise self._too_large(row)
-        yield self._key(run_id), value
-
-    def _encode_lines(self, run_id: str, pieces: list[CopyLines]) -> Iterator[tuple[bytes, bytes]]:
-        value = encode_copy_body(self.text_columns or (), [p.view() for p in pieces])
-        rows = lines_in(pieces)
-        if len(value) > self.max_bytes and rows > 1:
-            fits = int(rows * self.max_bytes * 0.8 / len(value))
-            self.limit = max(1, min(self.limit, fits, rows // 2))
-            for part in steps(pieces, self.limit):  # the step is fixed here (see encode)
-                yield from self._encode_lines(run_id, part)
-            return
-        if len(value) > self.max_bytes:
-            raise self._too_large(pieces[0].first_field())
-        yield self._key(run_id), value
-
-    def _too_large(self, row: object) -> FileFormatError:
-        return FileFormatError(
-            f"row {row} is larger than the {self.max_bytes}-byte "
-            "message limit; shorten it or raise SLUICE_KAFKA_MAX_MESSAGE_BYTES"
-        )
-
-    def _key(self, run_id: str) -> bytes:
+            if self.lines:
+                row = rows[0].first_field()
+            else:
+                row = rows[0][0] if self.text_columns is not None else rows[0].get(ROW)
+            raise FileFormatError(
+                f"row {row} is larger than the {self.max_bytes}-byte "
+                "message limit; shorten it or raise SLUICE_KAFKA_MAX_MESSAGE_BYTES"
+            )
         key = f"{run_id}:{self.seq}".encode()
         self.seq += 1
-        return key
+        yield key, value
