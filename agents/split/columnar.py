@@ -144,7 +144,7 @@ def read_columns(
     numbers_of: Any = range(number + 1, number + 1 + rows)
     failures: list[RowFailure] = []
     if wrong:
-        if not _one_line_each(data) or not all(k for k, _ in wrong):
+        if line_end_quoted or not _one_line_each(data) or not all(k for k, _ in wrong):
             return None  # a reason names the line a record ends on: the csv module counts them
         skipped = {k for k, _ in wrong}
         numbers_of = [number + k for k in range(1, records + 1) if k not in skipped]
@@ -256,14 +256,11 @@ def _int64_bytes(values: Any) -> bytes:
 
 
 def _one_line_each(data: bytes) -> bool:
-    """Whether the k-th record of ``data`` ends on its k-th line: no empty line, no line end
-    inside quotes, no lone carriage return (``data``'s quotes are structural)."""
+    """Whether the k-th record of ``data`` ends on its k-th line, given no line end inside
+    quotes (``_quotes`` tells): no empty line, no lone carriage return."""
     if data.startswith((b"\n", b"\r\n")) or b"\n\n" in data or b"\n\r\n" in data:
         return False
-    if b"\r" in data and data.count(b"\r") != data.count(b"\r\n"):
-        return False
-    quoted = b"".join(data.split(b'"')[1::2])
-    return b"\n" not in quoted and b"\r" not in quoted
+    return b"\r" not in data or data.count(b"\r") == data.count(b"\r\n")
 
 
 def _copy_lines(numbers: Any, cells: list[Any], plain: bool = False) -> Any:
