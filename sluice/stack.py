@@ -71,18 +71,24 @@ def find_process_alive(pid: int) -> bool:
         return True
 
 
+def bindable(port: int) -> bool:
+    """Whether ``port`` can be bound on 127.0.0.1 now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # Same option the servers set, so a port in TIME_WAIT after a restart counts as free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((LOCALHOST, port))
+        except OSError:
+            return False
+        return True
+
+
 def free_port(preferred: int | None = None) -> int:
     """Return ``preferred`` if it can be bound on 127.0.0.1, else a free port chosen by the OS."""
     if preferred:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            # Same option the servers set, so a port in TIME_WAIT after a restart counts as free.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((LOCALHOST, preferred))
-            except OSError:
-                logger.debug("port %d is taken, asking the OS for another", preferred)
-            else:
-                return preferred
+        if bindable(preferred):
+            return preferred
+        logger.debug("port %d is taken, asking the OS for another", preferred)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((LOCALHOST, 0))
         port: int = sock.getsockname()[1]

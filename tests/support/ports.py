@@ -15,10 +15,9 @@ from __future__ import annotations
 import itertools
 import os
 import re
-import socket
 from pathlib import Path
 
-from sluice.stack import LOCALHOST
+from sluice.stack import bindable
 
 BLOCK = 2000  # ports per pytest process; a session chooses a few hundred
 FIRST = 10_000  # below this are the well-known and registered ports other tools listen on
@@ -49,20 +48,9 @@ class Ports:
 
     def free_port(self) -> int:
         for port in itertools.islice(self._ports, len(self.block)):
-            if _bindable(port):
+            if bindable(port):
                 return port
         raise RuntimeError(f"every port of {self.block} is in use")
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        # The servers set this too, so a port in TIME_WAIT from an earlier server counts as free.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((LOCALHOST, port))
-        except OSError:
-            return False
-        return True
 
 
 _PORTS = Ports(block(os.environ.get("PYTEST_XDIST_WORKER", "")))
