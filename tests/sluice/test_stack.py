@@ -76,6 +76,8 @@ def test_the_tests_ports_lie_below_the_ephemeral_range_in_a_block_per_test_proce
 
 def test_the_tests_ports_skip_one_something_listens_on() -> None:
     with socket.socket() as listener:
+        # As servers do: a port this test used a moment ago may be in TIME_WAIT.
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", ports.free_port()))
         listener.listen()
         taken = listener.getsockname()[1]
