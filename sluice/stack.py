@@ -71,11 +71,13 @@ def find_process_alive(pid: int) -> bool:
         return True
 
 
-def bindable(port: int) -> bool:
-    """Whether ``port`` can be bound on 127.0.0.1 now."""
+def bindable(port: int, *, reuse_address: bool = True) -> bool:
+    """Whether ``port`` can be bound on 127.0.0.1 now; ``reuse_address``: by a server that sets
+    SO_REUSEADDR (as Sluice's and the embedded ones do), for which a port in TIME_WAIT after a
+    restart is free."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        # Same option the servers set, so a port in TIME_WAIT after a restart counts as free.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_address:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((LOCALHOST, port))
         except OSError:

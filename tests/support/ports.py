@@ -7,7 +7,7 @@ outgoing connection's source port comes from: in between, a client connection of
 can take it (a fresh-clone CI run failed so: the SFTP server's port was in use when its module
 started). So these ports come from below the ephemeral range, which the kernel never hands out
 on its own, and each pytest-xdist process counts through a block of its own, so two processes
-never choose the same port either. A port something already listens on is skipped.
+never choose the same port either. A port something listens on (or in TIME_WAIT) is skipped.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ class Ports:
 
     def free_port(self) -> int:
         for port in itertools.islice(self._ports, len(self.block)):
-            if bindable(port):
+            # Not every test server sets SO_REUSEADDR: a port in TIME_WAIT is skipped too.
+            if bindable(port, reuse_address=False):
                 return port
         raise RuntimeError(f"every port of {self.block} is in use")
 
