@@ -118,6 +118,13 @@ class KeyedBatches:
         self._partitions = sorted(await self.producer.partitions_for(self.topic))
         self._timer = asyncio.create_task(self._send_lingering(), name=f"linger {self.topic}")
 
+    async def __aenter__(self) -> KeyedBatches:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
     async def stop(self) -> None:
         """Send what is open and wait for it; the producer stays the caller's to stop."""
         if self._timer is not None:

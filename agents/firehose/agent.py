@@ -144,10 +144,7 @@ async def consume_jetstream(wiring: Wiring) -> None:
 
     await producer.start()
     try:
-        await events.start()
-        try:
+        async with events:
             await run_leader_consumer(deps, publish, events.flush, to_dead_letter)
-        finally:
-            await events.stop()
     finally:
         await producer.stop()

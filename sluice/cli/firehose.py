@@ -79,7 +79,6 @@ async def _consume(
     producer = clients.event_producer(kafka)
     await producer.start()
     events = KeyedBatches(producer, names.firehose, linger=settings.firehose.linger_ms / 1000)
-    await events.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -108,12 +107,10 @@ async def _consume(
     metrics.watch_cursor(consumer.name, consumer.saved_cursor)
     click.echo(f"firehose {consumer.name}: {consumer.url} (Ctrl-C stops)", err=True)
     try:
-        stats = await run_consumer(pool, consumer, stop)
+        async with events:
+            stats = await run_consumer(pool, consumer, stop)
     finally:
-        try:
-            await events.stop()
-        finally:
-            await producer.stop()
+        await producer.stop()
         await pool.close()
     click.echo(
         f"firehose {consumer.name}: {stats.published:,} events published, "
